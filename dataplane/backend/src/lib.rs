@@ -1,0 +1,151 @@
+//! The hand-off between the data plane and whatever generates tokens.
+//!
+//! A backend is a per-core state machine driven by the core's event loop: it
+//! never blocks and never owns a thread. The loop calls [`Backend::start`]
+//! for admitted work, [`Backend::cancel`] / [`Backend::pause`] /
+//! [`Backend::resume`] as the client's stream demands, hands back the
+//! completions of the ring operations the backend submitted through
+//! [`Io::submit`] ([`Backend::complete`]), and calls [`Backend::poll`] once
+//! per loop turn so time-driven work (a model of a given speed, health
+//! checks, timeouts) runs; `poll` returns the next instant it needs to run
+//! again, which the loop folds into its ring wait (timers on the ring, no
+//! sleeping threads).
+//!
+//! Output goes through a [`Sink`], one call per batch of tokens. The server's
+//! sink writes TOKENS frames within the stream's credit; the same trait is
+//! what a work-stealing scheduler implements to carry a stolen job's tokens
+//! back to the core that owns the client connection.
+
+use std::time::{Duration, Instant};
+
+pub use cnse_proto::{FinishReason, Params};
+
+pub mod synthetic;
+
+/// Names one unit of work (one client stream) within a core. Opaque to the
+/// backend; the loop packs a slot index and a generation into it so that a
+/// late event for a reused slot is recognised and dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkId(pub u64);
+
+/// Work handed to a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub id: WorkId,
+    pub params: Params,
+    pub prompt: &'a str,
+    /// When the REQUEST arrived (TTFT is measured from here).
+    pub arrived: Instant,
+}
+
+/// Why a backend refused a job at `start`; becomes an ERROR on the stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Reject {
+    pub code: u32,
+    pub message: String,
+}
+
+impl Reject {
+    pub fn new(code: u32, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// What the sink did with delivered tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Taken; keep going.
+    Accepted,
+    /// Taken, but the stream's bounded buffer is now full: stop producing
+    /// for this work until [`Backend::resume`].
+    Pause,
+    /// The stream no longer exists (cancelled, connection closed): drop the
+    /// work and free what it holds. No `end` is expected.
+    Gone,
+}
+
+/// Where a backend's output goes.
+pub trait Sink {
+    /// `count` (>= 1) tokens whose text is `text`.
+    fn tokens(&mut self, id: WorkId, text: &[u8], count: u32) -> Delivery;
+    /// Normal end of the work.
+    fn end(&mut self, id: WorkId, reason: FinishReason);
+    /// The work failed (502 backend failed, 504 timed out, ...). Ends it.
+    fn error(&mut self, id: WorkId, code: u32, message: &str);
+}
+
+/// What a backend may ask of the core's event loop.
+pub trait Io {
+    /// Time of the current loop turn (cached; monotonic).
+    fn now(&self) -> Instant;
+
+    /// Queues one io_uring operation. Its completion is delivered to
+    /// [`Backend::complete`] with the same `tag` (the loop rewrites the
+    /// entry's user_data to route it; tags are the backend's own, 56 bits).
+    ///
+    /// # Safety
+    /// Every buffer, file descriptor and struct the entry points to must stay
+    /// valid and unmoved until the completion carrying `tag` (the last one,
+    /// for multishot operations) has been delivered, even if the work is
+    /// cancelled meanwhile: the kernel owns in-flight memory.
+    unsafe fn submit(&mut self, tag: u64, entry: io_uring::squeue::Entry);
+}
+
+/// Counters a backend exposes for stats and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Work started and not yet ended, cancelled or failed.
+    pub active: u64,
+    /// Work currently paused for lack of client credit.
+    pub paused: u64,
+    pub started: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+}
+
+/// A per-core token generator. See the crate docs for the calling contract.
+pub trait Backend {
+    /// Short name for logs and HELLO_ACK.
+    fn name(&self) -> &str;
+
+    /// Begins work. On `Err` nothing was started and the stream gets the
+    /// reject's ERROR.
+    fn start(&mut self, job: Job<'_>, io: &mut dyn Io) -> Result<(), Reject>;
+
+    /// Stops work and frees everything it holds (including backend-side
+    /// state such as an HTTP stream). No further sink calls for `id`.
+    fn cancel(&mut self, id: WorkId, io: &mut dyn Io);
+
+    /// The stream's buffer is full; produce nothing more for `id` until
+    /// `resume`.
+    fn pause(&mut self, id: WorkId);
+
+    /// The client granted credit again.
+    fn resume(&mut self, id: WorkId, io: &mut dyn Io);
+
+    /// Completion of an operation submitted with `tag`.
+    fn complete(&mut self, tag: u64, result: i32, flags: u32, io: &mut dyn Io, sink: &mut dyn Sink);
+
+    /// Runs time-driven work due at `io.now()`; returns the next instant at
+    /// which it must be polled again, or `None` when nothing is scheduled.
+    fn poll(&mut self, io: &mut dyn Io, sink: &mut dyn Sink) -> Option<Instant>;
+
+    fn stats(&self) -> BackendStats;
+
+    /// Accepts more work right now (false makes the loop keep requests in its
+    /// bounded admission queue).
+    fn has_capacity(&self) -> bool {
+        true
+    }
+}
+
+/// Builds one backend per core (backends are not shared between threads).
+pub trait BackendFactory: Send + Sync {
+    fn build(&self, core: usize) -> Result<Box<dyn Backend>, String>;
+}
+
+/// Converts a delay to whole microseconds for reporting.
+pub fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

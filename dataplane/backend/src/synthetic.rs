@@ -1,0 +1,1 @@
+//! Synthetic backend (written next).

@@ -1,0 +1,1 @@
+//! Latency histograms, tables and CSV for cnse-dp

@@ -1,0 +1,1 @@
+//! Thread-per-core io_uring event loop of cnse-dp

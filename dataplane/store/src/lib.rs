@@ -1,0 +1,1 @@
+//! Content-addressed model store of cnse-dp

@@ -1,0 +1,1 @@
+//! CUDA path of cnse-dp: pinned staging, model streaming to the GPU, sampling kernels

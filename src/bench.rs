@@ -1,0 +1,8 @@
+//! `cnse-dp bench` (in progress on its branch).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`bench` is not available in this build")
+}

@@ -1,0 +1,51 @@
+//! `cnse-dp`: the command-line front of the data plane. Each subcommand lives
+//! in its own module; this file only parses and dispatches, and turns every
+//! error into one line and a non-zero exit.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod client;
+mod demo;
+mod gpu;
+mod serve;
+mod store;
+
+#[derive(Parser)]
+#[command(name = "cnse-dp", version, about = "Zero-copy io_uring data plane for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CNSE v1 protocol until SIGINT/SIGTERM.
+    Serve(serve::Args),
+    /// Send one prompt, print tokens as they arrive, then TTFT and total time.
+    Client(client::Args),
+    /// Load generator: latency percentiles, throughput, CSV.
+    Bench(bench::Args),
+    /// The main job: a server with the synthetic backend plus a load, printing the latency table.
+    Demo(demo::Args),
+    /// Content-addressed model store.
+    Store(store::Args),
+    /// GPU path: device info, verified model loads.
+    Gpu(gpu::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Client(a) => client::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Store(a) => store::run(a),
+        Command::Gpu(a) => gpu::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("cnse-dp: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,8 @@
+//! `cnse-dp serve` (in progress on its branch).
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`serve` is not available in this build")
+}
