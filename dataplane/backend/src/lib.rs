@@ -48,7 +48,10 @@ pub struct Reject {
 
 impl Reject {
     pub fn new(code: u32, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 

@@ -111,7 +111,11 @@ impl FrameDecoder {
                 let end = HEADER_BYTES + h.payload_len() as usize;
                 if whole.len() >= end {
                     *input = &whole[end..];
-                    return Ok(Some(Frame { kind, header: h, payload: &whole[HEADER_BYTES..end] }));
+                    return Ok(Some(Frame {
+                        kind,
+                        header: h,
+                        payload: &whole[HEADER_BYTES..end],
+                    }));
                 }
                 self.stage.copy_from_slice(&whole[..HEADER_BYTES]);
                 self.staged = HEADER_BYTES;
@@ -134,7 +138,11 @@ impl FrameDecoder {
                     let whole: &'i [u8] = input;
                     *input = &whole[need..];
                     self.release = true;
-                    return Ok(Some(Frame { kind, header: Header::from_array(&self.stage), payload: &whole[..need] }));
+                    return Ok(Some(Frame {
+                        kind,
+                        header: Header::from_array(&self.stage),
+                        payload: &whole[..need],
+                    }));
                 }
                 self.begin_payload(kind, need);
             }
@@ -150,7 +158,11 @@ impl FrameDecoder {
         }
         self.state = State::Header;
         self.release = true;
-        Ok(Some(Frame { kind, header: Header::from_array(&self.stage), payload: &self.payload }))
+        Ok(Some(Frame {
+            kind,
+            header: Header::from_array(&self.stage),
+            payload: &self.payload,
+        }))
     }
 
     fn begin_payload(&mut self, kind: Kind, need: usize) {

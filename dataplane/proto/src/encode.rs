@@ -25,7 +25,14 @@ pub fn put_frame(out: &mut Vec<u8>, kind: Kind, stream_id: u64, arg: u32, aux: u
 
 /// HELLO_ACK: server name and version, and the payload limit in `aux`.
 pub fn put_hello_ack(out: &mut Vec<u8>, payload_bytes_max: u32, name: &str) {
-    put_frame(out, Kind::HelloAck, 0, 0, u64::from(payload_bytes_max), &[name.as_bytes()]);
+    put_frame(
+        out,
+        Kind::HelloAck,
+        0,
+        0,
+        u64::from(payload_bytes_max),
+        &[name.as_bytes()],
+    );
 }
 
 /// TOKENS: `count` tokens whose text is `text`, the first being token
@@ -36,7 +43,14 @@ pub fn put_tokens(out: &mut Vec<u8>, stream_id: u64, count: u32, first_index: u6
 }
 
 /// END with the server-measured time to first token and total time.
-pub fn put_end(out: &mut Vec<u8>, stream_id: u64, reason: FinishReason, total_tokens: u64, ttft_us: u64, total_us: u64) {
+pub fn put_end(
+    out: &mut Vec<u8>,
+    stream_id: u64,
+    reason: FinishReason,
+    total_tokens: u64,
+    ttft_us: u64,
+    total_us: u64,
+) {
     let mut p = [0u8; END_PAYLOAD_BYTES];
     p[..8].copy_from_slice(&ttft_us.to_le_bytes());
     p[8..].copy_from_slice(&total_us.to_le_bytes());

@@ -249,8 +249,17 @@ mod tests {
     #[test]
     fn server_kinds_rejected_from_clients() {
         let b = hdr(0x82, 0, 0);
-        assert_eq!(Header::from_array(&b).validate(0, Direction::ToServer).unwrap_err().code, 400);
-        assert_eq!(Header::from_array(&b).validate(0, Direction::ToClient), Ok(Kind::Tokens));
+        assert_eq!(
+            Header::from_array(&b)
+                .validate(0, Direction::ToServer)
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            Header::from_array(&b).validate(0, Direction::ToClient),
+            Ok(Kind::Tokens)
+        );
         let b = hdr(0x02, 0, 0);
         assert!(Header::from_array(&b).validate(0, Direction::ToClient).is_err());
     }
@@ -258,7 +267,9 @@ mod tests {
     #[test]
     fn four_gib_length_is_413() {
         let b = hdr(0x05, 0, u32::MAX);
-        let e = Header::from_array(&b).validate(1 << 20, Direction::ToServer).unwrap_err();
+        let e = Header::from_array(&b)
+            .validate(1 << 20, Direction::ToServer)
+            .unwrap_err();
         assert_eq!(e.code, 413);
     }
 }

@@ -79,7 +79,10 @@ pub struct Violation {
 
 impl Violation {
     pub const fn bad(message: &'static str) -> Self {
-        Self { code: code::BAD_REQUEST, message }
+        Self {
+            code: code::BAD_REQUEST,
+            message,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ pub struct ParamLimits {
 
 impl Default for ParamLimits {
     fn default() -> Self {
-        Self { max_tokens_limit: MAX_TOKENS_LIMIT_DEFAULT }
+        Self {
+            max_tokens_limit: MAX_TOKENS_LIMIT_DEFAULT,
+        }
     }
 }
 
@@ -26,7 +28,14 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Self { max_tokens: 16, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, priority: 0 }
+        Self {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            priority: 0,
+        }
     }
 }
 
@@ -106,7 +115,14 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let p = Params { max_tokens: 7, temperature: 0.5, top_p: 0.9, top_k: 40, seed: 99, priority: 3 };
+        let p = Params {
+            max_tokens: 7,
+            temperature: 0.5,
+            top_p: 0.9,
+            top_k: 40,
+            seed: 99,
+            priority: 3,
+        };
         let buf = payload(p, "héllo".as_bytes());
         let r = Params::parse(&buf, &ParamLimits::default()).unwrap();
         assert_eq!(r.params, p);
@@ -119,18 +135,43 @@ mod tests {
         let base = Params::default();
         let cases = [
             Params { max_tokens: 0, ..base },
-            Params { max_tokens: l.max_tokens_limit + 1, ..base },
-            Params { temperature: -0.1, ..base },
-            Params { temperature: f32::NAN, ..base },
-            Params { temperature: f32::INFINITY, ..base },
+            Params {
+                max_tokens: l.max_tokens_limit + 1,
+                ..base
+            },
+            Params {
+                temperature: -0.1,
+                ..base
+            },
+            Params {
+                temperature: f32::NAN,
+                ..base
+            },
+            Params {
+                temperature: f32::INFINITY,
+                ..base
+            },
             Params { top_p: 0.0, ..base },
             Params { top_p: 1.01, ..base },
-            Params { top_p: f32::NAN, ..base },
+            Params {
+                top_p: f32::NAN,
+                ..base
+            },
         ];
         for p in cases {
             assert_eq!(Params::parse(&payload(p, b"x"), &l).unwrap_err().0, 400, "{p:?}");
         }
-        assert!(Params::parse(&payload(Params { max_tokens: 65_536, ..base }, b""), &l).is_ok());
+        assert!(Params::parse(
+            &payload(
+                Params {
+                    max_tokens: 65_536,
+                    ..base
+                },
+                b""
+            ),
+            &l
+        )
+        .is_ok());
         let mut reserved = payload(base, b"");
         reserved[28] = 1;
         assert!(Params::parse(&reserved, &l).is_err());
