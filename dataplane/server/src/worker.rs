@@ -705,12 +705,7 @@ impl Worker {
                 t.frames_out += 1;
             }
             (ConnState::Handshake, _) => {
-                let (c, m) = if cfg.auth_key.is_some() {
-                    (code::UNAUTHORIZED, "HELLO with the auth token must be the first frame")
-                } else {
-                    (code::BAD_REQUEST, "HELLO must be the first frame")
-                };
-                Self::violate(t, backend, ring, queue, slot, c, m);
+                Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "HELLO must be the first frame")
             }
             (_, Kind::Hello) => Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "second HELLO"),
             (_, Kind::Ping) => {
