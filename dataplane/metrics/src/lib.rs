@@ -213,7 +213,8 @@ pub fn fmt_rate(per_s: f64) -> String {
     let digits = whole.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 2);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        let left = digits.len() - i;
+        if i > 0 && left % 3 == 0 {
             out.push(',');
         }
         out.push(c);
