@@ -339,9 +339,11 @@ impl Client {
     }
 
     /// Sends a REQUEST and reads its stream to END, calling `on_tokens` for
-    /// each TOKENS frame (text, count). Frames of other streams are an error
-    /// here: use [`Client::next_frame`] to drive several streams at once.
-    /// An ERROR on the stream comes back as [`ClientError::Server`].
+    /// each TOKENS frame (text, count). `credit` is a window (0 =
+    /// unlimited): each time half of it has arrived, that much is granted
+    /// again. Frames of other streams are an error here: use
+    /// [`Client::next_frame`] to drive several streams at once. An ERROR on
+    /// the stream comes back as [`ClientError::Server`].
     pub fn generate(
         &mut self,
         stream_id: u64,
@@ -355,6 +357,7 @@ impl Client {
         let mut text = Vec::new();
         let (mut tokens, mut frames) = (0u64, 0u64);
         let mut client_ttft = None;
+        let mut unacked = 0u32;
         loop {
             let f = self.next_frame()?;
             if f.stream_id != stream_id {
@@ -373,6 +376,13 @@ impl Client {
                     frames += 1;
                     on_tokens(&f.payload, f.arg);
                     text.extend_from_slice(&f.payload);
+                    if credit > 0 {
+                        unacked = unacked.saturating_add(f.arg);
+                        if unacked >= (credit / 2).max(1) {
+                            self.credit(stream_id, unacked)?;
+                            unacked = 0;
+                        }
+                    }
                 }
                 Kind::End => {
                     let (server_ttft_us, server_total_us) =
