@@ -192,7 +192,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.stats_interval_ms > 0 {
             let s = server.stats();
             println!(
-                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={}",
+                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
@@ -202,7 +202,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 s.frames_in,
                 s.frames_out,
                 s.violations,
-                s.rejected
+                s.rejected,
+                crate::alloc_count::allocations()
             );
             std::io::stdout().flush().ok();
         }
