@@ -88,9 +88,6 @@ struct Work {
     got_bytes: bool,
     /// Tokens delivered.
     delivered: u64,
-    /// Tokens whose events carried no text yet (held-back stop word or
-    /// UTF-8 sequence); counted with the next text.
-    pending_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,33 +526,34 @@ impl LlamaBackend {
             }
         };
         let id = w.id;
-        let count = w.pending_tokens.saturating_add(event.token_count);
-        let mut delivery = Delivery::Accepted;
-        if event.content.is_empty() {
-            w.pending_tokens = count;
-        } else {
-            let count = count.max(1);
-            w.pending_tokens = 0;
-            w.delivered += u64::from(count);
-            delivery = sink.tokens(id, event.content.as_bytes(), count);
-            slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
-        }
-        match delivery {
-            Delivery::Accepted => {}
-            Delivery::Pause => {
-                if !event.stop {
-                    w.paused = true;
-                    slot.deadline = None;
+        // Credit counts tokens: one sink call per token id. An event's text
+        // goes with its last token (it is complete only there); text without
+        // ids counts as one token.
+        let count = event.token_count.max(u32::from(!event.content.is_empty()));
+        for k in 0..count {
+            let text = if k + 1 == count { event.content.as_bytes() } else { b"" };
+            w.delivered += 1;
+            match sink.token(id, text) {
+                Delivery::Accepted => {}
+                // The rest of this event still goes out: the stream's
+                // buffer bound leaves room for one event's tokens.
+                Delivery::Pause => w.paused = !event.stop,
+                Delivery::Gone => {
+                    self.by_id.remove(&id);
+                    self.stats.cancelled += 1;
+                    slot.task = Task::None;
+                    self.abort_conn(i, io);
+                    self.settle(i);
+                    return false;
                 }
             }
-            Delivery::Gone => {
-                self.by_id.remove(&id);
-                self.stats.cancelled += 1;
-                slot.task = Task::None;
-                self.abort_conn(i, io);
-                self.settle(i);
-                return false;
-            }
+        }
+        if count > 0 {
+            slot.deadline = if w.paused {
+                None
+            } else {
+                Some(io.now() + self.cfg.idle_token_timeout)
+            };
         }
         if event.stop {
             let reason = event.finish_reason();
@@ -726,7 +724,6 @@ impl Backend for LlamaBackend {
             retried: false,
             got_bytes: false,
             delivered: 0,
-            pending_tokens: 0,
         });
         if reused {
             self.llama.reused += 1;

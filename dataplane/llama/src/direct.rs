@@ -26,7 +26,8 @@ pub struct Completion {
     /// Events that carried text (what becomes TOKENS frames).
     pub chunks: u64,
     pub finish: FinishReason,
-    /// From sending the request to the first event with text.
+    /// From sending the request to the first event with a token (what
+    /// becomes the first TOKENS frame through cnse-dp).
     pub ttft: Option<Duration>,
     /// From sending the request to the last event.
     pub total: Duration,
@@ -128,7 +129,6 @@ impl Client {
         let mut text = String::new();
         let mut tokens = 0u64;
         let mut chunks = 0u64;
-        let mut pending = 0u32;
         let mut ttft = None;
         let mut status = 0u16;
         let mut finish: Option<(FinishReason, Duration)> = None;
@@ -178,14 +178,15 @@ impl Client {
                     }
                     Item::Line => match sse::parse_line(self.dec.line()) {
                         Ok(SseLine::Event(e)) => {
-                            let count = pending.saturating_add(e.token_count);
-                            if e.content.is_empty() {
-                                pending = count;
-                            } else {
-                                pending = 0;
-                                tokens += u64::from(count.max(1));
-                                chunks += 1;
+                            // Counted as the backend counts (one per token
+                            // id; text without ids is one token).
+                            let count = e.token_count.max(u32::from(!e.content.is_empty()));
+                            if count > 0 {
+                                tokens += u64::from(count);
                                 ttft.get_or_insert_with(|| sent_at.elapsed());
+                            }
+                            if !e.content.is_empty() {
+                                chunks += 1;
                                 text.push_str(&e.content);
                                 on_text(&e.content);
                             }

@@ -143,7 +143,6 @@ impl Driver {
 pub struct Record {
     pub text: Vec<u8>,
     pub tokens: u64,
-    pub frames: u64,
     pub end: Option<FinishReason>,
     pub error: Option<(u32, String)>,
     pub first_token: Option<Instant>,
@@ -186,8 +185,7 @@ impl Recorder {
 }
 
 impl Sink for Recorder {
-    fn tokens(&mut self, id: WorkId, text: &[u8], count: u32) -> Delivery {
-        assert!(count >= 1, "a token batch carries at least one token");
+    fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
         if self.gone.contains(&id) {
             return Delivery::Gone;
         }
@@ -196,8 +194,7 @@ impl Sink for Recorder {
             r.after_end += 1;
         }
         r.text.extend_from_slice(text);
-        r.tokens += u64::from(count);
-        r.frames += 1;
+        r.tokens += 1;
         r.first_token.get_or_insert_with(Instant::now);
         match self.credit.get(&id) {
             Some(&c) if r.tokens >= c => Delivery::Pause,
