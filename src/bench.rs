@@ -75,6 +75,19 @@ pub struct Args {
     /// File holding the auth key (its content without a trailing newline).
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
+    /// What to load: a cnse-dp server at `--addr`; llama-server itself over
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
+    /// by side (llama-compare: the same load straight to llama-server and
+    /// through an in-process cnse-dp with the llama backend, alternated).
+    #[arg(long, value_enum, default_value = "cnse")]
+    pub target: crate::bench_llama::Target,
+    /// llama-server base URL for `--target llama-http|llama-compare`.
+    #[arg(long)]
+    pub llama_url: Option<String>,
+    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
+    /// that drift hits both sides alike.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -192,6 +205,9 @@ pub fn check_clean(reports: &[LoadReport]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.target != crate::bench_llama::Target::Cnse {
+        return crate::bench_llama::run(&args);
+    }
     let token = match &args.auth_key_file {
         Some(p) => crate::client::read_auth_key(p)?,
         None => Vec::new(),

@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -90,14 +89,14 @@ impl Client {
         Ok(())
     }
 
-    /// Streams one completion; `on_text` sees each event's text as it
-    /// arrives. A pooled connection the server closed meanwhile is replaced
+    /// Streams one completion; `on_tokens` sees each event that carries
+    /// tokens (its text and token count) as it arrives. A pooled connection the server closed meanwhile is replaced
     /// once.
     pub fn complete(
         &mut self,
         params: &Params,
         prompt: &str,
-        mut on_text: impl FnMut(&str),
+        mut on_tokens: impl FnMut(&str, u32),
     ) -> Result<Completion, LlamaError> {
         self.body.clear();
         write_completion_body(&mut self.body, params, prompt, self.cache_prompt);
@@ -105,10 +104,10 @@ impl Client {
         http::write_completion_head(&mut self.send, &self.target.authority, self.body.len());
         self.send.extend_from_slice(&self.body);
         let reused = self.stream.is_some();
-        match self.exchange(&mut on_text) {
+        match self.exchange(&mut on_tokens) {
             Err(Retry) if reused => {
                 self.stream = None;
-                self.exchange(&mut on_text)
+                self.exchange(&mut on_tokens)
                     .map_err(|_| self.proto_err("completion", "connection closed"))?
             }
             Err(Retry) => Err(self.proto_err("completion", "connection closed before any answer")),
@@ -116,7 +115,7 @@ impl Client {
         }
     }
 
-    fn exchange(&mut self, on_text: &mut dyn FnMut(&str)) -> Result<Result<Completion, LlamaError>, Retry> {
+    fn exchange(&mut self, on_tokens: &mut dyn FnMut(&str, u32)) -> Result<Result<Completion, LlamaError>, Retry> {
         if let Err(e) = self.connect() {
             return Ok(Err(e));
         }
@@ -184,11 +183,11 @@ impl Client {
                             if count > 0 {
                                 tokens += u64::from(count);
                                 ttft.get_or_insert_with(|| sent_at.elapsed());
+                                on_tokens(&e.content, count);
                             }
                             if !e.content.is_empty() {
                                 chunks += 1;
                                 text.push_str(&e.content);
-                                on_text(&e.content);
                             }
                             if e.stop {
                                 finish = Some((e.finish_reason(), sent_at.elapsed()));
@@ -235,7 +234,7 @@ impl Client {
 /// The pooled connection was closed by the server before any answer byte.
 struct Retry;
 
-/// The load of one benchmark run.
+/// The load of one benchmark run: a closed loop of `concurrency` streams.
 #[derive(Debug, Clone)]
 pub struct Load {
     pub params: Params,
@@ -243,59 +242,107 @@ pub struct Load {
     pub cache_prompt: bool,
     /// Bounds connect and each read.
     pub timeout: Duration,
+    /// Run before the measurement (nothing recorded).
+    pub warmup: Duration,
+    /// The measured window.
+    pub duration: Duration,
 }
 
-/// One request of a load run.
+/// One request sent inside the measured window.
 #[derive(Debug, Clone)]
-pub struct RequestResult {
-    /// When the request was sent, from the start of the run.
-    pub sent_at: Duration,
-    pub outcome: Result<Completion, String>,
+pub struct Sample {
+    pub ttft: Option<Duration>,
+    pub total: Duration,
+    pub tokens: u64,
 }
 
-/// Runs `requests` streamed completions against `url`, `concurrency` at a
-/// time (one thread and one keep-alive connection each, started together).
-/// Results are in request order.
-pub fn run_load(url: &str, concurrency: usize, requests: usize, load: &Load) -> Result<Vec<RequestResult>, LlamaError> {
-    if concurrency == 0 {
-        return Err(LlamaError::Config("concurrency must be > 0".into()));
+/// What a load run measured.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub window: Duration,
+    /// Requests sent inside the window that completed.
+    pub samples: Vec<Sample>,
+    /// Tokens that arrived inside the window (any request).
+    pub window_tokens: u64,
+    /// Requests that completed inside the window.
+    pub window_requests: u64,
+    /// Failed requests, with their error.
+    pub errors: Vec<String>,
+}
+
+/// Runs a closed loop of `concurrency` streams against `url` (one thread
+/// and one keep-alive connection each, started together): each stream
+/// sends its next request as soon as the previous one ends. Latencies are
+/// recorded for requests sent after the warm-up; rates count tokens and
+/// completions inside the measured window, as the CNSE load generator does.
+pub fn run_load(url: &str, concurrency: usize, load: &Load) -> Result<LoadReport, LlamaError> {
+    if concurrency == 0 || concurrency > CONCURRENCY_MAX {
+        return Err(LlamaError::Config(format!("concurrency must be 1..={CONCURRENCY_MAX}")));
+    }
+    if load.duration.is_zero() {
+        return Err(LlamaError::Config("duration must be > 0".into()));
     }
     parse_url(url)?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(Barrier::new(concurrency));
-    let start = Instant::now();
+    let barrier = Arc::new(Barrier::new(concurrency + 1));
     let mut handles = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let next = next.clone();
         let barrier = barrier.clone();
         let load = load.clone();
         let url = url.to_string();
         handles.push(std::thread::spawn(
-            move || -> Result<Vec<(usize, RequestResult)>, LlamaError> {
+            move || -> Result<(LoadReport, Instant), LlamaError> {
                 let mut client = Client::new(&url, load.timeout, load.cache_prompt)?;
-                let mut out = Vec::new();
+                let mut out = LoadReport::default();
                 barrier.wait();
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= requests {
-                        return Ok(out);
+                let start = Instant::now();
+                let (from, to) = (start + load.warmup, start + load.warmup + load.duration);
+                while Instant::now() < to {
+                    let sent = Instant::now();
+                    let mut window_tokens = 0u64;
+                    let r = client.complete(&load.params, &load.prompt, |_, n| {
+                        let now = Instant::now();
+                        if now >= from && now < to {
+                            window_tokens += u64::from(n);
+                        }
+                    });
+                    out.window_tokens += window_tokens;
+                    let done = Instant::now();
+                    match r {
+                        Ok(c) => {
+                            if done >= from && done < to {
+                                out.window_requests += 1;
+                            }
+                            if sent >= from && sent < to {
+                                out.samples.push(Sample {
+                                    ttft: c.ttft,
+                                    total: c.total,
+                                    tokens: c.tokens,
+                                });
+                            }
+                        }
+                        Err(e) => out.errors.push(e.to_string()),
                     }
-                    let sent_at = start.elapsed();
-                    let outcome = client
-                        .complete(&load.params, &load.prompt, |_| {})
-                        .map_err(|e| e.to_string());
-                    out.push((k, RequestResult { sent_at, outcome }));
                 }
+                Ok((out, start))
             },
         ));
     }
-    let mut all = Vec::with_capacity(requests);
+    barrier.wait();
+    let mut all = LoadReport {
+        window: load.duration,
+        ..LoadReport::default()
+    };
     for h in handles {
-        let part = h
+        let (part, _) = h
             .join()
             .map_err(|_| LlamaError::Config("a load thread panicked".into()))??;
-        all.extend(part);
+        all.samples.extend(part.samples);
+        all.window_tokens += part.window_tokens;
+        all.window_requests += part.window_requests;
+        all.errors.extend(part.errors);
     }
-    all.sort_by_key(|(k, _)| *k);
-    Ok(all.into_iter().map(|(_, r)| r).collect())
+    Ok(all)
 }
+
+/// Streams of one load run at most (one thread each).
+pub const CONCURRENCY_MAX: usize = 1024;

@@ -79,7 +79,7 @@ fn greedy_text_equals_llama_servers_own_answer() {
         // The same answer through the direct client (the benchmark's
         // baseline), which streams with the backend's request body.
         let mut c = Client::new(&url, Duration::from_secs(60), false).unwrap();
-        let direct = c.complete(&greedy(n), prompt, |_| {}).unwrap();
+        let direct = c.complete(&greedy(n), prompt, |_, _| {}).unwrap();
         assert_eq!(direct.text, want);
         assert_eq!(direct.tokens, r.tokens);
     }
