@@ -294,7 +294,14 @@ impl ResponseDecoder {
                 .min(self.limits.head_bytes_max + 1 - base.min(self.limits.head_bytes_max));
             self.scratch.extend_from_slice(&rest[..take]);
         }
-        let buf: &[u8] = if parse_from_scratch { &self.scratch } else { rest };
+        // Never look past the bound: the outcome must not depend on how
+        // the bytes were split.
+        let cap = self.limits.head_bytes_max + 1;
+        let buf: &[u8] = if parse_from_scratch {
+            &self.scratch
+        } else {
+            &rest[..rest.len().min(cap)]
+        };
         let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
         let mut resp = httparse::Response::new(&mut headers);
         let status = resp.parse(buf).map_err(|e| HttpError::Head(e.to_string()))?;
@@ -305,7 +312,8 @@ impl ResponseDecoder {
                     return Err(HttpError::HeadTooLong(self.limits.head_bytes_max));
                 }
                 if !parse_from_scratch {
-                    self.scratch.extend_from_slice(rest);
+                    let keep = rest.len().min(cap);
+                    self.scratch.extend_from_slice(&rest[..keep]);
                 }
                 return Ok(None);
             }
@@ -567,6 +575,56 @@ mod tests {
         assert!(matches!(decode(&long_line, 4096), Err(HttpError::LineTooLong(_))));
         let gz = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n";
         assert!(matches!(decode(gz, 100), Err(HttpError::Encoding(_))));
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift) for the property test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Same outcome (lines, end, or the error) whole or in any pieces;
+    /// the twin of fuzz/fuzz_targets/llama_http.rs over mutated responses.
+    #[test]
+    fn outcome_does_not_depend_on_the_split() {
+        let outcome = |input: &[u8], step: usize| match decode(input, step) {
+            Ok((h, lines, ended)) => format!("{} {:?} {lines:?} {ended}", h.status, h.body),
+            Err(e) => format!("error {e}"),
+        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..3000 {
+            let mut input = SSE.to_vec();
+            for _ in 0..rng.below(4) {
+                let at = rng.below(input.len());
+                match rng.below(3) {
+                    0 => input[at] = rng.next() as u8,
+                    1 => {
+                        input.remove(at);
+                    }
+                    _ => input.insert(at, b"\r\n0123456789abcdef:; "[rng.below(20)]),
+                }
+            }
+            let whole = std::panic::catch_unwind(|| outcome(&input, input.len()));
+            let Ok(whole) = whole else {
+                // `decode` panics when no head was decoded; compare errors only.
+                continue;
+            };
+            let step = 1 + rng.below(16);
+            assert_eq!(
+                outcome(&input, step),
+                whole,
+                "input {:?} step {step}",
+                String::from_utf8_lossy(&input)
+            );
+        }
     }
 
     #[test]
