@@ -84,6 +84,17 @@ pub struct Args {
     /// llama-server base URL for `--target llama-http|llama-compare`.
     #[arg(long)]
     pub llama_url: Option<String>,
+    /// Instead of `--llama-url`, serve a stand-in of llama-server in this
+    /// process (its wire format, a fixed pace): isolates what the gateway
+    /// adds from CPU inference noise.
+    #[arg(long)]
+    pub llama_standin: bool,
+    /// Stand-in: time to first token.
+    #[arg(long, default_value_t = 20_000)]
+    pub standin_ttft_us: u64,
+    /// Stand-in: time between tokens.
+    #[arg(long, default_value_t = 5_000)]
+    pub standin_token_interval_us: u64,
     /// llama-compare: rounds of (direct, through cnse-dp), alternated so
     /// that drift hits both sides alike.
     #[arg(long, default_value_t = 2)]

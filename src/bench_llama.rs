@@ -144,10 +144,33 @@ fn print_side(name: &str, s: &Side) {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let url = args
-        .llama_url
-        .as_deref()
-        .context("--target llama-http/llama-compare needs --llama-url http://host:port")?;
+    let standin = if args.llama_standin {
+        if args.llama_url.is_some() {
+            bail!("--llama-standin and --llama-url exclude each other");
+        }
+        let s = cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
+            ttft: Duration::from_micros(args.standin_ttft_us),
+            token_interval: Duration::from_micros(args.standin_token_interval_us),
+        })
+        .context("starting the llama-server stand-in")?;
+        println!(
+            "llama-server stand-in at {} (ttft {} µs, token interval {} µs)",
+            s.url(),
+            args.standin_ttft_us,
+            args.standin_token_interval_us
+        );
+        Some(s)
+    } else {
+        None
+    };
+    let standin_url = standin.as_ref().map(|s| s.url());
+    let url = match (&standin_url, &args.llama_url) {
+        (Some(u), _) => u.as_str(),
+        (None, Some(u)) => u.as_str(),
+        (None, None) => {
+            bail!("--target llama-http/llama-compare needs --llama-url http://host:port or --llama-standin")
+        }
+    };
     cnse_llama::parse_url(url).context("--llama-url")?;
     let load = direct_load(args)?;
     let concurrency = args.load.connections * args.load.inflight;

@@ -6,8 +6,9 @@
 //! / END / ERROR). The layers under it are pure: [`http`] decodes responses,
 //! [`sse`] classifies event lines, [`body`] writes the request JSON. [`op`]
 //! builds the ring operations. [`direct`] is a plain blocking client of the
-//! same HTTP API for benchmarks (the gateway's baseline); [`testing`] is a
-//! small io_uring loop that drives a backend without the server.
+//! same HTTP API for benchmarks (the gateway's baseline), [`standin`] a
+//! fixed-pace stand-in for llama-server with its wire format; [`testing`] is
+//! a small io_uring loop that drives a backend without the server.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -20,6 +21,7 @@ pub mod direct;
 pub mod http;
 mod op;
 pub mod sse;
+pub mod standin;
 pub mod testing;
 
 pub use backend::LlamaBackend;
