@@ -136,7 +136,7 @@ fn hanging_backend_is_504_within_the_first_token_timeout() {
     let (code, msg) = sink.get(1).error.unwrap();
     assert_eq!(code, 504, "{msg}");
     let took = t0.elapsed();
-    assert!(took >= limit && took < limit + Duration::from_millis(500), "{took:?}");
+    assert!(took >= limit && took < limit + Duration::from_secs(1), "{took:?}");
     d.run_for(&mut b, &mut sink, Duration::from_millis(50));
     assert_eq!(b.inflight(0), 0, "the place is released once the connection is closed");
 }
@@ -241,7 +241,11 @@ fn health_checks_evict_and_readmit() {
     let mut d = Driver::new().unwrap();
     let mut sink = Recorder::default();
     a.healthy.store(false, Ordering::SeqCst);
-    d.run_for(&mut b, &mut sink, Duration::from_millis(300));
+    let mut waited = 0;
+    while b.is_healthy(0) && waited < 30 {
+        d.run_for(&mut b, &mut sink, Duration::from_millis(100));
+        waited += 1;
+    }
     assert!(!b.is_healthy(0), "/health 503 evicts");
     assert!(b.is_healthy(1));
     for id in 1..=4 {
@@ -250,7 +254,11 @@ fn health_checks_evict_and_readmit() {
     }
     assert_eq!(a.requests.load(Ordering::SeqCst), 0, "an evicted server gets no work");
     a.healthy.store(true, Ordering::SeqCst);
-    d.run_for(&mut b, &mut sink, Duration::from_millis(300));
+    let mut waited = 0;
+    while !b.is_healthy(0) && waited < 30 {
+        d.run_for(&mut b, &mut sink, Duration::from_millis(100));
+        waited += 1;
+    }
     assert!(b.is_healthy(0), "/health 200 readmits");
     assert!(b.llama_stats().evicted >= 1 && b.llama_stats().readmitted >= 1);
 }
@@ -284,9 +292,14 @@ fn a_failure_on_one_server_leaves_the_others_streaming() {
         delay: Duration::from_millis(5),
     });
     let bad = Fake::start(Behaviour::CloseMidStream { tokens: 2 });
-    let mut b = backend(config(&[&good.url, &bad.url]));
+    let mut cfg = config(&[&good.url, &bad.url]);
+    // The bad one's /health says 200: no health check may readmit it
+    // during the test (the first ones pass before the requests).
+    cfg.health_interval = Duration::from_secs(60);
+    let mut b = backend(cfg);
     let mut d = Driver::new().unwrap();
     let mut sink = Recorder::default();
+    d.run_for(&mut b, &mut sink, Duration::from_millis(100));
     d.start(&mut b, 1, params(20), "x").unwrap();
     d.start(&mut b, 2, params(20), "x").unwrap();
     assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.all_finished([1, 2])));
