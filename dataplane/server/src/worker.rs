@@ -893,9 +893,11 @@ impl Worker {
     /// Peer closed, error, or timeout: cancel the streams silently and shut
     /// the socket; the slot is released once the kernel returns our ops.
     fn close_conn(&mut self, slot: u32) {
-        let c = &self.tables.conns[slot as usize];
-        if matches!(c.state, ConnState::Free | ConnState::Closing) {
-            return;
+        match self.tables.conns[slot as usize].state {
+            ConnState::Free => return,
+            // Already shut: an op of ours just came back; maybe it was the last.
+            ConnState::Closing => return self.maybe_release(slot),
+            _ => {}
         }
         Self::drop_streams(
             &mut self.tables,
