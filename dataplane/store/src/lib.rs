@@ -28,8 +28,8 @@ pub use digest::{hex, Digest, DIGEST_BYTES};
 pub use error::{Result, StoreError};
 pub use gguf::GgufInfo;
 pub use hash::{
-    chunk_count, chunk_digest, chunk_digests_parallel, chunk_range, default_threads, sha256_stream, verify_chunk,
-    verify_chunks_parallel, HASH_STEP_BYTES,
+    chunk_count, chunk_digest, chunk_digests_parallel, chunk_range, default_threads, map_file, sha256_stream,
+    verify_chunk, verify_chunks_parallel, HASH_STEP_BYTES,
 };
 pub use manifest::{
     check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
