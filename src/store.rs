@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 use cnse_store::progress::Progress;
-use cnse_store::{Digest, Filer, PullOptions, PullTarget, PutOptions, RefName, Store, VerifyReport};
+use cnse_store::{Digest, Filer, PullOptions, PullTarget, PutOptions, RefName, SourceFile, Store, VerifyReport};
 use serde_json::{json, Value};
 
 mod bench;
@@ -139,8 +139,11 @@ pub fn run(args: Args) -> Result<()> {
             threads,
         } => {
             let name = name.map(|n| n.parse::<RefName>()).transpose()?;
-            let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-            let bar = Progress::new(size, "put");
+            // SAFETY: a file is put while nobody truncates it; if someone does,
+            // the process dies of SIGBUS and the store holds only a temporary
+            // file that `gc` removes: the store stays consistent either way.
+            let src = unsafe { SourceFile::open(&file) }?;
+            let bar = Progress::new(src.len(), "put");
             let opts = PutOptions {
                 name: name.clone(),
                 pin,
@@ -148,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
                 threads: threads_or_default(threads),
             };
             let o = store
-                .put(&file, &opts, &|n| bar.inc(n))
+                .put(&src, &opts, &|n| bar.inc(n))
                 .with_context(|| format!("put {}", file.display()))?;
             bar.finish();
             out.emit(

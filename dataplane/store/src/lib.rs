@@ -37,6 +37,6 @@ pub use manifest::{
 pub use refname::{RefName, TAG_DEFAULT};
 pub use remote::{Filer, PullOptions, PullOutcome, PullTarget, PushOutcome};
 pub use store::{
-    Blob, BlobEntry, GcReport, PutOptions, PutOutcome, RefEntry, RmOutcome, Store, StoreLock, VerifyReport,
+    Blob, BlobEntry, GcReport, PutOptions, PutOutcome, RefEntry, RmOutcome, SourceFile, Store, StoreLock, VerifyReport,
 };
 pub use sys::LockKind;
