@@ -21,6 +21,8 @@ pub enum StoreError {
     BadRef { input: String, reason: &'static str },
     #[error("{what} not found in store {}", store.display())]
     NotFound { what: String, store: PathBuf },
+    #[error("{what} not found on filer {url}")]
+    RemoteNotFound { what: String, url: String },
     #[error("manifest {} is invalid: {reason}", path.display())]
     BadManifest { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]

@@ -179,9 +179,9 @@ impl Filer {
     /// Resolves a reference on the filer.
     pub fn resolve_ref(&self, r: &RefName) -> Result<Digest> {
         let rel = ref_rel(r);
-        let text = self.get_small(&rel, 256)?.ok_or_else(|| StoreError::NotFound {
+        let text = self.get_small(&rel, 256)?.ok_or_else(|| StoreError::RemoteNotFound {
             what: format!("reference {r}"),
-            store: PathBuf::from(self.url.display("")),
+            url: self.url.display(""),
         })?;
         let text = String::from_utf8_lossy(&text);
         text.lines().next().unwrap_or("").parse().map_err(|_| StoreError::Http {
@@ -237,9 +237,9 @@ impl Filer {
         let rel = manifest_rel(d);
         let bytes = self
             .get_small(&rel, MANIFEST_BYTES_MAX)?
-            .ok_or_else(|| StoreError::NotFound {
+            .ok_or_else(|| StoreError::RemoteNotFound {
                 what: format!("manifest of {d}"),
-                store: PathBuf::from(self.url.display("")),
+                url: self.url.display(""),
             })?;
         Manifest::from_bytes(&bytes, Path::new(&self.url.display(&rel)), Some(d))
     }
@@ -378,9 +378,9 @@ impl Filer {
             // A server may answer a range covering the whole file with 200.
             200 if start == 0 && end == size => {}
             404 => {
-                return Err(StoreError::NotFound {
+                return Err(StoreError::RemoteNotFound {
                     what: format!("blob {}", m.digest()),
-                    store: PathBuf::from(self.url.display("")),
+                    url: self.url.display(""),
                 })
             }
             s => return Err(self.status_error("GET", &rel, s)),
