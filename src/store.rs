@@ -433,31 +433,36 @@ pub fn run(args: Args) -> Result<()> {
                        "chunk_digests": m.chunk_digests().iter().map(|c| cnse_store::hex(c)).collect::<Vec<_>>(),
                        "gguf": gjson}),
                 || {
-                    let mut s = format!(
-                        "digest:      {d}\nsize:        {} bytes\nname:        {}\ncreated:     {}\nchunks:      {} of {} bytes\npath:        {}",
-                        m.size_bytes(),
-                        m.name(),
-                        utc(m.created_unix_ms() / 1000),
-                        m.chunk_count(),
-                        m.chunk_bytes(),
-                        store.blob_path(&d).display()
-                    );
+                    let mut lines = vec![
+                        ("digest", d.to_string()),
+                        ("size", format!("{} bytes", m.size_bytes())),
+                        ("name", m.name().to_string()),
+                        ("created", utc(m.created_unix_ms() / 1000)),
+                        ("chunks", format!("{} of {} bytes", m.chunk_count(), m.chunk_bytes())),
+                        ("path", store.blob_path(&d).display().to_string()),
+                    ];
                     for r in &refs {
-                        s.push_str(&format!("\nref:         {}{}", r.name, if r.pinned { " (pinned)" } else { "" }));
+                        lines.push(("ref", format!("{}{}", r.name, if r.pinned { " (pinned)" } else { "" })));
                     }
                     match &g {
-                        None => s.push_str("\ngguf:        no (not a GGUF v2/v3 file)"),
+                        None => lines.push(("gguf", "no (not a GGUF v2/v3 file)".into())),
                         Some(g) => {
                             let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not stated)".into());
                             let num = |v: Option<u64>| v.map_or("(not stated)".into(), |v| v.to_string());
-                            s.push_str(&format!(
-                                "\ngguf:        version {}\narchitecture: {}\nmodel name:  {}\nsize label:  {}\nquantization: {}\nparameters:  {}\ncontext:     {}\ntensors:     {}\nmetadata:    {} keys",
-                                g.version, opt(&g.architecture), opt(&g.model_name), opt(&g.size_label),
-                                opt(&g.quantization), num(g.parameter_count), num(g.context_length),
-                                g.tensor_count, g.metadata_count
-                            ));
+                            lines.extend([
+                                ("gguf", format!("version {}", g.version)),
+                                ("architecture", opt(&g.architecture)),
+                                ("model name", opt(&g.model_name)),
+                                ("size label", opt(&g.size_label)),
+                                ("quantization", opt(&g.quantization)),
+                                ("parameters", num(g.parameter_count)),
+                                ("context", num(g.context_length)),
+                                ("tensors", g.tensor_count.to_string()),
+                                ("metadata", format!("{} keys", g.metadata_count)),
+                            ]);
                         }
                     }
+                    let s = lines.iter().map(|(k, v)| format!("{:<13} {v}", format!("{k}:"))).collect::<Vec<_>>().join("\n");
                     s
                 },
             );

@@ -62,6 +62,14 @@ fn sync_all() -> Result<()> {
     run_cmd(&mut Command::new("sync")).map(|_| ())
 }
 
+/// The 1-minute load average, as /proc/loadavg says it.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
@@ -137,6 +145,8 @@ fn measure(args: &Args, dir: &Path, as_json: bool) -> Result<()> {
     }
     warm(&file)?;
     let runs = args.runs;
+    // Other work on the machine skews every figure; say how much there was.
+    let load_before = load_average();
 
     // 1. Single-stream hash: ring over a map vs openssl.
     let mut ring_t = Vec::new();
@@ -215,11 +225,13 @@ fn measure(args: &Args, dir: &Path, as_json: bool) -> Result<()> {
     let v1 = gbps(size, verify[0].1.best);
 
     let cores = cnse_store::default_threads();
+    let load_after = load_average();
     if as_json {
         println!(
             "{}",
             json!({
                 "file_bytes": size, "runs": runs, "cores": cores, "digest": d.to_string(),
+                "load_average_before": load_before, "load_average_after": load_after,
                 "hash": {"store_best_s": ring_s.best.as_secs_f64(), "store_median_s": ring_s.median.as_secs_f64(),
                          "openssl_best_s": ossl_s.best.as_secs_f64(), "openssl_median_s": ossl_s.median.as_secs_f64(),
                          "rate_ratio_best": ossl_s.best.as_secs_f64() / ring_s.best.as_secs_f64(),
