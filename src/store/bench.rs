@@ -248,7 +248,8 @@ fn measure(args: &Args, dir: &Path, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "store bench: {} ({size} bytes), {runs} runs each, {cores} cores; best / median",
+        "store bench: {} ({size} bytes), {runs} runs each, {cores} cores; load average {load_before} before, \
+         {load_after} after; best / median",
         file.display()
     );
     println!(
