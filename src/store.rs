@@ -44,6 +44,7 @@ enum Cmd {
     /// Copy a verified blob out of the store.
     Get {
         target: String,
+        /// Where to write (`-` for standard output).
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
         #[arg(long)]
@@ -177,8 +178,19 @@ pub fn run(args: Args) -> Result<()> {
             let d = store.resolve(&target)?;
             let size = store.manifest(&d)?.size_bytes();
             let bar = Progress::new(size, "verify");
+            let threads = threads_or_default(threads);
+            if output.as_os_str() == "-" {
+                let blob = store
+                    .open_verified(&d, threads, &|n| bar.inc(n))
+                    .with_context(|| format!("get {target}"))?;
+                bar.finish();
+                let mut stdout = std::io::stdout().lock();
+                std::io::Write::write_all(&mut stdout, blob.bytes()).context("write to stdout")?;
+                std::io::Write::flush(&mut stdout).context("write to stdout")?;
+                return Ok(());
+            }
             let n = store
-                .get(&d, &output, threads_or_default(threads), &|n| bar.inc(n))
+                .get(&d, &output, threads, &|n| bar.inc(n))
                 .with_context(|| format!("get {target}"))?;
             bar.finish();
             out.emit(

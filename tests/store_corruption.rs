@@ -45,6 +45,8 @@ fn bit_flip_fails_verify_and_names_the_chunk_issue_3() {
     let (_, err) = fails(&store, &["get", &digest, "-o", out_file.to_str().unwrap()]);
     assert!(err.contains("chunk 2"), "{err}");
     assert!(!out_file.exists(), "get wrote a corrupt file");
+    let (piped, _) = fails(&store, &["get", &digest, "-o", "-"]);
+    assert!(piped.is_empty(), "get -o - wrote corrupt bytes");
 }
 
 #[test]

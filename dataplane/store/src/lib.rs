@@ -12,6 +12,9 @@
 //! [`Store::resolve`] → [`Store::open_blob`] (mmap + manifest) →
 //! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on.
 
+// `is_multiple_of` is newer than the workspace MSRV (1.80).
+#![allow(clippy::manual_is_multiple_of)]
+
 mod digest;
 mod error;
 pub mod gguf;

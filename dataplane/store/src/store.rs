@@ -506,9 +506,9 @@ impl Store {
         Ok(report)
     }
 
-    /// Copies a blob to `out` after verifying every chunk; `out` appears
-    /// atomically (temporary file beside it, fsync, rename).
-    pub fn get(&self, d: &Digest, out: &Path, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<u64> {
+    /// Maps a blob and checks its size and every chunk first: the call for
+    /// a consumer that must never load a corrupt model.
+    pub fn open_verified(&self, d: &Digest, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<Blob> {
         let blob = self.open_blob(d)?;
         let size = blob.manifest().size_bytes();
         if blob.bytes().len() as u64 != size {
@@ -527,6 +527,14 @@ impl Store {
                 ),
             });
         }
+        Ok(blob)
+    }
+
+    /// Copies a blob to `out` after verifying every chunk; `out` appears
+    /// atomically (temporary file beside it, fsync, rename).
+    pub fn get(&self, d: &Digest, out: &Path, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<u64> {
+        let blob = self.open_verified(d, threads, progress)?;
+        let size = blob.manifest().size_bytes();
         let dir = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
