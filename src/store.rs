@@ -227,7 +227,10 @@ pub fn run(args: Args) -> Result<()> {
             out.emit(
                 json!({"ok": bad == 0, "checked": reports.len(), "bad": bad,
                        "blobs": reports.iter().map(verify_json).collect::<Vec<_>>()}),
-                || reports.iter().map(verify_text).collect::<Vec<_>>().join("\n"),
+                || match reports.len() {
+                    0 => "no blobs to check".to_string(),
+                    _ => reports.iter().map(verify_text).collect::<Vec<_>>().join("\n"),
+                },
             );
             if bad > 0 {
                 bail!("{bad} of {} blobs failed verification", reports.len());

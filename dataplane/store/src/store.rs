@@ -292,7 +292,7 @@ impl Store {
         Err(StoreError::Io {
             op: "create temporary file",
             path: self.tmp_dir(),
-            source: io::Error::from(io::ErrorKind::AlreadyExists),
+            error: io::Error::from(io::ErrorKind::AlreadyExists),
         })
     }
 
@@ -355,7 +355,7 @@ impl Store {
             _ => StoreError::Io {
                 op: "open blob",
                 path: path.clone(),
-                source: e,
+                error: e,
             },
         })?;
         // SAFETY: blobs are read-only files that the store only ever creates
