@@ -123,18 +123,25 @@ fn pull_interrupted_and_resumed_issue_3() {
 }
 
 /// A one-request-per-connection HTTP proxy that logs each request's target
-/// and Range, and flips one byte at blob offset `flip_at` in the first
-/// response that carries it (a network or disk fault that does not repeat).
+/// and Range, and injects one fault into the first blob response it fits:
+/// a flipped byte at a blob offset, or the connection cut after some body
+/// bytes (faults of a network or a disk that do not repeat).
 struct Proxy {
     url: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
-fn proxy(upstream: String, base_path: String, flip_at: u64) -> Proxy {
+#[derive(Clone, Copy)]
+enum Fault {
+    FlipAt(u64),
+    CutAfter(usize),
+}
+
+fn proxy(upstream: String, base_path: String, fault: Fault) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}{base_path}", l.local_addr().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
-    let flip = Arc::new(Mutex::new(Some(flip_at)));
+    let fault = Arc::new(Mutex::new(Some(fault)));
     let log2 = log.clone();
     std::thread::spawn(move || {
         for conn in l.incoming() {
@@ -162,13 +169,20 @@ fn proxy(upstream: String, base_path: String, flip_at: u64) -> Proxy {
             if line.starts_with("GET ") && line.contains("/blobs/") {
                 let start: u64 = range.split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
                 let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                let mut f = flip.lock().unwrap();
-                if let Some(off) = *f {
-                    let len = (resp.len() - body_at) as u64;
-                    if off >= start && off < start + len {
-                        resp[body_at + (off - start) as usize] ^= 0x01;
+                let mut f = fault.lock().unwrap();
+                match *f {
+                    Some(Fault::FlipAt(off)) => {
+                        let len = (resp.len() - body_at) as u64;
+                        if off >= start && off < start + len {
+                            resp[body_at + (off - start) as usize] ^= 0x01;
+                            *f = None;
+                        }
+                    }
+                    Some(Fault::CutAfter(n)) => {
+                        resp.truncate(body_at + n);
                         *f = None;
                     }
+                    None => {}
                 }
             }
             let _ = c.write_all(&resp);
@@ -185,7 +199,7 @@ fn chunk_corrupted_in_transit_is_fetched_again_alone_issue_3() {
     let dir = Scratch::new("transit");
     let size = 8 * MIB + 3;
     let (_file, digest) = pushed(&dir, &filer, size, "t:v1");
-    let p = proxy(filer.authority(), filer.base_path(), 5 * MIB + 77);
+    let p = proxy(filer.authority(), filer.base_path(), Fault::FlipAt(5 * MIB + 77));
     let b = dir.path("b");
     let r = json(&b, &["pull", "t:v1", "--filer", &p.url]);
     assert_eq!(r["refetched_chunks"], serde_json::json!([5]));
@@ -242,5 +256,35 @@ fn chunk_corrupted_on_the_remote_is_detected_issue_3() {
     let r = json(&b, &["pull", "r:v1", "--filer", &filer.url]);
     assert_eq!(r["downloaded_bytes"], MIB);
     assert_eq!(r["resumed_bytes"], size - MIB);
+    ok(&b, &["verify", "--full", &digest]);
+}
+
+#[test]
+fn pull_survives_a_dropped_connection() {
+    let Some(filer) = FilerServer::start("pull_survives_a_dropped_connection") else {
+        return;
+    };
+    let dir = Scratch::new("cut");
+    let size = 8 * MIB + 3;
+    let (_file, digest) = pushed(&dir, &filer, size, "c:v1");
+    let cut = (3 * MIB + MIB / 2) as usize;
+    let p = proxy(filer.authority(), filer.base_path(), Fault::CutAfter(cut));
+    let b = dir.path("b");
+    let r = json(&b, &["pull", "c:v1", "--filer", &p.url]);
+    // The half chunk in flight is lost; nothing before it is fetched again.
+    assert_eq!(r["downloaded_bytes"], cut as u64 + (size - 3 * MIB));
+    let blob_gets: Vec<String> = p
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("/blobs/"))
+        .cloned()
+        .collect();
+    assert_eq!(blob_gets.len(), 2, "{blob_gets:?}");
+    assert!(
+        blob_gets[1].ends_with(&format!(" {}-{}", 3 * MIB, size - 1)),
+        "{blob_gets:?}"
+    );
     ok(&b, &["verify", "--full", &digest]);
 }

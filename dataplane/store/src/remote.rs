@@ -33,6 +33,11 @@ use crate::sys::{self, LockKind};
 
 /// Times a chunk that fails its digest is fetched again before the pull gives up.
 pub const REFETCH_ATTEMPTS_MAX: u32 = 3;
+/// Consecutive network failures (no byte received in between) a pull or a
+/// push survives before it gives up.
+pub const NETWORK_RETRIES_MAX: u32 = 3;
+/// Wait before the n-th retry: n times this.
+const RETRY_BACKOFF_MS: u64 = 500;
 /// Socket reads are at most this big (also the granularity of rate limiting).
 const READ_PIECE_BYTES: usize = 256 << 10;
 const STATE_MAGIC: [u8; 8] = *b"CNSEPS01";
@@ -220,7 +225,17 @@ impl Filer {
         if self.head(&rel)? == Some(m.size_bytes()) {
             out.blob_existed = true;
         } else {
-            self.put(&rel, blob.bytes())?;
+            let mut failures = 0;
+            loop {
+                match self.put(&rel, blob.bytes()) {
+                    Ok(()) => break,
+                    Err(StoreError::Http { .. }) if failures < NETWORK_RETRIES_MAX => {
+                        failures += 1;
+                        std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS * failures as u64));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             out.uploaded_bytes += m.size_bytes();
         }
         progress(m.size_bytes());
@@ -290,51 +305,65 @@ impl Filer {
         let mut limiter = RateLimit::new(opts.limit_rate_bytes);
         let mut buf = vec![0u8; manifest.chunk_bytes() as usize];
 
-        // One ranged GET per run of missing chunks; bad chunks are noted and
-        // fetched again afterwards, alone.
-        let mut bad: Vec<u64> = Vec::new();
-        for (first, last) in dl.missing_runs() {
-            self.fetch_run(
-                &manifest,
-                &mut dl,
-                first,
-                last,
-                &mut buf,
-                &mut limiter,
-                &mut outcome,
-                &mut bad,
-                progress,
-            )?;
-        }
-        for i in bad {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let mut again = Vec::new();
-                self.fetch_run(
+        // One ranged GET per run of missing chunks. A chunk that fails its
+        // digest stays missing, so the next pass fetches it again, alone
+        // unless its neighbour failed too. A dropped connection is retried
+        // from the first chunk not yet down.
+        let mut fetches_bad = vec![0u32; manifest.chunk_count() as usize];
+        let mut network_failures = 0u32;
+        loop {
+            let runs = dl.missing_runs();
+            if runs.is_empty() {
+                break;
+            }
+            for (first, last) in runs {
+                for i in first..=last {
+                    if fetches_bad[i as usize] > 0 {
+                        outcome.refetched_chunks.push(i);
+                    }
+                }
+                let mut bad = Vec::new();
+                let done_before = outcome.downloaded_bytes;
+                let result = self.fetch_run(
                     &manifest,
                     &mut dl,
-                    i,
-                    i,
+                    first,
+                    last,
                     &mut buf,
                     &mut limiter,
                     &mut outcome,
-                    &mut again,
+                    &mut bad,
                     progress,
-                )?;
-                outcome.refetched_chunks.push(i);
-                if again.is_empty() {
-                    break;
+                );
+                for &i in &bad {
+                    fetches_bad[i as usize] += 1;
+                    if fetches_bad[i as usize] > REFETCH_ATTEMPTS_MAX {
+                        let r = chunk_range(i, manifest.size_bytes(), manifest.chunk_bytes());
+                        return Err(StoreError::RemoteCorrupt {
+                            digest,
+                            detail: format!(
+                                "chunk {i} (bytes {}..{}) fails its digest after {} fetches; the verified chunks \
+                                 are kept for a later pull",
+                                r.start, r.end, fetches_bad[i as usize]
+                            ),
+                        });
+                    }
                 }
-                if attempts >= REFETCH_ATTEMPTS_MAX {
-                    let r = chunk_range(i, manifest.size_bytes(), manifest.chunk_bytes());
-                    return Err(StoreError::RemoteCorrupt {
-                        digest,
-                        detail: format!(
-                            "chunk {i} (bytes {}..{}) fails its digest after {} fetches; the verified chunks are kept for a later pull",
-                            r.start, r.end, attempts + 1
-                        ),
-                    });
+                match result {
+                    Ok(()) => network_failures = 0,
+                    Err(e @ StoreError::Http { .. }) => {
+                        if outcome.downloaded_bytes > done_before {
+                            network_failures = 0;
+                        }
+                        network_failures += 1;
+                        if network_failures > NETWORK_RETRIES_MAX {
+                            return Err(e);
+                        }
+                        std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS * network_failures as u64));
+                        // Recompute the runs: part of this one may be down.
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
