@@ -24,7 +24,7 @@ use memmap2::Mmap;
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::hash::{self, chunk_range, verify_chunk};
+use crate::hash::{self, chunk_range};
 use crate::http::{self, Url};
 use crate::manifest::{Manifest, MANIFEST_BYTES_MAX};
 use crate::refname::RefName;
@@ -303,7 +303,7 @@ impl Filer {
         };
         progress(outcome.resumed_bytes);
         let mut limiter = RateLimit::new(opts.limit_rate_bytes);
-        let mut buf = vec![0u8; manifest.chunk_bytes() as usize];
+        let mut buf = vec![0u8; READ_PIECE_BYTES];
 
         // One ranged GET per run of missing chunks. A chunk that fails its
         // digest stays missing, so the next pass fetches it again, alone
@@ -414,24 +414,29 @@ impl Filer {
             }
             s => return Err(self.status_error("GET", &rel, s)),
         }
+        // Each piece is hashed and written to the partial file as it
+        // arrives, so memory stays at one piece whatever the chunk size; a
+        // chunk counts as done only once its digest matched and its bytes
+        // are durable.
         for i in first..=last {
             let cr = chunk_range(i, size, chunk);
             let len = (cr.end - cr.start) as usize;
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             let mut got = 0;
             while got < len {
-                let want = (len - got).min(READ_PIECE_BYTES);
-                let n = r
-                    .read(&mut buf[got..got + want])
-                    .map_err(|e| self.io_error("GET", &rel, e))?;
+                let want = (len - got).min(buf.len());
+                let n = r.read(&mut buf[..want]).map_err(|e| self.io_error("GET", &rel, e))?;
                 if n == 0 {
                     return Err(self.io_error("GET", &rel, io::ErrorKind::UnexpectedEof.into()));
                 }
+                ctx.update(&buf[..n]);
+                dl.write_piece(cr.start + got as u64, &buf[..n])?;
                 got += n;
                 outcome.downloaded_bytes += n as u64;
                 limiter.account(n as u64);
             }
-            if verify_chunk(&buf[..len], &m.chunk_digests()[i as usize]) {
-                dl.write_chunk(i, cr.start, &buf[..len])?;
+            if ctx.finish().as_ref() == m.chunk_digests()[i as usize] {
+                dl.mark_done(i)?;
                 progress(len as u64);
             } else {
                 bad.push(i);
@@ -573,10 +578,14 @@ impl Download {
         runs
     }
 
-    fn write_chunk(&mut self, i: u64, offset: u64, bytes: &[u8]) -> Result<()> {
+    fn write_piece(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.partial
             .write_all_at(bytes, offset)
-            .ctx("write", &self.partial_path)?;
+            .ctx("write", &self.partial_path)
+    }
+
+    /// Records chunk `i` as verified, after making its bytes durable.
+    fn mark_done(&mut self, i: u64) -> Result<()> {
         self.partial.sync_data().ctx("fsync", &self.partial_path)?;
         self.state
             .write_all_at(&[1], STATE_HEADER_BYTES + i)
