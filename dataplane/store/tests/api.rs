@@ -67,3 +67,19 @@ fn default_dir_follows_xdg() {
     let d = Store::default_dir();
     assert!(d.ends_with("cnse-dp/store"), "{}", d.display());
 }
+
+#[test]
+fn a_source_changed_during_put_is_refused() {
+    let dir = scratch("changed");
+    let store = Store::open(dir.join("store")).unwrap();
+    let file = dir.join("f");
+    std::fs::write(&file, vec![7u8; 10_000]).unwrap();
+    // SAFETY: the file only grows while mapped.
+    let src = unsafe { SourceFile::open(&file) }.unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+    std::io::Write::write_all(&mut f, b"more").unwrap();
+    let err = store.put(&src, &PutOptions::default(), &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("changed while it was being put"), "{err}");
+    assert!(store.blob_digests().unwrap().0.is_empty(), "a blob was stored");
+    let _ = std::fs::remove_dir_all(&dir);
+}
