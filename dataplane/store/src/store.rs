@@ -763,13 +763,22 @@ impl Store {
         for e in fs::read_dir(&tmp).ctx("list", &tmp)? {
             let e = e.ctx("list", &tmp)?;
             let path = e.path();
-            let is_partial = e.file_name().to_string_lossy().starts_with("pull-");
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_partial = name.starts_with("pull-");
+            // A pull's state file goes with its partial file, whose flock
+            // tells whether the pull is alive.
+            let lock_path = match name.strip_suffix(".state") {
+                Some(stem) if is_partial => tmp.join(format!("{stem}.partial")),
+                _ => path.clone(),
+            };
             let Ok(f) = OpenOptions::new().read(true).open(&path) else {
                 continue;
             };
             // A live writer holds its flock; a killed one's is gone.
-            if sys::flock(&f, LockKind::Exclusive, false).is_err() {
-                continue;
+            if let Ok(l) = OpenOptions::new().read(true).open(&lock_path) {
+                if sys::flock(&l, LockKind::Exclusive, false).is_err() {
+                    continue;
+                }
             }
             if is_partial && !partials {
                 report.partial_bytes_kept += f.metadata().map(|m| m.len()).unwrap_or(0);
