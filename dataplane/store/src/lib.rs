@@ -10,7 +10,10 @@
 //!
 //! The model story for the GPU path, one call per stage:
 //! [`Store::resolve`] → [`Store::open_blob`] (mmap + manifest) →
-//! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on.
+//! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on;
+//! [`Store::open_verified`] does the middle two in one call. A consumer that
+//! verifies chunk by chunk while copying uses [`Manifest::chunk_digests`],
+//! [`chunk_range`] and [`verify_chunk`].
 
 // `is_multiple_of` is newer than the workspace MSRV (1.80).
 #![allow(clippy::manual_is_multiple_of)]
