@@ -469,3 +469,36 @@ impl LogitKernels {
         self.core.read_ids(out_ids)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC needs no GPU: where the library is present, the embedded source
+    /// must compile for Hopper (the device machine) and an older target.
+    #[test]
+    fn sampling_cu_compiles_with_nvrtc() {
+        if !crate::device::nvrtc_available() {
+            println!("skipped: no NVRTC library");
+            return;
+        }
+        for arch in ["compute_90", "compute_80"] {
+            let ptx = ptx_for(arch.into()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            let src = ptx.to_src();
+            for f in [
+                "synth_logits",
+                "sample_rows",
+                "argmax_rows",
+                "softmax_rows",
+                "top_k_filter_rows",
+            ] {
+                assert!(src.contains(&format!(".entry {f}")), "{arch}: no entry {f}");
+            }
+            // --fmad=false: no fused multiply-add may appear in float code.
+            assert!(!src.contains("fma.rn.f32"), "{arch}: contracted FMA in PTX");
+            if let Ok(p) = std::env::var("CNSE_DUMP_PTX") {
+                std::fs::write(format!("{p}.{arch}.ptx"), &src).unwrap();
+            }
+        }
+    }
+}
