@@ -13,8 +13,8 @@ use clap::{Subcommand, ValueEnum};
 use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, PinnedBuffer, SampleRow, SamplerConfig, SourceMode,
-    Streamer, StreamerConfig, TokenSampler,
+    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, PinnedBuffer, Pipeline, SampleRow, SamplerConfig,
+    SourceMode, Streamer, StreamerConfig, TokenSampler,
 };
 
 #[derive(clap::Args)]
@@ -36,15 +36,23 @@ enum Cmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SourceArg {
+    /// `register` where the device and chunk size allow it, else `mmap`.
+    Auto,
+    /// Hash and copy from a map of the blob into pinned staging.
     Mmap,
+    /// pread into pinned staging, hash there.
     Pread,
+    /// Page-lock the mapped page cache and DMA from it in place.
+    Register,
 }
 
-impl From<SourceArg> for SourceMode {
-    fn from(s: SourceArg) -> Self {
-        match s {
-            SourceArg::Mmap => SourceMode::Mmap,
+impl SourceArg {
+    fn pick(self, streamer: &Streamer, chunk_bytes: u64) -> SourceMode {
+        match self {
+            SourceArg::Auto if streamer.supports_register() && chunk_bytes % 4096 == 0 => SourceMode::Register,
+            SourceArg::Auto | SourceArg::Mmap => SourceMode::Mmap,
             SourceArg::Pread => SourceMode::Pread,
+            SourceArg::Register => SourceMode::Register,
         }
     }
 }
@@ -99,7 +107,7 @@ struct LoadArgs {
     #[arg(long)]
     no_verify: bool,
     /// How workers read the blob.
-    #[arg(long, value_enum, default_value = "mmap")]
+    #[arg(long, value_enum, default_value = "auto")]
     source: SourceArg,
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
@@ -190,10 +198,11 @@ fn print_phases(r: &LoadReport) {
     println!("  open + map          {:>9.4} s", r.open_s);
     println!("  device alloc        {:>9.4} s", r.device_alloc_s);
     println!(
-        "  hash + copy + DMA   {:>9.4} s  {:>6.2} GB/s  ({} threads{})",
+        "  hash + copy + DMA   {:>9.4} s  {:>6.2} GB/s  ({} threads, {} source{})",
         r.stream_s,
         gbps(r.bytes, r.stream_s),
         r.threads,
+        r.source,
         if r.verified {
             ", every chunk verified"
         } else {
@@ -205,11 +214,6 @@ fn print_phases(r: &LoadReport) {
 
 fn load(a: LoadArgs) -> Result<()> {
     let config = a.pool.config();
-    let opts = LoadOptions {
-        verify: !a.no_verify,
-        source: a.source.into(),
-        threads: config.threads,
-    };
 
     let t_resolve = Instant::now();
     // Keeps the store's shared lock (no rm/gc under our map) and the
@@ -242,6 +246,7 @@ fn load(a: LoadArgs) -> Result<()> {
     let resolve_s = t_resolve.elapsed().as_secs_f64();
 
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
+    let opts = LoadOptions::new(!a.no_verify, a.source.pick(&streamer, spec.chunk_bytes), config.threads);
     println!(
         "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
         spec.size_bytes,
@@ -514,22 +519,55 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         median(v)
     };
 
-    let run = |streamer: &mut Streamer, verify: bool, source: SourceMode, threads: usize| -> Result<f64> {
+    let time = |streamer: &mut Streamer, opts: LoadOptions| -> Result<f64> {
         let mut times = Vec::new();
         for _ in 0..reps {
-            let (blob, r) = streamer.load(
-                &spec,
-                LoadOptions {
-                    verify,
-                    source,
-                    threads,
-                },
-            )?;
+            let (blob, r) = streamer.load(&spec, opts)?;
             drop(blob);
             times.push(r.total_s);
         }
         Ok(median(times))
     };
+    let t = max_threads;
+    let row = |what: String, seconds: f64| {
+        print_row(
+            &Row {
+                what,
+                seconds,
+                bytes: size,
+            },
+            Some(plain),
+        )
+    };
+    let staged = |verify, source, threads, pipeline| LoadOptions {
+        verify,
+        source,
+        threads,
+        pipeline,
+    };
+
+    println!();
+    println!("stages alone ({} GiB, {t} threads, median of {reps}):", a.size_gib);
+    println!("| {:<52} | {:>11} | {:>12} |", "stage", "time", "rate");
+    let s = time(&mut s_plain, staged(false, SourceMode::Mmap, t, Pipeline::HostOnly))?;
+    row("page cache -> pinned memcpy, no DMA".into(), s);
+    let s = time(&mut s_plain, staged(true, SourceMode::Mmap, t, Pipeline::HostOnly))?;
+    row("hash + memcpy into pinned, no DMA".into(), s);
+    let s = time(&mut s_plain, staged(false, SourceMode::Mmap, t, Pipeline::DmaOnly))?;
+    row(
+        format!(
+            "DMA only: {t} streams of {} MiB pinned pieces",
+            s_plain.config().slot_bytes >> 20
+        ),
+        s,
+    );
+    let register = s_plain.supports_register();
+    if register {
+        let s = time(&mut s_plain, staged(false, SourceMode::Register, t, Pipeline::HostOnly))?;
+        row("cuMemHostRegister + unregister of the page cache only".into(), s);
+    } else {
+        println!("| device lacks read-only host registration: register mode not measured");
+    }
 
     println!();
     println!(
@@ -537,72 +575,44 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         a.size_gib
     );
     println!("| {:<52} | {:>11} | {:>12} | ratio", "path", "time", "rate");
-    let base = Some(plain);
-    print_row(
-        &Row {
-            what: "plain: read file + pageable cuMemcpyHtoD".into(),
-            seconds: plain,
-            bytes: size,
-        },
-        base,
-    );
-    let mut rows = Vec::new();
-    for (label, streamer, source) in [
-        ("unverified, mmap, write-combined staging", &mut s_wc, SourceMode::Mmap),
-        ("unverified, mmap, cached staging", &mut s_plain, SourceMode::Mmap),
-    ] {
-        let s = run(streamer, false, source, max_threads)?;
-        rows.push(Row {
-            what: format!("{label}, {max_threads} thr"),
-            seconds: s,
-            bytes: size,
-        });
-        print_row(rows.last().expect("pushed"), base);
+    row("plain: read file + pageable cuMemcpyHtoD".into(), plain);
+    let s = time(&mut s_wc, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, write-combined staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, cached staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Pread, t))?;
+    row(format!("unverified, pread, cached staging, {t} thr"), s);
+    if register {
+        let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Register, t))?;
+        row(format!("unverified, registered page cache, {t} thr"), s);
     }
-    let s = run(&mut s_plain, false, SourceMode::Pread, max_threads)?;
-    rows.push(Row {
-        what: format!("unverified, pread, cached staging, {max_threads} thr"),
-        seconds: s,
-        bytes: size,
-    });
-    print_row(rows.last().expect("pushed"), base);
-    for &t in &a.sweep {
-        let s = run(&mut s_plain, true, SourceMode::Mmap, t)?;
-        let target = 0.8 * pinned_rate.min(t as f64 * sha_rate);
-        rows.push(Row {
-            what: format!("verified, mmap, cached staging, {t} thr"),
-            seconds: s,
-            bytes: size,
-        });
-        print_row(rows.last().expect("pushed"), base);
-        println!("|   target 0.8 x min(pinned {pinned_rate:.1}, {t} x {sha_rate:.2}) = {target:.2} GB/s");
+    let mut sources = vec![(SourceMode::Mmap, "mmap, cached staging")];
+    if register {
+        sources.push((SourceMode::Register, "registered page cache"));
     }
-    let s = run(&mut s_wc, true, SourceMode::Mmap, max_threads)?;
-    rows.push(Row {
-        what: format!("verified, mmap, write-combined staging, {max_threads} thr"),
-        seconds: s,
-        bytes: size,
-    });
-    print_row(rows.last().expect("pushed"), base);
-    let s = run(&mut s_plain, true, SourceMode::Pread, max_threads)?;
-    rows.push(Row {
-        what: format!("verified, pread, cached staging, {max_threads} thr"),
-        seconds: s,
-        bytes: size,
-    });
-    print_row(rows.last().expect("pushed"), base);
+    for (source, label) in sources {
+        for &n in &a.sweep {
+            let s = time(&mut s_plain, LoadOptions::new(true, source, n))?;
+            row(format!("verified, {label}, {n} thr"), s);
+            let target = 0.8 * pinned_rate.min(n as f64 * sha_rate);
+            println!("|   target 0.8 x min(pinned {pinned_rate:.1}, {n} x {sha_rate:.2}) = {target:.2} GB/s");
+        }
+    }
+    let s = time(&mut s_wc, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    row(format!("verified, mmap, write-combined staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(true, SourceMode::Pread, t))?;
+    row(format!("verified, pread, cached staging, {t} thr"), s);
 
-    // One full check that the bytes on the device are the file's.
-    let (blob, _) = s_plain.load(
-        &spec,
-        LoadOptions {
-            verify: true,
-            source: SourceMode::Mmap,
-            threads: max_threads,
-        },
-    )?;
-    compare_with_file(&blob.buffer, &a.blob)?;
-    println!("check: device bytes of the verified load equal the file");
+    // The bytes on the device are the file's, for each full source.
+    let mut sources = vec![SourceMode::Mmap, SourceMode::Pread];
+    if register {
+        sources.push(SourceMode::Register);
+    }
+    for source in sources {
+        let (blob, _) = s_plain.load(&spec, LoadOptions::new(true, source, t))?;
+        compare_with_file(&blob.buffer, &a.blob)?;
+        println!("check: device bytes of the verified {source} load equal the file");
+    }
     Ok(())
 }
 

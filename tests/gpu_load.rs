@@ -77,20 +77,27 @@ fn loaded_bytes_equal_the_file_for_every_mode_issue_5() {
                 (true, SourceMode::Mmap),
                 (false, SourceMode::Mmap),
                 (true, SourceMode::Pread),
+                (true, SourceMode::Register),
+                (false, SourceMode::Register),
             ] {
                 if wc && verify && source == SourceMode::Pread {
                     continue; // rejected by design: hashing write-combined memory
                 }
+                if source == SourceMode::Register && !streamer.supports_register() {
+                    println!("register mode not tested: the device lacks read-only host registration");
+                    continue;
+                }
+                if source == SourceMode::Register && chunk_bytes % 4096 != 0 {
+                    let err = streamer
+                        .load(&spec.as_spec(), LoadOptions::new(verify, source, 1))
+                        .err()
+                        .unwrap();
+                    assert!(err.to_string().contains("needs chunks of whole pages"), "{err}");
+                    continue;
+                }
                 for threads in [1, 4] {
                     let (b, report) = streamer
-                        .load(
-                            &spec.as_spec(),
-                            LoadOptions {
-                                verify,
-                                source,
-                                threads,
-                            },
-                        )
+                        .load(&spec.as_spec(), LoadOptions::new(verify, source, threads))
                         .unwrap_or_else(|e| panic!("chunk {chunk_bytes} wc {wc} {source} verify {verify}: {e}"));
                     assert_eq!(b.verified, verify);
                     assert_eq!(b.digest, spec.digest);
@@ -125,17 +132,14 @@ fn a_flipped_bit_aborts_the_load_and_names_the_chunk_issue_5() {
     let mut streamer = Streamer::new(0, small_pool(8)).unwrap();
     let ctx = streamer.context().clone();
     let (free_before, _) = ctx.mem_get_info().unwrap();
-    for source in [SourceMode::Mmap, SourceMode::Pread] {
+    let mut sources = vec![SourceMode::Mmap, SourceMode::Pread];
+    if streamer.supports_register() {
+        sources.push(SourceMode::Register);
+    }
+    for source in sources {
         for threads in [1, 8] {
             let err = streamer
-                .load(
-                    &spec.as_spec(),
-                    LoadOptions {
-                        verify: true,
-                        source,
-                        threads,
-                    },
-                )
+                .load(&spec.as_spec(), LoadOptions::new(true, source, threads))
                 .err()
                 .expect("must fail");
             match &err {
@@ -158,14 +162,7 @@ fn a_flipped_bit_aborts_the_load_and_names_the_chunk_issue_5() {
 
     // --no-verify loads the corrupted bytes as they are (measurement only).
     let (b, _) = streamer
-        .load(
-            &spec.as_spec(),
-            LoadOptions {
-                verify: false,
-                source: SourceMode::Mmap,
-                threads: 8,
-            },
-        )
+        .load(&spec.as_spec(), LoadOptions::new(false, SourceMode::Mmap, 8))
         .unwrap();
     assert!(!b.verified);
     let dev = device_bytes(&b);
@@ -182,45 +179,24 @@ fn wrong_sizes_and_empty_blobs_issue_5() {
     let (file, _) = blob("empty", 0);
     let spec = OwnedSpec::from_file(&file.0, 1 << 20, 2).unwrap();
     let (b, _) = streamer
-        .load(
-            &spec.as_spec(),
-            LoadOptions {
-                verify: true,
-                source: SourceMode::Mmap,
-                threads: 2,
-            },
-        )
+        .load(&spec.as_spec(), LoadOptions::new(true, SourceMode::Mmap, 2))
         .unwrap();
     assert_eq!(b.size_bytes, 0);
 
-    let (file, _) = blob("short", 3 << 20);
+    let (file, _) = blob("short", (3 << 20) + 5);
     let mut spec = OwnedSpec::from_file(&file.0, 1 << 20, 2).unwrap();
     spec.size_bytes += 1;
     let err = streamer
-        .load(
-            &spec.as_spec(),
-            LoadOptions {
-                verify: true,
-                source: SourceMode::Mmap,
-                threads: 2,
-            },
-        )
+        .load(&spec.as_spec(), LoadOptions::new(true, SourceMode::Mmap, 2))
         .err()
         .unwrap();
     assert!(
         err.to_string()
-            .contains("file has 3145728 bytes, manifest says 3145729"),
+            .contains("file has 3145733 bytes, manifest says 3145734"),
         "{err}"
     );
     assert!(streamer
-        .load(
-            &spec.as_spec(),
-            LoadOptions {
-                verify: true,
-                source: SourceMode::Mmap,
-                threads: 3
-            }
-        )
+        .load(&spec.as_spec(), LoadOptions::new(true, SourceMode::Mmap, 3))
         .is_err());
 }
 

@@ -38,6 +38,8 @@ pub const THREADS_MAX: usize = 64;
 pub const SLOT_BYTES_MAX: usize = 256 << 20;
 /// Upper bound of the whole staging pool.
 pub const POOL_BYTES_MAX: usize = 4 << 30;
+/// Largest range registered at once in register mode.
+const REGISTER_PIECE_MAX: u64 = 64 << 20;
 /// Hash-then-copy granule: small enough to stay in a core's L2 between the
 /// hash and the copy.
 const SUB_BYTES: usize = 256 << 10;
@@ -87,11 +89,18 @@ impl BlobSpec<'_> {
 /// How workers read the blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceMode {
-    /// memmap2 mapping; workers hash and copy from the page cache directly.
+    /// memmap2 mapping; workers hash and copy from the page cache into the
+    /// pinned slots, and the copy engine reads the slots.
     Mmap,
     /// `pread` into the pinned slot, then hash from there (non-write-combined
     /// slots only: reading write-combined memory is uncached).
     Pread,
+    /// memmap2 mapping whose page-cache pages are page-locked piece by piece
+    /// (`cuMemHostRegister`, read-only) so that the copy engine reads them in
+    /// place: no host copy at all, and the CPU only hashes. Needs chunk
+    /// sizes that are whole pages and a device that supports read-only
+    /// registration (`Streamer::supports_register`).
+    Register,
 }
 
 impl std::fmt::Display for SourceMode {
@@ -99,6 +108,7 @@ impl std::fmt::Display for SourceMode {
         f.write_str(match self {
             SourceMode::Mmap => "mmap",
             SourceMode::Pread => "pread",
+            SourceMode::Register => "register",
         })
     }
 }
@@ -157,6 +167,18 @@ impl StreamerConfig {
     }
 }
 
+/// Which stages run; everything but `Full` exists to measure one stage
+/// alone (`cnse-dp gpu bench`), and leaves the device buffer incomplete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pipeline {
+    Full,
+    /// Read (and hash) into staging or register pages, but queue no DMA.
+    HostOnly,
+    /// Queue the DMA of every piece from the staging slots without filling
+    /// them (copy engine alone, with this load's piece and stream pattern).
+    DmaOnly,
+}
+
 /// Per-load choices.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -165,13 +187,26 @@ pub struct LoadOptions {
     pub source: SourceMode,
     /// Workers used for this load, at most the streamer's `threads`.
     pub threads: usize,
+    pub pipeline: Pipeline,
+}
+
+impl LoadOptions {
+    pub fn new(verify: bool, source: SourceMode, threads: usize) -> Self {
+        Self {
+            verify,
+            source,
+            threads,
+            pipeline: Pipeline::Full,
+        }
+    }
 }
 
 /// Seconds spent in each phase of one load.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct LoadReport {
     pub bytes: u64,
     pub threads: usize,
+    pub source: SourceMode,
     pub verified: bool,
     pub open_s: f64,
     pub device_alloc_s: f64,
@@ -198,6 +233,9 @@ struct Slot {
     buf: PinnedBuffer,
     copied: CudaEvent,
     in_flight: bool,
+    /// Start address of the mapped range registered for this slot's copy
+    /// (Register mode); unregistered once `copied` has fired.
+    registered: Option<usize>,
 }
 
 struct Worker {
@@ -231,6 +269,7 @@ impl Streamer {
                     buf: PinnedBuffer::new(&ctx, config.slot_bytes, config.write_combined)?,
                     copied: ctx.new_event(None).map_err(KernelError::driver("cuEventCreate"))?,
                     in_flight: false,
+                    registered: None,
                 });
             }
             workers.push(Worker {
@@ -255,6 +294,16 @@ impl Streamer {
         &self.ctx
     }
 
+    /// Whether the device can DMA from read-only registered host memory
+    /// (what `SourceMode::Register` needs).
+    pub fn supports_register(&self) -> bool {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        self.ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED)
+            .unwrap_or(0)
+            == 1
+    }
+
     /// Seconds it took to pin the staging pool (paid once per streamer).
     pub fn pool_alloc_s(&self) -> f64 {
         self.pool_alloc_s
@@ -275,6 +324,15 @@ impl Streamer {
                 detail: "pread with verification hashes the slot, which must not be write-combined".into(),
             });
         }
+        if opts.source == SourceMode::Register && spec.chunk_bytes % page_bytes() != 0 {
+            return Err(KernelError::Shape {
+                op: "load",
+                detail: format!(
+                    "register mode needs chunks of whole pages, not {} bytes",
+                    spec.chunk_bytes
+                ),
+            });
+        }
         let t0 = Instant::now();
         let path = spec.path;
         let io = |op: &'static str| {
@@ -292,7 +350,7 @@ impl Streamer {
                 detail: format!("file has {len} bytes, manifest says {}", spec.size_bytes),
             });
         }
-        let map = if opts.source == SourceMode::Mmap && len > 0 {
+        let map = if opts.source != SourceMode::Pread && len > 0 {
             // SAFETY: the mapping is read-only and private to this load. A
             // blob truncated by another process while mapped would fault
             // (SIGBUS); store blobs are immutable once written (renamed into
@@ -318,6 +376,8 @@ impl Streamer {
             },
             device_base: buffer.device_ptr(),
             verify: opts.verify,
+            register: opts.source == SourceMode::Register,
+            pipeline: opts.pipeline,
             next_chunk: AtomicUsize::new(0),
             abort: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
@@ -346,6 +406,7 @@ impl Streamer {
         let report = LoadReport {
             bytes: len,
             threads: opts.threads,
+            source: opts.source,
             verified: opts.verify,
             open_s,
             device_alloc_s,
@@ -374,6 +435,8 @@ struct Shared<'a> {
     source: Source<'a>,
     device_base: cudarc::driver::sys::CUdeviceptr,
     verify: bool,
+    register: bool,
+    pipeline: Pipeline,
     next_chunk: AtomicUsize,
     abort: AtomicBool,
     errors: Mutex<Vec<KernelError>>,
@@ -415,35 +478,29 @@ impl Worker {
     fn chunk(&mut self, sh: &Shared, chunk: usize) -> Result<(), KernelError> {
         let (start, end) = sh.spec.chunk_range(chunk);
         let mut hasher = sh.verify.then(|| Sha256::new(&SHA256));
-        let slot_bytes = self.slots[0].buf.len() as u64;
+        // Register mode locks whole chunks (up to REGISTER_PIECE_MAX) to
+        // amortise the registration call; copy mode is bounded by the slot.
+        let register = sh.register && sh.pipeline != Pipeline::DmaOnly;
+        let piece_max = if register {
+            REGISTER_PIECE_MAX
+        } else {
+            self.slots[0].buf.len() as u64
+        };
         let mut piece = start;
         while piece < end {
             if sh.abort.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let piece_len = (end - piece).min(slot_bytes) as usize;
+            let piece_len = (end - piece).min(piece_max) as usize;
             let n = self.slots.len();
             let slot = &mut self.slots[self.next_slot];
             self.next_slot = (self.next_slot + 1) % n;
-            if slot.in_flight {
-                slot.copied
-                    .synchronize()
-                    .map_err(KernelError::driver("cuEventSynchronize"))?;
-                slot.in_flight = false;
+            slot.retire()?;
+            if register {
+                self.register_piece(sh, piece, piece_len, hasher.as_mut())?;
+            } else {
+                self.stage_piece(sh, piece, piece_len, hasher.as_mut())?;
             }
-            let dst = &mut slot.buf.as_mut_slice()[..piece_len];
-            fill(sh, piece, dst, hasher.as_mut())?;
-            // SAFETY: `dst` is pinned memory that stays untouched until
-            // `copied` fires (checked before the slot is refilled, and in
-            // `drain` before the pool or the device buffer can be dropped);
-            // the device range piece..piece+len lies inside the buffer
-            // allocated for `size_bytes`.
-            unsafe { result::memcpy_htod_async(sh.device_base + piece, &*dst, self.stream.cu_stream()) }
-                .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
-            slot.copied
-                .record(&self.stream)
-                .map_err(KernelError::driver("cuEventRecord"))?;
-            slot.in_flight = true;
             piece += piece_len as u64;
         }
         if let Some(h) = hasher {
@@ -459,16 +516,137 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits for every copy of this worker; the slots are free afterwards.
+    /// The slot taken last by `chunk` (the one before `next_slot`).
+    fn current(&mut self) -> &mut Slot {
+        let n = self.slots.len();
+        &mut self.slots[(self.next_slot + n - 1) % n]
+    }
+
+    /// Copy mode: fill the pinned slot (hashing on the way), then DMA it.
+    fn stage_piece(
+        &mut self,
+        sh: &Shared,
+        piece: u64,
+        len: usize,
+        hasher: Option<&mut Sha256>,
+    ) -> Result<(), KernelError> {
+        let stream = self.stream.clone();
+        let slot = self.current();
+        let dst = &mut slot.buf.as_mut_slice()[..len];
+        if sh.pipeline != Pipeline::DmaOnly {
+            fill(sh, piece, dst, hasher)?;
+        }
+        if sh.pipeline == Pipeline::HostOnly {
+            return Ok(());
+        }
+        // SAFETY: `dst` is pinned memory that stays untouched until `copied`
+        // fires (`retire` waits for it before the slot is refilled, and
+        // `drain` before the pool or the device buffer can be dropped); the
+        // device range piece..piece+len lies inside the buffer allocated for
+        // `size_bytes`.
+        unsafe { result::memcpy_htod_async(sh.device_base + piece, &*dst, stream.cu_stream()) }
+            .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
+        slot.copied
+            .record(&stream)
+            .map_err(KernelError::driver("cuEventRecord"))?;
+        slot.in_flight = true;
+        Ok(())
+    }
+
+    /// Register mode: page-lock the mapped piece, DMA straight from it, and
+    /// hash it while the copy engine reads it.
+    fn register_piece(
+        &mut self,
+        sh: &Shared,
+        piece: u64,
+        len: usize,
+        hasher: Option<&mut Sha256>,
+    ) -> Result<(), KernelError> {
+        let Source::Map(map) = sh.source else {
+            unreachable!("register mode always maps the blob")
+        };
+        let src = &map[piece as usize..piece as usize + len];
+        let stream = self.stream.clone();
+        let slot = self.current();
+        {
+            // SAFETY: `src` is a live read-only mapping starting on a page
+            // (chunk starts are page multiples, checked in `load`, and slot
+            // sizes are multiples of 256 KiB); READ_ONLY tells the driver the
+            // device only reads it. `retire`/`drain` unregister it after its
+            // copy, before the map is dropped at the end of `load`.
+            unsafe {
+                cudarc::driver::sys::cuMemHostRegister_v2(
+                    src.as_ptr() as *mut std::ffi::c_void,
+                    len,
+                    cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                )
+            }
+            .result()
+            .map_err(KernelError::driver("cuMemHostRegister (read-only page cache)"))?;
+            slot.registered = Some(src.as_ptr() as usize);
+        }
+        if sh.pipeline != Pipeline::HostOnly {
+            // SAFETY: `src` is page-locked (registered above) and stays so
+            // until `copied` fires: `retire`/`drain` wait for it before
+            // unregistering; the device range lies inside the buffer.
+            unsafe { result::memcpy_htod_async(sh.device_base + piece, src, stream.cu_stream()) }
+                .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
+            slot.copied
+                .record(&stream)
+                .map_err(KernelError::driver("cuEventRecord"))?;
+            slot.in_flight = true;
+        }
+        if let Some(h) = hasher {
+            h.update(src);
+        }
+        Ok(())
+    }
+
+    /// Waits for every copy of this worker and unregisters what it
+    /// registered; the slots are free afterwards.
     fn drain(&mut self) -> Result<(), KernelError> {
-        let r = self
+        let mut r = self
             .stream
             .synchronize()
             .map_err(KernelError::driver("cuStreamSynchronize"));
         for s in &mut self.slots {
             s.in_flight = false;
+            if let Err(e) = s.retire() {
+                r = r.and(Err(e));
+            }
         }
         r
+    }
+}
+
+impl Slot {
+    /// Waits for the slot's last copy, then releases its registration.
+    fn retire(&mut self) -> Result<(), KernelError> {
+        if self.in_flight {
+            self.copied
+                .synchronize()
+                .map_err(KernelError::driver("cuEventSynchronize"))?;
+            self.in_flight = false;
+        }
+        if let Some(ptr) = self.registered.take() {
+            // SAFETY: `ptr` was registered by `register_piece` and its copy
+            // has completed (waited for above, or by the stream
+            // synchronisation in `drain`).
+            unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) }
+                .result()
+                .map_err(KernelError::driver("cuMemHostUnregister"))?;
+        }
+        Ok(())
+    }
+}
+
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
     }
 }
 
