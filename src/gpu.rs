@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use cnse_kernels::sampling::cpu::CpuSampler;
-use cnse_kernels::stream::OwnedSpec;
+use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
 use cnse_kernels::{
     BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, PinnedBuffer, Pipeline, SampleRow, SamplerConfig,
     SourceMode, Streamer, StreamerConfig, TokenSampler,
@@ -71,6 +71,9 @@ struct Pool {
     /// Allocate the staging pool write-combined (see docs/GPU.md).
     #[arg(long)]
     write_combined: bool,
+    /// Size of each host memcpy into a slot when not verifying, KiB.
+    #[arg(long, default_value_t = 256)]
+    copy_granule_kib: usize,
 }
 
 impl Pool {
@@ -81,6 +84,7 @@ impl Pool {
             slot_bytes: self.slot_mib << 20,
             slots_per_thread: self.slots_per_thread,
             write_combined: self.write_combined,
+            copy_granule_bytes: self.copy_granule_kib << 10,
         }
     }
 }
@@ -136,6 +140,9 @@ struct BenchArgs {
     /// Timed repetitions of each load (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Staging slot sizes (MiB) of the unverified-load sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,32")]
+    slot_sweep: Vec<usize>,
     /// Sampling batch rows.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -561,12 +568,47 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         ),
         s,
     );
+    let mut hash_s = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        cnse_kernels::stream::hash_chunks(&a.blob, a.chunk_mib << 20, t)?;
+        hash_s.push(t0.elapsed().as_secs_f64());
+    }
+    row(format!("SHA-256 of every chunk only, {t} threads"), median(hash_s));
     let register = s_plain.supports_register();
     if register {
         let s = time(&mut s_plain, staged(false, SourceMode::Register, t, Pipeline::HostOnly))?;
         row("cuMemHostRegister + unregister of the page cache only".into(), s);
     } else {
         println!("| device lacks read-only host registration: register mode not measured");
+    }
+
+    println!();
+    println!("staging slot sweep, unverified, {t} threads x 3 slots, cached staging (median of {reps}):");
+    println!(
+        "| {:<52} | {:>11} | {:>12} |",
+        "slot, memcpy granule, stage", "time", "rate"
+    );
+    let mut sweep: Vec<(usize, usize)> = a.slot_sweep.iter().map(|&m| (m << 20, COPY_GRANULE_DEFAULT)).collect();
+    sweep.push((8 << 20, 8 << 20));
+    for (slot_bytes, granule) in sweep {
+        let cfg = StreamerConfig {
+            threads: t,
+            slot_bytes,
+            slots_per_thread: 3,
+            write_combined: false,
+            copy_granule_bytes: granule.min(slot_bytes),
+        };
+        let mut st = Streamer::new(a.device, cfg)?;
+        let name = format!(
+            "{} MiB slots, {} KiB memcpy",
+            slot_bytes >> 20,
+            granule.min(slot_bytes) >> 10
+        );
+        let s = time(&mut st, staged(false, SourceMode::Mmap, t, Pipeline::DmaOnly))?;
+        row(format!("{name}: DMA only"), s);
+        let s = time(&mut st, LoadOptions::new(false, SourceMode::Mmap, t))?;
+        row(format!("{name}: full load"), s);
     }
 
     println!();

@@ -51,6 +51,7 @@ fn small_pool(threads: usize) -> StreamerConfig {
         slot_bytes: 1 << 20,
         slots_per_thread: 2,
         write_combined: false,
+        copy_granule_bytes: 64 << 10,
     }
 }
 

@@ -38,6 +38,8 @@ pub const THREADS_MAX: usize = 64;
 pub const SLOT_BYTES_MAX: usize = 256 << 20;
 /// Upper bound of the whole staging pool.
 pub const POOL_BYTES_MAX: usize = 4 << 30;
+/// Default `copy_granule_bytes`, and the hash-then-copy granule.
+pub const COPY_GRANULE_DEFAULT: usize = SUB_BYTES;
 /// Largest range registered at once in register mode.
 const REGISTER_PIECE_MAX: u64 = 64 << 20;
 /// Hash-then-copy granule: small enough to stay in a core's L2 between the
@@ -121,6 +123,11 @@ pub struct StreamerConfig {
     /// Copies in flight per worker: 2 is double buffering.
     pub slots_per_thread: usize,
     pub write_combined: bool,
+    /// Size of each memcpy into a slot when not verifying. Small granules
+    /// use ordinary stores whose lines can still sit in the last-level cache
+    /// when the copy engine reads them; one memcpy of a whole slot switches
+    /// to non-temporal stores that go to DRAM. Measured in docs/GPU.md.
+    pub copy_granule_bytes: usize,
 }
 
 impl Default for StreamerConfig {
@@ -131,6 +138,7 @@ impl Default for StreamerConfig {
             slot_bytes: 8 << 20,
             slots_per_thread: 3,
             write_combined: false,
+            copy_granule_bytes: SUB_BYTES,
         }
     }
 }
@@ -154,6 +162,12 @@ impl StreamerConfig {
         }
         if self.slots_per_thread < 2 || self.slots_per_thread > 8 {
             return bad(format!("slots_per_thread {} outside 2..=8", self.slots_per_thread));
+        }
+        if self.copy_granule_bytes < 4096 || self.copy_granule_bytes > self.slot_bytes {
+            return bad(format!(
+                "copy_granule_bytes {} outside 4096..=slot_bytes",
+                self.copy_granule_bytes
+            ));
         }
         let pool = self.threads * self.slots_per_thread * self.slot_bytes;
         if pool > POOL_BYTES_MAX {
@@ -377,6 +391,7 @@ impl Streamer {
             device_base: buffer.device_ptr(),
             verify: opts.verify,
             register: opts.source == SourceMode::Register,
+            copy_granule: self.config.copy_granule_bytes,
             pipeline: opts.pipeline,
             next_chunk: AtomicUsize::new(0),
             abort: AtomicBool::new(false),
@@ -436,6 +451,7 @@ struct Shared<'a> {
     device_base: cudarc::driver::sys::CUdeviceptr,
     verify: bool,
     register: bool,
+    copy_granule: usize,
     pipeline: Pipeline,
     next_chunk: AtomicUsize,
     abort: AtomicBool,
@@ -663,7 +679,11 @@ fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut Sha256
                         d.copy_from_slice(s);
                     }
                 }
-                None => dst.copy_from_slice(src),
+                None => {
+                    for (s, d) in src.chunks(sh.copy_granule).zip(dst.chunks_mut(sh.copy_granule)) {
+                        d.copy_from_slice(s);
+                    }
+                }
             }
         }
         Source::File(file) => {
