@@ -36,7 +36,7 @@ enum Cmd {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SourceArg {
-    /// `register` where the device and chunk size allow it, else `mmap`.
+    /// The fastest measured source (`mmap`).
     Auto,
     /// Hash and copy from a map of the blob into pinned staging.
     Mmap,
@@ -47,9 +47,10 @@ enum SourceArg {
 }
 
 impl SourceArg {
-    fn pick(self, streamer: &Streamer, chunk_bytes: u64) -> SourceMode {
+    fn pick(self) -> SourceMode {
         match self {
-            SourceArg::Auto if streamer.supports_register() && chunk_bytes % 4096 == 0 => SourceMode::Register,
+            // Measured (docs/GPU.md): registering the page cache costs more
+            // than the copy it saves, so `auto` copies through staging.
             SourceArg::Auto | SourceArg::Mmap => SourceMode::Mmap,
             SourceArg::Pread => SourceMode::Pread,
             SourceArg::Register => SourceMode::Register,
@@ -68,6 +69,9 @@ struct Pool {
     /// Copies in flight per worker (2 = double buffering).
     #[arg(long, default_value_t = 3)]
     slots_per_thread: usize,
+    /// CUDA streams shared by the workers.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
     /// Allocate the staging pool write-combined (see docs/GPU.md).
     #[arg(long)]
     write_combined: bool,
@@ -83,6 +87,7 @@ impl Pool {
             threads: self.threads.unwrap_or(d.threads),
             slot_bytes: self.slot_mib << 20,
             slots_per_thread: self.slots_per_thread,
+            streams: self.streams,
             write_combined: self.write_combined,
             copy_granule_bytes: self.copy_granule_kib << 10,
         }
@@ -143,6 +148,9 @@ struct BenchArgs {
     /// Staging slot sizes (MiB) of the unverified-load sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,32")]
     slot_sweep: Vec<usize>,
+    /// Stream counts of the unverified-load sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    stream_sweep: Vec<usize>,
     /// Sampling batch rows.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -253,7 +261,7 @@ fn load(a: LoadArgs) -> Result<()> {
     let resolve_s = t_resolve.elapsed().as_secs_f64();
 
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
-    let opts = LoadOptions::new(!a.no_verify, a.source.pick(&streamer, spec.chunk_bytes), config.threads);
+    let opts = LoadOptions::new(!a.no_verify, a.source.pick(), config.threads);
     println!(
         "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
         spec.size_bytes,
@@ -440,17 +448,21 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
 
     // Reference rates: one core's SHA-256, the copy engine from pinned memory,
     // and a pageable copy from memory already read.
-    let sha_bytes = (1u64 << 30).min(size);
-    let sha_s = {
+    // One core's SHA-256 over bytes already in memory (no page faults),
+    // median of three passes.
+    let sha_rate = {
         let f = std::fs::File::open(&a.blob)?;
         // SAFETY: read-only map of the bench blob, which nothing truncates.
         let map = unsafe { memmap2::Mmap::map(&f) }?;
-        let t = Instant::now();
-        let d = ring::digest::digest(&ring::digest::SHA256, &map[..sha_bytes as usize]);
-        std::hint::black_box(d);
-        t.elapsed().as_secs_f64()
+        let buf = map[..(256usize << 20).min(size as usize)].to_vec();
+        let mut rates = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, &buf));
+            rates.push(gbps(buf.len() as u64, t.elapsed().as_secs_f64()));
+        }
+        median(rates)
     };
-    let sha_rate = gbps(sha_bytes, sha_s);
 
     let mut s_wc = Streamer::new(
         a.device,
@@ -584,31 +596,46 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
     }
 
     println!();
-    println!("staging slot sweep, unverified, {t} threads x 3 slots, cached staging (median of {reps}):");
+    println!("staging sweep, unverified, {t} threads, cached staging (median of {reps}):");
     println!(
         "| {:<52} | {:>11} | {:>12} |",
-        "slot, memcpy granule, stage", "time", "rate"
+        "slot MiB x in flight, memcpy KiB, streams", "time", "rate"
     );
-    let mut sweep: Vec<(usize, usize)> = a.slot_sweep.iter().map(|&m| (m << 20, COPY_GRANULE_DEFAULT)).collect();
-    sweep.push((8 << 20, 8 << 20));
-    for (slot_bytes, granule) in sweep {
+    let mut sweep: Vec<(usize, usize, usize, usize)> = a
+        .slot_sweep
+        .iter()
+        .map(|&m| (m << 20, 3, COPY_GRANULE_DEFAULT, 16))
+        .collect();
+    sweep.push((8 << 20, 3, 8 << 20, 16));
+    for &streams in &a.stream_sweep {
+        for slot_mib in [2usize, 4] {
+            sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams));
+        }
+        sweep.push((2 << 20, 6, COPY_GRANULE_DEFAULT, streams));
+    }
+    for (slot_bytes, slots_per_thread, granule, streams) in sweep {
         let cfg = StreamerConfig {
             threads: t,
             slot_bytes,
-            slots_per_thread: 3,
+            slots_per_thread,
+            streams,
             write_combined: false,
             copy_granule_bytes: granule.min(slot_bytes),
         };
         let mut st = Streamer::new(a.device, cfg)?;
         let name = format!(
-            "{} MiB slots, {} KiB memcpy",
+            "{} x {}, {} KiB, {} streams",
             slot_bytes >> 20,
-            granule.min(slot_bytes) >> 10
+            slots_per_thread,
+            granule.min(slot_bytes) >> 10,
+            streams
         );
         let s = time(&mut st, staged(false, SourceMode::Mmap, t, Pipeline::DmaOnly))?;
         row(format!("{name}: DMA only"), s);
         let s = time(&mut st, LoadOptions::new(false, SourceMode::Mmap, t))?;
         row(format!("{name}: full load"), s);
+        let s = time(&mut st, LoadOptions::new(true, SourceMode::Mmap, t))?;
+        row(format!("{name}: verified load"), s);
     }
 
     println!();

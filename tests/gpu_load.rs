@@ -50,6 +50,7 @@ fn small_pool(threads: usize) -> StreamerConfig {
         threads,
         slot_bytes: 1 << 20,
         slots_per_thread: 2,
+        streams: 3,
         write_combined: false,
         copy_granule_bytes: 64 << 10,
     }

@@ -122,6 +122,8 @@ pub struct StreamerConfig {
     pub slot_bytes: usize,
     /// Copies in flight per worker: 2 is double buffering.
     pub slots_per_thread: usize,
+    /// CUDA streams the workers share round-robin (at most `threads`).
+    pub streams: usize,
     pub write_combined: bool,
     /// Size of each memcpy into a slot when not verifying. Small granules
     /// use ordinary stores whose lines can still sit in the last-level cache
@@ -137,6 +139,7 @@ impl Default for StreamerConfig {
             threads: cores.clamp(1, 16),
             slot_bytes: 8 << 20,
             slots_per_thread: 3,
+            streams: 16,
             write_combined: false,
             copy_granule_bytes: SUB_BYTES,
         }
@@ -159,6 +162,9 @@ impl StreamerConfig {
                 "slot_bytes {} must be a multiple of {SUB_BYTES} up to {SLOT_BYTES_MAX}",
                 self.slot_bytes
             ));
+        }
+        if self.streams == 0 {
+            return bad("streams must be at least 1".into());
         }
         if self.slots_per_thread < 2 || self.slots_per_thread > 8 {
             return bad(format!("slots_per_thread {} outside 2..=8", self.slots_per_thread));
@@ -275,8 +281,12 @@ impl Streamer {
         let ctx = crate::device::open(ordinal)?;
         let t0 = Instant::now();
         let mut workers = Vec::with_capacity(config.threads);
-        for _ in 0..config.threads {
-            let stream = ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?;
+        let mut streams = Vec::new();
+        for _ in 0..config.streams.min(config.threads) {
+            streams.push(ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?);
+        }
+        for w in 0..config.threads {
+            let stream = streams[w % streams.len()].clone();
             let mut slots = Vec::with_capacity(config.slots_per_thread);
             for _ in 0..config.slots_per_thread {
                 slots.push(Slot {
