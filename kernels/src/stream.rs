@@ -135,11 +135,15 @@ pub struct StreamerConfig {
 impl Default for StreamerConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        // Chosen by the staging sweep of `cnse-dp gpu bench` on the device
+        // machine (docs/GPU.md): 4 MiB slots keep 16 x 3 slots (192 MiB)
+        // inside the 300 MiB last-level cache, so the copy engine reads what
+        // the workers just wrote from cache; 4 shared streams beat 16.
         Self {
             threads: cores.clamp(1, 16),
-            slot_bytes: 8 << 20,
+            slot_bytes: 4 << 20,
             slots_per_thread: 3,
-            streams: 16,
+            streams: 4,
             write_combined: false,
             copy_granule_bytes: SUB_BYTES,
         }
