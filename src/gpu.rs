@@ -13,8 +13,8 @@ use clap::{Subcommand, ValueEnum};
 use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
 use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, PinnedBuffer, Pipeline, SampleRow, SamplerConfig,
-    SourceMode, Streamer, StreamerConfig, TokenSampler,
+    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, Mover, PinnedBuffer, Pipeline, SampleRow,
+    SamplerConfig, SourceMode, Streamer, StreamerConfig, TokenSampler,
 };
 
 #[derive(clap::Args)]
@@ -58,6 +58,23 @@ impl SourceArg {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum MoverArg {
+    /// cuMemcpyHtoDAsync (a DMA copy engine).
+    CopyEngine,
+    /// A kernel whose threads read the mapped staging slot over PCIe.
+    Kernel,
+}
+
+impl From<MoverArg> for Mover {
+    fn from(m: MoverArg) -> Self {
+        match m {
+            MoverArg::CopyEngine => Mover::CopyEngine,
+            MoverArg::Kernel => Mover::Kernel,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct Pool {
     /// Hashing/copy worker threads (default: cores, at most 16).
@@ -78,6 +95,9 @@ struct Pool {
     /// Size of each host memcpy into a slot when not verifying, KiB.
     #[arg(long, default_value_t = 256)]
     copy_granule_kib: usize,
+    /// What moves staged bytes to the device.
+    #[arg(long, value_enum, default_value = "copy-engine")]
+    mover: MoverArg,
 }
 
 impl Pool {
@@ -90,6 +110,7 @@ impl Pool {
             streams: self.streams,
             write_combined: self.write_combined,
             copy_granule_bytes: self.copy_granule_kib << 10,
+            mover: self.mover.into(),
         }
     }
 }
@@ -621,19 +642,22 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         "| {:<52} | {:>11} | {:>12} |",
         "slot MiB x in flight, memcpy KiB, streams", "time", "rate"
     );
-    let mut sweep: Vec<(usize, usize, usize, usize)> = a
+    let ce = Mover::CopyEngine;
+    let mut sweep: Vec<(usize, usize, usize, usize, Mover)> = a
         .slot_sweep
         .iter()
-        .map(|&m| (m << 20, 3, COPY_GRANULE_DEFAULT, 16))
+        .map(|&m| (m << 20, 3, COPY_GRANULE_DEFAULT, 16, ce))
         .collect();
-    sweep.push((8 << 20, 3, 8 << 20, 16));
+    sweep.push((8 << 20, 3, 8 << 20, 16, ce));
     for &streams in &a.stream_sweep {
         for slot_mib in [2usize, 4] {
-            sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams));
+            sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, ce));
         }
-        sweep.push((2 << 20, 6, COPY_GRANULE_DEFAULT, streams));
     }
-    for (slot_bytes, slots_per_thread, granule, streams) in sweep {
+    for &(slot_mib, streams) in &[(2usize, 4usize), (4, 4), (4, 16), (8, 4), (32, 4)] {
+        sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, Mover::Kernel));
+    }
+    for (slot_bytes, slots_per_thread, granule, streams, mover) in sweep {
         let cfg = StreamerConfig {
             threads: t,
             slot_bytes,
@@ -641,10 +665,11 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
             streams,
             write_combined: false,
             copy_granule_bytes: granule.min(slot_bytes),
+            mover,
         };
         let mut st = Streamer::new(a.device, cfg)?;
         let name = format!(
-            "{} x {}, {} KiB, {} streams",
+            "{} x {}, {} KiB, {} streams, {mover}",
             slot_bytes >> 20,
             slots_per_thread,
             granule.min(slot_bytes) >> 10,
@@ -675,6 +700,22 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Register, t))?;
         row(format!("unverified, registered page cache, {t} thr"), s);
     }
+    let mut s_kernel = Streamer::new(
+        a.device,
+        StreamerConfig {
+            threads: t,
+            mover: Mover::Kernel,
+            ..a.pool.config()
+        },
+    )?;
+    let s = time(&mut s_kernel, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, cached staging, copy kernel, {t} thr"), s);
+    let s = time(&mut s_kernel, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    row(format!("verified, mmap, cached staging, copy kernel, {t} thr"), s);
+    let (blob, _) = s_kernel.load(&spec, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    compare_with_file(&blob.buffer, &a.blob)?;
+    drop(blob);
+    println!("check: device bytes of the copy-kernel load equal the file");
     let mut sources = vec![(SourceMode::Mmap, "mmap, cached staging")];
     if register {
         sources.push((SourceMode::Register, "registered page cache"));

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use cnse_kernels::stream::OwnedSpec;
-use cnse_kernels::{KernelError, LoadOptions, SourceMode, Streamer, StreamerConfig};
+use cnse_kernels::{KernelError, LoadOptions, Mover, SourceMode, Streamer, StreamerConfig};
 
 fn gpu_present() -> bool {
     if cnse_kernels::cuda_available() {
@@ -53,6 +53,7 @@ fn small_pool(threads: usize) -> StreamerConfig {
         streams: 3,
         write_combined: false,
         copy_granule_bytes: 64 << 10,
+        mover: Mover::CopyEngine,
     }
 }
 
@@ -66,11 +67,16 @@ fn loaded_bytes_equal_the_file_for_every_mode_issue_5() {
     let (file, data) = blob("modes", (37 << 20) + 123);
     for chunk_bytes in [(256 << 10) + 3, 1 << 20, 4 << 20] {
         let spec = OwnedSpec::from_file(&file.0, chunk_bytes, 4).unwrap();
-        for wc in [false, true] {
+        for (wc, mover) in [
+            (false, Mover::CopyEngine),
+            (true, Mover::CopyEngine),
+            (false, Mover::Kernel),
+        ] {
             let mut streamer = Streamer::new(
                 0,
                 StreamerConfig {
                     write_combined: wc,
+                    mover,
                     ..small_pool(4)
                 },
             )
@@ -100,7 +106,9 @@ fn loaded_bytes_equal_the_file_for_every_mode_issue_5() {
                 for threads in [1, 4] {
                     let (b, report) = streamer
                         .load(&spec.as_spec(), LoadOptions::new(verify, source, threads))
-                        .unwrap_or_else(|e| panic!("chunk {chunk_bytes} wc {wc} {source} verify {verify}: {e}"));
+                        .unwrap_or_else(|e| {
+                            panic!("chunk {chunk_bytes} wc {wc} {mover} {source} verify {verify}: {e}")
+                        });
                     assert_eq!(b.verified, verify);
                     assert_eq!(b.digest, spec.digest);
                     assert_eq!(report.bytes, data.len() as u64);

@@ -2,10 +2,11 @@
 //! missing: cudarc panics on the first call into an absent library, so every
 //! path checks `cuda_available()` (and `nvrtc_available()`) first.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::CudaContext;
+use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::KernelError;
 
@@ -46,6 +47,44 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, KernelError> {
         return Err(KernelError::NoDevice { ordinal, count });
     }
     CudaContext::new(ordinal).map_err(KernelError::driver("cuDevicePrimaryCtxRetain"))
+}
+
+/// PTX of an embedded CUDA source for one virtual architecture, compiled by
+/// NVRTC once per process. `--fmad=false`: no multiply-add is contracted into
+/// an FMA, so float results match the CPU references bit for bit.
+pub(crate) fn compile(file: &'static str, src: &'static str, arch: String) -> Result<Ptx, KernelError> {
+    static CACHE: OnceLock<Mutex<Vec<(&'static str, String, Ptx)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, ptx)) = cache.iter().find(|(f, a, _)| *f == file && *a == arch) {
+        return Ok(ptx.clone());
+    }
+    if !nvrtc_available() {
+        return Err(KernelError::NoNvrtc);
+    }
+    let opts = CompileOptions {
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        name: Some(file.into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| KernelError::Compile {
+        file,
+        detail: e.to_string(),
+    })?;
+    cache.push((file, arch, ptx.clone()));
+    Ok(ptx)
+}
+
+/// The virtual architecture to compile for on `ctx`'s device.
+pub(crate) fn arch_of(ctx: &CudaContext) -> Result<String, KernelError> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(KernelError::driver("compute capability"))?;
+    Ok(format!("compute_{major}{minor}"))
 }
 
 /// What `cnse-dp gpu info` prints about one device.

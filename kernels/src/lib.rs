@@ -18,7 +18,9 @@ pub use pinned::{DeviceBuffer, PinnedBuffer};
 pub use sampling::cpu::CpuSampler;
 pub use sampling::gpu::{BatchSampler, LogitKernels};
 pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
-pub use stream::{BlobSpec, DeviceBlob, LoadOptions, LoadReport, Pipeline, SourceMode, Streamer, StreamerConfig};
+pub use stream::{
+    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
+};
 
 /// Every error of this crate: what was being done, and on which file, chunk
 /// or device.

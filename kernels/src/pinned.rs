@@ -31,11 +31,14 @@ impl PinnedBuffer {
     pub fn new(ctx: &Arc<CudaContext>, len: usize, write_combined: bool) -> Result<Self, KernelError> {
         assert!(len > 0, "pinned buffers are never empty");
         ctx.bind_to_thread().map_err(KernelError::driver("cuCtxSetCurrent"))?;
-        let flags = if write_combined {
+        // DEVICEMAP: kernels may read the buffer in place (the streamer's
+        // copy kernel); under unified addressing this costs nothing.
+        let wc = if write_combined {
             sys::CU_MEMHOSTALLOC_WRITECOMBINED
         } else {
             0
         };
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | wc;
         // SAFETY: the context is current on this thread; the returned pointer
         // is owned by this struct until `Drop` frees it.
         let ptr = unsafe { result::malloc_host(len, flags) }.map_err(KernelError::driver("cuMemHostAlloc"))?;
@@ -61,6 +64,20 @@ impl PinnedBuffer {
 
     pub fn write_combined(&self) -> bool {
         self.write_combined
+    }
+
+    /// The device's address of this buffer, for kernels that read it.
+    pub fn device_ptr(&self) -> Result<sys::CUdeviceptr, KernelError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(KernelError::driver("cuCtxSetCurrent"))?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` is a live cuMemHostAlloc allocation made with
+        // DEVICEMAP; `dptr` is a valid out-pointer.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, self.ptr as *mut std::ffi::c_void, 0) }
+            .result()
+            .map_err(KernelError::driver("cuMemHostGetDevicePointer"))?;
+        Ok(dptr)
     }
 
     pub fn as_slice(&self) -> &[u8] {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use ring::digest::{Context as Sha256, SHA256};
 
 use crate::pinned::{DeviceBuffer, PinnedBuffer};
@@ -40,6 +40,8 @@ pub const SLOT_BYTES_MAX: usize = 256 << 20;
 pub const POOL_BYTES_MAX: usize = 4 << 30;
 /// Default `copy_granule_bytes`, and the hash-then-copy granule.
 pub const COPY_GRANULE_DEFAULT: usize = SUB_BYTES;
+/// Threads per block of the copy kernel.
+const COPY_THREADS: u32 = 256;
 /// Largest range registered at once in register mode.
 const REGISTER_PIECE_MAX: u64 = 64 << 20;
 /// Hash-then-copy granule: small enough to stay in a core's L2 between the
@@ -115,6 +117,29 @@ impl std::fmt::Display for SourceMode {
     }
 }
 
+/// What moves staged bytes to the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mover {
+    /// `cuMemcpyHtoDAsync` on the worker's stream: a copy engine.
+    CopyEngine,
+    /// `cuda/copy.cu`: SM threads read the device-mapped slot over PCIe and
+    /// write device memory (falls back to a copy engine for device offsets
+    /// that are not 16-byte aligned).
+    Kernel,
+}
+
+impl std::fmt::Display for Mover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mover::CopyEngine => "copy engine",
+            Mover::Kernel => "copy kernel",
+        })
+    }
+}
+
+/// The copy kernel's source, embedded.
+pub const COPY_CU: &str = include_str!("../cuda/copy.cu");
+
 /// Shape of the staging pool, fixed when the streamer is created.
 #[derive(Clone, Copy, Debug)]
 pub struct StreamerConfig {
@@ -130,6 +155,7 @@ pub struct StreamerConfig {
     /// when the copy engine reads them; one memcpy of a whole slot switches
     /// to non-temporal stores that go to DRAM. Measured in docs/GPU.md.
     pub copy_granule_bytes: usize,
+    pub mover: Mover,
 }
 
 impl Default for StreamerConfig {
@@ -146,6 +172,7 @@ impl Default for StreamerConfig {
             streams: 4,
             write_combined: false,
             copy_granule_bytes: SUB_BYTES,
+            mover: Mover::CopyEngine,
         }
     }
 }
@@ -260,10 +287,13 @@ struct Slot {
     /// Start address of the mapped range registered for this slot's copy
     /// (Register mode); unregistered once `copied` has fired.
     registered: Option<usize>,
+    /// The device's address of `buf` (copy-kernel mover).
+    device_src: u64,
 }
 
 struct Worker {
     stream: Arc<CudaStream>,
+    copy_fn: Option<CudaFunction>,
     slots: Vec<Slot>,
     next_slot: usize,
 }
@@ -285,6 +315,18 @@ impl Streamer {
         let ctx = crate::device::open(ordinal)?;
         let t0 = Instant::now();
         let mut workers = Vec::with_capacity(config.threads);
+        let copy_fn = match config.mover {
+            Mover::CopyEngine => None,
+            Mover::Kernel => {
+                let ptx = crate::device::compile("copy.cu", COPY_CU, crate::device::arch_of(&ctx)?)?;
+                let module = ctx.load_module(ptx).map_err(KernelError::driver("cuModuleLoadData"))?;
+                Some(
+                    module
+                        .load_function("copy_from_host")
+                        .map_err(KernelError::driver("cuModuleGetFunction"))?,
+                )
+            }
+        };
         let mut streams = Vec::new();
         for _ in 0..config.streams.min(config.threads) {
             streams.push(ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?);
@@ -293,15 +335,19 @@ impl Streamer {
             let stream = streams[w % streams.len()].clone();
             let mut slots = Vec::with_capacity(config.slots_per_thread);
             for _ in 0..config.slots_per_thread {
+                let buf = PinnedBuffer::new(&ctx, config.slot_bytes, config.write_combined)?;
+                let device_src = buf.device_ptr()?;
                 slots.push(Slot {
-                    buf: PinnedBuffer::new(&ctx, config.slot_bytes, config.write_combined)?,
+                    buf,
                     copied: ctx.new_event(None).map_err(KernelError::driver("cuEventCreate"))?,
                     in_flight: false,
                     registered: None,
+                    device_src,
                 });
             }
             workers.push(Worker {
                 stream,
+                copy_fn: copy_fn.clone(),
                 slots,
                 next_slot: 0,
             });
@@ -561,12 +607,35 @@ impl Worker {
         hasher: Option<&mut Sha256>,
     ) -> Result<(), KernelError> {
         let stream = self.stream.clone();
+        let copy_fn = self.copy_fn.clone();
         let slot = self.current();
         let dst = &mut slot.buf.as_mut_slice()[..len];
         if sh.pipeline != Pipeline::DmaOnly {
             fill(sh, piece, dst, hasher)?;
         }
         if sh.pipeline == Pipeline::HostOnly {
+            return Ok(());
+        }
+        let to = sh.device_base + piece;
+        if let Some(f) = copy_fn.filter(|_| to % 16 == 0) {
+            let bytes = len as u64;
+            let blocks = (bytes / 16).div_ceil(COPY_THREADS as u64 * 4).clamp(1, 1024) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (COPY_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&slot.device_src).arg(&to).arg(&bytes);
+            // SAFETY: copy_from_host(const uint4*, uint4*, u64) reads `len`
+            // bytes of this slot (device-mapped pinned memory, 4 KiB aligned)
+            // and writes the 16-byte aligned device range to..to+len inside
+            // the buffer; the slot stays untouched until `copied` fires.
+            unsafe { b.launch(cfg) }.map_err(KernelError::driver("launch copy_from_host"))?;
+            slot.copied
+                .record(&stream)
+                .map_err(KernelError::driver("cuEventRecord"))?;
+            slot.in_flight = true;
             return Ok(());
         }
         // SAFETY: `dst` is pinned memory that stays untouched until `copied`
@@ -854,6 +923,17 @@ mod tests {
         let msg = short.as_spec().check().unwrap_err().to_string();
         assert!(msg.contains("need 3 chunk digests, manifest has 2"), "{msg}");
         std::fs::remove_file(p).unwrap();
+    }
+
+    /// NVRTC needs no GPU: where it is present the copy kernel must compile.
+    #[test]
+    fn copy_cu_compiles_with_nvrtc() {
+        if !crate::device::nvrtc_available() {
+            println!("skipped: no NVRTC library");
+            return;
+        }
+        let ptx = crate::device::compile("copy.cu", COPY_CU, "compute_90".into()).unwrap();
+        assert!(ptx.to_src().contains(".entry copy_from_host"));
     }
 
     #[test]

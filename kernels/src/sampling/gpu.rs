@@ -2,13 +2,13 @@
 //! once per process and architecture, launched on one stream with buffers
 //! allocated up front for `max_batch` rows.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
     ValidAsZeroBits,
 };
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use super::{RowParams, SampleRow, SamplerConfig, TokenSampler};
 use crate::KernelError;
@@ -28,31 +28,7 @@ unsafe impl ValidAsZeroBits for RowParams {}
 
 /// PTX of sampling.cu for one architecture, compiled once per process.
 fn ptx_for(arch: String) -> Result<Ptx, KernelError> {
-    static CACHE: OnceLock<Mutex<Vec<(String, Ptx)>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, ptx)) = cache.iter().find(|(a, _)| *a == arch) {
-        return Ok(ptx.clone());
-    }
-    if !crate::device::nvrtc_available() {
-        return Err(KernelError::NoNvrtc);
-    }
-    let opts = CompileOptions {
-        // No contraction into FMA: the CPU reference rounds every operation.
-        fmad: Some(false),
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        ftz: Some(false),
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        name: Some("sampling.cu".into()),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SAMPLING_CU, opts).map_err(|e| KernelError::Compile {
-        file: "sampling.cu",
-        detail: e.to_string(),
-    })?;
-    cache.push((arch, ptx.clone()));
-    Ok(ptx)
+    crate::device::compile("sampling.cu", SAMPLING_CU, arch)
 }
 
 struct Functions {
