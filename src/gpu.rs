@@ -64,6 +64,8 @@ enum MoverArg {
     CopyEngine,
     /// A kernel whose threads read the mapped staging slot over PCIe.
     Kernel,
+    /// Synchronous cuMemcpyHtoD per slot (measurement only).
+    Sync,
 }
 
 impl From<MoverArg> for Mover {
@@ -71,6 +73,7 @@ impl From<MoverArg> for Mover {
         match m {
             MoverArg::CopyEngine => Mover::CopyEngine,
             MoverArg::Kernel => Mover::Kernel,
+            MoverArg::Sync => Mover::Sync,
         }
     }
 }
@@ -81,7 +84,7 @@ struct Pool {
     #[arg(long)]
     threads: Option<usize>,
     /// Size of one pinned staging slot, MiB.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     slot_mib: usize,
     /// Copies in flight per worker (2 = double buffering).
     #[arg(long, default_value_t = 3)]
@@ -170,7 +173,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "2,4,8,32")]
     slot_sweep: Vec<usize>,
     /// Stream counts of the unverified-load sweep.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    #[arg(long, value_delimiter = ',', default_value = "4")]
     stream_sweep: Vec<usize>,
     /// Sampling batch rows.
     #[arg(long, default_value_t = 64)]
@@ -522,6 +525,17 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         }
         Ok(gbps((n * chunk) as u64, t.elapsed().as_secs_f64()))
     };
+    let small_sync_rate = {
+        let piece = 4usize << 20;
+        let pinned = PinnedBuffer::new(&ctx, piece, false)?;
+        let mut dev = DeviceBuffer::new(&ctx, piece)?;
+        let n = 256;
+        let t = Instant::now();
+        for _ in 0..n {
+            dev.copy_from_host(0, pinned.as_slice())?;
+        }
+        gbps((n * piece) as u64, t.elapsed().as_secs_f64())
+    };
     let pinned_wc_rate = copy_limit(true)?;
     let pinned_rate = copy_limit(false)?;
     // The same copies into a freshly allocated buffer of the blob's size,
@@ -548,6 +562,7 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
     println!("  SHA-256, one core (ring)          {sha_rate:>7.2} GB/s");
     println!("  H2D from pinned, cached           {pinned_rate:>7.2} GB/s");
     println!("  H2D from pinned, write-combined   {pinned_wc_rate:>7.2} GB/s");
+    println!("  H2D from pinned, 4 MiB sync copies {small_sync_rate:>7.2} GB/s");
     println!("  H2D from pinned into a fresh {} GiB buffer, alloc included {fresh_rate:>7.2} GB/s; same buffer again {warm_rate:>7.2} GB/s", a.size_gib);
 
     // The plain path users take today: read the file, then a pageable copy.
@@ -654,8 +669,11 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
             sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, ce));
         }
     }
-    for &(slot_mib, streams) in &[(2usize, 4usize), (4, 4), (4, 16), (8, 4), (32, 4)] {
+    for &(slot_mib, streams) in &[(2usize, 4usize), (4, 16), (32, 4)] {
         sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, Mover::Kernel));
+    }
+    for slot_mib in [2usize, 8, 32] {
+        sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, 16, Mover::Sync));
     }
     for (slot_bytes, slots_per_thread, granule, streams, mover) in sweep {
         let cfg = StreamerConfig {

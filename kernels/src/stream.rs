@@ -126,6 +126,9 @@ pub enum Mover {
     /// write device memory (falls back to a copy engine for device offsets
     /// that are not 16-byte aligned).
     Kernel,
+    /// Synchronous `cuMemcpyHtoD` from the worker thread: one copy in
+    /// flight per worker, overlap only across workers (measurement only).
+    Sync,
 }
 
 impl std::fmt::Display for Mover {
@@ -133,6 +136,7 @@ impl std::fmt::Display for Mover {
         f.write_str(match self {
             Mover::CopyEngine => "copy engine",
             Mover::Kernel => "copy kernel",
+            Mover::Sync => "sync copies",
         })
     }
 }
@@ -162,12 +166,12 @@ impl Default for StreamerConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
         // Chosen by the staging sweep of `cnse-dp gpu bench` on the device
-        // machine (docs/GPU.md): 4 MiB slots keep 16 x 3 slots (192 MiB)
+        // machine (docs/GPU.md): 2 MiB slots keep 16 x 3 slots (96 MiB)
         // inside the 300 MiB last-level cache, so the copy engine reads what
         // the workers just wrote from cache; 4 shared streams beat 16.
         Self {
             threads: cores.clamp(1, 16),
-            slot_bytes: 4 << 20,
+            slot_bytes: 2 << 20,
             slots_per_thread: 3,
             streams: 4,
             write_combined: false,
@@ -316,7 +320,7 @@ impl Streamer {
         let t0 = Instant::now();
         let mut workers = Vec::with_capacity(config.threads);
         let copy_fn = match config.mover {
-            Mover::CopyEngine => None,
+            Mover::CopyEngine | Mover::Sync => None,
             Mover::Kernel => {
                 let ptx = crate::device::compile("copy.cu", COPY_CU, crate::device::arch_of(&ctx)?)?;
                 let module = ctx.load_module(ptx).map_err(KernelError::driver("cuModuleLoadData"))?;
@@ -452,6 +456,7 @@ impl Streamer {
             verify: opts.verify,
             register: opts.source == SourceMode::Register,
             copy_granule: self.config.copy_granule_bytes,
+            sync_copies: self.config.mover == Mover::Sync,
             pipeline: opts.pipeline,
             next_chunk: AtomicUsize::new(0),
             abort: AtomicBool::new(false),
@@ -512,6 +517,7 @@ struct Shared<'a> {
     verify: bool,
     register: bool,
     copy_granule: usize,
+    sync_copies: bool,
     pipeline: Pipeline,
     next_chunk: AtomicUsize,
     abort: AtomicBool,
@@ -617,6 +623,12 @@ impl Worker {
             return Ok(());
         }
         let to = sh.device_base + piece;
+        if sh.sync_copies {
+            // SAFETY: `dst` is pinned and the copy completes before the call
+            // returns; the device range lies inside the buffer.
+            unsafe { result::memcpy_htod_sync(to, &*dst) }.map_err(KernelError::driver("cuMemcpyHtoD"))?;
+            return Ok(());
+        }
         if let Some(f) = copy_fn.filter(|_| to % 16 == 0) {
             let bytes = len as u64;
             let blocks = (bytes / 16).div_ceil(COPY_THREADS as u64 * 4).clamp(1, 1024) as u32;
