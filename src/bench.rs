@@ -1,8 +1,233 @@
-//! `cnse-dp bench` (in progress on its branch).
+//! `cnse-dp bench`: the load generator against a running server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cnse_client::load::{self, LoadConfig, LoadReport, Mode};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// PING echo of `--payload-bytes`.
+    Ping,
+    /// REQUEST for `--max-tokens` tokens.
+    Generate,
+}
+
+/// The load shape, shared with `cnse-dp demo`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoadArgs {
+    /// Connections to open.
+    #[arg(long, default_value_t = 256)]
+    pub connections: usize,
+    /// Streams in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pub inflight: usize,
+    /// Client threads (one io_uring each).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, value_enum, default_value_t = ModeArg::Ping)]
+    pub mode: ModeArg,
+    /// PING payload size.
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Tokens per request (generate).
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Credit window per stream in tokens (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub credit: u32,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value = "Write a haiku about the sea.")]
+    pub prompt: String,
+    /// Open loop at this many requests per second (all threads together);
+    /// without it the run is a closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Find the peak with a closed loop first, then run an open loop at this
+    /// fraction of it (e.g. 0.7) and report both.
+    #[arg(long, conflicts_with = "rate")]
+    pub peak_fraction: Option<f64>,
+    /// Measured time.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// Time before the measurement (not recorded).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_secs: f64,
+    /// Time streams still in flight at the end may take to finish.
+    #[arg(long, default_value_t = 5_000)]
+    pub drain_timeout_ms: u64,
+    /// CPUs to pin client threads to, comma separated (e.g. `1`).
+    #[arg(long, value_delimiter = ',')]
+    pub client_cpus: Vec<usize>,
+    /// Also write the results as CSV (one row per metric; see docs/BENCHMARKS.md).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub addr: String,
+    /// File holding the auth key (its content without a trailing newline).
+    #[arg(long)]
+    pub auth_key_file: Option<PathBuf>,
+    /// What to load: a cnse-dp server at `--addr`; llama-server itself over
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
+    /// by side (llama-compare: the same load straight to llama-server and
+    /// through an in-process cnse-dp with the llama backend, alternated).
+    #[arg(long, value_enum, default_value = "cnse")]
+    pub target: crate::bench_llama::Target,
+    /// llama-server base URL for `--target llama-http|llama-compare`.
+    #[arg(long)]
+    pub llama_url: Option<String>,
+    /// Instead of `--llama-url`, serve a stand-in of llama-server in this
+    /// process (its wire format, a fixed pace): isolates what the gateway
+    /// adds from CPU inference noise.
+    #[arg(long)]
+    pub llama_standin: bool,
+    /// Stand-in: time to first token.
+    #[arg(long, default_value_t = 20_000)]
+    pub standin_ttft_us: u64,
+    /// Stand-in: time between tokens.
+    #[arg(long, default_value_t = 5_000)]
+    pub standin_token_interval_us: u64,
+    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
+    /// that drift hits both sides alike.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`bench` is not available in this build")
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("--{what} must be a non-negative number of seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl LoadArgs {
+    pub fn config(&self, addr: SocketAddr, auth_token: Vec<u8>) -> anyhow::Result<LoadConfig> {
+        let mode = match self.mode {
+            ModeArg::Ping => Mode::Ping {
+                payload_bytes: self.payload_bytes,
+            },
+            ModeArg::Generate => Mode::Generate {
+                max_tokens: self.max_tokens,
+                credit: self.credit,
+                temperature: self.temperature,
+                prompt: self.prompt.clone(),
+            },
+        };
+        if let Some(f) = self.peak_fraction {
+            if !(f > 0.0 && f <= 10.0) {
+                bail!("--peak-fraction must be in (0, 10], got {f}");
+            }
+        }
+        let duration = secs(self.duration_secs, "duration-secs")?;
+        if duration.is_zero() {
+            bail!("--duration-secs must be > 0");
+        }
+        Ok(LoadConfig {
+            addr,
+            connections: self.connections,
+            inflight: self.inflight,
+            threads: self.threads,
+            mode,
+            rate_per_s: self.rate,
+            duration,
+            warmup: secs(self.warmup_secs, "warmup-secs")?,
+            auth_token,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            connect_timeout: Duration::from_secs(5),
+            cpus: self.client_cpus.clone(),
+        })
+    }
+}
+
+/// Runs the load (and the open-loop follow-up of `--peak-fraction`),
+/// printing each table; writes the CSV when asked.
+pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>> {
+    let mut reports = Vec::new();
+    let first = load::run(&cfg).context("running the load")?;
+    print_report(&first);
+    if let Some(f) = args.peak_fraction {
+        let peak = first.requests_per_s();
+        if peak <= 0.0 {
+            bail!("the closed loop completed no request; no peak to take a fraction of");
+        }
+        let rate = peak * f;
+        println!();
+        println!(
+            "open loop at {:.0}% of the closed-loop peak ({peak:.0}/s): {rate:.0}/s",
+            f * 100.0
+        );
+        let open = LoadConfig {
+            rate_per_s: Some(rate),
+            ..cfg
+        };
+        reports.push(first);
+        let second = load::run(&open).context("running the open loop")?;
+        print_report(&second);
+        reports.push(second);
+    } else {
+        reports.push(first);
+    }
+    if let Some(path) = &args.csv {
+        let mut rows = String::new();
+        for r in &reports {
+            rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &r.rates()));
+        }
+        cnse_metrics::write_csv(path, &rows)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(reports)
+}
+
+pub fn print_report(r: &LoadReport) {
+    println!("{}: {:.1} s measured", r.label(), r.window.as_secs_f64());
+    print!("{}", cnse_metrics::render_table(&r.summaries(), &r.rates()));
+    if let Some(p) = r.problems() {
+        println!("problems: {p}");
+    }
+}
+
+/// A run whose frames broke the protocol or whose connections died is not
+/// a measurement: fail after printing it.
+pub fn check_clean(reports: &[LoadReport]) -> anyhow::Result<()> {
+    for r in reports {
+        if r.bad_frames > 0 || r.connections_lost > 0 {
+            bail!(
+                "{}: {} bad frames, {} connections lost",
+                r.label(),
+                r.bad_frames,
+                r.connections_lost
+            );
+        }
+        if r.requests == 0 {
+            bail!("{}: no request completed in the measured window", r.label());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.target != crate::bench_llama::Target::Cnse {
+        return crate::bench_llama::run(&args);
+    }
+    let token = match &args.auth_key_file {
+        Some(p) => crate::client::read_auth_key(p)?,
+        None => Vec::new(),
+    };
+    let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&args.addr)
+        .with_context(|| format!("resolving {}", args.addr))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.addr))?;
+    let cfg = args.load.config(addr, token)?;
+    let reports = drive(&args.load, cfg)?;
+    check_clean(&reports)
 }

@@ -1,4 +1,4 @@
-//! `cnse-dp demo` (in progress on its branch).
+//! `cnse-dp demo` (written once the server lands on main).
 
 #[derive(clap::Args)]
 pub struct Args {}

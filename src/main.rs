@@ -4,7 +4,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod alloc_count;
 mod bench;
+mod bench_llama;
 mod client;
 mod demo;
 mod gpu;
@@ -33,6 +35,9 @@ enum Command {
     /// GPU path: device info, verified model loads.
     Gpu(gpu::Args),
 }
+
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 fn main() {
     let cli = Cli::parse();

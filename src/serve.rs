@@ -1,8 +1,224 @@
-//! `cnse-dp serve` (in progress on its branch).
+//! `cnse-dp serve`: start the workers, print the address, serve until
+//! SIGINT/SIGTERM, then shut down gracefully.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`serve` is not available in this build")
+use anyhow::{bail, Context};
+use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
+use cnse_backend::BackendFactory;
+use cnse_server::{Config, Server};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Embedded synthetic backend (no setup).
+    Synthetic,
+    /// llama.cpp llama-server over HTTP (`--llama-url`).
+    Llama,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Worker threads, one io_uring each (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    #[arg(long, value_enum, default_value = "synthetic")]
+    pub backend: BackendKind,
+    /// File holding the auth key clients must send in HELLO (its content
+    /// without a trailing newline).
+    #[arg(long)]
+    pub auth_key_file: Option<PathBuf>,
+    /// Largest accepted frame payload.
+    #[arg(long, default_value_t = cnse_server::PAYLOAD_BYTES_MAX_DEFAULT)]
+    pub payload_max_bytes: u32,
+    /// Largest accepted max_tokens.
+    #[arg(long, default_value_t = cnse_server::MAX_TOKENS_LIMIT_DEFAULT)]
+    pub max_tokens_limit: u32,
+    /// Connections open at once, all worker threads together (each thread
+    /// takes an equal share).
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// Open streams per connection.
+    #[arg(long, default_value_t = 256)]
+    pub streams_per_conn_max: usize,
+    /// Streams per worker thread.
+    #[arg(long, default_value_t = 65_536)]
+    pub streams_per_thread_max: usize,
+    /// Tokens buffered per stream without credit before the backend pauses.
+    #[arg(long, default_value_t = 256)]
+    pub stream_buffered_tokens_max: usize,
+    /// Requests waiting for backend capacity per worker before 429.
+    #[arg(long, default_value_t = 4096)]
+    pub admission_queue_max: usize,
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    #[arg(long, default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    pub shutdown_grace_ms: u64,
+    /// Synthetic backend: time to first token.
+    #[arg(long, default_value_t = 20_000)]
+    pub synthetic_ttft_us: u64,
+    /// Synthetic backend: time between tokens (0 with ttft 0 = zero-delay capacity mode).
+    #[arg(long, default_value_t = 5_000)]
+    pub synthetic_token_interval_us: u64,
+    /// llama-server base URLs, comma separated (http://host:port).
+    #[arg(long, value_delimiter = ',')]
+    pub llama_url: Vec<String>,
+    /// Requests in flight per llama-server, all worker threads together
+    /// (match its `-np` slots; more wait in the admission queue).
+    #[arg(long, default_value_t = 4)]
+    pub llama_inflight: usize,
+    /// Print a stats line every N ms (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub stats_interval_ms: u64,
+}
+
+pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    let mut key = std::fs::read(path).with_context(|| format!("reading auth key file {}", path.display()))?;
+    if key.ends_with(b"\n") {
+        key.pop();
+        if key.ends_with(b"\r") {
+            key.pop();
+        }
+    }
+    if key.is_empty() {
+        bail!("auth key file {} is empty", path.display());
+    }
+    Ok(key)
+}
+
+pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFactory> {
+    Arc::new(SyntheticFactory::new(SyntheticConfig {
+        ttft: Duration::from_micros(ttft_us),
+        token_interval: Duration::from_micros(interval_us),
+        ..Default::default()
+    }))
+}
+
+pub fn config(a: &Args) -> anyhow::Result<Config> {
+    let auth_key = a.auth_key_file.as_ref().map(read_auth_key).transpose()?;
+    let threads = match a.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    Ok(Config {
+        listen: a.listen,
+        threads,
+        pin_threads: !a.no_pin,
+        payload_bytes_max: a.payload_max_bytes,
+        max_tokens_limit: a.max_tokens_limit,
+        conns_per_thread_max: a.max_connections.div_ceil(threads).max(1),
+        streams_per_conn_max: a.streams_per_conn_max,
+        streams_per_thread_max: a.streams_per_thread_max,
+        stream_buffered_tokens_max: a.stream_buffered_tokens_max,
+        admission_queue_max: a.admission_queue_max,
+        handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+        idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
+        auth_key,
+        ..Config::default()
+    })
+}
+
+fn backend(a: &Args) -> anyhow::Result<Arc<dyn BackendFactory>> {
+    match a.backend {
+        BackendKind::Synthetic => Ok(synthetic_factory(a.synthetic_ttft_us, a.synthetic_token_interval_us)),
+        BackendKind::Llama => {
+            if a.llama_url.is_empty() {
+                bail!("--backend llama needs --llama-url URL[,URL...]");
+            }
+            let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
+                urls: a.llama_url.clone(),
+                inflight_per_backend: a.llama_inflight,
+                ..Default::default()
+            })
+            .context("--llama-url")?;
+            Ok(Arc::new(factory))
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every worker thread
+/// spawned after), so they can be taken synchronously with sigtimedwait.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the mask
+    // change affects only this thread and threads it creates.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout` for SIGINT/SIGTERM; true when one arrived.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    // SAFETY: set is initialised; info may be null.
+    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    r == libc::SIGINT || r == libc::SIGTERM
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cfg = config(&a)?;
+    let factory = backend(&a)?;
+    let signals = block_signals();
+    let server = Server::start(cfg, factory).context("starting the server")?;
+    println!("listening on {}", server.local_addr());
+    eprintln!(
+        "cnse-dp: {} worker thread(s), backend {:?}",
+        server.threads(),
+        a.backend
+    );
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    let tick = if a.stats_interval_ms > 0 {
+        Duration::from_millis(a.stats_interval_ms)
+    } else {
+        Duration::from_secs(3600)
+    };
+    loop {
+        if wait_signal(&signals, tick) {
+            break;
+        }
+        if a.stats_interval_ms > 0 {
+            let s = server.stats();
+            println!(
+                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
+                s.conns_open,
+                s.conns_accepted,
+                s.streams_open,
+                s.backend_active,
+                s.requests,
+                s.tokens_sent,
+                s.frames_in,
+                s.frames_out,
+                s.violations,
+                s.rejected,
+                crate::alloc_count::allocations()
+            );
+            std::io::stdout().flush().ok();
+        }
+    }
+    eprintln!("cnse-dp: shutting down");
+    server.shutdown().context("shutting down")?;
+    Ok(())
 }

@@ -70,8 +70,12 @@ pub enum Delivery {
 
 /// Where a backend's output goes.
 pub trait Sink {
-    /// `count` (>= 1) tokens whose text is `text`.
-    fn tokens(&mut self, id: WorkId, text: &[u8], count: u32) -> Delivery;
+    /// One token whose text is `text` (possibly empty, e.g. when the model
+    /// emitted part of a multi-byte character that a later token completes).
+    /// Credit counts tokens, so the server must know every token boundary:
+    /// a backend that receives several tokens at once calls this once per
+    /// token.
+    fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery;
     /// Normal end of the work.
     fn end(&mut self, id: WorkId, reason: FinishReason);
     /// The work failed (502 backend failed, 504 timed out, ...). Ends it.

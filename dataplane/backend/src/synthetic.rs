@@ -1,1 +1,599 @@
-//! Synthetic backend (written next).
+//! The embedded synthetic backend: deterministic text from (prompt, seed),
+//! produced at a configured speed (time to first token, then one token per
+//! interval), or as fast as the data plane takes it (zero delay). It behaves
+//! like a model of a given speed, so the data plane can be measured without
+//! a model.
+//!
+//! Token choice is delegated to a [`Picker`]: the default hashes (prompt,
+//! seed, position) on the CPU; the GPU picker (`--synthetic-device cuda`)
+//! samples each token from generated logits with the kernels of
+//! `cnse-kernels`, batched across all streams due in one loop turn.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnse_proto::code;
+
+use crate::{Backend, BackendFactory, BackendStats, Delivery, FinishReason, Io, Job, Reject, Sink, WorkId};
+
+/// Tokens produced for one stream in one poll at most, so a zero-delay
+/// stream of 65,536 tokens does not starve the others of a turn.
+const TOKENS_PER_POLL_MAX: u32 = 256;
+
+/// One token to choose: the stream's seed (mixed with its prompt), the
+/// token's position and the sampling parameters of the request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PickRow {
+    pub seed: u64,
+    pub position: u64,
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+}
+
+/// Chooses token ids for a batch of rows (one picker per core).
+pub trait Picker {
+    fn name(&self) -> &str;
+    /// Fills `out[i]` with the token id for `rows[i]`; ids are taken modulo
+    /// the vocabulary.
+    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String>;
+}
+
+/// Builds one picker per core (on that core's thread).
+pub trait PickerFactory: Send + Sync {
+    fn build(&self, core: usize) -> Result<Box<dyn Picker>, String>;
+}
+
+/// The default picker: a counter-based hash, no sampling.
+pub struct HashPicker;
+
+impl Picker for HashPicker {
+    fn name(&self) -> &str {
+        "cpu-hash"
+    }
+
+    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
+        for (r, o) in rows.iter().zip(out.iter_mut()) {
+            *o = (splitmix64(r.seed ^ r.position.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32) as u32;
+        }
+        Ok(())
+    }
+}
+
+struct HashPickerFactory;
+
+impl PickerFactory for HashPickerFactory {
+    fn build(&self, _core: usize) -> Result<Box<dyn Picker>, String> {
+        Ok(Box::new(HashPicker))
+    }
+}
+
+#[derive(Clone)]
+pub struct SyntheticConfig {
+    /// Delay from start to the first token.
+    pub ttft: Duration,
+    /// Delay between tokens after the first.
+    pub token_interval: Duration,
+    /// Work held at once per core; beyond it requests wait in the server's
+    /// admission queue.
+    pub active_max: usize,
+    pub picker: Arc<dyn PickerFactory>,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        Self {
+            ttft: Duration::from_millis(20),
+            token_interval: Duration::from_millis(5),
+            active_max: 65_536,
+            picker: Arc::new(HashPickerFactory),
+        }
+    }
+}
+
+impl std::fmt::Debug for SyntheticConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyntheticConfig")
+            .field("ttft", &self.ttft)
+            .field("token_interval", &self.token_interval)
+            .field("active_max", &self.active_max)
+            .finish()
+    }
+}
+
+pub struct SyntheticFactory {
+    cfg: SyntheticConfig,
+    vocab: Arc<Vocab>,
+}
+
+impl SyntheticFactory {
+    pub fn new(cfg: SyntheticConfig) -> Self {
+        Self {
+            cfg,
+            vocab: Arc::new(Vocab::new()),
+        }
+    }
+}
+
+impl BackendFactory for SyntheticFactory {
+    fn build(&self, core: usize) -> Result<Box<dyn Backend>, String> {
+        let picker = self.cfg.picker.build(core)?;
+        Ok(Box::new(Synthetic::new(self.cfg.clone(), self.vocab.clone(), picker)))
+    }
+}
+
+/// The word list tokens are drawn from: built from syllables so the text
+/// reads like words, plus a few multi-byte UTF-8 words.
+pub struct Vocab {
+    text: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+}
+
+impl Vocab {
+    pub const SIZE: usize = 4096;
+
+    pub fn new() -> Self {
+        const ONSETS: [&str; 16] = [
+            "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st",
+        ];
+        const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ea"];
+        const CODAS: [&str; 8] = ["", "n", "r", "s", "t", "l", "nd", "ck"];
+        const SPECIAL: [&str; 8] = [" café", " naïve", " über", " 日本", " ünïcode", ",", ".", " —"];
+        let mut text = Vec::new();
+        let mut spans = Vec::with_capacity(Self::SIZE);
+        for i in 0..Self::SIZE {
+            let start = text.len() as u32;
+            if i % 512 < SPECIAL.len() {
+                text.extend_from_slice(SPECIAL[i % 512].as_bytes());
+            } else {
+                let mut h = splitmix64(i as u64);
+                text.push(b' ');
+                for _ in 0..1 + (h % 3) {
+                    h = splitmix64(h);
+                    text.extend_from_slice(ONSETS[(h % 16) as usize].as_bytes());
+                    text.extend_from_slice(VOWELS[((h >> 8) % 8) as usize].as_bytes());
+                    text.extend_from_slice(CODAS[((h >> 16) % 8) as usize].as_bytes());
+                }
+            }
+            spans.push((start, text.len() as u32));
+        }
+        Self { text, spans }
+    }
+
+    pub fn word(&self, id: u32) -> &[u8] {
+        let (a, b) = self.spans[id as usize % self.spans.len()];
+        &self.text[a as usize..b as usize]
+    }
+}
+
+impl Default for Vocab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a, 64 bits: a stable hash of the prompt (the same text gives the
+/// same tokens across runs and machines).
+pub fn prompt_hash(prompt: &str) -> u64 {
+    prompt.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The text the synthetic backend produces for (prompt, seed) with the
+/// default picker: what a client must receive, token by token.
+pub fn expected_text(prompt: &str, seed: u64, max_tokens: u32) -> Vec<u8> {
+    let vocab = Vocab::new();
+    let mut picker = HashPicker;
+    let mut out = Vec::new();
+    let mut id = [0u32];
+    for position in 0..u64::from(max_tokens) {
+        let row = PickRow {
+            seed: prompt_hash(prompt) ^ seed,
+            position,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        picker
+            .pick(std::slice::from_ref(&row), &mut id)
+            .expect("the hash picker cannot fail");
+        out.extend_from_slice(vocab.word(id[0]));
+    }
+    out
+}
+
+struct Work {
+    id: WorkId,
+    seed: u64,
+    max_tokens: u32,
+    produced: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    next_due: Instant,
+    paused: bool,
+    /// Bumped whenever the work is rescheduled, so stale heap entries are
+    /// recognised.
+    sched: u32,
+}
+
+pub struct Synthetic {
+    cfg: SyntheticConfig,
+    vocab: Arc<Vocab>,
+    picker: Box<dyn Picker>,
+    works: Vec<Work>,
+    index: HashMap<WorkId, u32>,
+    free: Vec<u32>,
+    heap: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    rows: Vec<PickRow>,
+    row_owner: Vec<(u32, u32)>,
+    ids: Vec<u32>,
+    stats: BackendStats,
+}
+
+impl Synthetic {
+    pub fn new(cfg: SyntheticConfig, vocab: Arc<Vocab>, picker: Box<dyn Picker>) -> Self {
+        let reserve = cfg.active_max.min(4096);
+        Self {
+            cfg,
+            vocab,
+            picker,
+            works: Vec::with_capacity(reserve),
+            index: HashMap::with_capacity(reserve),
+            free: Vec::with_capacity(reserve),
+            heap: BinaryHeap::with_capacity(reserve),
+            rows: Vec::new(),
+            row_owner: Vec::new(),
+            ids: Vec::new(),
+            stats: BackendStats::default(),
+        }
+    }
+
+    fn schedule(&mut self, slot: u32, due: Instant) {
+        let w = &mut self.works[slot as usize];
+        w.next_due = due;
+        w.sched = w.sched.wrapping_add(1);
+        self.heap.push(Reverse((due, slot, w.sched)));
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let w = &mut self.works[slot as usize];
+        self.index.remove(&w.id);
+        w.sched = w.sched.wrapping_add(1);
+        if w.paused {
+            self.stats.paused -= 1;
+        }
+        w.paused = false;
+        self.free.push(slot);
+        self.stats.active -= 1;
+    }
+
+    /// How many tokens work `slot` owes at `now`.
+    fn due_tokens(&self, slot: u32, now: Instant) -> u32 {
+        let w = &self.works[slot as usize];
+        let left = w.max_tokens - w.produced;
+        let n = if self.cfg.token_interval.is_zero() {
+            left
+        } else {
+            // Catch up when the loop was late, like a model that kept going.
+            let late = now.saturating_duration_since(w.next_due);
+            let extra = (late.as_nanos() / self.cfg.token_interval.as_nanos()).min(u128::from(u32::MAX)) as u32;
+            extra.saturating_add(1).min(left)
+        };
+        n.min(TOKENS_PER_POLL_MAX)
+    }
+}
+
+impl Backend for Synthetic {
+    fn name(&self) -> &str {
+        "synthetic"
+    }
+
+    fn start(&mut self, job: Job<'_>, io: &mut dyn Io) -> Result<(), Reject> {
+        if self.stats.active as usize >= self.cfg.active_max {
+            return Err(Reject::new(code::OVERLOADED, "synthetic backend at capacity"));
+        }
+        let work = Work {
+            id: job.id,
+            seed: prompt_hash(job.prompt) ^ job.params.seed,
+            max_tokens: job.params.max_tokens,
+            produced: 0,
+            temperature: job.params.temperature,
+            top_k: job.params.top_k,
+            top_p: job.params.top_p,
+            next_due: io.now(),
+            paused: false,
+            sched: 0,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                let sched = self.works[s as usize].sched;
+                self.works[s as usize] = Work { sched, ..work };
+                s
+            }
+            None => {
+                self.works.push(work);
+                (self.works.len() - 1) as u32
+            }
+        };
+        self.index.insert(job.id, slot);
+        self.stats.active += 1;
+        self.stats.started += 1;
+        self.schedule(slot, job.arrived + self.cfg.ttft);
+        Ok(())
+    }
+
+    fn cancel(&mut self, id: WorkId, _io: &mut dyn Io) {
+        if let Some(&slot) = self.index.get(&id) {
+            self.stats.cancelled += 1;
+            self.remove(slot);
+        }
+    }
+
+    fn pause(&mut self, id: WorkId) {
+        if let Some(&slot) = self.index.get(&id) {
+            let w = &mut self.works[slot as usize];
+            if !w.paused {
+                w.paused = true;
+                w.sched = w.sched.wrapping_add(1);
+                self.stats.paused += 1;
+            }
+        }
+    }
+
+    fn resume(&mut self, id: WorkId, io: &mut dyn Io) {
+        if let Some(&slot) = self.index.get(&id) {
+            let w = &mut self.works[slot as usize];
+            if w.paused {
+                w.paused = false;
+                self.stats.paused -= 1;
+                let due = w.next_due.max(io.now());
+                self.schedule(slot, due);
+            }
+        }
+    }
+
+    fn complete(&mut self, _tag: u64, _result: i32, _flags: u32, _io: &mut dyn Io, _sink: &mut dyn Sink) {
+        unreachable!("the synthetic backend submits no ring operations")
+    }
+
+    fn poll(&mut self, io: &mut dyn Io, sink: &mut dyn Sink) -> Option<Instant> {
+        let now = io.now();
+        // Gather every token due now across all streams: one picker call.
+        self.rows.clear();
+        self.row_owner.clear();
+        while let Some(&Reverse((due, slot, sched))) = self.heap.peek() {
+            if due > now {
+                break;
+            }
+            self.heap.pop();
+            let w = &self.works[slot as usize];
+            if w.sched != sched || w.paused {
+                continue;
+            }
+            let n = self.due_tokens(slot, now);
+            self.row_owner.push((slot, n));
+            for k in 0..n {
+                self.rows.push(PickRow {
+                    seed: w.seed,
+                    position: u64::from(w.produced + k),
+                    temperature: w.temperature,
+                    top_k: w.top_k,
+                    top_p: w.top_p,
+                });
+            }
+        }
+        if !self.rows.is_empty() {
+            self.ids.resize(self.rows.len(), 0);
+            if let Err(e) = self.picker.pick(&self.rows, &mut self.ids) {
+                let owners = std::mem::take(&mut self.row_owner);
+                for &(slot, _) in &owners {
+                    sink.error(self.works[slot as usize].id, code::INTERNAL, &e);
+                    self.stats.failed += 1;
+                    self.remove(slot);
+                }
+                self.row_owner = owners;
+                return self.heap.peek().map(|Reverse((due, _, _))| *due);
+            }
+        }
+        let mut row = 0;
+        for i in 0..self.row_owner.len() {
+            let (slot, n) = self.row_owner[i];
+            let mut gone = false;
+            let mut delivered = 0;
+            for k in 0..n as usize {
+                let id = self.works[slot as usize].id;
+                let word = self.vocab.word(self.ids[row + k]);
+                delivered += 1;
+                match sink.token(id, word) {
+                    Delivery::Accepted => {}
+                    Delivery::Pause => {
+                        self.pause(id);
+                        break;
+                    }
+                    Delivery::Gone => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            row += n as usize;
+            if gone {
+                self.stats.cancelled += 1;
+                self.remove(slot);
+                continue;
+            }
+            let w = &mut self.works[slot as usize];
+            w.produced += delivered;
+            if w.produced == w.max_tokens {
+                sink.end(w.id, FinishReason::Length);
+                self.remove(slot);
+            } else if !w.paused {
+                let due = if self.cfg.token_interval.is_zero() {
+                    now
+                } else {
+                    w.next_due + self.cfg.token_interval * delivered
+                };
+                self.schedule(slot, due);
+            } else {
+                // Resumed later from where it stopped.
+                w.next_due = if self.cfg.token_interval.is_zero() {
+                    now
+                } else {
+                    w.next_due + self.cfg.token_interval * delivered
+                };
+            }
+        }
+        self.heap.peek().map(|Reverse((due, _, _))| *due)
+    }
+
+    fn stats(&self) -> BackendStats {
+        self.stats
+    }
+
+    fn has_capacity(&self) -> bool {
+        (self.stats.active as usize) < self.cfg.active_max
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnse_proto::Params;
+
+    struct TestIo(Instant);
+    impl Io for TestIo {
+        fn now(&self) -> Instant {
+            self.0
+        }
+        unsafe fn submit(&mut self, _tag: u64, _entry: io_uring::squeue::Entry) {
+            unreachable!()
+        }
+    }
+
+    #[derive(Default)]
+    struct Collect {
+        text: Vec<u8>,
+        tokens: u32,
+        ended: Option<FinishReason>,
+        pause_at: Option<u32>,
+    }
+    impl Sink for Collect {
+        fn token(&mut self, _id: WorkId, text: &[u8]) -> Delivery {
+            self.text.extend_from_slice(text);
+            self.tokens += 1;
+            if Some(self.tokens) == self.pause_at {
+                Delivery::Pause
+            } else {
+                Delivery::Accepted
+            }
+        }
+        fn end(&mut self, _id: WorkId, reason: FinishReason) {
+            self.ended = Some(reason);
+        }
+        fn error(&mut self, _id: WorkId, _code: u32, _message: &str) {
+            panic!("no errors expected")
+        }
+    }
+
+    fn backend(ttft_ms: u64, interval_ms: u64) -> Synthetic {
+        let cfg = SyntheticConfig {
+            ttft: Duration::from_millis(ttft_ms),
+            token_interval: Duration::from_millis(interval_ms),
+            ..Default::default()
+        };
+        Synthetic::new(cfg, Arc::new(Vocab::new()), Box::new(HashPicker))
+    }
+
+    fn job(now: Instant, max_tokens: u32) -> Job<'static> {
+        Job {
+            id: WorkId(7),
+            params: Params {
+                max_tokens,
+                seed: 3,
+                ..Params::default()
+            },
+            prompt: "hello",
+            arrived: now,
+        }
+    }
+
+    #[test]
+    fn zero_delay_produces_expected_text() {
+        let mut b = backend(0, 0);
+        let t0 = Instant::now();
+        let mut io = TestIo(t0);
+        b.start(job(t0, 40), &mut io).unwrap();
+        let mut sink = Collect::default();
+        assert_eq!(b.poll(&mut io, &mut sink), None);
+        assert_eq!(sink.tokens, 40);
+        assert_eq!(sink.ended, Some(FinishReason::Length));
+        assert_eq!(sink.text, expected_text("hello", 3, 40));
+        assert!(std::str::from_utf8(&sink.text).is_ok());
+        assert_eq!(b.stats().active, 0);
+    }
+
+    #[test]
+    fn paced_by_ttft_and_interval() {
+        let mut b = backend(10, 2);
+        let t0 = Instant::now();
+        let mut io = TestIo(t0);
+        b.start(job(t0, 5), &mut io).unwrap();
+        let mut sink = Collect::default();
+        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(10)));
+        assert_eq!(sink.tokens, 0);
+        io.0 = t0 + Duration::from_millis(10);
+        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(12)));
+        assert_eq!(sink.tokens, 1);
+        // Late loop: catches up with every token due by then.
+        io.0 = t0 + Duration::from_millis(16);
+        b.poll(&mut io, &mut sink);
+        assert_eq!(sink.tokens, 4);
+        io.0 = t0 + Duration::from_millis(18);
+        assert_eq!(b.poll(&mut io, &mut sink), None);
+        assert_eq!(sink.ended, Some(FinishReason::Length));
+    }
+
+    #[test]
+    fn pause_stops_until_resume() {
+        let mut b = backend(0, 0);
+        let t0 = Instant::now();
+        let mut io = TestIo(t0);
+        b.start(job(t0, 10), &mut io).unwrap();
+        let mut sink = Collect {
+            pause_at: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(b.poll(&mut io, &mut sink), None, "paused work is not scheduled");
+        assert_eq!(sink.tokens, 3);
+        assert_eq!(b.stats().paused, 1);
+        b.resume(WorkId(7), &mut io);
+        b.poll(&mut io, &mut sink);
+        assert_eq!(sink.tokens, 10);
+        assert_eq!(sink.text, expected_text("hello", 3, 10));
+    }
+
+    #[test]
+    fn cancel_frees_work() {
+        let mut b = backend(5, 5);
+        let t0 = Instant::now();
+        let mut io = TestIo(t0);
+        b.start(job(t0, 10), &mut io).unwrap();
+        b.cancel(WorkId(7), &mut io);
+        assert_eq!(b.stats().active, 0);
+        let mut sink = Collect::default();
+        io.0 = t0 + Duration::from_secs(1);
+        assert_eq!(b.poll(&mut io, &mut sink), None);
+        assert_eq!(sink.tokens, 0);
+    }
+}

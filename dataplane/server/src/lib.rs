@@ -1,1 +1,280 @@
-//! Thread-per-core io_uring event loop of cnse-dp
+//! The cnse-dp server: one thread per core, one io_uring per thread.
+//!
+//! Each worker owns a `SO_REUSEPORT` listener on the shared address (the
+//! kernel spreads connections evenly), a multishot accept, a provided-buffer
+//! ring that every connection's multishot recv draws from, its connections
+//! and streams (preallocated slabs), a bounded admission queue and one
+//! backend instance. See `docs/ARCHITECTURE.md` for the request flow.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cnse_backend::BackendFactory;
+
+mod bufring;
+mod conn;
+mod listen;
+pub mod stream;
+mod worker;
+
+pub use cnse_proto::{MAX_TOKENS_LIMIT_DEFAULT, PAYLOAD_BYTES_MAX_DEFAULT};
+
+/// Server limits and settings. Every queue and table is bounded by one of
+/// these.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Worker threads (one io_uring each); 0 means one per available core.
+    pub threads: usize,
+    /// Pin worker i to core i.
+    pub pin_threads: bool,
+    /// Largest accepted `payload_len` (413 above).
+    pub payload_bytes_max: u32,
+    /// Largest accepted `max_tokens`.
+    pub max_tokens_limit: u32,
+    /// Connections per worker thread.
+    pub conns_per_thread_max: usize,
+    /// Open streams per connection (429 above).
+    pub streams_per_conn_max: usize,
+    /// Streams per worker thread, all connections together (429 above).
+    pub streams_per_thread_max: usize,
+    /// Tokens buffered per stream waiting for credit before the backend is
+    /// paused.
+    pub stream_buffered_tokens_max: usize,
+    /// Bytes buffered per stream waiting for credit before the backend is
+    /// paused.
+    pub stream_buffered_bytes_max: usize,
+    /// Requests waiting for backend capacity per worker (429 above).
+    pub admission_queue_max: usize,
+    /// Soft limit of a connection's pending output; input is not read while
+    /// it is exceeded.
+    pub send_buffer_bytes: usize,
+    /// Provided receive buffers per worker (power of two) and their size.
+    pub recv_buffers: u16,
+    pub recv_buffer_bytes: u32,
+    /// A connection must send HELLO within this time.
+    pub handshake_timeout: Duration,
+    /// A connection with no open stream and no input for this long is closed.
+    pub idle_timeout: Duration,
+    /// On shutdown, open streams get this long to finish before ERROR 503.
+    pub shutdown_grace: Duration,
+    /// Required HELLO token, if any.
+    pub auth_key: Option<Vec<u8>>,
+    /// Name sent in HELLO_ACK.
+    pub server_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            threads: 0,
+            pin_threads: true,
+            payload_bytes_max: PAYLOAD_BYTES_MAX_DEFAULT,
+            max_tokens_limit: MAX_TOKENS_LIMIT_DEFAULT,
+            conns_per_thread_max: 16_384,
+            streams_per_conn_max: 256,
+            streams_per_thread_max: 65_536,
+            stream_buffered_tokens_max: 256,
+            stream_buffered_bytes_max: 16 * 1024,
+            admission_queue_max: 4096,
+            send_buffer_bytes: 64 * 1024,
+            recv_buffers: 1024,
+            recv_buffer_bytes: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(5),
+            auth_key: None,
+            server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("io_uring setup: {0} (is io_uring enabled? see /proc/sys/kernel/io_uring_disabled)")]
+    Ring(std::io::Error),
+    #[error("backend for core {core}: {message}")]
+    Backend { core: usize, message: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("worker thread {0} panicked")]
+    WorkerPanicked(usize),
+    #[error("worker thread {thread}: {source}")]
+    Worker { thread: usize, source: std::io::Error },
+}
+
+/// Live counters of one worker, read by [`Server::stats`].
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    pub conns_open: AtomicU64,
+    pub conns_accepted: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub backend_active: AtomicU64,
+    pub requests: AtomicU64,
+    pub tokens_sent: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub violations: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// A snapshot of all workers' counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub conns_open: u64,
+    pub conns_accepted: u64,
+    pub streams_open: u64,
+    /// Work the backends hold (started, not ended or cancelled).
+    pub backend_active: u64,
+    pub requests: u64,
+    pub tokens_sent: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub violations: u64,
+    pub rejected: u64,
+}
+
+pub(crate) struct Shared {
+    pub shutdown: AtomicBool,
+    pub counters: Vec<WorkerCounters>,
+}
+
+/// A running server. Dropping it without [`Server::shutdown`] detaches the
+/// workers.
+pub struct Server {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    wakers: Vec<worker::Waker>,
+    threads: Vec<JoinHandle<Result<(), std::io::Error>>>,
+}
+
+impl Server {
+    /// Binds one listener per worker and starts the workers. Returns once
+    /// every worker is ready to accept.
+    pub fn start(mut config: Config, backend: Arc<dyn BackendFactory>) -> Result<Server, ServerError> {
+        if config.threads == 0 {
+            config.threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        }
+        if !config.recv_buffers.is_power_of_two() || config.recv_buffers > 32768 {
+            return Err(ServerError::Config(
+                "recv buffers must be a power of two <= 32768".into(),
+            ));
+        }
+        if config.stream_buffered_tokens_max == 0 || config.streams_per_conn_max == 0 {
+            return Err(ServerError::Config("stream limits must be > 0".into()));
+        }
+        if config.max_tokens_limit < 1 {
+            return Err(ServerError::Config("max tokens limit must be > 0".into()));
+        }
+        let listeners = listen::bind_reuseport(config.listen, config.threads)?;
+        let addr = listen::local_addr(&listeners[0]).map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            shutdown: AtomicBool::new(false),
+            counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
+        });
+        let config = Arc::new(config);
+        let mut wakers = Vec::new();
+        let mut threads = Vec::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let (waker, wake_fd) = worker::Waker::new().map_err(ServerError::Ring)?;
+            wakers.push(waker);
+            let shared = shared.clone();
+            let config = config.clone();
+            let ready = ready_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("cnse-worker-{index}"))
+                .spawn({
+                    let backend = backend.clone();
+                    move || worker::run(index, config, shared, listener, wake_fd, backend, ready)
+                })
+                .map_err(|source| ServerError::Worker { thread: index, source })?;
+            threads.push(handle);
+        }
+        drop(ready_tx);
+        let mut server = Server {
+            addr,
+            shared,
+            wakers,
+            threads,
+        };
+        for _ in 0..server.threads.len() {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    server.stop_now();
+                    return Err(e);
+                }
+                Err(_) => {
+                    server.stop_now();
+                    return Err(ServerError::WorkerPanicked(0));
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for c in &self.shared.counters {
+            let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            s.conns_open += r(&c.conns_open);
+            s.conns_accepted += r(&c.conns_accepted);
+            s.streams_open += r(&c.streams_open);
+            s.backend_active += r(&c.backend_active);
+            s.requests += r(&c.requests);
+            s.tokens_sent += r(&c.tokens_sent);
+            s.frames_in += r(&c.frames_in);
+            s.frames_out += r(&c.frames_out);
+            s.violations += r(&c.violations);
+            s.rejected += r(&c.rejected);
+        }
+        s
+    }
+
+    fn stop_now(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            w.wake();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops accepting, lets open streams finish within the grace period
+    /// (new REQUESTs get ERROR 503), then closes every connection and joins
+    /// the workers.
+    pub fn shutdown(mut self) -> Result<(), ServerError> {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        for w in &self.wakers {
+            w.wake();
+        }
+        let mut result = Ok(());
+        for (i, t) in self.threads.drain(..).enumerate() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => result = Err(ServerError::Worker { thread: i, source }),
+                Err(_) => result = Err(ServerError::WorkerPanicked(i)),
+            }
+        }
+        result
+    }
+}

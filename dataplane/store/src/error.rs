@@ -8,12 +8,13 @@ use crate::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{op} {}: {source}", path.display())]
+    // The io::Error is part of the message, not a `source`, so a chain
+    // printer (anyhow's `{:#}`) does not say it twice.
+    #[error("{op} {}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("invalid digest {input:?}: {reason}")]
     BadDigest { input: String, reason: &'static str },
@@ -21,6 +22,8 @@ pub enum StoreError {
     BadRef { input: String, reason: &'static str },
     #[error("{what} not found in store {}", store.display())]
     NotFound { what: String, store: PathBuf },
+    #[error("{what} not found on filer {url}")]
+    RemoteNotFound { what: String, url: String },
     #[error("manifest {} is invalid: {reason}", path.display())]
     BadManifest { path: PathBuf, reason: String },
     #[error("{}: {reason}", path.display())]
@@ -56,10 +59,10 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| StoreError::Io {
+        self.map_err(|error| StoreError::Io {
             op,
             path: path.into(),
-            source,
+            error,
         })
     }
 }

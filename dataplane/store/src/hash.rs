@@ -41,6 +41,22 @@ pub fn sha256_stream(data: &[u8], progress: &mut dyn FnMut(u64)) -> Digest {
     from_ring(ctx.finish())
 }
 
+/// Maps a file read-only with sequential read-ahead, for hashing it.
+///
+/// # Safety
+///
+/// The file must not be truncated while the map lives (a read past the new
+/// end is SIGBUS); a file changed in place makes the digest meaningless but
+/// is not undefined behaviour for `&[u8]` readers that only hash.
+pub unsafe fn map_file(path: &std::path::Path) -> crate::Result<memmap2::Mmap> {
+    use crate::error::IoContext;
+    let f = std::fs::File::open(path).ctx("open", path)?;
+    // SAFETY: the caller guarantees the file keeps its length.
+    let map = unsafe { memmap2::Mmap::map(&f) }.ctx("map", path)?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(map)
+}
+
 /// SHA-256 of one chunk.
 pub fn chunk_digest(chunk: &[u8]) -> [u8; DIGEST_BYTES] {
     Digest::of(chunk).0

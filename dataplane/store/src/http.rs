@@ -71,9 +71,8 @@ impl Url {
         })
     }
 
-    /// The request target for `rel` (which starts with `/`) under the base.
+    /// The request target for `rel` (empty, or starting with `/`) under the base.
     pub fn target(&self, rel: &str) -> String {
-        debug_assert!(rel.starts_with('/'));
         format!("{}{rel}", self.base)
     }
 

@@ -10,7 +10,13 @@
 //!
 //! The model story for the GPU path, one call per stage:
 //! [`Store::resolve`] → [`Store::open_blob`] (mmap + manifest) →
-//! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on.
+//! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on;
+//! [`Store::open_verified`] does the middle two in one call. A consumer that
+//! verifies chunk by chunk while copying uses [`Manifest::chunk_digests`],
+//! [`chunk_range`] and [`verify_chunk`].
+
+// `is_multiple_of` is newer than the workspace MSRV (1.80).
+#![allow(clippy::manual_is_multiple_of)]
 
 mod digest;
 mod error;
@@ -28,8 +34,8 @@ pub use digest::{hex, Digest, DIGEST_BYTES};
 pub use error::{Result, StoreError};
 pub use gguf::GgufInfo;
 pub use hash::{
-    chunk_count, chunk_digest, chunk_digests_parallel, chunk_range, default_threads, sha256_stream, verify_chunk,
-    verify_chunks_parallel, HASH_STEP_BYTES,
+    chunk_count, chunk_digest, chunk_digests_parallel, chunk_range, default_threads, map_file, sha256_stream,
+    verify_chunk, verify_chunks_parallel, HASH_STEP_BYTES,
 };
 pub use manifest::{
     check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
@@ -37,6 +43,6 @@ pub use manifest::{
 pub use refname::{RefName, TAG_DEFAULT};
 pub use remote::{Filer, PullOptions, PullOutcome, PullTarget, PushOutcome};
 pub use store::{
-    Blob, BlobEntry, GcReport, PutOptions, PutOutcome, RefEntry, RmOutcome, Store, StoreLock, VerifyReport,
+    Blob, BlobEntry, GcReport, PutOptions, PutOutcome, RefEntry, RmOutcome, SourceFile, Store, StoreLock, VerifyReport,
 };
 pub use sys::LockKind;

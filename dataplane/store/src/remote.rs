@@ -24,7 +24,7 @@ use memmap2::Mmap;
 
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
-use crate::hash::{self, chunk_range, verify_chunk};
+use crate::hash::{self, chunk_range};
 use crate::http::{self, Url};
 use crate::manifest::{Manifest, MANIFEST_BYTES_MAX};
 use crate::refname::RefName;
@@ -33,6 +33,11 @@ use crate::sys::{self, LockKind};
 
 /// Times a chunk that fails its digest is fetched again before the pull gives up.
 pub const REFETCH_ATTEMPTS_MAX: u32 = 3;
+/// Consecutive network failures (no byte received in between) a pull or a
+/// push survives before it gives up.
+pub const NETWORK_RETRIES_MAX: u32 = 3;
+/// Wait before the n-th retry: n times this.
+const RETRY_BACKOFF_MS: u64 = 500;
 /// Socket reads are at most this big (also the granularity of rate limiting).
 const READ_PIECE_BYTES: usize = 256 << 10;
 const STATE_MAGIC: [u8; 8] = *b"CNSEPS01";
@@ -179,9 +184,9 @@ impl Filer {
     /// Resolves a reference on the filer.
     pub fn resolve_ref(&self, r: &RefName) -> Result<Digest> {
         let rel = ref_rel(r);
-        let text = self.get_small(&rel, 256)?.ok_or_else(|| StoreError::NotFound {
+        let text = self.get_small(&rel, 256)?.ok_or_else(|| StoreError::RemoteNotFound {
             what: format!("reference {r}"),
-            store: PathBuf::from(self.url.display("")),
+            url: self.url.display(""),
         })?;
         let text = String::from_utf8_lossy(&text);
         text.lines().next().unwrap_or("").parse().map_err(|_| StoreError::Http {
@@ -220,7 +225,17 @@ impl Filer {
         if self.head(&rel)? == Some(m.size_bytes()) {
             out.blob_existed = true;
         } else {
-            self.put(&rel, blob.bytes())?;
+            let mut failures = 0;
+            loop {
+                match self.put(&rel, blob.bytes()) {
+                    Ok(()) => break,
+                    Err(StoreError::Http { .. }) if failures < NETWORK_RETRIES_MAX => {
+                        failures += 1;
+                        std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS * failures as u64));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             out.uploaded_bytes += m.size_bytes();
         }
         progress(m.size_bytes());
@@ -237,9 +252,9 @@ impl Filer {
         let rel = manifest_rel(d);
         let bytes = self
             .get_small(&rel, MANIFEST_BYTES_MAX)?
-            .ok_or_else(|| StoreError::NotFound {
+            .ok_or_else(|| StoreError::RemoteNotFound {
                 what: format!("manifest of {d}"),
-                store: PathBuf::from(self.url.display("")),
+                url: self.url.display(""),
             })?;
         Manifest::from_bytes(&bytes, Path::new(&self.url.display(&rel)), Some(d))
     }
@@ -288,53 +303,67 @@ impl Filer {
         };
         progress(outcome.resumed_bytes);
         let mut limiter = RateLimit::new(opts.limit_rate_bytes);
-        let mut buf = vec![0u8; manifest.chunk_bytes() as usize];
+        let mut buf = vec![0u8; READ_PIECE_BYTES];
 
-        // One ranged GET per run of missing chunks; bad chunks are noted and
-        // fetched again afterwards, alone.
-        let mut bad: Vec<u64> = Vec::new();
-        for (first, last) in dl.missing_runs() {
-            self.fetch_run(
-                &manifest,
-                &mut dl,
-                first,
-                last,
-                &mut buf,
-                &mut limiter,
-                &mut outcome,
-                &mut bad,
-                progress,
-            )?;
-        }
-        for i in bad {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let mut again = Vec::new();
-                self.fetch_run(
+        // One ranged GET per run of missing chunks. A chunk that fails its
+        // digest stays missing, so the next pass fetches it again, alone
+        // unless its neighbour failed too. A dropped connection is retried
+        // from the first chunk not yet down.
+        let mut fetches_bad = vec![0u32; manifest.chunk_count() as usize];
+        let mut network_failures = 0u32;
+        loop {
+            let runs = dl.missing_runs();
+            if runs.is_empty() {
+                break;
+            }
+            for (first, last) in runs {
+                for i in first..=last {
+                    if fetches_bad[i as usize] > 0 {
+                        outcome.refetched_chunks.push(i);
+                    }
+                }
+                let mut bad = Vec::new();
+                let done_before = outcome.downloaded_bytes;
+                let result = self.fetch_run(
                     &manifest,
                     &mut dl,
-                    i,
-                    i,
+                    first,
+                    last,
                     &mut buf,
                     &mut limiter,
                     &mut outcome,
-                    &mut again,
+                    &mut bad,
                     progress,
-                )?;
-                outcome.refetched_chunks.push(i);
-                if again.is_empty() {
-                    break;
+                );
+                for &i in &bad {
+                    fetches_bad[i as usize] += 1;
+                    if fetches_bad[i as usize] > REFETCH_ATTEMPTS_MAX {
+                        let r = chunk_range(i, manifest.size_bytes(), manifest.chunk_bytes());
+                        return Err(StoreError::RemoteCorrupt {
+                            digest,
+                            detail: format!(
+                                "chunk {i} (bytes {}..{}) fails its digest after {} fetches; the verified chunks \
+                                 are kept for a later pull",
+                                r.start, r.end, fetches_bad[i as usize]
+                            ),
+                        });
+                    }
                 }
-                if attempts >= REFETCH_ATTEMPTS_MAX {
-                    let r = chunk_range(i, manifest.size_bytes(), manifest.chunk_bytes());
-                    return Err(StoreError::RemoteCorrupt {
-                        digest,
-                        detail: format!(
-                            "chunk {i} (bytes {}..{}) fails its digest after {} fetches; the verified chunks are kept for a later pull",
-                            r.start, r.end, attempts + 1
-                        ),
-                    });
+                match result {
+                    Ok(()) => network_failures = 0,
+                    Err(e @ StoreError::Http { .. }) => {
+                        if outcome.downloaded_bytes > done_before {
+                            network_failures = 0;
+                        }
+                        network_failures += 1;
+                        if network_failures > NETWORK_RETRIES_MAX {
+                            return Err(e);
+                        }
+                        std::thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS * network_failures as u64));
+                        // Recompute the runs: part of this one may be down.
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -378,31 +407,36 @@ impl Filer {
             // A server may answer a range covering the whole file with 200.
             200 if start == 0 && end == size => {}
             404 => {
-                return Err(StoreError::NotFound {
+                return Err(StoreError::RemoteNotFound {
                     what: format!("blob {}", m.digest()),
-                    store: PathBuf::from(self.url.display("")),
+                    url: self.url.display(""),
                 })
             }
             s => return Err(self.status_error("GET", &rel, s)),
         }
+        // Each piece is hashed and written to the partial file as it
+        // arrives, so memory stays at one piece whatever the chunk size; a
+        // chunk counts as done only once its digest matched and its bytes
+        // are durable.
         for i in first..=last {
             let cr = chunk_range(i, size, chunk);
             let len = (cr.end - cr.start) as usize;
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             let mut got = 0;
             while got < len {
-                let want = (len - got).min(READ_PIECE_BYTES);
-                let n = r
-                    .read(&mut buf[got..got + want])
-                    .map_err(|e| self.io_error("GET", &rel, e))?;
+                let want = (len - got).min(buf.len());
+                let n = r.read(&mut buf[..want]).map_err(|e| self.io_error("GET", &rel, e))?;
                 if n == 0 {
                     return Err(self.io_error("GET", &rel, io::ErrorKind::UnexpectedEof.into()));
                 }
+                ctx.update(&buf[..n]);
+                dl.write_piece(cr.start + got as u64, &buf[..n])?;
                 got += n;
                 outcome.downloaded_bytes += n as u64;
                 limiter.account(n as u64);
             }
-            if verify_chunk(&buf[..len], &m.chunk_digests()[i as usize]) {
-                dl.write_chunk(i, cr.start, &buf[..len])?;
+            if ctx.finish().as_ref() == m.chunk_digests()[i as usize] {
+                dl.mark_done(i)?;
                 progress(len as u64);
             } else {
                 bad.push(i);
@@ -544,10 +578,14 @@ impl Download {
         runs
     }
 
-    fn write_chunk(&mut self, i: u64, offset: u64, bytes: &[u8]) -> Result<()> {
+    fn write_piece(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         self.partial
             .write_all_at(bytes, offset)
-            .ctx("write", &self.partial_path)?;
+            .ctx("write", &self.partial_path)
+    }
+
+    /// Records chunk `i` as verified, after making its bytes durable.
+    fn mark_done(&mut self, i: u64) -> Result<()> {
         self.partial.sync_data().ctx("fsync", &self.partial_path)?;
         self.state
             .write_all_at(&[1], STATE_HEADER_BYTES + i)

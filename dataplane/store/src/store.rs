@@ -17,7 +17,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 use std::time::SystemTime;
 
 use memmap2::{Advice, Mmap};
@@ -25,7 +24,7 @@ use memmap2::{Advice, Mmap};
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
 use crate::gguf;
-use crate::hash::{self, chunk_count, chunk_digest, chunk_range, verify_chunks_parallel};
+use crate::hash::{self, chunk_count, chunk_range, verify_chunks_parallel};
 use crate::manifest::{check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT};
 use crate::refname::RefName;
 use crate::sys::{self, LockKind};
@@ -293,7 +292,7 @@ impl Store {
         Err(StoreError::Io {
             op: "create temporary file",
             path: self.tmp_dir(),
-            source: io::Error::from(io::ErrorKind::AlreadyExists),
+            error: io::Error::from(io::ErrorKind::AlreadyExists),
         })
     }
 
@@ -356,7 +355,7 @@ impl Store {
             _ => StoreError::Io {
                 op: "open blob",
                 path: path.clone(),
-                source: e,
+                error: e,
             },
         })?;
         // SAFETY: blobs are read-only files that the store only ever creates
@@ -375,100 +374,51 @@ impl Store {
         }
     }
 
-    /// Adds the file at `src` to the store and returns its digest. The copy
-    /// into the store and the hashing run at once: the copy goes to a private
-    /// temporary file in the kernel (copy_file_range) while one thread hashes
-    /// the whole stream and others the chunks, all reading the temporary
-    /// file just behind the copy. Hashing what was written (not the source)
-    /// means a source modified meanwhile can never yield a blob whose name
-    /// does not match its bytes.
-    pub fn put(&self, src: &Path, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<PutOutcome> {
+    /// Adds a file to the store and returns its digest. Writing and hashing
+    /// run at once over the one map of the source: one thread writes it to a
+    /// private temporary file (O_DIRECT where the file system allows, so the
+    /// copy costs no CPU and no page cache), one hashes the whole stream, the
+    /// others hash the chunks. The source's size and mtime are checked after,
+    /// so a file changed meanwhile is refused rather than stored under a
+    /// digest of bytes that were not written.
+    pub fn put(&self, src: &SourceFile, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<PutOutcome> {
         check_chunk_bytes(opts.chunk_bytes)?;
-        let source = File::open(src).ctx("open", src)?;
-        let meta = source.metadata().ctx("stat", src)?;
-        if !meta.is_file() {
-            return Err(StoreError::BadInput {
-                path: src.to_path_buf(),
-                reason: "not a regular file".into(),
-            });
-        }
-        let size_bytes = meta.len();
+        let data: &[u8] = &src.map;
+        let size_bytes = data.len() as u64;
         let _lock = self.lock(LockKind::Shared)?;
         let tmp = self.temp_file("put")?;
-        tmp.file.set_len(size_bytes).ctx("size temporary file", &tmp.path)?;
-        // SAFETY: the temporary file is ours alone (created O_EXCL, mode 0600,
-        // flocked); it keeps `size_bytes` for the life of the map.
-        let map = unsafe { Mmap::map(&tmp.file) }.ctx("map temporary file", &tmp.path)?;
-        let _ = map.advise(Advice::Sequential);
 
-        let copied = Copied::default();
         let chunk_bytes = opts.chunk_bytes;
         let n_chunks = chunk_count(size_bytes, chunk_bytes) as usize;
-        let chunk_sums = Mutex::new(vec![[0u8; 32]; n_chunks]);
-        let next_chunk = std::sync::atomic::AtomicUsize::new(0);
         let chunk_threads = opts.threads.saturating_sub(1).clamp(1, n_chunks.max(1));
-
-        let (copy_result, digest) = std::thread::scope(|s| {
-            let whole = s.spawn(|| {
-                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-                let mut pos = 0u64;
-                while pos < size_bytes {
-                    let avail = copied.wait_for((pos + COPY_PIECE_BYTES).min(size_bytes))?;
-                    ctx.update(&map[pos as usize..avail as usize]);
-                    progress(avail - pos);
-                    pos = avail;
-                }
-                Some(crate::digest::from_ring(ctx.finish()))
-            });
-            for _ in 0..chunk_threads {
-                s.spawn(|| loop {
-                    let i = next_chunk.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= n_chunks {
-                        return;
-                    }
-                    let r = chunk_range(i as u64, size_bytes, chunk_bytes);
-                    if copied.wait_for(r.end).is_none() {
-                        return;
-                    }
-                    let d = chunk_digest(&map[r.start as usize..r.end as usize]);
-                    chunk_sums.lock().unwrap_or_else(|p| p.into_inner())[i] = d;
-                });
-            }
-            let copy_result = copy_into(&source, src, &tmp, size_bytes, &copied);
-            if copy_result.is_err() {
-                copied.fail();
-            }
-            (copy_result, whole.join().expect("hash thread does not panic"))
+        let (write_result, digest, chunk_sums) = std::thread::scope(|s| {
+            let writer = s.spawn(|| write_blob(&tmp, data));
+            let chunks = s.spawn(|| hash::chunk_digests_parallel(data, chunk_bytes, chunk_threads));
+            let digest = hash::sha256_stream(data, &mut |n| progress(n));
+            let write_result = writer.join().expect("writer thread does not panic");
+            (write_result, digest, chunks.join().expect("hash threads do not panic"))
         });
-        copy_result?;
-        let digest = digest.expect("copy succeeded, so the hash ran to the end");
-        let after = source.metadata().ctx("stat", src)?;
-        if after.len() != size_bytes || after.modified().ok() != meta.modified().ok() {
-            return Err(StoreError::BadInput {
-                path: src.to_path_buf(),
-                reason: "changed while it was being put; nothing was stored".into(),
-            });
-        }
-        let chunk_sums = chunk_sums.into_inner().unwrap_or_else(|p| p.into_inner());
+        write_result?;
+        src.check_unchanged()?;
 
         let existed = self.has_blob(&digest);
         if !self.manifest_path(&digest).exists() || !existed {
             let name = match &opts.name {
                 Some(r) => r.to_string(),
                 None => src
+                    .path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
-            let info = if gguf::is_gguf(&map) {
-                gguf::parse(&map).ok()
+            let info = if gguf::is_gguf(data) {
+                gguf::parse(data).ok()
             } else {
                 None
             };
             let rec = ManifestRecord::new(digest, size_bytes, &name, chunk_bytes, chunk_sums, info);
             self.write_atomic(&self.manifest_path(&digest), &rec.encode(), 0o444)?;
         }
-        drop(map);
         if !existed {
             tmp.file
                 .set_permissions(fs::Permissions::from_mode(0o444))
@@ -556,9 +506,9 @@ impl Store {
         Ok(report)
     }
 
-    /// Copies a blob to `out` after verifying every chunk; `out` appears
-    /// atomically (temporary file beside it, fsync, rename).
-    pub fn get(&self, d: &Digest, out: &Path, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<u64> {
+    /// Maps a blob and checks its size and every chunk first: the call for
+    /// a consumer that must never load a corrupt model.
+    pub fn open_verified(&self, d: &Digest, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<Blob> {
         let blob = self.open_blob(d)?;
         let size = blob.manifest().size_bytes();
         if blob.bytes().len() as u64 != size {
@@ -577,6 +527,14 @@ impl Store {
                 ),
             });
         }
+        Ok(blob)
+    }
+
+    /// Copies a blob to `out` after verifying every chunk; `out` appears
+    /// atomically (temporary file beside it, fsync, rename).
+    pub fn get(&self, d: &Digest, out: &Path, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<u64> {
+        let blob = self.open_verified(d, threads, progress)?;
+        let size = blob.manifest().size_bytes();
         let dir = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -805,13 +763,22 @@ impl Store {
         for e in fs::read_dir(&tmp).ctx("list", &tmp)? {
             let e = e.ctx("list", &tmp)?;
             let path = e.path();
-            let is_partial = e.file_name().to_string_lossy().starts_with("pull-");
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_partial = name.starts_with("pull-");
+            // A pull's state file goes with its partial file, whose flock
+            // tells whether the pull is alive.
+            let lock_path = match name.strip_suffix(".state") {
+                Some(stem) if is_partial => tmp.join(format!("{stem}.partial")),
+                _ => path.clone(),
+            };
             let Ok(f) = OpenOptions::new().read(true).open(&path) else {
                 continue;
             };
             // A live writer holds its flock; a killed one's is gone.
-            if sys::flock(&f, LockKind::Exclusive, false).is_err() {
-                continue;
+            if let Ok(l) = OpenOptions::new().read(true).open(&lock_path) {
+                if sys::flock(&l, LockKind::Exclusive, false).is_err() {
+                    continue;
+                }
             }
             if is_partial && !partials {
                 report.partial_bytes_kept += f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -864,75 +831,102 @@ impl Store {
     }
 }
 
-/// How far the copy into the temporary file has got; hashers wait on it.
-#[derive(Default)]
-struct Copied {
-    state: Mutex<(u64, bool)>,
-    cv: Condvar,
-}
+/// Alignment O_DIRECT needs for offsets, lengths and buffers (the largest
+/// logical block size in use; maps are page-aligned anyway).
+const DIRECT_ALIGN_BYTES: usize = 4096;
 
-impl Copied {
-    fn advance(&self, to: u64) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = to;
-        self.cv.notify_all();
-    }
-    fn fail(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
-        self.cv.notify_all();
-    }
-    /// Waits until at least `end` bytes are copied; returns how many are, or
-    /// `None` when the copy failed.
-    fn wait_for(&self, end: u64) -> Option<u64> {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if g.1 {
-                return None;
-            }
-            if g.0 >= end {
-                return Some(g.0);
-            }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// Copies `size_bytes` of `source` into the temporary file piece by piece,
-/// in the kernel where it can, starting writeback of each piece at once.
-fn copy_into(source: &File, src: &Path, tmp: &TempFile, size_bytes: u64, copied: &Copied) -> Result<()> {
-    let mut pos = 0u64;
-    let mut fallback: Option<Vec<u8>> = None;
-    while pos < size_bytes {
-        let want = (size_bytes - pos).min(COPY_PIECE_BYTES) as usize;
-        let n = match &mut fallback {
-            None => match sys::copy_file_range(source, pos, &tmp.file, pos, want) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                    ) =>
-                {
-                    fallback = Some(vec![0u8; COPY_PIECE_BYTES as usize]);
-                    continue;
+/// Writes `data` into the temporary file: whole aligned pieces with O_DIRECT
+/// straight from the map (no copy through the page cache), the unaligned
+/// tail, or everything when O_DIRECT is refused (tmpfs), buffered.
+fn write_blob(tmp: &TempFile, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let aligned_len = data.len() / DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES;
+    let mut pos = 0usize;
+    if aligned_len > 0 {
+        if let Ok(direct) = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp.path)
+        {
+            debug_assert_eq!(data.as_ptr() as usize % DIRECT_ALIGN_BYTES, 0, "maps are page-aligned");
+            while pos < aligned_len {
+                let n = (aligned_len - pos).min(COPY_PIECE_BYTES as usize);
+                match direct.write_at(&data[pos..pos + n], pos as u64) {
+                    Ok(k) if k > 0 && k % DIRECT_ALIGN_BYTES == 0 => pos += k,
+                    // A short unaligned write or a refusal: finish buffered.
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).ctx("write", &tmp.path),
                 }
-                Err(e) => return Err(e).ctx("copy", src),
-            },
-            Some(buf) => {
-                use std::os::unix::fs::FileExt;
-                let n = source.read_at(&mut buf[..want], pos).ctx("read", src)?;
-                tmp.file.write_all_at(&buf[..n], pos).ctx("write", &tmp.path)?;
-                n
             }
-        };
-        if n == 0 {
-            return Err(StoreError::BadInput {
-                path: src.to_path_buf(),
-                reason: format!("shrank to {pos} bytes while it was being put; nothing was stored"),
-            });
         }
-        sys::start_writeback(&tmp.file, pos, n as u64);
-        pos += n as u64;
-        copied.advance(pos);
+    }
+    while pos < data.len() {
+        let n = (data.len() - pos).min(COPY_PIECE_BYTES as usize);
+        tmp.file
+            .write_all_at(&data[pos..pos + n], pos as u64)
+            .ctx("write", &tmp.path)?;
+        sys::start_writeback(&tmp.file, pos as u64, n as u64);
+        pos += n;
     }
     Ok(())
+}
+
+/// A file to put, mapped read-only.
+pub struct SourceFile {
+    map: Mmap,
+    file: File,
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl SourceFile {
+    /// Opens and maps a regular file.
+    ///
+    /// # Safety
+    ///
+    /// No process may truncate the file while the `SourceFile` lives: a read
+    /// of a page past the new end raises SIGBUS. (Changes in place are
+    /// detected by [`Store::put`], which then refuses the file.)
+    pub unsafe fn open(path: &Path) -> Result<SourceFile> {
+        let file = File::open(path).ctx("open", path)?;
+        let meta = file.metadata().ctx("stat", path)?;
+        if !meta.is_file() {
+            return Err(StoreError::BadInput {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
+            });
+        }
+        // SAFETY: the caller guarantees the file is not truncated while mapped.
+        let map = unsafe { Mmap::map(&file) }.ctx("map", path)?;
+        let _ = map.advise(Advice::Sequential);
+        Ok(SourceFile {
+            map,
+            file,
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let after = self.file.metadata().ctx("stat", &self.path)?;
+        if after.len() != self.len || after.modified().ok() != self.modified {
+            return Err(StoreError::BadInput {
+                path: self.path.clone(),
+                reason: "changed while it was being put; nothing was stored".into(),
+            });
+        }
+        Ok(())
+    }
 }

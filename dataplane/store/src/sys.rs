@@ -5,25 +5,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// Copies up to `len` bytes from `src` at `src_off` to `dst` at `dst_off` in
-/// the kernel. Returns the bytes copied (0 at end of `src`).
-pub fn copy_file_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: usize) -> io::Result<usize> {
-    let mut off_in = src_off as libc::loff_t;
-    let mut off_out = dst_off as libc::loff_t;
-    loop {
-        // SAFETY: both fds are open for the duration of the call and the
-        // offset pointers point to live locals.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, len, 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 /// Starts writeback of a byte range without waiting for it, so that the
 /// final fsync finds little left to do.
 pub fn start_writeback(file: &File, off: u64, len: u64) {

@@ -1,0 +1,181 @@
+//! The load generator and the blocking client against a minimal in-test
+//! server (threads, std sockets) that follows the page for the frames it
+//! uses: HELLO/HELLO_ACK, PING/PONG, REQUEST -> one-token TOKENS frames
+//! within credit -> END. It checks the client side on its own; the real
+//! server's tests are the workspace's tests/server_*.rs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use cnse_client::load::{self, LoadConfig, Mode};
+use cnse_client::Client;
+use cnse_proto::*;
+
+fn serve_conn(mut s: TcpStream) {
+    s.set_nodelay(true).unwrap();
+    let mut d = FrameDecoder::new(Direction::ToServer, 1 << 20);
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::new();
+    // stream id -> (next token index, max tokens, credit left; u64::MAX = unlimited)
+    let mut streams: std::collections::HashMap<u64, (u64, u64, u64)> = Default::default();
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut input = &buf[..n];
+        while let Some(f) = d.next(&mut input).unwrap() {
+            let id = f.header.stream_id();
+            match f.kind {
+                Kind::Hello => put_hello_ack(&mut out, 1 << 20, "mock"),
+                Kind::Ping => put_pong(&mut out, id, f.header.arg(), f.header.aux(), f.payload),
+                Kind::Request => {
+                    let r = Params::parse(f.payload, &ParamLimits::default()).unwrap();
+                    let credit = match f.header.arg() {
+                        0 => u64::MAX,
+                        c => u64::from(c),
+                    };
+                    streams.insert(id, (0, u64::from(r.params.max_tokens), credit));
+                }
+                Kind::Credit => {
+                    if let Some(st) = streams.get_mut(&id) {
+                        st.2 += u64::from(f.header.arg());
+                    }
+                }
+                _ => {}
+            }
+        }
+        streams.retain(|id, (next, max, credit)| {
+            while *next < *max && *credit > 0 {
+                put_tokens(&mut out, *id, 1, *next, b"tok ");
+                *next += 1;
+                *credit -= 1;
+            }
+            if *next == *max {
+                put_end(&mut out, *id, FinishReason::Length, *max, 5, 9);
+                return false;
+            }
+            true
+        });
+        if s.write_all(&out).is_err() {
+            return;
+        }
+        out.clear();
+    }
+}
+
+fn mock_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve_conn(s));
+        }
+    });
+    addr
+}
+
+#[test]
+fn blocking_client_generates_and_pings() {
+    let addr = mock_server();
+    let (mut c, ack) = Client::connect_hello(addr, b"", Duration::from_secs(5)).unwrap();
+    assert_eq!(ack.server, "mock");
+    let p = Params {
+        max_tokens: 5,
+        ..Params::default()
+    };
+    let mut seen = 0;
+    let g = c.generate(1, 0, &p, "hi", |_, n| seen += n).unwrap();
+    assert_eq!((g.tokens, g.end_tokens, seen), (5, 5, 5));
+    assert_eq!(g.text, b"tok tok tok tok tok ");
+    assert_eq!((g.server_ttft_us, g.server_total_us), (5, 9));
+    c.ping(7, 8, 9, b"echo").unwrap();
+    let f = c.next_frame().unwrap();
+    assert_eq!(
+        (f.kind, f.stream_id, f.arg, f.aux, &f.payload[..]),
+        (Kind::Pong, 7, 8, 9, &b"echo"[..])
+    );
+}
+
+fn quick(addr: std::net::SocketAddr, mode: Mode) -> LoadConfig {
+    LoadConfig {
+        connections: 4,
+        inflight: 4,
+        threads: 2,
+        duration: Duration::from_millis(400),
+        warmup: Duration::from_millis(100),
+        ..LoadConfig::new(addr, mode)
+    }
+}
+
+#[test]
+fn closed_loop_ping_counts_and_records() {
+    let addr = mock_server();
+    let r = load::run(&quick(addr, Mode::Ping { payload_bytes: 64 })).unwrap();
+    assert_eq!(r.problems(), None);
+    assert!(r.requests > 100, "{r:?}");
+    assert!(r.e2e.count() >= r.requests);
+    assert_eq!(r.summaries().len(), 1);
+}
+
+#[test]
+fn closed_loop_generate_with_credit_windows() {
+    let addr = mock_server();
+    let mode = Mode::Generate {
+        max_tokens: 16,
+        credit: 4,
+        temperature: 0.0,
+        prompt: "hello".into(),
+    };
+    let r = load::run(&quick(addr, mode)).unwrap();
+    assert_eq!(r.problems(), None);
+    assert!(r.requests > 10, "{r:?}");
+    // Every completed request carried exactly 16 tokens; the window may cut
+    // streams, so compare approximately.
+    let per = r.tokens as f64 / r.requests as f64;
+    assert!((per - 16.0).abs() < 2.0, "{per}");
+    assert_eq!(r.ttft.count(), r.e2e.count());
+    assert_eq!(r.inter_token.count(), r.ttft.count() * 15);
+}
+
+#[test]
+fn open_loop_holds_the_offered_rate() {
+    let addr = mock_server();
+    let mut cfg = quick(addr, Mode::Ping { payload_bytes: 8 });
+    cfg.rate_per_s = Some(2_000.0);
+    cfg.duration = Duration::from_secs(1);
+    let r = load::run(&cfg).unwrap();
+    assert_eq!(r.problems(), None);
+    let rate = r.requests_per_s();
+    assert!((1_800.0..=2_200.0).contains(&rate), "{rate}");
+}
+
+#[test]
+fn open_loop_over_capacity_reports_unsent() {
+    // A server that accepts and answers HELLO, then never replies: every
+    // slot stays busy and the schedule runs ahead.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 32];
+                s.read_exact(&mut b).unwrap();
+                let mut out = Vec::new();
+                put_hello_ack(&mut out, 1 << 20, "mute");
+                s.write_all(&out).unwrap();
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let mut cfg = quick(addr, Mode::Ping { payload_bytes: 8 });
+    cfg.rate_per_s = Some(1_000.0);
+    cfg.drain_timeout = Duration::from_millis(100);
+    let r = load::run(&cfg).unwrap();
+    assert_eq!(r.requests, 0);
+    assert_eq!(r.unfinished, 16, "{r:?}");
+    assert!(r.unsent > 300, "{r:?}");
+    assert!(r.problems().unwrap().contains("never sent"));
+}

@@ -1,0 +1,90 @@
+//! One client connection's state inside a worker.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use cnse_proto::{Direction, FrameDecoder};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Slot unused.
+    Free,
+    /// Accepted; HELLO not yet received.
+    Handshake,
+    /// HELLO accepted; streams may be opened.
+    Open,
+    /// A violation was answered: input is ignored, pending output is sent,
+    /// then the connection is closed (by `deadline` at the latest).
+    Draining { deadline: Instant },
+    /// Shut down; waiting for in-flight operations before closing the fd.
+    Closing,
+}
+
+/// A received buffer not yet processed because the connection's output is
+/// backed up: (buffer id, offset of the first unprocessed byte, length).
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    pub bid: u16,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// Received buffers a connection may hold before its recv is cancelled.
+pub const HELD_BUFFERS_MAX: usize = 4;
+
+pub struct Conn {
+    pub gen: u32,
+    pub fd: libc::c_int,
+    pub state: ConnState,
+    pub decoder: FrameDecoder,
+    /// Output being filled this turn.
+    pub out_fill: Vec<u8>,
+    /// Output handed to the kernel; untouched until its send completes.
+    pub out_flight: Vec<u8>,
+    pub flight_sent: usize,
+    pub send_inflight: bool,
+    pub recv_armed: bool,
+    /// A cancel of the multishot recv was submitted and has not completed.
+    pub recv_cancelling: bool,
+    pub held: VecDeque<Held>,
+    /// (client stream id, stream slot) of the open streams.
+    pub streams: Vec<(u64, u32)>,
+    pub accepted: Instant,
+    pub last_input: Instant,
+    pub dirty: bool,
+}
+
+impl Conn {
+    pub fn new(now: Instant, payload_bytes_max: u32) -> Self {
+        Self {
+            gen: 0,
+            fd: -1,
+            state: ConnState::Free,
+            decoder: FrameDecoder::new(Direction::ToServer, payload_bytes_max),
+            out_fill: Vec::new(),
+            out_flight: Vec::new(),
+            flight_sent: 0,
+            send_inflight: false,
+            recv_armed: false,
+            recv_cancelling: false,
+            held: VecDeque::new(),
+            streams: Vec::new(),
+            accepted: now,
+            last_input: now,
+            dirty: false,
+        }
+    }
+
+    /// Operations the kernel still holds for this connection.
+    pub fn ops_in_flight(&self) -> bool {
+        self.send_inflight || self.recv_armed || self.recv_cancelling
+    }
+
+    pub fn reads_input(&self) -> bool {
+        matches!(self.state, ConnState::Handshake | ConnState::Open)
+    }
+
+    pub fn find_stream(&self, client_id: u64) -> Option<usize> {
+        self.streams.iter().position(|&(id, _)| id == client_id)
+    }
+}

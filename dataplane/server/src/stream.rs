@@ -1,0 +1,216 @@
+//! One client stream's state: credit, the bounded queue of tokens produced
+//! but not yet sent, and its phase. Pure: no ring, no socket.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use cnse_proto::{FinishReason, Params};
+
+/// Tokens produced by the backend and not yet framed, bounded in count and
+/// bytes. Text lives in one reused byte buffer; token boundaries are kept
+/// because credit counts tokens.
+#[derive(Debug, Default)]
+pub struct TokenQueue {
+    bytes: Vec<u8>,
+    head: usize,
+    lens: VecDeque<u32>,
+}
+
+impl TokenQueue {
+    pub fn with_capacity(bytes: usize, tokens: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            head: 0,
+            lens: VecDeque::with_capacity(tokens),
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    pub fn push(&mut self, text: &[u8]) {
+        if self.head > 0 && (self.head >= self.bytes.len() / 2 || self.bytes.len() + text.len() > self.bytes.capacity())
+        {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+        self.bytes.extend_from_slice(text);
+        self.lens.push_back(text.len() as u32);
+    }
+
+    /// Takes up to `max_tokens` tokens whose text fits in `max_bytes` (at
+    /// least one token when `max_tokens > 0`, whatever its size, so a long
+    /// token cannot wedge the stream). Returns the count and their text.
+    pub fn take(&mut self, max_tokens: u64, max_bytes: usize) -> (u32, &[u8]) {
+        let mut n = 0usize;
+        let mut len = 0usize;
+        while (n as u64) < max_tokens && n < self.lens.len() {
+            let l = self.lens[n] as usize;
+            if n > 0 && len + l > max_bytes {
+                break;
+            }
+            len += l;
+            n += 1;
+        }
+        self.lens.drain(..n);
+        let start = self.head;
+        self.head += len;
+        (n as u32, &self.bytes[start..start + len])
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.head = 0;
+        self.lens.clear();
+    }
+}
+
+/// Tokens the client allows the server to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credit {
+    Unlimited,
+    Left(u64),
+}
+
+impl Credit {
+    pub fn from_initial(arg: u32) -> Self {
+        if arg == 0 {
+            Credit::Unlimited
+        } else {
+            Credit::Left(u64::from(arg))
+        }
+    }
+
+    pub fn available(self) -> u64 {
+        match self {
+            Credit::Unlimited => u64::MAX,
+            Credit::Left(n) => n,
+        }
+    }
+
+    pub fn grant(&mut self, more: u32) {
+        if let Credit::Left(n) = self {
+            *n = n.saturating_add(u64::from(more));
+        }
+    }
+
+    pub fn spend(&mut self, n: u64) {
+        if let Credit::Left(left) = self {
+            assert!(*left >= n, "spent more credit than granted");
+            *left -= n;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Slot unused.
+    Free,
+    /// Waiting in the admission queue.
+    Queued,
+    /// The backend is producing.
+    Running,
+    /// The backend ended; END follows once the queue is drained.
+    Finished(FinishReason),
+    /// The backend failed; ERROR follows (the queue is dropped).
+    Failed,
+}
+
+#[derive(Debug)]
+pub struct Stream {
+    pub gen: u32,
+    pub phase: Phase,
+    pub conn: u32,
+    pub client_id: u64,
+    pub credit: Credit,
+    /// Tokens framed so far (the next TOKENS frame's first index).
+    pub sent: u64,
+    pub queue: TokenQueue,
+    pub paused: bool,
+    pub arrived: Instant,
+    pub first_token: Option<Instant>,
+    pub params: Params,
+    /// Owned copy of the prompt while queued (buffer reused across streams).
+    pub prompt: String,
+    pub error_code: u32,
+    pub error_message: String,
+}
+
+impl Stream {
+    pub fn new(now: Instant, queue_bytes: usize, queue_tokens: usize) -> Self {
+        Self {
+            gen: 0,
+            phase: Phase::Free,
+            conn: 0,
+            client_id: 0,
+            credit: Credit::Unlimited,
+            sent: 0,
+            queue: TokenQueue::with_capacity(queue_bytes, queue_tokens),
+            paused: false,
+            arrived: now,
+            first_token: None,
+            params: Params::default(),
+            prompt: String::new(),
+            error_code: 0,
+            error_message: String::new(),
+        }
+    }
+
+    /// Live and producing or about to.
+    pub fn is_open(&self) -> bool {
+        self.phase != Phase::Free
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_respects_token_and_byte_limits() {
+        let mut q = TokenQueue::with_capacity(64, 8);
+        for t in ["a", "bb", "ccc", "dddd"] {
+            q.push(t.as_bytes());
+        }
+        assert_eq!(q.take(3, 100), (3, &b"abbccc"[..]));
+        assert_eq!(q.tokens(), 1);
+        q.push(b"e");
+        assert_eq!(
+            q.take(10, 2),
+            (1, &b"dddd"[..]),
+            "one token even if over the byte limit"
+        );
+        assert_eq!(q.take(10, 100), (1, &b"e"[..]));
+        assert_eq!(q.take(10, 100), (0, &b""[..]));
+    }
+
+    #[test]
+    fn queue_reuses_its_buffer() {
+        let mut q = TokenQueue::with_capacity(16, 16);
+        let cap = q.bytes.capacity();
+        for _ in 0..1000 {
+            q.push(b"abcd");
+            q.push(b"efgh");
+            let _ = q.take(2, 100);
+        }
+        assert_eq!(q.bytes.capacity(), cap);
+    }
+
+    #[test]
+    fn credit_counts_tokens() {
+        let mut c = Credit::from_initial(3);
+        assert_eq!(c.available(), 3);
+        c.spend(3);
+        assert_eq!(c.available(), 0);
+        c.grant(2);
+        assert_eq!(c.available(), 2);
+        let mut u = Credit::from_initial(0);
+        u.spend(1000);
+        assert_eq!(u.available(), u64::MAX);
+    }
+}

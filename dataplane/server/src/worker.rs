@@ -1,0 +1,1244 @@
+//! One worker: a thread, its io_uring, its connections and streams, its
+//! backend. The loop turn is: wait on the ring (with the backend's next
+//! deadline as timeout) → copy the completions out → handle them in order
+//! (accept, recv → frames, send, backend ops) → poll the backend → admit
+//! queued work → frame every dirty connection's tokens into one send each.
+
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnse_backend::{Backend, Delivery, FinishReason, Io, Job, Sink, WorkId};
+use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, put_tokens, Kind, ParamLimits, Params};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::bufring::BufRing;
+use crate::conn::{Conn, ConnState, Held, HELD_BUFFERS_MAX};
+use crate::stream::{Credit, Phase, Stream};
+use crate::{Config, Shared, WorkerCounters};
+
+// user_data layout: [op: 8 bits][slot: 24 bits][generation: 32 bits], or
+// [OP_BACKEND][backend tag: 56 bits].
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_WAKE: u64 = 4;
+const OP_BACKEND: u64 = 5;
+const OP_CANCEL: u64 = 6;
+const SLOT_BITS: u64 = 24;
+const TAG_MASK: u64 = (1 << 56) - 1;
+const BGID: u16 = 0;
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Room kept free in a send buffer for the small frames (ERROR, END) a
+/// frame's handling may append.
+const REPLY_SLACK_BYTES: usize = 512;
+
+fn ud(op: u64, slot: u32, gen: u32) -> u64 {
+    debug_assert!(u64::from(slot) < (1 << SLOT_BITS));
+    (op << 56) | (u64::from(slot) << 32) | u64::from(gen)
+}
+
+fn ud_split(user_data: u64) -> (u64, u32, u32) {
+    (
+        user_data >> 56,
+        ((user_data >> 32) & ((1 << SLOT_BITS) - 1)) as u32,
+        user_data as u32,
+    )
+}
+
+fn work_id(slot: u32, gen: u32) -> WorkId {
+    WorkId((u64::from(gen) << 32) | u64::from(slot))
+}
+
+/// Wakes a worker blocked in its ring wait (shutdown).
+pub(crate) struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> io::Result<(Waker, OwnedFd)> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor; dup gives the worker its own.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dup = owned.try_clone()?;
+        Ok((Waker(owned), dup))
+    }
+
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to an eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn push_sqe(ring: &mut IoUring, entry: &squeue::Entry) {
+    loop {
+        // SAFETY: every entry built in this crate points only at memory the
+        // worker owns and keeps in place until the completion (connection
+        // buffers are not touched while their op is in flight; the backend
+        // promised the same through `Io::submit`).
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return;
+        }
+        // Submission queue full: hand what we have to the kernel.
+        let _ = ring.submit();
+    }
+}
+
+struct RingIo<'a> {
+    ring: &'a mut IoUring,
+    now: Instant,
+}
+
+impl Io for RingIo<'_> {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    unsafe fn submit(&mut self, tag: u64, entry: squeue::Entry) {
+        assert!(tag <= TAG_MASK, "backend tag above 56 bits");
+        push_sqe(self.ring, &entry.user_data((OP_BACKEND << 56) | tag));
+    }
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Queued {
+    priority: u32,
+    /// Earlier arrivals first within a priority.
+    order: std::cmp::Reverse<u64>,
+    slot: u32,
+    gen: u32,
+}
+
+/// Connections, streams and what must be flushed: everything the backend's
+/// sink touches, split from the backend itself so both can be borrowed.
+struct Tables {
+    cfg: Arc<Config>,
+    now: Instant,
+    conns: Vec<Conn>,
+    conn_free: Vec<u32>,
+    streams: Vec<Stream>,
+    stream_free: Vec<u32>,
+    dirty: Vec<u32>,
+    streams_open: u64,
+    conns_open: u64,
+    tokens_sent: u64,
+    frames_out: u64,
+    frames_in: u64,
+    requests: u64,
+    violations: u64,
+    rejected: u64,
+    accepted: u64,
+}
+
+impl Tables {
+    fn mark_dirty(&mut self, conn: u32) {
+        let c = &mut self.conns[conn as usize];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    fn live_stream(&mut self, id: WorkId) -> Option<&mut Stream> {
+        let slot = (id.0 & 0xffff_ffff) as usize;
+        let gen = (id.0 >> 32) as u32;
+        let s = self.streams.get_mut(slot)?;
+        (s.gen == gen && s.phase == Phase::Running).then_some(s)
+    }
+
+    fn free_stream(&mut self, slot: u32) {
+        let s = &mut self.streams[slot as usize];
+        debug_assert!(s.phase != Phase::Free);
+        s.phase = Phase::Free;
+        s.gen = s.gen.wrapping_add(1);
+        s.queue.clear();
+        s.paused = false;
+        self.stream_free.push(slot);
+        self.streams_open -= 1;
+    }
+}
+
+impl Sink for Tables {
+    fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
+        let (tokens_max, bytes_max) = (self.cfg.stream_buffered_tokens_max, self.cfg.stream_buffered_bytes_max);
+        let Some(s) = self.live_stream(id) else {
+            return Delivery::Gone;
+        };
+        s.queue.push(text);
+        let full = s.queue.tokens() >= tokens_max || s.queue.bytes() >= bytes_max;
+        if full {
+            s.paused = true;
+        }
+        let conn = s.conn;
+        self.mark_dirty(conn);
+        if full {
+            Delivery::Pause
+        } else {
+            Delivery::Accepted
+        }
+    }
+
+    fn end(&mut self, id: WorkId, reason: FinishReason) {
+        if let Some(s) = self.live_stream(id) {
+            s.phase = Phase::Finished(reason);
+            let conn = s.conn;
+            self.mark_dirty(conn);
+        }
+    }
+
+    fn error(&mut self, id: WorkId, code: u32, message: &str) {
+        if let Some(s) = self.live_stream(id) {
+            s.phase = Phase::Failed;
+            s.error_code = code;
+            s.error_message.clear();
+            s.error_message.push_str(message);
+            let conn = s.conn;
+            self.mark_dirty(conn);
+        }
+    }
+}
+
+struct Worker {
+    ring: IoUring,
+    bufs: BufRing,
+    tables: Tables,
+    backend: Box<dyn Backend>,
+    queue: BinaryHeap<Queued>,
+    queue_order: u64,
+    limits: ParamLimits,
+    listener: Option<OwnedFd>,
+    accept_armed: bool,
+    wake_fd: OwnedFd,
+    wake_buf: Box<u64>,
+    shared: Arc<Shared>,
+    index: usize,
+    cqes: Vec<(u64, i32, u32)>,
+    next_sweep: Instant,
+    shutting_down: Option<Instant>,
+    backend_deadline: Option<Instant>,
+}
+
+fn pin_to_core(index: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity read/write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        if cpus.is_empty() {
+            return;
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[index % cpus.len()], &mut one);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+    }
+}
+
+pub(crate) fn run(
+    index: usize,
+    cfg: Arc<Config>,
+    shared: Arc<Shared>,
+    listener: OwnedFd,
+    wake_fd: OwnedFd,
+    factory: Arc<dyn cnse_backend::BackendFactory>,
+    ready: Sender<Result<(), crate::ServerError>>,
+) -> io::Result<()> {
+    if cfg.pin_threads {
+        pin_to_core(index);
+    }
+    // Built on its own thread: backends may hold thread-bound resources
+    // (a GPU context, a ring-driven connection pool).
+    let backend = match factory.build(index) {
+        Ok(b) => b,
+        Err(message) => {
+            let _ = ready.send(Err(crate::ServerError::Backend { core: index, message }));
+            return Ok(());
+        }
+    };
+    let mut worker = match Worker::new(index, cfg, shared, listener, wake_fd, backend) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ready.send(Err(crate::ServerError::Ring(io::Error::new(e.kind(), e.to_string()))));
+            return Err(e);
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let result = worker.run();
+    worker.teardown();
+    result
+}
+
+impl Worker {
+    fn new(
+        index: usize,
+        cfg: Arc<Config>,
+        shared: Arc<Shared>,
+        listener: OwnedFd,
+        wake_fd: OwnedFd,
+        backend: Box<dyn Backend>,
+    ) -> io::Result<Self> {
+        let entries = 4096u32;
+        // One thread submits and reaps (single issuer); completion task work
+        // runs only when this thread waits (defer taskrun), so the kernel
+        // does not interrupt the loop to post completions.
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
+        let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
+        let now = Instant::now();
+        let conns_max = cfg.conns_per_thread_max.min((1 << SLOT_BITS) - 1);
+        let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
+        let conn_free = (0..conns_max as u32).rev().collect();
+        let streams = (0..cfg.streams_per_thread_max)
+            .map(|_| Stream::new(now, 0, 0))
+            .collect();
+        let stream_free = (0..cfg.streams_per_thread_max as u32).rev().collect();
+        let limits = ParamLimits {
+            max_tokens_limit: cfg.max_tokens_limit,
+        };
+        let queue = BinaryHeap::with_capacity(cfg.admission_queue_max);
+        Ok(Self {
+            ring,
+            bufs,
+            tables: Tables {
+                cfg,
+                now,
+                conns,
+                conn_free,
+                streams,
+                stream_free,
+                dirty: Vec::with_capacity(1024),
+                streams_open: 0,
+                conns_open: 0,
+                tokens_sent: 0,
+                frames_out: 0,
+                frames_in: 0,
+                requests: 0,
+                violations: 0,
+                rejected: 0,
+                accepted: 0,
+            },
+            backend,
+            queue,
+            queue_order: 0,
+            limits,
+            listener: Some(listener),
+            accept_armed: false,
+            wake_fd,
+            wake_buf: Box::new(0),
+            shared,
+            index,
+            cqes: Vec::with_capacity(entries as usize * 4),
+            next_sweep: now + SWEEP_INTERVAL,
+            shutting_down: None,
+            backend_deadline: None,
+        })
+    }
+
+    fn cfg(&self) -> &Config {
+        &self.tables.cfg
+    }
+
+    fn arm_accept(&mut self) {
+        if let Some(l) = &self.listener {
+            let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                .build()
+                .user_data(ud(OP_ACCEPT, 0, 0));
+            push_sqe(&mut self.ring, &e);
+            self.accept_armed = true;
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::Read::new(
+            types::Fd(self.wake_fd.as_raw_fd()),
+            (&mut *self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(ud(OP_WAKE, 0, 0));
+        push_sqe(&mut self.ring, &e);
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.recv_armed || c.recv_cancelling || !c.reads_input() || !c.held.is_empty() {
+            return;
+        }
+        c.recv_armed = true;
+        let e = opcode::RecvMulti::new(types::Fd(c.fd), BGID)
+            .build()
+            .user_data(ud(OP_RECV, slot, c.gen));
+        push_sqe(&mut self.ring, &e);
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.arm_wake();
+        loop {
+            self.wait()?;
+            self.tables.now = Instant::now();
+            self.cqes.clear();
+            for cqe in self.ring.completion() {
+                self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+            }
+            for i in 0..self.cqes.len() {
+                let (user_data, result, flags) = self.cqes[i];
+                self.dispatch(user_data, result, flags);
+            }
+            self.poll_backend();
+            self.admit();
+            self.flush_dirty();
+            self.bufs.publish();
+            if self.tables.now >= self.next_sweep {
+                self.sweep();
+                self.next_sweep = self.tables.now + SWEEP_INTERVAL;
+            }
+            if self.shutdown_step() {
+                return Ok(());
+            }
+            self.publish_counters();
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.ring.completion().is_empty() {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut until = self.next_sweep;
+        if let Some(d) = self.backend_deadline {
+            until = until.min(d);
+        }
+        let timeout = until.saturating_duration_since(now);
+        if timeout.is_zero() {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn dispatch(&mut self, user_data: u64, result: i32, flags: u32) {
+        let (op, slot, gen) = ud_split(user_data);
+        match op {
+            OP_ACCEPT => self.on_accept(result, flags),
+            OP_RECV => self.on_recv(slot, gen, result, flags),
+            OP_SEND => self.on_send(slot, gen, result),
+            OP_WAKE => {
+                if !self.shared.shutdown.load(Ordering::SeqCst) {
+                    self.arm_wake();
+                }
+            }
+            OP_BACKEND => {
+                let mut io = RingIo {
+                    ring: &mut self.ring,
+                    now: self.tables.now,
+                };
+                self.backend
+                    .complete(user_data & TAG_MASK, result, flags, &mut io, &mut self.tables);
+            }
+            OP_CANCEL => {}
+            _ => unreachable!("user_data {user_data:#x} was not built by this worker"),
+        }
+    }
+
+    fn on_accept(&mut self, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if result >= 0 {
+            self.tables.accepted += 1;
+            let fd = result;
+            let Some(slot) = (if self.shutting_down.is_none() {
+                self.tables.conn_free.pop()
+            } else {
+                None
+            }) else {
+                // Connection table full or shutting down: refuse by closing.
+                // SAFETY: fd was just accepted and is owned by nobody else.
+                unsafe { libc::close(fd) };
+                self.tables.rejected += 1;
+                return;
+            };
+            crate::listen::set_nodelay(fd);
+            let now = self.tables.now;
+            let c = &mut self.tables.conns[slot as usize];
+            debug_assert_eq!(c.state, ConnState::Free);
+            c.fd = fd;
+            c.state = ConnState::Handshake;
+            c.decoder.reset();
+            c.out_fill.clear();
+            c.out_flight.clear();
+            c.flight_sent = 0;
+            c.held.clear();
+            c.streams.clear();
+            c.accepted = now;
+            c.last_input = now;
+            self.tables.conns_open += 1;
+            self.arm_recv(slot);
+        } else if result != -libc::ECANCELED && !cqueue::more(flags) && self.shutting_down.is_none() {
+            // EMFILE and friends: the multishot ended; the sweep re-arms it.
+        }
+        if !self.accept_armed && self.shutting_down.is_none() && result != -libc::EMFILE && result != -libc::ENFILE {
+            self.arm_accept();
+        }
+    }
+
+    fn on_recv(&mut self, slot: u32, gen: u32, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let c = &mut self.tables.conns[slot as usize];
+        if c.gen != gen || c.state == ConnState::Free {
+            if let Some(b) = bid {
+                self.bufs.recycle(b);
+            }
+            return;
+        }
+        if !more {
+            c.recv_armed = false;
+            if result == -libc::ECANCELED {
+                c.recv_cancelling = false;
+            }
+        }
+        if result > 0 {
+            let bid = bid.expect("a successful buffer-select recv names its buffer");
+            let held = Held {
+                bid,
+                offset: 0,
+                len: result as u32,
+            };
+            if !c.reads_input() {
+                self.bufs.recycle(bid);
+            } else if !c.held.is_empty() {
+                c.held.push_back(held);
+                self.maybe_cancel_recv(slot);
+            } else {
+                self.consume(slot, held);
+            }
+        } else if result == 0 {
+            self.close_conn(slot);
+            return;
+        } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
+            self.close_conn(slot);
+            return;
+        }
+        let c = &mut self.tables.conns[slot as usize];
+        if c.state == ConnState::Closing {
+            self.maybe_release(slot);
+        } else if !c.recv_armed {
+            // Multishot ended (ENOBUFS, cancel, or the kernel's choice):
+            // re-arm unless output backpressure is holding input.
+            self.arm_recv(slot);
+        }
+    }
+
+    fn maybe_cancel_recv(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.held.len() >= HELD_BUFFERS_MAX && c.recv_armed && !c.recv_cancelling {
+            c.recv_cancelling = true;
+            let e = opcode::AsyncCancel::new(ud(OP_RECV, slot, c.gen))
+                .build()
+                .user_data(ud(OP_CANCEL, slot, c.gen));
+            push_sqe(&mut self.ring, &e);
+        }
+    }
+
+    /// Processes a received buffer; keeps what could not be processed for
+    /// lack of output room. Returns the buffer to the ring when done.
+    fn consume(&mut self, slot: u32, held: Held) {
+        let data = self.bufs.get(held.bid, held.len as usize);
+        let mut input = &data[held.offset as usize..];
+        let soft_limit = self.tables.cfg.send_buffer_bytes;
+        let mut decoder = std::mem::replace(
+            &mut self.tables.conns[slot as usize].decoder,
+            cnse_proto::FrameDecoder::new(cnse_proto::Direction::ToServer, 0),
+        );
+        let mut stopped = false;
+        loop {
+            let c = &self.tables.conns[slot as usize];
+            if !c.reads_input() {
+                input = &[];
+                break;
+            }
+            if input.is_empty() {
+                break;
+            }
+            if c.out_fill.len() > soft_limit {
+                stopped = true;
+                break;
+            }
+            match decoder.next(&mut input) {
+                Ok(Some(frame)) => {
+                    let h = frame.header;
+                    let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
+                    Self::handle_frame(
+                        &mut self.tables,
+                        &mut self.backend,
+                        &mut self.ring,
+                        &mut self.queue,
+                        &mut self.queue_order,
+                        &self.limits,
+                        self.shutting_down.is_some(),
+                        slot,
+                        frame.kind,
+                        stream_id,
+                        arg,
+                        aux,
+                        frame.payload,
+                    );
+                }
+                Ok(None) => break,
+                Err(v) => {
+                    Self::violate(
+                        &mut self.tables,
+                        &mut self.backend,
+                        &mut self.ring,
+                        &mut self.queue,
+                        slot,
+                        v.code,
+                        v.message,
+                    );
+                    input = &[];
+                    break;
+                }
+            }
+        }
+        let consumed = data.len() - input.len();
+        let c = &mut self.tables.conns[slot as usize];
+        c.decoder = decoder;
+        c.last_input = self.tables.now;
+        if stopped && c.reads_input() {
+            c.held.push_front(Held {
+                bid: held.bid,
+                offset: consumed as u32,
+                len: held.len,
+            });
+            self.maybe_cancel_recv(slot);
+        } else {
+            self.bufs.recycle(held.bid);
+        }
+        self.tables.mark_dirty(slot);
+    }
+
+    /// Processes held buffers after output drained.
+    fn resume_input(&mut self, slot: u32) {
+        loop {
+            let c = &mut self.tables.conns[slot as usize];
+            if !c.reads_input() {
+                while let Some(h) = c.held.pop_front() {
+                    self.bufs.recycle(h.bid);
+                }
+                return;
+            }
+            if c.out_fill.len() > self.tables.cfg.send_buffer_bytes {
+                return;
+            }
+            let Some(h) = c.held.pop_front() else { break };
+            self.consume(slot, h);
+            if !self.tables.conns[slot as usize].held.is_empty() {
+                return;
+            }
+        }
+        self.arm_recv(slot);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_frame(
+        t: &mut Tables,
+        backend: &mut Box<dyn Backend>,
+        ring: &mut IoUring,
+        queue: &mut BinaryHeap<Queued>,
+        queue_order: &mut u64,
+        limits: &ParamLimits,
+        shutting_down: bool,
+        slot: u32,
+        kind: Kind,
+        stream_id: u64,
+        arg: u32,
+        aux: u64,
+        payload: &[u8],
+    ) {
+        t.frames_in += 1;
+        let now = t.now;
+        let cfg = t.cfg.clone();
+        let state = t.conns[slot as usize].state;
+        match (state, kind) {
+            (ConnState::Handshake, Kind::Hello) => {
+                if let Some(key) = &cfg.auth_key {
+                    if !constant_time_eq(key, payload) {
+                        Self::violate(
+                            t,
+                            backend,
+                            ring,
+                            queue,
+                            slot,
+                            code::UNAUTHORIZED,
+                            "authentication failed",
+                        );
+                        return;
+                    }
+                }
+                let c = &mut t.conns[slot as usize];
+                c.state = ConnState::Open;
+                put_hello_ack(&mut c.out_fill, cfg.payload_bytes_max, &cfg.server_name);
+                t.frames_out += 1;
+            }
+            (ConnState::Handshake, _) => Self::violate(
+                t,
+                backend,
+                ring,
+                queue,
+                slot,
+                code::BAD_REQUEST,
+                "HELLO must be the first frame",
+            ),
+            (_, Kind::Hello) => Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "second HELLO"),
+            (_, Kind::Ping) => {
+                let c = &mut t.conns[slot as usize];
+                put_pong(&mut c.out_fill, stream_id, arg, aux, payload);
+                t.frames_out += 1;
+            }
+            (_, Kind::Request) => {
+                if stream_id == 0 {
+                    Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "REQUEST on stream 0");
+                    return;
+                }
+                let reject = |t: &mut Tables, code: u32, msg: &str| {
+                    put_error(&mut t.conns[slot as usize].out_fill, stream_id, code, msg);
+                    t.frames_out += 1;
+                    t.rejected += 1;
+                };
+                if t.conns[slot as usize].find_stream(stream_id).is_some() {
+                    return reject(t, code::STREAM_IN_USE, "stream id already in use");
+                }
+                let req = match Params::parse(payload, limits) {
+                    Ok(r) => r,
+                    Err((c, m)) => return reject(t, c, m),
+                };
+                if shutting_down {
+                    return reject(t, code::SHUTTING_DOWN, "server shutting down");
+                }
+                if t.conns[slot as usize].streams.len() >= cfg.streams_per_conn_max {
+                    return reject(t, code::OVERLOADED, "too many open streams on this connection");
+                }
+                let run_now = queue.is_empty() && backend.has_capacity();
+                if !run_now && queue.len() >= cfg.admission_queue_max {
+                    return reject(t, code::OVERLOADED, "admission queue full, retry later");
+                }
+                let Some(sslot) = t.stream_free.pop() else {
+                    return reject(t, code::OVERLOADED, "stream table full, retry later");
+                };
+                t.requests += 1;
+                t.streams_open += 1;
+                let s = &mut t.streams[sslot as usize];
+                s.phase = Phase::Queued;
+                s.conn = slot;
+                s.client_id = stream_id;
+                s.credit = Credit::from_initial(arg);
+                s.sent = 0;
+                s.paused = false;
+                s.arrived = now;
+                s.first_token = None;
+                s.params = req.params;
+                s.prompt.clear();
+                s.prompt.push_str(req.prompt);
+                let gen = s.gen;
+                t.conns[slot as usize].streams.push((stream_id, sslot));
+                if run_now {
+                    Self::start_stream(t, backend, ring, sslot);
+                } else {
+                    *queue_order += 1;
+                    queue.push(Queued {
+                        priority: req.params.priority,
+                        order: std::cmp::Reverse(*queue_order),
+                        slot: sslot,
+                        gen,
+                    });
+                }
+            }
+            (_, Kind::Cancel) => {
+                let Some(i) = t.conns[slot as usize].find_stream(stream_id) else {
+                    return;
+                };
+                let sslot = t.conns[slot as usize].streams[i].1;
+                Self::stop_stream(t, backend, ring, queue, sslot);
+                let s = &t.streams[sslot as usize];
+                let (ttft, total) = times(s, now);
+                let sent = s.sent;
+                put_end(
+                    &mut t.conns[slot as usize].out_fill,
+                    stream_id,
+                    FinishReason::Cancelled,
+                    sent,
+                    ttft,
+                    total,
+                );
+                t.frames_out += 1;
+                t.conns[slot as usize].streams.swap_remove(i);
+                t.free_stream(sslot);
+            }
+            (_, Kind::Credit) => {
+                let Some(i) = t.conns[slot as usize].find_stream(stream_id) else {
+                    return;
+                };
+                let sslot = t.conns[slot as usize].streams[i].1;
+                t.streams[sslot as usize].credit.grant(arg);
+                t.mark_dirty(slot);
+            }
+            (_, Kind::HelloAck | Kind::Tokens | Kind::End | Kind::Error | Kind::Pong) => {
+                unreachable!("the decoder rejects server kinds from clients")
+            }
+        }
+    }
+
+    fn start_stream(t: &mut Tables, backend: &mut Box<dyn Backend>, ring: &mut IoUring, sslot: u32) {
+        let s = &mut t.streams[sslot as usize];
+        s.phase = Phase::Running;
+        let job = Job {
+            id: work_id(sslot, s.gen),
+            params: s.params,
+            prompt: &s.prompt,
+            arrived: s.arrived,
+        };
+        let mut io = RingIo { ring, now: t.now };
+        if let Err(reject) = backend.start(job, &mut io) {
+            let s = &mut t.streams[sslot as usize];
+            s.phase = Phase::Failed;
+            s.error_code = reject.code;
+            s.error_message.clear();
+            s.error_message.push_str(&reject.message);
+            let conn = s.conn;
+            t.mark_dirty(conn);
+        }
+    }
+
+    /// Ends the backend's part of a stream (no frame is written).
+    fn stop_stream(
+        t: &mut Tables,
+        backend: &mut Box<dyn Backend>,
+        ring: &mut IoUring,
+        queue: &mut BinaryHeap<Queued>,
+        sslot: u32,
+    ) {
+        let s = &t.streams[sslot as usize];
+        match s.phase {
+            Phase::Running => {
+                let mut io = RingIo { ring, now: t.now };
+                backend.cancel(work_id(sslot, s.gen), &mut io);
+            }
+            Phase::Queued => {
+                let gen = s.gen;
+                queue.retain(|q| !(q.slot == sslot && q.gen == gen));
+            }
+            Phase::Finished(_) | Phase::Failed | Phase::Free => {}
+        }
+    }
+
+    /// Protocol violation: ERROR on stream 0, cancel every stream (no END),
+    /// send what is pending, close.
+    fn violate(
+        t: &mut Tables,
+        backend: &mut Box<dyn Backend>,
+        ring: &mut IoUring,
+        queue: &mut BinaryHeap<Queued>,
+        slot: u32,
+        code: u32,
+        message: &str,
+    ) {
+        t.violations += 1;
+        Self::drop_streams(t, backend, ring, queue, slot);
+        let c = &mut t.conns[slot as usize];
+        put_error(&mut c.out_fill, 0, code, message);
+        t.frames_out += 1;
+        c.state = ConnState::Draining {
+            deadline: t.now + DRAIN_TIMEOUT,
+        };
+        t.mark_dirty(slot);
+    }
+
+    fn drop_streams(
+        t: &mut Tables,
+        backend: &mut Box<dyn Backend>,
+        ring: &mut IoUring,
+        queue: &mut BinaryHeap<Queued>,
+        slot: u32,
+    ) {
+        while let Some((_, sslot)) = t.conns[slot as usize].streams.pop() {
+            Self::stop_stream(t, backend, ring, queue, sslot);
+            t.free_stream(sslot);
+        }
+    }
+
+    /// Peer closed, error, or timeout: cancel the streams silently and shut
+    /// the socket; the slot is released once the kernel returns our ops.
+    fn close_conn(&mut self, slot: u32) {
+        match self.tables.conns[slot as usize].state {
+            ConnState::Free => return,
+            // Already shut: an op of ours just came back; maybe it was the last.
+            ConnState::Closing => return self.maybe_release(slot),
+            _ => {}
+        }
+        Self::drop_streams(
+            &mut self.tables,
+            &mut self.backend,
+            &mut self.ring,
+            &mut self.queue,
+            slot,
+        );
+        let c = &mut self.tables.conns[slot as usize];
+        while let Some(h) = c.held.pop_front() {
+            self.bufs.recycle(h.bid);
+        }
+        c.state = ConnState::Closing;
+        // SAFETY: fd is this connection's open socket; shutdown makes the
+        // kernel complete our pending recv/send so the slot can be released.
+        unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+        self.maybe_release(slot);
+    }
+
+    fn maybe_release(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.state != ConnState::Closing || c.ops_in_flight() {
+            return;
+        }
+        // SAFETY: no operation of ours refers to fd any more.
+        unsafe { libc::close(c.fd) };
+        c.fd = -1;
+        c.gen = c.gen.wrapping_add(1);
+        c.state = ConnState::Free;
+        c.out_fill.clear();
+        c.out_flight.clear();
+        c.decoder.reset();
+        self.tables.conn_free.push(slot);
+        self.tables.conns_open -= 1;
+    }
+
+    fn on_send(&mut self, slot: u32, gen: u32, result: i32) {
+        let c = &mut self.tables.conns[slot as usize];
+        assert_eq!(c.gen, gen, "a slot is never reused while its send is in flight");
+        c.send_inflight = false;
+        if c.state == ConnState::Closing {
+            self.maybe_release(slot);
+            return;
+        }
+        if result < 0 {
+            self.close_conn(slot);
+            return;
+        }
+        c.flight_sent += result as usize;
+        if c.flight_sent < c.out_flight.len() {
+            self.submit_send(slot);
+            return;
+        }
+        c.out_flight.clear();
+        c.flight_sent = 0;
+        self.resume_input(slot);
+        self.tables.mark_dirty(slot);
+    }
+
+    fn submit_send(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        debug_assert!(!c.send_inflight);
+        if c.flight_sent >= c.out_flight.len() {
+            if c.out_fill.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut c.out_fill, &mut c.out_flight);
+            c.flight_sent = 0;
+        }
+        let rest = &c.out_flight[c.flight_sent..];
+        c.send_inflight = true;
+        let e = opcode::Send::new(types::Fd(c.fd), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud(OP_SEND, slot, c.gen));
+        push_sqe(&mut self.ring, &e);
+    }
+
+    fn poll_backend(&mut self) {
+        let mut io = RingIo {
+            ring: &mut self.ring,
+            now: self.tables.now,
+        };
+        self.backend_deadline = self.backend.poll(&mut io, &mut self.tables);
+    }
+
+    fn admit(&mut self) {
+        while let Some(top) = self.queue.peek() {
+            if !self.backend.has_capacity() {
+                break;
+            }
+            let (slot, gen) = (top.slot, top.gen);
+            self.queue.pop();
+            let s = &self.tables.streams[slot as usize];
+            if s.gen != gen || s.phase != Phase::Queued {
+                continue;
+            }
+            Self::start_stream(&mut self.tables, &mut self.backend, &mut self.ring, slot);
+        }
+    }
+
+    /// Frames buffered tokens within credit, ENDs and ERRORs, for every
+    /// connection touched this turn, then one send per connection.
+    fn flush_dirty(&mut self) {
+        let mut i = 0;
+        while i < self.tables.dirty.len() {
+            let slot = self.tables.dirty[i];
+            i += 1;
+            self.tables.conns[slot as usize].dirty = false;
+            self.flush_conn(slot);
+        }
+        self.tables.dirty.clear();
+    }
+
+    fn flush_conn(&mut self, slot: u32) {
+        let t = &mut self.tables;
+        let now = t.now;
+        let soft = t.cfg.send_buffer_bytes;
+        let (low_tokens, low_bytes) = (
+            t.cfg.stream_buffered_tokens_max / 2,
+            t.cfg.stream_buffered_bytes_max / 2,
+        );
+        let c = &t.conns[slot as usize];
+        match c.state {
+            ConnState::Open => {}
+            ConnState::Draining { .. } => {
+                if !c.send_inflight {
+                    if c.out_fill.is_empty() && c.flight_sent >= c.out_flight.len() {
+                        self.close_conn(slot);
+                    } else {
+                        self.submit_send(slot);
+                    }
+                }
+                return;
+            }
+            ConnState::Handshake => {
+                if !c.send_inflight {
+                    self.submit_send(slot);
+                }
+                return;
+            }
+            ConnState::Free | ConnState::Closing => return,
+        }
+        let mut k = 0;
+        while k < t.conns[slot as usize].streams.len() {
+            let (client_id, sslot) = t.conns[slot as usize].streams[k];
+            let (streams, conns) = (&mut t.streams, &mut t.conns);
+            let s = &mut streams[sslot as usize];
+            let out = &mut conns[slot as usize].out_fill;
+            if s.phase != Phase::Failed && s.queue.tokens() > 0 && s.credit.available() > 0 {
+                let room = soft.saturating_sub(out.len() + REPLY_SLACK_BYTES);
+                if room > 0 || out.is_empty() {
+                    let (n, text) = s.queue.take(s.credit.available(), room);
+                    put_tokens(out, client_id, n, s.sent, text);
+                    s.sent += u64::from(n);
+                    s.credit.spend(u64::from(n));
+                    if s.first_token.is_none() {
+                        s.first_token = Some(now);
+                    }
+                    t.tokens_sent += u64::from(n);
+                    t.frames_out += 1;
+                }
+            }
+            let done = match s.phase {
+                Phase::Finished(reason) if s.queue.tokens() == 0 => {
+                    let (ttft, total) = times(s, now);
+                    put_end(out, client_id, reason, s.sent, ttft, total);
+                    true
+                }
+                Phase::Failed => {
+                    put_error(out, client_id, s.error_code, &s.error_message);
+                    true
+                }
+                _ => false,
+            };
+            if done {
+                t.frames_out += 1;
+                t.conns[slot as usize].streams.swap_remove(k);
+                t.free_stream(sslot);
+                continue;
+            }
+            if s.paused && s.phase == Phase::Running && s.queue.tokens() <= low_tokens && s.queue.bytes() <= low_bytes {
+                s.paused = false;
+                let id = work_id(sslot, s.gen);
+                let mut io = RingIo {
+                    ring: &mut self.ring,
+                    now,
+                };
+                self.backend.resume(id, &mut io);
+            }
+            k += 1;
+        }
+        if !t.conns[slot as usize].send_inflight {
+            self.submit_send(slot);
+        }
+    }
+
+    /// Timeouts: handshake, idle, draining; re-arms accept after EMFILE.
+    fn sweep(&mut self) {
+        let now = self.tables.now;
+        let (handshake, idle) = (self.cfg().handshake_timeout, self.cfg().idle_timeout);
+        for slot in 0..self.tables.conns.len() as u32 {
+            let c = &self.tables.conns[slot as usize];
+            match c.state {
+                ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
+                    Self::violate(
+                        &mut self.tables,
+                        &mut self.backend,
+                        &mut self.ring,
+                        &mut self.queue,
+                        slot,
+                        code::BAD_REQUEST,
+                        "no HELLO within the handshake timeout",
+                    );
+                }
+                ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
+                    self.close_conn(slot)
+                }
+                ConnState::Draining { deadline } if now >= deadline => self.close_conn(slot),
+                _ => {}
+            }
+        }
+        if !self.accept_armed && self.shutting_down.is_none() {
+            self.arm_accept();
+        }
+        self.flush_dirty();
+    }
+
+    /// Drives shutdown; true when the worker may exit.
+    fn shutdown_step(&mut self) -> bool {
+        if self.shutting_down.is_none() {
+            if !self.shared.shutdown.load(Ordering::SeqCst) {
+                return false;
+            }
+            self.shutting_down = Some(self.tables.now + self.cfg().shutdown_grace);
+            if self.accept_armed {
+                let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
+                    .build()
+                    .user_data(ud(OP_CANCEL, 0, 0));
+                push_sqe(&mut self.ring, &e);
+            }
+            // Queued work will not start: tell its clients now.
+            while let Some(q) = self.queue.pop() {
+                let s = &mut self.tables.streams[q.slot as usize];
+                if s.gen == q.gen && s.phase == Phase::Queued {
+                    s.phase = Phase::Failed;
+                    s.error_code = code::SHUTTING_DOWN;
+                    s.error_message.clear();
+                    s.error_message.push_str("server shutting down");
+                    let conn = s.conn;
+                    self.tables.mark_dirty(conn);
+                }
+            }
+            self.flush_dirty();
+        }
+        let deadline = self.shutting_down.expect("set above");
+        let now = self.tables.now;
+        if self.tables.streams_open == 0 || now >= deadline {
+            for slot in 0..self.tables.conns.len() as u32 {
+                let c = &self.tables.conns[slot as usize];
+                if !matches!(c.state, ConnState::Open | ConnState::Handshake) {
+                    continue;
+                }
+                let streams: Vec<(u64, u32)> = c.streams.clone();
+                for (_, sslot) in streams {
+                    Self::stop_stream(
+                        &mut self.tables,
+                        &mut self.backend,
+                        &mut self.ring,
+                        &mut self.queue,
+                        sslot,
+                    );
+                    let s = &mut self.tables.streams[sslot as usize];
+                    s.phase = Phase::Failed;
+                    s.error_code = code::SHUTTING_DOWN;
+                    s.error_message.clear();
+                    s.error_message.push_str("server shutting down");
+                }
+                self.flush_conn(slot);
+                let c = &mut self.tables.conns[slot as usize];
+                c.state = ConnState::Draining {
+                    deadline: now + DRAIN_TIMEOUT,
+                };
+                self.tables.mark_dirty(slot);
+            }
+            self.flush_dirty();
+        }
+        if self.tables.conns_open == 0 && !self.accept_armed {
+            return true;
+        }
+        // Hard stop: nothing may keep the process from exiting.
+        now >= deadline + DRAIN_TIMEOUT * 2
+    }
+
+    fn publish_counters(&self) {
+        let c: &WorkerCounters = &self.shared.counters[self.index];
+        let t = &self.tables;
+        c.conns_open.store(t.conns_open, Ordering::Relaxed);
+        c.conns_accepted.store(t.accepted, Ordering::Relaxed);
+        c.streams_open.store(t.streams_open, Ordering::Relaxed);
+        c.backend_active.store(self.backend.stats().active, Ordering::Relaxed);
+        c.requests.store(t.requests, Ordering::Relaxed);
+        c.tokens_sent.store(t.tokens_sent, Ordering::Relaxed);
+        c.frames_in.store(t.frames_in, Ordering::Relaxed);
+        c.frames_out.store(t.frames_out, Ordering::Relaxed);
+        c.violations.store(t.violations, Ordering::Relaxed);
+        c.rejected.store(t.rejected, Ordering::Relaxed);
+    }
+
+    fn teardown(&mut self) {
+        self.publish_counters();
+        for c in &mut self.tables.conns {
+            if c.fd >= 0 {
+                // SAFETY: the worker is exiting; after the ring is dropped no
+                // operation refers to these descriptors.
+                unsafe { libc::close(c.fd) };
+                c.fd = -1;
+            }
+        }
+        self.bufs.unregister(&self.ring);
+        drop(self.listener.take());
+    }
+}
+
+fn times(s: &Stream, now: Instant) -> (u64, u64) {
+    let ttft = s.first_token.map(|f| cnse_backend::micros(f - s.arrived)).unwrap_or(0);
+    (ttft, cnse_backend::micros(now - s.arrived))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

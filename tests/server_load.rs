@@ -1,0 +1,125 @@
+//! Issue 2: many connections, disconnects that must free backend work, and
+//! the bench/demo commands end to end.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+#[test]
+fn issue2_two_thousand_connections_each_streaming() {
+    const CONNS: usize = 2_000;
+    let limit = raise_nofile(2 * CONNS as u64 + 256);
+    assert!(
+        limit >= 2 * CONNS as u64 + 64,
+        "RLIMIT_NOFILE {limit} too low for the test"
+    );
+    let s = Server::start(&strs(
+        &[synthetic(1_000, 1_000), vec!["--max-connections".into(), "4096".into()]].concat(),
+    ));
+    let mut clients = Vec::with_capacity(CONNS);
+    for i in 0..CONNS {
+        let mut c = s.client();
+        c.request(
+            1,
+            0,
+            &Params {
+                seed: i as u64,
+                ..params(20)
+            },
+            "many",
+        )
+        .unwrap();
+        clients.push(c);
+    }
+    // All 2,000 streams are open at once (20 tokens at 1 ms each take longer
+    // than opening the rest); now read every one to its END.
+    let t = Instant::now();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let frames = read_stream(c, 1);
+        assert_eq!(token_count(&frames), 20, "connection {i}");
+        let end = frames.last().unwrap();
+        assert_eq!((end.kind, end.aux), (Kind::End, 20), "connection {i}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn issue2_disconnect_frees_backend_work() {
+    let s = Server::start(&strs(
+        &[synthetic(0, 1_000), vec!["--stats-interval-ms".into(), "100".into()]].concat(),
+    ));
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut c = s.client();
+        for id in 1..=10u64 {
+            c.request(id, 0, &params(60_000), "endless").unwrap();
+        }
+        assert_eq!(c.next_frame().unwrap().kind, Kind::Tokens);
+        conns.push(c);
+    }
+    let active_100 = eventually(Duration::from_secs(5), || last_active(&s) == Some(100));
+    assert!(active_100, "stats show the 100 streams: {:?}", s.output());
+    drop(conns);
+    // A new client gets full service right away.
+    let t = Instant::now();
+    let g = s.client().generate(1, 0, &params(10), "next", |_, _| {}).unwrap();
+    assert_eq!(g.tokens, 10);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let freed = eventually(Duration::from_secs(5), || last_active(&s) == Some(0));
+    assert!(freed, "backend work freed after the disconnect: {:?}", s.output());
+}
+
+/// The `active=N` figure of the server's last stats line.
+fn last_active(s: &Server) -> Option<u64> {
+    s.output().iter().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("active="))
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+    })
+}
+
+#[test]
+fn issue2_bench_cli_runs_and_writes_csv() {
+    let s = Server::start(&strs(&synthetic(0, 0)));
+    let csv = std::env::temp_dir().join(format!("cnse-bench-{}.csv", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["bench", "--addr", &s.addr.to_string(), "--mode", "generate"])
+        .args([
+            "--connections",
+            "8",
+            "--inflight",
+            "2",
+            "--max-tokens",
+            "8",
+            "--credit",
+            "4",
+        ])
+        .args([
+            "--duration-secs",
+            "1",
+            "--warmup-secs",
+            "0.2",
+            "--csv",
+            csv.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in ["ttft", "inter_token", "e2e", "p99.9", "requests", "tokens"] {
+        assert!(stdout.contains(w), "{w} missing from {stdout}");
+    }
+    assert!(!stdout.contains("problems"), "{stdout}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::remove_file(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(cnse_metrics::CSV_HEADER));
+    let rows: Vec<&str> = lines.collect();
+    assert!(rows.iter().any(|r| r.contains(",e2e,us,")), "{text}");
+    assert!(rows.iter().any(|r| r.contains(",tokens,per_s,")), "{text}");
+}
