@@ -68,7 +68,9 @@ fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
         name: Some("tiny:1".parse().unwrap()),
         ..Default::default()
     };
-    let put = store.put(&file, &opts, &|_| {}).unwrap();
+    // SAFETY: this test owns the file and never truncates it while mapped.
+    let src = unsafe { cnse_store::SourceFile::open(&file) }.unwrap();
+    let put = store.put(&src, &opts, &|_| {}).unwrap();
     let store_dir = dir.join("store");
     let store_arg = store_dir.to_str().unwrap();
 
