@@ -53,7 +53,8 @@ pub fn open(ordinal: usize) -> Result<Arc<CudaContext>, KernelError> {
 /// NVRTC once per process. `--fmad=false`: no multiply-add is contracted into
 /// an FMA, so float results match the CPU references bit for bit.
 pub(crate) fn compile(file: &'static str, src: &'static str, arch: String) -> Result<Ptx, KernelError> {
-    static CACHE: OnceLock<Mutex<Vec<(&'static str, String, Ptx)>>> = OnceLock::new();
+    type Cache = Mutex<Vec<(&'static str, String, Ptx)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, _, ptx)) = cache.iter().find(|(f, a, _)| *f == file && *a == arch) {

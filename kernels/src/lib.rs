@@ -5,6 +5,9 @@
 //! every entry point that needs them returns `KernelError::NoDriver` (or
 //! `NoNvrtc`) instead of panicking when they are absent.
 
+// `is_multiple_of` is newer than the workspace MSRV (1.80).
+#![allow(clippy::manual_is_multiple_of)]
+
 pub mod device;
 pub mod pinned;
 pub mod sampling;

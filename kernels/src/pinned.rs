@@ -147,13 +147,13 @@ impl DeviceBuffer {
     }
 
     fn check_range(&self, op: &'static str, offset: usize, len: usize) -> Result<(), KernelError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(KernelError::Shape {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(KernelError::Shape {
                 op,
                 detail: format!("{offset}+{len} past {} bytes", self.len),
-            });
+            }),
         }
-        Ok(())
     }
 
     /// Synchronous copy of device bytes `offset..offset + out.len()` to host.

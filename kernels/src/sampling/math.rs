@@ -106,8 +106,7 @@ const C6: u32 = 0x3AB6_0B61;
 /// Returns 0 below -87 (where f32 would go subnormal) and for NaN.
 #[inline]
 pub fn exp_det(x: f32) -> f32 {
-    // `!(x > -87)` also catches NaN.
-    if !(x > -87.0) {
+    if x.is_nan() || x <= -87.0 {
         return 0.0;
     }
     let x = if x > 0.0 { 0.0 } else { x };
