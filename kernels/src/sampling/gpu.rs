@@ -478,3 +478,17 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod send_tests {
+    /// The synthetic backend builds one sampler per core and may move it
+    /// into that core's thread.
+    #[test]
+    fn samplers_and_streamer_are_send() {
+        fn send<T: Send>() {}
+        send::<super::BatchSampler>();
+        send::<super::LogitKernels>();
+        send::<crate::CpuSampler>();
+        send::<crate::Streamer>();
+    }
+}
