@@ -181,6 +181,11 @@ struct BenchArgs {
     /// Sampling vocabulary.
     #[arg(long, default_value_t = 131072)]
     vocab: u32,
+    /// Measure only these staging configurations (unverified DMA alone,
+    /// unverified and verified loads), each `THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER`
+    /// with MOVER `ce` or `kernel`, e.g. `8:8:3:1:ce`.
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
     /// Only the sampling part.
     #[arg(long)]
     sampling_only: bool,
@@ -469,6 +474,9 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
     let spec = spec_owned.as_spec();
     let max_threads = a.sweep.iter().copied().max().unwrap_or(16).max(1);
     let reps = a.reps.max(1);
+    if !a.configs.is_empty() {
+        return bench_configs(a, &spec, reps);
+    }
 
     // Reference rates: one core's SHA-256, the copy engine from pinned memory,
     // and a pageable copy from memory already read.
@@ -760,6 +768,72 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         let (blob, _) = s_plain.load(&spec, LoadOptions::new(true, source, t))?;
         compare_with_file(&blob.buffer, &a.blob)?;
         println!("check: device bytes of the verified {source} load equal the file");
+    }
+    Ok(())
+}
+
+fn parse_config(s: &str) -> Result<StreamerConfig> {
+    let f: Vec<&str> = s.split(':').collect();
+    if f.len() != 5 {
+        bail!("--configs entry {s:?} is not THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER");
+    }
+    let n = |i: usize| {
+        f[i].parse::<usize>()
+            .with_context(|| format!("--configs entry {s:?}: field {}", i + 1))
+    };
+    let mover = match f[4] {
+        "ce" => Mover::CopyEngine,
+        "kernel" => Mover::Kernel,
+        other => bail!("--configs entry {s:?}: mover {other:?} is not ce or kernel"),
+    };
+    Ok(StreamerConfig {
+        threads: n(0)?,
+        slot_bytes: n(1)? << 20,
+        slots_per_thread: n(2)?,
+        streams: n(3)?,
+        write_combined: false,
+        copy_granule_bytes: COPY_GRANULE_DEFAULT,
+        mover,
+    })
+}
+
+fn bench_configs(a: &BenchArgs, spec: &BlobSpec, reps: usize) -> Result<()> {
+    let size = spec.size_bytes;
+    println!("staging configurations, {} GiB, median of {reps}:", a.size_gib);
+    println!(
+        "| {:<44} | {:>9} | {:>9} | {:>9} |",
+        "threads x slots x MiB, streams, mover", "DMA only", "load", "verified"
+    );
+    for c in &a.configs {
+        let cfg = parse_config(c)?;
+        let mut st = Streamer::new(a.device, cfg)?;
+        let mut rate = |opts: LoadOptions| -> Result<f64> {
+            let mut times = Vec::new();
+            for _ in 0..reps {
+                let (blob, r) = st.load(spec, opts)?;
+                drop(blob);
+                times.push(r.total_s);
+            }
+            Ok(gbps(size, median(times)))
+        };
+        let t = cfg.threads;
+        let dma = rate(LoadOptions {
+            pipeline: Pipeline::DmaOnly,
+            ..LoadOptions::new(false, SourceMode::Mmap, t)
+        })?;
+        let load = rate(LoadOptions::new(false, SourceMode::Mmap, t))?;
+        let verified = rate(LoadOptions::new(true, SourceMode::Mmap, t))?;
+        println!(
+            "| {:<44} | {dma:>9.2} | {load:>9.2} | {verified:>9.2} |",
+            format!(
+                "{} x {} x {}, {} streams, {}",
+                t,
+                cfg.slots_per_thread,
+                cfg.slot_bytes >> 20,
+                cfg.streams,
+                cfg.mover
+            )
+        );
     }
     Ok(())
 }
