@@ -140,11 +140,29 @@ fn a_flipped_bit_aborts_the_load_and_names_the_chunk_issue_5() {
     let spec = OwnedSpec::from_file(&file.0, chunk, 4).unwrap();
     corrupt(&file.0, 37 * chunk + 12345);
     let mut streamer = Streamer::new(0, small_pool(8)).unwrap();
+    let mut kernel_streamer = Streamer::new(
+        0,
+        StreamerConfig {
+            mover: Mover::Kernel,
+            ..small_pool(8)
+        },
+    )
+    .unwrap();
     let ctx = streamer.context().clone();
     let (free_before, _) = ctx.mem_get_info().unwrap();
     let mut sources = vec![SourceMode::Mmap, SourceMode::Pread];
     if streamer.supports_register() {
         sources.push(SourceMode::Register);
+    }
+    for threads in [1, 8] {
+        let err = kernel_streamer
+            .load(&spec.as_spec(), LoadOptions::new(true, SourceMode::Mmap, threads))
+            .err();
+        let msg = err.expect("must fail").to_string();
+        assert!(
+            msg.contains("chunk 37 (bytes 155189248..159383552)"),
+            "copy kernel, {threads} threads: {msg}"
+        );
     }
     for source in sources {
         for threads in [1, 8] {
