@@ -1,8 +1,917 @@
-//! `cnse-dp gpu` (in progress on its branch).
+//! `cnse-dp gpu`: device info, verified model loads into GPU memory, and the
+//! side-by-side benchmark of the GPU path (docs/GPU.md, docs/BENCHMARKS.md).
+//!
+//! The model story, one stage per call in `load`:
+//! resolve digest → manifest → mmap → verify SHA-256 per chunk → pinned
+//! buffer → GPU.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use cnse_kernels::sampling::cpu::CpuSampler;
+use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
+use cnse_kernels::{
+    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, Mover, PinnedBuffer, Pipeline, SampleRow,
+    SamplerConfig, SourceMode, Streamer, StreamerConfig, TokenSampler,
+};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gpu` is not available in this build")
+#[derive(Subcommand)]
+enum Cmd {
+    /// Driver, NVRTC and device properties.
+    Info,
+    /// Stream a model from the store into GPU memory, verifying every chunk;
+    /// prints the time and GB/s of each phase.
+    Load(LoadArgs),
+    /// Measure the GPU path's targets side by side in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SourceArg {
+    /// The fastest measured source (`mmap`).
+    Auto,
+    /// Hash and copy from a map of the blob into pinned staging.
+    Mmap,
+    /// pread into pinned staging, hash there.
+    Pread,
+    /// Page-lock the mapped page cache and DMA from it in place.
+    Register,
+}
+
+impl SourceArg {
+    fn pick(self) -> SourceMode {
+        match self {
+            // Measured (docs/GPU.md): registering the page cache costs more
+            // than the copy it saves, so `auto` copies through staging.
+            SourceArg::Auto | SourceArg::Mmap => SourceMode::Mmap,
+            SourceArg::Pread => SourceMode::Pread,
+            SourceArg::Register => SourceMode::Register,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MoverArg {
+    /// cuMemcpyHtoDAsync (a DMA copy engine).
+    CopyEngine,
+    /// A kernel whose threads read the mapped staging slot over PCIe.
+    Kernel,
+    /// Synchronous cuMemcpyHtoD per slot (measurement only).
+    Sync,
+}
+
+impl From<MoverArg> for Mover {
+    fn from(m: MoverArg) -> Self {
+        match m {
+            MoverArg::CopyEngine => Mover::CopyEngine,
+            MoverArg::Kernel => Mover::Kernel,
+            MoverArg::Sync => Mover::Sync,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Pool {
+    /// Hashing/copy worker threads (default: cores, at most 16).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Size of one pinned staging slot, MiB.
+    #[arg(long, default_value_t = 2)]
+    slot_mib: usize,
+    /// Copies in flight per worker (2 = double buffering).
+    #[arg(long, default_value_t = 3)]
+    slots_per_thread: usize,
+    /// CUDA streams shared by the workers.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Allocate the staging pool write-combined (see docs/GPU.md).
+    #[arg(long)]
+    write_combined: bool,
+    /// Size of each host memcpy into a slot when not verifying, KiB.
+    #[arg(long, default_value_t = 256)]
+    copy_granule_kib: usize,
+    /// What moves staged bytes to the device (kernel falls back to the copy
+    /// engines where NVRTC is missing).
+    #[arg(long, value_enum, default_value = "kernel")]
+    mover: MoverArg,
+}
+
+impl Pool {
+    fn config(&self) -> StreamerConfig {
+        let d = StreamerConfig::default();
+        StreamerConfig {
+            threads: self.threads.unwrap_or(d.threads),
+            slot_bytes: self.slot_mib << 20,
+            slots_per_thread: self.slots_per_thread,
+            streams: self.streams,
+            write_combined: self.write_combined,
+            copy_granule_bytes: self.copy_granule_kib << 10,
+            mover: self.mover.into(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// `sha256:HEX` or `name:tag` of a blob in the store.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    target: Option<String>,
+    /// Store directory (default: the user's data dir).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Load a file from outside the store: its chunk digests are computed
+    /// first, so this checks the path, not the file's integrity.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Chunk size for --file, MiB.
+    #[arg(long, default_value_t = 16)]
+    chunk_mib: u64,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Skip chunk verification (for measurement only).
+    #[arg(long)]
+    no_verify: bool,
+    /// How workers read the blob.
+    #[arg(long, value_enum, default_value = "auto")]
+    source: SourceArg,
+    /// Copy the device bytes back afterwards and compare them with the file.
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    pool: Pool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Blob to load; created with pseudo-random bytes if missing.
+    #[arg(long, default_value = "/tmp/cnse-gpu-bench.blob")]
+    blob: PathBuf,
+    /// Size of a created blob, GiB.
+    #[arg(long, default_value_t = 4)]
+    size_gib: u64,
+    /// Chunk size of the blob's manifest, MiB.
+    #[arg(long, default_value_t = 16)]
+    chunk_mib: u64,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Thread counts of the verified-load sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    sweep: Vec<usize>,
+    /// Timed repetitions of each load (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Staging slot sizes (MiB) of the unverified-load sweep.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,32")]
+    slot_sweep: Vec<usize>,
+    /// Stream counts of the unverified-load sweep.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    stream_sweep: Vec<usize>,
+    /// Sampling batch rows.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Sampling vocabulary.
+    #[arg(long, default_value_t = 131072)]
+    vocab: u32,
+    /// Measure only these staging configurations (unverified DMA alone,
+    /// unverified and verified loads), each `THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER`
+    /// with MOVER `ce` or `kernel`, e.g. `8:8:3:1:ce`.
+    #[arg(long, value_delimiter = ',')]
+    configs: Vec<String>,
+    /// Only the sampling part.
+    #[arg(long)]
+    sampling_only: bool,
+    /// Only the load part.
+    #[arg(long)]
+    load_only: bool,
+    #[command(flatten)]
+    pool: Pool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        Cmd::Info => info(),
+        Cmd::Load(a) => load(a),
+        Cmd::Bench(a) => bench(a),
+    }
+}
+
+fn info() -> Result<()> {
+    let (dmaj, dmin) = cnse_kernels::device::driver_version()?;
+    println!("CUDA driver {dmaj}.{dmin}");
+    match cnse_kernels::device::nvrtc_version() {
+        Ok((maj, min)) => println!("NVRTC {maj}.{min}"),
+        Err(e) => println!("NVRTC: {e}"),
+    }
+    let devices = cnse_kernels::device::devices()?;
+    if devices.is_empty() {
+        bail!("the CUDA driver reports no devices");
+    }
+    for d in devices {
+        println!(
+            "device {}: {} (sm_{}{}), {:.1} GiB ({:.1} GiB free), {} SMs, L2 {} MiB, {} copy engines, bus {}-bit, PCI {}",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.total_bytes as f64 / (1u64 << 30) as f64,
+            d.free_bytes as f64 / (1u64 << 30) as f64,
+            d.multiprocessors,
+            d.l2_bytes >> 20,
+            d.copy_engines,
+            d.memory_bus_bits,
+            d.pci
+        );
+    }
+    Ok(())
+}
+
+fn gbps(bytes: u64, s: f64) -> f64 {
+    bytes as f64 / s / 1e9
+}
+
+fn print_phases(r: &LoadReport) {
+    println!("  open + map          {:>9.4} s", r.open_s);
+    println!("  device alloc        {:>9.4} s", r.device_alloc_s);
+    println!(
+        "  hash + copy + DMA   {:>9.4} s  {:>6.2} GB/s  ({} threads, {} source, {}{})",
+        r.stream_s,
+        gbps(r.bytes, r.stream_s),
+        r.threads,
+        r.source,
+        r.mover,
+        if r.verified {
+            ", every chunk verified"
+        } else {
+            ", NOT verified"
+        }
+    );
+    println!("  total               {:>9.4} s  {:>6.2} GB/s", r.total_s, r.gb_per_s());
+}
+
+fn load(a: LoadArgs) -> Result<()> {
+    let config = a.pool.config();
+
+    let t_resolve = Instant::now();
+    // Keeps the store's shared lock (no rm/gc under our map) and the
+    // manifest's bytes for the duration of the load.
+    let (_lock, manifest, owned, label);
+    let spec: BlobSpec = if let Some(path) = &a.file {
+        owned = OwnedSpec::from_file(path, a.chunk_mib << 20, config.threads)
+            .with_context(|| format!("hash {}", path.display()))?;
+        label = format!("{} (file; chunk digests computed here)", path.display());
+        owned.as_spec()
+    } else {
+        let target = a.target.as_deref().expect("clap requires target or --file");
+        let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
+            .context("open store")?;
+        _lock = store.lock(cnse_store::LockKind::Shared).context("lock store")?;
+        let digest = store.resolve(target).with_context(|| format!("resolve {target}"))?;
+        manifest = store
+            .manifest(&digest)
+            .with_context(|| format!("manifest of {digest}"))?;
+        label = format!("{target} = {digest}");
+        owned = OwnedSpec {
+            path: store.blob_path(&digest),
+            size_bytes: manifest.size_bytes(),
+            chunk_bytes: manifest.chunk_bytes(),
+            chunk_digests: manifest.chunk_digests().to_vec(),
+            digest: digest.0,
+        };
+        owned.as_spec()
+    };
+    let resolve_s = t_resolve.elapsed().as_secs_f64();
+
+    let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
+    let opts = LoadOptions::new(!a.no_verify, a.source.pick(), config.threads);
+    println!(
+        "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
+        spec.size_bytes,
+        spec.chunk_digests.len(),
+        spec.chunk_bytes >> 20,
+        a.device
+    );
+    println!("  resolve + manifest  {resolve_s:>9.4} s");
+    println!(
+        "  staging setup       {:>9.4} s  ({} threads x {} x {} MiB pinned, {} streams{}; once per process)",
+        streamer.pool_alloc_s(),
+        config.threads,
+        config.slots_per_thread,
+        config.slot_bytes >> 20,
+        config.streams,
+        if config.write_combined { ", write-combined" } else { "" }
+    );
+    let (blob, report) = streamer.load(&spec, opts).context("load to GPU")?;
+    print_phases(&report);
+    if a.check {
+        let t = Instant::now();
+        compare_with_file(&blob.buffer, spec.path)?;
+        println!(
+            "  check (copy back)   {:>9.4} s  device bytes equal the file",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if blob.verified {
+        println!(
+            "verified sha256:{} ({} bytes on device {})",
+            hex(&blob.digest),
+            blob.size_bytes,
+            a.device
+        );
+    } else {
+        println!(
+            "loaded {} bytes on device {} WITHOUT verification (--no-verify)",
+            blob.size_bytes, a.device
+        );
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn compare_with_file(buf: &DeviceBuffer, path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let step = 64 << 20;
+    let mut host = vec![0u8; step];
+    let mut dev = vec![0u8; step];
+    let mut off = 0usize;
+    while off < buf.len() {
+        let n = step.min(buf.len() - off);
+        f.read_exact(&mut host[..n])
+            .with_context(|| format!("read {}", path.display()))?;
+        buf.copy_to_host(off, &mut dev[..n])?;
+        if host[..n] != dev[..n] {
+            let i = (0..n).find(|&i| host[i] != dev[i]).unwrap_or(0);
+            bail!("device bytes differ from {} at offset {}", path.display(), off + i);
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+// ---- bench ---------------------------------------------------------------------
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Writes `bytes` of pseudo-random data (xorshift, one stream per thread).
+fn make_blob(path: &Path, bytes: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let piece = 64u64 << 20;
+    let pieces = bytes.div_ceil(piece);
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(16) as u64;
+    std::thread::scope(|s| -> Result<()> {
+        let mut handles = Vec::new();
+        for t in 0..threads {
+            let file = &file;
+            handles.push(s.spawn(move || -> Result<()> {
+                let mut buf = vec![0u64; (piece / 8) as usize];
+                let mut p = t;
+                while p < pieces {
+                    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (p + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                    for w in buf.iter_mut() {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        *w = x;
+                    }
+                    let len = piece.min(bytes - p * piece) as usize;
+                    // SAFETY: viewing an initialised u64 buffer as bytes.
+                    let raw = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, buf.len() * 8) };
+                    file.write_all_at(&raw[..len], p * piece)?;
+                    p += threads;
+                }
+                Ok(())
+            }));
+        }
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("blob writer panicked"))??;
+        }
+        Ok(())
+    })?;
+    file.sync_all().context("sync blob")?;
+    Ok(())
+}
+
+struct Row {
+    what: String,
+    seconds: f64,
+    bytes: u64,
+}
+
+fn print_row(r: &Row, base: Option<f64>) {
+    let ratio = base.map(|b| format!("{:>7.2}x", b / r.seconds)).unwrap_or_default();
+    println!(
+        "| {:<52} | {:>9.4} s | {:>7.2} GB/s | {ratio}",
+        r.what,
+        r.seconds,
+        gbps(r.bytes, r.seconds)
+    );
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    cnse_kernels::device::devices()?; // fails early, with the clear message, without a driver
+    println!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        device_line(a.device)?
+    );
+    if !a.sampling_only {
+        bench_load(&a)?;
+    }
+    if !a.load_only {
+        bench_sampling(&a)?;
+    }
+    Ok(())
+}
+
+fn device_line(ordinal: usize) -> Result<String> {
+    let d = cnse_kernels::device::devices()?
+        .into_iter()
+        .find(|d| d.ordinal == ordinal)
+        .with_context(|| format!("no CUDA device {ordinal}"))?;
+    let (maj, min) = cnse_kernels::device::driver_version()?;
+    Ok(format!(
+        "GPU {} {}: {} (sm_{}{}), driver {maj}.{min}",
+        d.ordinal, d.pci, d.name, d.compute_capability.0, d.compute_capability.1
+    ))
+}
+
+fn bench_load(a: &BenchArgs) -> Result<()> {
+    let size = a.size_gib << 30;
+    let fresh = std::fs::metadata(&a.blob).map(|m| m.len() != size).unwrap_or(true);
+    if fresh {
+        let t = Instant::now();
+        make_blob(&a.blob, size)?;
+        println!(
+            "wrote {} ({} bytes) in {:.2} s",
+            a.blob.display(),
+            size,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let t = Instant::now();
+    let spec_owned = OwnedSpec::from_file(&a.blob, a.chunk_mib << 20, 16)?;
+    println!(
+        "manifest: {} chunks of {} MiB, sha256:{} ({:.2} s; the blob is now in the page cache)",
+        spec_owned.chunk_digests.len(),
+        a.chunk_mib,
+        hex(&spec_owned.digest),
+        t.elapsed().as_secs_f64()
+    );
+    let spec = spec_owned.as_spec();
+    let max_threads = a.sweep.iter().copied().max().unwrap_or(16).max(1);
+    let reps = a.reps.max(1);
+    if !a.configs.is_empty() {
+        return bench_configs(a, &spec, reps);
+    }
+
+    // Reference rates: one core's SHA-256, the copy engine from pinned memory,
+    // and a pageable copy from memory already read.
+    // One core's SHA-256 over bytes already in memory (no page faults),
+    // median of three passes.
+    let sha_rate = {
+        let f = std::fs::File::open(&a.blob)?;
+        // SAFETY: read-only map of the bench blob, which nothing truncates.
+        let map = unsafe { memmap2::Mmap::map(&f) }?;
+        let buf = map[..(256usize << 20).min(size as usize)].to_vec();
+        let mut rates = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, &buf));
+            rates.push(gbps(buf.len() as u64, t.elapsed().as_secs_f64()));
+        }
+        median(rates)
+    };
+
+    let mut s_wc = Streamer::new(
+        a.device,
+        StreamerConfig {
+            threads: max_threads,
+            write_combined: true,
+            ..a.pool.config()
+        },
+    )?;
+    let mut s_plain = Streamer::new(
+        a.device,
+        StreamerConfig {
+            threads: max_threads,
+            write_combined: false,
+            ..a.pool.config()
+        },
+    )?;
+    println!(
+        "staging pools: {} threads x {} slots x {} MiB, {} streams, {} (rows without a mover named); pinning took {:.3} s (write-combined) and {:.3} s (cached)",
+        max_threads,
+        s_plain.config().slots_per_thread,
+        s_plain.config().slot_bytes >> 20,
+        s_plain.config().streams,
+        s_plain.config().mover,
+        s_wc.pool_alloc_s(),
+        s_plain.pool_alloc_s()
+    );
+    let ctx = s_plain.context().clone();
+    let copy_limit = |wc: bool| -> Result<f64> {
+        let chunk = 256usize << 20;
+        let pinned = PinnedBuffer::new(&ctx, chunk, wc)?;
+        let mut dev = DeviceBuffer::new(&ctx, chunk)?;
+        dev.copy_from_host(0, pinned.as_slice())?; // warm-up
+        let n = (size as usize / chunk).max(4);
+        let t = Instant::now();
+        for _ in 0..n {
+            dev.copy_from_host(0, pinned.as_slice())?;
+        }
+        Ok(gbps((n * chunk) as u64, t.elapsed().as_secs_f64()))
+    };
+    let small_sync_rate = {
+        let piece = 4usize << 20;
+        let pinned = PinnedBuffer::new(&ctx, piece, false)?;
+        let mut dev = DeviceBuffer::new(&ctx, piece)?;
+        let n = 256;
+        let t = Instant::now();
+        for _ in 0..n {
+            dev.copy_from_host(0, pinned.as_slice())?;
+        }
+        gbps((n * piece) as u64, t.elapsed().as_secs_f64())
+    };
+    let pinned_wc_rate = copy_limit(true)?;
+    let pinned_rate = copy_limit(false)?;
+    // The same copies into a freshly allocated buffer of the blob's size,
+    // allocation included (what every load pays), then again into it warm.
+    let (fresh_rate, warm_rate) = {
+        let chunk = 256usize << 20;
+        let pinned = PinnedBuffer::new(&ctx, chunk, false)?;
+        let n = (size as usize / chunk).max(1);
+        let t = Instant::now();
+        let mut dev = DeviceBuffer::new(&ctx, n * chunk)?;
+        for i in 0..n {
+            dev.copy_from_host(i * chunk, pinned.as_slice())?;
+        }
+        let fresh = gbps((n * chunk) as u64, t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for i in 0..n {
+            dev.copy_from_host(i * chunk, pinned.as_slice())?;
+        }
+        (fresh, gbps((n * chunk) as u64, t.elapsed().as_secs_f64()))
+    };
+
+    println!();
+    println!("reference rates:");
+    println!("  SHA-256, one core (ring)          {sha_rate:>7.2} GB/s");
+    println!("  H2D from pinned, cached           {pinned_rate:>7.2} GB/s");
+    println!("  H2D from pinned, write-combined   {pinned_wc_rate:>7.2} GB/s");
+    println!("  H2D from pinned, 4 MiB sync copies {small_sync_rate:>7.2} GB/s");
+    println!("  H2D from pinned into a fresh {} GiB buffer, alloc included {fresh_rate:>7.2} GB/s; same buffer again {warm_rate:>7.2} GB/s", a.size_gib);
+
+    // The plain path users take today: read the file, then a pageable copy.
+    let plain = {
+        let mut v = Vec::new();
+        let mut read_s = Vec::new();
+        let mut copy_s = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let data = std::fs::read(&a.blob)?;
+            let r = t.elapsed().as_secs_f64();
+            let t2 = Instant::now();
+            let mut dev = DeviceBuffer::new(&ctx, data.len())?;
+            dev.copy_from_host(0, &data)?;
+            let c = t2.elapsed().as_secs_f64();
+            drop(dev);
+            v.push(r + c);
+            read_s.push(r);
+            copy_s.push(c);
+        }
+        println!(
+            "  plain path phases (median): read {:.3} s ({:.2} GB/s), pageable alloc+copy {:.3} s ({:.2} GB/s)",
+            median(read_s.clone()),
+            gbps(size, median(read_s)),
+            median(copy_s.clone()),
+            gbps(size, median(copy_s))
+        );
+        median(v)
+    };
+
+    let time = |streamer: &mut Streamer, opts: LoadOptions| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let (blob, r) = streamer.load(&spec, opts)?;
+            drop(blob);
+            times.push(r.total_s);
+        }
+        Ok(median(times))
+    };
+    let t = max_threads;
+    let row = |what: String, seconds: f64| {
+        print_row(
+            &Row {
+                what,
+                seconds,
+                bytes: size,
+            },
+            Some(plain),
+        )
+    };
+    let staged = |verify, source, threads, pipeline| LoadOptions {
+        verify,
+        source,
+        threads,
+        pipeline,
+    };
+
+    println!();
+    println!("stages alone ({} GiB, {t} threads, median of {reps}):", a.size_gib);
+    println!("| {:<52} | {:>11} | {:>12} |", "stage", "time", "rate");
+    let s = time(&mut s_plain, staged(false, SourceMode::Mmap, t, Pipeline::HostOnly))?;
+    row("page cache -> pinned memcpy, no DMA".into(), s);
+    let s = time(&mut s_plain, staged(true, SourceMode::Mmap, t, Pipeline::HostOnly))?;
+    row("hash + memcpy into pinned, no DMA".into(), s);
+    let s = time(&mut s_plain, staged(false, SourceMode::Mmap, t, Pipeline::DmaOnly))?;
+    row(
+        format!(
+            "DMA only: {} streams, {} MiB pinned pieces",
+            s_plain.config().streams,
+            s_plain.config().slot_bytes >> 20
+        ),
+        s,
+    );
+    let mut hash_s = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        cnse_kernels::stream::hash_chunks(&a.blob, a.chunk_mib << 20, t)?;
+        hash_s.push(t0.elapsed().as_secs_f64());
+    }
+    row(format!("SHA-256 of every chunk only, {t} threads"), median(hash_s));
+    let register = s_plain.supports_register();
+    if register {
+        let s = time(&mut s_plain, staged(false, SourceMode::Register, t, Pipeline::HostOnly))?;
+        row("cuMemHostRegister + unregister of the page cache only".into(), s);
+    } else {
+        println!("| device lacks read-only host registration: register mode not measured");
+    }
+
+    println!();
+    println!("staging sweep, unverified, {t} threads, cached staging (median of {reps}):");
+    println!(
+        "| {:<52} | {:>11} | {:>12} |",
+        "slot MiB x in flight, memcpy KiB, streams", "time", "rate"
+    );
+    let ce = Mover::CopyEngine;
+    let mut sweep: Vec<(usize, usize, usize, usize, Mover)> = a
+        .slot_sweep
+        .iter()
+        .map(|&m| (m << 20, 3, COPY_GRANULE_DEFAULT, 16, ce))
+        .collect();
+    sweep.push((8 << 20, 3, 8 << 20, 16, ce));
+    for &streams in &a.stream_sweep {
+        for slot_mib in [2usize, 4] {
+            sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, ce));
+        }
+    }
+    for &(slot_mib, streams) in &[(2usize, 4usize), (4, 16), (32, 4)] {
+        sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, streams, Mover::Kernel));
+    }
+    for slot_mib in [2usize, 8, 32] {
+        sweep.push((slot_mib << 20, 3, COPY_GRANULE_DEFAULT, 16, Mover::Sync));
+    }
+    for (slot_bytes, slots_per_thread, granule, streams, mover) in sweep {
+        let cfg = StreamerConfig {
+            threads: t,
+            slot_bytes,
+            slots_per_thread,
+            streams,
+            write_combined: false,
+            copy_granule_bytes: granule.min(slot_bytes),
+            mover,
+        };
+        let mut st = Streamer::new(a.device, cfg)?;
+        let name = format!(
+            "{} x {}, {} KiB, {} streams, {mover}",
+            slot_bytes >> 20,
+            slots_per_thread,
+            granule.min(slot_bytes) >> 10,
+            streams
+        );
+        let s = time(&mut st, staged(false, SourceMode::Mmap, t, Pipeline::DmaOnly))?;
+        row(format!("{name}: DMA only"), s);
+        let s = time(&mut st, LoadOptions::new(false, SourceMode::Mmap, t))?;
+        row(format!("{name}: full load"), s);
+        let s = time(&mut st, LoadOptions::new(true, SourceMode::Mmap, t))?;
+        row(format!("{name}: verified load"), s);
+    }
+
+    println!();
+    println!(
+        "loads of {} GiB from the page cache, median of {reps}, ratio = plain path / this:",
+        a.size_gib
+    );
+    println!("| {:<52} | {:>11} | {:>12} | ratio", "path", "time", "rate");
+    row("plain: read file + pageable cuMemcpyHtoD".into(), plain);
+    let s = time(&mut s_wc, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, write-combined staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, cached staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Pread, t))?;
+    row(format!("unverified, pread, cached staging, {t} thr"), s);
+    if register {
+        let s = time(&mut s_plain, LoadOptions::new(false, SourceMode::Register, t))?;
+        row(format!("unverified, registered page cache, {t} thr"), s);
+    }
+    let mut s_ce = Streamer::new(
+        a.device,
+        StreamerConfig {
+            threads: t,
+            mover: Mover::CopyEngine,
+            ..a.pool.config()
+        },
+    )?;
+    let s = time(&mut s_ce, LoadOptions::new(false, SourceMode::Mmap, t))?;
+    row(format!("unverified, mmap, cached staging, copy engine, {t} thr"), s);
+    let s = time(&mut s_ce, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    row(format!("verified, mmap, cached staging, copy engine, {t} thr"), s);
+    let (blob, _) = s_ce.load(&spec, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    compare_with_file(&blob.buffer, &a.blob)?;
+    drop(blob);
+    println!("check: device bytes of the copy-engine load equal the file");
+    let mut sources = vec![(SourceMode::Mmap, "mmap, cached staging")];
+    if register {
+        sources.push((SourceMode::Register, "registered page cache"));
+    }
+    for (source, label) in sources {
+        for &n in &a.sweep {
+            let s = time(&mut s_plain, LoadOptions::new(true, source, n))?;
+            row(format!("verified, {label}, {n} thr"), s);
+            let target = 0.8 * pinned_rate.min(n as f64 * sha_rate);
+            println!("|   target 0.8 x min(pinned {pinned_rate:.1}, {n} x {sha_rate:.2}) = {target:.2} GB/s");
+        }
+    }
+    let s = time(&mut s_wc, LoadOptions::new(true, SourceMode::Mmap, t))?;
+    row(format!("verified, mmap, write-combined staging, {t} thr"), s);
+    let s = time(&mut s_plain, LoadOptions::new(true, SourceMode::Pread, t))?;
+    row(format!("verified, pread, cached staging, {t} thr"), s);
+
+    // The bytes on the device are the file's, for each full source.
+    let mut sources = vec![SourceMode::Mmap, SourceMode::Pread];
+    if register {
+        sources.push(SourceMode::Register);
+    }
+    for source in sources {
+        let (blob, _) = s_plain.load(&spec, LoadOptions::new(true, source, t))?;
+        compare_with_file(&blob.buffer, &a.blob)?;
+        println!("check: device bytes of the verified {source} load equal the file");
+    }
+    Ok(())
+}
+
+fn parse_config(s: &str) -> Result<StreamerConfig> {
+    let f: Vec<&str> = s.split(':').collect();
+    if f.len() != 5 {
+        bail!("--configs entry {s:?} is not THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER");
+    }
+    let n = |i: usize| {
+        f[i].parse::<usize>()
+            .with_context(|| format!("--configs entry {s:?}: field {}", i + 1))
+    };
+    let mover = match f[4] {
+        "ce" => Mover::CopyEngine,
+        "kernel" => Mover::Kernel,
+        other => bail!("--configs entry {s:?}: mover {other:?} is not ce or kernel"),
+    };
+    Ok(StreamerConfig {
+        threads: n(0)?,
+        slot_bytes: n(1)? << 20,
+        slots_per_thread: n(2)?,
+        streams: n(3)?,
+        write_combined: false,
+        copy_granule_bytes: COPY_GRANULE_DEFAULT,
+        mover,
+    })
+}
+
+fn bench_configs(a: &BenchArgs, spec: &BlobSpec, reps: usize) -> Result<()> {
+    let size = spec.size_bytes;
+    println!("staging configurations, {} GiB, median of {reps}:", a.size_gib);
+    println!(
+        "| {:<44} | {:>9} | {:>9} | {:>9} |",
+        "threads x slots x MiB, streams, mover", "DMA only", "load", "verified"
+    );
+    for c in &a.configs {
+        let cfg = parse_config(c)?;
+        let mut st = Streamer::new(a.device, cfg)?;
+        let mut rate = |opts: LoadOptions| -> Result<f64> {
+            let mut times = Vec::new();
+            for _ in 0..reps {
+                let (blob, r) = st.load(spec, opts)?;
+                drop(blob);
+                times.push(r.total_s);
+            }
+            Ok(gbps(size, median(times)))
+        };
+        let t = cfg.threads;
+        let dma = rate(LoadOptions {
+            pipeline: Pipeline::DmaOnly,
+            ..LoadOptions::new(false, SourceMode::Mmap, t)
+        })?;
+        let load = rate(LoadOptions::new(false, SourceMode::Mmap, t))?;
+        let verified = rate(LoadOptions::new(true, SourceMode::Mmap, t))?;
+        println!(
+            "| {:<44} | {dma:>9.2} | {load:>9.2} | {verified:>9.2} |",
+            format!(
+                "{} x {} x {}, {} streams, {}",
+                t,
+                cfg.slots_per_thread,
+                cfg.slot_bytes >> 20,
+                cfg.streams,
+                cfg.mover
+            )
+        );
+    }
+    Ok(())
+}
+
+fn bench_sampling(a: &BenchArgs) -> Result<()> {
+    let config = SamplerConfig {
+        vocab: a.vocab,
+        max_batch: a.batch,
+    };
+    let mut gpu = BatchSampler::new(a.device, config)?;
+    let mut cpu = CpuSampler::new(config)?;
+    println!();
+    println!(
+        "sampling {} rows x {} vocab: GPU BatchSampler (logits generated on the device) vs CpuSampler, one core",
+        a.batch, a.vocab
+    );
+    println!(
+        "| {:<40} | {:>10} | {:>10} | {:>8} | ids equal",
+        "rows", "GPU/batch", "CPU/batch", "speedup"
+    );
+    let cases: [(&str, f32, u32, f32); 4] = [
+        ("T=0.8 top_k=50 top_p=0.95", 0.8, 50, 0.95),
+        ("T=1.0 top_p=0.9 (no top-k)", 1.0, 0, 0.9),
+        ("T=1.0 plain sampling", 1.0, 0, 1.0),
+        ("T=0 greedy", 0.0, 0, 1.0),
+    ];
+    let mut ids_gpu = vec![0u32; a.batch];
+    let mut ids_cpu = vec![0u32; a.batch];
+    for (label, temperature, top_k, top_p) in cases {
+        let rows_at = |step: u64| -> Vec<SampleRow> {
+            (0..a.batch as u64)
+                .map(|r| SampleRow {
+                    seed: 1000 + r,
+                    position: step,
+                    temperature,
+                    top_k,
+                    top_p,
+                })
+                .collect()
+        };
+        for step in 0..3 {
+            gpu.sample(&rows_at(step), &mut ids_gpu)?;
+        }
+        let gpu_iters = 30;
+        let mut gt = Vec::new();
+        for step in 0..gpu_iters {
+            let rows = rows_at(100 + step);
+            let t = Instant::now();
+            gpu.sample(&rows, &mut ids_gpu)?;
+            gt.push(t.elapsed().as_secs_f64());
+        }
+        let mut ct = Vec::new();
+        let mut equal = true;
+        for step in 0..3u64 {
+            let rows = rows_at(100 + step);
+            let t = Instant::now();
+            cpu.sample(&rows, &mut ids_cpu)?;
+            ct.push(t.elapsed().as_secs_f64());
+            gpu.sample(&rows, &mut ids_gpu)?;
+            equal &= ids_gpu == ids_cpu;
+        }
+        let (g, c) = (median(gt), median(ct));
+        println!(
+            "| {:<40} | {:>7.3} ms | {:>7.1} ms | {:>7.1}x | {}",
+            label,
+            g * 1e3,
+            c * 1e3,
+            c / g,
+            if equal { "yes" } else { "NO" }
+        );
+        if !equal {
+            bail!("GPU and CPU sampled different ids for {label}");
+        }
+    }
+    Ok(())
 }

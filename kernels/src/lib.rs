@@ -1,1 +1,74 @@
-//! CUDA path of cnse-dp: pinned staging, model streaming to the GPU, sampling kernels
+//! CUDA path of cnse-dp: pinned staging, verified model streaming into GPU
+//! memory, and the token post-processing kernels (with CPU references).
+//!
+//! Builds without CUDA: the driver and NVRTC are loaded at run time, and
+//! every entry point that needs them returns `KernelError::NoDriver` (or
+//! `NoNvrtc`) instead of panicking when they are absent.
+
+// `is_multiple_of` is newer than the workspace MSRV (1.80).
+#![allow(clippy::manual_is_multiple_of)]
+
+pub mod device;
+pub mod pinned;
+pub mod sampling;
+pub mod stream;
+
+use std::path::PathBuf;
+
+pub use cudarc;
+pub use device::{cuda_available, DeviceInfo};
+pub use pinned::{DeviceBuffer, PinnedBuffer};
+pub use sampling::cpu::CpuSampler;
+pub use sampling::gpu::{BatchSampler, LogitKernels};
+pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
+pub use stream::{
+    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
+};
+
+/// Every error of this crate: what was being done, and on which file, chunk
+/// or device.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("no CUDA driver found (libcuda.so could not be loaded)")]
+    NoDriver,
+    #[error("no NVRTC library found (libnvrtc.so; add CUDA's lib64 to LD_LIBRARY_PATH)")]
+    NoNvrtc,
+    #[error("CUDA device {ordinal} not found ({count} device(s) present)")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("CUDA {op}: {source}")]
+    Driver {
+        op: &'static str,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    #[error("NVRTC compile of {file}: {detail}")]
+    Compile { file: &'static str, detail: String },
+    #[error("{op}: bad shape: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("invalid sampling row: {0}")]
+    InvalidRow(String),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {detail}", path.display())]
+    Spec { path: PathBuf, detail: String },
+    #[error("{}: chunk {chunk} (bytes {offset}..{end}) does not match its manifest digest: load aborted, device memory freed", path.display())]
+    ChunkMismatch {
+        path: PathBuf,
+        chunk: usize,
+        offset: u64,
+        end: u64,
+    },
+    #[error("load of {} aborted: {detail}", path.display())]
+    Aborted { path: PathBuf, detail: String },
+}
+
+impl KernelError {
+    pub(crate) fn driver(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
+        move |source| KernelError::Driver { op, source }
+    }
+}

@@ -1,0 +1,991 @@
+//! Verified streaming of a blob into GPU memory.
+//!
+//! The blob is cut into the manifest's chunks. Each worker thread takes whole
+//! chunks from a shared counter (so a chunk is hashed sequentially, as
+//! SHA-256 requires) and moves each chunk through its own pinned staging
+//! slots: read a sub-block from the page cache, hash it while it is hot in
+//! the core's cache, copy it into the slot, and when the slot is full hand it
+//! to the copy engine with an asynchronous copy on the worker's stream. A slot
+//! is refilled only after the event recorded behind its copy has fired, so
+//! every worker keeps `slots_per_thread` (>= 2) copies in flight while it
+//! hashes the next piece: hashing, host copies and DMA overlap.
+//!
+//! Bytes reach device memory before their chunk's digest is known; they are
+//! exposed only after every chunk matched. A mismatch stops all workers, the
+//! device buffer is freed, and the error names the chunk and its byte range.
+//!
+//! What is verified: every chunk against the manifest's chunk digests, and
+//! the size. The manifest's whole-file digest (what `sha256sum` prints) is
+//! computed by the store at `put` together with the chunk digests; checking
+//! the chunks checks the bytes it names without a sequential whole-file pass.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use ring::digest::{Context as Sha256, SHA256};
+
+use crate::pinned::{DeviceBuffer, PinnedBuffer};
+use crate::KernelError;
+
+/// Upper bound of worker threads (and of streams and slot sets).
+pub const THREADS_MAX: usize = 64;
+/// Upper bound of one pinned slot.
+pub const SLOT_BYTES_MAX: usize = 256 << 20;
+/// Upper bound of the whole staging pool.
+pub const POOL_BYTES_MAX: usize = 4 << 30;
+/// Default `copy_granule_bytes`, and the hash-then-copy granule.
+pub const COPY_GRANULE_DEFAULT: usize = SUB_BYTES;
+/// Threads per block of the copy kernel.
+const COPY_THREADS: u32 = 256;
+/// Largest range registered at once in register mode.
+const REGISTER_PIECE_MAX: u64 = 64 << 20;
+/// Hash-then-copy granule: small enough to stay in a core's L2 between the
+/// hash and the copy.
+const SUB_BYTES: usize = 256 << 10;
+
+/// What the streamer needs to know about a blob: where it is and what the
+/// manifest says its chunks hash to.
+#[derive(Clone, Copy, Debug)]
+pub struct BlobSpec<'a> {
+    pub path: &'a Path,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    /// SHA-256 of each chunk, in order; the last chunk may be short.
+    pub chunk_digests: &'a [[u8; 32]],
+    /// The manifest's whole-blob SHA-256, returned once every chunk matched.
+    pub digest: [u8; 32],
+}
+
+impl BlobSpec<'_> {
+    fn check(&self) -> Result<(), KernelError> {
+        let bad = |detail: String| {
+            Err(KernelError::Spec {
+                path: self.path.to_path_buf(),
+                detail,
+            })
+        };
+        if self.chunk_bytes == 0 {
+            return bad("chunk_bytes is 0".into());
+        }
+        let chunks = self.size_bytes.div_ceil(self.chunk_bytes);
+        if chunks != self.chunk_digests.len() as u64 {
+            return bad(format!(
+                "{} bytes in chunks of {} need {chunks} chunk digests, manifest has {}",
+                self.size_bytes,
+                self.chunk_bytes,
+                self.chunk_digests.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn chunk_range(&self, chunk: usize) -> (u64, u64) {
+        let start = chunk as u64 * self.chunk_bytes;
+        (start, (start + self.chunk_bytes).min(self.size_bytes))
+    }
+}
+
+/// How workers read the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceMode {
+    /// memmap2 mapping; workers hash and copy from the page cache into the
+    /// pinned slots, and the copy engine reads the slots.
+    Mmap,
+    /// `pread` into the pinned slot, then hash from there (non-write-combined
+    /// slots only: reading write-combined memory is uncached).
+    Pread,
+    /// memmap2 mapping whose page-cache pages are page-locked piece by piece
+    /// (`cuMemHostRegister`, read-only) so that the copy engine reads them in
+    /// place: no host copy at all, and the CPU only hashes. Needs chunk
+    /// sizes that are whole pages and a device that supports read-only
+    /// registration (`Streamer::supports_register`).
+    Register,
+}
+
+impl std::fmt::Display for SourceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceMode::Mmap => "mmap",
+            SourceMode::Pread => "pread",
+            SourceMode::Register => "register",
+        })
+    }
+}
+
+/// What moves staged bytes to the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mover {
+    /// `cuMemcpyHtoDAsync` on the worker's stream: a copy engine.
+    CopyEngine,
+    /// `cuda/copy.cu`: SM threads read the device-mapped slot over PCIe and
+    /// write device memory (falls back to a copy engine for device offsets
+    /// that are not 16-byte aligned).
+    Kernel,
+    /// Synchronous `cuMemcpyHtoD` from the worker thread: one copy in
+    /// flight per worker, overlap only across workers (measurement only).
+    Sync,
+}
+
+impl std::fmt::Display for Mover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mover::CopyEngine => "copy engine",
+            Mover::Kernel => "copy kernel",
+            Mover::Sync => "sync copies",
+        })
+    }
+}
+
+/// The copy kernel's source, embedded.
+pub const COPY_CU: &str = include_str!("../cuda/copy.cu");
+
+/// Shape of the staging pool, fixed when the streamer is created.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamerConfig {
+    pub threads: usize,
+    pub slot_bytes: usize,
+    /// Copies in flight per worker: 2 is double buffering.
+    pub slots_per_thread: usize,
+    /// CUDA streams the workers share round-robin (at most `threads`).
+    pub streams: usize,
+    pub write_combined: bool,
+    /// Size of each memcpy into a slot when not verifying. Small granules
+    /// use ordinary stores whose lines can still sit in the last-level cache
+    /// when the copy engine reads them; one memcpy of a whole slot switches
+    /// to non-temporal stores that go to DRAM. Measured in docs/GPU.md.
+    pub copy_granule_bytes: usize,
+    pub mover: Mover,
+}
+
+impl Default for StreamerConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        // Chosen by the staging sweep of `cnse-dp gpu bench` on the device
+        // machine (docs/GPU.md): 2 MiB slots keep 16 x 3 slots (96 MiB)
+        // inside the 300 MiB last-level cache, so the device reads what the
+        // workers just wrote from cache; the copy kernel with 8 streams
+        // moved 48.8 GB/s where the copy engines moved 44.4.
+        Self {
+            threads: cores.clamp(1, 16),
+            slot_bytes: 2 << 20,
+            slots_per_thread: 3,
+            streams: 8,
+            write_combined: false,
+            copy_granule_bytes: SUB_BYTES,
+            mover: Mover::Kernel,
+        }
+    }
+}
+
+impl StreamerConfig {
+    fn check(&self) -> Result<(), KernelError> {
+        let bad = |detail: String| {
+            Err(KernelError::Shape {
+                op: "streamer config",
+                detail,
+            })
+        };
+        if self.threads == 0 || self.threads > THREADS_MAX {
+            return bad(format!("threads {} outside 1..={THREADS_MAX}", self.threads));
+        }
+        if self.slot_bytes < SUB_BYTES || self.slot_bytes > SLOT_BYTES_MAX || self.slot_bytes % SUB_BYTES != 0 {
+            return bad(format!(
+                "slot_bytes {} must be a multiple of {SUB_BYTES} up to {SLOT_BYTES_MAX}",
+                self.slot_bytes
+            ));
+        }
+        if self.streams == 0 {
+            return bad("streams must be at least 1".into());
+        }
+        if self.slots_per_thread < 2 || self.slots_per_thread > 8 {
+            return bad(format!("slots_per_thread {} outside 2..=8", self.slots_per_thread));
+        }
+        if self.copy_granule_bytes < 4096 || self.copy_granule_bytes > self.slot_bytes {
+            return bad(format!(
+                "copy_granule_bytes {} outside 4096..=slot_bytes",
+                self.copy_granule_bytes
+            ));
+        }
+        let pool = self.threads * self.slots_per_thread * self.slot_bytes;
+        if pool > POOL_BYTES_MAX {
+            return bad(format!("pool of {pool} bytes exceeds {POOL_BYTES_MAX}"));
+        }
+        Ok(())
+    }
+
+    pub fn pool_bytes(&self) -> usize {
+        self.threads * self.slots_per_thread * self.slot_bytes
+    }
+}
+
+/// Which stages run; everything but `Full` exists to measure one stage
+/// alone (`cnse-dp gpu bench`), and leaves the device buffer incomplete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pipeline {
+    Full,
+    /// Read (and hash) into staging or register pages, but queue no DMA.
+    HostOnly,
+    /// Queue the DMA of every piece from the staging slots without filling
+    /// them (copy engine alone, with this load's piece and stream pattern).
+    DmaOnly,
+}
+
+/// Per-load choices.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// false only for measurement (`--no-verify`).
+    pub verify: bool,
+    pub source: SourceMode,
+    /// Workers used for this load, at most the streamer's `threads`.
+    pub threads: usize,
+    pub pipeline: Pipeline,
+}
+
+impl LoadOptions {
+    pub fn new(verify: bool, source: SourceMode, threads: usize) -> Self {
+        Self {
+            verify,
+            source,
+            threads,
+            pipeline: Pipeline::Full,
+        }
+    }
+}
+
+/// Seconds spent in each phase of one load.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadReport {
+    pub bytes: u64,
+    pub threads: usize,
+    pub source: SourceMode,
+    pub mover: Mover,
+    pub verified: bool,
+    pub open_s: f64,
+    pub device_alloc_s: f64,
+    /// Hashing, host copies and DMA, overlapped, until the last copy landed.
+    pub stream_s: f64,
+    pub total_s: f64,
+}
+
+impl LoadReport {
+    pub fn gb_per_s(&self) -> f64 {
+        self.bytes as f64 / self.total_s / 1e9
+    }
+}
+
+/// A blob in device memory; `verified` tells whether every chunk matched.
+pub struct DeviceBlob {
+    pub buffer: DeviceBuffer,
+    pub digest: [u8; 32],
+    pub size_bytes: u64,
+    pub verified: bool,
+}
+
+struct Slot {
+    buf: PinnedBuffer,
+    copied: CudaEvent,
+    in_flight: bool,
+    /// Start address of the mapped range registered for this slot's copy
+    /// (Register mode); unregistered once `copied` has fired.
+    registered: Option<usize>,
+    /// The device's address of `buf` (copy-kernel mover).
+    device_src: u64,
+}
+
+struct Worker {
+    stream: Arc<CudaStream>,
+    copy_fn: Option<CudaFunction>,
+    slots: Vec<Slot>,
+    next_slot: usize,
+}
+
+/// Owns the pinned staging pool and one stream per worker; reused across
+/// loads so that no load pays for pinning memory.
+pub struct Streamer {
+    ctx: Arc<CudaContext>,
+    config: StreamerConfig,
+    workers: Vec<Worker>,
+    pool_alloc_s: f64,
+}
+
+impl Streamer {
+    /// Allocates the pinned pool (`threads × slots_per_thread × slot_bytes`)
+    /// and the streams on device `ordinal`.
+    pub fn new(ordinal: usize, mut config: StreamerConfig) -> Result<Self, KernelError> {
+        config.check()?;
+        if config.mover == Mover::Kernel && !crate::device::nvrtc_available() {
+            // The copy kernel needs NVRTC; the copy engines need nothing.
+            config.mover = Mover::CopyEngine;
+        }
+        let ctx = crate::device::open(ordinal)?;
+        let t0 = Instant::now();
+        let mut workers = Vec::with_capacity(config.threads);
+        let copy_fn = match config.mover {
+            Mover::CopyEngine | Mover::Sync => None,
+            Mover::Kernel => {
+                let ptx = crate::device::compile("copy.cu", COPY_CU, crate::device::arch_of(&ctx)?)?;
+                let module = ctx.load_module(ptx).map_err(KernelError::driver("cuModuleLoadData"))?;
+                Some(
+                    module
+                        .load_function("copy_from_host")
+                        .map_err(KernelError::driver("cuModuleGetFunction"))?,
+                )
+            }
+        };
+        let mut streams = Vec::new();
+        for _ in 0..config.streams.min(config.threads) {
+            streams.push(ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?);
+        }
+        for w in 0..config.threads {
+            let stream = streams[w % streams.len()].clone();
+            let mut slots = Vec::with_capacity(config.slots_per_thread);
+            for _ in 0..config.slots_per_thread {
+                let buf = PinnedBuffer::new(&ctx, config.slot_bytes, config.write_combined)?;
+                let device_src = buf.device_ptr()?;
+                slots.push(Slot {
+                    buf,
+                    copied: ctx.new_event(None).map_err(KernelError::driver("cuEventCreate"))?,
+                    in_flight: false,
+                    registered: None,
+                    device_src,
+                });
+            }
+            workers.push(Worker {
+                stream,
+                copy_fn: copy_fn.clone(),
+                slots,
+                next_slot: 0,
+            });
+        }
+        Ok(Self {
+            ctx,
+            config,
+            workers,
+            pool_alloc_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn config(&self) -> StreamerConfig {
+        self.config
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Whether the device can DMA from read-only registered host memory
+    /// (what `SourceMode::Register` needs).
+    pub fn supports_register(&self) -> bool {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        self.ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED)
+            .unwrap_or(0)
+            == 1
+    }
+
+    /// Seconds `new` took: pinning the pool, creating the streams and, for
+    /// the copy kernel, compiling it (paid once per streamer).
+    pub fn pool_alloc_s(&self) -> f64 {
+        self.pool_alloc_s
+    }
+
+    /// Streams `spec`'s blob into fresh device memory.
+    pub fn load(&mut self, spec: &BlobSpec, opts: LoadOptions) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        spec.check()?;
+        if opts.threads == 0 || opts.threads > self.config.threads {
+            return Err(KernelError::Shape {
+                op: "load",
+                detail: format!("threads {} outside 1..={}", opts.threads, self.config.threads),
+            });
+        }
+        if opts.source == SourceMode::Pread && self.config.write_combined && opts.verify {
+            return Err(KernelError::Shape {
+                op: "load",
+                detail: "pread with verification hashes the slot, which must not be write-combined".into(),
+            });
+        }
+        if opts.source == SourceMode::Register && spec.chunk_bytes % page_bytes() != 0 {
+            return Err(KernelError::Shape {
+                op: "load",
+                detail: format!(
+                    "register mode needs chunks of whole pages, not {} bytes",
+                    spec.chunk_bytes
+                ),
+            });
+        }
+        let t0 = Instant::now();
+        let path = spec.path;
+        let io = |op: &'static str| {
+            move |source| KernelError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let file = File::open(path).map_err(io("open"))?;
+        let len = file.metadata().map_err(io("stat"))?.len();
+        if len != spec.size_bytes {
+            return Err(KernelError::Spec {
+                path: path.to_path_buf(),
+                detail: format!("file has {len} bytes, manifest says {}", spec.size_bytes),
+            });
+        }
+        let map = if opts.source != SourceMode::Pread && len > 0 {
+            // SAFETY: the mapping is read-only and private to this load. A
+            // blob truncated by another process while mapped would fault
+            // (SIGBUS); store blobs are immutable once written (renamed into
+            // place and never modified), which is the invariant relied on.
+            let m = unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?;
+            let _ = m.advise(memmap2::Advice::Sequential);
+            Some(m)
+        } else {
+            None
+        };
+        let open_s = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let buffer = DeviceBuffer::new(&self.ctx, len as usize)?;
+        let device_alloc_s = t1.elapsed().as_secs_f64();
+
+        let t2 = Instant::now();
+        let shared = Shared {
+            spec,
+            source: match &map {
+                Some(m) => Source::Map(&m[..]),
+                None => Source::File(&file),
+            },
+            device_base: buffer.device_ptr(),
+            verify: opts.verify,
+            register: opts.source == SourceMode::Register,
+            copy_granule: self.config.copy_granule_bytes,
+            sync_copies: self.config.mover == Mover::Sync,
+            pipeline: opts.pipeline,
+            next_chunk: AtomicUsize::new(0),
+            abort: AtomicBool::new(false),
+            errors: Mutex::new(Vec::new()),
+        };
+        let ctx = &self.ctx;
+        std::thread::scope(|s| {
+            for worker in self.workers.iter_mut().take(opts.threads) {
+                let shared = &shared;
+                s.spawn(move || {
+                    let run = ctx.bind_to_thread().map_err(KernelError::driver("cuCtxSetCurrent"));
+                    let run = run.and_then(|()| worker.run(shared));
+                    // Every copy this worker queued must land before the
+                    // device buffer can be exposed or freed.
+                    let synced = worker.drain();
+                    if let Err(e) = run.and(synced) {
+                        shared.fail(e);
+                    }
+                });
+            }
+        });
+        let stream_s = t2.elapsed().as_secs_f64();
+        if let Some(err) = shared.into_error() {
+            drop(buffer);
+            return Err(err);
+        }
+        let report = LoadReport {
+            bytes: len,
+            threads: opts.threads,
+            source: opts.source,
+            mover: self.config.mover,
+            verified: opts.verify,
+            open_s,
+            device_alloc_s,
+            stream_s,
+            total_s: t0.elapsed().as_secs_f64(),
+        };
+        Ok((
+            DeviceBlob {
+                buffer,
+                digest: spec.digest,
+                size_bytes: len,
+                verified: opts.verify,
+            },
+            report,
+        ))
+    }
+}
+
+enum Source<'a> {
+    Map(&'a [u8]),
+    File(&'a File),
+}
+
+struct Shared<'a> {
+    spec: &'a BlobSpec<'a>,
+    source: Source<'a>,
+    device_base: cudarc::driver::sys::CUdeviceptr,
+    verify: bool,
+    register: bool,
+    copy_granule: usize,
+    sync_copies: bool,
+    pipeline: Pipeline,
+    next_chunk: AtomicUsize,
+    abort: AtomicBool,
+    errors: Mutex<Vec<KernelError>>,
+}
+
+impl Shared<'_> {
+    fn fail(&self, e: KernelError) {
+        self.abort.store(true, Ordering::Release);
+        self.errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    /// The error to report: a chunk mismatch (lowest chunk first) wins over
+    /// the I/O or driver errors of workers that were stopped by it.
+    fn into_error(self) -> Option<KernelError> {
+        let mut errors = self.errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        errors.sort_by_key(|e| match e {
+            KernelError::ChunkMismatch { chunk, .. } => (0, *chunk),
+            _ => (1, 0),
+        });
+        errors.into_iter().next()
+    }
+}
+
+impl Worker {
+    fn run(&mut self, sh: &Shared) -> Result<(), KernelError> {
+        let chunks = sh.spec.chunk_digests.len();
+        loop {
+            if sh.abort.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let chunk = sh.next_chunk.fetch_add(1, Ordering::Relaxed);
+            if chunk >= chunks {
+                return Ok(());
+            }
+            self.chunk(sh, chunk)?;
+        }
+    }
+
+    fn chunk(&mut self, sh: &Shared, chunk: usize) -> Result<(), KernelError> {
+        let (start, end) = sh.spec.chunk_range(chunk);
+        let mut hasher = sh.verify.then(|| Sha256::new(&SHA256));
+        // Register mode locks whole chunks (up to REGISTER_PIECE_MAX) to
+        // amortise the registration call; copy mode is bounded by the slot.
+        let register = sh.register && sh.pipeline != Pipeline::DmaOnly;
+        let piece_max = if register {
+            REGISTER_PIECE_MAX
+        } else {
+            self.slots[0].buf.len() as u64
+        };
+        let mut piece = start;
+        while piece < end {
+            if sh.abort.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let piece_len = (end - piece).min(piece_max) as usize;
+            let n = self.slots.len();
+            let slot = &mut self.slots[self.next_slot];
+            self.next_slot = (self.next_slot + 1) % n;
+            slot.retire()?;
+            if register {
+                self.register_piece(sh, piece, piece_len, hasher.as_mut())?;
+            } else {
+                self.stage_piece(sh, piece, piece_len, hasher.as_mut())?;
+            }
+            piece += piece_len as u64;
+        }
+        if let Some(h) = hasher {
+            if h.finish().as_ref() != sh.spec.chunk_digests[chunk] {
+                sh.fail(KernelError::ChunkMismatch {
+                    path: sh.spec.path.to_path_buf(),
+                    chunk,
+                    offset: start,
+                    end,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The slot taken last by `chunk` (the one before `next_slot`).
+    fn current(&mut self) -> &mut Slot {
+        let n = self.slots.len();
+        &mut self.slots[(self.next_slot + n - 1) % n]
+    }
+
+    /// Copy mode: fill the pinned slot (hashing on the way), then DMA it.
+    fn stage_piece(
+        &mut self,
+        sh: &Shared,
+        piece: u64,
+        len: usize,
+        hasher: Option<&mut Sha256>,
+    ) -> Result<(), KernelError> {
+        let stream = self.stream.clone();
+        let copy_fn = self.copy_fn.clone();
+        let slot = self.current();
+        let dst = &mut slot.buf.as_mut_slice()[..len];
+        if sh.pipeline != Pipeline::DmaOnly {
+            fill(sh, piece, dst, hasher)?;
+        }
+        if sh.pipeline == Pipeline::HostOnly {
+            return Ok(());
+        }
+        let to = sh.device_base + piece;
+        if sh.sync_copies {
+            // SAFETY: `dst` is pinned and the copy completes before the call
+            // returns; the device range lies inside the buffer.
+            unsafe { result::memcpy_htod_sync(to, &*dst) }.map_err(KernelError::driver("cuMemcpyHtoD"))?;
+            return Ok(());
+        }
+        if let Some(f) = copy_fn.filter(|_| to % 16 == 0) {
+            let bytes = len as u64;
+            let blocks = (bytes / 16).div_ceil(COPY_THREADS as u64 * 4).clamp(1, 1024) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (COPY_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&f);
+            b.arg(&slot.device_src).arg(&to).arg(&bytes);
+            // SAFETY: copy_from_host(const uint4*, uint4*, u64) reads `len`
+            // bytes of this slot (device-mapped pinned memory, 4 KiB aligned)
+            // and writes the 16-byte aligned device range to..to+len inside
+            // the buffer; the slot stays untouched until `copied` fires.
+            unsafe { b.launch(cfg) }.map_err(KernelError::driver("launch copy_from_host"))?;
+            slot.copied
+                .record(&stream)
+                .map_err(KernelError::driver("cuEventRecord"))?;
+            slot.in_flight = true;
+            return Ok(());
+        }
+        // SAFETY: `dst` is pinned memory that stays untouched until `copied`
+        // fires (`retire` waits for it before the slot is refilled, and
+        // `drain` before the pool or the device buffer can be dropped); the
+        // device range piece..piece+len lies inside the buffer allocated for
+        // `size_bytes`.
+        unsafe { result::memcpy_htod_async(sh.device_base + piece, &*dst, stream.cu_stream()) }
+            .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
+        slot.copied
+            .record(&stream)
+            .map_err(KernelError::driver("cuEventRecord"))?;
+        slot.in_flight = true;
+        Ok(())
+    }
+
+    /// Register mode: page-lock the mapped piece, DMA straight from it, and
+    /// hash it while the copy engine reads it.
+    fn register_piece(
+        &mut self,
+        sh: &Shared,
+        piece: u64,
+        len: usize,
+        hasher: Option<&mut Sha256>,
+    ) -> Result<(), KernelError> {
+        let Source::Map(map) = sh.source else {
+            unreachable!("register mode always maps the blob")
+        };
+        let src = &map[piece as usize..piece as usize + len];
+        let stream = self.stream.clone();
+        let slot = self.current();
+        {
+            // SAFETY: `src` is a live read-only mapping starting on a page
+            // (chunk starts are page multiples, checked in `load`, and slot
+            // sizes are multiples of 256 KiB); READ_ONLY tells the driver the
+            // device only reads it. `retire`/`drain` unregister it after its
+            // copy, before the map is dropped at the end of `load`.
+            unsafe {
+                cudarc::driver::sys::cuMemHostRegister_v2(
+                    src.as_ptr() as *mut std::ffi::c_void,
+                    len,
+                    cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+                )
+            }
+            .result()
+            .map_err(KernelError::driver("cuMemHostRegister (read-only page cache)"))?;
+            slot.registered = Some(src.as_ptr() as usize);
+        }
+        if sh.pipeline != Pipeline::HostOnly {
+            // SAFETY: `src` is page-locked (registered above) and stays so
+            // until `copied` fires: `retire`/`drain` wait for it before
+            // unregistering; the device range lies inside the buffer.
+            unsafe { result::memcpy_htod_async(sh.device_base + piece, src, stream.cu_stream()) }
+                .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
+            slot.copied
+                .record(&stream)
+                .map_err(KernelError::driver("cuEventRecord"))?;
+            slot.in_flight = true;
+        }
+        if let Some(h) = hasher {
+            h.update(src);
+        }
+        Ok(())
+    }
+
+    /// Waits for every copy of this worker and unregisters what it
+    /// registered; the slots are free afterwards.
+    fn drain(&mut self) -> Result<(), KernelError> {
+        let mut r = self
+            .stream
+            .synchronize()
+            .map_err(KernelError::driver("cuStreamSynchronize"));
+        for s in &mut self.slots {
+            s.in_flight = false;
+            if let Err(e) = s.retire() {
+                r = r.and(Err(e));
+            }
+        }
+        r
+    }
+}
+
+impl Slot {
+    /// Waits for the slot's last copy, then releases its registration.
+    fn retire(&mut self) -> Result<(), KernelError> {
+        if self.in_flight {
+            self.copied
+                .synchronize()
+                .map_err(KernelError::driver("cuEventSynchronize"))?;
+            self.in_flight = false;
+        }
+        if let Some(ptr) = self.registered.take() {
+            // SAFETY: `ptr` was registered by `register_piece` and its copy
+            // has completed (waited for above, or by the stream
+            // synchronisation in `drain`).
+            unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) }
+                .result()
+                .map_err(KernelError::driver("cuMemHostUnregister"))?;
+        }
+        Ok(())
+    }
+}
+
+fn page_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Reads blob bytes `offset..offset + dst.len()` into the slot, hashing them
+/// sub-block by sub-block so each is hashed and copied while cache-hot.
+fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut Sha256>) -> Result<(), KernelError> {
+    match sh.source {
+        Source::Map(map) => {
+            let src = &map[offset as usize..offset as usize + dst.len()];
+            match hasher {
+                Some(h) => {
+                    for (s, d) in src.chunks(SUB_BYTES).zip(dst.chunks_mut(SUB_BYTES)) {
+                        h.update(s);
+                        d.copy_from_slice(s);
+                    }
+                }
+                None => {
+                    for (s, d) in src.chunks(sh.copy_granule).zip(dst.chunks_mut(sh.copy_granule)) {
+                        d.copy_from_slice(s);
+                    }
+                }
+            }
+        }
+        Source::File(file) => {
+            let mut at = offset;
+            for d in dst.chunks_mut(SUB_BYTES) {
+                file.read_exact_at(d, at).map_err(|source| KernelError::Io {
+                    op: "read",
+                    path: sh.spec.path.to_path_buf(),
+                    source,
+                })?;
+                if let Some(h) = hasher.as_deref_mut() {
+                    h.update(d);
+                }
+                at += d.len() as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Chunk digests of a file, hashed on `threads` threads: what a manifest
+/// holds, for blobs that come from outside the store (tests, `--file`).
+pub fn hash_chunks(path: &Path, chunk_bytes: u64, threads: usize) -> Result<(u64, Vec<[u8; 32]>), KernelError> {
+    let io = |op: &'static str| {
+        move |source| KernelError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    if chunk_bytes == 0 {
+        return Err(KernelError::Spec {
+            path: path.to_path_buf(),
+            detail: "chunk_bytes is 0".into(),
+        });
+    }
+    let file = File::open(path).map_err(io("open"))?;
+    let len = file.metadata().map_err(io("stat"))?.len();
+    let chunks = len.div_ceil(chunk_bytes) as usize;
+    let mut digests = vec![[0u8; 32]; chunks];
+    if chunks == 0 {
+        return Ok((0, digests));
+    }
+    // SAFETY: read-only private mapping of a file this process only reads;
+    // see `Streamer::load` for the truncation caveat.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?;
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(&mut digests);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, THREADS_MAX).min(chunks) {
+            s.spawn(|| loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    break;
+                }
+                let start = c as u64 * chunk_bytes;
+                let end = (start + chunk_bytes).min(len);
+                let d = ring::digest::digest(&SHA256, &map[start as usize..end as usize]);
+                out.lock().unwrap_or_else(|p| p.into_inner())[c].copy_from_slice(d.as_ref());
+            });
+        }
+    });
+    Ok((len, digests))
+}
+
+/// Whole-file SHA-256 (sequential; what `sha256sum` prints).
+pub fn hash_file(path: &Path) -> Result<[u8; 32], KernelError> {
+    use std::io::Read;
+    let io = |op: &'static str| {
+        move |source| KernelError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut file = File::open(path).map_err(io("open"))?;
+    let mut ctx = Sha256::new(&SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io("read"))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// Owned form of a `BlobSpec`, for callers that build the manifest here.
+#[derive(Clone, Debug)]
+pub struct OwnedSpec {
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunk_digests: Vec<[u8; 32]>,
+    pub digest: [u8; 32],
+}
+
+impl OwnedSpec {
+    /// Hashes `path` (chunks in parallel, whole file alongside).
+    pub fn from_file(path: &Path, chunk_bytes: u64, threads: usize) -> Result<Self, KernelError> {
+        let (whole, chunks) = std::thread::scope(|s| {
+            let whole = s.spawn(|| hash_file(path));
+            let chunks = hash_chunks(path, chunk_bytes, threads.saturating_sub(1).max(1));
+            (whole.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), chunks)
+        });
+        let (size_bytes, chunk_digests) = chunks?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            size_bytes,
+            chunk_bytes,
+            chunk_digests,
+            digest: whole?,
+        })
+    }
+
+    pub fn as_spec(&self) -> BlobSpec<'_> {
+        BlobSpec {
+            path: &self.path,
+            size_bytes: self.size_bytes,
+            chunk_bytes: self.chunk_bytes,
+            chunk_digests: &self.chunk_digests,
+            digest: self.digest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("cnse-kernels-{}-{}", std::process::id(), bytes.len()));
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn chunk_digests_cover_the_file_with_a_short_tail() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let p = temp_file(&data);
+        let (len, d) = hash_chunks(&p, 4096, 3).unwrap();
+        assert_eq!(len, 10_000);
+        assert_eq!(d.len(), 3);
+        assert_eq!(&d[2][..], ring::digest::digest(&SHA256, &data[8192..]).as_ref());
+        let spec = OwnedSpec::from_file(&p, 4096, 2).unwrap();
+        assert_eq!(&spec.digest[..], ring::digest::digest(&SHA256, &data).as_ref());
+        spec.as_spec().check().unwrap();
+        let mut short = spec.clone();
+        short.chunk_digests.pop();
+        let msg = short.as_spec().check().unwrap_err().to_string();
+        assert!(msg.contains("need 3 chunk digests, manifest has 2"), "{msg}");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// NVRTC needs no GPU: where it is present the copy kernel must compile.
+    #[test]
+    fn copy_cu_compiles_with_nvrtc() {
+        if !crate::device::nvrtc_available() {
+            println!("skipped: no NVRTC library");
+            return;
+        }
+        let ptx = crate::device::compile("copy.cu", COPY_CU, "compute_90".into()).unwrap();
+        assert!(ptx.to_src().contains(".entry copy_from_host"));
+    }
+
+    #[test]
+    fn config_limits_are_enforced() {
+        assert!(StreamerConfig {
+            slots_per_thread: 1,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+        assert!(StreamerConfig {
+            threads: 0,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+        assert!(StreamerConfig {
+            slot_bytes: 1000,
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+        StreamerConfig::default().check().unwrap();
+    }
+
+    #[test]
+    fn streamer_without_a_driver_says_so() {
+        if crate::cuda_available() {
+            println!("skipped: a CUDA driver is present on this machine");
+            return;
+        }
+        let msg = Streamer::new(0, StreamerConfig::default()).err().unwrap().to_string();
+        assert_eq!(msg, "no CUDA driver found (libcuda.so could not be loaded)");
+    }
+}
