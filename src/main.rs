@@ -10,6 +10,7 @@ mod bench_llama;
 mod client;
 mod demo;
 mod gpu;
+mod gpu_picker;
 mod serve;
 mod store;
 

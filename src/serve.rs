@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
 use cnse_backend::BackendFactory;
+use cnse_kernels::SamplerConfig;
 use cnse_server::{Config, Server};
+
+use crate::gpu_picker::{SamplerPickerFactory, SyntheticDevice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
@@ -70,6 +73,16 @@ pub struct Args {
     /// Synthetic backend: time between tokens (0 with ttft 0 = zero-delay capacity mode).
     #[arg(long, default_value_t = 5_000)]
     pub synthetic_token_interval_us: u64,
+    /// Synthetic backend: how tokens are chosen — `cpu` (hash, default),
+    /// `cpu-sampler` (softmax/top-k/top-p/seeded sampling over generated
+    /// logits on the CPU) or `cuda[:N]` (the same sampling on GPU N, batched
+    /// across streams).
+    #[arg(long, default_value = "cpu")]
+    pub synthetic_device: SyntheticDevice,
+    /// Synthetic backend: vocabulary size of the generated logit rows
+    /// (sampling devices only; up to 262,144).
+    #[arg(long, default_value_t = 32_768)]
+    pub synthetic_vocab: u32,
     /// llama-server base URLs, comma separated (http://host:port).
     #[arg(long, value_delimiter = ',')]
     pub llama_url: Vec<String>,
@@ -104,6 +117,36 @@ pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFacto
     }))
 }
 
+/// The synthetic backend with its tokens sampled by `device` (see
+/// `gpu_picker`).
+pub fn synthetic_factory_on(
+    ttft_us: u64,
+    interval_us: u64,
+    device: SyntheticDevice,
+    vocab: u32,
+) -> anyhow::Result<Arc<dyn BackendFactory>> {
+    if device == SyntheticDevice::Hash {
+        return Ok(synthetic_factory(ttft_us, interval_us));
+    }
+    let picker = SamplerPickerFactory {
+        device,
+        config: SamplerConfig {
+            vocab,
+            max_batch: cnse_kernels::sampling::BATCH_MAX,
+        },
+    };
+    picker
+        .check()
+        .map_err(anyhow::Error::msg)
+        .context("--synthetic-device")?;
+    Ok(Arc::new(SyntheticFactory::new(SyntheticConfig {
+        ttft: Duration::from_micros(ttft_us),
+        token_interval: Duration::from_micros(interval_us),
+        picker: Arc::new(picker),
+        ..Default::default()
+    })))
+}
+
 pub fn config(a: &Args) -> anyhow::Result<Config> {
     let auth_key = a.auth_key_file.as_ref().map(read_auth_key).transpose()?;
     let threads = match a.threads {
@@ -135,7 +178,12 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
 
 fn backend(a: &Args) -> anyhow::Result<Arc<dyn BackendFactory>> {
     match a.backend {
-        BackendKind::Synthetic => Ok(synthetic_factory(a.synthetic_ttft_us, a.synthetic_token_interval_us)),
+        BackendKind::Synthetic => synthetic_factory_on(
+            a.synthetic_ttft_us,
+            a.synthetic_token_interval_us,
+            a.synthetic_device,
+            a.synthetic_vocab,
+        ),
         BackendKind::Llama => {
             if a.llama_url.is_empty() {
                 bail!("--backend llama needs --llama-url URL[,URL...]");
