@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use cnse_client::load::{self, LoadConfig, LoadReport, Mode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -129,7 +129,7 @@ impl LoadArgs {
 /// printing each table; writes the CSV when asked.
 pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>> {
     let mut reports = Vec::new();
-    let first = load::run(&cfg).context("running the load")?;
+    let first = load::run(&cfg).map_err(|e| anyhow!("running the load: {e}"))?;
     print_report(&first);
     if let Some(f) = args.peak_fraction {
         let peak = first.requests_per_s();
@@ -147,7 +147,7 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
             ..cfg
         };
         reports.push(first);
-        let second = load::run(&open).context("running the open loop")?;
+        let second = load::run(&open).map_err(|e| anyhow!("running the open loop: {e}"))?;
         print_report(&second);
         reports.push(second);
     } else {
@@ -158,7 +158,8 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
         for r in &reports {
             rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &r.rates()));
         }
-        cnse_metrics::write_csv(path, &rows)?;
+        // Errors carry their cause in the message: flatten to one line.
+        cnse_metrics::write_csv(path, &rows).map_err(|e| anyhow!("{e}"))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(reports)

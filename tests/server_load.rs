@@ -15,7 +15,11 @@ fn issue2_two_thousand_connections_each_streaming() {
         "RLIMIT_NOFILE {limit} too low for the test"
     );
     let s = Server::start(&strs(
-        &[synthetic(1_000, 1_000), vec!["--max-connections".into(), "4096".into()]].concat(),
+        &[
+            synthetic(1_000, 1_000),
+            vec!["--conns-per-thread-max".into(), "4096".into()],
+        ]
+        .concat(),
     ));
     let mut clients = Vec::with_capacity(CONNS);
     for i in 0..CONNS {
