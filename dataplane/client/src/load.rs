@@ -348,6 +348,10 @@ struct Conn {
 
 struct Streams {
     fd: RawFd,
+    /// Open loop: idle slots (a stack, preallocated to `inflight`).
+    free: Vec<u32>,
+    /// In the loop's `ready` queue.
+    ready: bool,
     /// Frames being built this turn.
     out: Vec<u8>,
     alive: bool,
@@ -371,7 +375,8 @@ impl Phase {
 /// What frame handling asks of the loop.
 struct Ctx<'a> {
     stats: &'a mut ThreadStats,
-    free: &'a mut VecDeque<(u32, u32)>,
+    /// Open loop: connections with a free slot, each at most once.
+    ready: &'a mut VecDeque<u32>,
     mode: &'a Mode,
     ping_payload: &'a [u8],
     phase: Phase,
@@ -412,8 +417,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         Mode::Generate { .. } => Box::new([]),
     };
     let mut stats = ThreadStats::default();
-    let slots_total = conns_n * cfg.inflight;
-    let mut free: VecDeque<(u32, u32)> = VecDeque::with_capacity(slots_total);
+    let mut ready: VecDeque<u32> = VecDeque::with_capacity(conns_n);
     let mut dirty: Vec<u32> = Vec::with_capacity(conns_n);
     let mut completions: Vec<(u64, i32)> = Vec::with_capacity(ring.params().cq_entries() as usize);
     // Open loop schedule of this thread: evenly spaced, threads interleaved.
@@ -423,8 +427,10 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
 
     for (c, conn) in conns.iter_mut().enumerate() {
         arm_recv(&mut ring, conn, c)?;
-        for s in 0..cfg.inflight {
-            free.push_back((c as u32, s as u32));
+        conn.st.ready = true;
+        ready.push_back(c as u32);
+        for s in (0..cfg.inflight).rev() {
+            conn.st.free.push(s as u32);
         }
     }
     let mut stopping = false;
@@ -439,7 +445,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         }
         let mut ctx = Ctx {
             stats: &mut stats,
-            free: &mut free,
+            ready: &mut ready,
             mode: &cfg.mode,
             ping_payload: &ping_payload,
             phase,
@@ -449,13 +455,17 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         if !stopping {
             match interval_ns {
                 None => {
-                    // Closed loop: fill every free slot; completions re-issue.
-                    while let Some((c, s)) = ctx.free.pop_front() {
+                    // Closed loop: fill every free slot once; completions
+                    // re-issue from then on.
+                    while let Some(c) = ctx.ready.pop_front() {
                         let conn = &mut conns[c as usize];
-                        if conn.st.alive {
-                            issue(&mut conn.st, s as usize, now, now, &mut ctx);
-                            queue_send(conn, c, &mut dirty);
+                        conn.st.ready = false;
+                        while let Some(s) = conn.st.free.pop() {
+                            if conn.st.alive {
+                                issue(&mut conn.st, s as usize, now, now, &mut ctx);
+                            }
                         }
+                        queue_send(conn, c, &mut dirty);
                     }
                 }
                 Some(iv) => loop {
@@ -463,11 +473,18 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
                     if intended > now {
                         break;
                     }
-                    let Some((c, s)) = ctx.free.pop_front() else { break };
+                    // Due requests of one wake-up go to the same connection
+                    // while it has free slots, so they leave in one send.
+                    let Some(&c) = ctx.ready.front() else { break };
                     let conn = &mut conns[c as usize];
-                    if !conn.st.alive {
-                        continue;
+                    let slot = conn.st.free.pop();
+                    if conn.st.free.is_empty() || !conn.st.alive {
+                        ctx.ready.pop_front();
+                        conn.st.ready = false;
                     }
+                    let Some(s) = slot.filter(|_| conn.st.alive) else {
+                        continue;
+                    };
                     issue(&mut conn.st, s as usize, intended, now, &mut ctx);
                     queue_send(conn, c, &mut dirty);
                     next_index += 1;
@@ -495,7 +512,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         // Sleep on the ring until a completion or the next scheduled event.
         let mut wake_ns = if stopping { drain_end_ns } else { phase.end_ns };
         if let (Some(iv), false) = (interval_ns, stopping) {
-            if !free.is_empty() {
+            if !ready.is_empty() {
                 wake_ns = wake_ns.min((offset_ns + iv * next_index as f64) as u64);
             }
         }
@@ -526,7 +543,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         let now = now_ns();
         let mut ctx = Ctx {
             stats: &mut stats,
-            free: &mut free,
+            ready: &mut ready,
             mode: &cfg.mode,
             ping_payload: &ping_payload,
             phase,
@@ -618,6 +635,8 @@ fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(IoUring, Vec<Conn>), Clien
             queued: false,
             st: Streams {
                 fd,
+                free: Vec::with_capacity(cfg.inflight),
+                ready: false,
                 out: Vec::with_capacity(out_bytes),
                 alive: true,
                 busy: 0,
@@ -726,7 +745,11 @@ fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut 
     if ctx.closed_loop {
         issue(conn, s, now, now, ctx);
     } else {
-        ctx.free.push_back((c as u32, s as u32));
+        conn.free.push(s as u32);
+        if !conn.ready {
+            conn.ready = true;
+            ctx.ready.push_back(c as u32);
+        }
     }
 }
 
