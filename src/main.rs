@@ -4,6 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod alloc_count;
 mod bench;
 mod client;
 mod demo;
@@ -33,6 +34,9 @@ enum Command {
     /// GPU path: device info, verified model loads.
     Gpu(gpu::Args),
 }
+
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 fn main() {
     let cli = Cli::parse();

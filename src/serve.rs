@@ -42,9 +42,10 @@ pub struct Args {
     /// Largest accepted max_tokens.
     #[arg(long, default_value_t = cnse_server::MAX_TOKENS_LIMIT_DEFAULT)]
     pub max_tokens_limit: u32,
-    /// Connections per worker thread.
+    /// Connections open at once, all worker threads together (each thread
+    /// takes an equal share).
     #[arg(long, default_value_t = 16_384)]
-    pub conns_per_thread_max: usize,
+    pub max_connections: usize,
     /// Open streams per connection.
     #[arg(long, default_value_t = 256)]
     pub streams_per_conn_max: usize,
@@ -101,13 +102,21 @@ pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFacto
 
 pub fn config(a: &Args) -> anyhow::Result<Config> {
     let auth_key = a.auth_key_file.as_ref().map(read_auth_key).transpose()?;
+    let threads = match a.threads {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
     Ok(Config {
         listen: a.listen,
-        threads: a.threads.unwrap_or(0),
+        threads,
         pin_threads: !a.no_pin,
         payload_bytes_max: a.payload_max_bytes,
         max_tokens_limit: a.max_tokens_limit,
-        conns_per_thread_max: a.conns_per_thread_max,
+        conns_per_thread_max: a.max_connections.div_ceil(threads).max(1),
         streams_per_conn_max: a.streams_per_conn_max,
         streams_per_thread_max: a.streams_per_thread_max,
         stream_buffered_tokens_max: a.stream_buffered_tokens_max,
@@ -183,7 +192,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.stats_interval_ms > 0 {
             let s = server.stats();
             println!(
-                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={}",
+                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
@@ -193,7 +202,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 s.frames_in,
                 s.frames_out,
                 s.violations,
-                s.rejected
+                s.rejected,
+                crate::alloc_count::allocations()
             );
             std::io::stdout().flush().ok();
         }

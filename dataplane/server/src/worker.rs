@@ -704,9 +704,15 @@ impl Worker {
                 put_hello_ack(&mut c.out_fill, cfg.payload_bytes_max, &cfg.server_name);
                 t.frames_out += 1;
             }
-            (ConnState::Handshake, _) => {
-                Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "HELLO must be the first frame")
-            }
+            (ConnState::Handshake, _) => Self::violate(
+                t,
+                backend,
+                ring,
+                queue,
+                slot,
+                code::BAD_REQUEST,
+                "HELLO must be the first frame",
+            ),
             (_, Kind::Hello) => Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "second HELLO"),
             (_, Kind::Ping) => {
                 let c = &mut t.conns[slot as usize];

@@ -1,0 +1,78 @@
+//! The steady state allocates nothing per frame: after a warm-up load, a
+//! second identical load moves the server's allocation counter (printed on
+//! its stats line) by almost nothing while it carries well over 100,000
+//! frames.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn stat(s: &Server, key: &str) -> Option<u64> {
+    s.output().iter().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+fn settled(s: &Server, key: &str) -> u64 {
+    // Two stats lines in a row with the same value: the load is over.
+    let mut last = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(120));
+        let now = stat(s, key);
+        if now.is_some() && now == last {
+            return now.unwrap();
+        }
+        last = now;
+    }
+    panic!("stats never settled: {:?}", s.output());
+}
+
+fn load(s: &Server, mode: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args([
+            "bench",
+            "--addr",
+            &s.addr.to_string(),
+            "--mode",
+            mode,
+            "--connections",
+            "32",
+            "--inflight",
+            "4",
+        ])
+        .args(["--duration-secs", "1", "--warmup-secs", "0"])
+        .output()
+        .expect("run cnse-dp bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn issue2_steady_state_allocates_nothing_per_frame() {
+    let s = Server::start(&strs(
+        &[synthetic(0, 0), vec!["--stats-interval-ms".into(), "100".into()]].concat(),
+    ));
+    // Warm-up: connection slots, stream slots and buffers reach their size.
+    load(&s, "generate");
+    load(&s, "generate");
+    load(&s, "ping");
+    let (allocs0, frames0) = (settled(&s, "allocs="), settled(&s, "frames_out="));
+    load(&s, "generate");
+    load(&s, "ping");
+    let (allocs1, frames1) = (settled(&s, "allocs="), settled(&s, "frames_out="));
+    let frames = frames1 - frames0;
+    let allocs = allocs1 - allocs0;
+    assert!(frames > 50_000, "the load carried {frames} frames");
+    assert!(
+        allocs * 10_000 < frames,
+        "{allocs} allocations for {frames} frames in the steady state"
+    );
+}
