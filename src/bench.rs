@@ -46,6 +46,10 @@ pub struct LoadArgs {
     /// without it the run is a closed loop.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Open loop: shortest sleep between sends in µs; requests due within
+    /// it leave together (latency still counts from each intended time).
+    #[arg(long, default_value_t = load::OPEN_LOOP_TICK_US_DEFAULT)]
+    pub tick_us: u64,
     /// Find the peak with a closed loop first, then run an open loop at this
     /// fraction of it (e.g. 0.7) and report both.
     #[arg(long, conflicts_with = "rate")]
@@ -121,6 +125,7 @@ impl LoadArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             connect_timeout: Duration::from_secs(5),
             cpus: self.client_cpus.clone(),
+            open_loop_tick: Duration::from_micros(self.tick_us),
         })
     }
 }

@@ -15,11 +15,7 @@ fn issue2_two_thousand_connections_each_streaming() {
         "RLIMIT_NOFILE {limit} too low for the test"
     );
     let s = Server::start(&strs(
-        &[
-            synthetic(1_000, 1_000),
-            vec!["--conns-per-thread-max".into(), "4096".into()],
-        ]
-        .concat(),
+        &[synthetic(1_000, 1_000), vec!["--max-connections".into(), "4096".into()]].concat(),
     ));
     let mut clients: Vec<Client> = (0..CONNS).map(|_| s.client()).collect();
     let t = Instant::now();
