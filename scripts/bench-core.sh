@@ -28,7 +28,7 @@ bench() {
   local name=$1; shift
   echo
   echo "== $name (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-  taskset -c "$client_cpu" "$bin" bench --addr "$addr" --client-cpus "$client_cpu" \
+  taskset -c "$client_cpu" "$bin" bench --addr "$addr" --client-cpus "$client_cpu" --server-pid "$server" \
     --duration-secs "$secs" --warmup-secs 2 --csv "$out/$name.csv" "$@"
 }
 
@@ -37,3 +37,8 @@ bench ping-k1 --mode ping --payload-bytes 64 --connections 256 --inflight 1
 bench ping-k16 --mode ping --payload-bytes 64 --connections 256 --inflight 16
 bench generate-peak-then-70pct --mode generate --max-tokens 16 --connections 256 --inflight 16 \
   --peak-fraction 0.7
+# Open loop at fixed rates (RATES="r1 r2 ..."), e.g. around 70 % of the peak
+# above when the machine is shared and the peak moves between runs.
+for r in ${RATES:-}; do
+  bench "generate-open-$r" --mode generate --max-tokens 16 --connections 256 --inflight 16 --rate "$r"
+done

@@ -66,6 +66,10 @@ pub struct LoadArgs {
     /// CPUs to pin client threads to, comma separated (e.g. `1`).
     #[arg(long, value_delimiter = ',')]
     pub client_cpus: Vec<usize>,
+    /// PID of a local server: its CPU time over the window is reported, with
+    /// requests and tokens per server CPU-second.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Also write the results as CSV (one row per metric; see docs/BENCHMARKS.md).
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -126,6 +130,7 @@ impl LoadArgs {
             connect_timeout: Duration::from_secs(5),
             cpus: self.client_cpus.clone(),
             open_loop_tick: Duration::from_micros(self.tick_us),
+            server_pid: self.server_pid,
         })
     }
 }
@@ -161,7 +166,8 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
     if let Some(path) = &args.csv {
         let mut rows = String::new();
         for r in &reports {
-            rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &r.rates()));
+            let rates: Vec<_> = r.rates().into_iter().chain(r.cpu_rates()).collect();
+            rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &rates));
         }
         // Errors carry their cause in the message: flatten to one line.
         cnse_metrics::write_csv(path, &rows).map_err(|e| anyhow!("{e}"))?;
@@ -173,6 +179,33 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
 pub fn print_report(r: &LoadReport) {
     println!("{}: {:.1} s measured", r.label(), r.window.as_secs_f64());
     print!("{}", cnse_metrics::render_table(&r.summaries(), &r.rates()));
+    let w = r.window.as_secs_f64();
+    if let Some(cpu) = r.server_cpu {
+        let per: Vec<String> = r
+            .cpu_rates()
+            .iter()
+            .map(|x| {
+                format!(
+                    "{} {}",
+                    cnse_metrics::fmt_rate(x.per_s()).trim_end_matches("/s"),
+                    &x.metric[..x.metric.find("_per").unwrap_or(0)]
+                )
+            })
+            .collect();
+        println!(
+            "server cpu     {:.2} s ({:.0}% of one core): {} per server CPU-second",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / w,
+            per.join(", ")
+        );
+    }
+    if let Some(cpu) = r.client_cpu {
+        println!(
+            "client cpu     {:.2} s ({:.0}% of one core)",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / w
+        );
+    }
     if let Some(p) = r.problems() {
         println!("problems: {p}");
     }

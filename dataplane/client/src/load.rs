@@ -89,6 +89,10 @@ pub struct LoadConfig {
     /// syscall each); their latency is still measured from their intended
     /// times, so the tick shows in the percentiles (at most one tick).
     pub open_loop_tick: Duration,
+    /// A local server process whose CPU time over the measured window is
+    /// reported (throughput per server CPU-second holds up on a shared
+    /// machine where wall-clock rates do not).
+    pub server_pid: Option<u32>,
 }
 
 impl LoadConfig {
@@ -107,6 +111,7 @@ impl LoadConfig {
             connect_timeout: Duration::from_secs(5),
             cpus: Vec::new(),
             open_loop_tick: Duration::from_micros(OPEN_LOOP_TICK_US_DEFAULT),
+            server_pid: None,
         }
     }
 
@@ -173,6 +178,10 @@ pub struct LoadReport {
     pub unsent: u64,
     /// Streams still open when the drain timeout ran out.
     pub unfinished: u64,
+    /// CPU time of the server process (`server_pid`) during the window.
+    pub server_cpu: Option<Duration>,
+    /// CPU time of this process (all client threads) during the window.
+    pub client_cpu: Option<Duration>,
 }
 
 impl LoadReport {
@@ -223,6 +232,19 @@ impl LoadReport {
         v
     }
 
+    /// Throughput per CPU-second of the server process, when it was
+    /// measured: `requests_per_server_cpu_s` and `tokens_per_server_cpu_s`.
+    pub fn cpu_rates(&self) -> Vec<Rate> {
+        let Some(cpu) = self.server_cpu else {
+            return Vec::new();
+        };
+        let mut v = vec![Rate::new("requests_per_server_cpu_s", self.requests, cpu)];
+        if self.mode == "generate" {
+            v.push(Rate::new("tokens_per_server_cpu_s", self.tokens, cpu));
+        }
+        v
+    }
+
     pub fn requests_per_s(&self) -> f64 {
         Rate::new("", self.requests, self.window).per_s()
     }
@@ -265,7 +287,8 @@ impl LoadReport {
 /// Runs the load and returns the merged report.
 pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     cfg.check()?;
-    let barrier = Arc::new(Barrier::new(cfg.threads));
+    // The caller's thread joins the barrier to time the CPU samples.
+    let barrier = Arc::new(Barrier::new(cfg.threads + 1));
     let mut handles = Vec::with_capacity(cfg.threads);
     for t in 0..cfg.threads {
         // Connections spread evenly: the first `rem` threads take one more.
@@ -288,6 +311,18 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
         window: cfg.duration,
         ..Default::default()
     };
+    barrier.wait();
+    let server_clock = cfg.server_pid.and_then(cpu_clock_of);
+    std::thread::sleep(cfg.warmup);
+    let start = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    std::thread::sleep(cfg.duration);
+    let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    if let (Some(Some(a)), Some(Some(b))) = (start.0, end.0) {
+        report.server_cpu = Some(b.saturating_sub(a));
+    }
+    if let (Some(a), Some(b)) = (start.1, end.1) {
+        report.client_cpu = Some(b.saturating_sub(a));
+    }
     let mut first_err = None;
     for h in handles {
         match h.join() {
@@ -304,6 +339,21 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// The CPU-time clock of another process.
+fn cpu_clock_of(pid: u32) -> Option<libc::clockid_t> {
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: writes one clockid_t we own.
+    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) };
+    (r == 0).then_some(id)
+}
+
+fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
 #[derive(Default)]
