@@ -171,8 +171,9 @@ pub struct LoadReport {
     pub errors: BTreeMap<u32, u64>,
     /// Connections the server closed or that failed during the run.
     pub connections_lost: u64,
-    /// Frames that broke the protocol (bad header, unknown stream, token
-    /// count different from END's total, PONG payload not echoed).
+    /// Frames that broke the protocol (bad header, unknown or ended stream,
+    /// tokens beyond the credit granted, a token index or count different
+    /// from what arrived, PONG not echoed byte for byte).
     pub bad_frames: u64,
     /// Open loop: requests due by the end that no free slot could send.
     pub unsent: u64,
@@ -385,6 +386,8 @@ struct Slot {
     tokens: u64,
     /// Tokens received since credit was last granted.
     unacked: u32,
+    /// Credit granted so far (initial plus CREDIT frames); 0 = unlimited.
+    granted: u64,
 }
 
 struct Conn {
@@ -755,6 +758,10 @@ fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx
     slot.last_ns = 0;
     slot.tokens = 0;
     slot.unacked = 0;
+    slot.granted = match ctx.mode {
+        Mode::Generate { credit, .. } => u64::from(*credit),
+        Mode::Ping { .. } => 0,
+    };
     conn.busy += 1;
     let id = stream_id(s, slot.generation);
     match ctx.mode {
@@ -895,6 +902,10 @@ fn on_frame(
             }
             slot.tokens += u64::from(arg);
             slot.last_ns = now;
+            if slot.granted > 0 && slot.tokens > slot.granted {
+                // The page: the sum of TOKENS `arg` never exceeds the credit.
+                ctx.stats.bad_frames += 1;
+            }
             if in_window {
                 ctx.stats.tokens += u64::from(arg);
             }
@@ -905,6 +916,7 @@ fn on_frame(
                     slot.unacked = slot.unacked.saturating_add(arg);
                     if slot.unacked >= (*credit / 2).max(1) {
                         put_credit(&mut conn.out, id, slot.unacked);
+                        slot.granted += u64::from(slot.unacked);
                         slot.unacked = 0;
                         if in_window {
                             ctx.stats.frames_out += 1;
