@@ -180,30 +180,34 @@ pub fn print_report(r: &LoadReport) {
     println!("{}: {:.1} s measured", r.label(), r.window.as_secs_f64());
     print!("{}", cnse_metrics::render_table(&r.summaries(), &r.rates()));
     let w = r.window.as_secs_f64();
+    let waited = |d: Option<Duration>| {
+        d.map_or(String::new(), |d| {
+            format!(", waited {:.2} s for a CPU", d.as_secs_f64())
+        })
+    };
     if let Some(cpu) = r.server_cpu {
         let per: Vec<String> = r
             .cpu_rates()
             .iter()
             .map(|x| {
-                format!(
-                    "{} {}",
-                    cnse_metrics::fmt_rate(x.per_s()).trim_end_matches("/s"),
-                    &x.metric[..x.metric.find("_per").unwrap_or(0)]
-                )
+                let what = x.metric.split("_per_").next().unwrap_or("");
+                format!("{} {what}", cnse_metrics::fmt_rate(x.per_s()).trim_end_matches("/s"))
             })
             .collect();
         println!(
-            "server cpu     {:.2} s ({:.0}% of one core): {} per server CPU-second",
+            "server cpu     {:.2} s ({:.0}% of one core{}): {} per server CPU-second",
             cpu.as_secs_f64(),
             100.0 * cpu.as_secs_f64() / w,
+            waited(r.server_runq_wait),
             per.join(", ")
         );
     }
     if let Some(cpu) = r.client_cpu {
         println!(
-            "client cpu     {:.2} s ({:.0}% of one core)",
+            "client cpu     {:.2} s ({:.0}% of one core{})",
             cpu.as_secs_f64(),
-            100.0 * cpu.as_secs_f64() / w
+            100.0 * cpu.as_secs_f64() / w,
+            waited(r.client_runq_wait)
         );
     }
     if let Some(p) = r.problems() {

@@ -183,6 +183,11 @@ pub struct LoadReport {
     pub server_cpu: Option<Duration>,
     /// CPU time of this process (all client threads) during the window.
     pub client_cpu: Option<Duration>,
+    /// Time the server's and the client's threads spent runnable but
+    /// waiting for a CPU during the window (from schedstat): on a shared
+    /// machine, what the other tenants took.
+    pub server_runq_wait: Option<Duration>,
+    pub client_runq_wait: Option<Duration>,
 }
 
 impl LoadReport {
@@ -315,9 +320,18 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     barrier.wait();
     let server_clock = cfg.server_pid.and_then(cpu_clock_of);
     std::thread::sleep(cfg.warmup);
+    let own_pid = std::process::id();
     let start = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    let wait_start = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
     std::thread::sleep(cfg.duration);
     let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    let wait_end = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    if let (Some(a), Some(b)) = (wait_start.0, wait_end.0) {
+        report.server_runq_wait = Some(b.saturating_sub(a));
+    }
+    if let (Some(a), Some(b)) = (wait_start.1, wait_end.1) {
+        report.client_runq_wait = Some(b.saturating_sub(a));
+    }
     if let (Some(Some(a)), Some(Some(b))) = (start.0, end.0) {
         report.server_cpu = Some(b.saturating_sub(a));
     }
@@ -355,6 +369,22 @@ fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
     // SAFETY: writes one timespec we own.
     let r = unsafe { libc::clock_gettime(clock, &mut ts) };
     (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Sum over a process's threads of the time spent waiting on a run queue
+/// (second field of /proc/PID/task/TID/schedstat, ns). Threads that exit
+/// in between make the difference approximate; the load's threads and the
+/// server's workers live for the whole window.
+fn runq_wait(pid: u32) -> Option<Duration> {
+    let mut total_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        total_ns += text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())?;
+    }
+    Some(Duration::from_nanos(total_ns))
 }
 
 #[derive(Default)]
