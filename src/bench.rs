@@ -83,6 +83,30 @@ pub struct Args {
     /// File holding the auth key (its content without a trailing newline).
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
+    /// What to load: a cnse-dp server at `--addr`; llama-server itself over
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
+    /// by side (llama-compare: the same load straight to llama-server and
+    /// through an in-process cnse-dp with the llama backend, alternated).
+    #[arg(long, value_enum, default_value = "cnse")]
+    pub target: crate::bench_llama::Target,
+    /// llama-server base URL for `--target llama-http|llama-compare`.
+    #[arg(long)]
+    pub llama_url: Option<String>,
+    /// Instead of `--llama-url`, serve a stand-in of llama-server in this
+    /// process (its wire format, a fixed pace): isolates what the gateway
+    /// adds from CPU inference noise.
+    #[arg(long)]
+    pub llama_standin: bool,
+    /// Stand-in: time to first token.
+    #[arg(long, default_value_t = 20_000)]
+    pub standin_ttft_us: u64,
+    /// Stand-in: time between tokens.
+    #[arg(long, default_value_t = 5_000)]
+    pub standin_token_interval_us: u64,
+    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
+    /// that drift hits both sides alike.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -235,6 +259,9 @@ pub fn check_clean(reports: &[LoadReport]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.target != crate::bench_llama::Target::Cnse {
+        return crate::bench_llama::run(&args);
+    }
     let token = match &args.auth_key_file {
         Some(p) => crate::client::read_auth_key(p)?,
         None => Vec::new(),

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod alloc_count;
 mod bench;
+mod bench_llama;
 mod client;
 mod demo;
 mod gpu;

@@ -73,6 +73,10 @@ pub struct Args {
     /// llama-server base URLs, comma separated (http://host:port).
     #[arg(long, value_delimiter = ',')]
     pub llama_url: Vec<String>,
+    /// Requests in flight per llama-server, all worker threads together
+    /// (match its `-np` slots; more wait in the admission queue).
+    #[arg(long, default_value_t = 4)]
+    pub llama_inflight: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -136,7 +140,13 @@ fn backend(a: &Args) -> anyhow::Result<Arc<dyn BackendFactory>> {
             if a.llama_url.is_empty() {
                 bail!("--backend llama needs --llama-url URL[,URL...]");
             }
-            bail!("the llama backend is not part of this build")
+            let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
+                urls: a.llama_url.clone(),
+                inflight_per_backend: a.llama_inflight,
+                ..Default::default()
+            })
+            .context("--llama-url")?;
+            Ok(Arc::new(factory))
         }
     }
 }

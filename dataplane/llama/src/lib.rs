@@ -1,1 +1,282 @@
-//! llama.cpp llama-server backend of cnse-dp: HTTP/1.1 streaming on the core's io_uring
+//! llama.cpp `llama-server` backend of cnse-dp: HTTP/1.1 streaming on the
+//! core's io_uring.
+//!
+//! Read first: [`backend`] (one request's life: route → connect or reuse a
+//! pooled connection → send `POST /completion` → receive chunked SSE → TOKENS
+//! / END / ERROR). The layers under it are pure: [`http`] decodes responses,
+//! [`sse`] classifies event lines, [`body`] writes the request JSON. [`op`]
+//! builds the ring operations. [`direct`] is a plain blocking client of the
+//! same HTTP API for benchmarks (the gateway's baseline), [`standin`] a
+//! fixed-pace stand-in for llama-server with its wire format; [`testing`] is
+//! a small io_uring loop that drives a backend without the server.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod backend;
+pub mod body;
+pub mod direct;
+pub mod http;
+mod op;
+pub mod sse;
+pub mod standin;
+pub mod testing;
+
+pub use backend::LlamaBackend;
+pub use body::completion_body;
+
+/// Everything the llama backend can fail with at set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error("llama-server URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("llama backend config: {0}")]
+    Config(String),
+    #[error("{op} {url}: {source}")]
+    Io {
+        op: &'static str,
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {url}: {reason}")]
+    Protocol {
+        op: &'static str,
+        url: String,
+        reason: String,
+    },
+}
+
+/// Settings of the llama-server backend.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// `http://host:port` of each llama-server (no path, no TLS).
+    pub urls: Vec<String>,
+    /// Requests in flight to one llama-server at most, over all cores
+    /// (match its `-np` slots: more would queue inside llama-server where
+    /// cancellation and fairness are out of our hands).
+    pub inflight_per_backend: usize,
+    /// TCP connect (including a pooled connection's re-connect).
+    pub connect_timeout: Duration,
+    /// From sending the request to the first token (prompt processing).
+    pub first_token_timeout: Duration,
+    /// Between two events of a stream that is not paused.
+    pub idle_token_timeout: Duration,
+    /// Period of `GET /health` per llama-server.
+    pub health_interval: Duration,
+    /// A health check not answered in this time counts as failed.
+    pub health_timeout: Duration,
+    /// Pooled connections idle longer than this are closed rather than
+    /// reused (llama-server's own keep-alive timeout is 5 s).
+    pub keepalive_idle: Duration,
+    /// Sent as `cache_prompt`. Off by default: llama-server documents that
+    /// reusing the KV cache may change results slightly (batch sizes differ),
+    /// and answers through cnse-dp must equal a direct request's.
+    pub cache_prompt: bool,
+    /// Bytes of one SSE line (one JSON event) at most.
+    pub event_bytes_max: usize,
+    /// Receive buffer of one pooled connection.
+    pub recv_buffer_bytes: usize,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            inflight_per_backend: 4,
+            connect_timeout: Duration::from_secs(2),
+            first_token_timeout: Duration::from_secs(60),
+            idle_token_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_secs(2),
+            health_timeout: Duration::from_secs(2),
+            keepalive_idle: Duration::from_secs(4),
+            cache_prompt: false,
+            event_bytes_max: 64 * 1024,
+            recv_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Upper bounds on the configuration, checked at construction.
+pub const URLS_MAX: usize = 64;
+pub const INFLIGHT_PER_BACKEND_MAX: usize = 1024;
+
+/// A validated `http://host:port` target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    /// `host:port` as written, for the `Host` header.
+    pub authority: String,
+    pub addr: SocketAddr,
+}
+
+/// Parses and resolves `http://host:port` (an optional trailing `/` is
+/// accepted; paths, queries, user info and https are not).
+pub fn parse_url(url: &str) -> Result<Target, LlamaError> {
+    let bad = |reason: &str| LlamaError::Url {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("must start with http:// (https is not supported)"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() {
+        return Err(bad("no host"));
+    }
+    if authority.contains(['/', '?', '#', '@']) || authority.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("only http://host:port is accepted (no path, query or user info)"));
+    }
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| bad("a port is required (http://host:port)"))?;
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port: u16 = port.parse().map_err(|_| bad("port must be a number 1-65535"))?;
+    if port == 0 {
+        return Err(bad("port must be a number 1-65535"));
+    }
+    let host_bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let addr = (host_bare, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("cannot resolve host: {e}")))?
+        .next()
+        .ok_or_else(|| bad("host resolves to no address"))?;
+    Ok(Target {
+        url: url.to_string(),
+        authority: authority.to_string(),
+        addr,
+    })
+}
+
+/// State of one llama-server shared by the backends of all cores.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub target: Target,
+    /// Requests in flight (reserved) over all cores.
+    pub inflight: AtomicUsize,
+    pub healthy: AtomicBool,
+}
+
+/// Builds one [`LlamaBackend`] per core; the cores share each llama-server's
+/// in-flight count and health.
+pub struct LlamaFactory {
+    cfg: LlamaConfig,
+    shared: Arc<[Shared]>,
+    /// The first backend built runs the health checks for all cores.
+    health_owner_taken: AtomicBool,
+}
+
+impl LlamaFactory {
+    pub fn new(cfg: LlamaConfig) -> Result<Self, LlamaError> {
+        if cfg.urls.is_empty() {
+            return Err(LlamaError::Config("at least one llama-server URL is required".into()));
+        }
+        if cfg.urls.len() > URLS_MAX {
+            return Err(LlamaError::Config(format!("at most {URLS_MAX} llama-server URLs")));
+        }
+        if cfg.inflight_per_backend == 0 || cfg.inflight_per_backend > INFLIGHT_PER_BACKEND_MAX {
+            return Err(LlamaError::Config(format!(
+                "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
+            )));
+        }
+        for (name, d) in [
+            ("connect_timeout", cfg.connect_timeout),
+            ("first_token_timeout", cfg.first_token_timeout),
+            ("idle_token_timeout", cfg.idle_token_timeout),
+            ("health_interval", cfg.health_interval),
+            ("health_timeout", cfg.health_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(LlamaError::Config(format!("{name} must be > 0")));
+            }
+        }
+        if cfg.event_bytes_max < 1024 || cfg.recv_buffer_bytes < 1024 {
+            return Err(LlamaError::Config(
+                "event_bytes_max and recv_buffer_bytes must be >= 1024".into(),
+            ));
+        }
+        let mut shared = Vec::with_capacity(cfg.urls.len());
+        for url in &cfg.urls {
+            let target = parse_url(url)?;
+            if shared.iter().any(|s: &Shared| s.target.addr == target.addr) {
+                return Err(LlamaError::Config(format!("llama-server {url} listed twice")));
+            }
+            shared.push(Shared {
+                target,
+                inflight: AtomicUsize::new(0),
+                healthy: AtomicBool::new(true),
+            });
+        }
+        Ok(Self {
+            cfg,
+            shared: shared.into(),
+            health_owner_taken: AtomicBool::new(false),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Builds a backend directly (what `build` does, typed).
+    pub fn backend(&self) -> LlamaBackend {
+        let health_owner = !self.health_owner_taken.swap(true, std::sync::atomic::Ordering::AcqRel);
+        LlamaBackend::new(self.cfg.clone(), self.shared.clone(), health_owner)
+    }
+}
+
+impl cnse_backend::BackendFactory for LlamaFactory {
+    fn build(&self, _core: usize) -> Result<Box<dyn cnse_backend::Backend>, String> {
+        Ok(Box::new(self.backend()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_validated() {
+        assert_eq!(parse_url("http://127.0.0.1:8081").unwrap().addr.port(), 8081);
+        assert_eq!(parse_url("http://127.0.0.1:8081/").unwrap().authority, "127.0.0.1:8081");
+        assert!(parse_url("http://localhost:9").is_ok());
+        assert!(parse_url("http://[::1]:9").unwrap().addr.is_ipv6());
+        for bad in [
+            "https://127.0.0.1:1",
+            "127.0.0.1:1",
+            "http://127.0.0.1",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:1/completion",
+            "http://u@127.0.0.1:1",
+            "http://:1",
+            "http://",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn factory_checks_config() {
+        assert!(LlamaFactory::new(LlamaConfig::default()).is_err());
+        let ok = LlamaConfig {
+            urls: vec!["http://127.0.0.1:1".into()],
+            ..Default::default()
+        };
+        assert!(LlamaFactory::new(ok.clone()).is_ok());
+        let twice = LlamaConfig {
+            urls: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:1/".into()],
+            ..Default::default()
+        };
+        assert!(LlamaFactory::new(twice).is_err());
+        let zero = LlamaConfig {
+            inflight_per_backend: 0,
+            ..ok
+        };
+        assert!(LlamaFactory::new(zero).is_err());
+    }
+}

@@ -290,7 +290,16 @@ impl Worker {
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
         let entries = 4096u32;
-        let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        // One thread submits and reaps (single issuer); completion task work
+        // runs only when this thread waits (defer taskrun), so the kernel
+        // does not interrupt the loop to post completions.
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_submit_all()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
         let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
         let now = Instant::now();
         let conns_max = cfg.conns_per_thread_max.min((1 << SLOT_BITS) - 1);
@@ -893,9 +902,11 @@ impl Worker {
     /// Peer closed, error, or timeout: cancel the streams silently and shut
     /// the socket; the slot is released once the kernel returns our ops.
     fn close_conn(&mut self, slot: u32) {
-        let c = &self.tables.conns[slot as usize];
-        if matches!(c.state, ConnState::Free | ConnState::Closing) {
-            return;
+        match self.tables.conns[slot as usize].state {
+            ConnState::Free => return,
+            // Already shut: an op of ours just came back; maybe it was the last.
+            ConnState::Closing => return self.maybe_release(slot),
+            _ => {}
         }
         Self::drop_streams(
             &mut self.tables,

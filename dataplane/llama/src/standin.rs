@@ -1,0 +1,162 @@
+//! A stand-in for llama-server: the same HTTP/SSE wire format as the real
+//! one (recorded from llama.cpp b10434: chunked `text/event-stream`, one
+//! `data:` event per token with its id, a last event with `stop`,
+//! `stop_type`, `tokens_predicted`; `GET /health`), with a fixed, known
+//! pace instead of a model. The gateway-overhead benchmark points both of
+//! its sides at it to measure what cnse-dp adds without CPU inference
+//! noise on top. One thread per connection; not a production server.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::LlamaError;
+
+/// Pace of the stand-in.
+#[derive(Debug, Clone, Copy)]
+pub struct StandinConfig {
+    /// From the end of the request to the first token.
+    pub ttft: Duration,
+    /// Between tokens.
+    pub token_interval: Duration,
+}
+
+/// Bytes of one request (head and body) at most.
+const REQUEST_BYTES_MAX: usize = 1 << 20;
+
+/// A running stand-in; stops accepting when dropped.
+pub struct Standin {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Standin {
+    pub fn start(cfg: StandinConfig) -> Result<Standin, LlamaError> {
+        let io = |op, source| LlamaError::Io {
+            op,
+            url: "http://127.0.0.1:0".into(),
+            source,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind", e))?;
+        let addr = listener.local_addr().map_err(|e| io("local_addr", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                std::thread::spawn(move || serve(conn, cfg));
+            }
+        });
+        Ok(Standin { addr, stop })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Standin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(mut conn: TcpStream, cfg: StandinConfig) {
+    let _ = conn.set_nodelay(true);
+    let mut buf = Vec::with_capacity(8192);
+    let mut out = Vec::with_capacity(8192);
+    loop {
+        let Some((path, body)) = read_request(&mut conn, &mut buf) else {
+            return;
+        };
+        if path == "/health" {
+            let body = "{\"status\":\"ok\"}";
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
+        let n_predict = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["n_predict"].as_u64())
+            .unwrap_or(16)
+            .min(1 << 20);
+        let t0 = Instant::now();
+        let head = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n\
+                    Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for k in 0..n_predict {
+            // An absolute schedule: no drift from slow writes.
+            let due = t0 + cfg.ttft + cfg.token_interval * u32::try_from(k).unwrap_or(u32::MAX);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let event = format!(
+                "data: {{\"index\":0,\"content\":\" tok{k}\",\"tokens\":[{}],\"stop\":false,\"id_slot\":-1,\"tokens_predicted\":{},\"tokens_evaluated\":5}}\n\n",
+                1000 + k,
+                k + 1
+            );
+            out.clear();
+            out.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+            out.extend_from_slice(event.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            if conn.write_all(&out).is_err() {
+                return;
+            }
+        }
+        let last = format!(
+            "data: {{\"content\":\"\",\"tokens\":[],\"stop\":true,\"stop_type\":\"limit\",\"stopping_word\":\"\",\"tokens_predicted\":{n_predict}}}\n\n"
+        );
+        let tail = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
+        if conn.write_all(tail.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one request; returns its path and body.
+fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let mut tmp = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = req.parse(buf).ok()?;
+        if let httparse::Status::Complete(head_len) = parsed {
+            let path = req.path.unwrap_or("/").to_string();
+            let len = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if head_len + len > REQUEST_BYTES_MAX {
+                return None;
+            }
+            while buf.len() < head_len + len {
+                let n = conn.read(&mut tmp).ok().filter(|&n| n > 0)?;
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            let body = buf[head_len..head_len + len].to_vec();
+            buf.drain(..head_len + len);
+            return Some((path, body));
+        }
+        if buf.len() > REQUEST_BYTES_MAX {
+            return None;
+        }
+        let n = conn.read(&mut tmp).ok().filter(|&n| n > 0)?;
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}

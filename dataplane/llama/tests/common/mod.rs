@@ -1,0 +1,346 @@
+//! Helpers shared by the llama backend's tests: fake llama-servers that
+//! misbehave on purpose, and a real llama-server started on demand.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cnse_llama::{LlamaConfig, LlamaFactory};
+
+/// How a fake llama-server answers `POST /completion`.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// A well-formed chunked SSE stream of `tokens` events (text "t0 t1 ..."),
+    /// `delay` apart, then the final event; keep-alive.
+    Tokens { tokens: usize, delay: Duration },
+    /// Bytes that are not HTTP.
+    Garbage,
+    /// HTTP 500 with a llama-server style JSON error.
+    Status500,
+    /// `tokens` events, then the connection is dropped.
+    CloseMidStream { tokens: usize },
+    /// Reads the request and never answers.
+    Hang,
+    /// A complete answer, then the connection is closed although the head
+    /// promised keep-alive (a server dropping an idle connection).
+    TokensThenClose { tokens: usize },
+}
+
+/// A fake llama-server on an ephemeral loopback port.
+pub struct Fake {
+    pub url: String,
+    /// `/health` answers 200 while true, 503 otherwise.
+    pub healthy: Arc<AtomicBool>,
+    /// Completion requests received.
+    pub requests: Arc<AtomicUsize>,
+    /// Streams whose client went away before the last event.
+    pub aborted: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Fake {
+    pub fn start(behaviour: Behaviour) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = Fake {
+            url,
+            healthy: Arc::new(AtomicBool::new(true)),
+            requests: Arc::default(),
+            aborted: Arc::default(),
+            connections: Arc::default(),
+        };
+        let (healthy, requests, aborted, connections) = (
+            fake.healthy.clone(),
+            fake.requests.clone(),
+            fake.aborted.clone(),
+            fake.connections.clone(),
+        );
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (b, h, r, a) = (behaviour.clone(), healthy.clone(), requests.clone(), aborted.clone());
+                std::thread::spawn(move || serve(conn, b, h, r, a));
+            }
+        });
+        fake
+    }
+}
+
+/// Reads one request head and body; returns the request line.
+fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut tmp = [0u8; 4096];
+                let n = conn.read(&mut tmp).ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            buf.drain(..end + 4 + len);
+            return Some(head.lines().next().unwrap_or("").to_string());
+        }
+        let mut tmp = [0u8; 4096];
+        let n = conn.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn chunk(conn: &mut TcpStream, data: &str) -> std::io::Result<()> {
+    conn.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+}
+
+const SSE_HEAD: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
+
+fn token_event(k: usize) -> String {
+    format!("data: {{\"index\":0,\"content\":\"t{k} \",\"tokens\":[{k}],\"stop\":false}}\n\n")
+}
+
+fn serve(
+    mut conn: TcpStream,
+    behaviour: Behaviour,
+    healthy: Arc<AtomicBool>,
+    requests: Arc<AtomicUsize>,
+    aborted: Arc<AtomicUsize>,
+) {
+    conn.set_nodelay(true).unwrap();
+    let mut buf = Vec::new();
+    while let Some(line) = read_request(&mut conn, &mut buf) {
+        if line.starts_with("GET /health") {
+            let (status, body) = if healthy.load(Ordering::SeqCst) {
+                ("200 OK", "{\"status\":\"ok\"}")
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "{\"error\":{\"code\":503,\"message\":\"Loading model\"}}",
+                )
+            };
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            continue;
+        }
+        requests.fetch_add(1, Ordering::SeqCst);
+        match &behaviour {
+            Behaviour::Tokens { tokens, delay } => {
+                let ok = (|| -> std::io::Result<()> {
+                    conn.write_all(SSE_HEAD.as_bytes())?;
+                    for k in 0..*tokens {
+                        chunk(&mut conn, &token_event(k))?;
+                        if !delay.is_zero() {
+                            std::thread::sleep(*delay);
+                        }
+                    }
+                    chunk(
+                        &mut conn,
+                        &format!("data: {{\"content\":\"\",\"tokens\":[],\"stop\":true,\"stop_type\":\"limit\",\"tokens_predicted\":{tokens}}}\n\n"),
+                    )?;
+                    conn.write_all(b"0\r\n\r\n")
+                })();
+                if ok.is_err() {
+                    aborted.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+            Behaviour::TokensThenClose { tokens } => {
+                let _ = conn.write_all(SSE_HEAD.as_bytes());
+                for k in 0..*tokens {
+                    let _ = chunk(&mut conn, &token_event(k));
+                }
+                let _ = chunk(
+                    &mut conn,
+                    "data: {\"content\":\"\",\"stop\":true,\"stop_type\":\"eos\"}\n\n",
+                );
+                let _ = conn.write_all(b"0\r\n\r\n");
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            Behaviour::Garbage => {
+                let _ = conn.write_all(b"\x00\x01 this is not HTTP at all\r\n\r\n");
+                return;
+            }
+            Behaviour::Status500 => {
+                let body = "{\"error\":{\"code\":500,\"message\":\"boom\",\"type\":\"server_error\"}}";
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+            }
+            Behaviour::CloseMidStream { tokens } => {
+                let _ = conn.write_all(SSE_HEAD.as_bytes());
+                for k in 0..*tokens {
+                    let _ = chunk(&mut conn, &token_event(k));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                return;
+            }
+            Behaviour::Hang => {
+                std::thread::sleep(Duration::from_secs(30));
+                return;
+            }
+        }
+    }
+}
+
+/// A config for tests: short timeouts so failures show quickly.
+pub fn config(urls: &[&str]) -> LlamaConfig {
+    LlamaConfig {
+        urls: urls.iter().map(|u| u.to_string()).collect(),
+        connect_timeout: Duration::from_millis(500),
+        first_token_timeout: Duration::from_millis(800),
+        idle_token_timeout: Duration::from_millis(800),
+        health_interval: Duration::from_millis(100),
+        health_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }
+}
+
+pub fn backend(cfg: LlamaConfig) -> cnse_llama::LlamaBackend {
+    LlamaFactory::new(cfg).unwrap().backend()
+}
+
+/// A TCP port nothing listens on.
+pub fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    url
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A real llama-server started by `scripts/llama-server.sh` on its own
+/// port, stopped on drop.
+pub struct RealServer {
+    pub url: String,
+    pub port: u16,
+}
+
+impl RealServer {
+    /// `None` (after printing why) when it cannot be started and services
+    /// are not required; panics when `CNSE_REQUIRE_SERVICES=1`.
+    pub fn start() -> Option<RealServer> {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let out = Command::new(repo_root().join("scripts/llama-server.sh"))
+            .args(["start", &port.to_string()])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(RealServer {
+                url: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+                port,
+            }),
+            Ok(o) => skip(&format!(
+                "scripts/llama-server.sh start failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => skip(&format!("cannot run scripts/llama-server.sh: {e}")),
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&self) {
+        let pidfile = state_dir().join(format!("{}.pid", self.port));
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let status = Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/llama-server.sh"))
+            .args(["stop", &self.port.to_string()])
+            .status();
+    }
+}
+
+fn state_dir() -> PathBuf {
+    let cache = std::env::var("CNSE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cnse-dp"));
+    cache.join("llama-server")
+}
+
+pub fn skip<T>(why: &str) -> Option<T> {
+    if std::env::var("CNSE_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!("llama-server required (CNSE_REQUIRE_SERVICES=1): {why}");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// The llama-server to test against: `CNSE_LLAMA_URL`, else one started
+/// here (kept in the returned guard).
+pub fn llama() -> Option<(String, Option<RealServer>)> {
+    if let Ok(url) = std::env::var("CNSE_LLAMA_URL") {
+        return Some((url, None));
+    }
+    let s = RealServer::start()?;
+    Some((s.url.clone(), Some(s)))
+}
+
+/// Plain blocking HTTP request; returns status and body (Connection: close).
+pub fn http(url: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let addr = url.strip_prefix("http://").unwrap().trim_end_matches('/');
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text[9..12].parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}

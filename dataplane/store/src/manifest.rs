@@ -1,0 +1,360 @@
+//! Manifests: what the store knows about a blob, archived with rkyv and read
+//! in place from a read-only map after one validation pass.
+//!
+//! File layout: the 8 bytes [`MANIFEST_MAGIC`], then the rkyv archive of a
+//! [`ManifestRecord`]. The archive starts at offset 8, so a page-aligned map
+//! keeps it 8-aligned as rkyv requires.
+
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rkyv::util::AlignedVec;
+
+use crate::digest::{Digest, DIGEST_BYTES};
+use crate::error::{IoContext, Result, StoreError};
+use crate::gguf::GgufInfo;
+use crate::hash::chunk_count;
+
+/// First bytes of every manifest file; the last two digits are the format version.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"CNSEMF01";
+const FORMAT_VERSION: u32 = 1;
+/// Default chunk size: large enough that a per-chunk digest costs nothing,
+/// small enough that a 1 GiB model splits over 64 cores' worth of chunks.
+pub const CHUNK_BYTES_DEFAULT: u64 = 16 << 20;
+pub const CHUNK_BYTES_MIN: u64 = 4096;
+pub const CHUNK_BYTES_MAX: u64 = 1 << 30;
+/// Longest original name kept in a manifest.
+pub const NAME_BYTES_MAX: usize = 4096;
+/// Largest manifest we read (a 1 TiB blob in 4 KiB chunks would not fit, but
+/// in default chunks it is 2 MiB).
+pub const MANIFEST_BYTES_MAX: u64 = 64 << 20;
+
+const _: () = assert!(MANIFEST_MAGIC.len() % 8 == 0, "the archive must stay 8-aligned");
+const _: () = assert!(CHUNK_BYTES_DEFAULT % CHUNK_BYTES_MIN == 0);
+
+/// The archived form of a manifest.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ManifestRecord {
+    pub format_version: u32,
+    pub digest: [u8; DIGEST_BYTES],
+    pub size_bytes: u64,
+    /// The name the blob was put under: `name:tag` or the file's base name.
+    pub name: String,
+    pub created_unix_ms: u64,
+    pub chunk_bytes: u64,
+    pub chunk_digests: Vec<[u8; DIGEST_BYTES]>,
+    pub gguf: Option<GgufRecord>,
+}
+
+/// GGUF facts as archived; see [`GgufInfo`].
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct GgufRecord {
+    pub version: u32,
+    pub tensor_count: u64,
+    pub metadata_count: u64,
+    pub architecture: Option<String>,
+    pub model_name: Option<String>,
+    pub size_label: Option<String>,
+    pub quantization: Option<String>,
+    pub context_length: Option<u64>,
+    pub parameter_count: Option<u64>,
+}
+
+impl From<GgufInfo> for GgufRecord {
+    fn from(g: GgufInfo) -> Self {
+        GgufRecord {
+            version: g.version,
+            tensor_count: g.tensor_count,
+            metadata_count: g.metadata_count,
+            architecture: g.architecture,
+            model_name: g.model_name,
+            size_label: g.size_label,
+            quantization: g.quantization,
+            context_length: g.context_length,
+            parameter_count: g.parameter_count,
+        }
+    }
+}
+
+impl ManifestRecord {
+    pub fn new(
+        digest: Digest,
+        size_bytes: u64,
+        name: &str,
+        chunk_bytes: u64,
+        chunk_digests: Vec<[u8; DIGEST_BYTES]>,
+        gguf: Option<GgufInfo>,
+    ) -> ManifestRecord {
+        let created_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut name = name.to_string();
+        if name.len() > NAME_BYTES_MAX {
+            let mut cut = NAME_BYTES_MAX;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name.truncate(cut);
+        }
+        ManifestRecord {
+            format_version: FORMAT_VERSION,
+            digest: digest.0,
+            size_bytes,
+            name,
+            created_unix_ms,
+            chunk_bytes,
+            chunk_digests,
+            gguf: gguf.map(GgufRecord::from),
+        }
+    }
+
+    /// The bytes of a manifest file: magic, then the archive.
+    pub fn encode(&self) -> Vec<u8> {
+        let archive = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing to memory cannot fail");
+        let mut out = Vec::with_capacity(MANIFEST_MAGIC.len() + archive.len());
+        out.extend_from_slice(&MANIFEST_MAGIC);
+        out.extend_from_slice(&archive);
+        out
+    }
+}
+
+/// Checks that a chunk size is one the store accepts.
+pub fn check_chunk_bytes(chunk_bytes: u64) -> Result<()> {
+    if !(CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&chunk_bytes) || chunk_bytes % CHUNK_BYTES_MIN != 0 {
+        return Err(StoreError::BadOption {
+            option: "--chunk-bytes",
+            reason: format!(
+                "{chunk_bytes} is not a multiple of {CHUNK_BYTES_MIN} between {CHUNK_BYTES_MIN} and {CHUNK_BYTES_MAX}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+enum Backing {
+    Map(Mmap),
+    Owned(AlignedVec),
+}
+
+/// A validated manifest, read in place. Cheap accessors borrow from the
+/// archive; nothing is deserialized.
+pub struct Manifest {
+    backing: Backing,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifest")
+            .field("path", &self.path)
+            .field("digest", &self.digest())
+            .finish()
+    }
+}
+
+impl Manifest {
+    /// Maps and validates the manifest file at `path`. When `expect` is given
+    /// the manifest must describe that digest.
+    pub fn open(path: &Path, expect: Option<&Digest>) -> Result<Manifest> {
+        let file = std::fs::File::open(path).ctx("open manifest", path)?;
+        let len = file.metadata().ctx("stat manifest", path)?.len();
+        if len > MANIFEST_BYTES_MAX {
+            return Err(bad(
+                path,
+                format!("{len} bytes is more than the {MANIFEST_BYTES_MAX} allowed"),
+            ));
+        }
+        // SAFETY: manifests are written once to a temporary file and renamed
+        // into place, never modified in place; a later rename leaves this
+        // mapping of the old inode intact. Only an outside process truncating
+        // the file in place could invalidate it, which the store's contract
+        // (the directory belongs to the store) excludes.
+        let map = unsafe { Mmap::map(&file) }.ctx("map manifest", path)?;
+        let m = Manifest {
+            backing: Backing::Map(map),
+            path: path.to_path_buf(),
+        };
+        m.validate(expect)?;
+        Ok(m)
+    }
+
+    /// Validates manifest bytes that came from elsewhere (a remote), copying
+    /// them into an aligned buffer. `origin` names them in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &Path, expect: Option<&Digest>) -> Result<Manifest> {
+        if bytes.len() as u64 > MANIFEST_BYTES_MAX {
+            return Err(bad(
+                origin,
+                format!("{} bytes is more than the {MANIFEST_BYTES_MAX} allowed", bytes.len()),
+            ));
+        }
+        let mut v = AlignedVec::with_capacity(bytes.len());
+        v.extend_from_slice(bytes);
+        let m = Manifest {
+            backing: Backing::Owned(v),
+            path: origin.to_path_buf(),
+        };
+        m.validate(expect)?;
+        Ok(m)
+    }
+
+    /// The raw file bytes (magic included), e.g. to upload.
+    pub fn file_bytes(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Map(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn validate(&self, expect: Option<&Digest>) -> Result<()> {
+        let bytes = self.file_bytes();
+        if bytes.len() < MANIFEST_MAGIC.len() || bytes[..MANIFEST_MAGIC.len()] != MANIFEST_MAGIC {
+            return Err(bad(
+                &self.path,
+                "wrong magic (not a cnse-dp manifest, or another format version)".into(),
+            ));
+        }
+        let rec = rkyv::access::<ArchivedManifestRecord, rkyv::rancor::Error>(&bytes[MANIFEST_MAGIC.len()..])
+            .map_err(|e| bad(&self.path, format!("archive check failed: {e}")))?;
+        if rec.format_version.to_native() != FORMAT_VERSION {
+            return Err(bad(
+                &self.path,
+                format!("format version {}", rec.format_version.to_native()),
+            ));
+        }
+        let chunk_bytes = rec.chunk_bytes.to_native();
+        check_chunk_bytes(chunk_bytes).map_err(|e| bad(&self.path, e.to_string()))?;
+        let want = chunk_count(rec.size_bytes.to_native(), chunk_bytes);
+        if rec.chunk_digests.len() as u64 != want {
+            return Err(bad(
+                &self.path,
+                format!("{} chunk digests for {want} chunks", rec.chunk_digests.len()),
+            ));
+        }
+        if let Some(d) = expect {
+            if rec.digest != d.0 {
+                return Err(bad(
+                    &self.path,
+                    format!("describes {} instead of {d}", Digest(rec.digest)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn rec(&self) -> &ArchivedManifestRecord {
+        // SAFETY: `validate` checked these exact bytes with `rkyv::access` when
+        // the manifest was built, and the backing is immutable (a read-only
+        // map of a file the store never modifies in place, or an owned buffer).
+        unsafe { rkyv::access_unchecked::<ArchivedManifestRecord>(&self.file_bytes()[MANIFEST_MAGIC.len()..]) }
+    }
+
+    pub fn digest(&self) -> Digest {
+        Digest(self.rec().digest)
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.rec().size_bytes.to_native()
+    }
+    pub fn chunk_bytes(&self) -> u64 {
+        self.rec().chunk_bytes.to_native()
+    }
+    pub fn chunk_count(&self) -> u64 {
+        self.rec().chunk_digests.len() as u64
+    }
+    /// One SHA-256 per chunk, borrowed from the archive.
+    pub fn chunk_digests(&self) -> &[[u8; DIGEST_BYTES]] {
+        self.rec().chunk_digests.as_slice()
+    }
+    pub fn name(&self) -> &str {
+        self.rec().name.as_str()
+    }
+    pub fn created_unix_ms(&self) -> u64 {
+        self.rec().created_unix_ms.to_native()
+    }
+    /// GGUF facts, when the blob is a GGUF file the header parser understood.
+    pub fn gguf(&self) -> Option<GgufInfo> {
+        let g = self.rec().gguf.as_ref()?;
+        let s =
+            |o: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>| o.as_ref().map(|v| v.as_str().to_string());
+        let n = |o: &rkyv::option::ArchivedOption<rkyv::rend::u64_le>| o.as_ref().map(|v| v.to_native());
+        Some(GgufInfo {
+            version: g.version.to_native(),
+            tensor_count: g.tensor_count.to_native(),
+            metadata_count: g.metadata_count.to_native(),
+            architecture: s(&g.architecture),
+            model_name: s(&g.model_name),
+            size_label: s(&g.size_label),
+            quantization: s(&g.quantization),
+            context_length: n(&g.context_length),
+            parameter_count: n(&g.parameter_count),
+        })
+    }
+}
+
+fn bad(path: &Path, reason: String) -> StoreError {
+    StoreError::BadManifest {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ManifestRecord {
+        let gguf = crate::gguf::parse(&crate::gguf::tests::sample()).unwrap();
+        ManifestRecord::new(
+            Digest::of(b"x"),
+            3 * 4096 + 1,
+            "m:v1",
+            4096,
+            vec![[7u8; 32]; 4],
+            Some(gguf),
+        )
+    }
+
+    #[test]
+    fn round_trip_through_bytes() {
+        let rec = record();
+        let bytes = rec.encode();
+        let m = Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"x"))).unwrap();
+        assert_eq!(m.digest(), Digest::of(b"x"));
+        assert_eq!(m.size_bytes(), 3 * 4096 + 1);
+        assert_eq!(m.chunk_bytes(), 4096);
+        assert_eq!(m.chunk_digests(), &[[7u8; 32]; 4][..]);
+        assert_eq!(m.name(), "m:v1");
+        assert_eq!(m.gguf().unwrap().architecture.as_deref(), Some("llama"));
+    }
+
+    #[test]
+    fn rejects_wrong_digest_magic_and_garbage() {
+        let bytes = record().encode();
+        assert!(Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"y"))).is_err());
+        let mut b = bytes.clone();
+        b[0] = b'X';
+        assert!(Manifest::from_bytes(&b, Path::new("t"), None).is_err());
+        for cut in 0..bytes.len() {
+            let _ = Manifest::from_bytes(&bytes[..cut], Path::new("t"), None);
+        }
+        for i in 8..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0xff;
+            if let Ok(m) = Manifest::from_bytes(&b, Path::new("t"), None) {
+                // Whatever validated must be self-consistent.
+                assert_eq!(m.chunk_count(), chunk_count(m.size_bytes(), m.chunk_bytes()));
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_count_must_match_size() {
+        let mut rec = record();
+        rec.chunk_digests.pop();
+        assert!(Manifest::from_bytes(&rec.encode(), Path::new("t"), None).is_err());
+    }
+}
