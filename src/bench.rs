@@ -54,6 +54,10 @@ pub struct LoadArgs {
     /// fraction of it (e.g. 0.7) and report both.
     #[arg(long, conflicts_with = "rate")]
     pub peak_fraction: Option<f64>,
+    /// Open loop at each of these rates in turn (requests/s, comma
+    /// separated), then one summary line per rate: where latency bends.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "peak_fraction"])]
+    pub sweep_rates: Vec<f64>,
     /// Measured time.
     #[arg(long, default_value_t = 10.0)]
     pub duration_secs: f64,
@@ -163,29 +167,46 @@ impl LoadArgs {
 /// printing each table; writes the CSV when asked.
 pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>> {
     let mut reports = Vec::new();
-    let first = load::run(&cfg).map_err(|e| anyhow!("running the load: {e}"))?;
-    print_report(&first);
-    if let Some(f) = args.peak_fraction {
-        let peak = first.requests_per_s();
-        if peak <= 0.0 {
-            bail!("the closed loop completed no request; no peak to take a fraction of");
+    if !args.sweep_rates.is_empty() {
+        for &rate in &args.sweep_rates {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--sweep-rates: {rate} is not a positive rate");
+            }
         }
-        let rate = peak * f;
-        println!();
-        println!(
-            "open loop at {:.0}% of the closed-loop peak ({peak:.0}/s): {rate:.0}/s",
-            f * 100.0
-        );
-        let open = LoadConfig {
-            rate_per_s: Some(rate),
-            ..cfg
-        };
-        reports.push(first);
-        let second = load::run(&open).map_err(|e| anyhow!("running the open loop: {e}"))?;
-        print_report(&second);
-        reports.push(second);
+        for &rate in &args.sweep_rates {
+            let open = LoadConfig {
+                rate_per_s: Some(rate),
+                ..cfg.clone()
+            };
+            let r = load::run(&open).map_err(|e| anyhow!("running the open loop at {rate}/s: {e}"))?;
+            print_report(&r);
+            println!();
+            reports.push(r);
+        }
+        print_sweep(&reports);
     } else {
+        let first = load::run(&cfg).map_err(|e| anyhow!("running the load: {e}"))?;
+        print_report(&first);
+        let peak = first.requests_per_s();
         reports.push(first);
+        if let Some(f) = args.peak_fraction {
+            if peak <= 0.0 {
+                bail!("the closed loop completed no request; no peak to take a fraction of");
+            }
+            let rate = peak * f;
+            println!();
+            println!(
+                "open loop at {:.0}% of the closed-loop peak ({peak:.0}/s): {rate:.0}/s",
+                f * 100.0
+            );
+            let open = LoadConfig {
+                rate_per_s: Some(rate),
+                ..cfg
+            };
+            let second = load::run(&open).map_err(|e| anyhow!("running the open loop: {e}"))?;
+            print_report(&second);
+            reports.push(second);
+        }
     }
     if let Some(path) = &args.csv {
         let mut rows = String::new();
@@ -198,6 +219,33 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
         eprintln!("wrote {}", path.display());
     }
     Ok(reports)
+}
+
+/// One line per open-loop rate: offered, achieved, e2e percentiles,
+/// requests never sent, server CPU share.
+fn print_sweep(reports: &[LoadReport]) {
+    use cnse_metrics::{fmt_rate, fmt_us};
+    println!(
+        "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+        "offered", "achieved", "p50", "p99", "p99.9", "max", "unsent", "server cpu"
+    );
+    for r in reports {
+        let e = &r.e2e;
+        let cpu = r.server_cpu.map_or("-".to_string(), |c| {
+            format!("{:.0}%", 100.0 * c.as_secs_f64() / r.window.as_secs_f64())
+        });
+        println!(
+            "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+            fmt_rate(r.rate_per_s.unwrap_or(0.0)),
+            fmt_rate(r.requests_per_s()),
+            fmt_us(e.quantile_us(0.5) as f64),
+            fmt_us(e.quantile_us(0.99) as f64),
+            fmt_us(e.quantile_us(0.999) as f64),
+            fmt_us(e.max_us() as f64),
+            r.unsent,
+            cpu
+        );
+    }
 }
 
 pub fn print_report(r: &LoadReport) {

@@ -132,3 +132,38 @@ fn issue2_bench_cli_runs_and_writes_csv() {
     assert!(rows.iter().any(|r| r.contains(",e2e,us,")), "{text}");
     assert!(rows.iter().any(|r| r.contains(",tokens,per_s,")), "{text}");
 }
+
+#[test]
+fn issue2_bench_sweep_and_peak_fraction() {
+    let s = Server::start(&strs(&synthetic(0, 0)));
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+            .args(["bench", "--addr", &s.addr.to_string(), "--mode", "generate"])
+            .args(["--connections", "4", "--inflight", "4", "--max-tokens", "4"])
+            .args([
+                "--duration-secs",
+                "0.5",
+                "--warmup-secs",
+                "0.1",
+                "--server-pid",
+                &s.pid().to_string(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let sweep = run(&["--sweep-rates", "500,1000"]);
+    assert!(sweep.contains("offered"), "{sweep}");
+    assert!(sweep.contains("500/s") && sweep.contains("1,000/s"), "{sweep}");
+    assert!(sweep.contains("per server CPU-second"), "{sweep}");
+    let peak = run(&["--peak-fraction", "0.5"]);
+    assert!(peak.contains("open loop at 50% of the closed-loop peak"), "{peak}");
+    assert_eq!(peak.matches("e2e").count(), 2, "{peak}");
+}
