@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 2's targets on this machine: one server worker pinned to core 0, the
 # load generator pinned to core 1 (zero-delay synthetic backend).
-#   scripts/bench-core.sh [DURATION_SECS] [OUT_DIR]
+#   [RATES=r1,r2,...] scripts/bench-core.sh [DURATION_SECS] [OUT_DIR]
 # Prints each table and writes one CSV per run into OUT_DIR (default
 # target/bench-core). Numbers go to docs/BENCHMARKS.md with the machine.
 set -euo pipefail
@@ -37,8 +37,9 @@ bench ping-k1 --mode ping --payload-bytes 64 --connections 256 --inflight 1
 bench ping-k16 --mode ping --payload-bytes 64 --connections 256 --inflight 16
 bench generate-peak-then-70pct --mode generate --max-tokens 16 --connections 256 --inflight 16 \
   --peak-fraction 0.7
-# Open loop at fixed rates (RATES="r1 r2 ..."), e.g. around 70 % of the peak
-# above when the machine is shared and the peak moves between runs.
-for r in ${RATES:-}; do
-  bench "generate-open-$r" --mode generate --max-tokens 16 --connections 256 --inflight 16 --rate "$r"
-done
+# Open loop at fixed rates (RATES="r1,r2,..."): where latency bends, e.g.
+# around 70 % of the peak when the machine is shared and the peak moves.
+if [ -n "${RATES:-}" ]; then
+  bench generate-open-sweep --mode generate --max-tokens 16 --connections 256 --inflight 16 \
+    --sweep-rates "$RATES"
+fi
