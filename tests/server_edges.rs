@@ -197,3 +197,84 @@ fn issue2_sigterm_lets_open_streams_finish_then_exits() {
         "server exits after SIGTERM"
     );
 }
+
+#[test]
+fn issue2_auth_token_split_across_writes() {
+    let dir = std::env::temp_dir().join(format!("cnse-edge-key-{}", std::process::id()));
+    std::fs::write(&dir, "split-key\n").unwrap();
+    let s = Server::start(&["--auth-key-file", dir.to_str().unwrap()]);
+    let mut c = s.raw();
+    let mut bytes = Vec::new();
+    cnse_proto::put_hello(&mut bytes, b"split-key");
+    for b in &bytes {
+        c.write_raw(std::slice::from_ref(b)).unwrap();
+    }
+    let f = c.next_frame().unwrap();
+    std::fs::remove_file(&dir).unwrap();
+    assert_eq!(f.kind, Kind::HelloAck, "{f:?}");
+    assert_eq!(c.generate(1, 0, &params(2), "ok", |_, _| {}).unwrap().tokens, 2);
+}
+
+#[test]
+fn issue2_ping_at_the_default_limit_and_pipelined_pings() {
+    let s = Server::start(&[]);
+    let mut c = s.client();
+    let big: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    c.ping(9, 1, 2, &big).unwrap();
+    let f = c.next_frame().unwrap();
+    assert_eq!((f.kind, f.stream_id, f.payload.len()), (Kind::Pong, 9, 1 << 20));
+    assert!(f.payload == big, "1 MiB echoed byte for byte");
+    // 1,000 PINGs in one write come back in order.
+    let mut bytes = Vec::new();
+    for i in 0..1000u64 {
+        cnse_proto::put_ping(&mut bytes, i, i as u32, i * 3, &i.to_le_bytes());
+    }
+    c.write_raw(&bytes).unwrap();
+    for i in 0..1000u64 {
+        let f = c.next_frame().unwrap();
+        assert_eq!((f.kind, f.stream_id, f.arg, f.aux), (Kind::Pong, i, i as u32, i * 3));
+        assert_eq!(f.payload, i.to_le_bytes());
+    }
+}
+
+#[test]
+fn issue2_a_client_that_stops_reading_is_bounded() {
+    // Client A asks for 10 × 60,000 tokens with unlimited credit at zero
+    // delay and never reads: the server must stop reading/producing for it
+    // (bounded output), and client B must be served meanwhile.
+    let s = Server::start(&strs(&synthetic(0, 0)));
+    let mut a = s.client();
+    for id in 1..=10u64 {
+        a.request(id, 0, &params(60_000), "flood").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_1 = s.rss_kib();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_2 = s.rss_kib();
+    assert!(
+        rss_2 < rss_1 + 8 * 1024,
+        "server memory grows with an unread client: {rss_1} -> {rss_2} KiB"
+    );
+    let t = Instant::now();
+    let g = s.client().generate(1, 0, &params(100), "bystander", |_, _| {}).unwrap();
+    assert_eq!(g.tokens, 100);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // When A reads again, everything arrives, in order, complete.
+    let mut next = std::collections::HashMap::new();
+    let mut ended = 0;
+    while ended < 10 {
+        let f = a.next_frame().unwrap();
+        match f.kind {
+            Kind::Tokens => {
+                let n = next.entry(f.stream_id).or_insert(0u64);
+                assert_eq!(f.aux, *n);
+                *n += u64::from(f.arg);
+            }
+            Kind::End => {
+                assert_eq!(f.aux, 60_000);
+                ended += 1;
+            }
+            _ => panic!("{f:?}"),
+        }
+    }
+}
