@@ -103,9 +103,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     server
         .shutdown()
         .map_err(|e| anyhow!("stopping the demo server: {e}"))?;
-    let report = result?;
+    let mut report = result?;
+    // Server and load share this process: its CPU time is both together.
+    let process_cpu = report.client_cpu.take();
+    report.client_runq_wait = None;
     println!();
     crate::bench::print_report(&report);
+    if let Some(cpu) = process_cpu {
+        println!(
+            "process cpu    {:.2} s ({:.0}% of one core), server and load together",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / report.window.as_secs_f64()
+        );
+    }
     println!(
         "server: {} connections accepted, {} requests, {} tokens, {} frames in, {} frames out, {} violations, {} rejected",
         stats.conns_accepted,

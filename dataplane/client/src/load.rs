@@ -516,6 +516,10 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
     let offset_ns = interval_ns.map_or(0.0, |i| i * t as f64 / cfg.threads as f64);
     let mut next_index: u64 = 0;
     let tick_ns = cfg.open_loop_tick.as_nanos() as u64;
+    // Closed loop: slot number `i` of this thread starts at ramp_at(i).
+    let slots_n = (conns_n * cfg.inflight) as u64;
+    let ramp_at = |i: u64| phase.measure_from_ns * i / slots_n;
+    let mut started: u64 = 0;
 
     for (c, conn) in conns.iter_mut().enumerate() {
         arm_recv(&mut ring, conn, c)?;
@@ -540,17 +544,24 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         if !stopping {
             match interval_ns {
                 None => {
-                    // Closed loop: fill every free slot once; completions
-                    // re-issue from then on.
-                    while let Some(c) = ctx.ready.pop_front() {
-                        let conn = &mut conns[c as usize];
-                        conn.st.ready = false;
-                        while let Some(s) = conn.st.free.pop() {
-                            if conn.st.alive {
-                                issue(&mut conn.st, s as usize, now, now, &mut ctx);
-                            }
+                    // Closed loop: start every slot once, spread evenly over
+                    // the warm-up so that streams do not run in lockstep
+                    // waves; completions re-issue from then on.
+                    while let Some(&c) = ctx.ready.front() {
+                        if ramp_at(started) > now {
+                            break;
                         }
-                        queue_send(conn, c, &mut dirty);
+                        let conn = &mut conns[c as usize];
+                        let slot = conn.st.free.pop();
+                        if conn.st.free.is_empty() || !conn.st.alive {
+                            ctx.ready.pop_front();
+                            conn.st.ready = false;
+                        }
+                        if let Some(s) = slot.filter(|_| conn.st.alive) {
+                            issue(&mut conn.st, s as usize, now, now, &mut ctx);
+                            queue_send(conn, c, &mut dirty);
+                        }
+                        started += 1;
                     }
                 }
                 Some(iv) => loop {
@@ -604,6 +615,9 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         }
         // Sleep on the ring until a completion or the next scheduled event.
         let mut wake_ns = if stopping { drain_end_ns } else { phase.end_ns };
+        if interval_ns.is_none() && !stopping && !ready.is_empty() {
+            wake_ns = wake_ns.min(ramp_at(started).max(now + tick_ns));
+        }
         if let (Some(iv), false) = (interval_ns, stopping) {
             if !ready.is_empty() {
                 // Wake for the next due request, but not sooner than a tick
