@@ -185,3 +185,92 @@ fn llama_killed_mid_stream_is_502_and_the_gateway_keeps_serving() {
         direct_answer(&other.url, "The capital of France is", 16)
     );
 }
+
+// ---- without a real llama-server: the stand-in (same wire format, fixed
+// pace) and dead ports ----
+
+fn standin(ttft_ms: u64, interval_ms: u64) -> cnse_llama::standin::Standin {
+    cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
+        ttft: Duration::from_millis(ttft_ms),
+        token_interval: Duration::from_millis(interval_ms),
+    })
+    .unwrap()
+}
+
+#[test]
+fn llama_full_backends_queue_then_429() {
+    let s = standin(5, 20);
+    let server = Server::start(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &s.url(),
+        "--llama-inflight",
+        "1",
+        "--admission-queue-max",
+        "1",
+    ]);
+    let mut c = server.client();
+    c.request(1, 0, &greedy(20), "a").unwrap();
+    // Let stream 1 take the only place before the next ones arrive.
+    let f = c.next_frame().unwrap();
+    assert_eq!((f.stream_id, f.kind), (1, Kind::Tokens));
+    c.request(2, 0, &greedy(5), "b").unwrap();
+    c.request(3, 0, &greedy(5), "c").unwrap();
+    let mut done = std::collections::BTreeMap::new();
+    while done.len() < 3 {
+        let f = c.next_frame().unwrap();
+        if matches!(f.kind, Kind::End | Kind::Error) {
+            done.insert(f.stream_id, (f.kind, f.arg));
+        }
+    }
+    assert_eq!(done[&1], (Kind::End, 0), "the running stream finishes");
+    assert_eq!(done[&2], (Kind::End, 0), "the queued one runs after it");
+    assert_eq!(done[&3], (Kind::Error, 429), "the queue is full");
+}
+
+#[test]
+fn llama_unreachable_backend_is_502_and_the_server_lives() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut server = Server::start(&["--backend", "llama", "--llama-url", &dead]);
+    let mut c = server.client();
+    let t0 = Instant::now();
+    for id in 1..=3 {
+        c.request(id, 0, &greedy(8), "x").unwrap();
+        let frames = read_stream(&mut c, id);
+        let e = frames.last().unwrap();
+        assert_eq!((e.kind, e.arg), (Kind::Error, 502), "{}", e.text());
+        assert!(e.text().contains("llama-server"), "{}", e.text());
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(server.alive());
+}
+
+#[test]
+fn llama_bad_url_is_one_line_and_nonzero_exit() {
+    for url in [
+        "https://127.0.0.1:1",
+        "http://127.0.0.1",
+        "http://127.0.0.1:1/completion",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "llama",
+                "--llama-url",
+                url,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("llama-server URL"), "{err}");
+    }
+}

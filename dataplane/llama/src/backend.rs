@@ -780,7 +780,20 @@ impl Backend for LlamaBackend {
 
     fn complete(&mut self, tag: u64, result: i32, _flags: u32, io: &mut dyn Io, sink: &mut dyn Sink) {
         let Some((i, kind)) = op::untag(tag) else { return };
-        if kind == OpKind::Cancel || i >= self.slots.len() {
+        if i >= self.slots.len() {
+            return;
+        }
+        if kind == OpKind::Cancel {
+            // Cancelling by fd needs Linux 5.19; where the kernel refuses
+            // it, shutting the socket down wakes the operation instead.
+            if result == -libc::EINVAL {
+                if let Conn::Cancelling { fd, .. } = self.slots[i].conn {
+                    // SAFETY: fd is open (CLOSE is issued only after the
+                    // cancelled operation completed); shutdown touches no
+                    // memory of ours.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                }
+            }
             return;
         }
         if kind == OpKind::Wake {

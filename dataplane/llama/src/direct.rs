@@ -275,6 +275,7 @@ pub struct LoadReport {
 /// sends its next request as soon as the previous one ends. Latencies are
 /// recorded for requests sent after the warm-up; rates count tokens and
 /// completions inside the measured window, as the CNSE load generator does.
+/// A stream stops at its first failed request (recorded in `errors`).
 pub fn run_load(url: &str, concurrency: usize, load: &Load) -> Result<LoadReport, LlamaError> {
     if concurrency == 0 || concurrency > CONCURRENCY_MAX {
         return Err(LlamaError::Config(format!("concurrency must be 1..={CONCURRENCY_MAX}")));
@@ -320,7 +321,12 @@ pub fn run_load(url: &str, concurrency: usize, load: &Load) -> Result<LoadReport
                                 });
                             }
                         }
-                        Err(e) => out.errors.push(e.to_string()),
+                        Err(e) => {
+                            // A failing target is not measured: this stream
+                            // stops rather than spin on refusals.
+                            out.errors.push(e.to_string());
+                            break;
+                        }
                     }
                 }
                 Ok((out, start))

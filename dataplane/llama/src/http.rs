@@ -8,7 +8,7 @@
 //! the caller can stop between two lines (client out of credit) and resume
 //! later from the same bytes.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 
 /// Limits of one decoder, checked at the edge.
 #[derive(Debug, Clone, Copy)]
@@ -467,13 +467,13 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 /// Writes the head of `POST /completion` for a JSON body of `body_len`
 /// bytes.
 pub fn write_completion_head(out: &mut Vec<u8>, host: &str, body_len: usize) {
-    let mut s = String::with_capacity(160);
+    // Straight into the (reused) send buffer: no allocation per request
+    // once it has grown to its working size.
     let _ = write!(
-        s,
+        out,
         "POST /completion HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
          Accept: text/event-stream\r\nContent-Length: {body_len}\r\n\r\n"
     );
-    out.extend_from_slice(s.as_bytes());
 }
 
 /// The complete `GET /health` request (connection closed after the answer).

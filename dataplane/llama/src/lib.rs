@@ -102,6 +102,9 @@ impl Default for LlamaConfig {
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
 pub const INFLIGHT_PER_BACKEND_MAX: usize = 1024;
+/// Connection slots per core (`urls × inflight_per_backend`): each has its
+/// receive buffer allocated up front, and `poll` visits each once a turn.
+pub const SLOTS_PER_CORE_MAX: usize = 4096;
 
 /// A validated `http://host:port` target.
 #[derive(Debug, Clone)]
@@ -182,6 +185,18 @@ impl LlamaFactory {
             return Err(LlamaError::Config(format!(
                 "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
             )));
+        }
+        if cfg.urls.len() * cfg.inflight_per_backend > SLOTS_PER_CORE_MAX {
+            return Err(LlamaError::Config(format!(
+                "{} URLs x inflight_per_backend {} is above {SLOTS_PER_CORE_MAX} connection slots per core",
+                cfg.urls.len(),
+                cfg.inflight_per_backend
+            )));
+        }
+        if cfg.recv_buffer_bytes > 1 << 20 || cfg.event_bytes_max > 16 << 20 {
+            return Err(LlamaError::Config(
+                "recv_buffer_bytes must be <= 1 MiB and event_bytes_max <= 16 MiB".into(),
+            ));
         }
         for (name, d) in [
             ("connect_timeout", cfg.connect_timeout),

@@ -107,6 +107,29 @@ fn http_500_is_502_with_the_servers_message() {
 }
 
 #[test]
+fn http_400_fails_the_stream_but_keeps_the_server() {
+    let fake = Fake::start(Behaviour::Status400);
+    let mut cfg = config(&[&fake.url]);
+    cfg.health_interval = Duration::from_secs(60);
+    let mut b = backend(cfg);
+    let mut d = Driver::new().unwrap();
+    let mut sink = Recorder::default();
+    d.start(&mut b, 1, params(5), "a very long prompt").unwrap();
+    assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(1)));
+    let (code, msg) = sink.get(1).error.unwrap();
+    assert_eq!(code, 502);
+    assert!(
+        msg.contains("HTTP 400") && msg.contains("exceeds the available context size"),
+        "{msg}"
+    );
+    assert!(
+        b.is_healthy(0),
+        "a request the server refuses says nothing about its health"
+    );
+    assert_eq!(b.llama_stats().evicted, 0);
+}
+
+#[test]
 fn killed_mid_stream_is_502_after_the_tokens_sent() {
     let fake = Fake::start(Behaviour::CloseMidStream { tokens: 3 });
     let mut b = backend(config(&[&fake.url]));

@@ -22,6 +22,8 @@ pub enum Behaviour {
     Garbage,
     /// HTTP 500 with a llama-server style JSON error.
     Status500,
+    /// HTTP 400 as llama-server answers a prompt longer than its context.
+    Status400,
     /// `tokens` events, then the connection is dropped.
     CloseMidStream { tokens: usize },
     /// Reads the request and never answers.
@@ -189,6 +191,14 @@ fn serve(
                     format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                         .as_bytes(),
                 );
+            }
+            Behaviour::Status400 => {
+                let body = "{\"error\":{\"code\":400,\"message\":\"request (1501 tokens) exceeds the available context size (512 tokens)\",\"type\":\"exceed_context_size_error\"}}";
+                let _ = conn.write_all(
+                    format!("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+                return;
             }
             Behaviour::CloseMidStream { tokens } => {
                 let _ = conn.write_all(SSE_HEAD.as_bytes());
