@@ -159,6 +159,7 @@ impl LoadArgs {
             cpus: self.client_cpus.clone(),
             open_loop_tick: Duration::from_micros(self.tick_us),
             server_pid: self.server_pid,
+            allocation_counter: Some(crate::alloc_count::allocations),
         })
     }
 }
@@ -280,6 +281,12 @@ pub fn print_report(r: &LoadReport) {
             cpu.as_secs_f64(),
             100.0 * cpu.as_secs_f64() / w,
             waited(r.client_runq_wait)
+        );
+    }
+    if let Some(n) = r.allocations {
+        println!(
+            "allocations    {n} in the window ({} frames in and out)",
+            r.frames_in + r.frames_out
         );
     }
     if let Some(p) = r.problems() {

@@ -88,6 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rate_per_s: args.rate,
         duration: Duration::from_secs_f64(args.duration_secs),
         warmup: Duration::from_secs_f64(args.warmup_secs),
+        allocation_counter: Some(crate::alloc_count::allocations),
         ..LoadConfig::new(
             addr,
             Mode::Generate {
@@ -106,6 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut report = result?;
     // Server and load share this process: its CPU time is both together.
     let process_cpu = report.client_cpu.take();
+    let process_allocations = report.allocations.take();
     report.client_runq_wait = None;
     println!();
     crate::bench::print_report(&report);
@@ -115,6 +117,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cpu.as_secs_f64(),
             100.0 * cpu.as_secs_f64() / report.window.as_secs_f64()
         );
+    }
+    if let Some(n) = process_allocations {
+        println!("allocations    {n} in the window, server and load together");
     }
     println!(
         "server: {} connections accepted, {} requests, {} tokens, {} frames in, {} frames out, {} violations, {} rejected",

@@ -124,6 +124,14 @@ fn issue2_bench_cli_runs_and_writes_csv() {
         assert!(stdout.contains(w), "{w} missing from {stdout}");
     }
     assert!(!stdout.contains("problems"), "{stdout}");
+    // The load generator allocates nothing per frame in the steady state.
+    let allocations: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("allocations"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no allocations line in {stdout}"));
+    assert!(allocations <= 8, "{allocations} allocations in the window: {stdout}");
     let text = std::fs::read_to_string(&csv).unwrap();
     std::fs::remove_file(&csv).unwrap();
     let mut lines = text.lines();

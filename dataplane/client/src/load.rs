@@ -93,6 +93,10 @@ pub struct LoadConfig {
     /// reported (throughput per server CPU-second holds up on a shared
     /// machine where wall-clock rates do not).
     pub server_pid: Option<u32>,
+    /// The process's allocation counter (a counting global allocator, as
+    /// `cnse-dp` installs): allocations during the window are reported,
+    /// which should be none per frame.
+    pub allocation_counter: Option<fn() -> u64>,
 }
 
 impl LoadConfig {
@@ -112,6 +116,7 @@ impl LoadConfig {
             cpus: Vec::new(),
             open_loop_tick: Duration::from_micros(OPEN_LOOP_TICK_US_DEFAULT),
             server_pid: None,
+            allocation_counter: None,
         }
     }
 
@@ -188,6 +193,9 @@ pub struct LoadReport {
     /// machine, what the other tenants took.
     pub server_runq_wait: Option<Duration>,
     pub client_runq_wait: Option<Duration>,
+    /// Heap allocations of this process during the window (with
+    /// `allocation_counter`).
+    pub allocations: Option<u64>,
 }
 
 impl LoadReport {
@@ -323,9 +331,15 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     let own_pid = std::process::id();
     let start = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
     let wait_start = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    // Sampled innermost: reading /proc above allocates.
+    let allocs_start = cfg.allocation_counter.map(|f| f());
     std::thread::sleep(cfg.duration);
+    let allocs_end = cfg.allocation_counter.map(|f| f());
     let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
     let wait_end = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    if let (Some(a), Some(b)) = (allocs_start, allocs_end) {
+        report.allocations = Some(b.saturating_sub(a));
+    }
     if let (Some(a), Some(b)) = (wait_start.0, wait_end.0) {
         report.server_runq_wait = Some(b.saturating_sub(a));
     }
