@@ -64,6 +64,10 @@ pub struct LoadArgs {
     /// Time before the measurement (not recorded).
     #[arg(long, default_value_t = 2.0)]
     pub warmup_secs: f64,
+    /// Stop after this many measured requests (after the warm-up); the
+    /// window ends with the last of them, `--duration-secs` caps it.
+    #[arg(long)]
+    pub requests: Option<u64>,
     /// Time streams still in flight at the end may take to finish.
     #[arg(long, default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
@@ -160,6 +164,7 @@ impl LoadArgs {
             open_loop_tick: Duration::from_micros(self.tick_us),
             server_pid: self.server_pid,
             allocation_counter: Some(crate::alloc_count::allocations),
+            requests: self.requests,
         })
     }
 }

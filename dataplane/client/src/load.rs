@@ -97,6 +97,10 @@ pub struct LoadConfig {
     /// `cnse-dp` installs): allocations during the window are reported,
     /// which should be none per frame.
     pub allocation_counter: Option<fn() -> u64>,
+    /// Stop after this many measured requests (split evenly over the
+    /// threads); the window then ends with the last of them and
+    /// `duration` is only a cap.
+    pub requests: Option<u64>,
 }
 
 impl LoadConfig {
@@ -117,6 +121,7 @@ impl LoadConfig {
             open_loop_tick: Duration::from_micros(OPEN_LOOP_TICK_US_DEFAULT),
             server_pid: None,
             allocation_counter: None,
+            requests: None,
         }
     }
 
@@ -133,6 +138,11 @@ impl LoadConfig {
         }
         if self.duration.is_zero() {
             return bad("duration must be > 0".to_string());
+        }
+        if let Some(n) = self.requests {
+            if n < self.threads as u64 {
+                return bad("requests must be at least one per thread".to_string());
+            }
         }
         if let Some(r) = self.rate_per_s {
             if !(r.is_finite() && r > 0.0) {
@@ -322,7 +332,12 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
         inflight: cfg.inflight,
         threads: cfg.threads,
         rate_per_s: cfg.rate_per_s,
-        window: cfg.duration,
+        // Request-bound runs take the longest thread's window (below).
+        window: if cfg.requests.is_some() {
+            Duration::ZERO
+        } else {
+            cfg.duration
+        },
         ..Default::default()
     };
     barrier.wait();
@@ -333,7 +348,11 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     let wait_start = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
     // Sampled innermost: reading /proc above allocates.
     let allocs_start = cfg.allocation_counter.map(|f| f());
-    std::thread::sleep(cfg.duration);
+    // Until the window ends, or sooner when a request bound ended the run.
+    let window_end = Instant::now() + cfg.duration;
+    while Instant::now() < window_end && !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(10).min(window_end.saturating_duration_since(Instant::now())));
+    }
     let allocs_end = cfg.allocation_counter.map(|f| f());
     let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
     let wait_end = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
@@ -355,7 +374,12 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     let mut first_err = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(stats)) => report.absorb(&stats)?,
+            Ok(Ok(stats)) => {
+                if cfg.requests.is_some() {
+                    report.window = report.window.max(Duration::from_nanos(stats.window_ns));
+                }
+                report.absorb(&stats)?
+            }
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -403,6 +427,10 @@ fn runq_wait(pid: u32) -> Option<Duration> {
 
 #[derive(Default)]
 struct ThreadStats {
+    /// Length of this thread's measured window.
+    window_ns: u64,
+    /// When the last measured request ended.
+    last_done_ns: u64,
     ttft: LatencyHistogram,
     inter_token: LatencyHistogram,
     e2e: LatencyHistogram,
@@ -487,6 +515,8 @@ struct Ctx<'a> {
     phase: Phase,
     closed_loop: bool,
     stopping: bool,
+    /// Measured requests this thread may still issue.
+    quota: &'a mut u64,
 }
 
 fn pin_to(cpu: usize) {
@@ -543,6 +573,10 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
             conn.st.free.push(s as u32);
         }
     }
+    let mut quota = cfg.requests.map_or(u64::MAX, |n| {
+        let (base, rem) = (n / cfg.threads as u64, n % cfg.threads as u64);
+        base + u64::from((t as u64) < rem)
+    });
     let mut stopping = false;
     loop {
         let now = now_ns();
@@ -554,6 +588,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
             phase,
             closed_loop: interval_ns.is_none(),
             stopping,
+            quota: &mut quota,
         };
         if !stopping {
             match interval_ns {
@@ -572,7 +607,9 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
                             conn.st.ready = false;
                         }
                         if let Some(s) = slot.filter(|_| conn.st.alive) {
-                            issue(&mut conn.st, s as usize, now, now, &mut ctx);
+                            if !issue(&mut conn.st, s as usize, now, now, &mut ctx) {
+                                break;
+                            }
                             queue_send(conn, c, &mut dirty);
                         }
                         started += 1;
@@ -595,14 +632,21 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
                     let Some(s) = slot.filter(|_| conn.st.alive) else {
                         continue;
                     };
-                    issue(&mut conn.st, s as usize, intended, now, &mut ctx);
+                    if !issue(&mut conn.st, s as usize, intended, now, &mut ctx) {
+                        break;
+                    }
                     queue_send(conn, c, &mut dirty);
                     next_index += 1;
                 },
             }
         }
-        if !stopping && now >= phase.end_ns {
+        if !stopping && quota == 0 {
+            // The request bound: no more starts; the window ends with the
+            // last of these requests.
             stopping = true;
+        } else if !stopping && now >= phase.end_ns {
+            stopping = true;
+            stats.window_ns = phase.end_ns - phase.measure_from_ns;
             if let Some(iv) = interval_ns {
                 // Requests intended before the end that found no free slot.
                 let due = ((phase.end_ns as f64 - offset_ns) / iv).ceil().max(0.0) as u64;
@@ -625,6 +669,9 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         };
         if stopping && (busy == 0 || now >= drain_end_ns) {
             stats.unfinished += busy as u64;
+            if stats.window_ns == 0 {
+                stats.window_ns = stats.last_done_ns.saturating_sub(phase.measure_from_ns);
+            }
             break;
         }
         // Sleep on the ring until a completion or the next scheduled event.
@@ -674,6 +721,7 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
             phase,
             closed_loop: interval_ns.is_none(),
             stopping,
+            quota: &mut quota,
         };
         for &(ud, res) in &completions {
             let c = (ud >> 8) as usize;
@@ -805,13 +853,21 @@ fn arm_send(ring: &mut IoUring, conn: &mut Conn, c: usize) -> Result<(), ClientE
     push(ring, &e)
 }
 
-/// Sends one request (or PING) on slot `s`.
-fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx) {
+/// Sends one request (or PING) on slot `s`; false when the request bound
+/// leaves none to send.
+fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx) -> bool {
+    let recorded = intended_ns >= ctx.phase.measure_from_ns;
+    if recorded {
+        if *ctx.quota == 0 {
+            return false;
+        }
+        *ctx.quota -= 1;
+    }
     let slot = &mut conn.slots[s];
     debug_assert!(!slot.busy);
     slot.busy = true;
     slot.generation += 1;
-    slot.recorded = intended_ns >= ctx.phase.measure_from_ns;
+    slot.recorded = recorded;
     slot.intended_ns = intended_ns;
     slot.last_ns = 0;
     slot.tokens = 0;
@@ -842,6 +898,7 @@ fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx
     if ctx.phase.in_window(now) {
         ctx.stats.frames_out += 1;
     }
+    true
 }
 
 fn stream_id(slot: usize, generation: u64) -> u64 {
@@ -861,8 +918,10 @@ fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut 
     if ok {
         if slot.recorded {
             ctx.stats.e2e.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats.last_done_ns = now;
         }
-        if ctx.phase.in_window(now) {
+        // Request-bound runs count exactly their measured requests.
+        if ctx.phase.in_window(now) && (slot.recorded || *ctx.quota == u64::MAX) {
             ctx.stats.requests += 1;
         }
     }
@@ -872,7 +931,8 @@ fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut 
         return;
     }
     if ctx.closed_loop {
-        issue(conn, s, now, now, ctx);
+        // Past the request bound the slot just stays idle.
+        let _ = issue(conn, s, now, now, ctx);
     } else {
         conn.free.push(s as u32);
         if !conn.ready {
