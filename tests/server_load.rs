@@ -181,3 +181,37 @@ fn issue2_bench_sweep_and_peak_fraction() {
         .unwrap_or_else(|| panic!("{bound}"));
     assert_eq!(line.split_whitespace().nth(1), Some("500"), "{bound}");
 }
+
+#[test]
+fn issue2_demo_runs_and_prints_the_latency_table() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args([
+            "demo",
+            "--duration-secs",
+            "1",
+            "--warmup-secs",
+            "0.3",
+            "--connections",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in ["ttft", "inter_token", "e2e", "p99.9", "tokens", "server:"] {
+        assert!(stdout.contains(w), "{w} missing from {stdout}");
+    }
+    assert!(!stdout.contains("problems"), "{stdout}");
+    // The model's pace shows through: 5 ms per token, 20 ms to the first.
+    let p50 = |metric: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.starts_with(metric)).unwrap();
+        let v = line.split_whitespace().nth(3).unwrap();
+        v.trim_end_matches("ms").parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert!((4.5..6.0).contains(&p50("inter_token")), "{stdout}");
+    assert!((19.5..30.0).contains(&p50("ttft")), "{stdout}");
+}
