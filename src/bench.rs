@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use cnse_client::load::{self, LoadConfig, LoadReport, Mode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -46,22 +46,38 @@ pub struct LoadArgs {
     /// without it the run is a closed loop.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Open loop: shortest sleep between sends in µs; requests due within
+    /// it leave together (latency still counts from each intended time).
+    #[arg(long, default_value_t = load::OPEN_LOOP_TICK_US_DEFAULT)]
+    pub tick_us: u64,
     /// Find the peak with a closed loop first, then run an open loop at this
     /// fraction of it (e.g. 0.7) and report both.
     #[arg(long, conflicts_with = "rate")]
     pub peak_fraction: Option<f64>,
+    /// Open loop at each of these rates in turn (requests/s, comma
+    /// separated), then one summary line per rate: where latency bends.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["rate", "peak_fraction"])]
+    pub sweep_rates: Vec<f64>,
     /// Measured time.
     #[arg(long, default_value_t = 10.0)]
     pub duration_secs: f64,
     /// Time before the measurement (not recorded).
     #[arg(long, default_value_t = 2.0)]
     pub warmup_secs: f64,
+    /// Stop after this many measured requests (after the warm-up); the
+    /// window ends with the last of them, `--duration-secs` caps it.
+    #[arg(long)]
+    pub requests: Option<u64>,
     /// Time streams still in flight at the end may take to finish.
     #[arg(long, default_value_t = 5_000)]
     pub drain_timeout_ms: u64,
     /// CPUs to pin client threads to, comma separated (e.g. `1`).
     #[arg(long, value_delimiter = ',')]
     pub client_cpus: Vec<usize>,
+    /// PID of a local server: its CPU time over the window is reported, with
+    /// requests and tokens per server CPU-second.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Also write the results as CSV (one row per metric; see docs/BENCHMARKS.md).
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -145,6 +161,10 @@ impl LoadArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             connect_timeout: Duration::from_secs(5),
             cpus: self.client_cpus.clone(),
+            open_loop_tick: Duration::from_micros(self.tick_us),
+            server_pid: self.server_pid,
+            allocation_counter: Some(crate::alloc_count::allocations),
+            requests: self.requests,
         })
     }
 }
@@ -153,44 +173,127 @@ impl LoadArgs {
 /// printing each table; writes the CSV when asked.
 pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>> {
     let mut reports = Vec::new();
-    let first = load::run(&cfg).context("running the load")?;
-    print_report(&first);
-    if let Some(f) = args.peak_fraction {
-        let peak = first.requests_per_s();
-        if peak <= 0.0 {
-            bail!("the closed loop completed no request; no peak to take a fraction of");
+    if !args.sweep_rates.is_empty() {
+        for &rate in &args.sweep_rates {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--sweep-rates: {rate} is not a positive rate");
+            }
         }
-        let rate = peak * f;
-        println!();
-        println!(
-            "open loop at {:.0}% of the closed-loop peak ({peak:.0}/s): {rate:.0}/s",
-            f * 100.0
-        );
-        let open = LoadConfig {
-            rate_per_s: Some(rate),
-            ..cfg
-        };
-        reports.push(first);
-        let second = load::run(&open).context("running the open loop")?;
-        print_report(&second);
-        reports.push(second);
+        for &rate in &args.sweep_rates {
+            let open = LoadConfig {
+                rate_per_s: Some(rate),
+                ..cfg.clone()
+            };
+            let r = load::run(&open).map_err(|e| anyhow!("running the open loop at {rate}/s: {e}"))?;
+            print_report(&r);
+            println!();
+            reports.push(r);
+        }
+        print_sweep(&reports);
     } else {
+        let first = load::run(&cfg).map_err(|e| anyhow!("running the load: {e}"))?;
+        print_report(&first);
+        let peak = first.requests_per_s();
         reports.push(first);
+        if let Some(f) = args.peak_fraction {
+            if peak <= 0.0 {
+                bail!("the closed loop completed no request; no peak to take a fraction of");
+            }
+            let rate = peak * f;
+            println!();
+            println!(
+                "open loop at {:.0}% of the closed-loop peak ({peak:.0}/s): {rate:.0}/s",
+                f * 100.0
+            );
+            let open = LoadConfig {
+                rate_per_s: Some(rate),
+                ..cfg
+            };
+            let second = load::run(&open).map_err(|e| anyhow!("running the open loop: {e}"))?;
+            print_report(&second);
+            reports.push(second);
+        }
     }
     if let Some(path) = &args.csv {
         let mut rows = String::new();
         for r in &reports {
-            rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &r.rates()));
+            let rates: Vec<_> = r.rates().into_iter().chain(r.cpu_rates()).collect();
+            rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &rates));
         }
-        cnse_metrics::write_csv(path, &rows)?;
+        // Errors carry their cause in the message: flatten to one line.
+        cnse_metrics::write_csv(path, &rows).map_err(|e| anyhow!("{e}"))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(reports)
 }
 
+/// One line per open-loop rate: offered, achieved, e2e percentiles,
+/// requests never sent, server CPU share.
+fn print_sweep(reports: &[LoadReport]) {
+    use cnse_metrics::{fmt_rate, fmt_us};
+    println!(
+        "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+        "offered", "achieved", "p50", "p99", "p99.9", "max", "unsent", "server cpu"
+    );
+    for r in reports {
+        let e = &r.e2e;
+        let cpu = r.server_cpu.map_or("-".to_string(), |c| {
+            format!("{:.0}%", 100.0 * c.as_secs_f64() / r.window.as_secs_f64())
+        });
+        println!(
+            "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+            fmt_rate(r.rate_per_s.unwrap_or(0.0)),
+            fmt_rate(r.requests_per_s()),
+            fmt_us(e.quantile_us(0.5) as f64),
+            fmt_us(e.quantile_us(0.99) as f64),
+            fmt_us(e.quantile_us(0.999) as f64),
+            fmt_us(e.max_us() as f64),
+            r.unsent,
+            cpu
+        );
+    }
+}
+
 pub fn print_report(r: &LoadReport) {
     println!("{}: {:.1} s measured", r.label(), r.window.as_secs_f64());
     print!("{}", cnse_metrics::render_table(&r.summaries(), &r.rates()));
+    let w = r.window.as_secs_f64();
+    let waited = |d: Option<Duration>| {
+        d.map_or(String::new(), |d| {
+            format!(", waited {:.2} s for a CPU", d.as_secs_f64())
+        })
+    };
+    if let Some(cpu) = r.server_cpu {
+        let per: Vec<String> = r
+            .cpu_rates()
+            .iter()
+            .map(|x| {
+                let what = x.metric.split("_per_").next().unwrap_or("");
+                format!("{} {what}", cnse_metrics::fmt_rate(x.per_s()).trim_end_matches("/s"))
+            })
+            .collect();
+        println!(
+            "server cpu     {:.2} s ({:.0}% of one core{}): {} per server CPU-second",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / w,
+            waited(r.server_runq_wait),
+            per.join(", ")
+        );
+    }
+    if let Some(cpu) = r.client_cpu {
+        println!(
+            "client cpu     {:.2} s ({:.0}% of one core{})",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / w,
+            waited(r.client_runq_wait)
+        );
+    }
+    if let Some(n) = r.allocations {
+        println!(
+            "allocations    {n} in the window ({} frames in and out)",
+            r.frames_in + r.frames_out
+        );
+    }
     if let Some(p) = r.problems() {
         println!("problems: {p}");
     }

@@ -17,12 +17,14 @@ fn issue2_two_thousand_connections_each_streaming() {
     let s = Server::start(&strs(
         &[synthetic(1_000, 1_000), vec!["--max-connections".into(), "4096".into()]].concat(),
     ));
-    let mut clients = Vec::with_capacity(CONNS);
-    for i in 0..CONNS {
-        let mut c = s.client();
+    let mut clients: Vec<Client> = (0..CONNS).map(|_| s.client()).collect();
+    let t = Instant::now();
+    // Every connection opens a stream with credit for one token and gets
+    // it: then all 2,000 streams are open at once, waiting for credit.
+    for (i, c) in clients.iter_mut().enumerate() {
         c.request(
             1,
-            0,
+            1,
             &Params {
                 seed: i as u64,
                 ..params(20)
@@ -30,14 +32,21 @@ fn issue2_two_thousand_connections_each_streaming() {
             "many",
         )
         .unwrap();
-        clients.push(c);
     }
-    // All 2,000 streams are open at once (20 tokens at 1 ms each take longer
-    // than opening the rest); now read every one to its END.
-    let t = Instant::now();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let f = c.next_frame().unwrap();
+        assert_eq!(
+            (f.kind, f.stream_id, f.arg, f.aux),
+            (Kind::Tokens, 1, 1, 0),
+            "connection {i}"
+        );
+    }
+    for c in clients.iter_mut() {
+        c.credit(1, 19).unwrap();
+    }
     for (i, c) in clients.iter_mut().enumerate() {
         let frames = read_stream(c, 1);
-        assert_eq!(token_count(&frames), 20, "connection {i}");
+        assert_eq!(token_count(&frames), 19, "connection {i}");
         let end = frames.last().unwrap();
         assert_eq!((end.kind, end.aux), (Kind::End, 20), "connection {i}");
     }
@@ -115,6 +124,14 @@ fn issue2_bench_cli_runs_and_writes_csv() {
         assert!(stdout.contains(w), "{w} missing from {stdout}");
     }
     assert!(!stdout.contains("problems"), "{stdout}");
+    // The load generator allocates nothing per frame in the steady state.
+    let allocations: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("allocations"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no allocations line in {stdout}"));
+    assert!(allocations <= 8, "{allocations} allocations in the window: {stdout}");
     let text = std::fs::read_to_string(&csv).unwrap();
     std::fs::remove_file(&csv).unwrap();
     let mut lines = text.lines();
@@ -122,4 +139,79 @@ fn issue2_bench_cli_runs_and_writes_csv() {
     let rows: Vec<&str> = lines.collect();
     assert!(rows.iter().any(|r| r.contains(",e2e,us,")), "{text}");
     assert!(rows.iter().any(|r| r.contains(",tokens,per_s,")), "{text}");
+}
+
+#[test]
+fn issue2_bench_sweep_and_peak_fraction() {
+    let s = Server::start(&strs(&synthetic(0, 0)));
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+            .args(["bench", "--addr", &s.addr.to_string(), "--mode", "generate"])
+            .args(["--connections", "4", "--inflight", "4", "--max-tokens", "4"])
+            .args([
+                "--duration-secs",
+                "0.5",
+                "--warmup-secs",
+                "0.1",
+                "--server-pid",
+                &s.pid().to_string(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let sweep = run(&["--sweep-rates", "500,1000"]);
+    assert!(sweep.contains("offered"), "{sweep}");
+    assert!(sweep.contains("500/s") && sweep.contains("1,000/s"), "{sweep}");
+    assert!(sweep.contains("per server CPU-second"), "{sweep}");
+    let peak = run(&["--peak-fraction", "0.5"]);
+    assert!(peak.contains("open loop at 50% of the closed-loop peak"), "{peak}");
+    assert_eq!(peak.matches("e2e").count(), 2, "{peak}");
+    let bound = run(&["--requests", "500"]);
+    let line = bound
+        .lines()
+        .find(|l| l.starts_with("requests "))
+        .unwrap_or_else(|| panic!("{bound}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("500"), "{bound}");
+}
+
+#[test]
+fn issue2_demo_runs_and_prints_the_latency_table() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args([
+            "demo",
+            "--duration-secs",
+            "1",
+            "--warmup-secs",
+            "0.3",
+            "--connections",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in ["ttft", "inter_token", "e2e", "p99.9", "tokens", "server:"] {
+        assert!(stdout.contains(w), "{w} missing from {stdout}");
+    }
+    assert!(!stdout.contains("problems"), "{stdout}");
+    // The model's pace shows through: 5 ms per token, 20 ms to the first.
+    let p50 = |metric: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.starts_with(metric)).unwrap();
+        let v = line.split_whitespace().nth(3).unwrap();
+        v.trim_end_matches("ms").parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert!((4.5..6.0).contains(&p50("inter_token")), "{stdout}");
+    assert!((19.5..30.0).contains(&p50("ttft")), "{stdout}");
 }

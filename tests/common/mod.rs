@@ -25,10 +25,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `cnse-dp serve --listen 127.0.0.1:0 --threads 1` plus `extra`
-    /// and waits for its `listening on ADDR` line.
+    /// Starts `cnse-dp serve --listen 127.0.0.1:0 --threads 1 --no-pin` plus
+    /// `extra` and waits for its `listening on ADDR` line. Unpinned: tests
+    /// run side by side, and pinning every test server to core 0 would
+    /// stack them on one core.
     pub fn start(extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--no-pin"];
         if !extra.contains(&"--threads") {
             args.extend(["--threads", "1"]);
         }

@@ -33,6 +33,8 @@ use crate::{Client, ClientError, CLIENT_PAYLOAD_BYTES_MAX};
 pub const INFLIGHT_MAX: usize = 4096;
 /// Most connections per run.
 pub const CONNECTIONS_MAX: usize = 100_000;
+/// Default of [`LoadConfig::open_loop_tick`].
+pub const OPEN_LOOP_TICK_US_DEFAULT: u64 = 100;
 const RECV_BUFFER_BYTES: usize = 64 << 10;
 const SLOT_BITS: u32 = 16;
 const OP_RECV: u64 = 1;
@@ -82,6 +84,23 @@ pub struct LoadConfig {
     pub connect_timeout: Duration,
     /// CPUs to pin client threads to (round robin); empty leaves them free.
     pub cpus: Vec<usize>,
+    /// Open loop: the shortest sleep between sends. Requests that fall due
+    /// within a tick are sent together (a wake-up per request would cost a
+    /// syscall each); their latency is still measured from their intended
+    /// times, so the tick shows in the percentiles (at most one tick).
+    pub open_loop_tick: Duration,
+    /// A local server process whose CPU time over the measured window is
+    /// reported (throughput per server CPU-second holds up on a shared
+    /// machine where wall-clock rates do not).
+    pub server_pid: Option<u32>,
+    /// The process's allocation counter (a counting global allocator, as
+    /// `cnse-dp` installs): allocations during the window are reported,
+    /// which should be none per frame.
+    pub allocation_counter: Option<fn() -> u64>,
+    /// Stop after this many measured requests (split evenly over the
+    /// threads); the window then ends with the last of them and
+    /// `duration` is only a cap.
+    pub requests: Option<u64>,
 }
 
 impl LoadConfig {
@@ -99,6 +118,10 @@ impl LoadConfig {
             drain_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             cpus: Vec::new(),
+            open_loop_tick: Duration::from_micros(OPEN_LOOP_TICK_US_DEFAULT),
+            server_pid: None,
+            allocation_counter: None,
+            requests: None,
         }
     }
 
@@ -115,6 +138,11 @@ impl LoadConfig {
         }
         if self.duration.is_zero() {
             return bad("duration must be > 0".to_string());
+        }
+        if let Some(n) = self.requests {
+            if n < self.threads as u64 {
+                return bad("requests must be at least one per thread".to_string());
+            }
         }
         if let Some(r) = self.rate_per_s {
             if !(r.is_finite() && r > 0.0) {
@@ -158,13 +186,26 @@ pub struct LoadReport {
     pub errors: BTreeMap<u32, u64>,
     /// Connections the server closed or that failed during the run.
     pub connections_lost: u64,
-    /// Frames that broke the protocol (bad header, unknown stream, token
-    /// count different from END's total, PONG payload not echoed).
+    /// Frames that broke the protocol (bad header, unknown or ended stream,
+    /// tokens beyond the credit granted, a token index or count different
+    /// from what arrived, PONG not echoed byte for byte).
     pub bad_frames: u64,
     /// Open loop: requests due by the end that no free slot could send.
     pub unsent: u64,
     /// Streams still open when the drain timeout ran out.
     pub unfinished: u64,
+    /// CPU time of the server process (`server_pid`) during the window.
+    pub server_cpu: Option<Duration>,
+    /// CPU time of this process (all client threads) during the window.
+    pub client_cpu: Option<Duration>,
+    /// Time the server's and the client's threads spent runnable but
+    /// waiting for a CPU during the window (from schedstat): on a shared
+    /// machine, what the other tenants took.
+    pub server_runq_wait: Option<Duration>,
+    pub client_runq_wait: Option<Duration>,
+    /// Heap allocations of this process during the window (with
+    /// `allocation_counter`).
+    pub allocations: Option<u64>,
 }
 
 impl LoadReport {
@@ -215,6 +256,19 @@ impl LoadReport {
         v
     }
 
+    /// Throughput per CPU-second of the server process, when it was
+    /// measured: `requests_per_server_cpu_s` and `tokens_per_server_cpu_s`.
+    pub fn cpu_rates(&self) -> Vec<Rate> {
+        let Some(cpu) = self.server_cpu else {
+            return Vec::new();
+        };
+        let mut v = vec![Rate::new("requests_per_server_cpu_s", self.requests, cpu)];
+        if self.mode == "generate" {
+            v.push(Rate::new("tokens_per_server_cpu_s", self.tokens, cpu));
+        }
+        v
+    }
+
     pub fn requests_per_s(&self) -> f64 {
         Rate::new("", self.requests, self.window).per_s()
     }
@@ -230,7 +284,7 @@ impl LoadReport {
             (self.bad_frames, "bad frames"),
             (
                 self.unsent,
-                "requests never sent (no free slot: offered rate above capacity)",
+                "requests never sent (no free slot: offered rate above capacity; percentiles understate)",
             ),
             (self.unfinished, "streams unfinished at the drain timeout"),
         ] {
@@ -257,7 +311,8 @@ impl LoadReport {
 /// Runs the load and returns the merged report.
 pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     cfg.check()?;
-    let barrier = Arc::new(Barrier::new(cfg.threads));
+    // The caller's thread joins the barrier to time the CPU samples.
+    let barrier = Arc::new(Barrier::new(cfg.threads + 1));
     let mut handles = Vec::with_capacity(cfg.threads);
     for t in 0..cfg.threads {
         // Connections spread evenly: the first `rem` threads take one more.
@@ -277,13 +332,54 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
         inflight: cfg.inflight,
         threads: cfg.threads,
         rate_per_s: cfg.rate_per_s,
-        window: cfg.duration,
+        // Request-bound runs take the longest thread's window (below).
+        window: if cfg.requests.is_some() {
+            Duration::ZERO
+        } else {
+            cfg.duration
+        },
         ..Default::default()
     };
+    barrier.wait();
+    let server_clock = cfg.server_pid.and_then(cpu_clock_of);
+    std::thread::sleep(cfg.warmup);
+    let own_pid = std::process::id();
+    let start = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    let wait_start = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    // Sampled innermost: reading /proc above allocates.
+    let allocs_start = cfg.allocation_counter.map(|f| f());
+    // Until the window ends, or sooner when a request bound ended the run.
+    let window_end = Instant::now() + cfg.duration;
+    while Instant::now() < window_end && !handles.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(10).min(window_end.saturating_duration_since(Instant::now())));
+    }
+    let allocs_end = cfg.allocation_counter.map(|f| f());
+    let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
+    let wait_end = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    if let (Some(a), Some(b)) = (allocs_start, allocs_end) {
+        report.allocations = Some(b.saturating_sub(a));
+    }
+    if let (Some(a), Some(b)) = (wait_start.0, wait_end.0) {
+        report.server_runq_wait = Some(b.saturating_sub(a));
+    }
+    if let (Some(a), Some(b)) = (wait_start.1, wait_end.1) {
+        report.client_runq_wait = Some(b.saturating_sub(a));
+    }
+    if let (Some(Some(a)), Some(Some(b))) = (start.0, end.0) {
+        report.server_cpu = Some(b.saturating_sub(a));
+    }
+    if let (Some(a), Some(b)) = (start.1, end.1) {
+        report.client_cpu = Some(b.saturating_sub(a));
+    }
     let mut first_err = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(stats)) => report.absorb(&stats)?,
+            Ok(Ok(stats)) => {
+                if cfg.requests.is_some() {
+                    report.window = report.window.max(Duration::from_nanos(stats.window_ns));
+                }
+                report.absorb(&stats)?
+            }
             Ok(Err(e)) => {
                 first_err.get_or_insert(e);
             }
@@ -298,8 +394,43 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     }
 }
 
+/// The CPU-time clock of another process.
+fn cpu_clock_of(pid: u32) -> Option<libc::clockid_t> {
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: writes one clockid_t we own.
+    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut id) };
+    (r == 0).then_some(id)
+}
+
+fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// Sum over a process's threads of the time spent waiting on a run queue
+/// (second field of /proc/PID/task/TID/schedstat, ns). Threads that exit
+/// in between make the difference approximate; the load's threads and the
+/// server's workers live for the whole window.
+fn runq_wait(pid: u32) -> Option<Duration> {
+    let mut total_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        total_ns += text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())?;
+    }
+    Some(Duration::from_nanos(total_ns))
+}
+
 #[derive(Default)]
 struct ThreadStats {
+    /// Length of this thread's measured window.
+    window_ns: u64,
+    /// When the last measured request ended.
+    last_done_ns: u64,
     ttft: LatencyHistogram,
     inter_token: LatencyHistogram,
     e2e: LatencyHistogram,
@@ -327,6 +458,8 @@ struct Slot {
     tokens: u64,
     /// Tokens received since credit was last granted.
     unacked: u32,
+    /// Credit granted so far (initial plus CREDIT frames); 0 = unlimited.
+    granted: u64,
 }
 
 struct Conn {
@@ -348,6 +481,10 @@ struct Conn {
 
 struct Streams {
     fd: RawFd,
+    /// Open loop: idle slots (a stack, preallocated to `inflight`).
+    free: Vec<u32>,
+    /// In the loop's `ready` queue.
+    ready: bool,
     /// Frames being built this turn.
     out: Vec<u8>,
     alive: bool,
@@ -371,12 +508,15 @@ impl Phase {
 /// What frame handling asks of the loop.
 struct Ctx<'a> {
     stats: &'a mut ThreadStats,
-    free: &'a mut VecDeque<(u32, u32)>,
+    /// Open loop: connections with a free slot, each at most once.
+    ready: &'a mut VecDeque<u32>,
     mode: &'a Mode,
     ping_payload: &'a [u8],
     phase: Phase,
     closed_loop: bool,
     stopping: bool,
+    /// Measured requests this thread may still issue.
+    quota: &'a mut u64,
 }
 
 fn pin_to(cpu: usize) {
@@ -412,66 +552,105 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         Mode::Generate { .. } => Box::new([]),
     };
     let mut stats = ThreadStats::default();
-    let slots_total = conns_n * cfg.inflight;
-    let mut free: VecDeque<(u32, u32)> = VecDeque::with_capacity(slots_total);
+    let mut ready: VecDeque<u32> = VecDeque::with_capacity(conns_n);
     let mut dirty: Vec<u32> = Vec::with_capacity(conns_n);
     let mut completions: Vec<(u64, i32)> = Vec::with_capacity(ring.params().cq_entries() as usize);
     // Open loop schedule of this thread: evenly spaced, threads interleaved.
     let interval_ns = cfg.rate_per_s.map(|r| (1e9 * cfg.threads as f64 / r).max(1.0));
     let offset_ns = interval_ns.map_or(0.0, |i| i * t as f64 / cfg.threads as f64);
     let mut next_index: u64 = 0;
+    let tick_ns = cfg.open_loop_tick.as_nanos() as u64;
+    // Closed loop: slot number `i` of this thread starts at ramp_at(i).
+    let slots_n = (conns_n * cfg.inflight) as u64;
+    let ramp_at = |i: u64| phase.measure_from_ns * i / slots_n;
+    let mut started: u64 = 0;
 
     for (c, conn) in conns.iter_mut().enumerate() {
         arm_recv(&mut ring, conn, c)?;
-        for s in 0..cfg.inflight {
-            free.push_back((c as u32, s as u32));
+        conn.st.ready = true;
+        ready.push_back(c as u32);
+        for s in (0..cfg.inflight).rev() {
+            conn.st.free.push(s as u32);
         }
     }
+    let mut quota = cfg.requests.map_or(u64::MAX, |n| {
+        let (base, rem) = (n / cfg.threads as u64, n % cfg.threads as u64);
+        base + u64::from((t as u64) < rem)
+    });
     let mut stopping = false;
     loop {
         let now = now_ns();
-        if !stopping && now >= phase.end_ns {
-            stopping = true;
-            if let Some(iv) = interval_ns {
-                let due = ((phase.end_ns as f64 - offset_ns) / iv).ceil().max(0.0) as u64;
-                stats.unsent += due.saturating_sub(next_index);
-            }
-        }
         let mut ctx = Ctx {
             stats: &mut stats,
-            free: &mut free,
+            ready: &mut ready,
             mode: &cfg.mode,
             ping_payload: &ping_payload,
             phase,
             closed_loop: interval_ns.is_none(),
             stopping,
+            quota: &mut quota,
         };
         if !stopping {
             match interval_ns {
                 None => {
-                    // Closed loop: fill every free slot; completions re-issue.
-                    while let Some((c, s)) = ctx.free.pop_front() {
+                    // Closed loop: start every slot once, spread evenly over
+                    // the warm-up so that streams do not run in lockstep
+                    // waves; completions re-issue from then on.
+                    while let Some(&c) = ctx.ready.front() {
+                        if ramp_at(started) > now {
+                            break;
+                        }
                         let conn = &mut conns[c as usize];
-                        if conn.st.alive {
-                            issue(&mut conn.st, s as usize, now, now, &mut ctx);
+                        let slot = conn.st.free.pop();
+                        if conn.st.free.is_empty() || !conn.st.alive {
+                            ctx.ready.pop_front();
+                            conn.st.ready = false;
+                        }
+                        if let Some(s) = slot.filter(|_| conn.st.alive) {
+                            if !issue(&mut conn.st, s as usize, now, now, &mut ctx) {
+                                break;
+                            }
                             queue_send(conn, c, &mut dirty);
                         }
+                        started += 1;
                     }
                 }
                 Some(iv) => loop {
                     let intended = (offset_ns + iv * next_index as f64) as u64;
-                    if intended > now {
+                    if intended > now || intended >= phase.end_ns {
                         break;
                     }
-                    let Some((c, s)) = ctx.free.pop_front() else { break };
+                    // Due requests of one wake-up go to the same connection
+                    // while it has free slots, so they leave in one send.
+                    let Some(&c) = ctx.ready.front() else { break };
                     let conn = &mut conns[c as usize];
-                    if !conn.st.alive {
-                        continue;
+                    let slot = conn.st.free.pop();
+                    if conn.st.free.is_empty() || !conn.st.alive {
+                        ctx.ready.pop_front();
+                        conn.st.ready = false;
                     }
-                    issue(&mut conn.st, s as usize, intended, now, &mut ctx);
+                    let Some(s) = slot.filter(|_| conn.st.alive) else {
+                        continue;
+                    };
+                    if !issue(&mut conn.st, s as usize, intended, now, &mut ctx) {
+                        break;
+                    }
                     queue_send(conn, c, &mut dirty);
                     next_index += 1;
                 },
+            }
+        }
+        if !stopping && quota == 0 {
+            // The request bound: no more starts; the window ends with the
+            // last of these requests.
+            stopping = true;
+        } else if !stopping && now >= phase.end_ns {
+            stopping = true;
+            stats.window_ns = phase.end_ns - phase.measure_from_ns;
+            if let Some(iv) = interval_ns {
+                // Requests intended before the end that found no free slot.
+                let due = ((phase.end_ns as f64 - offset_ns) / iv).ceil().max(0.0) as u64;
+                stats.unsent += due.saturating_sub(next_index);
             }
         }
         for c in dirty.drain(..) {
@@ -490,13 +669,23 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         };
         if stopping && (busy == 0 || now >= drain_end_ns) {
             stats.unfinished += busy as u64;
+            if stats.window_ns == 0 {
+                stats.window_ns = stats.last_done_ns.saturating_sub(phase.measure_from_ns);
+            }
             break;
         }
         // Sleep on the ring until a completion or the next scheduled event.
         let mut wake_ns = if stopping { drain_end_ns } else { phase.end_ns };
+        if interval_ns.is_none() && !stopping && !ready.is_empty() {
+            wake_ns = wake_ns.min(ramp_at(started).max(now + tick_ns));
+        }
         if let (Some(iv), false) = (interval_ns, stopping) {
-            if !free.is_empty() {
-                wake_ns = wake_ns.min((offset_ns + iv * next_index as f64) as u64);
+            if !ready.is_empty() {
+                // Wake for the next due request, but not sooner than a tick
+                // from now: requests due meanwhile leave together (their
+                // latency still counts from their intended times).
+                let next = ((offset_ns + iv * next_index as f64) as u64).max(now + tick_ns);
+                wake_ns = wake_ns.min(next);
             }
         }
         let wait = Duration::from_nanos(wake_ns.saturating_sub(now_ns()));
@@ -526,12 +715,13 @@ fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Resu
         let now = now_ns();
         let mut ctx = Ctx {
             stats: &mut stats,
-            free: &mut free,
+            ready: &mut ready,
             mode: &cfg.mode,
             ping_payload: &ping_payload,
             phase,
             closed_loop: interval_ns.is_none(),
             stopping,
+            quota: &mut quota,
         };
         for &(ud, res) in &completions {
             let c = (ud >> 8) as usize;
@@ -618,6 +808,8 @@ fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(IoUring, Vec<Conn>), Clien
             queued: false,
             st: Streams {
                 fd,
+                free: Vec::with_capacity(cfg.inflight),
+                ready: false,
                 out: Vec::with_capacity(out_bytes),
                 alive: true,
                 busy: 0,
@@ -661,17 +853,29 @@ fn arm_send(ring: &mut IoUring, conn: &mut Conn, c: usize) -> Result<(), ClientE
     push(ring, &e)
 }
 
-/// Sends one request (or PING) on slot `s`.
-fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx) {
+/// Sends one request (or PING) on slot `s`; false when the request bound
+/// leaves none to send.
+fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx) -> bool {
+    let recorded = intended_ns >= ctx.phase.measure_from_ns;
+    if recorded {
+        if *ctx.quota == 0 {
+            return false;
+        }
+        *ctx.quota -= 1;
+    }
     let slot = &mut conn.slots[s];
     debug_assert!(!slot.busy);
     slot.busy = true;
     slot.generation += 1;
-    slot.recorded = intended_ns >= ctx.phase.measure_from_ns;
+    slot.recorded = recorded;
     slot.intended_ns = intended_ns;
     slot.last_ns = 0;
     slot.tokens = 0;
     slot.unacked = 0;
+    slot.granted = match ctx.mode {
+        Mode::Generate { credit, .. } => u64::from(*credit),
+        Mode::Ping { .. } => 0,
+    };
     conn.busy += 1;
     let id = stream_id(s, slot.generation);
     match ctx.mode {
@@ -694,6 +898,7 @@ fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx
     if ctx.phase.in_window(now) {
         ctx.stats.frames_out += 1;
     }
+    true
 }
 
 fn stream_id(slot: usize, generation: u64) -> u64 {
@@ -713,8 +918,10 @@ fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut 
     if ok {
         if slot.recorded {
             ctx.stats.e2e.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats.last_done_ns = now;
         }
-        if ctx.phase.in_window(now) {
+        // Request-bound runs count exactly their measured requests.
+        if ctx.phase.in_window(now) && (slot.recorded || *ctx.quota == u64::MAX) {
             ctx.stats.requests += 1;
         }
     }
@@ -724,9 +931,14 @@ fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut 
         return;
     }
     if ctx.closed_loop {
-        issue(conn, s, now, now, ctx);
+        // Past the request bound the slot just stays idle.
+        let _ = issue(conn, s, now, now, ctx);
     } else {
-        ctx.free.push_back((c as u32, s as u32));
+        conn.free.push(s as u32);
+        if !conn.ready {
+            conn.ready = true;
+            ctx.ready.push_back(c as u32);
+        }
     }
 }
 
@@ -808,6 +1020,10 @@ fn on_frame(
             }
             slot.tokens += u64::from(arg);
             slot.last_ns = now;
+            if slot.granted > 0 && slot.tokens > slot.granted {
+                // The page: the sum of TOKENS `arg` never exceeds the credit.
+                ctx.stats.bad_frames += 1;
+            }
             if in_window {
                 ctx.stats.tokens += u64::from(arg);
             }
@@ -818,6 +1034,7 @@ fn on_frame(
                     slot.unacked = slot.unacked.saturating_add(arg);
                     if slot.unacked >= (*credit / 2).max(1) {
                         put_credit(&mut conn.out, id, slot.unacked);
+                        slot.granted += u64::from(slot.unacked);
                         slot.unacked = 0;
                         if in_window {
                             ctx.stats.frames_out += 1;

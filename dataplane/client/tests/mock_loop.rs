@@ -179,3 +179,24 @@ fn open_loop_over_capacity_reports_unsent() {
     assert!(r.unsent > 300, "{r:?}");
     assert!(r.problems().unwrap().contains("never sent"));
 }
+
+#[test]
+fn request_bound_runs_exactly_that_many() {
+    let addr = mock_server();
+    for rate in [None, Some(20_000.0)] {
+        let mut cfg = quick(addr, Mode::Ping { payload_bytes: 16 });
+        cfg.requests = Some(1_001);
+        cfg.rate_per_s = rate;
+        cfg.duration = Duration::from_secs(30);
+        let t = std::time::Instant::now();
+        let r = load::run(&cfg).unwrap();
+        assert_eq!(r.problems(), None);
+        assert_eq!(r.requests, 1_001, "{rate:?}");
+        assert_eq!(r.e2e.count(), 1_001);
+        assert!(r.window < Duration::from_secs(5), "{:?}", r.window);
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "ends with the requests, not the 30 s cap"
+        );
+    }
+}

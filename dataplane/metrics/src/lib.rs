@@ -212,12 +212,15 @@ pub fn fmt_rate(per_s: f64) -> String {
     let whole = per_s.round() as u64;
     let digits = whole.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 2);
-    for (i, c) in digits.chars().enumerate() {
-        let left = digits.len() - i;
-        if i > 0 && left % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
+    // The leading group holds 1 to 3 digits, every later group exactly 3.
+    let head = match digits.len() % 3 {
+        0 => 3.min(digits.len()),
+        n => n,
+    };
+    out.push_str(&digits[..head]);
+    for group in digits.as_bytes()[head..].chunks(3) {
+        out.push(',');
+        out.push_str(std::str::from_utf8(group).expect("ASCII digits"));
     }
     out.push_str("/s");
     out
@@ -393,6 +396,14 @@ mod tests {
         let t = render_table(&lat, &rates);
         assert!(t.contains("1.50ms"), "{t}");
         assert!(t.contains("1,250,000/s"), "{t}");
+        for (v, want) in [
+            (0.0, "0/s"),
+            (999.4, "999/s"),
+            (1000.0, "1,000/s"),
+            (123456.0, "123,456/s"),
+        ] {
+            assert_eq!(fmt_rate(v), want);
+        }
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0].len(), lines[0].trim_end().len());
         let csv = csv_rows("ping,c=1", &lat, &rates);
