@@ -10,8 +10,19 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+/// The repository root: the first folder above the running test's crate
+/// that holds scripts/llama-server.sh (this module is shared by the root
+/// package's tests and cnse-llama's).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    while !dir.join("scripts/llama-server.sh").exists() {
+        assert!(
+            dir.pop(),
+            "no scripts/llama-server.sh above {}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+    }
+    dir
 }
 
 /// A real llama-server started by `scripts/llama-server.sh` on its own
