@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use cnse_proto::{FinishReason, Params};
 
 pub mod synthetic;
+pub mod sys;
 
 /// Names one unit of work (one client stream) within a core. Opaque to the
 /// backend; the loop packs a slot index and a generation into it so that a

@@ -154,6 +154,18 @@ impl Tables {
         (s.gen == gen && s.phase == Phase::Running).then_some(s)
     }
 
+    /// Ends a stream with ERROR `code` at the next flush (tokens not yet
+    /// sent are dropped).
+    fn fail(&mut self, slot: u32, code: u32, message: &str) {
+        let s = &mut self.streams[slot as usize];
+        s.phase = Phase::Failed;
+        s.error_code = code;
+        s.error_message.clear();
+        s.error_message.push_str(message);
+        let conn = s.conn;
+        self.mark_dirty(conn);
+    }
+
     fn free_stream(&mut self, slot: u32) {
         let s = &mut self.streams[slot as usize];
         debug_assert!(s.phase != Phase::Free);
@@ -195,13 +207,8 @@ impl Sink for Tables {
     }
 
     fn error(&mut self, id: WorkId, code: u32, message: &str) {
-        if let Some(s) = self.live_stream(id) {
-            s.phase = Phase::Failed;
-            s.error_code = code;
-            s.error_message.clear();
-            s.error_message.push_str(message);
-            let conn = s.conn;
-            self.mark_dirty(conn);
+        if self.live_stream(id).is_some() {
+            self.fail((id.0 & 0xffff_ffff) as u32, code, message);
         }
     }
 }
@@ -832,13 +839,7 @@ impl Worker {
         };
         let mut io = RingIo { ring, now: t.now };
         if let Err(reject) = backend.start(job, &mut io) {
-            let s = &mut t.streams[sslot as usize];
-            s.phase = Phase::Failed;
-            s.error_code = reject.code;
-            s.error_message.clear();
-            s.error_message.push_str(&reject.message);
-            let conn = s.conn;
-            t.mark_dirty(conn);
+            t.fail(sslot, reject.code, &reject.message);
         }
     }
 
@@ -1150,14 +1151,9 @@ impl Worker {
             }
             // Queued work will not start: tell its clients now.
             while let Some(q) = self.queue.pop() {
-                let s = &mut self.tables.streams[q.slot as usize];
+                let s = &self.tables.streams[q.slot as usize];
                 if s.gen == q.gen && s.phase == Phase::Queued {
-                    s.phase = Phase::Failed;
-                    s.error_code = code::SHUTTING_DOWN;
-                    s.error_message.clear();
-                    s.error_message.push_str("server shutting down");
-                    let conn = s.conn;
-                    self.tables.mark_dirty(conn);
+                    self.tables.fail(q.slot, code::SHUTTING_DOWN, "server shutting down");
                 }
             }
             self.flush_dirty();
@@ -1179,11 +1175,7 @@ impl Worker {
                         &mut self.queue,
                         sslot,
                     );
-                    let s = &mut self.tables.streams[sslot as usize];
-                    s.phase = Phase::Failed;
-                    s.error_code = code::SHUTTING_DOWN;
-                    s.error_message.clear();
-                    s.error_message.push_str("server shutting down");
+                    self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
                 }
                 self.flush_conn(slot);
                 let c = &mut self.tables.conns[slot as usize];
