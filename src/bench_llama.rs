@@ -254,7 +254,8 @@ fn print_table(sides: &[(&str, &Side)]) {
         header.push_str(&format!("{:>14}", "added"));
     }
     println!("{header}");
-    let rows: [(&str, fn(&Side) -> f64); 6] = [
+    type Metric = fn(&Side) -> f64;
+    let rows: [(&str, Metric); 6] = [
         ("ttft p50", |s| s.ttft.quantile_us(0.50) as f64),
         ("ttft p99", |s| s.ttft.quantile_us(0.99) as f64),
         ("ttft mean", |s| s.ttft.mean_us()),

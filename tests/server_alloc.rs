@@ -24,8 +24,8 @@ fn settled(s: &Server, key: &str) -> u64 {
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(120));
         let now = stat(s, key);
-        if now.is_some() && now == last {
-            return now.unwrap();
+        if let (Some(v), true) = (now, now == last) {
+            return v;
         }
         last = now;
     }

@@ -85,10 +85,8 @@ impl FrameDecoder {
     }
 
     fn check(&mut self, h: &Header) -> Result<Kind, Violation> {
-        h.validate(self.payload_bytes_max, self.dir).map_err(|v| {
-            self.state = State::Failed(v);
-            v
-        })
+        h.validate(self.payload_bytes_max, self.dir)
+            .inspect_err(|&v| self.state = State::Failed(v))
     }
 
     /// Returns the next whole frame, consuming its bytes from the front of

@@ -213,9 +213,15 @@ impl Sink for Tables {
     }
 }
 
+/// A worker's receive buffers and everything else, split so that frames can
+/// be handled in place (borrowing `bufs`) by methods of `Core`.
 struct Worker {
-    ring: IoUring,
+    core: Core,
     bufs: BufRing,
+}
+
+struct Core {
+    ring: IoUring,
     tables: Tables,
     backend: Box<dyn Backend>,
     queue: BinaryHeap<Queued>,
@@ -231,6 +237,8 @@ struct Worker {
     next_sweep: Instant,
     shutting_down: Option<Instant>,
     backend_deadline: Option<Instant>,
+    /// Receive buffers to give back to the ring at the end of the turn.
+    recycle: Vec<u16>,
 }
 
 fn pin_to_core(index: usize) {
@@ -283,7 +291,7 @@ pub(crate) fn run(
     let _ = ready.send(Ok(()));
     drop(ready);
     let result = worker.run();
-    worker.teardown();
+    worker.core.teardown(&worker.bufs);
     result
 }
 
@@ -297,6 +305,7 @@ impl Worker {
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
         let entries = 4096u32;
+        let cfg_recv_buffers = cfg.recv_buffers;
         // One thread submits and reaps (single issuer); completion task work
         // runs only when this thread waits (defer taskrun), so the kernel
         // does not interrupt the loop to post completions.
@@ -307,7 +316,6 @@ impl Worker {
             .setup_submit_all()
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
-        let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
         let now = Instant::now();
         let conns_max = cfg.conns_per_thread_max.min((1 << SLOT_BITS) - 1);
         let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
@@ -320,9 +328,9 @@ impl Worker {
             max_tokens_limit: cfg.max_tokens_limit,
         };
         let queue = BinaryHeap::with_capacity(cfg.admission_queue_max);
-        Ok(Self {
+        let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
+        let core = Core {
             ring,
-            bufs,
             tables: Tables {
                 cfg,
                 now,
@@ -355,9 +363,179 @@ impl Worker {
             next_sweep: now + SWEEP_INTERVAL,
             shutting_down: None,
             backend_deadline: None,
-        })
+            recycle: Vec::with_capacity(usize::from(cfg_recv_buffers)),
+        };
+        Ok(Self { core, bufs })
     }
 
+    fn run(&mut self) -> io::Result<()> {
+        self.core.arm_accept();
+        self.core.arm_wake();
+        loop {
+            self.core.wait()?;
+            self.core.tables.now = Instant::now();
+            self.core.cqes.clear();
+            for cqe in self.core.ring.completion() {
+                self.core.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+            }
+            for i in 0..self.core.cqes.len() {
+                let (user_data, result, flags) = self.core.cqes[i];
+                let (op, slot, gen) = ud_split(user_data);
+                match op {
+                    OP_RECV => self.on_recv(slot, gen, result, flags),
+                    OP_SEND => {
+                        if self.core.on_send(slot, gen, result) {
+                            self.resume_input(slot);
+                        }
+                    }
+                    _ => self.core.dispatch(user_data, result, flags),
+                }
+            }
+            self.core.poll_backend();
+            self.core.admit();
+            self.core.flush_dirty();
+            if self.core.tables.now >= self.core.next_sweep {
+                self.core.sweep();
+                self.core.next_sweep = self.core.tables.now + SWEEP_INTERVAL;
+            }
+            let done = self.core.shutdown_step();
+            for bid in self.core.recycle.drain(..) {
+                self.bufs.recycle(bid);
+            }
+            self.bufs.publish();
+            if done {
+                return Ok(());
+            }
+            self.core.publish_counters();
+        }
+    }
+
+    fn on_recv(&mut self, slot: u32, gen: u32, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let c = &mut self.core.tables.conns[slot as usize];
+        if c.gen != gen || c.state == ConnState::Free {
+            if let Some(b) = bid {
+                self.bufs.recycle(b);
+            }
+            return;
+        }
+        if !more {
+            c.recv_armed = false;
+            if result == -libc::ECANCELED {
+                c.recv_cancelling = false;
+            }
+        }
+        if result > 0 {
+            let bid = bid.expect("a successful buffer-select recv names its buffer");
+            let held = Held {
+                bid,
+                offset: 0,
+                len: result as u32,
+            };
+            if !c.reads_input() {
+                self.bufs.recycle(bid);
+            } else if !c.held.is_empty() {
+                c.held.push_back(held);
+                self.core.maybe_cancel_recv(slot);
+            } else {
+                self.consume(slot, held);
+            }
+        } else if result == 0 || (result != -libc::ENOBUFS && result != -libc::ECANCELED) {
+            // EOF or a receive error: the connection is over.
+            self.core.close_conn(slot);
+            return;
+        }
+        let c = &mut self.core.tables.conns[slot as usize];
+        if c.state == ConnState::Closing {
+            self.core.maybe_release(slot);
+        } else if !c.recv_armed {
+            // Multishot ended (ENOBUFS, cancel, or the kernel's choice):
+            // re-arm unless output backpressure is holding input.
+            self.core.arm_recv(slot);
+        }
+    }
+
+    /// Processes a received buffer; keeps what could not be processed for
+    /// lack of output room. Returns the buffer to the ring when done.
+    fn consume(&mut self, slot: u32, held: Held) {
+        let data = self.bufs.get(held.bid, held.len as usize);
+        let mut input = &data[held.offset as usize..];
+        let soft_limit = self.core.tables.cfg.send_buffer_bytes;
+        let mut decoder = std::mem::replace(
+            &mut self.core.tables.conns[slot as usize].decoder,
+            cnse_proto::FrameDecoder::new(cnse_proto::Direction::ToServer, 0),
+        );
+        let mut stopped = false;
+        loop {
+            let c = &self.core.tables.conns[slot as usize];
+            if !c.reads_input() {
+                input = &[];
+                break;
+            }
+            if input.is_empty() {
+                break;
+            }
+            if c.out_fill.len() > soft_limit {
+                stopped = true;
+                break;
+            }
+            match decoder.next(&mut input) {
+                Ok(Some(frame)) => {
+                    let h = frame.header;
+                    let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
+                    self.core
+                        .handle_frame(slot, frame.kind, stream_id, arg, aux, frame.payload);
+                }
+                Ok(None) => break,
+                Err(v) => {
+                    self.core.violate(slot, v.code, v.message);
+                    input = &[];
+                    break;
+                }
+            }
+        }
+        let consumed = data.len() - input.len();
+        let c = &mut self.core.tables.conns[slot as usize];
+        c.decoder = decoder;
+        c.last_input = self.core.tables.now;
+        if stopped && c.reads_input() {
+            c.held.push_front(Held {
+                bid: held.bid,
+                offset: consumed as u32,
+                len: held.len,
+            });
+            self.core.maybe_cancel_recv(slot);
+        } else {
+            self.bufs.recycle(held.bid);
+        }
+        self.core.tables.mark_dirty(slot);
+    }
+
+    /// Processes held buffers after output drained.
+    fn resume_input(&mut self, slot: u32) {
+        loop {
+            let c = &mut self.core.tables.conns[slot as usize];
+            if !c.reads_input() {
+                while let Some(h) = c.held.pop_front() {
+                    self.bufs.recycle(h.bid);
+                }
+                return;
+            }
+            if c.out_fill.len() > self.core.tables.cfg.send_buffer_bytes {
+                return;
+            }
+            let Some(h) = c.held.pop_front() else { break };
+            self.consume(slot, h);
+            if !self.core.tables.conns[slot as usize].held.is_empty() {
+                return;
+            }
+        }
+        self.core.arm_recv(slot);
+    }
+}
+
+impl Core {
     fn cfg(&self) -> &Config {
         &self.tables.cfg
     }
@@ -395,35 +573,6 @@ impl Worker {
         push_sqe(&mut self.ring, &e);
     }
 
-    fn run(&mut self) -> io::Result<()> {
-        self.arm_accept();
-        self.arm_wake();
-        loop {
-            self.wait()?;
-            self.tables.now = Instant::now();
-            self.cqes.clear();
-            for cqe in self.ring.completion() {
-                self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
-            }
-            for i in 0..self.cqes.len() {
-                let (user_data, result, flags) = self.cqes[i];
-                self.dispatch(user_data, result, flags);
-            }
-            self.poll_backend();
-            self.admit();
-            self.flush_dirty();
-            self.bufs.publish();
-            if self.tables.now >= self.next_sweep {
-                self.sweep();
-                self.next_sweep = self.tables.now + SWEEP_INTERVAL;
-            }
-            if self.shutdown_step() {
-                return Ok(());
-            }
-            self.publish_counters();
-        }
-    }
-
     fn wait(&mut self) -> io::Result<()> {
         if !self.ring.completion().is_empty() {
             self.ring.submit()?;
@@ -456,11 +605,10 @@ impl Worker {
     }
 
     fn dispatch(&mut self, user_data: u64, result: i32, flags: u32) {
-        let (op, slot, gen) = ud_split(user_data);
+        let (op, _, _) = ud_split(user_data);
         match op {
             OP_ACCEPT => self.on_accept(result, flags),
-            OP_RECV => self.on_recv(slot, gen, result, flags),
-            OP_SEND => self.on_send(slot, gen, result),
+            OP_RECV | OP_SEND => unreachable!("the worker handles receive and send completions"),
             OP_WAKE => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
                     self.arm_wake();
@@ -513,59 +661,10 @@ impl Worker {
             c.last_input = now;
             self.tables.conns_open += 1;
             self.arm_recv(slot);
-        } else if result != -libc::ECANCELED && !cqueue::more(flags) && self.shutting_down.is_none() {
-            // EMFILE and friends: the multishot ended; the sweep re-arms it.
         }
+        // EMFILE/ENFILE end the multishot: the sweep re-arms it once descriptors free up.
         if !self.accept_armed && self.shutting_down.is_none() && result != -libc::EMFILE && result != -libc::ENFILE {
             self.arm_accept();
-        }
-    }
-
-    fn on_recv(&mut self, slot: u32, gen: u32, result: i32, flags: u32) {
-        let more = cqueue::more(flags);
-        let bid = cqueue::buffer_select(flags);
-        let c = &mut self.tables.conns[slot as usize];
-        if c.gen != gen || c.state == ConnState::Free {
-            if let Some(b) = bid {
-                self.bufs.recycle(b);
-            }
-            return;
-        }
-        if !more {
-            c.recv_armed = false;
-            if result == -libc::ECANCELED {
-                c.recv_cancelling = false;
-            }
-        }
-        if result > 0 {
-            let bid = bid.expect("a successful buffer-select recv names its buffer");
-            let held = Held {
-                bid,
-                offset: 0,
-                len: result as u32,
-            };
-            if !c.reads_input() {
-                self.bufs.recycle(bid);
-            } else if !c.held.is_empty() {
-                c.held.push_back(held);
-                self.maybe_cancel_recv(slot);
-            } else {
-                self.consume(slot, held);
-            }
-        } else if result == 0 {
-            self.close_conn(slot);
-            return;
-        } else if result != -libc::ENOBUFS && result != -libc::ECANCELED {
-            self.close_conn(slot);
-            return;
-        }
-        let c = &mut self.tables.conns[slot as usize];
-        if c.state == ConnState::Closing {
-            self.maybe_release(slot);
-        } else if !c.recv_armed {
-            // Multishot ended (ENOBUFS, cancel, or the kernel's choice):
-            // re-arm unless output backpressure is holding input.
-            self.arm_recv(slot);
         }
     }
 
@@ -580,164 +679,34 @@ impl Worker {
         }
     }
 
-    /// Processes a received buffer; keeps what could not be processed for
-    /// lack of output room. Returns the buffer to the ring when done.
-    fn consume(&mut self, slot: u32, held: Held) {
-        let data = self.bufs.get(held.bid, held.len as usize);
-        let mut input = &data[held.offset as usize..];
-        let soft_limit = self.tables.cfg.send_buffer_bytes;
-        let mut decoder = std::mem::replace(
-            &mut self.tables.conns[slot as usize].decoder,
-            cnse_proto::FrameDecoder::new(cnse_proto::Direction::ToServer, 0),
-        );
-        let mut stopped = false;
-        loop {
-            let c = &self.tables.conns[slot as usize];
-            if !c.reads_input() {
-                input = &[];
-                break;
-            }
-            if input.is_empty() {
-                break;
-            }
-            if c.out_fill.len() > soft_limit {
-                stopped = true;
-                break;
-            }
-            match decoder.next(&mut input) {
-                Ok(Some(frame)) => {
-                    let h = frame.header;
-                    let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
-                    Self::handle_frame(
-                        &mut self.tables,
-                        &mut self.backend,
-                        &mut self.ring,
-                        &mut self.queue,
-                        &mut self.queue_order,
-                        &self.limits,
-                        self.shutting_down.is_some(),
-                        slot,
-                        frame.kind,
-                        stream_id,
-                        arg,
-                        aux,
-                        frame.payload,
-                    );
-                }
-                Ok(None) => break,
-                Err(v) => {
-                    Self::violate(
-                        &mut self.tables,
-                        &mut self.backend,
-                        &mut self.ring,
-                        &mut self.queue,
-                        slot,
-                        v.code,
-                        v.message,
-                    );
-                    input = &[];
-                    break;
-                }
-            }
-        }
-        let consumed = data.len() - input.len();
-        let c = &mut self.tables.conns[slot as usize];
-        c.decoder = decoder;
-        c.last_input = self.tables.now;
-        if stopped && c.reads_input() {
-            c.held.push_front(Held {
-                bid: held.bid,
-                offset: consumed as u32,
-                len: held.len,
-            });
-            self.maybe_cancel_recv(slot);
-        } else {
-            self.bufs.recycle(held.bid);
-        }
-        self.tables.mark_dirty(slot);
-    }
-
-    /// Processes held buffers after output drained.
-    fn resume_input(&mut self, slot: u32) {
-        loop {
-            let c = &mut self.tables.conns[slot as usize];
-            if !c.reads_input() {
-                while let Some(h) = c.held.pop_front() {
-                    self.bufs.recycle(h.bid);
-                }
-                return;
-            }
-            if c.out_fill.len() > self.tables.cfg.send_buffer_bytes {
-                return;
-            }
-            let Some(h) = c.held.pop_front() else { break };
-            self.consume(slot, h);
-            if !self.tables.conns[slot as usize].held.is_empty() {
-                return;
-            }
-        }
-        self.arm_recv(slot);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn handle_frame(
-        t: &mut Tables,
-        backend: &mut Box<dyn Backend>,
-        ring: &mut IoUring,
-        queue: &mut BinaryHeap<Queued>,
-        queue_order: &mut u64,
-        limits: &ParamLimits,
-        shutting_down: bool,
-        slot: u32,
-        kind: Kind,
-        stream_id: u64,
-        arg: u32,
-        aux: u64,
-        payload: &[u8],
-    ) {
-        t.frames_in += 1;
-        let now = t.now;
-        let cfg = t.cfg.clone();
-        let state = t.conns[slot as usize].state;
+    fn handle_frame(&mut self, slot: u32, kind: Kind, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) {
+        self.tables.frames_in += 1;
+        let now = self.tables.now;
+        let cfg = self.tables.cfg.clone();
+        let state = self.tables.conns[slot as usize].state;
         match (state, kind) {
             (ConnState::Handshake, Kind::Hello) => {
                 if let Some(key) = &cfg.auth_key {
                     if !constant_time_eq(key, payload) {
-                        Self::violate(
-                            t,
-                            backend,
-                            ring,
-                            queue,
-                            slot,
-                            code::UNAUTHORIZED,
-                            "authentication failed",
-                        );
+                        self.violate(slot, code::UNAUTHORIZED, "authentication failed");
                         return;
                     }
                 }
-                let c = &mut t.conns[slot as usize];
+                let c = &mut self.tables.conns[slot as usize];
                 c.state = ConnState::Open;
                 put_hello_ack(&mut c.out_fill, cfg.payload_bytes_max, &cfg.server_name);
-                t.frames_out += 1;
+                self.tables.frames_out += 1;
             }
-            (ConnState::Handshake, _) => Self::violate(
-                t,
-                backend,
-                ring,
-                queue,
-                slot,
-                code::BAD_REQUEST,
-                "HELLO must be the first frame",
-            ),
-            (_, Kind::Hello) => Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "second HELLO"),
+            (ConnState::Handshake, _) => self.violate(slot, code::BAD_REQUEST, "HELLO must be the first frame"),
+            (_, Kind::Hello) => self.violate(slot, code::BAD_REQUEST, "second HELLO"),
             (_, Kind::Ping) => {
-                let c = &mut t.conns[slot as usize];
+                let c = &mut self.tables.conns[slot as usize];
                 put_pong(&mut c.out_fill, stream_id, arg, aux, payload);
-                t.frames_out += 1;
+                self.tables.frames_out += 1;
             }
             (_, Kind::Request) => {
                 if stream_id == 0 {
-                    Self::violate(t, backend, ring, queue, slot, code::BAD_REQUEST, "REQUEST on stream 0");
+                    self.violate(slot, code::BAD_REQUEST, "REQUEST on stream 0");
                     return;
                 }
                 let reject = |t: &mut Tables, code: u32, msg: &str| {
@@ -745,29 +714,33 @@ impl Worker {
                     t.frames_out += 1;
                     t.rejected += 1;
                 };
-                if t.conns[slot as usize].find_stream(stream_id).is_some() {
-                    return reject(t, code::STREAM_IN_USE, "stream id already in use");
+                if self.tables.conns[slot as usize].find_stream(stream_id).is_some() {
+                    return reject(&mut self.tables, code::STREAM_IN_USE, "stream id already in use");
                 }
-                let req = match Params::parse(payload, limits) {
+                let req = match Params::parse(payload, &self.limits) {
                     Ok(r) => r,
-                    Err((c, m)) => return reject(t, c, m),
+                    Err((c, m)) => return reject(&mut self.tables, c, m),
                 };
-                if shutting_down {
-                    return reject(t, code::SHUTTING_DOWN, "server shutting down");
+                if self.shutting_down.is_some() {
+                    return reject(&mut self.tables, code::SHUTTING_DOWN, "server shutting down");
                 }
-                if t.conns[slot as usize].streams.len() >= cfg.streams_per_conn_max {
-                    return reject(t, code::OVERLOADED, "too many open streams on this connection");
+                if self.tables.conns[slot as usize].streams.len() >= cfg.streams_per_conn_max {
+                    return reject(
+                        &mut self.tables,
+                        code::OVERLOADED,
+                        "too many open streams on this connection",
+                    );
                 }
-                let run_now = queue.is_empty() && backend.has_capacity();
-                if !run_now && queue.len() >= cfg.admission_queue_max {
-                    return reject(t, code::OVERLOADED, "admission queue full, retry later");
+                let run_now = self.queue.is_empty() && self.backend.has_capacity();
+                if !run_now && self.queue.len() >= cfg.admission_queue_max {
+                    return reject(&mut self.tables, code::OVERLOADED, "admission queue full, retry later");
                 }
-                let Some(sslot) = t.stream_free.pop() else {
-                    return reject(t, code::OVERLOADED, "stream table full, retry later");
+                let Some(sslot) = self.tables.stream_free.pop() else {
+                    return reject(&mut self.tables, code::OVERLOADED, "stream table full, retry later");
                 };
-                t.requests += 1;
-                t.streams_open += 1;
-                let s = &mut t.streams[sslot as usize];
+                self.tables.requests += 1;
+                self.tables.streams_open += 1;
+                let s = &mut self.tables.streams[sslot as usize];
                 s.phase = Phase::Queued;
                 s.conn = slot;
                 s.client_id = stream_id;
@@ -780,47 +753,47 @@ impl Worker {
                 s.prompt.clear();
                 s.prompt.push_str(req.prompt);
                 let gen = s.gen;
-                t.conns[slot as usize].streams.push((stream_id, sslot));
+                self.tables.conns[slot as usize].streams.push((stream_id, sslot));
                 if run_now {
-                    Self::start_stream(t, backend, ring, sslot);
+                    self.start_stream(sslot);
                 } else {
-                    *queue_order += 1;
-                    queue.push(Queued {
+                    self.queue_order += 1;
+                    self.queue.push(Queued {
                         priority: req.params.priority,
-                        order: std::cmp::Reverse(*queue_order),
+                        order: std::cmp::Reverse(self.queue_order),
                         slot: sslot,
                         gen,
                     });
                 }
             }
             (_, Kind::Cancel) => {
-                let Some(i) = t.conns[slot as usize].find_stream(stream_id) else {
+                let Some(i) = self.tables.conns[slot as usize].find_stream(stream_id) else {
                     return;
                 };
-                let sslot = t.conns[slot as usize].streams[i].1;
-                Self::stop_stream(t, backend, ring, queue, sslot);
-                let s = &t.streams[sslot as usize];
+                let sslot = self.tables.conns[slot as usize].streams[i].1;
+                self.stop_stream(sslot);
+                let s = &self.tables.streams[sslot as usize];
                 let (ttft, total) = times(s, now);
                 let sent = s.sent;
                 put_end(
-                    &mut t.conns[slot as usize].out_fill,
+                    &mut self.tables.conns[slot as usize].out_fill,
                     stream_id,
                     FinishReason::Cancelled,
                     sent,
                     ttft,
                     total,
                 );
-                t.frames_out += 1;
-                t.conns[slot as usize].streams.swap_remove(i);
-                t.free_stream(sslot);
+                self.tables.frames_out += 1;
+                self.tables.conns[slot as usize].streams.swap_remove(i);
+                self.tables.free_stream(sslot);
             }
             (_, Kind::Credit) => {
-                let Some(i) = t.conns[slot as usize].find_stream(stream_id) else {
+                let Some(i) = self.tables.conns[slot as usize].find_stream(stream_id) else {
                     return;
                 };
-                let sslot = t.conns[slot as usize].streams[i].1;
-                t.streams[sslot as usize].credit.grant(arg);
-                t.mark_dirty(slot);
+                let sslot = self.tables.conns[slot as usize].streams[i].1;
+                self.tables.streams[sslot as usize].credit.grant(arg);
+                self.tables.mark_dirty(slot);
             }
             (_, Kind::HelloAck | Kind::Tokens | Kind::End | Kind::Error | Kind::Pong) => {
                 unreachable!("the decoder rejects server kinds from clients")
@@ -828,7 +801,8 @@ impl Worker {
         }
     }
 
-    fn start_stream(t: &mut Tables, backend: &mut Box<dyn Backend>, ring: &mut IoUring, sslot: u32) {
+    fn start_stream(&mut self, sslot: u32) {
+        let t = &mut self.tables;
         let s = &mut t.streams[sslot as usize];
         s.phase = Phase::Running;
         let job = Job {
@@ -837,29 +811,29 @@ impl Worker {
             prompt: &s.prompt,
             arrived: s.arrived,
         };
-        let mut io = RingIo { ring, now: t.now };
-        if let Err(reject) = backend.start(job, &mut io) {
+        let mut io = RingIo {
+            ring: &mut self.ring,
+            now: t.now,
+        };
+        if let Err(reject) = self.backend.start(job, &mut io) {
             t.fail(sslot, reject.code, &reject.message);
         }
     }
 
     /// Ends the backend's part of a stream (no frame is written).
-    fn stop_stream(
-        t: &mut Tables,
-        backend: &mut Box<dyn Backend>,
-        ring: &mut IoUring,
-        queue: &mut BinaryHeap<Queued>,
-        sslot: u32,
-    ) {
-        let s = &t.streams[sslot as usize];
+    fn stop_stream(&mut self, sslot: u32) {
+        let s = &self.tables.streams[sslot as usize];
         match s.phase {
             Phase::Running => {
-                let mut io = RingIo { ring, now: t.now };
-                backend.cancel(work_id(sslot, s.gen), &mut io);
+                let mut io = RingIo {
+                    ring: &mut self.ring,
+                    now: self.tables.now,
+                };
+                self.backend.cancel(work_id(sslot, s.gen), &mut io);
             }
             Phase::Queued => {
                 let gen = s.gen;
-                queue.retain(|q| !(q.slot == sslot && q.gen == gen));
+                self.queue.retain(|q| !(q.slot == sslot && q.gen == gen));
             }
             Phase::Finished(_) | Phase::Failed | Phase::Free => {}
         }
@@ -867,17 +841,10 @@ impl Worker {
 
     /// Protocol violation: ERROR on stream 0, cancel every stream (no END),
     /// send what is pending, close.
-    fn violate(
-        t: &mut Tables,
-        backend: &mut Box<dyn Backend>,
-        ring: &mut IoUring,
-        queue: &mut BinaryHeap<Queued>,
-        slot: u32,
-        code: u32,
-        message: &str,
-    ) {
+    fn violate(&mut self, slot: u32, code: u32, message: &str) {
+        self.drop_streams(slot);
+        let t = &mut self.tables;
         t.violations += 1;
-        Self::drop_streams(t, backend, ring, queue, slot);
         let c = &mut t.conns[slot as usize];
         put_error(&mut c.out_fill, 0, code, message);
         t.frames_out += 1;
@@ -887,16 +854,10 @@ impl Worker {
         t.mark_dirty(slot);
     }
 
-    fn drop_streams(
-        t: &mut Tables,
-        backend: &mut Box<dyn Backend>,
-        ring: &mut IoUring,
-        queue: &mut BinaryHeap<Queued>,
-        slot: u32,
-    ) {
-        while let Some((_, sslot)) = t.conns[slot as usize].streams.pop() {
-            Self::stop_stream(t, backend, ring, queue, sslot);
-            t.free_stream(sslot);
+    fn drop_streams(&mut self, slot: u32) {
+        while let Some((_, sslot)) = self.tables.conns[slot as usize].streams.pop() {
+            self.stop_stream(sslot);
+            self.tables.free_stream(sslot);
         }
     }
 
@@ -909,17 +870,9 @@ impl Worker {
             ConnState::Closing => return self.maybe_release(slot),
             _ => {}
         }
-        Self::drop_streams(
-            &mut self.tables,
-            &mut self.backend,
-            &mut self.ring,
-            &mut self.queue,
-            slot,
-        );
+        self.drop_streams(slot);
         let c = &mut self.tables.conns[slot as usize];
-        while let Some(h) = c.held.pop_front() {
-            self.bufs.recycle(h.bid);
-        }
+        self.recycle.extend(c.held.drain(..).map(|h| h.bid));
         c.state = ConnState::Closing;
         // SAFETY: fd is this connection's open socket; shutdown makes the
         // kernel complete our pending recv/send so the slot can be released.
@@ -944,27 +897,28 @@ impl Worker {
         self.tables.conns_open -= 1;
     }
 
-    fn on_send(&mut self, slot: u32, gen: u32, result: i32) {
+    /// Returns true when the output drained and held input may resume.
+    fn on_send(&mut self, slot: u32, gen: u32, result: i32) -> bool {
         let c = &mut self.tables.conns[slot as usize];
         assert_eq!(c.gen, gen, "a slot is never reused while its send is in flight");
         c.send_inflight = false;
         if c.state == ConnState::Closing {
             self.maybe_release(slot);
-            return;
+            return false;
         }
         if result < 0 {
             self.close_conn(slot);
-            return;
+            return false;
         }
         c.flight_sent += result as usize;
         if c.flight_sent < c.out_flight.len() {
             self.submit_send(slot);
-            return;
+            return false;
         }
         c.out_flight.clear();
         c.flight_sent = 0;
-        self.resume_input(slot);
         self.tables.mark_dirty(slot);
+        true
     }
 
     fn submit_send(&mut self, slot: u32) {
@@ -1005,7 +959,7 @@ impl Worker {
             if s.gen != gen || s.phase != Phase::Queued {
                 continue;
             }
-            Self::start_stream(&mut self.tables, &mut self.backend, &mut self.ring, slot);
+            self.start_stream(slot);
         }
     }
 
@@ -1113,15 +1067,7 @@ impl Worker {
             let c = &self.tables.conns[slot as usize];
             match c.state {
                 ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
-                    Self::violate(
-                        &mut self.tables,
-                        &mut self.backend,
-                        &mut self.ring,
-                        &mut self.queue,
-                        slot,
-                        code::BAD_REQUEST,
-                        "no HELLO within the handshake timeout",
-                    );
+                    self.violate(slot, code::BAD_REQUEST, "no HELLO within the handshake timeout");
                 }
                 ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
                     self.close_conn(slot)
@@ -1168,13 +1114,7 @@ impl Worker {
                 }
                 let streams: Vec<(u64, u32)> = c.streams.clone();
                 for (_, sslot) in streams {
-                    Self::stop_stream(
-                        &mut self.tables,
-                        &mut self.backend,
-                        &mut self.ring,
-                        &mut self.queue,
-                        sslot,
-                    );
+                    self.stop_stream(sslot);
                     self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
                 }
                 self.flush_conn(slot);
@@ -1208,7 +1148,7 @@ impl Worker {
         c.rejected.store(t.rejected, Ordering::Relaxed);
     }
 
-    fn teardown(&mut self) {
+    fn teardown(&mut self, bufs: &BufRing) {
         self.publish_counters();
         for c in &mut self.tables.conns {
             if c.fd >= 0 {
@@ -1218,7 +1158,7 @@ impl Worker {
                 c.fd = -1;
             }
         }
-        self.bufs.unregister(&self.ring);
+        bufs.unregister(&self.ring);
         drop(self.listener.take());
     }
 }

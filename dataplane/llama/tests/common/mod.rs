@@ -4,8 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,4 +242,5 @@ pub fn dead_url() -> String {
 // The real llama-server helpers are shared with the root package's tests.
 #[path = "../../../../tests/llama_common/mod.rs"]
 mod real;
+#[allow(unused_imports)]
 pub use real::*;
