@@ -97,3 +97,19 @@ fn issue2_connections_closed_by_the_server_are_released() {
         .unwrap();
     assert_eq!(g.tokens, 3);
 }
+
+#[test]
+fn issue2_second_server_on_a_busy_port_fails_in_one_line() {
+    let s = Server::start(&["--threads", "2"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["serve", "--listen", &s.addr.to_string(), "--threads", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a second server must not share the port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("in use"), "{err}");
+    // The first keeps serving.
+    let g = s.client().generate(1, 0, &params(3), "still mine", |_, _| {}).unwrap();
+    assert_eq!(g.tokens, 3);
+}

@@ -95,8 +95,8 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("bind {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("io_uring setup: {0} (is io_uring enabled? see /proc/sys/kernel/io_uring_disabled)")]
     Ring(std::io::Error),
     #[error("backend for core {core}: {message}")]
@@ -105,8 +105,8 @@ pub enum ServerError {
     Config(String),
     #[error("worker thread {0} panicked")]
     WorkerPanicked(usize),
-    #[error("worker thread {thread}: {source}")]
-    Worker { thread: usize, source: std::io::Error },
+    #[error("worker thread {thread}: {error}")]
+    Worker { thread: usize, error: std::io::Error },
 }
 
 /// Live counters of one worker, read by [`Server::stats`].
@@ -173,9 +173,9 @@ impl Server {
             return Err(ServerError::Config("max tokens limit must be > 0".into()));
         }
         let listeners = listen::bind_reuseport(config.listen, config.threads)?;
-        let addr = listen::local_addr(&listeners[0]).map_err(|source| ServerError::Bind {
+        let addr = listen::local_addr(&listeners[0]).map_err(|error| ServerError::Bind {
             addr: config.listen,
-            source,
+            error,
         })?;
         let shared = Arc::new(Shared {
             shutdown: AtomicBool::new(false),
@@ -197,7 +197,7 @@ impl Server {
                     let backend = backend.clone();
                     move || worker::run(index, config, shared, listener, wake_fd, backend, ready)
                 })
-                .map_err(|source| ServerError::Worker { thread: index, source })?;
+                .map_err(|error| ServerError::Worker { thread: index, error })?;
             threads.push(handle);
         }
         drop(ready_tx);
@@ -271,7 +271,7 @@ impl Server {
         for (i, t) in self.threads.drain(..).enumerate() {
             match t.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(source)) => result = Err(ServerError::Worker { thread: i, source }),
+                Ok(Err(error)) => result = Err(ServerError::Worker { thread: i, error }),
                 Err(_) => result = Err(ServerError::WorkerPanicked(i)),
             }
         }

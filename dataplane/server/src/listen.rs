@@ -30,17 +30,22 @@ fn set_int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc:
     .map(drop)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<OwnedFd> {
+fn bind_one(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2) call; the result is checked and owned below.
     let raw = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: raw is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if reuseport {
+        set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
     let (storage, len) = cnse_backend::sys::sockaddr(addr);
     // SAFETY: storage holds a sockaddr of `len` bytes.
     cvt(unsafe { libc::bind(fd.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) })?;
+    if !reuseport {
+        return Ok(fd);
+    }
     // SAFETY: fd is a bound stream socket.
     cvt(unsafe { libc::listen(fd.as_raw_fd(), 4096) })?;
     Ok(fd)
@@ -48,14 +53,18 @@ fn bind_one(addr: SocketAddr) -> io::Result<OwnedFd> {
 
 /// Binds `count` listeners to `addr`. When the port is 0 the first bind
 /// picks it and the others join that port.
+///
+/// SO_REUSEPORT would also let a second server process join a port that is
+/// already serving, silently splitting its connections; a plain bind first
+/// (released before the real ones) turns that into "address in use".
 pub(crate) fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<OwnedFd>, ServerError> {
-    let first = bind_one(addr).map_err(|source| ServerError::Bind { addr, source })?;
-    let bound = local_addr(&first).map_err(|source| ServerError::Bind { addr, source })?;
-    let mut all = vec![first];
-    for _ in 1..count {
-        all.push(bind_one(bound).map_err(|source| ServerError::Bind { addr: bound, source })?);
-    }
-    Ok(all)
+    let bind_err = |addr| move |error| ServerError::Bind { addr, error };
+    let probe = bind_one(addr, false).map_err(bind_err(addr))?;
+    let bound = local_addr(&probe).map_err(bind_err(addr))?;
+    drop(probe);
+    (0..count)
+        .map(|_| bind_one(bound, true).map_err(bind_err(bound)))
+        .collect()
 }
 
 pub(crate) fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
