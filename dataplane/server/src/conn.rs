@@ -1,6 +1,5 @@
 //! One client connection's state inside a worker.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use cnse_proto::{Direction, FrameDecoder};
@@ -20,17 +19,10 @@ pub enum ConnState {
     Closing,
 }
 
-/// A received buffer not yet processed because the connection's output is
-/// backed up: (buffer id, offset of the first unprocessed byte, length).
-#[derive(Debug, Clone, Copy)]
-pub struct Held {
-    pub bid: u16,
-    pub offset: u32,
-    pub len: u32,
-}
-
-/// Received buffers a connection may hold before its recv is cancelled.
-pub const HELD_BUFFERS_MAX: usize = 4;
+/// Received bytes a connection may keep unprocessed while its output is
+/// backed up; past this its recv is cancelled, so TCP pushes back on the
+/// client. Kept in the connection's own buffer, never in a ring buffer.
+pub const BACKLOG_BYTES_MAX: usize = 64 * 1024;
 
 pub struct Conn {
     pub gen: u32,
@@ -46,7 +38,8 @@ pub struct Conn {
     pub recv_armed: bool,
     /// A cancel of the multishot recv was submitted and has not completed.
     pub recv_cancelling: bool,
-    pub held: VecDeque<Held>,
+    /// Input received but not yet processed (output backed up).
+    pub backlog: Vec<u8>,
     /// (client stream id, stream slot) of the open streams.
     pub streams: Vec<(u64, u32)>,
     pub accepted: Instant,
@@ -67,7 +60,7 @@ impl Conn {
             send_inflight: false,
             recv_armed: false,
             recv_cancelling: false,
-            held: VecDeque::new(),
+            backlog: Vec::new(),
             streams: Vec::new(),
             accepted: now,
             last_input: now,

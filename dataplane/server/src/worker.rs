@@ -17,7 +17,7 @@ use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, put_tokens, 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::bufring::BufRing;
-use crate::conn::{Conn, ConnState, Held, HELD_BUFFERS_MAX};
+use crate::conn::{Conn, ConnState, BACKLOG_BYTES_MAX};
 use crate::stream::{Credit, Phase, Stream};
 use crate::{Config, Shared, WorkerCounters};
 
@@ -237,8 +237,6 @@ struct Core {
     next_sweep: Instant,
     shutting_down: Option<Instant>,
     backend_deadline: Option<Instant>,
-    /// Receive buffers to give back to the ring at the end of the turn.
-    recycle: Vec<u16>,
 }
 
 fn pin_to_core(index: usize) {
@@ -305,7 +303,6 @@ impl Worker {
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
         let entries = 4096u32;
-        let cfg_recv_buffers = cfg.recv_buffers;
         // One thread submits and reaps (single issuer); completion task work
         // runs only when this thread waits (defer taskrun), so the kernel
         // does not interrupt the loop to post completions.
@@ -363,7 +360,6 @@ impl Worker {
             next_sweep: now + SWEEP_INTERVAL,
             shutting_down: None,
             backend_deadline: None,
-            recycle: Vec::with_capacity(usize::from(cfg_recv_buffers)),
         };
         Ok(Self { core, bufs })
     }
@@ -383,11 +379,6 @@ impl Worker {
                 let (op, slot, gen) = ud_split(user_data);
                 match op {
                     OP_RECV => self.on_recv(slot, gen, result, flags),
-                    OP_SEND => {
-                        if self.core.on_send(slot, gen, result) {
-                            self.resume_input(slot);
-                        }
-                    }
                     _ => self.core.dispatch(user_data, result, flags),
                 }
             }
@@ -399,9 +390,6 @@ impl Worker {
                 self.core.next_sweep = self.core.tables.now + SWEEP_INTERVAL;
             }
             let done = self.core.shutdown_step();
-            for bid in self.core.recycle.drain(..) {
-                self.bufs.recycle(bid);
-            }
             self.bufs.publish();
             if done {
                 return Ok(());
@@ -413,11 +401,45 @@ impl Worker {
     fn on_recv(&mut self, slot: u32, gen: u32, result: i32, flags: u32) {
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
-        let c = &mut self.core.tables.conns[slot as usize];
-        if c.gen != gen || c.state == ConnState::Free {
-            if let Some(b) = bid {
-                self.bufs.recycle(b);
+        if result > 0 {
+            let bid = bid.expect("a successful buffer-select recv names its buffer");
+            // Handled in place, then the buffer goes straight back to the
+            // ring: no connection ever holds one (a slow reader cannot
+            // starve the others of receive buffers).
+            self.core.on_input(slot, gen, self.bufs.get(bid, result as usize));
+            self.bufs.recycle(bid);
+        } else if let Some(b) = bid {
+            self.bufs.recycle(b);
+        }
+        self.core.on_recv_done(slot, gen, result, more);
+    }
+}
+
+impl Core {
+    /// Bytes received on a connection: frames are handled in place; what
+    /// cannot be handled now (output backed up) goes to the bounded backlog.
+    fn on_input(&mut self, slot: u32, gen: u32, data: &[u8]) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.gen != gen || !c.reads_input() {
+            return;
+        }
+        c.last_input = self.tables.now;
+        if c.backlog.is_empty() {
+            let consumed = self.consume(slot, data);
+            let c = &mut self.tables.conns[slot as usize];
+            if consumed < data.len() && c.reads_input() {
+                c.backlog.extend_from_slice(&data[consumed..]);
             }
+        } else {
+            // Order: what waits in the backlog comes first.
+            c.backlog.extend_from_slice(data);
+        }
+        self.maybe_cancel_recv(slot);
+    }
+
+    fn on_recv_done(&mut self, slot: u32, gen: u32, result: i32, more: bool) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.gen != gen || c.state == ConnState::Free {
             return;
         }
         if !more {
@@ -426,116 +448,77 @@ impl Worker {
                 c.recv_cancelling = false;
             }
         }
-        if result > 0 {
-            let bid = bid.expect("a successful buffer-select recv names its buffer");
-            let held = Held {
-                bid,
-                offset: 0,
-                len: result as u32,
-            };
-            if !c.reads_input() {
-                self.bufs.recycle(bid);
-            } else if !c.held.is_empty() {
-                c.held.push_back(held);
-                self.core.maybe_cancel_recv(slot);
-            } else {
-                self.consume(slot, held);
-            }
-        } else if result == 0 || (result != -libc::ENOBUFS && result != -libc::ECANCELED) {
+        if result == 0 || (result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED) {
             // EOF or a receive error: the connection is over.
-            self.core.close_conn(slot);
-            return;
+            return self.close_conn(slot);
         }
-        let c = &mut self.core.tables.conns[slot as usize];
-        if c.state == ConnState::Closing {
-            self.core.maybe_release(slot);
-        } else if !c.recv_armed {
+        if self.tables.conns[slot as usize].state == ConnState::Closing {
+            self.maybe_release(slot);
+        } else {
             // Multishot ended (ENOBUFS, cancel, or the kernel's choice):
-            // re-arm unless output backpressure is holding input.
-            self.core.arm_recv(slot);
+            // re-arm unless the backlog is holding input back.
+            self.arm_recv(slot);
         }
     }
 
-    /// Processes a received buffer; keeps what could not be processed for
-    /// lack of output room. Returns the buffer to the ring when done.
-    fn consume(&mut self, slot: u32, held: Held) {
-        let data = self.bufs.get(held.bid, held.len as usize);
-        let mut input = &data[held.offset as usize..];
-        let soft_limit = self.core.tables.cfg.send_buffer_bytes;
+    /// Handles the whole frames in `data` while the connection's output has
+    /// room; returns the bytes consumed (all of them unless output backed
+    /// up).
+    fn consume(&mut self, slot: u32, data: &[u8]) -> usize {
+        let mut input = data;
+        let soft_limit = self.tables.cfg.send_buffer_bytes;
         let mut decoder = std::mem::replace(
-            &mut self.core.tables.conns[slot as usize].decoder,
+            &mut self.tables.conns[slot as usize].decoder,
             cnse_proto::FrameDecoder::new(cnse_proto::Direction::ToServer, 0),
         );
-        let mut stopped = false;
         loop {
-            let c = &self.core.tables.conns[slot as usize];
+            let c = &self.tables.conns[slot as usize];
             if !c.reads_input() {
                 input = &[];
                 break;
             }
-            if input.is_empty() {
-                break;
-            }
-            if c.out_fill.len() > soft_limit {
-                stopped = true;
+            if input.is_empty() || c.out_fill.len() > soft_limit {
                 break;
             }
             match decoder.next(&mut input) {
                 Ok(Some(frame)) => {
                     let h = frame.header;
                     let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
-                    self.core
-                        .handle_frame(slot, frame.kind, stream_id, arg, aux, frame.payload);
+                    self.handle_frame(slot, frame.kind, stream_id, arg, aux, frame.payload);
                 }
                 Ok(None) => break,
                 Err(v) => {
-                    self.core.violate(slot, v.code, v.message);
+                    self.violate(slot, v.code, v.message);
                     input = &[];
                     break;
                 }
             }
         }
-        let consumed = data.len() - input.len();
-        let c = &mut self.core.tables.conns[slot as usize];
-        c.decoder = decoder;
-        c.last_input = self.core.tables.now;
-        if stopped && c.reads_input() {
-            c.held.push_front(Held {
-                bid: held.bid,
-                offset: consumed as u32,
-                len: held.len,
-            });
-            self.core.maybe_cancel_recv(slot);
-        } else {
-            self.bufs.recycle(held.bid);
-        }
-        self.core.tables.mark_dirty(slot);
+        self.tables.conns[slot as usize].decoder = decoder;
+        self.tables.mark_dirty(slot);
+        data.len() - input.len()
     }
 
-    /// Processes held buffers after output drained.
+    /// Output drained: handle the backlog, then receive again.
     fn resume_input(&mut self, slot: u32) {
-        loop {
-            let c = &mut self.core.tables.conns[slot as usize];
+        let c = &mut self.tables.conns[slot as usize];
+        if !c.backlog.is_empty() {
             if !c.reads_input() {
-                while let Some(h) = c.held.pop_front() {
-                    self.bufs.recycle(h.bid);
-                }
+                c.backlog.clear();
                 return;
             }
-            if c.out_fill.len() > self.core.tables.cfg.send_buffer_bytes {
-                return;
-            }
-            let Some(h) = c.held.pop_front() else { break };
-            self.consume(slot, h);
-            if !self.core.tables.conns[slot as usize].held.is_empty() {
-                return;
+            // Taken out while it is parsed; its capacity is kept.
+            let mut backlog = std::mem::take(&mut c.backlog);
+            let consumed = self.consume(slot, &backlog);
+            backlog.drain(..consumed);
+            let c = &mut self.tables.conns[slot as usize];
+            if c.reads_input() {
+                c.backlog = backlog;
             }
         }
-        self.core.arm_recv(slot);
+        self.arm_recv(slot);
     }
-}
 
-impl Core {
     fn cfg(&self) -> &Config {
         &self.tables.cfg
     }
@@ -563,7 +546,7 @@ impl Core {
 
     fn arm_recv(&mut self, slot: u32) {
         let c = &mut self.tables.conns[slot as usize];
-        if c.recv_armed || c.recv_cancelling || !c.reads_input() || !c.held.is_empty() {
+        if c.recv_armed || c.recv_cancelling || !c.reads_input() || !c.backlog.is_empty() {
             return;
         }
         c.recv_armed = true;
@@ -605,10 +588,11 @@ impl Core {
     }
 
     fn dispatch(&mut self, user_data: u64, result: i32, flags: u32) {
-        let (op, _, _) = ud_split(user_data);
+        let (op, slot, gen) = ud_split(user_data);
         match op {
             OP_ACCEPT => self.on_accept(result, flags),
-            OP_RECV | OP_SEND => unreachable!("the worker handles receive and send completions"),
+            OP_SEND => self.on_send(slot, gen, result),
+            OP_RECV => unreachable!("the worker handles receive completions (they carry its buffers)"),
             OP_WAKE => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
                     self.arm_wake();
@@ -655,7 +639,7 @@ impl Core {
             c.out_fill.clear();
             c.out_flight.clear();
             c.flight_sent = 0;
-            c.held.clear();
+            c.backlog.clear();
             c.streams.clear();
             c.accepted = now;
             c.last_input = now;
@@ -670,7 +654,7 @@ impl Core {
 
     fn maybe_cancel_recv(&mut self, slot: u32) {
         let c = &mut self.tables.conns[slot as usize];
-        if c.held.len() >= HELD_BUFFERS_MAX && c.recv_armed && !c.recv_cancelling {
+        if c.backlog.len() >= BACKLOG_BYTES_MAX && c.recv_armed && !c.recv_cancelling {
             c.recv_cancelling = true;
             let e = opcode::AsyncCancel::new(ud(OP_RECV, slot, c.gen))
                 .build()
@@ -872,7 +856,7 @@ impl Core {
         }
         self.drop_streams(slot);
         let c = &mut self.tables.conns[slot as usize];
-        self.recycle.extend(c.held.drain(..).map(|h| h.bid));
+        c.backlog.clear();
         c.state = ConnState::Closing;
         // SAFETY: fd is this connection's open socket; shutdown makes the
         // kernel complete our pending recv/send so the slot can be released.
@@ -897,28 +881,27 @@ impl Core {
         self.tables.conns_open -= 1;
     }
 
-    /// Returns true when the output drained and held input may resume.
-    fn on_send(&mut self, slot: u32, gen: u32, result: i32) -> bool {
+    fn on_send(&mut self, slot: u32, gen: u32, result: i32) {
         let c = &mut self.tables.conns[slot as usize];
         assert_eq!(c.gen, gen, "a slot is never reused while its send is in flight");
         c.send_inflight = false;
         if c.state == ConnState::Closing {
             self.maybe_release(slot);
-            return false;
+            return;
         }
         if result < 0 {
             self.close_conn(slot);
-            return false;
+            return;
         }
         c.flight_sent += result as usize;
         if c.flight_sent < c.out_flight.len() {
             self.submit_send(slot);
-            return false;
+            return;
         }
         c.out_flight.clear();
         c.flight_sent = 0;
+        self.resume_input(slot);
         self.tables.mark_dirty(slot);
-        true
     }
 
     fn submit_send(&mut self, slot: u32) {
