@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the release binary and the GPU test executables here and copies
+# them, stripped, into .device/ (git-ignored) together with
+# scripts/device-run.sh, for a machine that has a GPU but no toolchain.
+# Then, on that machine, from the checkout root: bash .device/device-run.sh [all|gpu|core|llama]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin cnse-dp
+tests=$(cargo test --release --no-run -p cnse-kernels --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic 2>&1 \
+  | grep -oE 'target/release/deps/[a-z_]+-[0-9a-f]+' | sort -u)
+rm -rf .device && mkdir -p .device/tests
+strip --strip-debug -o .device/cnse-dp target/release/cnse-dp
+for t in $tests; do strip --strip-debug -o ".device/tests/$(basename "$t")" "$t"; done
+# The test executables run the binary at the path cargo baked into them.
+echo "$(pwd)/target/release/cnse-dp" > .device/cnse-dp.path
+cp scripts/device-run.sh .device/
+du -sh .device
