@@ -666,20 +666,21 @@ impl Core {
     fn handle_frame(&mut self, slot: u32, kind: Kind, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) {
         self.tables.frames_in += 1;
         let now = self.tables.now;
-        let cfg = self.tables.cfg.clone();
         let state = self.tables.conns[slot as usize].state;
         match (state, kind) {
             (ConnState::Handshake, Kind::Hello) => {
-                if let Some(key) = &cfg.auth_key {
-                    if !constant_time_eq(key, payload) {
-                        self.violate(slot, code::UNAUTHORIZED, "authentication failed");
-                        return;
-                    }
+                let authorized = match &self.tables.cfg.auth_key {
+                    Some(key) => constant_time_eq(key, payload),
+                    None => true,
+                };
+                if !authorized {
+                    return self.violate(slot, code::UNAUTHORIZED, "authentication failed");
                 }
-                let c = &mut self.tables.conns[slot as usize];
+                let t = &mut self.tables;
+                let c = &mut t.conns[slot as usize];
                 c.state = ConnState::Open;
-                put_hello_ack(&mut c.out_fill, cfg.payload_bytes_max, &cfg.server_name);
-                self.tables.frames_out += 1;
+                put_hello_ack(&mut c.out_fill, t.cfg.payload_bytes_max, &t.cfg.server_name);
+                t.frames_out += 1;
             }
             (ConnState::Handshake, _) => self.violate(slot, code::BAD_REQUEST, "HELLO must be the first frame"),
             (_, Kind::Hello) => self.violate(slot, code::BAD_REQUEST, "second HELLO"),
@@ -708,7 +709,7 @@ impl Core {
                 if self.shutting_down.is_some() {
                     return reject(&mut self.tables, code::SHUTTING_DOWN, "server shutting down");
                 }
-                if self.tables.conns[slot as usize].streams.len() >= cfg.streams_per_conn_max {
+                if self.tables.conns[slot as usize].streams.len() >= self.tables.cfg.streams_per_conn_max {
                     return reject(
                         &mut self.tables,
                         code::OVERLOADED,
@@ -716,7 +717,7 @@ impl Core {
                     );
                 }
                 let run_now = self.queue.is_empty() && self.backend.has_capacity();
-                if !run_now && self.queue.len() >= cfg.admission_queue_max {
+                if !run_now && self.queue.len() >= self.tables.cfg.admission_queue_max {
                     return reject(&mut self.tables, code::OVERLOADED, "admission queue full, retry later");
                 }
                 let Some(sslot) = self.tables.stream_free.pop() else {
