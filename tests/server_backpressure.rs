@@ -21,7 +21,7 @@ fn issue2_clients_that_never_read_do_not_starve_the_others() {
     put_ping(&mut ping, 0, 0, 0, &vec![7u8; 256 * 1024]);
     let mut hogs = Vec::new();
     for _ in 0..128 {
-        let mut stream = s.client().into_stream().unwrap();
+        let stream = s.client().into_stream().unwrap();
         stream.set_nonblocking(true).unwrap();
         hogs.push(stream);
     }
