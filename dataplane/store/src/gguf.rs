@@ -17,8 +17,8 @@ const STRING_BYTES_MAX: u64 = 1 << 24;
 /// Deepest nesting of arrays of arrays.
 const ARRAY_DEPTH_MAX: u32 = 4;
 
-/// What the GGUF header says about a model.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// What the GGUF header says about a model (archived as is in manifests).
+#[derive(Debug, Clone, PartialEq, Eq, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct GgufInfo {
     pub version: u32,
     pub tensor_count: u64,

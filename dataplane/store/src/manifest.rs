@@ -43,37 +43,7 @@ pub struct ManifestRecord {
     pub created_unix_ms: u64,
     pub chunk_bytes: u64,
     pub chunk_digests: Vec<[u8; DIGEST_BYTES]>,
-    pub gguf: Option<GgufRecord>,
-}
-
-/// GGUF facts as archived; see [`GgufInfo`].
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
-pub struct GgufRecord {
-    pub version: u32,
-    pub tensor_count: u64,
-    pub metadata_count: u64,
-    pub architecture: Option<String>,
-    pub model_name: Option<String>,
-    pub size_label: Option<String>,
-    pub quantization: Option<String>,
-    pub context_length: Option<u64>,
-    pub parameter_count: Option<u64>,
-}
-
-impl From<GgufInfo> for GgufRecord {
-    fn from(g: GgufInfo) -> Self {
-        GgufRecord {
-            version: g.version,
-            tensor_count: g.tensor_count,
-            metadata_count: g.metadata_count,
-            architecture: g.architecture,
-            model_name: g.model_name,
-            size_label: g.size_label,
-            quantization: g.quantization,
-            context_length: g.context_length,
-            parameter_count: g.parameter_count,
-        }
-    }
+    pub gguf: Option<GgufInfo>,
 }
 
 impl ManifestRecord {
@@ -105,7 +75,7 @@ impl ManifestRecord {
             created_unix_ms,
             chunk_bytes,
             chunk_digests,
-            gguf: gguf.map(GgufRecord::from),
+            gguf,
         }
     }
 
@@ -278,20 +248,7 @@ impl Manifest {
     /// GGUF facts, when the blob is a GGUF file the header parser understood.
     pub fn gguf(&self) -> Option<GgufInfo> {
         let g = self.rec().gguf.as_ref()?;
-        let s =
-            |o: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>| o.as_ref().map(|v| v.as_str().to_string());
-        let n = |o: &rkyv::option::ArchivedOption<rkyv::rend::u64_le>| o.as_ref().map(|v| v.to_native());
-        Some(GgufInfo {
-            version: g.version.to_native(),
-            tensor_count: g.tensor_count.to_native(),
-            metadata_count: g.metadata_count.to_native(),
-            architecture: s(&g.architecture),
-            model_name: s(&g.model_name),
-            size_label: s(&g.size_label),
-            quantization: s(&g.quantization),
-            context_length: n(&g.context_length),
-            parameter_count: n(&g.parameter_count),
-        })
+        rkyv::deserialize::<GgufInfo, rkyv::rancor::Error>(g).ok()
     }
 }
 
