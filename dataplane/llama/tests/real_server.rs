@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cnse_backend::{Backend, FinishReason, Params};
 use cnse_llama::direct::Client;
 use cnse_llama::testing::{Driver, Recorder};
-use common::{backend, config, http, llama, RealServer};
+use common::{backend, busy_slots, config, direct_answer, llama, RealServer};
 
 /// CPU inference on 2 cores: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -31,26 +31,6 @@ fn greedy(n: u32) -> Params {
         temperature: 0.0,
         ..Params::default()
     }
-}
-
-/// llama-server's own answer to a plain request, as a user would send it.
-fn direct_answer(url: &str, prompt: &str, n: u32) -> String {
-    let body = serde_json::json!({ "prompt": prompt, "n_predict": n, "temperature": 0.0 }).to_string();
-    let (status, body) = http(url, "POST", "/completion", &body);
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["content"].as_str().unwrap().to_string()
-}
-
-fn busy_slots(url: &str) -> usize {
-    let (status, body) = http(url, "GET", "/slots", "");
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["is_processing"] == true)
-        .count()
 }
 
 #[test]
