@@ -5,6 +5,9 @@
 # Then, on that machine, from the checkout root: bash .device/device-run.sh [all|gpu|core|llama]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The bundle runs on another machine, whose CPU may lack this one's
+# extensions: build for baseline x86-64 whatever RUSTFLAGS say here.
+unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 cargo build --release --bin cnse-dp
 tests=$( (cargo test --release --no-run -p cnse-kernels --lib 2>&1;
   cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic 2>&1) \

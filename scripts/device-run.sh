@@ -8,6 +8,15 @@ set -u
 cd "$(dirname "$0")"
 what=${1:-all}
 B=$(pwd)/cnse-dp
+# Built on another machine: probe it here first. A plain cargo build targets
+# baseline x86-64, so it runs on any CPU; a SIGILL means it was built with
+# target-cpu flags this CPU lacks (rebuild with scripts/device-bundle.sh).
+"$B" --version >/dev/null 2>&1; rc=$?
+if [ "$rc" -ne 0 ]; then
+  [ "$rc" -eq 132 ] && why="SIGILL: built for instructions this CPU lacks" || why="exit status $rc"
+  echo "device-run: $B does not run on this machine ($why); rebuild it with scripts/device-bundle.sh" >&2
+  exit 1
+fi
 baked=$(cat cnse-dp.path)
 mkdir -p "$(dirname "$baked")" && cp cnse-dp "$baked"
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}

@@ -31,19 +31,48 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ -x scripts/nginx-webdav.sh ]; then
-  log "start nginx (WebDAV filer remote)"
-  export CNSE_FILER_URL=$(scripts/nginx-webdav.sh start "$(mktemp -d /tmp/cnse-filer.XXXXXX)")
-  services+=(nginx-webdav.sh)
-  echo "CNSE_FILER_URL=$CNSE_FILER_URL"
-fi
-if [ -x scripts/llama-server.sh ]; then
-  log "start llama-server (SmolLM2-135M)"
-  export CNSE_LLAMA_URL=$(scripts/llama-server.sh start)
-  services+=(llama-server.sh)
-  echo "CNSE_LLAMA_URL=$CNSE_LLAMA_URL"
-fi
+# Runs a service's start command, passing its progress through; prints what
+# it prints (the service's URL). When it fails, stops the tests with one line
+# naming the service and the reason (the start command's last message).
+start_service() {
+  local name="$1" err out rc=0
+  shift
+  err="$(mktemp)"
+  out="$("$@" 2> >(tee "$err" >&2))" || rc=$?
+  wait $! 2>/dev/null || true # the tee above: its copy is complete
+  if [ "$rc" -ne 0 ] || [ -z "$out" ]; then
+    echo "test.sh: stopping: $name did not start: $(grep -v '^[[:space:]]*$' "$err" | tail -n 1 || echo "exit status $rc")" >&2
+    rm -f "$err"
+    exit 1
+  fi
+  rm -f "$err"
+  echo "$out"
+}
+
+log "start nginx (WebDAV filer remote)"
+services+=(nginx-webdav.sh)
+CNSE_FILER_URL="$(start_service nginx scripts/nginx-webdav.sh start "$(mktemp -d /tmp/cnse-filer.XXXXXX)")"
+export CNSE_FILER_URL
+echo "CNSE_FILER_URL=$CNSE_FILER_URL"
+
+log "start llama-server (SmolLM2-135M)"
+t0=$(date +%s)
+services+=(llama-server.sh)
+CNSE_LLAMA_URL="$(start_service llama-server scripts/llama-server.sh start)"
+export CNSE_LLAMA_URL
+echo "CNSE_LLAMA_URL=$CNSE_LLAMA_URL (llama-server set-up took $(( $(date +%s) - t0 )) s)"
 export CNSE_REQUIRE_SERVICES=1
+
+# The machines that run this differ in CPU: check the choice an AVX2-only
+# CPU would make, on whatever CPU this is, by running every candidate under
+# qemu-user as an EPYC-Milan (AVX2, no AVX-512). A fresh probe each time.
+log "llama-server on an AVX2-only CPU (emulated EPYC-Milan)"
+rm -f "${CNSE_CACHE:-$HOME/.cache/cnse-dp}/llama-server/choice-$(uname -m)-emulated-EPYC-Milan-auto"
+if ! avx2_bin="$(CNSE_LLAMA_EMULATE_CPU=EPYC-Milan scripts/llama-server.sh which)"; then
+  echo "test.sh: stopping: no llama-server runs on an AVX2-only CPU (the line above says why)" >&2
+  exit 1
+fi
+echo "on an AVX2-only CPU: $avx2_bin"
 
 log "tests"
 cargo test --release --workspace -- --test-threads=2
