@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
-use io_uring::IoUring;
+use crate::Ring;
 
 /// Anonymous private mapping, freed on drop.
 struct Mapping {
@@ -57,7 +57,7 @@ impl BufRing {
     /// Registers `count` (power of two, <= 32768) buffers of `buf_bytes`
     /// each with `ring` under group `bgid` and hands all of them to the
     /// kernel.
-    pub fn new(ring: &IoUring, bgid: u16, count: u16, buf_bytes: u32) -> io::Result<Self> {
+    pub fn new(ring: &Ring, bgid: u16, count: u16, buf_bytes: u32) -> io::Result<Self> {
         assert!(
             count.is_power_of_two() && count <= 32768,
             "buffer count must be a power of two <= 32768"
@@ -71,7 +71,7 @@ impl BufRing {
         // `count` entries; it outlives the registration (Drop unregisters
         // before unmapping, see `unregister`).
         unsafe {
-            ring.submitter()
+            ring.raw().submitter()
                 .register_buf_ring_with_flags(entries.ptr as u64, count, bgid, 0)?
         };
         let mut this = Self {
@@ -127,7 +127,7 @@ impl BufRing {
     }
 
     /// Must be called before drop while the ring is still alive.
-    pub fn unregister(&self, ring: &IoUring) {
-        let _ = ring.submitter().unregister_buf_ring(self.bgid);
+    pub fn unregister(&self, ring: &Ring) {
+        let _ = ring.raw().submitter().unregister_buf_ring(self.bgid);
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cnse_backend::BackendFactory;
 
-mod bufring;
+mod auth;
 mod conn;
 mod listen;
 pub mod stream;

@@ -14,41 +14,30 @@ use std::time::{Duration, Instant};
 
 use cnse_backend::{Backend, Delivery, FinishReason, Io, Job, Sink, WorkId};
 use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, put_tokens, Kind, ParamLimits, Params};
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use cnse_ring::{opcode, squeue, types, BufRing, Completion, Ring, RingConfig, Tag};
 
-use crate::bufring::BufRing;
+use crate::auth::AuthKey;
 use crate::conn::{Conn, ConnState, BACKLOG_BYTES_MAX};
 use crate::stream::{Credit, Phase, Stream};
 use crate::{Config, Shared, WorkerCounters};
 
-// user_data layout: [op: 8 bits][slot: 24 bits][generation: 32 bits], or
-// [OP_BACKEND][backend tag: 56 bits].
-const OP_ACCEPT: u64 = 1;
-const OP_RECV: u64 = 2;
-const OP_SEND: u64 = 3;
-const OP_WAKE: u64 = 4;
-const OP_BACKEND: u64 = 5;
-const OP_CANCEL: u64 = 6;
-const SLOT_BITS: u64 = 24;
-const TAG_MASK: u64 = (1 << 56) - 1;
+cnse_ring::op_kinds! {
+    /// The worker's ring ops. Connection ops carry a slot tag (connection
+    /// slot and generation); backend ops a wide tag (the backend's own).
+    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6 }
+}
+
 const BGID: u16 = 0;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long teardown waits for the kernel to return cancelled ops.
+const TEARDOWN_LIMIT: Duration = Duration::from_secs(2);
 /// Room kept free in a send buffer for the small frames (ERROR, END) a
 /// frame's handling may append.
 const REPLY_SLACK_BYTES: usize = 512;
 
-fn ud(op: u64, slot: u32, gen: u32) -> u64 {
-    debug_assert!(u64::from(slot) < (1 << SLOT_BITS));
-    (op << 56) | (u64::from(slot) << 32) | u64::from(gen)
-}
-
-fn ud_split(user_data: u64) -> (u64, u32, u32) {
-    (
-        user_data >> 56,
-        ((user_data >> 32) & ((1 << SLOT_BITS) - 1)) as u32,
-        user_data as u32,
-    )
+fn tag(op: Op, slot: u32, gen: u32) -> Tag {
+    Tag::slot(op.code(), slot, gen)
 }
 
 fn work_id(slot: u32, gen: u32) -> WorkId {
@@ -78,22 +67,24 @@ impl Waker {
     }
 }
 
-fn push_sqe(ring: &mut IoUring, entry: &squeue::Entry) {
-    loop {
-        // SAFETY: every entry built in this crate points only at memory the
-        // worker owns and keeps in place until the completion (connection
-        // buffers are not touched while their op is in flight; the backend
-        // promised the same through `Io::submit`).
-        if unsafe { ring.submission().push(entry) }.is_ok() {
-            return;
-        }
-        // Submission queue full: hand what we have to the kernel.
-        let _ = ring.submit();
+/// Queues a ring op of the worker.
+///
+/// # Safety
+/// What `entry` points at stays in place until its last completion (the
+/// connection buffers are not touched while their op is in flight; the
+/// backend promised the same through `Io::submit`; teardown drains before
+/// anything is freed).
+unsafe fn push(ring: &mut Ring, entry: squeue::Entry, tag: Tag) {
+    // SAFETY: forwarded to the caller's contract.
+    if let Err(e) = unsafe { ring.push(entry, tag) } {
+        // Only a kernel failure (ENOMEM, EFAULT) gets here: the full-queue
+        // path is inside `Ring::push`.
+        panic!("worker ring refused a submission: {e}");
     }
 }
 
 struct RingIo<'a> {
-    ring: &'a mut IoUring,
+    ring: &'a mut Ring,
     now: Instant,
 }
 
@@ -103,8 +94,9 @@ impl Io for RingIo<'_> {
     }
 
     unsafe fn submit(&mut self, tag: u64, entry: squeue::Entry) {
-        assert!(tag <= TAG_MASK, "backend tag above 56 bits");
-        push_sqe(self.ring, &entry.user_data((OP_BACKEND << 56) | tag));
+        assert!(tag <= cnse_ring::WIDE_MAX, "backend tag above 56 bits");
+        // SAFETY: the backend's contract (`Io::submit`) is `push`'s.
+        unsafe { push(self.ring, entry, Tag::wide(Op::Backend.code(), tag)) };
     }
 }
 
@@ -221,41 +213,23 @@ struct Worker {
 }
 
 struct Core {
-    ring: IoUring,
+    ring: Ring,
     tables: Tables,
     backend: Box<dyn Backend>,
     queue: BinaryHeap<Queued>,
     queue_order: u64,
     limits: ParamLimits,
+    auth: Option<AuthKey>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
     shared: Arc<Shared>,
     index: usize,
-    cqes: Vec<(u64, i32, u32)>,
+    cqes: Vec<Completion>,
     next_sweep: Instant,
     shutting_down: Option<Instant>,
     backend_deadline: Option<Instant>,
-}
-
-fn pin_to_core(index: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_{get,set}affinity read/write it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return;
-        }
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect();
-        if cpus.is_empty() {
-            return;
-        }
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus[index % cpus.len()], &mut one);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
-    }
 }
 
 pub(crate) fn run(
@@ -268,7 +242,8 @@ pub(crate) fn run(
     ready: Sender<Result<(), crate::ServerError>>,
 ) -> io::Result<()> {
     if cfg.pin_threads {
-        pin_to_core(index);
+        // Best effort: a thread that cannot be pinned still serves.
+        let _ = cnse_ring::pin_current_thread(index);
     }
     // Built on its own thread: backends may hold thread-bound resources
     // (a GPU context, a ring-driven connection pool).
@@ -289,7 +264,11 @@ pub(crate) fn run(
     let _ = ready.send(Ok(()));
     drop(ready);
     let result = worker.run();
-    worker.core.teardown(&worker.bufs);
+    if !worker.core.teardown(&worker.bufs) {
+        // The kernel still holds ops that point into the worker's buffers:
+        // leak them rather than free memory it may write into.
+        std::mem::forget(worker);
+    }
     result
 }
 
@@ -303,18 +282,14 @@ impl Worker {
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
         let entries = 4096u32;
-        // One thread submits and reaps (single issuer); completion task work
-        // runs only when this thread waits (defer taskrun), so the kernel
-        // does not interrupt the loop to post completions.
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 4)
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_submit_all()
-            .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
+        let ring = Ring::new(RingConfig {
+            entries,
+            cq_factor: 4,
+            single_issuer: true,
+        })
+        .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
         let now = Instant::now();
-        let conns_max = cfg.conns_per_thread_max.min((1 << SLOT_BITS) - 1);
+        let conns_max = cfg.conns_per_thread_max.min(cnse_ring::SLOT_MAX as usize);
         let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
         let conn_free = (0..conns_max as u32).rev().collect();
         let streams = (0..cfg.streams_per_thread_max)
@@ -325,6 +300,7 @@ impl Worker {
             max_tokens_limit: cfg.max_tokens_limit,
         };
         let queue = BinaryHeap::with_capacity(cfg.admission_queue_max);
+        let cfg_auth = cfg.auth_key.as_deref().map(AuthKey::new);
         let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
         let core = Core {
             ring,
@@ -350,6 +326,7 @@ impl Worker {
             queue,
             queue_order: 0,
             limits,
+            auth: cfg_auth,
             listener: Some(listener),
             accept_armed: false,
             wake_fd,
@@ -370,16 +347,11 @@ impl Worker {
         loop {
             self.core.wait()?;
             self.core.tables.now = Instant::now();
-            self.core.cqes.clear();
-            for cqe in self.core.ring.completion() {
-                self.core.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
-            }
             for i in 0..self.core.cqes.len() {
-                let (user_data, result, flags) = self.core.cqes[i];
-                let (op, slot, gen) = ud_split(user_data);
-                match op {
-                    OP_RECV => self.on_recv(slot, gen, result, flags),
-                    _ => self.core.dispatch(user_data, result, flags),
+                let c = self.core.cqes[i];
+                match Op::from_code(c.tag.kind()) {
+                    Some(Op::Recv) => self.on_recv(c.tag.slot_index(), c.tag.gen(), c.result, c.flags),
+                    _ => self.core.dispatch(c),
                 }
             }
             self.core.poll_backend();
@@ -399,8 +371,8 @@ impl Worker {
     }
 
     fn on_recv(&mut self, slot: u32, gen: u32, result: i32, flags: u32) {
-        let more = cqueue::more(flags);
-        let bid = cqueue::buffer_select(flags);
+        let more = cnse_ring::cqueue::more(flags);
+        let bid = cnse_ring::cqueue::buffer_select(flags);
         if result > 0 {
             let bid = bid.expect("a successful buffer-select recv names its buffer");
             // Handled in place, then the buffer goes straight back to the
@@ -525,10 +497,9 @@ impl Core {
 
     fn arm_accept(&mut self) {
         if let Some(l) = &self.listener {
-            let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
-                .build()
-                .user_data(ud(OP_ACCEPT, 0, 0));
-            push_sqe(&mut self.ring, &e);
+            let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
+            // SAFETY: the listener stays open until teardown has drained.
+            unsafe { push(&mut self.ring, e, tag(Op::Accept, 0, 0)) };
             self.accept_armed = true;
         }
     }
@@ -539,9 +510,10 @@ impl Core {
             (&mut *self.wake_buf as *mut u64).cast(),
             8,
         )
-        .build()
-        .user_data(ud(OP_WAKE, 0, 0));
-        push_sqe(&mut self.ring, &e);
+        .build();
+        // SAFETY: wake_buf is boxed (it does not move) and the eventfd stays
+        // open until teardown has drained.
+        unsafe { push(&mut self.ring, e, tag(Op::Wake, 0, 0)) };
     }
 
     fn arm_recv(&mut self, slot: u32) {
@@ -550,69 +522,54 @@ impl Core {
             return;
         }
         c.recv_armed = true;
-        let e = opcode::RecvMulti::new(types::Fd(c.fd), BGID)
-            .build()
-            .user_data(ud(OP_RECV, slot, c.gen));
-        push_sqe(&mut self.ring, &e);
+        let e = opcode::RecvMulti::new(types::Fd(c.fd), BGID).build();
+        let t = tag(Op::Recv, slot, c.gen);
+        // SAFETY: the buffers are the ring's provided buffers; the fd is
+        // closed only once the connection has no op in flight.
+        unsafe { push(&mut self.ring, e, t) };
     }
 
+    /// Waits for completions until the sweep or the backend's next
+    /// deadline; a turn that is already due still runs the kernel's
+    /// deferred task work, so receives keep coming while the backend is busy.
     fn wait(&mut self) -> io::Result<()> {
-        if !self.ring.completion().is_empty() {
-            self.ring.submit()?;
-            return Ok(());
-        }
         let now = Instant::now();
         let mut until = self.next_sweep;
         if let Some(d) = self.backend_deadline {
             until = until.min(d);
         }
-        let timeout = until.saturating_duration_since(now);
-        if timeout.is_zero() {
-            self.ring.submit()?;
-            return Ok(());
-        }
-        let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.cqes.clear();
+        self.ring
+            .turn(Some(until.saturating_duration_since(now)), &mut self.cqes)
+            .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
     }
 
-    fn dispatch(&mut self, user_data: u64, result: i32, flags: u32) {
-        let (op, slot, gen) = ud_split(user_data);
-        match op {
-            OP_ACCEPT => self.on_accept(result, flags),
-            OP_SEND => self.on_send(slot, gen, result),
-            OP_RECV => unreachable!("the worker handles receive completions (they carry its buffers)"),
-            OP_WAKE => {
+    fn dispatch(&mut self, c: Completion) {
+        let (slot, gen) = (c.tag.slot_index(), c.tag.gen());
+        match Op::from_code(c.tag.kind()) {
+            Some(Op::Accept) => self.on_accept(c.result, c.flags),
+            Some(Op::Send) => self.on_send(slot, gen, c.result),
+            Some(Op::Recv) => unreachable!("the worker handles receive completions (they carry its buffers)"),
+            Some(Op::Wake) => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
                     self.arm_wake();
                 }
             }
-            OP_BACKEND => {
+            Some(Op::Backend) => {
                 let mut io = RingIo {
                     ring: &mut self.ring,
                     now: self.tables.now,
                 };
                 self.backend
-                    .complete(user_data & TAG_MASK, result, flags, &mut io, &mut self.tables);
+                    .complete(c.tag.wide_value(), c.result, c.flags, &mut io, &mut self.tables);
             }
-            OP_CANCEL => {}
-            _ => unreachable!("user_data {user_data:#x} was not built by this worker"),
+            Some(Op::Cancel) => {}
+            None => unreachable!("tag {:#x} was not built by this worker", c.tag.raw()),
         }
     }
 
     fn on_accept(&mut self, result: i32, flags: u32) {
-        if !cqueue::more(flags) {
+        if !cnse_ring::cqueue::more(flags) {
             self.accept_armed = false;
         }
         if result >= 0 {
@@ -656,10 +613,10 @@ impl Core {
         let c = &mut self.tables.conns[slot as usize];
         if c.backlog.len() >= BACKLOG_BYTES_MAX && c.recv_armed && !c.recv_cancelling {
             c.recv_cancelling = true;
-            let e = opcode::AsyncCancel::new(ud(OP_RECV, slot, c.gen))
-                .build()
-                .user_data(ud(OP_CANCEL, slot, c.gen));
-            push_sqe(&mut self.ring, &e);
+            let e = opcode::AsyncCancel::new(tag(Op::Recv, slot, c.gen).raw()).build();
+            let t = tag(Op::Cancel, slot, c.gen);
+            // SAFETY: a cancel points at no memory.
+            unsafe { push(&mut self.ring, e, t) };
         }
     }
 
@@ -669,8 +626,8 @@ impl Core {
         let state = self.tables.conns[slot as usize].state;
         match (state, kind) {
             (ConnState::Handshake, Kind::Hello) => {
-                let authorized = match &self.tables.cfg.auth_key {
-                    Some(key) => constant_time_eq(key, payload),
+                let authorized = match &self.auth {
+                    Some(key) => key.verify(payload),
                     None => true,
                 };
                 if !authorized {
@@ -919,9 +876,11 @@ impl Core {
         c.send_inflight = true;
         let e = opcode::Send::new(types::Fd(c.fd), rest.as_ptr(), rest.len() as u32)
             .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud(OP_SEND, slot, c.gen));
-        push_sqe(&mut self.ring, &e);
+            .build();
+        let t = tag(Op::Send, slot, c.gen);
+        // SAFETY: out_flight is not touched while the send is in flight
+        // (send_inflight); the fd is closed only once no op is in flight.
+        unsafe { push(&mut self.ring, e, t) };
     }
 
     fn poll_backend(&mut self) {
@@ -1074,10 +1033,9 @@ impl Core {
             }
             self.shutting_down = Some(self.tables.now + self.cfg().shutdown_grace);
             if self.accept_armed {
-                let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
-                    .build()
-                    .user_data(ud(OP_CANCEL, 0, 0));
-                push_sqe(&mut self.ring, &e);
+                let e = opcode::AsyncCancel::new(tag(Op::Accept, 0, 0).raw()).build();
+                // SAFETY: a cancel points at no memory.
+                unsafe { push(&mut self.ring, e, tag(Op::Cancel, 0, 0)) };
             }
             // Queued work will not start: tell its clients now.
             while let Some(q) = self.queue.pop() {
@@ -1132,29 +1090,32 @@ impl Core {
         c.rejected.store(t.rejected, Ordering::Relaxed);
     }
 
-    fn teardown(&mut self, bufs: &BufRing) {
+    /// Cancels and drains every op in flight, then closes descriptors and
+    /// unregisters the receive buffers: nothing is freed while the kernel
+    /// may still write into it.
+    fn teardown(&mut self, bufs: &BufRing) -> bool {
         self.publish_counters();
+        self.cqes.clear();
+        let left = self.ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);
         for c in &mut self.tables.conns {
             if c.fd >= 0 {
-                // SAFETY: the worker is exiting; after the ring is dropped no
-                // operation refers to these descriptors.
+                // SAFETY: the ring has no op in flight on this descriptor
+                // (drained above); nothing else owns it.
                 unsafe { libc::close(c.fd) };
                 c.fd = -1;
             }
         }
-        bufs.unregister(&self.ring);
         drop(self.listener.take());
+        if left != 0 {
+            eprintln!("worker {}: {left} ring ops still in flight at exit", self.index);
+            return false;
+        }
+        bufs.unregister(&self.ring);
+        true
     }
 }
 
 fn times(s: &Stream, now: Instant) -> (u64, u64) {
     let ttft = s.first_token.map(|f| cnse_backend::micros(f - s.arrived)).unwrap_or(0);
     (ttft, cnse_backend::micros(now - s.arrived))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
