@@ -24,6 +24,26 @@ pub enum ConnState {
 /// client. Kept in the connection's own buffer, never in a ring buffer.
 pub const BACKLOG_BYTES_MAX: usize = 64 * 1024;
 
+/// The connection's receive, as the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvOp {
+    /// No receive submitted.
+    Idle,
+    /// A multishot receive is live.
+    Armed,
+    /// A cancel was submitted; the receive's last completion is due.
+    Cancelling,
+}
+
+/// The connection's send, as the kernel holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    Idle,
+    /// `out_flight[flight_sent..]` is with the kernel: untouched until it
+    /// completes.
+    InFlight,
+}
+
 pub struct Conn {
     pub gen: u32,
     pub fd: libc::c_int,
@@ -34,10 +54,8 @@ pub struct Conn {
     /// Output handed to the kernel; untouched until its send completes.
     pub out_flight: Vec<u8>,
     pub flight_sent: usize,
-    pub send_inflight: bool,
-    pub recv_armed: bool,
-    /// A cancel of the multishot recv was submitted and has not completed.
-    pub recv_cancelling: bool,
+    pub send: SendOp,
+    pub recv: RecvOp,
     /// Input received but not yet processed (output backed up).
     pub backlog: Vec<u8>,
     /// (client stream id, stream slot) of the open streams.
@@ -57,9 +75,8 @@ impl Conn {
             out_fill: Vec::new(),
             out_flight: Vec::new(),
             flight_sent: 0,
-            send_inflight: false,
-            recv_armed: false,
-            recv_cancelling: false,
+            send: SendOp::Idle,
+            recv: RecvOp::Idle,
             backlog: Vec::new(),
             streams: Vec::new(),
             accepted: now,
@@ -70,7 +87,15 @@ impl Conn {
 
     /// Operations the kernel still holds for this connection.
     pub fn ops_in_flight(&self) -> bool {
-        self.send_inflight || self.recv_armed || self.recv_cancelling
+        self.send != SendOp::Idle || self.recv != RecvOp::Idle
+    }
+
+    pub fn conn_ref(&self, slot: u32) -> crate::transport::ConnRef {
+        crate::transport::ConnRef {
+            slot,
+            gen: self.gen,
+            fd: self.fd,
+        }
     }
 
     pub fn reads_input(&self) -> bool {

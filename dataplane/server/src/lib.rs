@@ -17,7 +17,9 @@ use cnse_backend::BackendFactory;
 mod auth;
 mod conn;
 mod listen;
+pub mod session;
 pub mod stream;
+pub mod transport;
 mod worker;
 
 pub use cnse_proto::{MAX_TOKENS_LIMIT_DEFAULT, PAYLOAD_BYTES_MAX_DEFAULT};

@@ -1,0 +1,145 @@
+//! Frames back: for every connection touched this turn, each stream's
+//! queued tokens become one TOKENS frame within its credit (credit counts
+//! tokens), then END or ERROR; a paused backend resumes once its queue
+//! drains to half; one send per connection per turn, from the filling half
+//! of the double-buffered output (the kernel owns the other).
+
+use std::time::Instant;
+
+use cnse_proto::{put_end, put_error, put_tokens};
+
+use super::{work_id, Session};
+use crate::conn::{ConnState, SendOp};
+use crate::stream::{Phase, Stream};
+use crate::transport::Transport;
+
+/// Room kept free in a send buffer for the small frames (ERROR, END) a
+/// frame's handling may append.
+const REPLY_SLACK_BYTES: usize = 512;
+
+/// (time to first token, total) of a stream, in microseconds.
+pub(super) fn times(s: &Stream, now: Instant) -> (u64, u64) {
+    let ttft = s.first_token.map(|f| cnse_backend::micros(f - s.arrived)).unwrap_or(0);
+    (ttft, cnse_backend::micros(now - s.arrived))
+}
+
+impl<T: Transport> Session<T> {
+    pub(super) fn flush_dirty(&mut self) {
+        let mut i = 0;
+        while i < self.tables.dirty.len() {
+            let slot = self.tables.dirty[i];
+            i += 1;
+            self.tables.conns[slot as usize].dirty = false;
+            self.flush_conn(slot);
+        }
+        self.tables.dirty.clear();
+    }
+
+    pub(super) fn flush_conn(&mut self, slot: u32) {
+        let c = &self.tables.conns[slot as usize];
+        let idle = c.send == SendOp::Idle;
+        match c.state {
+            ConnState::Open => {}
+            ConnState::Draining { .. } => {
+                if idle {
+                    if c.out_fill.is_empty() && c.flight_sent >= c.out_flight.len() {
+                        self.close_conn(slot);
+                    } else {
+                        self.submit_send(slot);
+                    }
+                }
+                return;
+            }
+            ConnState::Handshake => {
+                if idle {
+                    self.submit_send(slot);
+                }
+                return;
+            }
+            ConnState::Free | ConnState::Closing => return,
+        }
+        let mut k = 0;
+        while k < self.tables.conns[slot as usize].streams.len() {
+            if self.flush_stream(slot, k) {
+                k += 1;
+            }
+        }
+        if self.tables.conns[slot as usize].send == SendOp::Idle {
+            self.submit_send(slot);
+        }
+    }
+
+    /// Frames stream `k` of connection `slot`; false when it ended (and was
+    /// removed from the connection's list).
+    fn flush_stream(&mut self, slot: u32, k: usize) -> bool {
+        let t = &mut self.tables;
+        let now = t.now;
+        let soft = t.cfg.send_buffer_bytes;
+        let (low_tokens, low_bytes) = (
+            t.cfg.stream_buffered_tokens_max / 2,
+            t.cfg.stream_buffered_bytes_max / 2,
+        );
+        let (client_id, sslot) = t.conns[slot as usize].streams[k];
+        let (streams, conns) = (&mut t.streams, &mut t.conns);
+        let s = &mut streams[sslot as usize];
+        let out = &mut conns[slot as usize].out_fill;
+        if s.phase != Phase::Failed && s.queue.tokens() > 0 && s.credit.available() > 0 {
+            let room = soft.saturating_sub(out.len() + REPLY_SLACK_BYTES);
+            if room > 0 || out.is_empty() {
+                let (n, text) = s.queue.take(s.credit.available(), room);
+                put_tokens(out, client_id, n, s.sent, text);
+                s.sent += u64::from(n);
+                s.credit.spend(u64::from(n));
+                if s.first_token.is_none() {
+                    s.first_token = Some(now);
+                }
+                t.n.tokens_sent += u64::from(n);
+                t.n.frames_out += 1;
+            }
+        }
+        let done = match s.phase {
+            Phase::Finished(reason) if s.queue.tokens() == 0 => {
+                let (ttft, total) = times(s, now);
+                put_end(out, client_id, reason, s.sent, ttft, total);
+                true
+            }
+            Phase::Failed => {
+                put_error(out, client_id, s.error_code, &s.error_message);
+                true
+            }
+            _ => false,
+        };
+        if done {
+            t.n.frames_out += 1;
+            t.conns[slot as usize].streams.swap_remove(k);
+            t.free_stream(sslot);
+            return false;
+        }
+        if s.paused && s.phase == Phase::Running && s.queue.tokens() <= low_tokens && s.queue.bytes() <= low_bytes {
+            s.paused = false;
+            let id = work_id(sslot, s.gen);
+            self.backend.resume(id, &mut self.io);
+        }
+        true
+    }
+
+    /// Hands the connection's pending output to the transport: the rest of
+    /// the in-flight half, else the filled half (swapped in).
+    pub(super) fn submit_send(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        debug_assert_eq!(c.send, SendOp::Idle);
+        if c.flight_sent >= c.out_flight.len() {
+            if c.out_fill.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut c.out_fill, &mut c.out_flight);
+            c.flight_sent = 0;
+        }
+        c.send = SendOp::InFlight;
+        let r = c.conn_ref(slot);
+        // SAFETY: out_flight is not touched while the send is in flight
+        // (SendOp::InFlight until `on_send_done`), and the connection slot
+        // is not released before it completes.
+        unsafe { self.io.send(r, &c.out_flight[c.flight_sent..]) };
+    }
+}

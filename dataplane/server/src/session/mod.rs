@@ -1,0 +1,396 @@
+//! The session layer: frames in, frames and backend calls out. It holds the
+//! connection and stream tables, the admission queue and the backend, and
+//! no io_uring: what it needs from sockets goes through a [`Transport`],
+//! and the I/O layer (the worker's ring, or the simulator) feeds it events
+//! through the `on_*` entry points. One loop turn is:
+//!
+//! `begin_turn(now)` → events (`on_accept`, `on_input`, `on_recv_done`,
+//! `on_send_done`, `on_backend`) → `end_turn()` (backend poll, admission,
+//! one send per touched connection, timeouts) → `shutdown_step` when asked.
+//!
+//! Stages, in the order a REQUEST meets them (docs/REQUEST_FLOW.md):
+//! handshake (`frames.rs`: HELLO, the key), request checks (`frames.rs`:
+//! stream id, parameters, shutdown, limits), scheduling (`schedule.rs`:
+//! run now or queue by priority, 429 past the bound), the backend
+//! (`Backend::start`/`poll`, tokens through the `Sink` into the stream's
+//! bounded queue), credit and frames back (`flush.rs`), cancel and
+//! disconnect (`frames.rs`, `close_conn`), timeouts (`sweep`).
+
+use std::collections::BinaryHeap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnse_backend::Backend;
+use cnse_proto::{code, ParamLimits};
+
+use crate::auth::AuthKey;
+use crate::conn::{ConnState, RecvOp, SendOp, BACKLOG_BYTES_MAX};
+use crate::stream::Phase;
+use crate::transport::Transport;
+use crate::Config;
+
+mod flush;
+mod frames;
+mod schedule;
+mod tables;
+
+pub use tables::Counters;
+pub(crate) use tables::{work_id, Queued, Tables};
+
+/// How often timeouts are checked.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a connection that is being closed for a violation (or at
+/// shutdown) gets to send what it has.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct Session<T: Transport> {
+    pub(crate) io: T,
+    pub(crate) tables: Tables,
+    backend: Box<dyn Backend>,
+    queue: BinaryHeap<Queued>,
+    queue_order: u64,
+    limits: ParamLimits,
+    auth: Option<AuthKey>,
+    next_sweep: Instant,
+    shutting_down: Option<Instant>,
+    backend_deadline: Option<Instant>,
+}
+
+impl<T: Transport> Session<T> {
+    /// A session with `conns_max` connection slots (at most
+    /// `cnse_ring::SLOT_MAX`: slots travel in ring tags).
+    pub fn new(cfg: Arc<Config>, backend: Box<dyn Backend>, io: T, now: Instant, conns_max: usize) -> Self {
+        assert!(cnse_ring::Tag::check_slots(conns_max), "connection table above the tag's slot bits");
+        let limits = ParamLimits {
+            max_tokens_limit: cfg.max_tokens_limit,
+        };
+        let queue = BinaryHeap::with_capacity(cfg.admission_queue_max);
+        let auth = cfg.auth_key.as_deref().map(AuthKey::new);
+        Session {
+            io,
+            tables: Tables::new(cfg, now, conns_max),
+            backend,
+            queue,
+            queue_order: 0,
+            limits,
+            auth,
+            next_sweep: now + SWEEP_INTERVAL,
+            shutting_down: None,
+            backend_deadline: None,
+        }
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.tables.cfg
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.tables.n
+    }
+
+    /// Work the backend holds (started, not ended or cancelled).
+    pub fn backend_active(&self) -> u64 {
+        self.backend.stats().active
+    }
+
+    /// Free connection and stream slots (for invariant checks).
+    pub fn free_slots(&self) -> (usize, usize) {
+        (self.tables.conn_free.len(), self.tables.streams.len() - self.tables.n.streams_open as usize)
+    }
+
+    pub fn admission_queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.is_some()
+    }
+
+    /// When the session wants its next turn at the latest.
+    pub fn next_deadline(&self) -> Instant {
+        match self.backend_deadline {
+            Some(d) => d.min(self.next_sweep),
+            None => self.next_sweep,
+        }
+    }
+
+    pub fn begin_turn(&mut self, now: Instant) {
+        self.tables.now = now;
+    }
+
+    pub fn now(&self) -> Instant {
+        self.tables.now
+    }
+
+    /// A new connection on `fd`: takes a slot and starts receiving, or
+    /// refuses (table full, shutting down) by closing it. Returns the slot.
+    pub fn on_accept(&mut self, fd: RawFd) -> Option<u32> {
+        self.tables.n.accepted += 1;
+        let slot = if self.shutting_down.is_none() {
+            self.tables.conn_free.pop()
+        } else {
+            None
+        };
+        let Some(slot) = slot else {
+            self.io.close(fd);
+            self.tables.n.rejected += 1;
+            return None;
+        };
+        let now = self.tables.now;
+        let c = &mut self.tables.conns[slot as usize];
+        debug_assert_eq!(c.state, ConnState::Free);
+        c.fd = fd;
+        c.state = ConnState::Handshake;
+        c.decoder.reset();
+        c.out_fill.clear();
+        c.out_flight.clear();
+        c.flight_sent = 0;
+        c.backlog.clear();
+        c.streams.clear();
+        c.accepted = now;
+        c.last_input = now;
+        self.tables.n.conns_open += 1;
+        self.arm_recv(slot);
+        Some(slot)
+    }
+
+    /// Bytes received on a connection: frames are handled in place; what
+    /// cannot be handled now (output backed up) goes to the bounded backlog.
+    pub fn on_input(&mut self, slot: u32, gen: u32, data: &[u8]) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.gen != gen || !c.reads_input() {
+            return;
+        }
+        c.last_input = self.tables.now;
+        if c.backlog.is_empty() {
+            let consumed = self.consume(slot, data);
+            let c = &mut self.tables.conns[slot as usize];
+            if consumed < data.len() && c.reads_input() {
+                c.backlog.extend_from_slice(&data[consumed..]);
+            }
+        } else {
+            // Order: what waits in the backlog comes first.
+            c.backlog.extend_from_slice(data);
+        }
+        self.maybe_cancel_recv(slot);
+    }
+
+    /// A receive completion without data: `result` is 0 (EOF) or a negative
+    /// errno; `more` says the multishot receive goes on.
+    pub fn on_recv_done(&mut self, slot: u32, gen: u32, result: i32, more: bool) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.gen != gen || c.state == ConnState::Free {
+            return;
+        }
+        if !more {
+            c.recv = RecvOp::Idle;
+        }
+        if result == 0 || (result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED) {
+            // EOF or a receive error: the connection is over.
+            return self.close_conn(slot);
+        }
+        if self.tables.conns[slot as usize].state == ConnState::Closing {
+            self.maybe_release(slot);
+        } else if !more {
+            // Multishot ended (ENOBUFS, cancel, or the kernel's choice):
+            // re-arm unless the backlog is holding input back.
+            self.arm_recv(slot);
+        }
+    }
+
+    /// The send of `slot` completed with `result` bytes or a negative errno.
+    pub fn on_send_done(&mut self, slot: u32, gen: u32, result: i32) {
+        let c = &mut self.tables.conns[slot as usize];
+        assert_eq!(c.gen, gen, "a slot is never reused while its send is in flight");
+        debug_assert_eq!(c.send, SendOp::InFlight);
+        c.send = SendOp::Idle;
+        if c.state == ConnState::Closing {
+            self.maybe_release(slot);
+            return;
+        }
+        if result < 0 {
+            self.close_conn(slot);
+            return;
+        }
+        c.flight_sent += result as usize;
+        if c.flight_sent < c.out_flight.len() {
+            self.submit_send(slot);
+            return;
+        }
+        c.out_flight.clear();
+        c.flight_sent = 0;
+        self.resume_input(slot);
+        self.tables.mark_dirty(slot);
+    }
+
+    /// A completion of an op the backend submitted through `Io::submit`.
+    pub fn on_backend(&mut self, tag: u64, result: i32, flags: u32) {
+        self.backend.complete(tag, result, flags, &mut self.io, &mut self.tables);
+    }
+
+    /// The end of a turn: the backend runs, queued work is admitted, every
+    /// touched connection gets one send, and timeouts are checked when due.
+    pub fn end_turn(&mut self) {
+        self.backend_deadline = self.backend.poll(&mut self.io, &mut self.tables);
+        self.admit();
+        self.flush_dirty();
+        if self.tables.now >= self.next_sweep {
+            self.sweep();
+            self.next_sweep = self.tables.now + SWEEP_INTERVAL;
+        }
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.recv != RecvOp::Idle || !c.reads_input() || !c.backlog.is_empty() {
+            return;
+        }
+        c.recv = RecvOp::Armed;
+        let r = c.conn_ref(slot);
+        self.io.recv(r);
+    }
+
+    fn maybe_cancel_recv(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.backlog.len() >= BACKLOG_BYTES_MAX && c.recv == RecvOp::Armed {
+            c.recv = RecvOp::Cancelling;
+            let r = c.conn_ref(slot);
+            self.io.cancel_recv(r);
+        }
+    }
+
+    /// Output drained: handle the backlog, then receive again.
+    fn resume_input(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if !c.backlog.is_empty() {
+            if !c.reads_input() {
+                c.backlog.clear();
+                return;
+            }
+            // Taken out while it is parsed; its capacity is kept.
+            let mut backlog = std::mem::take(&mut c.backlog);
+            let consumed = self.consume(slot, &backlog);
+            backlog.drain(..consumed);
+            let c = &mut self.tables.conns[slot as usize];
+            if c.reads_input() {
+                c.backlog = backlog;
+            }
+        }
+        self.arm_recv(slot);
+    }
+
+    /// Peer closed, error, or timeout: cancel the streams silently and shut
+    /// the socket; the slot is released once the kernel returns our ops.
+    pub(crate) fn close_conn(&mut self, slot: u32) {
+        match self.tables.conns[slot as usize].state {
+            ConnState::Free => return,
+            // Already shut: an op of ours just came back; maybe it was the last.
+            ConnState::Closing => return self.maybe_release(slot),
+            _ => {}
+        }
+        self.drop_streams(slot);
+        let c = &mut self.tables.conns[slot as usize];
+        c.backlog.clear();
+        c.state = ConnState::Closing;
+        let fd = c.fd;
+        self.io.shutdown(fd);
+        self.maybe_release(slot);
+    }
+
+    fn maybe_release(&mut self, slot: u32) {
+        let c = &mut self.tables.conns[slot as usize];
+        if c.state != ConnState::Closing || c.ops_in_flight() {
+            return;
+        }
+        let fd = c.fd;
+        c.fd = -1;
+        c.gen = c.gen.wrapping_add(1);
+        c.state = ConnState::Free;
+        c.out_fill.clear();
+        c.out_flight.clear();
+        c.decoder.reset();
+        self.io.close(fd);
+        self.tables.conn_free.push(slot);
+        self.tables.n.conns_open -= 1;
+    }
+
+    /// Timeouts: handshake, idle, draining.
+    fn sweep(&mut self) {
+        let now = self.tables.now;
+        let (handshake, idle) = (self.cfg().handshake_timeout, self.cfg().idle_timeout);
+        for slot in 0..self.tables.conns.len() as u32 {
+            let c = &self.tables.conns[slot as usize];
+            match c.state {
+                ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
+                    self.violate(slot, code::BAD_REQUEST, "no HELLO within the handshake timeout");
+                }
+                ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
+                    self.close_conn(slot)
+                }
+                ConnState::Draining { deadline } if now >= deadline => self.close_conn(slot),
+                _ => {}
+            }
+        }
+        self.flush_dirty();
+    }
+
+    /// Drives shutdown once `requested`; true when every connection is gone
+    /// (or the hard limit passed) and the worker may exit.
+    pub fn shutdown_step(&mut self, requested: bool) -> bool {
+        if self.shutting_down.is_none() {
+            if !requested {
+                return false;
+            }
+            self.shutting_down = Some(self.tables.now + self.cfg().shutdown_grace);
+            // Queued work will not start: tell its clients now.
+            while let Some(q) = self.queue.pop() {
+                let s = &self.tables.streams[q.slot as usize];
+                if s.gen == q.gen && s.phase == Phase::Queued {
+                    self.tables.fail(q.slot, code::SHUTTING_DOWN, "server shutting down");
+                }
+            }
+            self.flush_dirty();
+        }
+        let deadline = self.shutting_down.expect("set above");
+        let now = self.tables.now;
+        if self.tables.n.streams_open == 0 || now >= deadline {
+            for slot in 0..self.tables.conns.len() as u32 {
+                if !matches!(self.tables.conns[slot as usize].state, ConnState::Open | ConnState::Handshake) {
+                    continue;
+                }
+                while let Some(&(_, sslot)) = self.tables.conns[slot as usize]
+                    .streams
+                    .iter()
+                    .find(|&&(_, s)| self.tables.streams[s as usize].phase != Phase::Failed)
+                {
+                    self.stop_stream(sslot);
+                    self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
+                }
+                self.flush_conn(slot);
+                let c = &mut self.tables.conns[slot as usize];
+                c.state = ConnState::Draining {
+                    deadline: now + DRAIN_TIMEOUT,
+                };
+                self.tables.mark_dirty(slot);
+            }
+            self.flush_dirty();
+        }
+        if self.tables.n.conns_open == 0 {
+            return true;
+        }
+        // Hard stop: nothing may keep the process from exiting.
+        now >= deadline + DRAIN_TIMEOUT * 2
+    }
+
+    /// Closes every descriptor the session still holds (the I/O layer has
+    /// drained its ops first).
+    pub fn close_all(&mut self) {
+        for c in &mut self.tables.conns {
+            if c.fd >= 0 {
+                self.io.close(c.fd);
+                c.fd = -1;
+            }
+        }
+    }
+}

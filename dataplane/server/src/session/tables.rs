@@ -1,0 +1,143 @@
+//! Connections, streams and what must be flushed: everything the backend's
+//! sink touches, split from the backend itself so both can be borrowed at
+//! once. Every table is preallocated and bounded by a `Config` limit.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cnse_backend::{Delivery, FinishReason, Sink, WorkId};
+
+use crate::conn::Conn;
+use crate::stream::{Phase, Stream};
+use crate::Config;
+
+/// A request waiting for backend capacity, ordered by priority then arrival.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Queued {
+    pub priority: u32,
+    /// Earlier arrivals first within a priority.
+    pub order: std::cmp::Reverse<u64>,
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// Counters of one worker's session.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub streams_open: u64,
+    pub conns_open: u64,
+    pub tokens_sent: u64,
+    pub frames_out: u64,
+    pub frames_in: u64,
+    pub requests: u64,
+    pub violations: u64,
+    pub rejected: u64,
+    pub accepted: u64,
+}
+
+pub(crate) struct Tables {
+    pub cfg: Arc<Config>,
+    pub now: Instant,
+    pub conns: Vec<Conn>,
+    pub conn_free: Vec<u32>,
+    pub streams: Vec<Stream>,
+    pub stream_free: Vec<u32>,
+    pub dirty: Vec<u32>,
+    pub n: Counters,
+}
+
+pub(crate) fn work_id(slot: u32, gen: u32) -> WorkId {
+    WorkId((u64::from(gen) << 32) | u64::from(slot))
+}
+
+impl Tables {
+    pub fn new(cfg: Arc<Config>, now: Instant, conns_max: usize) -> Tables {
+        let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
+        let conn_free = (0..conns_max as u32).rev().collect();
+        let streams = (0..cfg.streams_per_thread_max).map(|_| Stream::new(now, 0, 0)).collect();
+        let stream_free = (0..cfg.streams_per_thread_max as u32).rev().collect();
+        Tables {
+            cfg,
+            now,
+            conns,
+            conn_free,
+            streams,
+            stream_free,
+            dirty: Vec::with_capacity(1024),
+            n: Counters::default(),
+        }
+    }
+
+    pub fn mark_dirty(&mut self, conn: u32) {
+        let c = &mut self.conns[conn as usize];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    fn live_stream(&mut self, id: WorkId) -> Option<&mut Stream> {
+        let slot = (id.0 & 0xffff_ffff) as usize;
+        let gen = (id.0 >> 32) as u32;
+        let s = self.streams.get_mut(slot)?;
+        (s.gen == gen && s.phase == Phase::Running).then_some(s)
+    }
+
+    /// Ends a stream with ERROR `code` at the next flush (tokens not yet
+    /// sent are dropped).
+    pub fn fail(&mut self, slot: u32, code: u32, message: &str) {
+        let s = &mut self.streams[slot as usize];
+        s.phase = Phase::Failed;
+        s.error_code = code;
+        s.error_message.clear();
+        s.error_message.push_str(message);
+        let conn = s.conn;
+        self.mark_dirty(conn);
+    }
+
+    pub fn free_stream(&mut self, slot: u32) {
+        let s = &mut self.streams[slot as usize];
+        debug_assert!(s.phase != Phase::Free);
+        s.phase = Phase::Free;
+        s.gen = s.gen.wrapping_add(1);
+        s.queue.clear();
+        s.paused = false;
+        self.stream_free.push(slot);
+        self.n.streams_open -= 1;
+    }
+}
+
+impl Sink for Tables {
+    fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
+        let (tokens_max, bytes_max) = (self.cfg.stream_buffered_tokens_max, self.cfg.stream_buffered_bytes_max);
+        let Some(s) = self.live_stream(id) else {
+            return Delivery::Gone;
+        };
+        s.queue.push(text);
+        let full = s.queue.tokens() >= tokens_max || s.queue.bytes() >= bytes_max;
+        if full {
+            s.paused = true;
+        }
+        let conn = s.conn;
+        self.mark_dirty(conn);
+        if full {
+            Delivery::Pause
+        } else {
+            Delivery::Accepted
+        }
+    }
+
+    fn end(&mut self, id: WorkId, reason: FinishReason) {
+        if let Some(s) = self.live_stream(id) {
+            s.phase = Phase::Finished(reason);
+            let conn = s.conn;
+            self.mark_dirty(conn);
+        }
+    }
+
+    fn error(&mut self, id: WorkId, code: u32, message: &str) {
+        if self.live_stream(id).is_some() {
+            self.fail((id.0 & 0xffff_ffff) as u32, code, message);
+        }
+    }
+}
