@@ -12,6 +12,7 @@ mod demo;
 mod gpu;
 mod gpu_picker;
 mod serve;
+mod sim;
 mod store;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Store(store::Args),
     /// GPU path: device info, verified model loads.
     Gpu(gpu::Args),
+    /// Deterministic simulation of the session layer (replay a seed, or run many).
+    Sim(sim::Args),
 }
 
 #[global_allocator]
@@ -49,6 +52,7 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),
+        Command::Sim(a) => sim::run(a),
     };
     if let Err(e) = result {
         eprintln!("cnse-dp: error: {e:#}");

@@ -18,6 +18,7 @@ mod auth;
 mod conn;
 mod listen;
 pub mod session;
+pub mod sim;
 pub mod stream;
 pub mod transport;
 mod worker;
