@@ -67,6 +67,11 @@ pub struct Args {
     pub idle_timeout_ms: u64,
     #[arg(long, default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
+    /// A stream whose tokens cannot reach the client (no credit, or the
+    /// client does not read) for this long ends with ERROR 504 and frees
+    /// its backend slot.
+    #[arg(long, default_value_t = 30_000)]
+    pub stream_stall_timeout_ms: u64,
     /// Synthetic backend: time to first token.
     #[arg(long, default_value_t = 20_000)]
     pub synthetic_ttft_us: u64,
@@ -170,6 +175,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         admission_queue_max: a.admission_queue_max,
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        stream_stall_timeout: Duration::from_millis(a.stream_stall_timeout_ms),
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
         auth_key,
         ..Config::default()

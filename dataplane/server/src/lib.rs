@@ -62,6 +62,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// A connection with no open stream and no input for this long is closed.
     pub idle_timeout: Duration,
+    /// A running stream whose produced tokens cannot reach the client (no
+    /// credit, or the client does not read) for this long ends with ERROR
+    /// 504, and its backend work is freed.
+    pub stream_stall_timeout: Duration,
     /// On shutdown, open streams get this long to finish before ERROR 503.
     pub shutdown_grace: Duration,
     /// Required HELLO token, if any.
@@ -89,6 +93,7 @@ impl Default for Config {
             recv_buffer_bytes: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            stream_stall_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             auth_key: None,
             server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),

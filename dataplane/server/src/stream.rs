@@ -134,6 +134,10 @@ pub struct Stream {
     pub paused: bool,
     pub arrived: Instant,
     pub first_token: Option<Instant>,
+    /// When tokens were last framed for the client (or the stream started):
+    /// a stream whose queued tokens wait past the stall timeout (no credit,
+    /// or a client that does not read) ends with ERROR 504.
+    pub last_progress: Instant,
     pub params: Params,
     /// Owned copy of the prompt while queued (buffer reused across streams).
     pub prompt: String,
@@ -154,6 +158,7 @@ impl Stream {
             paused: false,
             arrived: now,
             first_token: None,
+            last_progress: now,
             params: Params::default(),
             prompt: String::new(),
             error_code: 0,

@@ -93,6 +93,7 @@ impl<T: Transport> Session<T> {
                 if s.first_token.is_none() {
                     s.first_token = Some(now);
                 }
+                s.last_progress = now;
                 t.n.tokens_sent += u64::from(n);
                 t.n.frames_out += 1;
             }

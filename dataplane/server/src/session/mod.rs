@@ -328,11 +328,28 @@ impl<T: Transport> Session<T> {
                 ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
                     self.close_conn(slot)
                 }
+                ConnState::Open => self.end_stalled(slot),
                 ConnState::Draining { deadline } if now >= deadline => self.close_conn(slot),
                 _ => {}
             }
         }
         self.flush_dirty();
+    }
+
+    /// Ends with ERROR 504 every running stream of `slot` whose queued
+    /// tokens have waited past the stall timeout, freeing its backend work.
+    fn end_stalled(&mut self, slot: u32) {
+        let (now, limit) = (self.tables.now, self.tables.cfg.stream_stall_timeout);
+        let mut k = 0;
+        while k < self.tables.conns[slot as usize].streams.len() {
+            let sslot = self.tables.conns[slot as usize].streams[k].1;
+            k += 1;
+            let s = &self.tables.streams[sslot as usize];
+            if s.phase == Phase::Running && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
+                self.stop_stream(sslot);
+                self.tables.fail(sslot, code::BACKEND_TIMEOUT, "stream stalled: its tokens could not be sent (no credit, or the client does not read)");
+            }
+        }
     }
 
     /// Drives shutdown once `requested`; true when every connection is gone

@@ -36,6 +36,7 @@ impl<T: Transport> Session<T> {
         s.sent = 0;
         s.paused = false;
         s.arrived = t.now;
+        s.last_progress = t.now;
         s.first_token = None;
         s.params = a.req.params;
         s.prompt.clear();

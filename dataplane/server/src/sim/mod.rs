@@ -97,6 +97,7 @@ fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
         handshake_timeout: Duration::from_millis(rng.range(50, 500)),
         idle_timeout: Duration::from_millis(rng.range(500, 5000)),
         shutdown_grace: Duration::from_millis(rng.range(10, 1000)),
+        stream_stall_timeout: Duration::from_millis(rng.range(100, 3000)),
         auth_key: key.clone(),
         ..Config::default()
     };
