@@ -72,6 +72,11 @@ pub struct Args {
     /// its backend slot.
     #[arg(long, default_value_t = 30_000)]
     pub stream_stall_timeout_ms: u64,
+    /// Request-driven memory the process may hold (prompts; connection
+    /// output, backlog and frame staging), split evenly over the worker
+    /// threads. A REQUEST beyond it gets ERROR 429.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_budget_mib: u64,
     /// Synthetic backend: time to first token.
     #[arg(long, default_value_t = 20_000)]
     pub synthetic_ttft_us: u64,
@@ -159,6 +164,9 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         Some(n) => n,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     };
+    if a.memory_budget_mib == 0 {
+        bail!("--memory-budget-mib must be at least 1");
+    }
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
@@ -176,6 +184,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         idle_timeout: Duration::from_millis(a.idle_timeout_ms),
         stream_stall_timeout: Duration::from_millis(a.stream_stall_timeout_ms),
+        memory_budget_bytes: usize::try_from((a.memory_budget_mib << 20) / threads as u64).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
         auth_key,
         ..Config::default()

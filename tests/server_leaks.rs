@@ -151,3 +151,83 @@ fn issue9_a_client_that_does_not_read_has_its_stalled_stream_ended_and_backend_f
         backend_active(&s)
     );
 }
+
+/// (kind, arg) of every frame up to the first END or ERROR.
+fn read_frames_until_end(c: &mut TcpStream) -> Vec<(cnse_proto::Kind, u32)> {
+    use std::io::Read;
+    let mut d = cnse_proto::FrameDecoder::new(cnse_proto::Direction::ToClient, 1 << 20);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = c.read(&mut buf).expect("reading the answer");
+        assert!(n > 0, "closed before END or ERROR: {out:?}");
+        let mut input = &buf[..n];
+        while let Some(f) = d.next(&mut input).unwrap() {
+            out.push((f.kind, f.header.arg()));
+            if matches!(f.kind, cnse_proto::Kind::End | cnse_proto::Kind::Error) {
+                return out;
+            }
+        }
+    }
+}
+
+#[test]
+fn issue9_two_thousand_connections_with_maximum_prompts_stay_within_the_memory_budget() {
+    raise_nofile(8192);
+    let budget_mib = 64u64;
+    let mut args = vec!["--memory-budget-mib", "64", "--max-connections", "4096"];
+    let pace = synthetic(0, 0);
+    args.extend(strs(&pace));
+    let s = Server::start(&args);
+    let baseline_kib = s.rss_kib();
+    // Every connection is left in the middle of a maximum-size REQUEST
+    // (1 MiB payload) before any of them finishes: without a budget the
+    // server would stage 2,000 × 1 MiB.
+    let mut frame = Vec::new();
+    let prompt = vec![b'p'; (1 << 20) - cnse_proto::PARAMS_BYTES];
+    cnse_proto::put_request(&mut frame, 1, 0, &params(4), &prompt);
+    let half = frame.len() / 2;
+    let mut hello = Vec::new();
+    put_hello(&mut hello, b"");
+    let mut conns = Vec::new();
+    let mut peak_kib = baseline_kib;
+    for i in 0..2_000 {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.write_all(&hello).unwrap();
+        c.write_all(&frame[..half]).unwrap();
+        conns.push(c);
+        if i % 100 == 0 {
+            peak_kib = peak_kib.max(s.rss_kib());
+        }
+    }
+    for c in &mut conns {
+        c.write_all(&frame[half..]).unwrap();
+    }
+    peak_kib = peak_kib.max(s.rss_kib());
+    // Each one is answered: served (END) or refused for memory (ERROR 429).
+    let (mut served, mut refused) = (0, 0);
+    for (i, mut c) in conns.into_iter().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let kinds = read_frames_until_end(&mut c);
+        assert_eq!(kinds.first().map(|k| k.0), Some(cnse_proto::Kind::HelloAck));
+        match kinds.last().copied() {
+            Some((cnse_proto::Kind::End, _)) => served += 1,
+            Some((cnse_proto::Kind::Error, cnse_proto::code::OVERLOADED)) => refused += 1,
+            other => panic!("connection {i}: unexpected answer {other:?}"),
+        }
+        if i % 200 == 0 {
+            peak_kib = peak_kib.max(s.rss_kib());
+        }
+    }
+    let grown_mib = peak_kib.saturating_sub(baseline_kib) / 1024;
+    assert!(
+        grown_mib <= budget_mib,
+        "RSS grew by {grown_mib} MiB over a {budget_mib} MiB budget ({served} served, {refused} refused)"
+    );
+    eprintln!("{served} served, {refused} refused, RSS grew {grown_mib} MiB");
+    assert!(served > 0 && refused > 0, "{served} served, {refused} refused");
+    // And it keeps serving.
+    let mut c = s.client();
+    let g = c.generate(1, 0, &params(8), "after the flood", |_, _| {}).unwrap();
+    assert_eq!(g.tokens, 8);
+}

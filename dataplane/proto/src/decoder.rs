@@ -22,12 +22,19 @@ pub struct Frame<'a> {
     pub kind: Kind,
     pub header: &'a Header,
     pub payload: &'a [u8],
+    /// The payload would have needed more staging than the limit allowed
+    /// (`set_staging_limit`): it was discarded as it arrived and `payload`
+    /// is empty. The receiver answers the frame without its payload (for
+    /// example ERROR 429 on a REQUEST).
+    pub skipped: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum State {
     Header,
     Payload { kind: Kind, need: usize },
+    /// Discarding a payload that the staging limit did not allow.
+    Skip { kind: Kind, left: usize },
     Failed(Violation),
 }
 
@@ -50,6 +57,9 @@ pub struct FrameDecoder {
     /// The last frame returned borrowed the staging area; clear it on the
     /// next call (the borrow has ended by then).
     release: bool,
+    /// Most payload bytes one frame may stage (frames that arrive whole
+    /// are never staged).
+    staging_limit: usize,
 }
 
 impl FrameDecoder {
@@ -62,6 +72,23 @@ impl FrameDecoder {
             payload: Vec::new(),
             state: State::Header,
             release: false,
+            staging_limit: usize::MAX,
+        }
+    }
+
+    /// Payload bytes a frame split across inputs may stage from now on;
+    /// a frame that would need more is skipped (see `Frame::skipped`).
+    pub fn set_staging_limit(&mut self, bytes: usize) {
+        self.staging_limit = bytes;
+    }
+
+    /// Gives back staging capacity above `keep` bytes between frames (a
+    /// 1 MiB prompt should not pin 1 MiB per connection for good).
+    pub fn shrink_staging(&mut self, keep: usize) {
+        if !self.mid_frame() && self.payload.capacity() > keep {
+            self.payload = Vec::new();
+            self.release = false;
+            self.staged = 0;
         }
     }
 
@@ -76,7 +103,7 @@ impl FrameDecoder {
 
     /// True when bytes of an unfinished frame are held.
     pub fn mid_frame(&self) -> bool {
-        !self.release && (self.staged > 0 || matches!(self.state, State::Payload { .. }))
+        !self.release && (self.staged > 0 || matches!(self.state, State::Payload { .. } | State::Skip { .. }))
     }
 
     /// Bytes of payload staging currently reserved (for bounds tests).
@@ -113,6 +140,7 @@ impl FrameDecoder {
                         kind,
                         header: h,
                         payload: &whole[HEADER_BYTES..end],
+                        skipped: false,
                     }));
                 }
                 self.stage.copy_from_slice(&whole[..HEADER_BYTES]);
@@ -140,10 +168,27 @@ impl FrameDecoder {
                         kind,
                         header: Header::from_array(&self.stage),
                         payload: &whole[..need],
+                        skipped: false,
                     }));
                 }
                 self.begin_payload(kind, need);
             }
+        }
+        if let State::Skip { kind, left } = self.state {
+            let take = left.min(input.len());
+            *input = &input[take..];
+            if take < left {
+                self.state = State::Skip { kind, left: left - take };
+                return Ok(None);
+            }
+            self.state = State::Header;
+            self.release = true;
+            return Ok(Some(Frame {
+                kind,
+                header: Header::from_array(&self.stage),
+                payload: &[],
+                skipped: true,
+            }));
         }
         let State::Payload { kind, need } = self.state else {
             unreachable!("header state either returned or moved to payload")
@@ -160,11 +205,17 @@ impl FrameDecoder {
             kind,
             header: Header::from_array(&self.stage),
             payload: &self.payload,
+            skipped: false,
         }))
     }
 
     fn begin_payload(&mut self, kind: Kind, need: usize) {
         debug_assert!(need <= self.payload_bytes_max as usize);
+        if need > self.staging_limit {
+            self.payload.clear();
+            self.state = State::Skip { kind, left: need };
+            return;
+        }
         self.payload.clear();
         self.payload.reserve(need);
         self.state = State::Payload { kind, need };
@@ -198,6 +249,47 @@ mod tests {
         }
         assert!(!d.mid_frame());
         out
+    }
+
+    #[test]
+    fn a_split_frame_over_the_staging_limit_is_skipped_and_the_next_one_decodes() {
+        let mut bytes = Vec::new();
+        put_request(&mut bytes, 7, 0, &Params::default(), &[b'x'; 5000]);
+        put_ping(&mut bytes, 0, 1, 2, b"after");
+        let mut d = FrameDecoder::new(Direction::ToServer, 1 << 20);
+        d.set_staging_limit(1024);
+        let mut seen = Vec::new();
+        for chunk in bytes.chunks(700) {
+            let mut input = chunk;
+            while let Some(f) = d.next(&mut input).unwrap() {
+                seen.push((f.kind, f.header.stream_id(), f.skipped, f.payload.to_vec()));
+            }
+        }
+        assert_eq!(seen.len(), 2);
+        assert_eq!((seen[0].0, seen[0].1, seen[0].2), (Kind::Request, 7, true));
+        assert!(seen[0].3.is_empty());
+        assert!(d.staging_capacity() <= 1024, "staged {} bytes", d.staging_capacity());
+        assert_eq!((seen[1].0, seen[1].2, seen[1].3.as_slice()), (Kind::Ping, false, &b"after"[..]));
+        // Whole frames are never staged, so the limit does not apply.
+        let mut input = bytes.as_slice();
+        let f = d.next(&mut input).unwrap().unwrap();
+        assert!(!f.skipped && f.payload.len() > 5000);
+    }
+
+    #[test]
+    fn staging_capacity_is_given_back_between_frames() {
+        let mut bytes = Vec::new();
+        put_request(&mut bytes, 1, 0, &Params::default(), &[b'x'; 200_000]);
+        let mut d = FrameDecoder::new(Direction::ToServer, 1 << 20);
+        for chunk in bytes.chunks(16 * 1024) {
+            let mut input = chunk;
+            while let Some(f) = d.next(&mut input).unwrap() {
+                assert!(f.payload.len() > 200_000);
+            }
+        }
+        assert!(d.staging_capacity() >= 200_000);
+        d.shrink_staging(64 * 1024);
+        assert_eq!(d.staging_capacity(), 0);
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct Conn {
     pub accepted: Instant,
     pub last_input: Instant,
     pub dirty: bool,
+    /// Capacity of this connection's buffers as last counted into the
+    /// worker's memory (`Tables::account_conn`).
+    pub held_bytes: usize,
 }
 
 impl Conn {
@@ -82,6 +85,7 @@ impl Conn {
             accepted: now,
             last_input: now,
             dirty: false,
+            held_bytes: 0,
         }
     }
 
@@ -100,6 +104,11 @@ impl Conn {
 
     pub fn reads_input(&self) -> bool {
         matches!(self.state, ConnState::Handshake | ConnState::Open)
+    }
+
+    /// Capacity its buffers hold now.
+    pub fn buffer_bytes(&self) -> usize {
+        self.out_fill.capacity() + self.out_flight.capacity() + self.backlog.capacity() + self.decoder.staging_capacity()
     }
 
     pub fn find_stream(&self, client_id: u64) -> Option<usize> {

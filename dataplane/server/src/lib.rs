@@ -62,6 +62,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// A connection with no open stream and no input for this long is closed.
     pub idle_timeout: Duration,
+    /// Bytes of request-driven memory one worker may hold: prompts, and
+    /// each connection's output, backlog and frame staging. A REQUEST that
+    /// would pass it, or a split frame that would need more staging, gets
+    /// ERROR 429 (its payload is discarded unread into memory); capacity
+    /// above a small steady size is given back when a buffer empties.
+    pub memory_budget_bytes: usize,
     /// A running stream whose produced tokens cannot reach the client (no
     /// credit, or the client does not read) for this long ends with ERROR
     /// 504, and its backend work is freed.
@@ -94,6 +100,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             stream_stall_timeout: Duration::from_secs(30),
+            memory_budget_bytes: 1 << 30,
             shutdown_grace: Duration::from_secs(5),
             auth_key: None,
             server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),

@@ -67,6 +67,7 @@ impl<T: Transport> Session<T> {
         if self.tables.conns[slot as usize].send == SendOp::Idle {
             self.submit_send(slot);
         }
+        self.tables.account_conn(slot);
     }
 
     /// Frames stream `k` of connection `slot`; false when it ended (and was

@@ -11,6 +11,11 @@ use crate::conn::ConnState;
 use crate::stream::Credit;
 use crate::transport::Transport;
 
+/// Staging any frame may use whatever the memory budget says, so small
+/// frames split across receives always go through (at most this much per
+/// connection beyond the budget).
+const STAGING_FLOOR_BYTES: usize = 4 * 1024;
+
 /// A REQUEST that passed its checks, ready to be scheduled.
 pub(super) struct Admitted<'a> {
     pub stream_id: u64,
@@ -38,7 +43,14 @@ impl<T: Transport> Session<T> {
             if input.is_empty() || c.out_fill.len() > soft_limit {
                 break;
             }
+            // A frame split across receives stages its payload: only what
+            // the memory budget has left.
+            decoder.set_staging_limit(self.tables.mem_left().max(STAGING_FLOOR_BYTES));
             match decoder.next(&mut input) {
+                Ok(Some(frame)) if frame.skipped => {
+                    let (kind, stream_id) = (frame.kind, frame.header.stream_id());
+                    self.skipped_frame(slot, kind, stream_id);
+                }
                 Ok(Some(frame)) => {
                     let h = frame.header;
                     let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
@@ -53,8 +65,28 @@ impl<T: Transport> Session<T> {
             }
         }
         self.tables.conns[slot as usize].decoder = decoder;
+        self.tables.account_conn(slot);
         self.tables.mark_dirty(slot);
         data.len() - input.len()
+    }
+
+    /// A frame whose payload the memory budget could not stage (it was
+    /// discarded as it arrived): answered without it.
+    fn skipped_frame(&mut self, slot: u32, kind: Kind, stream_id: u64) {
+        self.tables.n.frames_in += 1;
+        let state = self.tables.conns[slot as usize].state;
+        match (state, kind) {
+            (ConnState::Handshake, _) => {
+                self.violate(slot, code::SHUTTING_DOWN, "server memory budget exhausted, retry later")
+            }
+            (_, Kind::Request) if stream_id == 0 => self.violate(slot, code::BAD_REQUEST, "REQUEST on stream 0"),
+            (_, Kind::Request) if self.tables.conns[slot as usize].find_stream(stream_id).is_some() => {
+                self.reject(slot, stream_id, code::STREAM_IN_USE, "stream id already in use")
+            }
+            (_, Kind::Request) => self.reject(slot, stream_id, code::OVERLOADED, "memory budget exhausted, retry later"),
+            // A large PING while memory is short: no stream to answer on.
+            _ => self.violate(slot, code::SHUTTING_DOWN, "server memory budget exhausted, retry later"),
+        }
     }
 
     fn handle_frame(&mut self, slot: u32, kind: Kind, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) {

@@ -99,6 +99,14 @@ impl<T: Transport> Session<T> {
         (self.tables.conn_free.len(), self.tables.streams.len() - self.tables.n.streams_open as usize)
     }
 
+    /// (bytes the memory budget counts as held, the same recounted from
+    /// every buffer): equal unless the accounting leaks.
+    pub fn memory(&self) -> (usize, usize) {
+        let conns: usize = self.tables.conns.iter().map(|c| c.held_bytes).sum();
+        let prompts: usize = self.tables.streams.iter().map(|s| s.prompt.capacity()).sum();
+        (self.tables.mem_held, conns + prompts)
+    }
+
     pub fn admission_queue_len(&self) -> usize {
         self.queue.len()
     }
@@ -173,6 +181,7 @@ impl<T: Transport> Session<T> {
             // Order: what waits in the backlog comes first.
             c.backlog.extend_from_slice(data);
         }
+        self.tables.account_conn(slot);
         self.maybe_cancel_recv(slot);
     }
 
@@ -221,6 +230,7 @@ impl<T: Transport> Session<T> {
         c.out_flight.clear();
         c.flight_sent = 0;
         self.resume_input(slot);
+        self.tables.account_conn(slot);
         self.tables.mark_dirty(slot);
     }
 
@@ -309,7 +319,9 @@ impl<T: Transport> Session<T> {
         c.state = ConnState::Free;
         c.out_fill.clear();
         c.out_flight.clear();
+        c.backlog.clear();
         c.decoder.reset();
+        self.tables.account_conn(slot);
         self.io.close(fd);
         self.tables.conn_free.push(slot);
         self.tables.n.conns_open -= 1;

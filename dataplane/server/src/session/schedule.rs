@@ -22,6 +22,9 @@ impl<T: Transport> Session<T> {
         if !run_now && self.queue.len() >= cfg.admission_queue_max {
             return Err((code::OVERLOADED, "admission queue full, retry later"));
         }
+        if a.req.prompt.len() > self.tables.mem_left() {
+            return Err((code::OVERLOADED, "memory budget exhausted, retry later"));
+        }
         let Some(sslot) = self.tables.stream_free.pop() else {
             return Err((code::OVERLOADED, "stream table full, retry later"));
         };
@@ -40,7 +43,9 @@ impl<T: Transport> Session<T> {
         s.first_token = None;
         s.params = a.req.params;
         s.prompt.clear();
+        let before = s.prompt.capacity();
         s.prompt.push_str(a.req.prompt);
+        t.mem_held = t.mem_held - before + s.prompt.capacity();
         let gen = s.gen;
         t.conns[slot as usize].streams.push((a.stream_id, sslot));
         if run_now {

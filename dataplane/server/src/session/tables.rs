@@ -44,7 +44,15 @@ pub(crate) struct Tables {
     pub stream_free: Vec<u32>,
     pub dirty: Vec<u32>,
     pub n: Counters,
+    /// Request-driven bytes held now (prompts, connection buffers), against
+    /// `cfg.memory_budget_bytes`.
+    pub mem_held: usize,
 }
+
+/// Capacity a stream's prompt keeps between requests.
+const PROMPT_KEEP_BYTES: usize = 4 * 1024;
+/// Staging a connection's decoder keeps between frames.
+pub(crate) const STAGING_KEEP_BYTES: usize = 64 * 1024;
 
 pub(crate) fn work_id(slot: u32, gen: u32) -> WorkId {
     WorkId((u64::from(gen) << 32) | u64::from(slot))
@@ -65,6 +73,7 @@ impl Tables {
             stream_free,
             dirty: Vec::with_capacity(1024),
             n: Counters::default(),
+            mem_held: 0,
         }
     }
 
@@ -95,6 +104,32 @@ impl Tables {
         self.mark_dirty(conn);
     }
 
+    /// Bytes of the memory budget left.
+    pub fn mem_left(&self) -> usize {
+        self.cfg.memory_budget_bytes.saturating_sub(self.mem_held)
+    }
+
+    /// Counts a connection's buffers anew, giving back capacity above the
+    /// steady sizes where a buffer is empty.
+    pub fn account_conn(&mut self, slot: u32) {
+        let out_keep = 2 * self.cfg.send_buffer_bytes;
+        let c = &mut self.conns[slot as usize];
+        if c.out_fill.is_empty() && c.out_fill.capacity() > out_keep {
+            c.out_fill = Vec::new();
+        }
+        // Never while the kernel may read it (a send in flight).
+        if c.send == crate::conn::SendOp::Idle && c.out_flight.is_empty() && c.out_flight.capacity() > out_keep {
+            c.out_flight = Vec::new();
+        }
+        if c.backlog.is_empty() && c.backlog.capacity() > crate::conn::BACKLOG_BYTES_MAX {
+            c.backlog = Vec::new();
+        }
+        c.decoder.shrink_staging(STAGING_KEEP_BYTES);
+        let now = c.buffer_bytes();
+        self.mem_held = self.mem_held - c.held_bytes + now;
+        c.held_bytes = now;
+    }
+
     pub fn free_stream(&mut self, slot: u32) {
         let s = &mut self.streams[slot as usize];
         debug_assert!(s.phase != Phase::Free);
@@ -102,6 +137,11 @@ impl Tables {
         s.gen = s.gen.wrapping_add(1);
         s.queue.clear();
         s.paused = false;
+        self.mem_held -= s.prompt.capacity();
+        if s.prompt.capacity() > PROMPT_KEEP_BYTES {
+            s.prompt = String::new();
+        }
+        self.mem_held += s.prompt.capacity();
         self.stream_free.push(slot);
         self.n.streams_open -= 1;
     }

@@ -153,7 +153,8 @@ impl Client {
             _ if rng.chance(40) => rng.range(1, 4) as u32,
             _ => 0,
         };
-        put_request(&mut self.out, id, initial, &params, b"simulated prompt");
+        let prompt = vec![b'p'; rng.range(1, 12_000) as usize];
+        put_request(&mut self.out, id, initial, &params, &prompt);
         self.streams.insert(
             id,
             ClientStream {

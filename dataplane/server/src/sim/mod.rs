@@ -85,7 +85,7 @@ struct Sim {
 fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
     let key = rng.chance(50).then(|| b"sim-key".to_vec());
     let cfg = Config {
-        payload_bytes_max: 4096,
+        payload_bytes_max: 16 * 1024,
         max_tokens_limit: 64,
         conns_per_thread_max: CONNS_MAX,
         streams_per_conn_max: rng.range(2, 6) as usize,
@@ -98,6 +98,7 @@ fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
         idle_timeout: Duration::from_millis(rng.range(500, 5000)),
         shutdown_grace: Duration::from_millis(rng.range(10, 1000)),
         stream_stall_timeout: Duration::from_millis(rng.range(100, 3000)),
+        memory_budget_bytes: if rng.chance(50) { rng.range(2_000, 64_000) as usize } else { 1 << 30 },
         auth_key: key.clone(),
         ..Config::default()
     };
@@ -184,7 +185,7 @@ impl Sim {
         if self.clients.iter().filter(|c| c.connected).count() >= CLIENTS_MAX {
             return;
         }
-        let mut c = Client::new(&mut self.rng, 4096);
+        let mut c = Client::new(&mut self.rng, 16 * 1024);
         let index = self.clients.len();
         let fd = self.session.io.connect(index);
         c.fd = Some(fd);
@@ -374,6 +375,10 @@ impl Sim {
         let (conns_free, _) = self.session.free_slots();
         if conns_free + n.conns_open as usize != CONNS_MAX {
             return self.fail(format!("{conns_free} free + {} open connection slots != {CONNS_MAX}", n.conns_open));
+        }
+        let (held, counted) = self.session.memory();
+        if held != counted {
+            return self.fail(format!("memory budget counts {held} bytes held, buffers hold {counted}"));
         }
         if io.open_sockets() != n.conns_open as usize {
             return self.fail(format!("{} sockets open, {} connections", io.open_sockets(), n.conns_open));
