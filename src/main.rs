@@ -12,6 +12,7 @@ mod demo;
 mod gpu;
 mod gpu_picker;
 mod serve;
+mod standin;
 mod store;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Store(store::Args),
     /// GPU path: device info, verified model loads.
     Gpu(gpu::Args),
+    /// A llama-server stand-in at a fixed pace (`/completion`, `/v1/completions`), for benchmarks.
+    LlamaStandin(standin::Args),
 }
 
 #[global_allocator]
@@ -49,6 +52,7 @@ fn main() {
         Command::Demo(a) => demo::run(a),
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),
+        Command::LlamaStandin(a) => standin::run(a),
     };
     if let Err(e) = result {
         eprintln!("cnse-dp: error: {e:#}");
