@@ -20,34 +20,14 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 log() { printf '\n==> %s\n' "$*"; }
 
-cache=${CNSE_CACHE:-$HOME/.cache/cnse-dp}
-venv=$cache/py-venv
-python=${PYTHON:-python3}
-
 export CNSE_DP_BIN=${CNSE_DP_BIN:-$root/target/release/cnse-dp}
 if [ ! -x "$CNSE_DP_BIN" ]; then
   log "build cnse-dp (release)"
   cargo build --release --bin cnse-dp
 fi
 
-log "virtual environment ($venv)"
-if [ ! -x "$venv/bin/python" ]; then
-  mkdir -p "$cache"
-  "$python" -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  'maturin>=1.9.4,<2' 'pytest>=8,<10'
-
-log "build and install the cnse wheel"
-# maturin's build backend runs the `maturin` of the environment.
-export PATH=$venv/bin:$PATH
-# The SDK crate is outside the workspace; its build output stays under the
-# workspace's target/ so rebuilds are incremental and nothing else is
-# touched.
-export CARGO_TARGET_DIR=$root/target/python
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  --no-build-isolation --force-reinstall --no-deps "$root/dataplane/python"
-"$venv/bin/python" -c 'import cnse, sys; print("cnse", cnse.__version__, "on Python", sys.version.split()[0])'
+# shellcheck source=scripts/python-env.sh
+. "$root/scripts/python-env.sh"
 
 log "pytest"
 cd "$root/dataplane/python"
