@@ -78,7 +78,10 @@ pub struct EndFacts {
 
 /// What a ready key gives.
 pub enum Value {
-    Server { name: String, payload_bytes_max: u64 },
+    Server {
+        name: String,
+        payload_bytes_max: u64,
+    },
     /// Streaming: text that arrived since the last take (whole characters).
     Text(String),
     /// Streaming: the stream ended; the END facts and the whole text.
@@ -159,7 +162,10 @@ pub(crate) struct State {
 pub(crate) enum WriterSlot {
     /// Before the handshake: frames wait here, in order.
     Pending(Vec<Frame>),
-    Open { w: Writer, payload_bytes_max: u64 },
+    Open {
+        w: Writer,
+        payload_bytes_max: u64,
+    },
     Closed,
 }
 
@@ -230,7 +236,8 @@ impl State {
         }
     }
 
-    /// Removes the waiter of `key` without an event (a caller gave up).
+    /// Removes the waiter of `key` without an event (its caller gave up:
+    /// an exception, a cancelled task); its timeout starts afresh.
     pub fn unpark(&mut self, key: Key) {
         let Self {
             ready_waiter,
@@ -241,8 +248,14 @@ impl State {
         } = self;
         let slot = match key {
             Key::Ready => Some(ready_waiter),
-            Key::Stream(id) => streams.get_mut(&id).map(|s| &mut s.waiter),
-            Key::Ping(seq) => pings.get_mut(&seq).map(|p| &mut p.waiter),
+            Key::Stream(id) => streams.get_mut(&id).map(|s| {
+                s.waiting_since = None;
+                &mut s.waiter
+            }),
+            Key::Ping(seq) => pings.get_mut(&seq).map(|p| {
+                p.waiting_since = None;
+                &mut p.waiter
+            }),
         };
         if let Some(slot) = slot {
             State::park(slot, Waiter::None, sync_waiters);
@@ -251,7 +264,13 @@ impl State {
 
     /// Polls `key`; when it is not ready, `waiter` is parked on it. A
     /// CREDIT to send may come back in `out`.
-    pub fn poll(&mut self, key: Key, waiter: Waiter, now: Instant, out: &mut Option<Frame>) -> Polled<Result<Value, SdkError>> {
+    pub fn poll(
+        &mut self,
+        key: Key,
+        waiter: Waiter,
+        now: Instant,
+        out: &mut Option<Frame>,
+    ) -> Polled<Result<Value, SdkError>> {
         let Self {
             phase,
             ready_waiter,
@@ -389,8 +408,9 @@ impl Core {
         r
     }
 
-    /// Blocks up to `slice` for `key`; `None` when it is still pending
-    /// (the caller checks for signals and comes back).
+    /// Blocks up to `slice` for `key`; `None` when it is still pending:
+    /// the caller checks for signals and comes back, still parked (so the
+    /// timeout runs across slices), or calls [`Core::unpark`] if it gives up.
     pub fn wait(&self, key: Key, slice: Duration) -> Option<Result<Value, SdkError>> {
         let deadline = Instant::now() + slice;
         let mut st = self.lock();
@@ -408,10 +428,13 @@ impl Core {
             }
             let now = Instant::now();
             if now >= deadline {
-                st.unpark(key);
                 return None;
             }
-            st = self.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -428,7 +451,9 @@ impl Core {
     /// Starts a stream: REQUEST with the window as initial credit.
     pub fn open_stream(&self, params: Params, prompt: String, window: u32, collect: bool) -> Result<u64, SdkError> {
         if window == 0 || window > WINDOW_MAX {
-            return Err(SdkError::Usage(format!("window must be 1..={WINDOW_MAX} tokens, got {window}")));
+            return Err(SdkError::Usage(format!(
+                "window must be 1..={WINDOW_MAX} tokens, got {window}"
+            )));
         }
         let id = {
             let mut st = self.lock();
@@ -599,15 +624,15 @@ impl Core {
         self.shut(SdkError::Closed);
     }
 
-    /// Closes the sending half (which wakes the reader) and fails
-    /// everything with `err`.
+    /// Fails everything with `err`, then closes the socket (which wakes
+    /// the reader). In this order `err` is the error callers see, not the
+    /// reader's "closed" that the shutdown causes.
     pub(crate) fn shut(&self, err: SdkError) {
+        self.fail_all(err);
         let old = std::mem::replace(&mut *lock(&self.writer), WriterSlot::Closed);
         if let WriterSlot::Open { w, .. } = &old {
             let _ = w.shutdown();
         }
-        drop(old);
-        self.fail_all(err);
     }
 
     /// The handshake is done: frames queued meanwhile go out in order (a

@@ -8,11 +8,7 @@ use cnse_client::ClientError;
 pub enum SdkError {
     /// The server answered ERROR `code` (on a stream, or on stream 0 for the
     /// connection).
-    Server {
-        code: u32,
-        stream_id: u64,
-        message: String,
-    },
+    Server { code: u32, stream_id: u64, message: String },
     /// Refused by this client before anything was sent, with the code the
     /// server would have answered (413 prompt over the payload limit, 429
     /// too many streams or pings in flight).

@@ -73,13 +73,18 @@ pub(crate) fn wait_key(py: Python<'_>, core: &Core, key: Key) -> PyResult<Result
         if let Some(r) = py.detach(|| core.wait(key, SLICE)) {
             return Ok(r);
         }
-        py.check_signals()?;
+        if let Err(e) = py.check_signals() {
+            core.unpark(key);
+            return Err(e);
+        }
     }
 }
 
 fn seconds(v: f64, what: &str) -> PyResult<Duration> {
     if !(v.is_finite() && v > 0.0 && v < 1e9) {
-        return Err(PyValueError::new_err(format!("{what} must be a positive number of seconds, got {v}")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a positive number of seconds, got {v}"
+        )));
     }
     Ok(Duration::from_secs_f64(v))
 }
@@ -108,14 +113,7 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    fn params(
-        max_tokens: u32,
-        temperature: f32,
-        top_p: f32,
-        top_k: u32,
-        seed: u64,
-        priority: u32,
-    ) -> Params {
+    fn params(max_tokens: u32, temperature: f32, top_p: f32, top_k: u32, seed: u64, priority: u32) -> Params {
         Params {
             max_tokens,
             temperature,
@@ -126,7 +124,14 @@ impl Connection {
         }
     }
 
-    fn open(&self, py: Python<'_>, params: Params, prompt: String, window: Option<u32>, collect: bool) -> PyResult<u64> {
+    fn open(
+        &self,
+        py: Python<'_>,
+        params: Params,
+        prompt: String,
+        window: Option<u32>,
+        collect: bool,
+    ) -> PyResult<u64> {
         let window = window.unwrap_or(self.window);
         self.core
             .open_stream(params, prompt, window, collect)
@@ -136,9 +141,7 @@ impl Connection {
     /// The running loop, watching this connection's eventfd from now on.
     fn bind_loop<'py>(&self, py: Python<'py>, this: &Py<Connection>) -> PyResult<Bound<'py, PyAny>> {
         static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-        let running = GET_RUNNING_LOOP
-            .import(py, "asyncio", "get_running_loop")?
-            .call0()?;
+        let running = GET_RUNNING_LOOP.import(py, "asyncio", "get_running_loop")?.call0()?;
         let bound = lock(&self.aio.event_loop).as_ref().map(|l| l.clone_ref(py));
         if let Some(l) = bound {
             if l.bind(py).is(&running) {
@@ -189,7 +192,12 @@ impl Connection {
     #[pyo3(signature = (addr, auth_key, window, timeout, connect_timeout))]
     fn new(
         py: Python<'_>,
-        addr: String, auth_key: Option<Vec<u8>>, window: u32, timeout: Option<f64>, connect_timeout: f64) -> PyResult<Self> {
+        addr: String,
+        auth_key: Option<Vec<u8>>,
+        window: u32,
+        timeout: Option<f64>,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
         if window == 0 || window > WINDOW_MAX {
             return Err(PyValueError::new_err(format!(
                 "window must be 1..={WINDOW_MAX} tokens, got {window}"
@@ -241,7 +249,7 @@ impl Connection {
         let py = slf.py();
         let params = Self::params(max_tokens, temperature, top_p, top_k, seed, priority);
         let id = slf.get().open(py, params, prompt, window, false)?;
-        Ok(Stream::new(slf.get().core.clone(), id))
+        Ok(Stream::new(slf.clone().unbind(), id))
     }
 
     #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window))]

@@ -78,7 +78,13 @@ fn serve(core: &Core) -> SdkError {
         let first = match client.next_frame() {
             Ok(f) => Some(f),
             Err(ClientError::Timeout { .. }) => None,
-            Err(e) => return core.lock().conn_error.clone().unwrap_or(SdkError::from_client(e, false)),
+            Err(e) => {
+                return core
+                    .lock()
+                    .conn_error
+                    .clone()
+                    .unwrap_or(SdkError::from_client(e, false))
+            }
         };
         if let Some(mut f) = first {
             let mut st = core.lock();
@@ -130,7 +136,11 @@ fn dispatch(st: &mut State, f: OwnedFrame, now: Instant, batch: &mut Batch) -> R
             }
         }
         Kind::Pong => {
-            if let Some(p) = st.pings.get_mut(&f.arg).filter(|p| f.stream_id == 0 && p.result.is_none()) {
+            if let Some(p) = st
+                .pings
+                .get_mut(&f.arg)
+                .filter(|p| f.stream_id == 0 && p.result.is_none())
+            {
                 p.result = Some(Ok(now.saturating_duration_since(p.sent)));
                 batch.notify |= st.wake(Key::Ping(f.arg));
             }

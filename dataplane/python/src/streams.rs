@@ -8,8 +8,6 @@
 //!   otherwise it yields a parked asyncio future to the task and polls
 //!   again when that future is resolved.
 
-use std::sync::Arc;
-
 use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -22,24 +20,29 @@ use crate::py::{completion, to_py_err, wait_key, Connection};
 /// `result` (a `cnse.Completion` with the END facts).
 #[pyclass(module = "cnse._cnse", frozen)]
 pub struct Stream {
-    core: Arc<Core>,
+    /// Keeps the connection open while the stream lives.
+    conn: Py<Connection>,
     id: u64,
     result: PyOnceLock<Py<PyAny>>,
 }
 
 impl Stream {
-    pub(crate) fn new(core: Arc<Core>, id: u64) -> Self {
+    pub(crate) fn new(conn: Py<Connection>, id: u64) -> Self {
         Stream {
-            core,
+            conn,
             id,
             result: PyOnceLock::new(),
         }
+    }
+
+    fn core(&self) -> &Core {
+        &self.conn.get().core
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.core.release(self.id);
+        self.core().release(self.id);
     }
 }
 
@@ -73,18 +76,18 @@ impl Stream {
         if self.result.get(py).is_some() {
             return Ok(None);
         }
-        let got = wait_key(py, &self.core, Key::Stream(self.id))?;
+        let got = wait_key(py, self.core(), Key::Stream(self.id))?;
         next_item(py, self.id, &self.result, got)
     }
 
     /// Asks the server to stop; iteration goes on to the END (reason 2).
     fn cancel(&self, py: Python<'_>) -> PyResult<()> {
-        self.core.cancel(self.id).map_err(|e| to_py_err(py, e))
+        self.core().cancel(self.id).map_err(|e| to_py_err(py, e))
     }
 
     /// Cancels the stream if it is still open and forgets it.
     fn close(&self) {
-        self.core.release(self.id);
+        self.core().release(self.id);
     }
 
     fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -105,7 +108,7 @@ impl Stream {
     /// Tokens received so far.
     #[getter]
     fn tokens(&self) -> u64 {
-        self.core.stream_tokens(self.id)
+        self.core().stream_tokens(self.id)
     }
 
     /// The `cnse.Completion` once the iteration reached the END, else None.
@@ -118,7 +121,7 @@ impl Stream {
         format!(
             "<cnse.Stream id={} tokens={}{}>",
             self.id,
-            self.core.stream_tokens(self.id),
+            self.core().stream_tokens(self.id),
             if self.result.get(py).is_some() { " ended" } else { "" }
         )
     }
@@ -281,7 +284,9 @@ impl Drop for Await {
     fn drop(&mut self) {
         if !self.done {
             // Cancelled or never awaited: nothing will take the answer.
-            self.conn.get().forget_future(self.key);
+            let conn = self.conn.get();
+            conn.forget_future(self.key);
+            conn.core.unpark(self.key);
             self.release();
         }
     }
@@ -289,6 +294,7 @@ impl Drop for Await {
 
 #[pymethods]
 impl Await {
+    #[allow(clippy::self_named_constructors)] // the await protocol: `__await__` returns the iterator itself
     fn __await__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
     }
@@ -299,7 +305,9 @@ impl Await {
 
     fn __next__(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<Py<PyAny>> {
         if slf.done {
-            return Err(PyRuntimeError::new_err("cannot reuse an already awaited cnse awaitable"));
+            return Err(PyRuntimeError::new_err(
+                "cannot reuse an already awaited cnse awaitable",
+            ));
         }
         if let AwaitKind::Next(s) = &slf.kind {
             if s.get().result.get(py).is_some() {

@@ -62,7 +62,11 @@ fn decode_into(mut input: &[u8], out: &mut String, carry: &mut [u8; CARRY_BYTES_
                     None => {
                         // `error_len() == None` means the input ended inside
                         // a sequence, which is at most 3 bytes long.
-                        assert!(bad.len() <= CARRY_BYTES_MAX, "incomplete UTF-8 tail of {} bytes", bad.len());
+                        assert!(
+                            bad.len() <= CARRY_BYTES_MAX,
+                            "incomplete UTF-8 tail of {} bytes",
+                            bad.len()
+                        );
                         carry[..bad.len()].copy_from_slice(bad);
                         return bad.len();
                     }

@@ -31,6 +31,9 @@ def test_issue16_generate_and_stream_equal_the_cli(server, prompt, max_tokens, s
 
         s = c.stream(prompt, max_tokens=max_tokens, seed=seed, temperature=temperature)
         pieces = list(s)
+        # A stream keeps its connection alive: no client variable needed.
+        kept = cnse.Client(server.addr).stream(prompt, max_tokens=max_tokens, seed=seed, temperature=temperature)
+        assert "".join(kept) == want
         assert all(isinstance(p, str) and p for p in pieces)
         assert "".join(pieces) == want
         assert s.result == want and s.result.reason == cnse.FinishReason.LENGTH
