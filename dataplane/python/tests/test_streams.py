@@ -136,3 +136,44 @@ def test_issue16_async_task_cancellation_cancels_the_request(serve):
             return await c.generate("next", max_tokens=3)
 
     assert asyncio.run(main()).tokens == 3
+
+
+def test_issue16_waiting_releases_the_gil(serve):
+    # While one thread waits in generate() (0.4 s of paced tokens), another
+    # Python thread keeps running.
+    s = serve(*paced(1000, 20_000))
+    with cnse.Client(s.addr) as c:
+        stop = threading.Event()
+        spins = [0]
+
+        def spin():
+            while not stop.is_set():
+                spins[0] += 1
+
+        t = threading.Thread(target=spin)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            assert c.generate("gil", max_tokens=20).tokens == 20
+            waited = time.monotonic() - t0
+        finally:
+            stop.set()
+            t.join()
+        assert waited > 0.3
+        # A thread that held the GIL all along would leave the spinner
+        # a few switch intervals (5 ms each) at most.
+        assert spins[0] > 100_000, spins[0]
+
+
+def test_issue16_ctrl_c_interrupts_a_blocking_wait(serve):
+    import _thread
+
+    s = serve(*paced(1000, 50_000), "--streams-per-conn-max", "1")
+    with cnse.Client(s.addr, timeout=None) as c:
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            c.generate("slow", max_tokens=1000)
+        assert time.monotonic() - t0 < 2
+        # The interrupted request was cancelled: the one stream slot is free.
+        assert c.generate("next", max_tokens=2).tokens == 2
