@@ -30,7 +30,7 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _cnse {
     #[pymodule_export]
-    use crate::py::Connection;
+    use crate::py::{_wake, Connection};
     #[pymodule_export]
     use crate::streams::{AsyncStream, Await, Stream};
 

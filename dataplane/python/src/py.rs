@@ -98,7 +98,7 @@ struct Aio {
 }
 
 /// One connection to a cnse-dp server (see `cnse.Client`).
-#[pyclass(module = "cnse._cnse", frozen)]
+#[pyclass(module = "cnse._cnse", frozen, weakref)]
 pub struct Connection {
     pub(crate) core: Arc<Core>,
     window: u32,
@@ -109,7 +109,29 @@ impl Drop for Connection {
     fn drop(&mut self) {
         // Stops the reader thread (it holds the other reference).
         self.core.close();
+        // An AsyncClient dropped without close(): stop watching the eventfd
+        // (the loop holds only a weak reference to this object).
+        let bound = self.aio.event_loop.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(l) = bound {
+            Python::attach(|py| {
+                let l = l.bind(py);
+                if let Ok(false) = l.call_method0("is_closed").and_then(|v| v.is_truthy()) {
+                    let _ = l.call_method1("remove_reader", (self.core.wake_fd(),));
+                }
+            });
+        }
     }
+}
+
+/// The loop's callback for a connection's eventfd: wakes it if it still
+/// exists (`functools.partial(_wake, weakref.ref(connection))`).
+#[pyfunction]
+pub(crate) fn _wake(conn: &Bound<'_, PyAny>) -> PyResult<()> {
+    let c = conn.call0()?;
+    if !c.is_none() {
+        c.call_method0("_on_wake")?;
+    }
+    Ok(())
 }
 
 impl Connection {
@@ -138,9 +160,13 @@ impl Connection {
             .map_err(|e| to_py_err(py, e))
     }
 
-    /// The running loop, watching this connection's eventfd from now on.
+    /// The running loop, watching this connection's eventfd from now on
+    /// through a weak reference (so that dropping the client closes it).
     fn bind_loop<'py>(&self, py: Python<'py>, this: &Py<Connection>) -> PyResult<Bound<'py, PyAny>> {
         static GET_RUNNING_LOOP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static WEAKREF: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static PARTIAL: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        static WAKE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let running = GET_RUNNING_LOOP.import(py, "asyncio", "get_running_loop")?.call0()?;
         let bound = lock(&self.aio.event_loop).as_ref().map(|l| l.clone_ref(py));
         if let Some(l) = bound {
@@ -153,7 +179,10 @@ impl Connection {
                 ));
             }
         }
-        running.call_method1("add_reader", (self.core.wake_fd(), this.bind(py).getattr("_on_wake")?))?;
+        let weak = WEAKREF.import(py, "weakref", "ref")?.call1((this.bind(py),))?;
+        let wake = WAKE.import(py, "cnse._cnse", "_wake")?;
+        let callback = PARTIAL.import(py, "functools", "partial")?.call1((wake, weak))?;
+        running.call_method1("add_reader", (self.core.wake_fd(), callback))?;
         let old = lock(&self.aio.event_loop).replace(running.clone().unbind());
         drop(old);
         Ok(running)
@@ -161,7 +190,15 @@ impl Connection {
 
     /// Parks an asyncio future for `key` (whose async waiter the core has
     /// just registered) and returns it, ready to be yielded to the task.
+    /// Tasks awaiting the same key (several `connect()`) share its future.
     pub(crate) fn park_future(&self, py: Python<'_>, this: &Py<Connection>, key: Key) -> PyResult<Py<PyAny>> {
+        let existing = lock(&self.aio.futures).get(&key).map(|f| f.clone_ref(py));
+        if let Some(f) = existing {
+            if !f.bind(py).call_method0("done")?.is_truthy()? {
+                f.bind(py).setattr("_asyncio_future_blocking", true)?;
+                return Ok(f);
+            }
+        }
         let made = self.bind_loop(py, this).and_then(|l| {
             let fut = l.call_method0("create_future")?;
             fut.setattr("_asyncio_future_blocking", true)?;

@@ -177,3 +177,28 @@ def test_issue16_ctrl_c_interrupts_a_blocking_wait(serve):
         assert time.monotonic() - t0 < 2
         # The interrupted request was cancelled: the one stream slot is free.
         assert c.generate("next", max_tokens=2).tokens == 2
+
+
+def test_issue16_async_client_dropped_without_close_frees_its_connection(serve):
+    import gc
+
+    s = serve("--max-connections", "1")
+
+    async def main():
+        c = cnse.AsyncClient(s.addr)
+        # Several tasks may wait for the handshake at once.
+        await asyncio.gather(c.connect(), c.connect(), c.connect())
+        assert (await c.generate("one", max_tokens=2)).tokens == 2
+        del c
+        gc.collect()
+        # The only connection slot comes free once the server sees the close.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                async with cnse.AsyncClient(s.addr) as c2:
+                    return await c2.generate("two", max_tokens=2)
+            except (cnse.ConnectionLost, cnse.ConnectError):
+                assert time.monotonic() < deadline, "the dropped client's connection stayed open"
+                await asyncio.sleep(0.05)
+
+    assert asyncio.run(main()).tokens == 2
