@@ -11,7 +11,9 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `core.rs` | tables, polling, credit, sending, failure fan-out, the eventfd |
+//! | `core.rs` | locks, opening streams, sending, the handshake's queue, failure fan-out |
+//! | `table.rs` | stream, ping and handshake tables; polling, parking, credit to grant |
+//! | `eventfd.rs` | the eventfd that wakes the asyncio loop |
 //! | `reader.rs` | the reader thread: handshake, frame dispatch, timeouts |
 //! | `utf8.rs` | text assembled across frames that split a character |
 //! | `py.rs` | `Connection`: blocking and async entry points, asyncio wake-ups |
@@ -20,9 +22,11 @@
 
 mod core;
 mod error;
+mod eventfd;
 mod py;
 mod reader;
 mod streams;
+mod table;
 mod utf8;
 
 use pyo3::prelude::*;
