@@ -28,6 +28,9 @@ use crate::streams::{AsyncStream, Await, AwaitKind, Stream};
 /// checks for signals.
 const SLICE: Duration = Duration::from_millis(50);
 
+/// Prompts longer than this are sent with the GIL released.
+const DETACH_PROMPT_BYTES: usize = 16 << 10;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -155,9 +158,14 @@ impl Connection {
         collect: bool,
     ) -> PyResult<u64> {
         let window = window.unwrap_or(self.window);
-        self.core
-            .open_stream(params, prompt, window, collect)
-            .map_err(|e| to_py_err(py, e))
+        let core = &self.core;
+        // A long prompt's write may wait on the socket: not with the GIL.
+        let opened = if prompt.len() > DETACH_PROMPT_BYTES {
+            py.detach(|| core.open_stream(params, prompt, window, collect))
+        } else {
+            core.open_stream(params, prompt, window, collect)
+        };
+        opened.map_err(|e| to_py_err(py, e))
     }
 
     /// The running loop, watching this connection's eventfd from now on

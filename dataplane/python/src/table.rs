@@ -270,7 +270,8 @@ fn poll_stream(
 ) -> Polled<Result<Value, SdkError>> {
     if s.collect {
         return match &s.end {
-            Some(Ok(facts)) => Polled::Ready(Ok(Value::Completion(*facts, s.full.clone()))),
+            // Taken once: the caller releases the stream right after.
+            Some(Ok(facts)) => Polled::Ready(Ok(Value::Completion(*facts, std::mem::take(&mut s.full)))),
             Some(Err(e)) => Polled::Ready(Err(e.clone())),
             None => {
                 State::park(&mut s.waiter, waiter, sync_waiters);
@@ -297,7 +298,8 @@ fn poll_stream(
         return Polled::Ready(Ok(Value::Text(std::mem::take(&mut s.text))));
     }
     match &s.end {
-        Some(Ok(facts)) => Polled::Ready(Ok(Value::End(*facts, s.full.clone()))),
+        // Taken once: the stream object keeps the completion it makes.
+        Some(Ok(facts)) => Polled::Ready(Ok(Value::End(*facts, std::mem::take(&mut s.full)))),
         Some(Err(e)) => Polled::Ready(Err(e.clone())),
         None => {
             State::park(&mut s.waiter, waiter, sync_waiters);

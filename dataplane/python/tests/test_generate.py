@@ -109,3 +109,12 @@ def test_issue16_prompt_over_the_payload_limit_is_refused_with_413_before_sendin
         assert e.value.code == 413
         # Nothing reached the server: the connection is still good.
         assert c.generate("short", max_tokens=2).tokens == 2
+
+
+def test_issue16_long_prompt_equals_the_cli(server):
+    # 100 KB: sent with the GIL released; the text matches the CLI's.
+    prompt = "Olá " * 25_000 + "end"
+    want = server.client_cli(prompt, "--max-tokens", "8", "--seed", "9")
+    with cnse.Client(server.addr) as c:
+        assert c.generate(prompt, max_tokens=8, seed=9) == want
+        assert "".join(c.stream(prompt, max_tokens=8, seed=9)) == want
