@@ -131,3 +131,16 @@ def test_issue16_closed_client_raises(server):
         list(st)
     with pytest.raises(cnse.ClientClosed):
         c.generate("x")
+
+
+def test_issue16_server_shutdown_raises_503_on_open_streams(serve):
+    s = serve(*paced(1000, 5000), "--shutdown-grace-ms", "100")
+    with cnse.Client(s.addr, timeout=None) as c:
+        st = c.stream("long", max_tokens=5000)
+        next(st)
+        s.proc.terminate()  # SIGTERM: grace, then ERROR 503 on open streams
+        with pytest.raises(cnse.ServerError) as e:
+            for _ in st:
+                pass
+        assert e.value.code == 503 and e.value.stream_id == st.id
+        assert st.tokens > 0
