@@ -13,6 +13,7 @@ mod gpu;
 mod gpu_picker;
 mod serve;
 mod sim;
+mod standin;
 mod store;
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
     Gpu(gpu::Args),
     /// Deterministic simulation of the session layer (replay a seed, or run many).
     Sim(sim::Args),
+    /// A llama-server stand-in at a fixed pace (`/completion`, `/v1/completions`), for benchmarks.
+    LlamaStandin(standin::Args),
 }
 
 #[global_allocator]
@@ -53,6 +56,7 @@ fn main() {
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),
         Command::Sim(a) => sim::run(a),
+        Command::LlamaStandin(a) => standin::run(a),
     };
     if let Err(e) = result {
         eprintln!("cnse-dp: error: {e:#}");

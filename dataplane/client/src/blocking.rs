@@ -10,7 +10,7 @@ use cnse_proto::{
     Params,
 };
 
-use crate::ClientError;
+use crate::{ClientError, Writer};
 
 /// Largest payload this client accepts in a frame from a server. Servers
 /// send at most their own payload limit (HELLO_ACK `aux`, 1 MiB by default);
@@ -274,33 +274,36 @@ impl Client {
     /// The next frame from the server, waiting at most the timeout per read.
     pub fn next_frame(&mut self) -> Result<OwnedFrame, ClientError> {
         loop {
-            let mut input = &self.rbuf[self.rpos..self.rlen];
-            let before = input.len();
-            let got = self.decoder.next(&mut input).map(|f| {
-                f.map(|f| OwnedFrame {
-                    kind: f.kind,
-                    flags: f.header.flags(),
-                    stream_id: f.header.stream_id(),
-                    arg: f.header.arg(),
-                    aux: f.header.aux(),
-                    payload: f.payload.to_vec(),
-                })
-            });
-            self.rpos += before - input.len();
-            match got {
-                Ok(Some(f)) => return Ok(f),
-                Ok(None) => {}
-                Err(violation) => {
-                    return Err(ClientError::Protocol {
-                        addr: self.addr,
-                        violation,
-                    })
-                }
+            if let Some(f) = self.buffered_frame()? {
+                return Ok(f);
             }
             if !self.fill()? {
                 return Err(ClientError::Closed { addr: self.addr });
             }
         }
+    }
+
+    /// The next frame if it is already whole in the receive buffer; never
+    /// reads. A reader that wakes others once per batch drains these, then
+    /// wakes, then blocks in [`Client::next_frame`].
+    pub fn buffered_frame(&mut self) -> Result<Option<OwnedFrame>, ClientError> {
+        let mut input = &self.rbuf[self.rpos..self.rlen];
+        let before = input.len();
+        let got = self.decoder.next(&mut input).map(|f| {
+            f.map(|f| OwnedFrame {
+                kind: f.kind,
+                flags: f.header.flags(),
+                stream_id: f.header.stream_id(),
+                arg: f.header.arg(),
+                aux: f.header.aux(),
+                payload: f.payload.to_vec(),
+            })
+        });
+        self.rpos += before - input.len();
+        got.map_err(|violation| ClientError::Protocol {
+            addr: self.addr,
+            violation,
+        })
     }
 
     /// The next frame within `timeout` (the socket timeout stays as it was).
@@ -413,6 +416,18 @@ impl Client {
 }
 
 impl Client {
+    /// A second handle on the socket for sending, so that one thread can
+    /// block in [`Client::next_frame`] while others send (the Python SDK's
+    /// reader thread). Socket options (timeouts) are shared by both.
+    pub fn writer(&self) -> Result<Writer, ClientError> {
+        let stream = self.stream.try_clone().map_err(|source| ClientError::Io {
+            op: "clone socket",
+            addr: self.addr,
+            source,
+        })?;
+        Ok(Writer::new(stream, self.addr))
+    }
+
     /// Hands over the socket after the handshake (the load generator moves
     /// handshaken connections onto its ring). Fails if the server already
     /// sent bytes beyond what was read as frames.

@@ -98,6 +98,44 @@ fn blocking_client_generates_and_pings() {
     );
 }
 
+#[test]
+fn writer_sends_while_the_client_reads_and_buffered_frame_never_blocks() {
+    let addr = mock_server();
+    let (mut c, _) = Client::connect_hello(addr, b"", Duration::from_secs(5)).unwrap();
+    // Nothing sent yet: no frame is buffered, and asking does not block.
+    assert!(c.buffered_frame().unwrap().is_none());
+    let mut w = c.writer().unwrap();
+    w.set_write_timeout(Duration::from_secs(5)).unwrap();
+    let params = Params {
+        max_tokens: 4,
+        ..Params::default()
+    };
+    // Sent from another thread while this one reads.
+    let sender = std::thread::spawn(move || {
+        w.request(1, 2, &params, "hi").unwrap();
+        w.credit(1, 2).unwrap();
+        w
+    });
+    let (mut tokens, mut ended) = (0, false);
+    while !ended {
+        // One blocking read, then whatever else is already whole.
+        let mut next = Some(c.next_frame().unwrap());
+        while let Some(f) = next {
+            assert_eq!(f.stream_id, 1);
+            match f.kind {
+                Kind::Tokens => tokens += f.arg,
+                Kind::End => ended = true,
+                k => panic!("unexpected {k:?}"),
+            }
+            next = c.buffered_frame().unwrap();
+        }
+    }
+    assert_eq!(tokens, 4);
+    // Shutting the writer down ends the reader's stream.
+    sender.join().unwrap().shutdown().unwrap();
+    assert!(matches!(c.next_frame(), Err(cnse_client::ClientError::Closed { .. })));
+}
+
 fn quick(addr: std::net::SocketAddr, mode: Mode) -> LoadConfig {
     LoadConfig {
         connections: 4,

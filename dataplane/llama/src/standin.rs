@@ -4,7 +4,11 @@
 //! `stop_type`, `tokens_predicted`; `GET /health`), with a fixed, known
 //! pace instead of a model. The gateway-overhead benchmark points both of
 //! its sides at it to measure what cnse-dp adds without CPU inference
-//! noise on top. One thread per connection; not a production server.
+//! noise on top. It also serves llama-server's OpenAI-compatible
+//! `POST /v1/completions` (streamed as OpenAI's SSE chunks ending in
+//! `data: [DONE]`, or one JSON answer), with the same tokens at the same
+//! pace, so the official `openai` package can stream from it (the Python
+//! SDK's benchmark). One thread per connection; not a production server.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -87,11 +91,17 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
             }
             continue;
         }
+        if path == "/v1/completions" {
+            if openai_completion(&mut conn, &body, cfg, &mut out).is_err() {
+                return;
+            }
+            continue;
+        }
         let n_predict = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["n_predict"].as_u64())
             .unwrap_or(16)
-            .min(1 << 20);
+            .min(TOKENS_MAX);
         let t0 = Instant::now();
         let head = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n\
                     Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
@@ -100,8 +110,7 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
         }
         for k in 0..n_predict {
             // An absolute schedule: no drift from slow writes.
-            let due = t0 + cfg.ttft + cfg.token_interval * u32::try_from(k).unwrap_or(u32::MAX);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            if let Some(wait) = due(t0, cfg, k).checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
             let event = format!(
@@ -125,6 +134,64 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
             return;
         }
     }
+}
+
+/// Tokens of one stand-in answer at most.
+const TOKENS_MAX: u64 = 1 << 20;
+
+/// When token `k` of an answer started at `t0` is due.
+fn due(t0: Instant, cfg: StandinConfig, k: u64) -> Instant {
+    t0 + cfg.ttft + cfg.token_interval * u32::try_from(k).unwrap_or(u32::MAX)
+}
+
+/// `POST /v1/completions` as llama-server's OpenAI-compatible API answers
+/// it: `max_tokens` (default 16) tokens " tok0", " tok1", ...; with
+/// `"stream": true` one `text_completion` chunk per token, a last chunk
+/// with `finish_reason` "length", then `data: [DONE]`.
+fn openai_completion(conn: &mut TcpStream, body: &[u8], cfg: StandinConfig, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let req = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
+    let n = req["max_tokens"].as_u64().unwrap_or(16).min(TOKENS_MAX);
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    let t0 = Instant::now();
+    let chunk = |text: &str, finish: &str| {
+        format!(
+            "{{\"id\":\"cmpl-standin\",\"object\":\"text_completion\",\"created\":0,\"model\":\"standin\",\
+             \"choices\":[{{\"text\":\"{text}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}]}}"
+        )
+    };
+    if !stream {
+        if let Some(wait) = due(t0, cfg, n.saturating_sub(1)).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let text: String = (0..n).map(|k| format!(" tok{k}")).collect();
+        let body = chunk(&text, "\"length\"");
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes())?;
+        return conn.write_all(body.as_bytes());
+    }
+    let head = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n\
+                Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
+    conn.write_all(head.as_bytes())?;
+    let mut put_event = |data: &str, out: &mut Vec<u8>| {
+        let event = format!("data: {data}\n\n");
+        out.clear();
+        out.extend_from_slice(format!("{:x}\r\n", event.len()).as_bytes());
+        out.extend_from_slice(event.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        conn.write_all(out)
+    };
+    for k in 0..n {
+        if let Some(wait) = due(t0, cfg, k).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        put_event(&chunk(&format!(" tok{k}"), "null"), out)?;
+    }
+    put_event(&chunk("", "\"length\""), out)?;
+    put_event("[DONE]", out)?;
+    conn.write_all(b"0\r\n\r\n")
 }
 
 /// Reads one request; returns its path and body.

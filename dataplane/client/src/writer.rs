@@ -1,0 +1,93 @@
+//! The sending half of a handshaken connection ([`Client::writer`]): frames
+//! are encoded by the protocol crate into one buffer and written whole, so
+//! frames from different callers never interleave when the owner serialises
+//! calls (a mutex in the Python SDK).
+//!
+//! [`Client::writer`]: crate::Client::writer
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use cnse_proto::{put_cancel, put_credit, put_ping, put_request, Params};
+
+use crate::ClientError;
+
+pub struct Writer {
+    addr: SocketAddr,
+    stream: TcpStream,
+    out: Vec<u8>,
+}
+
+impl Writer {
+    pub(crate) fn new(stream: TcpStream, addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            stream,
+            out: Vec::with_capacity(4096),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn flush_out(&mut self) -> Result<(), ClientError> {
+        let r = self.stream.write_all(&self.out);
+        self.out.clear();
+        r.map_err(|source| ClientError::Io {
+            op: "write",
+            addr: self.addr,
+            source,
+        })
+    }
+
+    /// REQUEST on `stream_id` with `credit` tokens of initial credit (0 =
+    /// unlimited). The caller keeps the prompt within the server's payload
+    /// limit (HELLO_ACK `aux`): a larger frame is a violation that closes
+    /// the connection.
+    pub fn request(&mut self, stream_id: u64, credit: u32, params: &Params, prompt: &str) -> Result<(), ClientError> {
+        put_request(&mut self.out, stream_id, credit, params, prompt.as_bytes());
+        self.flush_out()
+    }
+
+    pub fn credit(&mut self, stream_id: u64, tokens: u32) -> Result<(), ClientError> {
+        put_credit(&mut self.out, stream_id, tokens);
+        self.flush_out()
+    }
+
+    pub fn cancel(&mut self, stream_id: u64) -> Result<(), ClientError> {
+        put_cancel(&mut self.out, stream_id);
+        self.flush_out()
+    }
+
+    pub fn ping(&mut self, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) -> Result<(), ClientError> {
+        put_ping(&mut self.out, stream_id, arg, aux, payload);
+        self.flush_out()
+    }
+
+    /// Bounds later writes. The socket is shared with the [`Client`] it came
+    /// from: this changes that handle's write timeout too (read timeouts are
+    /// left as they are).
+    ///
+    /// [`Client`]: crate::Client
+    pub fn set_write_timeout(&self, timeout: Duration) -> Result<(), ClientError> {
+        self.stream
+            .set_write_timeout(Some(timeout))
+            .map_err(|source| ClientError::Io {
+                op: "set write timeout",
+                addr: self.addr,
+                source,
+            })
+    }
+
+    /// Closes both directions: a reader blocked on the other handle sees
+    /// the end of the stream.
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        self.stream.shutdown(Shutdown::Both).map_err(|source| ClientError::Io {
+            op: "shutdown",
+            addr: self.addr,
+            source,
+        })
+    }
+}
