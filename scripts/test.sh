@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All tests, on a fresh Debian 12 machine with the Rust toolchain: installs
 # what the tests need, starts the real services (nginx with WebDAV as the
-# filer remote, llama-server with SmolLM2), runs every test, stops them.
+# filer remote, llama-server with SmolLM2), runs every test (cargo, then the
+# Python SDK's pytest), stops them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -17,6 +18,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+fi
+
+# The Python SDK's tests need venv (a separate package on Debian's Python).
+if ! python3 -m venv --help >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-pip >/dev/null
 fi
 
 # 2,000-connection tests need descriptors.
@@ -76,3 +83,6 @@ echo "on an AVX2-only CPU: $avx2_bin"
 
 log "tests"
 cargo test --release --workspace -- --test-threads=2
+
+log "Python SDK tests"
+scripts/test-python.sh
