@@ -5,7 +5,7 @@
 
 use cnse_backend::{Delivery, Io, Sink};
 
-use super::{Conn, LlamaBackend, Phase, Task};
+use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task};
 use crate::http::Item;
 use crate::sse::{self, SseLine};
 
@@ -28,11 +28,10 @@ impl LlamaBackend {
     /// The connection failed under the slot's current task.
     pub(super) fn conn_failed(&mut self, i: usize, what: String, down: bool, io: &mut dyn Io, sink: &mut dyn Sink) {
         match &mut self.slots[i].task {
-            Task::Stream(w) if w.reused && !w.got_bytes && !w.retried => {
+            Task::Stream(w) if w.attempt == Attempt::PooledUnanswered => {
                 // The server closed the pooled connection while idle: send
                 // again on a fresh one once this one is closed.
-                w.retried = true;
-                w.reused = false;
+                w.attempt = Attempt::Committed;
                 self.llama.retried += 1;
                 self.abort_conn(i, io);
             }
@@ -75,7 +74,7 @@ impl LlamaBackend {
         loop {
             let slot = &mut self.slots[i];
             if let Task::Stream(w) = &slot.task {
-                if w.paused {
+                if w.flow == Flow::Paused {
                     slot.deadline = None;
                     return;
                 }
@@ -173,7 +172,8 @@ impl LlamaBackend {
                 Delivery::Accepted => {}
                 // The rest of this event still goes out: the stream's
                 // buffer bound leaves room for one event's tokens.
-                Delivery::Pause => w.paused = !event.stop,
+                Delivery::Pause if !event.stop => w.flow = Flow::Paused,
+                Delivery::Pause => {}
                 Delivery::Gone => {
                     self.by_id.remove(&id);
                     self.stats.cancelled += 1;
@@ -185,7 +185,7 @@ impl LlamaBackend {
             }
         }
         if count > 0 {
-            slot.deadline = if w.paused {
+            slot.deadline = if w.flow == Flow::Paused {
                 None
             } else {
                 Some(io.now() + self.cfg.idle_token_timeout)
@@ -199,7 +199,7 @@ impl LlamaBackend {
             slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
             return true;
         }
-        !w.paused
+        w.flow != Flow::Paused
     }
 
     pub(super) fn on_end(&mut self, i: usize, io: &mut dyn Io, sink: &mut dyn Sink) {
@@ -231,7 +231,7 @@ impl LlamaBackend {
     pub(super) fn need_more(&mut self, i: usize, io: &mut dyn Io) {
         let slot = &self.slots[i];
         let read = match &slot.task {
-            Task::Stream(w) => !w.paused,
+            Task::Stream(w) => w.flow != Flow::Paused,
             Task::Drain | Task::Health => true,
             Task::None => false,
         };

@@ -85,17 +85,35 @@ enum Task {
 struct Work {
     id: WorkId,
     phase: Phase,
-    paused: bool,
-    /// Buffered bytes wait to be processed at the next `poll` (resume has no
-    /// sink to deliver them to).
-    wake: bool,
-    /// Sent on a pooled connection: a close before any answer byte is the
-    /// server dropping an idle connection, not a failure (retried once).
-    reused: bool,
-    retried: bool,
-    got_bytes: bool,
+    flow: Flow,
+    attempt: Attempt,
     /// Tokens delivered.
     delivered: u64,
+}
+
+/// Whether a stream's tokens may go to its sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Flowing,
+    /// The client's credit ran out: nothing is read or delivered, so that
+    /// TCP backpressure pauses llama-server.
+    Paused,
+    /// Resumed, with received bytes waiting: they are processed at the next
+    /// `poll` or on the wake NOP's completion (resume has no sink to deliver
+    /// them to).
+    Woken,
+}
+
+/// What a close of the stream's connection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// Sent on a pooled keep-alive connection, no answer byte yet: a close
+    /// is the server having dropped the idle connection, not a failure; the
+    /// request is sent again, once, on a fresh connection.
+    PooledUnanswered,
+    /// On a fresh connection, answered, or already retried: a close is a
+    /// failure.
+    Committed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,11 +296,12 @@ impl Backend for LlamaBackend {
         slot.task = Task::Stream(Work {
             id: job.id,
             phase: Phase::AwaitHead,
-            paused: false,
-            wake: false,
-            reused,
-            retried: false,
-            got_bytes: false,
+            flow: Flow::Flowing,
+            attempt: if reused {
+                Attempt::PooledUnanswered
+            } else {
+                Attempt::Committed
+            },
             delivered: 0,
         });
         if reused {
@@ -314,7 +333,7 @@ impl Backend for LlamaBackend {
         let Some(i) = self.slot_of(id) else { return };
         let slot = &mut self.slots[i];
         if let Task::Stream(w) = &mut slot.task {
-            w.paused = true;
+            w.flow = Flow::Paused;
             slot.deadline = None;
         }
     }
@@ -323,16 +342,16 @@ impl Backend for LlamaBackend {
         let Some(i) = self.slot_of(id) else { return };
         let slot = &mut self.slots[i];
         let Task::Stream(w) = &mut slot.task else { return };
-        if !w.paused {
+        if w.flow != Flow::Paused {
             return;
         }
-        w.paused = false;
+        w.flow = Flow::Flowing;
         slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
         if matches!(slot.conn, Conn::Ready(_)) {
             // Bytes already received may hold whole events, but there is no
             // sink here: a NOP's completion brings the slot back to
             // `complete`, which processes them and re-arms RECV.
-            w.wake = true;
+            w.flow = Flow::Woken;
             // SAFETY: NOP references no memory.
             unsafe { io.submit(op::tag(i, OpKind::Wake), op::nop()) };
         }
@@ -346,8 +365,8 @@ impl Backend for LlamaBackend {
         let now = io.now();
         for i in 0..self.slots.len() {
             if let Task::Stream(w) = &mut self.slots[i].task {
-                if w.wake {
-                    w.wake = false;
+                if w.flow == Flow::Woken {
+                    w.flow = Flow::Flowing;
                     self.process(i, io, sink);
                 }
             }
@@ -383,7 +402,7 @@ impl Backend for LlamaBackend {
         let paused = self
             .slots
             .iter()
-            .filter(|s| matches!(&s.task, Task::Stream(w) if w.paused))
+            .filter(|s| matches!(&s.task, Task::Stream(w) if w.flow == Flow::Paused))
             .count() as u64;
         BackendStats {
             active: self.by_id.len() as u64,

@@ -6,7 +6,7 @@
 
 use cnse_backend::{Io, Sink};
 
-use super::{Conn, LlamaBackend, Phase, Task};
+use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task};
 use crate::op::{self, OpKind};
 
 impl LlamaBackend {
@@ -104,8 +104,8 @@ impl LlamaBackend {
             // `wake` flag is then gone with it.
             let slot = &mut self.slots[i];
             if let Task::Stream(w) = &mut slot.task {
-                if w.wake && matches!(slot.conn, Conn::Ready(_)) {
-                    w.wake = false;
+                if w.flow == Flow::Woken && matches!(slot.conn, Conn::Ready(_)) {
+                    w.flow = Flow::Flowing;
                     self.process(i, io, sink);
                 }
             }
@@ -172,7 +172,7 @@ impl LlamaBackend {
                 slot.recv_len = result as usize;
                 slot.recv_pos = 0;
                 if let Task::Stream(w) = &mut slot.task {
-                    w.got_bytes = true;
+                    w.attempt = Attempt::Committed;
                 }
                 self.process(i, io, sink);
             }
