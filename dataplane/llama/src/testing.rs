@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use cnse_backend::{Backend, Delivery, FinishReason, Io, Job, Params, Reject, Sink, WorkId};
-use cnse_ring::{squeue, Completion, Ring, RingConfig, Tag};
+use cnse_ring::{squeue, Completion, Ring, RingConfig, RingError, Tag};
 
 /// Ring entries of the test loop.
 const RING_ENTRIES: u32 = 256;
@@ -53,13 +53,12 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new() -> Result<Self, RingError> {
         let ring = Ring::new(RingConfig {
             entries: RING_ENTRIES,
             cq_factor: CQ_FACTOR,
             single_issuer: true,
-        })
-        .map_err(|e| e.source)?;
+        })?;
         Ok(Self {
             io: RingIo {
                 ring,

@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::{CONNECTIONS_MAX, INFLIGHT_MAX, OPEN_LOOP_TICK_US_DEFAULT};
 use crate::{ClientError, CLIENT_PAYLOAD_BYTES_MAX};
 
-
 /// What each stream does.
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -124,4 +123,3 @@ impl LoadConfig {
         }
     }
 }
-

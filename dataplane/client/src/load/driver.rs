@@ -29,7 +29,12 @@ enum Stage {
 }
 
 /// Thread `t` of a run, with `conns_n` connections.
-pub(super) fn worker(t: usize, conns_n: usize, cfg: &LoadConfig, barrier: &Barrier) -> Result<ThreadStats, ClientError> {
+pub(super) fn worker(
+    t: usize,
+    conns_n: usize,
+    cfg: &LoadConfig,
+    barrier: &Barrier,
+) -> Result<ThreadStats, ClientError> {
     if let Some(&cpu) = cfg.cpus.get(t % cfg.cpus.len().max(1)) {
         // Pinning is an optimisation; an invalid CPU leaves the thread free.
         let _ = cnse_ring::pin_current_thread_to(cpu);
@@ -221,7 +226,10 @@ impl<'a> Driver<'a> {
     /// rather than freed under it.
     fn shut_down(&mut self) {
         self.completions.clear();
-        let left = self.ring.teardown(SHUTDOWN_WAIT, &mut self.completions).unwrap_or(u64::MAX);
+        let left = self
+            .ring
+            .teardown(SHUTDOWN_WAIT, &mut self.completions)
+            .unwrap_or(u64::MAX);
         if left > 0 {
             std::mem::forget(std::mem::take(&mut self.conns));
         }

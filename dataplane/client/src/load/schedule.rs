@@ -9,11 +9,7 @@ pub(super) enum Schedule {
     /// Every slot starts once, spread evenly over the warm-up so that
     /// streams do not run in lockstep waves; completions re-issue from then
     /// on. Slot number `i` of this thread starts at `ramp_at(i)`.
-    Closed {
-        warmup_ns: u64,
-        slots_n: u64,
-        started: u64,
-    },
+    Closed { warmup_ns: u64, slots_n: u64, started: u64 },
     /// Request `i` of this thread is intended at `offset + i * interval`.
     Open {
         interval_ns: f64,

@@ -278,4 +278,3 @@ pub(super) fn lose(conn: &mut Streams, ctx: &mut Ctx) {
     // send in flight complete so its buffer is handed back.
     unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
 }
-

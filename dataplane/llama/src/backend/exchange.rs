@@ -10,7 +10,15 @@ use crate::http::Item;
 use crate::sse::{self, SseLine};
 
 impl LlamaBackend {
-    pub(super) fn fail(&mut self, i: usize, code: u32, message: &str, down: bool, io: &mut dyn Io, sink: &mut dyn Sink) {
+    pub(super) fn fail(
+        &mut self,
+        i: usize,
+        code: u32,
+        message: &str,
+        down: bool,
+        io: &mut dyn Io,
+        sink: &mut dyn Sink,
+    ) {
         let task = std::mem::replace(&mut self.slots[i].task, Task::None);
         if let Task::Stream(w) = task {
             self.by_id.remove(&w.id);
