@@ -124,3 +124,34 @@ impl Schedule {
         self.next_due_ns().max(now + tick_ns)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_closed_loop_ramps_its_slots_evenly_over_the_warm_up() {
+        let mut s = Schedule::new(None, 0, 1, 4, 1_000);
+        let mut due = Vec::new();
+        for _ in 0..4 {
+            due.push(s.next_due_ns());
+            s.advance();
+        }
+        assert_eq!(due, [0, 250, 500, 750]);
+        assert_eq!(s.unsent(10_000), 0, "a closed loop never leaves requests unsent");
+    }
+
+    #[test]
+    fn the_open_loop_interleaves_threads_and_counts_what_it_could_not_send() {
+        // 1000/s over 2 threads: each thread every 2 ms, thread 1 offset 1 ms.
+        let t0 = Schedule::new(Some(1000.0), 0, 2, 0, 0);
+        let mut t1 = Schedule::new(Some(1000.0), 1, 2, 0, 0);
+        assert_eq!((t0.next_due_ns(), t1.next_due_ns()), (0, 1_000_000));
+        t1.advance();
+        assert_eq!(t1.next_due_ns(), 3_000_000);
+        // Due before 10 ms: 1, 3, 5, 7, 9 ms; one was sent.
+        assert_eq!(t1.unsent(10_000_000), 4);
+        // Not sooner than a tick from now.
+        assert_eq!(t1.wake_ns(2_950_000, 100_000), 3_050_000);
+    }
+}
