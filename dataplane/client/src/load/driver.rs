@@ -86,7 +86,7 @@ impl<'a> Driver<'a> {
         };
         let slots_n = (conns_n * cfg.inflight) as u64;
         // Room for a full completion queue plus what a stalled push stashed.
-        let completions_max = 2 * 2 * (2 * conns_n + 64).next_power_of_two().clamp(256, 32_768);
+        let completions_max = 2 * ring.raw().params().cq_entries() as usize;
         Driver {
             cfg,
             ring,
