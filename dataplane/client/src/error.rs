@@ -36,10 +36,7 @@ pub enum ClientError {
     Unexpected { addr: SocketAddr, what: String },
     #[error("load generator: {0}")]
     Load(String),
-    #[error("io_uring {op}: {source}")]
-    Ring {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A ring operation failed (the operation and the errno are in it).
+    #[error(transparent)]
+    Ring(#[from] cnse_ring::RingError),
 }

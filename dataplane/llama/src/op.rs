@@ -5,7 +5,7 @@
 
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, squeue::Entry, types};
+use cnse_ring::{opcode, squeue::Entry, types};
 
 /// Kind of a submitted operation, the low bits of its tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,16 +8,22 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use cnse_backend::{Backend, Delivery, FinishReason, Io, Job, Params, Reject, Sink, WorkId};
-use io_uring::{squeue, types, IoUring};
+use cnse_ring::{squeue, Completion, Ring, RingConfig, RingError, Tag};
 
 /// Ring entries of the test loop.
 const RING_ENTRIES: u32 = 256;
-/// Completions handled per turn at most.
-const COMPLETIONS_PER_TURN_MAX: usize = 1024;
+/// Completion queue entries per submission queue entry.
+const CQ_FACTOR: u32 = 4;
+
+cnse_ring::op_kinds! {
+    /// The test loop's only op kind: the backend's own ops, under a wide tag
+    /// carrying the backend's 56-bit tag.
+    enum Op { Backend = 1 }
+}
 
 /// The ring side of the loop: what the backend sees as [`Io`].
 pub struct RingIo {
-    ring: IoUring,
+    ring: Ring,
     now: Instant,
 }
 
@@ -27,35 +33,38 @@ impl Io for RingIo {
     }
 
     unsafe fn submit(&mut self, tag: u64, entry: squeue::Entry) {
-        let entry = entry.user_data(tag);
-        loop {
-            // SAFETY: the caller guarantees what the entry points to stays
-            // valid until its completion (the trait's contract).
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return;
-            }
-            // Full submission queue: hand it to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
-                assert!(e.raw_os_error() == Some(libc::EBUSY), "io_uring submit: {e}");
-            }
+        assert!(tag <= cnse_ring::WIDE_MAX, "backend tag above 56 bits");
+        // SAFETY: the caller guarantees what the entry points to stays valid
+        // until its completion (the trait's contract is `Ring::push`'s).
+        if let Err(e) = unsafe { self.ring.push(entry, Tag::wide(Op::Backend.code(), tag)) } {
+            // Only a kernel failure (ENOMEM, EFAULT) gets here: the
+            // full-queue path is inside `Ring::push`, and this is a test tool.
+            panic!("test ring refused a submission: {e}");
         }
     }
 }
 
-/// The test loop.
+/// The test loop. Dropping it drains the ring (`Ring`'s drop cancels what
+/// is in flight); the backend keeps its buffers alive until then, or leaks
+/// them.
 pub struct Driver {
     io: RingIo,
-    completions: Vec<(u64, i32, u32)>,
+    completions: Vec<Completion>,
 }
 
 impl Driver {
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new() -> Result<Self, RingError> {
+        let ring = Ring::new(RingConfig {
+            entries: RING_ENTRIES,
+            cq_factor: CQ_FACTOR,
+            single_issuer: true,
+        })?;
         Ok(Self {
             io: RingIo {
-                ring: IoUring::new(RING_ENTRIES)?,
+                ring,
                 now: Instant::now(),
             },
-            completions: Vec::with_capacity(COMPLETIONS_PER_TURN_MAX),
+            completions: Vec::with_capacity((RING_ENTRIES * CQ_FACTOR) as usize),
         })
     }
 
@@ -92,21 +101,15 @@ impl Driver {
         if let Some(t) = next {
             wait = wait.min(t.saturating_duration_since(self.io.now));
         }
-        let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match self.io.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
-            Err(e) => panic!("io_uring wait: {e}"),
-        }
         self.completions.clear();
-        for cqe in self.io.ring.completion().take(COMPLETIONS_PER_TURN_MAX) {
-            self.completions.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        if let Err(e) = self.io.ring.turn(Some(wait), &mut self.completions) {
+            panic!("test ring: {e}");
         }
         self.io.now = Instant::now();
         for k in 0..self.completions.len() {
-            let (tag, res, flags) = self.completions[k];
-            backend.complete(tag, res, flags, &mut self.io, sink);
+            let c = self.completions[k];
+            debug_assert_eq!(Op::from_code(c.tag.kind()), Some(Op::Backend));
+            backend.complete(c.tag.wide_value(), c.result, c.flags, &mut self.io, sink);
         }
     }
 

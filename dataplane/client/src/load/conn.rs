@@ -1,0 +1,221 @@
+//! One connection of the load generator on the ring: its socket, its
+//! receive and send buffers, and its two ops, each an explicit state. A
+//! buffer whose op is [`OpState::InFlight`] belongs to the kernel and is not
+//! touched until that op's completion is reaped.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use cnse_proto::{Direction, FrameDecoder, Kind, HEADER_BYTES};
+use cnse_ring::{opcode, types, Ring, RingConfig, Tag};
+
+use super::config::{LoadConfig, Mode};
+use super::streams::{lose, on_frame, Ctx, Slot, Streams};
+use super::CONNECTIONS_MAX;
+use crate::{Client, ClientError, CLIENT_PAYLOAD_BYTES_MAX};
+
+cnse_ring::op_kinds! {
+    /// The generator's ops: one recv and at most one send per connection,
+    /// tagged with the connection's index.
+    pub(super) enum Op { Recv = 1, Send = 2 }
+}
+
+const RECV_BUFFER_BYTES: usize = 64 << 10;
+/// Connections keep their index for the whole run (the table never reuses
+/// an entry), so every tag carries generation 0.
+const GENERATION: u32 = 0;
+const _: () = assert!(Tag::check_slots(CONNECTIONS_MAX));
+
+/// Where one op of a connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum OpState {
+    /// Nothing of ours is in the kernel: the op's buffer is ours.
+    Idle,
+    /// Submitted; the buffer is the kernel's until the completion. A lost
+    /// connection's ops stay here until `shutdown` makes them complete, and
+    /// the ring's teardown cancels and drains whatever is left.
+    InFlight,
+}
+
+pub(super) struct Conn {
+    /// Owns the fd (closed on drop, after the ring's teardown).
+    _sock: std::net::TcpStream,
+    fd: RawFd,
+    rbuf: Box<[u8]>,
+    decoder: FrameDecoder,
+    /// Frames handed to the kernel; untouched until the send completes.
+    wire: Vec<u8>,
+    wire_off: usize,
+    recv: OpState,
+    send: OpState,
+    /// In the loop's list of connections with frames to send.
+    queued: bool,
+    pub(super) st: Streams,
+}
+
+/// The ring and the connections of one client thread, HELLO done.
+pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>), ClientError> {
+    let entries = (2 * conns_n + 64).next_power_of_two().clamp(256, 32_768) as u32;
+    let ring = Ring::new(RingConfig {
+        entries,
+        cq_factor: 2,
+        single_issuer: true,
+    })?;
+    let mut conns = Vec::with_capacity(conns_n);
+    let out_bytes = match &cfg.mode {
+        Mode::Ping { payload_bytes } => HEADER_BYTES + payload_bytes,
+        Mode::Generate { prompt, .. } => 2 * HEADER_BYTES + 32 + prompt.len(),
+    } * cfg.inflight
+        + 4096;
+    for _ in 0..conns_n {
+        let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
+        let addr = client.addr();
+        let sock = client.into_stream()?;
+        sock.set_nonblocking(true).map_err(|source| ClientError::Io {
+            op: "set non-blocking",
+            addr,
+            source,
+        })?;
+        let fd = sock.as_raw_fd();
+        conns.push(Conn {
+            _sock: sock,
+            fd,
+            rbuf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
+            decoder: FrameDecoder::new(Direction::ToClient, CLIENT_PAYLOAD_BYTES_MAX),
+            wire: Vec::with_capacity(out_bytes),
+            wire_off: 0,
+            recv: OpState::Idle,
+            send: OpState::Idle,
+            queued: false,
+            st: Streams {
+                fd,
+                free: Vec::with_capacity(cfg.inflight),
+                ready: false,
+                out: Vec::with_capacity(out_bytes),
+                alive: true,
+                busy: 0,
+                slots: vec![Slot::default(); cfg.inflight].into_boxed_slice(),
+            },
+        });
+    }
+    Ok((ring, conns))
+}
+
+/// Adds connection `c` to the loop's send list once.
+pub(super) fn queue_send(conn: &mut Conn, c: u32, dirty: &mut Vec<u32>) {
+    if !conn.queued {
+        conn.queued = true;
+        dirty.push(c);
+    }
+}
+
+impl Conn {
+    pub(super) fn arm_recv(&mut self, ring: &mut Ring, c: u32) -> Result<(), ClientError> {
+        debug_assert_eq!(self.recv, OpState::Idle);
+        let e = opcode::Recv::new(types::Fd(self.fd), self.rbuf.as_mut_ptr(), self.rbuf.len() as u32).build();
+        // SAFETY: `rbuf` is a boxed slice this connection owns (it does not
+        // move with the table) and `recv` is InFlight until the completion,
+        // so nothing reads or frees it meanwhile; the socket stays open
+        // until the ring's teardown has drained every op.
+        unsafe { ring.push(e, Tag::slot(Op::Recv.code(), c, GENERATION))? };
+        self.recv = OpState::InFlight;
+        Ok(())
+    }
+
+    fn arm_send(&mut self, ring: &mut Ring, c: u32) -> Result<(), ClientError> {
+        debug_assert!(self.send == OpState::Idle && self.wire_off < self.wire.len());
+        let rest = &self.wire[self.wire_off..];
+        let e = opcode::Send::new(types::Fd(self.fd), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        // SAFETY: `wire` is neither written nor swapped while `send` is
+        // InFlight (see `flush`), and the socket stays open until the ring's
+        // teardown has drained every op.
+        unsafe { ring.push(e, Tag::slot(Op::Send.code(), c, GENERATION))? };
+        self.send = OpState::InFlight;
+        Ok(())
+    }
+
+    /// Hands this turn's frames to the kernel, unless a send is still in
+    /// flight (they then leave with the next one).
+    pub(super) fn flush(&mut self, ring: &mut Ring, c: u32) -> Result<(), ClientError> {
+        self.queued = false;
+        if self.st.alive && self.send == OpState::Idle && !self.st.out.is_empty() {
+            std::mem::swap(&mut self.st.out, &mut self.wire);
+            self.wire_off = 0;
+            self.arm_send(ring, c)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_recv(
+        &mut self,
+        ring: &mut Ring,
+        c: u32,
+        result: i32,
+        now: u64,
+        ctx: &mut Ctx,
+    ) -> Result<(), ClientError> {
+        debug_assert_eq!(self.recv, OpState::InFlight);
+        self.recv = OpState::Idle;
+        if result > 0 {
+            self.on_bytes(c, result as usize, now, ctx);
+            if self.st.alive {
+                self.arm_recv(ring, c)?;
+            }
+        } else if matches!(-result, libc::EINTR | libc::EAGAIN | libc::ENOBUFS) {
+            self.arm_recv(ring, c)?;
+        } else {
+            // 0: the server closed; anything else is the connection's end too.
+            lose(&mut self.st, ctx);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_send(&mut self, ring: &mut Ring, c: u32, result: i32, ctx: &mut Ctx) -> Result<(), ClientError> {
+        debug_assert_eq!(self.send, OpState::InFlight);
+        self.send = OpState::Idle;
+        if result >= 0 {
+            self.wire_off += result as usize;
+            if self.wire_off < self.wire.len() {
+                self.arm_send(ring, c)?;
+            } else {
+                self.wire.clear();
+                self.wire_off = 0;
+            }
+        } else if matches!(-result, libc::EINTR | libc::EAGAIN) {
+            self.arm_send(ring, c)?;
+        } else {
+            lose(&mut self.st, ctx);
+        }
+        Ok(())
+    }
+
+    fn on_bytes(&mut self, c: u32, n: usize, now: u64, ctx: &mut Ctx) {
+        let Conn { rbuf, decoder, st, .. } = self;
+        let mut input: &[u8] = &rbuf[..n];
+        loop {
+            // Header fields are copied out and the payload checked in place,
+            // so the decoder's borrow ends before the handler runs.
+            let (kind, id, arg, aux, check) = match decoder.next(&mut input) {
+                Ok(Some(f)) => {
+                    let check = match f.kind {
+                        Kind::Pong => f.payload == ctx.ping_payload,
+                        Kind::End => f.payload.len() >= cnse_proto::END_PAYLOAD_BYTES,
+                        _ => true,
+                    };
+                    (f.kind, f.header.stream_id(), f.header.arg(), f.header.aux(), check)
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    ctx.stats.bad_frames += 1;
+                    lose(st, ctx);
+                    return;
+                }
+            };
+            on_frame(st, c as usize, kind, id, arg, aux, check, now, ctx);
+            if !st.alive {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! What a run measured: per-thread counters and histograms, merged into
+//! the report that `cnse-dp bench` prints.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cnse_metrics::{LatencyHistogram, Rate, Summary};
+
+use crate::ClientError;
+
+/// What a run measured, merged over threads.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub mode: &'static str,
+    pub connections: usize,
+    pub inflight: usize,
+    pub threads: usize,
+    pub rate_per_s: Option<f64>,
+    /// Length of the measured window.
+    pub window: Duration,
+    /// Time to first token (generate).
+    pub ttft: LatencyHistogram,
+    /// Gap before each token: the first token of a TOKENS frame gets the
+    /// time since the previous frame of its stream, tokens packed with it
+    /// get 0 (they arrived together).
+    pub inter_token: LatencyHistogram,
+    /// REQUEST (or PING) to END (or PONG).
+    pub e2e: LatencyHistogram,
+    /// Streams completed successfully inside the window.
+    pub requests: u64,
+    pub tokens: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    /// ERROR frames by code.
+    pub errors: BTreeMap<u32, u64>,
+    /// Connections the server closed or that failed during the run.
+    pub connections_lost: u64,
+    /// Frames that broke the protocol (bad header, unknown or ended stream,
+    /// tokens beyond the credit granted, a token index or count different
+    /// from what arrived, PONG not echoed byte for byte).
+    pub bad_frames: u64,
+    /// Open loop: requests due by the end that no free slot could send.
+    pub unsent: u64,
+    /// Streams still open when the drain timeout ran out.
+    pub unfinished: u64,
+    /// CPU time of the server process (`server_pid`) during the window.
+    pub server_cpu: Option<Duration>,
+    /// CPU time of this process (all client threads) during the window.
+    pub client_cpu: Option<Duration>,
+    /// Time the server's and the client's threads spent runnable but
+    /// waiting for a CPU during the window (from schedstat): on a shared
+    /// machine, what the other tenants took.
+    pub server_runq_wait: Option<Duration>,
+    pub client_runq_wait: Option<Duration>,
+    /// Heap allocations of this process during the window (with
+    /// `allocation_counter`).
+    pub allocations: Option<u64>,
+}
+
+impl LoadReport {
+    pub(super) fn absorb(&mut self, s: &ThreadStats) -> Result<(), ClientError> {
+        let merge =
+            |a: &mut LatencyHistogram, b: &LatencyHistogram| a.merge(b).map_err(|e| ClientError::Load(e.to_string()));
+        merge(&mut self.ttft, &s.ttft)?;
+        merge(&mut self.inter_token, &s.inter_token)?;
+        merge(&mut self.e2e, &s.e2e)?;
+        self.requests += s.requests;
+        self.tokens += s.tokens;
+        self.frames_in += s.frames_in;
+        self.frames_out += s.frames_out;
+        for (code, n) in &s.errors {
+            *self.errors.entry(*code).or_default() += n;
+        }
+        self.connections_lost += s.connections_lost;
+        self.bad_frames += s.bad_frames;
+        self.unsent += s.unsent;
+        self.unfinished += s.unfinished;
+        Ok(())
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Latency rows for the table/CSV (TTFT and inter-token only when
+    /// generating).
+    pub fn summaries(&self) -> Vec<Summary> {
+        let mut v = Vec::with_capacity(3);
+        if self.mode == "generate" {
+            v.push(self.ttft.summary("ttft"));
+            v.push(self.inter_token.summary("inter_token"));
+        }
+        v.push(self.e2e.summary("e2e"));
+        v
+    }
+
+    pub fn rates(&self) -> Vec<Rate> {
+        let w = self.window;
+        let mut v = vec![Rate::new("requests", self.requests, w)];
+        if self.mode == "generate" {
+            v.push(Rate::new("tokens", self.tokens, w));
+        }
+        v.push(Rate::new("frames_in", self.frames_in, w));
+        v.push(Rate::new("frames_out", self.frames_out, w));
+        v
+    }
+
+    /// Throughput per CPU-second of the server process, when it was
+    /// measured: `requests_per_server_cpu_s` and `tokens_per_server_cpu_s`.
+    pub fn cpu_rates(&self) -> Vec<Rate> {
+        let Some(cpu) = self.server_cpu else {
+            return Vec::new();
+        };
+        let mut v = vec![Rate::new("requests_per_server_cpu_s", self.requests, cpu)];
+        if self.mode == "generate" {
+            v.push(Rate::new("tokens_per_server_cpu_s", self.tokens, cpu));
+        }
+        v
+    }
+
+    pub fn requests_per_s(&self) -> f64 {
+        Rate::new("", self.requests, self.window).per_s()
+    }
+
+    /// One line of problems, or `None` when the run was clean.
+    pub fn problems(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        for (code, n) in &self.errors {
+            parts.push(format!("{n} x ERROR {code}"));
+        }
+        for (n, what) in [
+            (self.connections_lost, "connections lost"),
+            (self.bad_frames, "bad frames"),
+            (
+                self.unsent,
+                "requests never sent (no free slot: offered rate above capacity; percentiles understate)",
+            ),
+            (self.unfinished, "streams unfinished at the drain timeout"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
+    /// A label for the CSV `run` column.
+    pub fn label(&self) -> String {
+        let shape = match self.rate_per_s {
+            Some(r) => format!("open {r:.0}/s"),
+            None => "closed".to_string(),
+        };
+        format!(
+            "{} c={} k={} t={} {shape}",
+            self.mode, self.connections, self.inflight, self.threads
+        )
+    }
+}
+
+/// One client thread's counters (merged by [`LoadReport::absorb`]).
+#[derive(Default)]
+pub(super) struct ThreadStats {
+    /// Length of this thread's measured window.
+    pub(super) window_ns: u64,
+    /// When the last measured request ended.
+    pub(super) last_done_ns: u64,
+    pub(super) ttft: LatencyHistogram,
+    pub(super) inter_token: LatencyHistogram,
+    pub(super) e2e: LatencyHistogram,
+    pub(super) requests: u64,
+    pub(super) tokens: u64,
+    pub(super) frames_in: u64,
+    pub(super) frames_out: u64,
+    pub(super) errors: BTreeMap<u32, u64>,
+    pub(super) connections_lost: u64,
+    pub(super) bad_frames: u64,
+    pub(super) unsent: u64,
+    pub(super) unfinished: u64,
+}

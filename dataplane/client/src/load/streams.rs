@@ -1,0 +1,280 @@
+//! The streams of one connection: slots, the requests (or PINGs) they
+//! issue, and what each frame from the server does to them. Pure: no ring,
+//! only bytes out (`out`) and typed frames in; the one system call is the
+//! `shutdown` of a lost connection, which hands back its ops' buffers.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+
+use cnse_proto::{put_credit, put_ping, put_request, Kind, Params};
+
+use super::config::Mode;
+use super::report::ThreadStats;
+
+/// Bits of a stream id that name the slot (the rest is the slot's
+/// generation).
+const SLOT_BITS: u32 = 16;
+const _: () = assert!(super::INFLIGHT_MAX < 1 << SLOT_BITS);
+
+/// Whether a slot has a stream open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum SlotState {
+    #[default]
+    Idle,
+    /// A request was sent; its END, PONG or ERROR has not arrived.
+    Busy,
+}
+
+#[derive(Clone, Copy, Default)]
+pub(super) struct Slot {
+    state: SlotState,
+    /// Counted in the histograms (intended after the warm-up).
+    recorded: bool,
+    generation: u64,
+    /// When the request was meant to go out (open loop) or went out.
+    intended_ns: u64,
+    /// Arrival of the previous TOKENS frame.
+    last_ns: u64,
+    tokens: u64,
+    /// Tokens received since credit was last granted.
+    unacked: u32,
+    /// Credit granted so far (initial plus CREDIT frames); 0 = unlimited.
+    granted: u64,
+}
+
+/// The stream side of a connection, split from its receive buffer so that
+/// frames decoded in place can be handled while this is borrowed mutably.
+pub(super) struct Streams {
+    pub(super) fd: RawFd,
+    /// Open loop: idle slots (a stack, preallocated to `inflight`).
+    pub(super) free: Vec<u32>,
+    /// In the loop's `ready` queue.
+    pub(super) ready: bool,
+    /// Frames being built this turn.
+    pub(super) out: Vec<u8>,
+    pub(super) alive: bool,
+    /// Slots in [`SlotState::Busy`].
+    pub(super) busy: usize,
+    pub(super) slots: Box<[Slot]>,
+}
+
+/// Run phases as nanoseconds since the thread's clock origin.
+#[derive(Clone, Copy)]
+pub(super) struct Phase {
+    pub(super) measure_from_ns: u64,
+    pub(super) end_ns: u64,
+}
+
+impl Phase {
+    pub(super) fn in_window(&self, t_ns: u64) -> bool {
+        t_ns >= self.measure_from_ns && t_ns < self.end_ns
+    }
+}
+
+/// What frame handling asks of the loop.
+pub(super) struct Ctx<'a> {
+    pub(super) stats: &'a mut ThreadStats,
+    /// Open loop: connections with a free slot, each at most once.
+    pub(super) ready: &'a mut VecDeque<u32>,
+    pub(super) mode: &'a Mode,
+    pub(super) ping_payload: &'a [u8],
+    pub(super) phase: Phase,
+    pub(super) closed_loop: bool,
+    pub(super) stopping: bool,
+    /// Measured requests this thread may still issue.
+    pub(super) quota: &'a mut u64,
+}
+
+/// Sends one request (or PING) on slot `s`; false when the request bound
+/// leaves none to send.
+pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ctx: &mut Ctx) -> bool {
+    let recorded = intended_ns >= ctx.phase.measure_from_ns;
+    if recorded {
+        if *ctx.quota == 0 {
+            return false;
+        }
+        *ctx.quota -= 1;
+    }
+    let slot = &mut conn.slots[s];
+    debug_assert_eq!(slot.state, SlotState::Idle);
+    slot.state = SlotState::Busy;
+    slot.generation += 1;
+    slot.recorded = recorded;
+    slot.intended_ns = intended_ns;
+    slot.last_ns = 0;
+    slot.tokens = 0;
+    slot.unacked = 0;
+    slot.granted = match ctx.mode {
+        Mode::Generate { credit, .. } => u64::from(*credit),
+        Mode::Ping { .. } => 0,
+    };
+    conn.busy += 1;
+    let id = stream_id(s, slot.generation);
+    match ctx.mode {
+        Mode::Ping { .. } => put_ping(&mut conn.out, id, s as u32, intended_ns, ctx.ping_payload),
+        Mode::Generate {
+            max_tokens,
+            credit,
+            temperature,
+            prompt,
+        } => {
+            let params = Params {
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                ..Params::default()
+            };
+            put_request(&mut conn.out, id, *credit, &params, prompt.as_bytes());
+        }
+    }
+    if ctx.phase.in_window(now) {
+        ctx.stats.frames_out += 1;
+    }
+    true
+}
+
+fn stream_id(slot: usize, generation: u64) -> u64 {
+    (generation << SLOT_BITS) | (slot as u64 + 1)
+}
+
+/// The slot a stream id names, if it is the slot's current stream.
+fn slot_of(conn: &Streams, id: u64) -> Option<usize> {
+    let s = (id & ((1 << SLOT_BITS) - 1)).checked_sub(1)? as usize;
+    let slot = conn.slots.get(s)?;
+    (slot.state == SlotState::Busy && slot.generation == id >> SLOT_BITS).then_some(s)
+}
+
+/// A stream ended: record, then free or re-issue its slot.
+pub(super) fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut Ctx) {
+    let slot = &mut conn.slots[s];
+    if ok {
+        if slot.recorded {
+            ctx.stats.e2e.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats.last_done_ns = now;
+        }
+        // Request-bound runs count exactly their measured requests.
+        if ctx.phase.in_window(now) && (slot.recorded || *ctx.quota == u64::MAX) {
+            ctx.stats.requests += 1;
+        }
+    }
+    slot.state = SlotState::Idle;
+    conn.busy -= 1;
+    if ctx.stopping || !conn.alive {
+        return;
+    }
+    if ctx.closed_loop {
+        // Past the request bound the slot just stays idle.
+        let _ = issue(conn, s, now, now, ctx);
+    } else {
+        conn.free.push(s as u32);
+        if !conn.ready {
+            conn.ready = true;
+            ctx.ready.push_back(c as u32);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_frame(
+    conn: &mut Streams,
+    c: usize,
+    kind: Kind,
+    id: u64,
+    arg: u32,
+    aux: u64,
+    check: bool,
+    now: u64,
+    ctx: &mut Ctx,
+) {
+    if ctx.phase.in_window(now) {
+        ctx.stats.frames_in += 1;
+    }
+    if kind == Kind::Error && id == 0 {
+        // The server is closing the connection; its streams are gone.
+        *ctx.stats.errors.entry(arg).or_default() += 1;
+        return;
+    }
+    let Some(s) = slot_of(conn, id) else {
+        ctx.stats.bad_frames += 1;
+        return;
+    };
+    match kind {
+        Kind::Pong => {
+            if !check || aux != conn.slots[s].intended_ns {
+                ctx.stats.bad_frames += 1;
+            }
+            finish(conn, c, s, now, check, ctx);
+        }
+        Kind::Tokens => {
+            let in_window = ctx.phase.in_window(now);
+            let slot = &mut conn.slots[s];
+            if aux != slot.tokens || arg == 0 {
+                ctx.stats.bad_frames += 1;
+            }
+            if slot.recorded {
+                if slot.tokens == 0 {
+                    ctx.stats.ttft.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+                } else {
+                    ctx.stats.inter_token.record_us(now.saturating_sub(slot.last_ns) / 1000);
+                }
+                if arg > 1 {
+                    ctx.stats.inter_token.record_n_us(0, u64::from(arg - 1));
+                }
+            }
+            slot.tokens += u64::from(arg);
+            slot.last_ns = now;
+            if slot.granted > 0 && slot.tokens > slot.granted {
+                // The page: the sum of TOKENS `arg` never exceeds the credit.
+                ctx.stats.bad_frames += 1;
+            }
+            if in_window {
+                ctx.stats.tokens += u64::from(arg);
+            }
+            if let Mode::Generate { credit, .. } = ctx.mode {
+                if *credit > 0 {
+                    // Re-grant in halves of the window so the server never
+                    // waits on a round trip while tokens are in flight.
+                    slot.unacked = slot.unacked.saturating_add(arg);
+                    if slot.unacked >= (*credit / 2).max(1) {
+                        put_credit(&mut conn.out, id, slot.unacked);
+                        slot.granted += u64::from(slot.unacked);
+                        slot.unacked = 0;
+                        if in_window {
+                            ctx.stats.frames_out += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Kind::End => {
+            let ok = check && aux == conn.slots[s].tokens;
+            if !ok {
+                ctx.stats.bad_frames += 1;
+            }
+            finish(conn, c, s, now, ok, ctx);
+        }
+        Kind::Error => {
+            *ctx.stats.errors.entry(arg).or_default() += 1;
+            finish(conn, c, s, now, false, ctx);
+        }
+        Kind::HelloAck | Kind::Hello | Kind::Request | Kind::Cancel | Kind::Credit | Kind::Ping => {
+            ctx.stats.bad_frames += 1;
+        }
+    }
+}
+
+/// The connection failed or was closed: its streams are lost.
+pub(super) fn lose(conn: &mut Streams, ctx: &mut Ctx) {
+    if !conn.alive {
+        return;
+    }
+    conn.alive = false;
+    ctx.stats.connections_lost += 1;
+    for slot in conn.slots.iter_mut() {
+        slot.state = SlotState::Idle;
+    }
+    conn.busy = 0;
+    // SAFETY: shutdown on an fd this connection owns; it makes any recv or
+    // send in flight complete so its buffer is handed back.
+    unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+}

@@ -1,0 +1,441 @@
+//! The llama-server backend: one request's life, top to bottom.
+//!
+//! `start` → [`route`](LlamaBackend::route) picks the healthy llama-server
+//! with the fewest requests in flight (over all cores) and reserves one of
+//! its in-flight places → a pooled connection slot of that server is reused
+//! (keep-alive) or a socket is opened and CONNECTed → the request is SENT →
+//! RECV is armed; each completion feeds the [`ResponseDecoder`], each SSE
+//! event becomes `sink.tokens`, the last one `sink.end` → the rest of the
+//! response is drained and the connection goes back to the pool.
+//!
+//! A connection slot has at most one ring operation in flight, and its
+//! buffers live in a boxed slice that is never resized: the kernel owns the
+//! memory of an in-flight operation until its completion, even after a
+//! cancel ([`Conn::Cancelling`] waits for it before CLOSE). Cancelled,
+//! failed and timed-out streams never reuse their connection: closing it is
+//! what tells llama-server to stop generating.
+//!
+//! Layout: this file holds the slot and stream types and the [`Backend`]
+//! entry points; `route` picks servers and runs health checks, `pool` owns
+//! the ring ops of the connection slots and their completions, `exchange`
+//! turns a response into sink calls and decides how each stream ends.
+
+mod exchange;
+mod pool;
+mod route;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cnse_backend::{Backend, BackendStats, Io, Job, Reject, Sink, WorkId};
+
+use crate::body::write_completion_body;
+use crate::http::{self, Limits, ResponseDecoder};
+use crate::op::{self, OpKind, SockAddr};
+use crate::{LlamaConfig, Shared};
+
+/// The socket of a slot and the one operation in flight on it, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conn {
+    /// No socket.
+    Closed,
+    Connecting(RawFd),
+    Sending(RawFd),
+    Receiving(RawFd),
+    /// Connected, nothing in flight: an idle pooled connection, or a paused
+    /// stream that does not read so that TCP backpressure pauses the server.
+    Ready(RawFd),
+    /// `op` was cancelled and is still owned by the kernel; CLOSE follows
+    /// its completion.
+    Cancelling {
+        fd: RawFd,
+        op: OpKind,
+    },
+    Closing,
+}
+
+impl Conn {
+    fn in_flight(self) -> Option<OpKind> {
+        match self {
+            Conn::Closed | Conn::Ready(_) => None,
+            Conn::Connecting(_) => Some(OpKind::Connect),
+            Conn::Sending(_) => Some(OpKind::Send),
+            Conn::Receiving(_) => Some(OpKind::Recv),
+            Conn::Cancelling { op, .. } => Some(op),
+            Conn::Closing => Some(OpKind::Close),
+        }
+    }
+}
+
+/// What a slot's connection is doing.
+#[derive(Debug)]
+enum Task {
+    None,
+    Stream(Work),
+    /// The stream ended (END delivered); the rest of the response is read so
+    /// that the connection can be reused.
+    Drain,
+    Health,
+}
+
+#[derive(Debug)]
+struct Work {
+    id: WorkId,
+    phase: Phase,
+    flow: Flow,
+    attempt: Attempt,
+    /// Tokens delivered.
+    delivered: u64,
+}
+
+/// Whether a stream's tokens may go to its sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Flowing,
+    /// The client's credit ran out: nothing is read or delivered, so that
+    /// TCP backpressure pauses llama-server.
+    Paused,
+    /// Resumed, with received bytes waiting: they are processed at the next
+    /// `poll` or on the wake NOP's completion (resume has no sink to deliver
+    /// them to).
+    Woken,
+}
+
+/// What a close of the stream's connection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// Sent on a pooled keep-alive connection, no answer byte yet: a close
+    /// is the server having dropped the idle connection, not a failure; the
+    /// request is sent again, once, on a fresh connection.
+    PooledUnanswered,
+    /// On a fresh connection, answered, or already retried: a close is a
+    /// failure.
+    Committed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    AwaitHead,
+    Streaming,
+    /// A non-200 answer: its first body line becomes the error message.
+    ErrorBody(u16),
+}
+
+/// One pooled connection of one llama-server, with its own buffers.
+struct Slot {
+    upstream: usize,
+    conn: Conn,
+    task: Task,
+    /// Holds one of the server's in-flight places (released once the
+    /// connection is idle or closed).
+    reserved: bool,
+    send: Vec<u8>,
+    sent: usize,
+    recv: Box<[u8]>,
+    recv_len: usize,
+    recv_pos: usize,
+    dec: ResponseDecoder,
+    keep_alive: bool,
+    deadline: Option<Instant>,
+}
+
+/// Counters beyond [`BackendStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LlamaStats {
+    /// Requests sent on a reused keep-alive connection.
+    pub reused: u64,
+    /// Requests re-sent on a fresh connection after a pooled one was found
+    /// closed by the server.
+    pub retried: u64,
+    /// Times a llama-server was marked down (failure or health check).
+    pub evicted: u64,
+    /// Times a health check found a down llama-server healthy again.
+    pub readmitted: u64,
+    pub health_checks: u64,
+    pub timeouts: u64,
+}
+
+pub struct LlamaBackend {
+    cfg: LlamaConfig,
+    shared: Arc<[Shared]>,
+    /// CONNECT reads these while in flight: boxed once, never moved.
+    addrs: Box<[SockAddr]>,
+    /// Stream slots of upstream `u` are `u*per_upstream..(u+1)*per_upstream`;
+    /// the health slot of `u` is `stream_slots + u`.
+    slots: Box<[Slot]>,
+    per_upstream: usize,
+    stream_slots: usize,
+    by_id: HashMap<WorkId, usize>,
+    health_owner: bool,
+    next_health: Box<[Option<Instant>]>,
+    round_robin: usize,
+    body_scratch: Vec<u8>,
+    stats: BackendStats,
+    llama: LlamaStats,
+}
+
+impl LlamaBackend {
+    pub(crate) fn new(cfg: LlamaConfig, shared: Arc<[Shared]>, health_owner: bool) -> Self {
+        let upstreams = shared.len();
+        // The in-flight limit is global, so one core may hold all of a
+        // server's places: each core gets that many slots per server.
+        let per_upstream = cfg.inflight_per_backend;
+        let stream_slots = upstreams * per_upstream;
+        assert!(stream_slots + upstreams <= op::SLOTS_MAX);
+        let limits = Limits {
+            head_bytes_max: 16 * 1024,
+            line_bytes_max: cfg.event_bytes_max,
+        };
+        let mk = |upstream, recv_bytes| Slot {
+            upstream,
+            conn: Conn::Closed,
+            task: Task::None,
+            reserved: false,
+            send: Vec::with_capacity(4096),
+            sent: 0,
+            recv: vec![0u8; recv_bytes].into_boxed_slice(),
+            recv_len: 0,
+            recv_pos: 0,
+            dec: ResponseDecoder::new(limits),
+            keep_alive: false,
+            deadline: None,
+        };
+        let mut slots = Vec::with_capacity(stream_slots + upstreams);
+        for u in 0..upstreams {
+            for _ in 0..per_upstream {
+                slots.push(mk(u, cfg.recv_buffer_bytes));
+            }
+        }
+        for u in 0..upstreams {
+            slots.push(mk(u, 4096));
+        }
+        let addrs = shared.iter().map(|s| SockAddr::new(s.target.addr)).collect();
+        Self {
+            by_id: HashMap::with_capacity(stream_slots),
+            next_health: vec![None; upstreams].into_boxed_slice(),
+            cfg,
+            shared,
+            addrs,
+            slots: slots.into_boxed_slice(),
+            per_upstream,
+            stream_slots,
+            health_owner,
+            round_robin: 0,
+            body_scratch: Vec::with_capacity(4096),
+            stats: BackendStats::default(),
+            llama: LlamaStats::default(),
+        }
+    }
+
+    pub fn llama_stats(&self) -> LlamaStats {
+        self.llama
+    }
+
+    /// Whether llama-server `index` (in URL order) is currently admitted.
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.shared[index].healthy.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight to llama-server `index`, over all cores.
+    pub fn inflight(&self, index: usize) -> usize {
+        self.shared[index].inflight.load(Ordering::Acquire)
+    }
+
+    fn slot_of(&self, id: WorkId) -> Option<usize> {
+        self.by_id.get(&id).copied()
+    }
+}
+
+impl Backend for LlamaBackend {
+    fn name(&self) -> &str {
+        "llama"
+    }
+
+    fn start(&mut self, job: Job<'_>, io: &mut dyn Io) -> Result<(), Reject> {
+        if self.by_id.contains_key(&job.id) {
+            return Err(Reject::new(409, "work id already running on the llama backend"));
+        }
+        let u = self.route()?;
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        // An idle pooled connection first, then a closed slot.
+        let idle = range
+            .clone()
+            .find(|&i| matches!(self.slots[i].task, Task::None) && matches!(self.slots[i].conn, Conn::Ready(_)));
+        let closed = || {
+            range
+                .clone()
+                .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
+        };
+        let Some(i) = idle.or_else(closed) else {
+            // Every slot of this server on this core is still closing a
+            // cancelled stream's connection.
+            self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Reject::new(
+                429,
+                "llama backend: connections of this core still closing",
+            ));
+        };
+        debug_assert!(!self.slots[i].reserved);
+        self.body_scratch.clear();
+        write_completion_body(&mut self.body_scratch, &job.params, job.prompt, self.cfg.cache_prompt);
+        let slot = &mut self.slots[i];
+        slot.reserved = true;
+        slot.send.clear();
+        http::write_completion_head(
+            &mut slot.send,
+            &self.shared[u].target.authority,
+            self.body_scratch.len(),
+        );
+        slot.send.extend_from_slice(&self.body_scratch);
+        slot.sent = 0;
+        let reused = matches!(slot.conn, Conn::Ready(_));
+        slot.task = Task::Stream(Work {
+            id: job.id,
+            phase: Phase::AwaitHead,
+            flow: Flow::Flowing,
+            attempt: if reused {
+                Attempt::PooledUnanswered
+            } else {
+                Attempt::Committed
+            },
+            delivered: 0,
+        });
+        if reused {
+            self.llama.reused += 1;
+            slot.dec.reset();
+            slot.recv_len = 0;
+            slot.recv_pos = 0;
+            slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
+            self.submit_send(i, io);
+        } else if let Err(e) = self.open_connect(i, io) {
+            self.slots[i].task = Task::None;
+            self.release(i);
+            return Err(Reject::new(502, format!("llama backend: socket: {e}")));
+        }
+        self.by_id.insert(job.id, i);
+        self.stats.started += 1;
+        Ok(())
+    }
+
+    fn cancel(&mut self, id: WorkId, io: &mut dyn Io) {
+        let Some(i) = self.by_id.remove(&id) else { return };
+        self.stats.cancelled += 1;
+        self.slots[i].task = Task::None;
+        self.abort_conn(i, io);
+        self.settle(i);
+    }
+
+    fn pause(&mut self, id: WorkId) {
+        let Some(i) = self.slot_of(id) else { return };
+        let slot = &mut self.slots[i];
+        if let Task::Stream(w) = &mut slot.task {
+            w.flow = Flow::Paused;
+            slot.deadline = None;
+        }
+    }
+
+    fn resume(&mut self, id: WorkId, io: &mut dyn Io) {
+        let Some(i) = self.slot_of(id) else { return };
+        let slot = &mut self.slots[i];
+        let Task::Stream(w) = &mut slot.task else { return };
+        if w.flow != Flow::Paused {
+            return;
+        }
+        w.flow = Flow::Flowing;
+        slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
+        if matches!(slot.conn, Conn::Ready(_)) {
+            // Bytes already received may hold whole events, but there is no
+            // sink here: a NOP's completion brings the slot back to
+            // `complete`, which processes them and re-arms RECV.
+            w.flow = Flow::Woken;
+            // SAFETY: NOP references no memory.
+            unsafe { io.submit(op::tag(i, OpKind::Wake), op::nop()) };
+        }
+    }
+
+    fn complete(&mut self, tag: u64, result: i32, _flags: u32, io: &mut dyn Io, sink: &mut dyn Sink) {
+        self.on_completion(tag, result, io, sink);
+    }
+
+    fn poll(&mut self, io: &mut dyn Io, sink: &mut dyn Sink) -> Option<Instant> {
+        let now = io.now();
+        for i in 0..self.slots.len() {
+            if let Task::Stream(w) = &mut self.slots[i].task {
+                if w.flow == Flow::Woken {
+                    w.flow = Flow::Flowing;
+                    self.process(i, io, sink);
+                }
+            }
+        }
+        if self.health_owner {
+            for u in 0..self.shared.len() {
+                let due = self.next_health[u].is_none_or(|t| t <= now);
+                if due {
+                    self.next_health[u] = Some(now + self.cfg.health_interval);
+                    self.start_health(u, io);
+                }
+            }
+        }
+        let mut next: Option<Instant> = None;
+        for i in 0..self.slots.len() {
+            let Some(d) = self.slots[i].deadline else { continue };
+            if d <= now {
+                self.on_timeout(i, io, sink);
+            }
+            if let Some(d) = self.slots[i].deadline {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        }
+        if self.health_owner {
+            for t in self.next_health.iter().flatten() {
+                next = Some(next.map_or(*t, |n| n.min(*t)));
+            }
+        }
+        next
+    }
+
+    fn stats(&self) -> BackendStats {
+        let paused = self
+            .slots
+            .iter()
+            .filter(|s| matches!(&s.task, Task::Stream(w) if w.flow == Flow::Paused))
+            .count() as u64;
+        BackendStats {
+            active: self.by_id.len() as u64,
+            paused,
+            ..self.stats
+        }
+    }
+
+    fn has_capacity(&self) -> bool {
+        self.can_route()
+    }
+}
+
+impl Drop for LlamaBackend {
+    fn drop(&mut self) {
+        let mut in_flight = false;
+        for i in 0..self.slots.len() {
+            self.release(i);
+            match self.slots[i].conn {
+                Conn::Ready(fd) => {
+                    // SAFETY: nothing is in flight on this fd, which we own.
+                    unsafe { libc::close(fd) };
+                    self.slots[i].conn = Conn::Closed;
+                }
+                Conn::Closed => {}
+                _ => in_flight = true,
+            }
+        }
+        if in_flight {
+            // The kernel may still write into these buffers or read the
+            // addresses: leak them rather than free memory it owns.
+            std::mem::forget(std::mem::replace(&mut self.slots, Box::new([])));
+            std::mem::forget(std::mem::replace(&mut self.addrs, Box::new([])));
+        }
+    }
+}
