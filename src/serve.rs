@@ -265,13 +265,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.stats_interval_ms > 0 {
             let s = server.stats();
             println!(
-                "stats conns={} accepted={} streams={} active={} requests={} tokens={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
+                "stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
                 s.backend_active,
+                s.backend_paused,
                 s.requests,
                 s.tokens_sent,
+                s.tokens_produced,
                 s.frames_in,
                 s.frames_out,
                 s.violations,

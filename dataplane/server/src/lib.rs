@@ -133,6 +133,8 @@ pub struct WorkerCounters {
     pub backend_active: AtomicU64,
     pub requests: AtomicU64,
     pub tokens_sent: AtomicU64,
+    pub tokens_produced: AtomicU64,
+    pub backend_paused: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub violations: AtomicU64,
@@ -149,6 +151,11 @@ pub struct Stats {
     pub backend_active: u64,
     pub requests: u64,
     pub tokens_sent: u64,
+    /// Tokens the backends handed over (sent, queued or dropped with their
+    /// stream).
+    pub tokens_produced: u64,
+    /// Work the backends hold paused (a stream's queue at its bound).
+    pub backend_paused: u64,
     pub frames_in: u64,
     pub frames_out: u64,
     pub violations: u64,
@@ -256,6 +263,8 @@ impl Server {
             s.backend_active += r(&c.backend_active);
             s.requests += r(&c.requests);
             s.tokens_sent += r(&c.tokens_sent);
+            s.tokens_produced += r(&c.tokens_produced);
+            s.backend_paused += r(&c.backend_paused);
             s.frames_in += r(&c.frames_in);
             s.frames_out += r(&c.frames_out);
             s.violations += r(&c.violations);

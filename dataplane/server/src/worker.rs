@@ -342,6 +342,8 @@ impl Worker {
         c.backend_active.store(self.session.backend_active(), Ordering::Relaxed);
         c.requests.store(n.requests, Ordering::Relaxed);
         c.tokens_sent.store(n.tokens_sent, Ordering::Relaxed);
+        c.tokens_produced.store(n.tokens_produced, Ordering::Relaxed);
+        c.backend_paused.store(self.session.backend_paused(), Ordering::Relaxed);
         c.frames_in.store(n.frames_in, Ordering::Relaxed);
         c.frames_out.store(n.frames_out, Ordering::Relaxed);
         c.violations.store(n.violations, Ordering::Relaxed);

@@ -94,6 +94,11 @@ impl<T: Transport> Session<T> {
         self.backend.stats().active
     }
 
+    /// Work the backend holds paused.
+    pub fn backend_paused(&self) -> u64 {
+        self.backend.stats().paused
+    }
+
     /// Free connection and stream slots (for invariant checks).
     pub fn free_slots(&self) -> (usize, usize) {
         (self.tables.conn_free.len(), self.tables.streams.len() - self.tables.n.streams_open as usize)

@@ -27,6 +27,7 @@ pub struct Counters {
     pub streams_open: u64,
     pub conns_open: u64,
     pub tokens_sent: u64,
+    pub tokens_produced: u64,
     pub frames_out: u64,
     pub frames_in: u64,
     pub requests: u64,
@@ -159,6 +160,7 @@ impl Sink for Tables {
             s.paused = true;
         }
         let conn = s.conn;
+        self.n.tokens_produced += 1;
         self.mark_dirty(conn);
         if full {
             Delivery::Pause
