@@ -45,8 +45,9 @@ start_service() {
   local name="$1" err out rc=0
   shift
   err="$(mktemp)"
-  out="$("$@" 2> >(tee "$err" >&2))" || rc=$?
-  wait $! 2>/dev/null || true # the tee above: its copy is complete
+  # stdout is captured (fd 3); stderr goes through tee to the log and to
+  # $err, and the pipeline ends only when tee has written all of it.
+  out="$( { "$@" 2>&1 1>&3 3>&- | tee "$err" >&2; exit "${PIPESTATUS[0]}"; } 3>&1 )" || rc=$?
   if [ "$rc" -ne 0 ] || [ -z "$out" ]; then
     echo "test.sh: stopping: $name did not start: $(grep -v '^[[:space:]]*$' "$err" | tail -n 1 || echo "exit status $rc")" >&2
     rm -f "$err"
