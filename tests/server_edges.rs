@@ -255,11 +255,15 @@ fn issue2_a_client_that_stops_reading_is_bounded() {
     for id in 1..=10u64 {
         a.request(id, 0, &params(60_000), "flood").unwrap();
     }
-    // Every one of A's streams is paused and production stops: what was
+    // Every one of A's streams still running is paused (loopback socket
+    // buffers hold a few of them whole) and production stops: what was
     // produced stays put while A does not read.
     assert!(
-        eventually(Duration::from_secs(3), || stat(&s, "paused") == Some(10)),
-        "A's streams were not all paused: {:?}",
+        eventually(Duration::from_secs(3), || {
+            let (active, paused) = (stat(&s, "active"), stat(&s, "paused"));
+            active.unwrap_or(0) > 0 && active == paused
+        }),
+        "A's running streams were not all paused: {:?}",
         s.output().last()
     );
     let produced = stat(&s, "produced").expect("a stats line");
