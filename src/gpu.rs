@@ -12,8 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
+use crate::gpu_load::{compare_with_file, hex};
 use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, Mover, PinnedBuffer, Pipeline, SampleRow,
+    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SampleRow,
     SamplerConfig, SourceMode, Streamer, StreamerConfig, TokenSampler,
 };
 
@@ -29,13 +30,16 @@ enum Cmd {
     Info,
     /// Stream a model from the store into GPU memory, verifying every chunk;
     /// prints the time and GB/s of each phase.
-    Load(LoadArgs),
+    Load(crate::gpu_load::LoadArgs),
     /// Measure the GPU path's targets side by side in one run.
     Bench(BenchArgs),
+    /// GPU SHA-256: kernel sweep over leaf sizes, verified loads (host vs
+    /// GPU hashing vs none), cold-cache loads against a sequential read.
+    BenchVerify(crate::gpu_verify_bench::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum SourceArg {
+pub(crate) enum SourceArg {
     /// The fastest measured source (`mmap`).
     Auto,
     /// Hash and copy from a map of the blob into pinned staging.
@@ -47,7 +51,7 @@ enum SourceArg {
 }
 
 impl SourceArg {
-    fn pick(self) -> SourceMode {
+    pub(crate) fn pick(self) -> SourceMode {
         match self {
             // Measured (docs/GPU.md): registering the page cache costs more
             // than the copy it saves, so `auto` copies through staging.
@@ -79,7 +83,7 @@ impl From<MoverArg> for Mover {
 }
 
 #[derive(clap::Args)]
-struct Pool {
+pub(crate) struct Pool {
     /// Hashing/copy worker threads (default: cores, at most 16).
     #[arg(long)]
     threads: Option<usize>,
@@ -105,7 +109,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn config(&self) -> StreamerConfig {
+    pub(crate) fn config(&self) -> StreamerConfig {
         let d = StreamerConfig::default();
         StreamerConfig {
             threads: self.threads.unwrap_or(d.threads),
@@ -117,37 +121,6 @@ impl Pool {
             mover: self.mover.into(),
         }
     }
-}
-
-#[derive(clap::Args)]
-struct LoadArgs {
-    /// `sha256:HEX` or `name:tag` of a blob in the store.
-    #[arg(required_unless_present = "file", conflicts_with = "file")]
-    target: Option<String>,
-    /// Store directory (default: the user's data dir).
-    #[arg(long)]
-    store: Option<PathBuf>,
-    /// Load a file from outside the store: its chunk digests are computed
-    /// first, so this checks the path, not the file's integrity.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Chunk size for --file, MiB.
-    #[arg(long, default_value_t = 16)]
-    chunk_mib: u64,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Skip chunk verification (for measurement only).
-    #[arg(long)]
-    no_verify: bool,
-    /// How workers read the blob.
-    #[arg(long, value_enum, default_value = "auto")]
-    source: SourceArg,
-    /// Copy the device bytes back afterwards and compare them with the file.
-    #[arg(long)]
-    check: bool,
-    #[command(flatten)]
-    pool: Pool,
 }
 
 #[derive(clap::Args)]
@@ -200,7 +173,8 @@ struct BenchArgs {
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Info => info(),
-        Cmd::Load(a) => load(a),
+        Cmd::Load(a) => crate::gpu_load::load(a),
+        Cmd::BenchVerify(a) => crate::gpu_verify_bench::run(a),
         Cmd::Bench(a) => bench(a),
     }
 }
@@ -235,141 +209,19 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-fn gbps(bytes: u64, s: f64) -> f64 {
+pub(crate) fn gbps(bytes: u64, s: f64) -> f64 {
     bytes as f64 / s / 1e9
-}
-
-fn print_phases(r: &LoadReport) {
-    println!("  open + map          {:>9.4} s", r.open_s);
-    println!("  device alloc        {:>9.4} s", r.device_alloc_s);
-    println!(
-        "  hash + copy + DMA   {:>9.4} s  {:>6.2} GB/s  ({} threads, {} source, {}{})",
-        r.stream_s,
-        gbps(r.bytes, r.stream_s),
-        r.threads,
-        r.source,
-        r.mover,
-        if r.verified {
-            ", every chunk verified"
-        } else {
-            ", NOT verified"
-        }
-    );
-    println!("  total               {:>9.4} s  {:>6.2} GB/s", r.total_s, r.gb_per_s());
-}
-
-fn load(a: LoadArgs) -> Result<()> {
-    let config = a.pool.config();
-
-    let t_resolve = Instant::now();
-    // Keeps the store's shared lock (no rm/gc under our map) and the
-    // manifest's bytes for the duration of the load.
-    let (_lock, manifest, owned, label);
-    let spec: BlobSpec = if let Some(path) = &a.file {
-        owned = OwnedSpec::from_file(path, a.chunk_mib << 20, config.threads)
-            .with_context(|| format!("hash {}", path.display()))?;
-        label = format!("{} (file; chunk digests computed here)", path.display());
-        owned.as_spec()
-    } else {
-        let target = a.target.as_deref().expect("clap requires target or --file");
-        let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
-            .context("open store")?;
-        _lock = store.lock(cnse_store::LockKind::Shared).context("lock store")?;
-        let digest = store.resolve(target).with_context(|| format!("resolve {target}"))?;
-        manifest = store
-            .manifest(&digest)
-            .with_context(|| format!("manifest of {digest}"))?;
-        label = format!("{target} = {digest}");
-        owned = OwnedSpec {
-            path: store.blob_path(&digest),
-            size_bytes: manifest.size_bytes(),
-            chunk_bytes: manifest.chunk_bytes(),
-            chunk_digests: manifest.chunk_digests().to_vec(),
-            digest: digest.0,
-        };
-        owned.as_spec()
-    };
-    let resolve_s = t_resolve.elapsed().as_secs_f64();
-
-    let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
-    let opts = LoadOptions::new(!a.no_verify, a.source.pick(), config.threads);
-    println!(
-        "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
-        spec.size_bytes,
-        spec.chunk_digests.len(),
-        spec.chunk_bytes >> 20,
-        a.device
-    );
-    println!("  resolve + manifest  {resolve_s:>9.4} s");
-    println!(
-        "  staging setup       {:>9.4} s  ({} threads x {} x {} MiB pinned, {} streams{}; once per process)",
-        streamer.pool_alloc_s(),
-        config.threads,
-        config.slots_per_thread,
-        config.slot_bytes >> 20,
-        config.streams,
-        if config.write_combined { ", write-combined" } else { "" }
-    );
-    let (blob, report) = streamer.load(&spec, opts).context("load to GPU")?;
-    print_phases(&report);
-    if a.check {
-        let t = Instant::now();
-        compare_with_file(&blob.buffer, spec.path)?;
-        println!(
-            "  check (copy back)   {:>9.4} s  device bytes equal the file",
-            t.elapsed().as_secs_f64()
-        );
-    }
-    if blob.verified {
-        println!(
-            "verified sha256:{} ({} bytes on device {})",
-            hex(&blob.digest),
-            blob.size_bytes,
-            a.device
-        );
-    } else {
-        println!(
-            "loaded {} bytes on device {} WITHOUT verification (--no-verify)",
-            blob.size_bytes, a.device
-        );
-    }
-    Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn compare_with_file(buf: &DeviceBuffer, path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let step = 64 << 20;
-    let mut host = vec![0u8; step];
-    let mut dev = vec![0u8; step];
-    let mut off = 0usize;
-    while off < buf.len() {
-        let n = step.min(buf.len() - off);
-        f.read_exact(&mut host[..n])
-            .with_context(|| format!("read {}", path.display()))?;
-        buf.copy_to_host(off, &mut dev[..n])?;
-        if host[..n] != dev[..n] {
-            let i = (0..n).find(|&i| host[i] != dev[i]).unwrap_or(0);
-            bail!("device bytes differ from {} at offset {}", path.display(), off + i);
-        }
-        off += n;
-    }
-    Ok(())
 }
 
 // ---- bench ---------------------------------------------------------------------
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 /// Writes `bytes` of pseudo-random data (xorshift, one stream per thread).
-fn make_blob(path: &Path, bytes: u64) -> Result<()> {
+pub(crate) fn make_blob(path: &Path, bytes: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     let piece = 64u64 << 20;
@@ -440,7 +292,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn device_line(ordinal: usize) -> Result<String> {
+pub(crate) fn device_line(ordinal: usize) -> Result<String> {
     let d = cnse_kernels::device::devices()?
         .into_iter()
         .find(|d| d.ordinal == ordinal)

@@ -10,6 +10,8 @@ mod bench_llama;
 mod client;
 mod demo;
 mod gpu;
+mod gpu_load;
+mod gpu_verify_bench;
 mod gpu_picker;
 mod serve;
 mod store;

@@ -49,8 +49,7 @@ fn without_a_driver_every_gpu_command_prints_one_line_and_fails() {
 
 #[test]
 fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
-    if !cnse_kernels::cuda_available() {
-        println!("skipped: no CUDA driver");
+    if !cnse_kernels::device::gpu_or_skip() {
         return;
     }
     let (code, stdout, stderr) = cnse_dp(&["gpu", "info"]);

@@ -21,7 +21,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -30,6 +30,7 @@ use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, L
 use ring::digest::{Context as Sha256, SHA256};
 
 use crate::pinned::{DeviceBuffer, PinnedBuffer};
+pub use crate::spec::{hash_chunks, hash_file, OwnedSpec};
 use crate::KernelError;
 
 /// Upper bound of worker threads (and of streams and slot sets).
@@ -370,6 +371,17 @@ impl Streamer {
         })
     }
 
+    /// The distinct streams the workers queue their copies on.
+    fn worker_streams(&self) -> Vec<Arc<CudaStream>> {
+        let mut out: Vec<Arc<CudaStream>> = Vec::new();
+        for w in &self.workers {
+            if !out.iter().any(|s| Arc::ptr_eq(s, &w.stream)) {
+                out.push(w.stream.clone());
+            }
+        }
+        out
+    }
+
     pub fn config(&self) -> StreamerConfig {
         self.config
     }
@@ -396,6 +408,17 @@ impl Streamer {
 
     /// Streams `spec`'s blob into fresh device memory.
     pub fn load(&mut self, spec: &BlobSpec, opts: LoadOptions) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        self.load_with(spec, opts, None)
+    }
+
+    /// `load`, telling `sink` (GPU verification, `verify_gpu.rs`) where the
+    /// device buffer is and when each chunk's copies are all queued.
+    pub(crate) fn load_with(
+        &mut self,
+        spec: &BlobSpec,
+        opts: LoadOptions,
+        sink: Option<&dyn ChunkSink>,
+    ) -> Result<(DeviceBlob, LoadReport), KernelError> {
         spec.check()?;
         if opts.threads == 0 || opts.threads > self.config.threads {
             return Err(KernelError::Shape {
@@ -453,7 +476,11 @@ impl Streamer {
         let device_alloc_s = t1.elapsed().as_secs_f64();
 
         let t2 = Instant::now();
+        if let Some(k) = sink {
+            k.begin(buffer.device_ptr(), &self.worker_streams())?;
+        }
         let shared = Shared {
+            sink,
             spec,
             source: match &map {
                 Some(m) => Source::Map(&m[..]),
@@ -485,8 +512,11 @@ impl Streamer {
                 });
             }
         });
+        // The sink's kernels read the buffer: they finish before it can be
+        // exposed or freed, whatever happened.
+        let sunk = sink.map_or(Ok(()), |k| k.finish());
         let stream_s = t2.elapsed().as_secs_f64();
-        if let Some(err) = shared.into_error() {
+        if let Some(err) = shared.into_error().or(sunk.err()) {
             drop(buffer);
             return Err(err);
         }
@@ -518,7 +548,18 @@ enum Source<'a> {
     File(&'a File),
 }
 
+/// Told about a load's progress by `Streamer::load_with`.
+pub(crate) trait ChunkSink: Sync {
+    /// Before any copy: the device buffer's address and the workers' streams.
+    fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError>;
+    /// Every copy of `chunk` is queued on the stream of the calling worker.
+    fn chunk_queued(&self, chunk: usize, stream: &Arc<CudaStream>) -> Result<(), KernelError>;
+    /// After the workers stopped: wait for the sink's device work and report.
+    fn finish(&self) -> Result<(), KernelError>;
+}
+
 struct Shared<'a> {
+    sink: Option<&'a dyn ChunkSink>,
     spec: &'a BlobSpec<'a>,
     source: Source<'a>,
     device_base: cudarc::driver::sys::CUdeviceptr,
@@ -562,6 +603,9 @@ impl Worker {
                 return Ok(());
             }
             self.chunk(sh, chunk)?;
+            if let Some(k) = sh.sink.filter(|_| !sh.abort.load(Ordering::Acquire)) {
+                k.chunk_queued(chunk, &self.stream)?;
+            }
         }
     }
 
@@ -807,119 +851,11 @@ fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut Sha256
     Ok(())
 }
 
-/// Chunk digests of a file, hashed on `threads` threads: what a manifest
-/// holds, for blobs that come from outside the store (tests, `--file`).
-pub fn hash_chunks(path: &Path, chunk_bytes: u64, threads: usize) -> Result<(u64, Vec<[u8; 32]>), KernelError> {
-    let io = |op: &'static str| {
-        move |source| KernelError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    if chunk_bytes == 0 {
-        return Err(KernelError::Spec {
-            path: path.to_path_buf(),
-            detail: "chunk_bytes is 0".into(),
-        });
-    }
-    let file = File::open(path).map_err(io("open"))?;
-    let len = file.metadata().map_err(io("stat"))?.len();
-    let chunks = len.div_ceil(chunk_bytes) as usize;
-    let mut digests = vec![[0u8; 32]; chunks];
-    if chunks == 0 {
-        return Ok((0, digests));
-    }
-    // SAFETY: read-only private mapping of a file this process only reads;
-    // see `Streamer::load` for the truncation caveat.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?;
-    let next = AtomicUsize::new(0);
-    let out = Mutex::new(&mut digests);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, THREADS_MAX).min(chunks) {
-            s.spawn(|| loop {
-                let c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= chunks {
-                    break;
-                }
-                let start = c as u64 * chunk_bytes;
-                let end = (start + chunk_bytes).min(len);
-                let d = ring::digest::digest(&SHA256, &map[start as usize..end as usize]);
-                out.lock().unwrap_or_else(|p| p.into_inner())[c].copy_from_slice(d.as_ref());
-            });
-        }
-    });
-    Ok((len, digests))
-}
-
-/// Whole-file SHA-256 (sequential; what `sha256sum` prints).
-pub fn hash_file(path: &Path) -> Result<[u8; 32], KernelError> {
-    use std::io::Read;
-    let io = |op: &'static str| {
-        move |source| KernelError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let mut file = File::open(path).map_err(io("open"))?;
-    let mut ctx = Sha256::new(&SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io("read"))?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    Ok(out)
-}
-
-/// Owned form of a `BlobSpec`, for callers that build the manifest here.
-#[derive(Clone, Debug)]
-pub struct OwnedSpec {
-    pub path: PathBuf,
-    pub size_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunk_digests: Vec<[u8; 32]>,
-    pub digest: [u8; 32],
-}
-
-impl OwnedSpec {
-    /// Hashes `path` (chunks in parallel, whole file alongside).
-    pub fn from_file(path: &Path, chunk_bytes: u64, threads: usize) -> Result<Self, KernelError> {
-        let (whole, chunks) = std::thread::scope(|s| {
-            let whole = s.spawn(|| hash_file(path));
-            let chunks = hash_chunks(path, chunk_bytes, threads.saturating_sub(1).max(1));
-            (whole.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), chunks)
-        });
-        let (size_bytes, chunk_digests) = chunks?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            size_bytes,
-            chunk_bytes,
-            chunk_digests,
-            digest: whole?,
-        })
-    }
-
-    pub fn as_spec(&self) -> BlobSpec<'_> {
-        BlobSpec {
-            path: &self.path,
-            size_bytes: self.size_bytes,
-            chunk_bytes: self.chunk_bytes,
-            chunk_digests: &self.chunk_digests,
-            digest: self.digest,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::PathBuf;
 
     fn temp_file(bytes: &[u8]) -> PathBuf {
         let p = std::env::temp_dir().join(format!("cnse-kernels-{}-{}", std::process::id(), bytes.len()));
