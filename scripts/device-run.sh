@@ -24,7 +24,7 @@ if [ "$what" = all ] || [ "$what" = gpu ] || [ "$what" = verify ]; then
   [ "$what" = verify ] || { echo "== gpu bench"; $B gpu bench; }
 fi
 if [ "$what" = verify ]; then
-  echo "== gpu bench-verify"; $B gpu bench-verify --cold
+  echo "== gpu bench-verify ${VERIFY_ARGS:-}"; $B gpu bench-verify --cold ${VERIFY_ARGS:-}
   echo "== CLI: put, cold load right after put, verified loads, a flipped bit"
   S=/tmp/st15; rm -rf $S
   $B store put /tmp/cnse-gpu-bench.blob --name bench:4g --store $S | tail -1

@@ -59,6 +59,9 @@ pub(crate) struct LoadArgs {
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
     check: bool,
+    /// Ask the kernel to read the blob ahead in file order (cold loads).
+    #[arg(long)]
+    readahead: bool,
     #[command(flatten)]
     pool: Pool,
 }
@@ -151,6 +154,10 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         if config.write_combined { ", write-combined" } else { "" }
     );
     let opts = LoadOptions::new(!a.no_verify && !on_gpu, a.source.pick(), config.threads);
+    let _readahead = a
+        .readahead
+        .then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX))
+        .transpose()?;
     let (blob, report, how) = match (on_gpu, leaves) {
         (true, Some(l)) => {
             let verifier = GpuVerifier::new(&streamer).context("compile the GPU SHA-256 kernel")?;
