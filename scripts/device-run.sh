@@ -31,6 +31,8 @@ if [ "$what" = verify ]; then
   $B store inspect bench:4g --store $S | grep -E "chunks|leaves"
   sync; echo 3 > /proc/sys/vm/drop_caches
   $B gpu load bench:4g --store $S --verify gpu
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  $B gpu load bench:4g --store $S --verify gpu --readahead
   $B gpu load bench:4g --store $S --verify gpu --check
   $B gpu load bench:4g --store $S --verify cpu
   $B gpu load bench:4g --store $S --no-verify

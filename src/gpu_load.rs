@@ -59,7 +59,8 @@ pub(crate) struct LoadArgs {
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
     check: bool,
-    /// Ask the kernel to read the blob ahead in file order (cold loads).
+    /// Read the blob in file order on one thread ahead of the workers
+    /// (cold loads: the disk sees one sequential reader).
     #[arg(long)]
     readahead: bool,
     #[command(flatten)]
@@ -154,7 +155,7 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         if config.write_combined { ", write-combined" } else { "" }
     );
     let opts = LoadOptions::new(!a.no_verify && !on_gpu, a.source.pick(), config.threads);
-    let _readahead = a
+    let readahead = a
         .readahead
         .then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX))
         .transpose()?;
@@ -162,13 +163,17 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         (true, Some(l)) => {
             let verifier = GpuVerifier::new(&streamer).context("compile the GPU SHA-256 kernel")?;
             let (b, r) = verifier
-                .load(&mut streamer, &spec, &l, opts, GpuVerifyOptions::default())
+                .load_after(&mut streamer, &spec, &l, opts, GpuVerifyOptions::default(), readahead.as_ref())
                 .context("load to GPU")?;
             let how = format!("every {} KiB leaf verified on the GPU", l.leaf_bytes >> 10);
             (b, r, how)
         }
         _ => {
-            let (b, r) = streamer.load(&spec, opts).context("load to GPU")?;
+            let (b, r) = match &readahead {
+                Some(ra) => streamer.load_after(&spec, opts, ra),
+                None => streamer.load(&spec, opts),
+            }
+            .context("load to GPU")?;
             let how = if r.verified {
                 "every chunk verified on the host"
             } else {

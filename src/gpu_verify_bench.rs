@@ -333,7 +333,14 @@ fn cold(
         gbps(size, seq)
     );
     let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, threads);
-    for what in ["unverified", "verified on the GPU", "verified on the GPU + read-ahead", "verified on the host"] {
+    for what in [
+        "unverified",
+        "unverified + read-ahead",
+        "verified on the GPU",
+        "verified on the GPU + read-ahead",
+        "verified on the host",
+        "verified on the host + read-ahead",
+    ] {
         let mut times = Vec::new();
         for _ in 0..reps {
             drop_caches()?;
@@ -342,10 +349,12 @@ fn cold(
                 .ends_with("read-ahead")
                 .then(|| Readahead::start(&a.blob, u64::MAX))
                 .transpose()?;
-            let blob = match what {
-                "unverified" => st.load(spec, opts(false))?.0,
-                "verified on the host" => st.load(spec, opts(true))?.0,
-                _ => gpu.load(st, spec, leaves, opts(false), gv)?.0,
+            let blob = match (what, &ra) {
+                ("unverified", _) => st.load(spec, opts(false))?.0,
+                ("verified on the host", _) => st.load(spec, opts(true))?.0,
+                ("unverified + read-ahead", Some(r)) => st.load_after(spec, opts(false), r)?.0,
+                ("verified on the host + read-ahead", Some(r)) => st.load_after(spec, opts(true), r)?.0,
+                (_, r) => gpu.load_after(st, spec, leaves, opts(false), gv, r.as_ref())?.0,
             };
             times.push(t0.elapsed().as_secs_f64());
             drop(ra);

@@ -138,6 +138,14 @@ fn issue15_gpu_verified_load_puts_the_files_bytes_on_the_device() {
                 blob.buffer.copy_to_host(0, &mut back).unwrap();
                 assert!(back == data, "{mover} chunk {chunk} leaf {leaf} threads {threads}");
             }
+            // Workers held behind a sequential read-ahead get the same bytes.
+            let ra = cnse_kernels::Readahead::start(&file.0, u64::MAX).unwrap();
+            let opts = LoadOptions::new(false, SourceMode::Mmap, 4);
+            let gv = GpuVerifyOptions { window_bytes: window };
+            let (blob, _) = gpu.load_after(&mut st, &spec.as_spec(), &leaves, opts, gv, Some(&ra)).unwrap();
+            let mut back = vec![0u8; data.len()];
+            blob.buffer.copy_to_host(0, &mut back).unwrap();
+            assert!(back == data, "{mover} chunk {chunk} leaf {leaf}, read-ahead");
         }
     }
 }

@@ -411,6 +411,17 @@ impl Streamer {
         self.load_with(spec, opts, None)
     }
 
+    /// `load`, each worker waiting at a chunk until `readahead` has read
+    /// past its end (cold blobs: the disk sees one sequential reader).
+    pub fn load_after(
+        &mut self,
+        spec: &BlobSpec,
+        opts: LoadOptions,
+        readahead: &crate::Readahead,
+    ) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        self.load_with(spec, opts, Some(&Gate(readahead)))
+    }
+
     /// `load`, telling `sink` (GPU verification, `verify_gpu.rs`) where the
     /// device buffer is and when each chunk's copies are all queued.
     pub(crate) fn load_with(
@@ -552,10 +563,31 @@ enum Source<'a> {
 pub(crate) trait ChunkSink: Sync {
     /// Before any copy: the device buffer's address and the workers' streams.
     fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError>;
+    /// A worker is about to read chunk `chunk` (bytes `start..end`); it may
+    /// be held back here (read-ahead of cold blobs).
+    fn chunk_start(&self, _chunk: usize, _end: u64) {}
     /// Every copy of `chunk` is queued on the stream of the calling worker.
     fn chunk_queued(&self, chunk: usize, stream: &Arc<CudaStream>) -> Result<(), KernelError>;
     /// After the workers stopped: wait for the sink's device work and report.
     fn finish(&self) -> Result<(), KernelError>;
+}
+
+/// Holds workers back until the read-ahead has passed their chunk.
+struct Gate<'a>(&'a crate::Readahead);
+
+impl ChunkSink for Gate<'_> {
+    fn begin(&self, _: u64, _: &[Arc<CudaStream>]) -> Result<(), KernelError> {
+        Ok(())
+    }
+    fn chunk_start(&self, _chunk: usize, end: u64) {
+        self.0.wait_for(end);
+    }
+    fn chunk_queued(&self, _: usize, _: &Arc<CudaStream>) -> Result<(), KernelError> {
+        Ok(())
+    }
+    fn finish(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
 }
 
 struct Shared<'a> {
@@ -601,6 +633,9 @@ impl Worker {
             let chunk = sh.next_chunk.fetch_add(1, Ordering::Relaxed);
             if chunk >= chunks {
                 return Ok(());
+            }
+            if let Some(k) = sh.sink {
+                k.chunk_start(chunk, sh.spec.chunk_range(chunk).1);
             }
             self.chunk(sh, chunk)?;
             if let Some(k) = sh.sink.filter(|_| !sh.abort.load(Ordering::Acquire)) {

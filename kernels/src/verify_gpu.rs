@@ -72,6 +72,20 @@ impl GpuVerifier {
         opts: LoadOptions,
         gv: GpuVerifyOptions,
     ) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        self.load_after(streamer, spec, leaves, opts, gv, None)
+    }
+
+    /// `load`, with workers held back behind `readahead` when given (see
+    /// `Streamer::load_after`).
+    pub fn load_after(
+        &self,
+        streamer: &mut Streamer,
+        spec: &BlobSpec,
+        leaves: &LeafSpec,
+        opts: LoadOptions,
+        gv: GpuVerifyOptions,
+        readahead: Option<&crate::Readahead>,
+    ) -> Result<(DeviceBlob, LoadReport), KernelError> {
         let t0 = Instant::now();
         check(spec, leaves)?;
         self.hasher.reset()?;
@@ -92,6 +106,7 @@ impl GpuVerifier {
             done: (0..windows).map(|_| AtomicUsize::new(0)).collect(),
             expect,
             state: Mutex::new((0, Vec::new())),
+            readahead,
         };
         let opts = LoadOptions { verify: false, ..opts };
         let (mut blob, mut report) = streamer.load_with(spec, opts, Some(&sink))?;
@@ -139,12 +154,19 @@ struct Windows<'a> {
     /// Device buffer address and the workers' streams (set by `begin`);
     /// the lock also serialises launches on the hash stream.
     state: Mutex<(u64, Vec<Arc<CudaStream>>)>,
+    readahead: Option<&'a crate::Readahead>,
 }
 
 impl ChunkSink for Windows<'_> {
     fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError> {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (device_base, streams.to_vec());
         Ok(())
+    }
+
+    fn chunk_start(&self, _chunk: usize, end: u64) {
+        if let Some(r) = self.readahead {
+            r.wait_for(end);
+        }
     }
 
     fn chunk_queued(&self, chunk: usize, _stream: &Arc<CudaStream>) -> Result<(), KernelError> {
