@@ -8,14 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::gpu_load::{compare_with_file, hex};
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
-use crate::gpu_load::{compare_with_file, hex};
 use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SampleRow,
-    SamplerConfig, SourceMode, Streamer, StreamerConfig, TokenSampler,
+    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SampleRow, SamplerConfig,
+    SourceMode, Streamer, StreamerConfig, TokenSampler,
 };
 
 #[derive(clap::Args)]

@@ -115,7 +115,9 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
             .manifest(&digest)
             .with_context(|| format!("manifest of {digest}"))?;
         label = format!("{target} = {digest}");
-        leaves = manifest.leaves().map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
+        leaves = manifest
+            .leaves()
+            .map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
         owned = OwnedSpec {
             path: store.blob_path(&digest),
             size_bytes: manifest.size_bytes(),
@@ -163,7 +165,14 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         (true, Some(l)) => {
             let verifier = GpuVerifier::new(&streamer).context("compile the GPU SHA-256 kernel")?;
             let (b, r) = verifier
-                .load_after(&mut streamer, &spec, &l, opts, GpuVerifyOptions::default(), readahead.as_ref())
+                .load_after(
+                    &mut streamer,
+                    &spec,
+                    &l,
+                    opts,
+                    GpuVerifyOptions::default(),
+                    readahead.as_ref(),
+                )
                 .context("load to GPU")?;
             let how = format!("every {} KiB leaf verified on the GPU", l.leaf_bytes >> 10);
             (b, r, how)
@@ -197,7 +206,11 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
             hex(&blob.digest),
             blob.size_bytes,
             a.device,
-            if on_gpu { "checked on the GPU" } else { "checked on the host" }
+            if on_gpu {
+                "checked on the GPU"
+            } else {
+                "checked on the host"
+            }
         );
     } else {
         println!(

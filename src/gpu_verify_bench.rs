@@ -15,8 +15,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{
-    DeviceBuffer, GpuVerifier, GpuVerifyOptions, LeafSpec, LoadOptions, Mover, Readahead, SourceMode, Streamer,
-    StreamerConfig,
+    DeviceBuffer, GpuVerifier, GpuVerifyOptions, LeafLaunch, LeafSpec, LoadOptions, Mover, Readahead, SourceMode,
+    Streamer, StreamerConfig,
 };
 
 use crate::gpu::{device_line, gbps, make_blob, median, Pool};
@@ -106,7 +106,7 @@ pub(crate) fn run(a: Args) -> Result<()> {
         owned.chunk_digests.len(),
         a.chunk_mib,
         leaf_digests.len(),
-        leaf_digests.len() * 32 >> 10,
+        (leaf_digests.len() * 32) >> 10,
         (leaf_digests.len() * 32) as f64 * 100.0 / size as f64,
         t.elapsed().as_secs_f64()
     );
@@ -133,8 +133,14 @@ pub(crate) fn run(a: Args) -> Result<()> {
     };
 
     println!();
-    println!("loads of {} GiB from the page cache (median of {reps}; cores = process CPU s / wall s):", a.size_gib);
-    println!("| {:<58} | {:>9} | {:>10} | {:>6} | vs unverified", "load", "time", "rate", "cores");
+    println!(
+        "loads of {} GiB from the page cache (median of {reps}; cores = process CPU s / wall s):",
+        a.size_gib
+    );
+    println!(
+        "| {:<58} | {:>9} | {:>10} | {:>6} | vs unverified",
+        "load", "time", "rate", "cores"
+    );
     for mover in [Mover::Kernel, Mover::CopyEngine] {
         let mut ms = Streamer::new(
             a.device,
@@ -180,7 +186,13 @@ pub(crate) fn run(a: Args) -> Result<()> {
     } else {
         println!("| device lacks read-only host registration: registered page cache not measured");
     }
-    let (blob, _) = gpu.load(&mut st, &spec, &leaves, LoadOptions::new(false, SourceMode::Mmap, max_threads), gv)?;
+    let (blob, _) = gpu.load(
+        &mut st,
+        &spec,
+        &leaves,
+        LoadOptions::new(false, SourceMode::Mmap, max_threads),
+        gv,
+    )?;
     compare_with_file(&blob.buffer, &a.blob)?;
     drop(blob);
     println!("check: device bytes of the GPU-verified load equal the file");
@@ -260,8 +272,14 @@ fn kernel_sweep(
     }
     println!("check: GPU leaf digests of the whole blob equal the host's (ring)");
     println!();
-    println!("SHA-256 kernel alone over {} GiB in device memory (median of {reps}):", a.size_gib);
-    println!("| {:>8} | {:>10} | {:>13} | {:>10} |", "leaf KiB", "window MiB", "leaves/launch", "rate");
+    println!(
+        "SHA-256 kernel alone over {} GiB in device memory (median of {reps}):",
+        a.size_gib
+    );
+    println!(
+        "| {:>8} | {:>10} | {:>13} | {:>10} |",
+        "leaf KiB", "window MiB", "leaves/launch", "rate"
+    );
     let out = DeviceBuffer::new(st.context(), (size.div_ceil(4096) * 32) as usize)?;
     for &leaf_kib in &a.leaf_kib {
         let leaf = leaf_kib << 10;
@@ -275,20 +293,19 @@ fn kernel_sweep(
                 let mut first = 0;
                 while first < leaves {
                     let n = per_launch.min(leaves - first);
+                    let launch = LeafLaunch {
+                        data: blob.buffer.device_ptr(),
+                        size,
+                        leaf_bytes: leaf as u32,
+                        first,
+                        count: n,
+                        expect: 0,
+                        out: out.device_ptr() + 32 * first,
+                    };
                     // SAFETY: the blob buffer holds `size` bytes and `out` 32
                     // bytes per 4 KiB leaf, more than any sweep needs; both
                     // outlive the `sync` below.
-                    unsafe {
-                        h.queue(
-                            blob.buffer.device_ptr(),
-                            size,
-                            leaf as u32,
-                            first,
-                            n,
-                            0,
-                            out.device_ptr() + 32 * first,
-                        )
-                    }?;
+                    unsafe { h.queue(&launch) }?;
                     first += n;
                 }
                 h.sync()?;
@@ -315,7 +332,10 @@ fn cold(
     let size = spec.size_bytes;
     println!();
     let reps = a.reps.max(1);
-    println!("cold page cache (dropped before each run), {} GiB, median of {reps}:", a.size_gib);
+    println!(
+        "cold page cache (dropped before each run), {} GiB, median of {reps}:",
+        a.size_gib
+    );
     println!("| {:<58} | {:>9} | {:>10} | vs sequential read", "what", "time", "rate");
     let mut buf = vec![0u8; 8 << 20];
     let mut seqs = Vec::new();

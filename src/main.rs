@@ -11,8 +11,8 @@ mod client;
 mod demo;
 mod gpu;
 mod gpu_load;
-mod gpu_verify_bench;
 mod gpu_picker;
+mod gpu_verify_bench;
 mod serve;
 mod store;
 

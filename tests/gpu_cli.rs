@@ -96,10 +96,16 @@ fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
         assert!(stdout.contains("checked on the GPU"), "{stdout}");
     }
     for verify in ["cpu", "gpu"] {
-        let (code, stdout, stderr) = cnse_dp(&["gpu", "load", "tiny:1", "--store", store_arg, "--check", "--verify", verify]);
+        let (code, stdout, stderr) = cnse_dp(&[
+            "gpu", "load", "tiny:1", "--store", store_arg, "--check", "--verify", verify,
+        ]);
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains("device bytes equal the file"), "{stdout}");
-        let on = if verify == "gpu" { "checked on the GPU" } else { "checked on the host" };
+        let on = if verify == "gpu" {
+            "checked on the GPU"
+        } else {
+            "checked on the host"
+        };
         assert!(stdout.contains(on), "{stdout}");
     }
 

@@ -27,7 +27,10 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn ring_sha(b: &[u8]) -> [u8; 32] {
-    ring::digest::digest(&ring::digest::SHA256, b).as_ref().try_into().unwrap()
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .try_into()
+        .unwrap()
 }
 
 fn on_device(ctx: &std::sync::Arc<cnse_kernels::cudarc::driver::CudaContext>, b: &[u8]) -> DeviceBuffer {
@@ -89,11 +92,20 @@ fn issue15_gpu_leaf_digests_equal_the_stores() {
     }
     let ctx = cnse_kernels::device::open(0).unwrap();
     let h = LeafHasher::new(&ctx).unwrap();
-    for (len, leaf) in [((5 << 20) + 333, 64u64 << 10), ((1 << 20) + 4096, 4096), (100, 4096), (1 << 20, 1 << 20)] {
+    for (len, leaf) in [
+        ((5 << 20) + 333, 64u64 << 10),
+        ((1 << 20) + 4096, 4096),
+        (100, 4096),
+        (1 << 20, 1 << 20),
+    ] {
         let data = random(len, 7);
         let dev = on_device(&ctx, &data);
         let want = cnse_store::leaf_digests_parallel(&data, leaf, 4);
-        assert_eq!(h.leaf_digests(&dev, len as u64, leaf as u32).unwrap(), want, "{len} bytes, {leaf} leaves");
+        assert_eq!(
+            h.leaf_digests(&dev, len as u64, leaf as u32).unwrap(),
+            want,
+            "{len} bytes, {leaf} leaves"
+        );
     }
 }
 
@@ -117,7 +129,11 @@ fn issue15_gpu_verified_load_puts_the_files_bytes_on_the_device() {
     for mover in [Mover::CopyEngine, Mover::Kernel] {
         let mut st = Streamer::new(0, pool(4, mover)).unwrap();
         let gpu = GpuVerifier::new(&st).unwrap();
-        for (chunk, leaf, window) in [(1u64 << 20, 64u64 << 10, 1u64 << 20), (2 << 20, 4096, 8 << 20), (4 << 20, 1 << 20, 512 << 20)] {
+        for (chunk, leaf, window) in [
+            (1u64 << 20, 64u64 << 10, 1u64 << 20),
+            (2 << 20, 4096, 8 << 20),
+            (4 << 20, 1 << 20, 512 << 20),
+        ] {
             let (spec, leaf_sums) = specs(&file.0, chunk, leaf);
             let leaves = LeafSpec {
                 leaf_bytes: leaf,
@@ -142,7 +158,9 @@ fn issue15_gpu_verified_load_puts_the_files_bytes_on_the_device() {
             let ra = cnse_kernels::Readahead::start(&file.0, u64::MAX).unwrap();
             let opts = LoadOptions::new(false, SourceMode::Mmap, 4);
             let gv = GpuVerifyOptions { window_bytes: window };
-            let (blob, _) = gpu.load_after(&mut st, &spec.as_spec(), &leaves, opts, gv, Some(&ra)).unwrap();
+            let (blob, _) = gpu
+                .load_after(&mut st, &spec.as_spec(), &leaves, opts, gv, Some(&ra))
+                .unwrap();
             let mut back = vec![0u8; data.len()];
             blob.buffer.copy_to_host(0, &mut back).unwrap();
             assert!(back == data, "{mover} chunk {chunk} leaf {leaf}, read-ahead");
@@ -171,7 +189,14 @@ fn issue15_a_flipped_bit_anywhere_is_caught_and_named() {
     ctx.bind_to_thread().unwrap();
     let free_before = free();
     let last = data.len() as u64 - 1;
-    for (at, bit) in [(0u64, 0u8), (leaf - 1, 7), (leaf, 3), (3 * chunk + 5 * leaf + 100, 5), (chunk * 6, 1), (last, 6)] {
+    for (at, bit) in [
+        (0u64, 0u8),
+        (leaf - 1, 7),
+        (leaf, 3),
+        (3 * chunk + 5 * leaf + 100, 5),
+        (chunk * 6, 1),
+        (last, 6),
+    ] {
         let mut bad = data.clone();
         bad[at as usize] ^= 1 << bit;
         std::fs::write(&file.0, &bad).unwrap();
@@ -188,7 +213,12 @@ fn issue15_a_flipped_bit_anywhere_is_caught_and_named() {
         let c = at / chunk;
         let l = (at % chunk) / leaf;
         match &err {
-            KernelError::LeafMismatch { chunk: ec, leaf: el, bad_leaves, .. } => {
+            KernelError::LeafMismatch {
+                chunk: ec,
+                leaf: el,
+                bad_leaves,
+                ..
+            } => {
                 assert_eq!((*ec, *el, *bad_leaves), (c, l, 1), "bit at {at}: {err}");
             }
             other => panic!("bit at {at}: wrong error {other}"),
@@ -199,7 +229,10 @@ fn issue15_a_flipped_bit_anywhere_is_caught_and_named() {
     }
     ctx.bind_to_thread().unwrap();
     // Every aborted load gave its buffer back (allow the driver's slack).
-    assert!(free() + (4 << 20) >= free_before, "device memory leaked by aborted loads");
+    assert!(
+        free() + (4 << 20) >= free_before,
+        "device memory leaked by aborted loads"
+    );
 }
 
 #[test]
@@ -249,7 +282,9 @@ fn issue15_host_and_gpu_verification_agree_on_every_manifest_in_a_store() {
         let host = store.verify(d, 2, false, &|_| {}).unwrap().ok();
         let leaves = LeafSpec { leaf_bytes, digests };
         let opts = LoadOptions::new(false, SourceMode::Mmap, 4);
-        let on_gpu = gpu.load(st, &spec.as_spec(), &leaves, opts, GpuVerifyOptions::default()).is_ok();
+        let on_gpu = gpu
+            .load(st, &spec.as_spec(), &leaves, opts, GpuVerifyOptions::default())
+            .is_ok();
         (host, on_gpu)
     };
     for (_, d) in &files {

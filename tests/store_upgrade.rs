@@ -45,14 +45,18 @@ fn issue15_put_writes_leaves_and_upgrade_adds_them_to_old_manifests() {
     assert_eq!(j["leaf_count"], 49, "{j}");
 
     downgrade(&store, &digest);
-    assert!(std::fs::read(manifest_path(&store, &digest)).unwrap().starts_with(b"CNSEMF01"));
+    assert!(std::fs::read(manifest_path(&store, &digest))
+        .unwrap()
+        .starts_with(b"CNSEMF01"));
     let out = ok(&store, &["inspect", "m:1"]);
     assert!(out.contains("none (format 1 manifest"), "{out}");
     ok(&store, &["verify", "m:1"]);
 
     let out = ok(&store, &["upgrade", "m:1", "--leaf-bytes", "256K"]);
     assert!(out.contains("upgraded (leaves of 262144 bytes)"), "{out}");
-    assert!(std::fs::read(manifest_path(&store, &digest)).unwrap().starts_with(b"CNSEMF02"));
+    assert!(std::fs::read(manifest_path(&store, &digest))
+        .unwrap()
+        .starts_with(b"CNSEMF02"));
     let j = json(&store, &["inspect", "m:1"]);
     assert_eq!(j["leaf_bytes"], 256 << 10, "{j}");
     assert_eq!(j["leaf_count"], 13, "{j}");

@@ -22,15 +22,15 @@ use std::path::PathBuf;
 pub use cudarc;
 pub use device::{cuda_available, DeviceInfo};
 pub use pinned::{DeviceBuffer, PinnedBuffer};
+pub use readahead::Readahead;
 pub use sampling::cpu::CpuSampler;
 pub use sampling::gpu::{BatchSampler, LogitKernels};
 pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
-pub use sha256::{LeafHasher, LeafMismatch};
+pub use sha256::{LeafHasher, LeafLaunch, LeafMismatch};
 pub use spec::{hash_chunks, hash_file, OwnedSpec};
 pub use stream::{
     BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
 };
-pub use readahead::Readahead;
 pub use verify_gpu::{GpuVerifier, GpuVerifyOptions, LeafSpec};
 
 /// Every error of this crate: what was being done, and on which file, chunk

@@ -19,6 +19,21 @@ const LEAF_THREADS: u32 = 64;
 /// Leaves per launch at most (the kernel indexes them with 32 bits).
 pub const LEAVES_PER_LAUNCH_MAX: u64 = 1 << 30;
 
+/// One launch of `sha256_leaves`: leaves `first .. first + count` of the
+/// blob of `size` bytes at device address `data`. Digest `t` of the launch
+/// (leaf `first + t`) is written to `out + 32 t` unless `out` is 0, and
+/// compared with `expect + 32 t` unless `expect` is 0.
+#[derive(Clone, Copy, Debug)]
+pub struct LeafLaunch {
+    pub data: u64,
+    pub size: u64,
+    pub leaf_bytes: u32,
+    pub first: u64,
+    pub count: u64,
+    pub expect: u64,
+    pub out: u64,
+}
+
 /// Where a leaf check failed: the first bad leaf and how many were bad.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeafMismatch {
@@ -82,10 +97,7 @@ impl LeafHasher {
             .map_err(KernelError::driver("cuStreamSynchronize"))
     }
 
-    /// Queues the hashing of leaves `first .. first + count` of the blob of
-    /// `size` bytes at device address `data` on the hash stream. Digest `t`
-    /// of the launch (leaf `first + t`) is written to `out + 32 t` unless
-    /// `out` is 0, and compared with `expect + 32 t` unless `expect` is 0.
+    /// Queues one [`LeafLaunch`] on the hash stream.
     ///
     /// # Safety
     ///
@@ -94,16 +106,16 @@ impl LeafHasher {
     /// caller orders writes before it with events on the hash stream and
     /// synchronises before freeing); `out` and `expect`, when not 0, must
     /// hold `32 * count` bytes under the same rule.
-    pub unsafe fn queue(
-        &self,
-        data: u64,
-        size: u64,
-        leaf_bytes: u32,
-        first: u64,
-        count: u64,
-        expect: u64,
-        out: u64,
-    ) -> Result<(), KernelError> {
+    pub unsafe fn queue(&self, l: &LeafLaunch) -> Result<(), KernelError> {
+        let LeafLaunch {
+            data,
+            size,
+            leaf_bytes,
+            first,
+            count,
+            expect,
+            out,
+        } = *l;
         if leaf_bytes == 0 || leaf_bytes % 64 != 0 || count > LEAVES_PER_LAUNCH_MAX {
             return Err(KernelError::Shape {
                 op: "sha256_leaves",
@@ -161,16 +173,22 @@ impl LeafHasher {
         }
         let count = size.div_ceil(leaf_bytes.max(1) as u64).max(1);
         let out = DeviceBuffer::new(&self.ctx, (count * 32) as usize)?;
+        let launch = LeafLaunch {
+            data: buf.device_ptr(),
+            size,
+            leaf_bytes,
+            first: 0,
+            count,
+            expect: 0,
+            out: out.device_ptr(),
+        };
         // SAFETY: `buf` holds `size` bytes and `out` `32 * count`; both live
         // past the `sync` below, and nothing else writes them meanwhile.
-        unsafe { self.queue(buf.device_ptr(), size, leaf_bytes, 0, count, 0, out.device_ptr()) }?;
+        unsafe { self.queue(&launch) }?;
         self.sync()?;
         let mut host = vec![0u8; (count * 32) as usize];
         out.copy_to_host(0, &mut host)?;
-        Ok(host
-            .chunks_exact(32)
-            .map(|c| c.try_into().expect("32 bytes"))
-            .collect())
+        Ok(host.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect())
     }
 
     /// SHA-256 of the first `size` bytes of `buf` as one message (tests).
@@ -192,7 +210,10 @@ mod tests {
     fn sha256_cu_compiles_with_nvrtc() {
         if !crate::device::nvrtc_available() {
             eprintln!("skipped: no NVRTC library");
-            assert!(std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"), "CNSE_REQUIRE_GPU=1 but no NVRTC");
+            assert!(
+                std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "CNSE_REQUIRE_GPU=1 but no NVRTC"
+            );
             return;
         }
         crate::device::compile("sha256.cu", SHA256_CU, "compute_90".into()).expect("sha256.cu compiles");

@@ -17,7 +17,7 @@ use std::time::Instant;
 use cudarc::driver::CudaStream;
 
 use crate::pinned::DeviceBuffer;
-use crate::sha256::LeafHasher;
+use crate::sha256::{LeafHasher, LeafLaunch};
 use crate::stream::{BlobSpec, ChunkSink, DeviceBlob, LoadOptions, LoadReport, Streamer};
 use crate::KernelError;
 
@@ -40,7 +40,9 @@ pub struct GpuVerifyOptions {
 
 impl Default for GpuVerifyOptions {
     fn default() -> Self {
-        Self { window_bytes: 512 << 20 }
+        Self {
+            window_bytes: 512 << 20,
+        }
     }
 }
 
@@ -133,7 +135,10 @@ fn check(spec: &BlobSpec, leaves: &LeafSpec) -> Result<(), KernelError> {
     }
     let want = spec.size_bytes.div_ceil(l);
     if leaves.digests.len() as u64 != want {
-        return bad(format!("{want} leaves need {want} leaf digests, manifest has {}", leaves.digests.len()));
+        return bad(format!(
+            "{want} leaves need {want} leaf digests, manifest has {}",
+            leaves.digests.len()
+        ));
     }
     Ok(())
 }
@@ -185,23 +190,22 @@ impl ChunkSink for Windows<'_> {
         let per_chunk = self.chunk_bytes / self.leaf_bytes;
         let first = first_chunk as u64 * per_chunk;
         let end = ((first_chunk + in_window) as u64 * per_chunk).min(self.leaf_count);
+        let launch = LeafLaunch {
+            data: *base,
+            size: self.size,
+            leaf_bytes: self.leaf_bytes as u32,
+            first,
+            count: end - first,
+            expect: self.expect.device_ptr() + 32 * first,
+            out: 0,
+        };
         // SAFETY: the device buffer (`base`, `size` bytes) outlives the
         // launch: `load_with` calls `finish`, which synchronises the hash
         // stream, before it drops or returns the buffer; every copy into
         // this window is ordered before the launch by the joins above, and
         // nothing writes the window afterwards. `expect` holds 32 bytes per
         // leaf and lives in `self`, which outlives `finish`.
-        unsafe {
-            self.hasher.queue(
-                *base,
-                self.size,
-                self.leaf_bytes as u32,
-                first,
-                end - first,
-                self.expect.device_ptr() + 32 * first,
-                0,
-            )
-        }
+        unsafe { self.hasher.queue(&launch) }
     }
 
     fn finish(&self) -> Result<(), KernelError> {

@@ -22,8 +22,8 @@ mod digest;
 mod error;
 pub mod gguf;
 mod hash;
-mod leaves;
 pub mod http;
+mod leaves;
 mod manifest;
 pub mod progress;
 mod refname;
@@ -44,8 +44,8 @@ pub use leaves::{
     LEAF_BYTES_MAX, LEAF_BYTES_MIN,
 };
 pub use manifest::{
-    check_chunk_bytes, LeafDigests, Manifest, ManifestRecord, ManifestRecordV1, CHUNK_BYTES_DEFAULT,
-    CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, MANIFEST_MAGIC, MANIFEST_MAGIC_V1,
+    check_chunk_bytes, LeafDigests, Manifest, ManifestRecord, ManifestRecordV1, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX,
+    CHUNK_BYTES_MIN, MANIFEST_MAGIC, MANIFEST_MAGIC_V1,
 };
 pub use refname::{RefName, TAG_DEFAULT};
 pub use remote::{Filer, PullOptions, PullOutcome, PullTarget, PushOutcome};

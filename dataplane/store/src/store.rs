@@ -387,7 +387,9 @@ impl Store {
     /// digest of bytes that were not written.
     pub fn put(&self, src: &SourceFile, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<PutOutcome> {
         check_chunk_bytes(opts.chunk_bytes)?;
-        let leaf_bytes = opts.leaf_bytes.unwrap_or_else(|| leaves::default_leaf_bytes(opts.chunk_bytes));
+        let leaf_bytes = opts
+            .leaf_bytes
+            .unwrap_or_else(|| leaves::default_leaf_bytes(opts.chunk_bytes));
         leaves::check_leaf_bytes(leaf_bytes, opts.chunk_bytes)?;
         let data: &[u8] = &src.map;
         let size_bytes = data.len() as u64;
