@@ -1,9 +1,9 @@
 //! `cnse-dp gpu`: device info, verified model loads into GPU memory, and the
 //! side-by-side benchmark of the GPU path (docs/GPU.md, docs/BENCHMARKS.md).
 //!
-//! The model story, one stage per call in `load`:
-//! resolve digest → manifest → mmap → verify SHA-256 per chunk → pinned
-//! buffer → GPU.
+//! `gpu load` lives in `gpu_load.rs` (the model story, one stage per call)
+//! and `gpu bench-verify` in `gpu_verify_bench.rs`; this file parses the
+//! subcommands and holds `info` and `bench`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
