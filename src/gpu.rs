@@ -11,12 +11,8 @@ use std::time::Instant;
 use crate::gpu_load::{compare_with_file, hex};
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
-use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
-use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SampleRow, SamplerConfig,
-    SourceMode, Streamer, StreamerConfig, TokenSampler,
-};
+use cnse_kernels::{DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SourceMode, Streamer, StreamerConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -124,19 +120,19 @@ impl Pool {
 }
 
 #[derive(clap::Args)]
-struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Blob to load; created with pseudo-random bytes if missing.
     #[arg(long, default_value = "/tmp/cnse-gpu-bench.blob")]
     blob: PathBuf,
     /// Size of a created blob, GiB.
     #[arg(long, default_value_t = 4)]
-    size_gib: u64,
+    pub(crate) size_gib: u64,
     /// Chunk size of the blob's manifest, MiB.
     #[arg(long, default_value_t = 16)]
     chunk_mib: u64,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
-    device: usize,
+    pub(crate) device: usize,
     /// Thread counts of the verified-load sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     sweep: Vec<usize>,
@@ -159,7 +155,7 @@ struct BenchArgs {
     /// unverified and verified loads), each `THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER`
     /// with MOVER `ce` or `kernel`, e.g. `8:8:3:1:ce`.
     #[arg(long, value_delimiter = ',')]
-    configs: Vec<String>,
+    pub(crate) configs: Vec<String>,
     /// Only the sampling part.
     #[arg(long)]
     sampling_only: bool,
@@ -287,7 +283,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         bench_load(&a)?;
     }
     if !a.load_only {
-        bench_sampling(&a)?;
+        crate::gpu_bench_sampling::bench_sampling(a.device, a.batch, a.vocab)?;
     }
     Ok(())
 }
@@ -330,7 +326,7 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
     let max_threads = a.sweep.iter().copied().max().unwrap_or(16).max(1);
     let reps = a.reps.max(1);
     if !a.configs.is_empty() {
-        return bench_configs(a, &spec, reps);
+        return crate::gpu_bench_configs::bench_configs(a, &spec, reps);
     }
 
     // Reference rates: one core's SHA-256, the copy engine from pinned memory,
@@ -625,145 +621,6 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         let (blob, _) = s_plain.load(&spec, LoadOptions::new(true, source, t))?;
         compare_with_file(&blob.buffer, &a.blob)?;
         println!("check: device bytes of the verified {source} load equal the file");
-    }
-    Ok(())
-}
-
-fn parse_config(s: &str) -> Result<StreamerConfig> {
-    let f: Vec<&str> = s.split(':').collect();
-    if f.len() != 5 {
-        bail!("--configs entry {s:?} is not THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER");
-    }
-    let n = |i: usize| {
-        f[i].parse::<usize>()
-            .with_context(|| format!("--configs entry {s:?}: field {}", i + 1))
-    };
-    let mover = match f[4] {
-        "ce" => Mover::CopyEngine,
-        "kernel" => Mover::Kernel,
-        other => bail!("--configs entry {s:?}: mover {other:?} is not ce or kernel"),
-    };
-    Ok(StreamerConfig {
-        threads: n(0)?,
-        slot_bytes: n(1)? << 20,
-        slots_per_thread: n(2)?,
-        streams: n(3)?,
-        write_combined: false,
-        copy_granule_bytes: COPY_GRANULE_DEFAULT,
-        mover,
-    })
-}
-
-fn bench_configs(a: &BenchArgs, spec: &BlobSpec, reps: usize) -> Result<()> {
-    let size = spec.size_bytes;
-    println!("staging configurations, {} GiB, median of {reps}:", a.size_gib);
-    println!(
-        "| {:<44} | {:>9} | {:>9} | {:>9} |",
-        "threads x slots x MiB, streams, mover", "DMA only", "load", "verified"
-    );
-    for c in &a.configs {
-        let cfg = parse_config(c)?;
-        let mut st = Streamer::new(a.device, cfg)?;
-        let mut rate = |opts: LoadOptions| -> Result<f64> {
-            let mut times = Vec::new();
-            for _ in 0..reps {
-                let (blob, r) = st.load(spec, opts)?;
-                drop(blob);
-                times.push(r.total_s);
-            }
-            Ok(gbps(size, median(times)))
-        };
-        let t = cfg.threads;
-        let dma = rate(LoadOptions {
-            pipeline: Pipeline::DmaOnly,
-            ..LoadOptions::new(false, SourceMode::Mmap, t)
-        })?;
-        let load = rate(LoadOptions::new(false, SourceMode::Mmap, t))?;
-        let verified = rate(LoadOptions::new(true, SourceMode::Mmap, t))?;
-        println!(
-            "| {:<44} | {dma:>9.2} | {load:>9.2} | {verified:>9.2} |",
-            format!(
-                "{} x {} x {}, {} streams, {}",
-                t,
-                cfg.slots_per_thread,
-                cfg.slot_bytes >> 20,
-                cfg.streams,
-                cfg.mover
-            )
-        );
-    }
-    Ok(())
-}
-
-fn bench_sampling(a: &BenchArgs) -> Result<()> {
-    let config = SamplerConfig {
-        vocab: a.vocab,
-        max_batch: a.batch,
-    };
-    let mut gpu = BatchSampler::new(a.device, config)?;
-    let mut cpu = CpuSampler::new(config)?;
-    println!();
-    println!(
-        "sampling {} rows x {} vocab: GPU BatchSampler (logits generated on the device) vs CpuSampler, one core",
-        a.batch, a.vocab
-    );
-    println!(
-        "| {:<40} | {:>10} | {:>10} | {:>8} | ids equal",
-        "rows", "GPU/batch", "CPU/batch", "speedup"
-    );
-    let cases: [(&str, f32, u32, f32); 4] = [
-        ("T=0.8 top_k=50 top_p=0.95", 0.8, 50, 0.95),
-        ("T=1.0 top_p=0.9 (no top-k)", 1.0, 0, 0.9),
-        ("T=1.0 plain sampling", 1.0, 0, 1.0),
-        ("T=0 greedy", 0.0, 0, 1.0),
-    ];
-    let mut ids_gpu = vec![0u32; a.batch];
-    let mut ids_cpu = vec![0u32; a.batch];
-    for (label, temperature, top_k, top_p) in cases {
-        let rows_at = |step: u64| -> Vec<SampleRow> {
-            (0..a.batch as u64)
-                .map(|r| SampleRow {
-                    seed: 1000 + r,
-                    position: step,
-                    temperature,
-                    top_k,
-                    top_p,
-                })
-                .collect()
-        };
-        for step in 0..3 {
-            gpu.sample(&rows_at(step), &mut ids_gpu)?;
-        }
-        let gpu_iters = 30;
-        let mut gt = Vec::new();
-        for step in 0..gpu_iters {
-            let rows = rows_at(100 + step);
-            let t = Instant::now();
-            gpu.sample(&rows, &mut ids_gpu)?;
-            gt.push(t.elapsed().as_secs_f64());
-        }
-        let mut ct = Vec::new();
-        let mut equal = true;
-        for step in 0..3u64 {
-            let rows = rows_at(100 + step);
-            let t = Instant::now();
-            cpu.sample(&rows, &mut ids_cpu)?;
-            ct.push(t.elapsed().as_secs_f64());
-            gpu.sample(&rows, &mut ids_gpu)?;
-            equal &= ids_gpu == ids_cpu;
-        }
-        let (g, c) = (median(gt), median(ct));
-        println!(
-            "| {:<40} | {:>7.3} ms | {:>7.1} ms | {:>7.1}x | {}",
-            label,
-            g * 1e3,
-            c * 1e3,
-            c / g,
-            if equal { "yes" } else { "NO" }
-        );
-        if !equal {
-            bail!("GPU and CPU sampled different ids for {label}");
-        }
     }
     Ok(())
 }

@@ -10,6 +10,8 @@ mod bench_llama;
 mod client;
 mod demo;
 mod gpu;
+mod gpu_bench_configs;
+mod gpu_bench_sampling;
 mod gpu_load;
 mod gpu_picker;
 mod gpu_verify_bench;
