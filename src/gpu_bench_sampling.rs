@@ -11,10 +11,7 @@ use crate::gpu::median;
 
 /// Sampling kernels against the CPU reference, `rows` of `vocab` logits.
 pub(crate) fn bench_sampling(device: usize, rows: usize, vocab: u32) -> Result<()> {
-    let config = SamplerConfig {
-        vocab,
-        max_batch: rows,
-    };
+    let config = SamplerConfig { vocab, max_batch: rows };
     let mut gpu = BatchSampler::new(device, config)?;
     let mut cpu = CpuSampler::new(config)?;
     println!();
