@@ -4,6 +4,8 @@
 #   core:  core server peaks on 16 cores, sampling on the token path,
 #          store verify scaling (issues 2, 3, 5)
 #   llama: llama-server gateway overhead against the stand-in (issue 4)
+#   verify: GPU tests, then issue 15: GPU SHA-256 kernel sweep, verified
+#           loads (host vs GPU vs none), cold-cache loads, CLI transcript
 set -u
 cd "$(dirname "$0")"
 what=${1:-all}
@@ -19,15 +21,36 @@ if [ "$rc" -ne 0 ]; then
 fi
 baked=$(cat cnse-dp.path)
 mkdir -p "$(dirname "$baked")" && cp cnse-dp "$baked"
+export CNSE_REQUIRE_GPU=1
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 echo "== machine"; nproc; grep -m1 "model name" /proc/cpuinfo; uname -r
 $B gpu info
 serve() { $B serve --listen 127.0.0.1:7070 "$@" > /tmp/srv.log 2>&1 & SP=$!; sleep 0.5; }
 stop() { kill -INT $SP; wait $SP 2>/dev/null; }
 bench() { taskset -c 8-15 $B bench --addr 127.0.0.1:7070 --duration-secs 4 --warmup-secs 1 "$@" 2>&1 | grep -vE "^\s*$"; }
-if [ "$what" = all ] || [ "$what" = gpu ]; then
+if [ "$what" = all ] || [ "$what" = gpu ] || [ "$what" = verify ]; then
   for t in tests/*; do echo "== test $(basename "$t")"; "$t" --test-threads 1 2>&1 | grep -E "^test |test result|skipped|panicked"; done
-  echo "== gpu bench"; $B gpu bench
+  [ "$what" = verify ] || { echo "== gpu bench"; $B gpu bench; }
+fi
+if [ "$what" = verify ]; then
+  echo "== gpu bench-verify ${VERIFY_ARGS:-}"; $B gpu bench-verify --cold ${VERIFY_ARGS:-}
+  echo "== CLI: put, cold load right after put, verified loads, a flipped bit"
+  S=/tmp/st15; rm -rf $S
+  $B store put /tmp/cnse-gpu-bench.blob --name bench:4g --store $S | tail -1
+  $B store inspect bench:4g --store $S | grep -E "chunks|leaves"
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  $B gpu load bench:4g --store $S --verify gpu
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  $B gpu load bench:4g --store $S --verify gpu --readahead
+  $B gpu load bench:4g --store $S --verify gpu --check
+  $B gpu load bench:4g --store $S --verify cpu
+  $B gpu load bench:4g --store $S --no-verify
+  $B gpu load bench:4g --store $S --verify gpu --threads 2
+  $B gpu load bench:4g --store $S --no-verify --threads 2
+  blob=$(ls $S/blobs/sha256/*); chmod u+w $blob
+  printf '\x5a' | dd of=$blob bs=1 seek=$((100*16777216 + 3*65536 + 17)) conv=notrunc status=none
+  $B gpu load bench:4g --store $S --verify gpu; echo "exit status $?"
+  $B gpu load bench:4g --store $S --verify cpu; echo "exit status $?"
 fi
 if [ "$what" = all ] || [ "$what" = core ]; then
   echo "== sampling on the token path: server 4 threads, bench 8 threads on cores 8-15, 16 tokens, vocab 32768"

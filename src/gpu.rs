@@ -1,21 +1,18 @@
 //! `cnse-dp gpu`: device info, verified model loads into GPU memory, and the
 //! side-by-side benchmark of the GPU path (docs/GPU.md, docs/BENCHMARKS.md).
 //!
-//! The model story, one stage per call in `load`:
-//! resolve digest → manifest → mmap → verify SHA-256 per chunk → pinned
-//! buffer → GPU.
+//! `gpu load` lives in `gpu_load.rs` (the model story, one stage per call)
+//! and `gpu bench-verify` in `gpu_verify_bench.rs`; this file parses the
+//! subcommands and holds `info` and `bench`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::gpu_load::{compare_with_file, hex};
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
-use cnse_kernels::sampling::cpu::CpuSampler;
 use cnse_kernels::stream::{OwnedSpec, COPY_GRANULE_DEFAULT};
-use cnse_kernels::{
-    BatchSampler, BlobSpec, DeviceBuffer, LoadOptions, LoadReport, Mover, PinnedBuffer, Pipeline, SampleRow,
-    SamplerConfig, SourceMode, Streamer, StreamerConfig, TokenSampler,
-};
+use cnse_kernels::{DeviceBuffer, LoadOptions, Mover, PinnedBuffer, Pipeline, SourceMode, Streamer, StreamerConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,13 +26,16 @@ enum Cmd {
     Info,
     /// Stream a model from the store into GPU memory, verifying every chunk;
     /// prints the time and GB/s of each phase.
-    Load(LoadArgs),
+    Load(crate::gpu_load::LoadArgs),
     /// Measure the GPU path's targets side by side in one run.
     Bench(BenchArgs),
+    /// GPU SHA-256: kernel sweep over leaf sizes, verified loads (host vs
+    /// GPU hashing vs none), cold-cache loads against a sequential read.
+    BenchVerify(crate::gpu_verify_bench::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum SourceArg {
+pub(crate) enum SourceArg {
     /// The fastest measured source (`mmap`).
     Auto,
     /// Hash and copy from a map of the blob into pinned staging.
@@ -47,7 +47,7 @@ enum SourceArg {
 }
 
 impl SourceArg {
-    fn pick(self) -> SourceMode {
+    pub(crate) fn pick(self) -> SourceMode {
         match self {
             // Measured (docs/GPU.md): registering the page cache costs more
             // than the copy it saves, so `auto` copies through staging.
@@ -79,7 +79,7 @@ impl From<MoverArg> for Mover {
 }
 
 #[derive(clap::Args)]
-struct Pool {
+pub(crate) struct Pool {
     /// Hashing/copy worker threads (default: cores, at most 16).
     #[arg(long)]
     threads: Option<usize>,
@@ -105,7 +105,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn config(&self) -> StreamerConfig {
+    pub(crate) fn config(&self) -> StreamerConfig {
         let d = StreamerConfig::default();
         StreamerConfig {
             threads: self.threads.unwrap_or(d.threads),
@@ -120,50 +120,19 @@ impl Pool {
 }
 
 #[derive(clap::Args)]
-struct LoadArgs {
-    /// `sha256:HEX` or `name:tag` of a blob in the store.
-    #[arg(required_unless_present = "file", conflicts_with = "file")]
-    target: Option<String>,
-    /// Store directory (default: the user's data dir).
-    #[arg(long)]
-    store: Option<PathBuf>,
-    /// Load a file from outside the store: its chunk digests are computed
-    /// first, so this checks the path, not the file's integrity.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Chunk size for --file, MiB.
-    #[arg(long, default_value_t = 16)]
-    chunk_mib: u64,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Skip chunk verification (for measurement only).
-    #[arg(long)]
-    no_verify: bool,
-    /// How workers read the blob.
-    #[arg(long, value_enum, default_value = "auto")]
-    source: SourceArg,
-    /// Copy the device bytes back afterwards and compare them with the file.
-    #[arg(long)]
-    check: bool,
-    #[command(flatten)]
-    pool: Pool,
-}
-
-#[derive(clap::Args)]
-struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Blob to load; created with pseudo-random bytes if missing.
     #[arg(long, default_value = "/tmp/cnse-gpu-bench.blob")]
     blob: PathBuf,
     /// Size of a created blob, GiB.
     #[arg(long, default_value_t = 4)]
-    size_gib: u64,
+    pub(crate) size_gib: u64,
     /// Chunk size of the blob's manifest, MiB.
     #[arg(long, default_value_t = 16)]
     chunk_mib: u64,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
-    device: usize,
+    pub(crate) device: usize,
     /// Thread counts of the verified-load sweep.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     sweep: Vec<usize>,
@@ -186,7 +155,7 @@ struct BenchArgs {
     /// unverified and verified loads), each `THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER`
     /// with MOVER `ce` or `kernel`, e.g. `8:8:3:1:ce`.
     #[arg(long, value_delimiter = ',')]
-    configs: Vec<String>,
+    pub(crate) configs: Vec<String>,
     /// Only the sampling part.
     #[arg(long)]
     sampling_only: bool,
@@ -200,7 +169,8 @@ struct BenchArgs {
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Cmd::Info => info(),
-        Cmd::Load(a) => load(a),
+        Cmd::Load(a) => crate::gpu_load::load(a),
+        Cmd::BenchVerify(a) => crate::gpu_verify_bench::run(a),
         Cmd::Bench(a) => bench(a),
     }
 }
@@ -235,141 +205,19 @@ fn info() -> Result<()> {
     Ok(())
 }
 
-fn gbps(bytes: u64, s: f64) -> f64 {
+pub(crate) fn gbps(bytes: u64, s: f64) -> f64 {
     bytes as f64 / s / 1e9
-}
-
-fn print_phases(r: &LoadReport) {
-    println!("  open + map          {:>9.4} s", r.open_s);
-    println!("  device alloc        {:>9.4} s", r.device_alloc_s);
-    println!(
-        "  hash + copy + DMA   {:>9.4} s  {:>6.2} GB/s  ({} threads, {} source, {}{})",
-        r.stream_s,
-        gbps(r.bytes, r.stream_s),
-        r.threads,
-        r.source,
-        r.mover,
-        if r.verified {
-            ", every chunk verified"
-        } else {
-            ", NOT verified"
-        }
-    );
-    println!("  total               {:>9.4} s  {:>6.2} GB/s", r.total_s, r.gb_per_s());
-}
-
-fn load(a: LoadArgs) -> Result<()> {
-    let config = a.pool.config();
-
-    let t_resolve = Instant::now();
-    // Keeps the store's shared lock (no rm/gc under our map) and the
-    // manifest's bytes for the duration of the load.
-    let (_lock, manifest, owned, label);
-    let spec: BlobSpec = if let Some(path) = &a.file {
-        owned = OwnedSpec::from_file(path, a.chunk_mib << 20, config.threads)
-            .with_context(|| format!("hash {}", path.display()))?;
-        label = format!("{} (file; chunk digests computed here)", path.display());
-        owned.as_spec()
-    } else {
-        let target = a.target.as_deref().expect("clap requires target or --file");
-        let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
-            .context("open store")?;
-        _lock = store.lock(cnse_store::LockKind::Shared).context("lock store")?;
-        let digest = store.resolve(target).with_context(|| format!("resolve {target}"))?;
-        manifest = store
-            .manifest(&digest)
-            .with_context(|| format!("manifest of {digest}"))?;
-        label = format!("{target} = {digest}");
-        owned = OwnedSpec {
-            path: store.blob_path(&digest),
-            size_bytes: manifest.size_bytes(),
-            chunk_bytes: manifest.chunk_bytes(),
-            chunk_digests: manifest.chunk_digests().to_vec(),
-            digest: digest.0,
-        };
-        owned.as_spec()
-    };
-    let resolve_s = t_resolve.elapsed().as_secs_f64();
-
-    let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
-    let opts = LoadOptions::new(!a.no_verify, a.source.pick(), config.threads);
-    println!(
-        "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
-        spec.size_bytes,
-        spec.chunk_digests.len(),
-        spec.chunk_bytes >> 20,
-        a.device
-    );
-    println!("  resolve + manifest  {resolve_s:>9.4} s");
-    println!(
-        "  staging setup       {:>9.4} s  ({} threads x {} x {} MiB pinned, {} streams{}; once per process)",
-        streamer.pool_alloc_s(),
-        config.threads,
-        config.slots_per_thread,
-        config.slot_bytes >> 20,
-        config.streams,
-        if config.write_combined { ", write-combined" } else { "" }
-    );
-    let (blob, report) = streamer.load(&spec, opts).context("load to GPU")?;
-    print_phases(&report);
-    if a.check {
-        let t = Instant::now();
-        compare_with_file(&blob.buffer, spec.path)?;
-        println!(
-            "  check (copy back)   {:>9.4} s  device bytes equal the file",
-            t.elapsed().as_secs_f64()
-        );
-    }
-    if blob.verified {
-        println!(
-            "verified sha256:{} ({} bytes on device {})",
-            hex(&blob.digest),
-            blob.size_bytes,
-            a.device
-        );
-    } else {
-        println!(
-            "loaded {} bytes on device {} WITHOUT verification (--no-verify)",
-            blob.size_bytes, a.device
-        );
-    }
-    Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn compare_with_file(buf: &DeviceBuffer, path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let step = 64 << 20;
-    let mut host = vec![0u8; step];
-    let mut dev = vec![0u8; step];
-    let mut off = 0usize;
-    while off < buf.len() {
-        let n = step.min(buf.len() - off);
-        f.read_exact(&mut host[..n])
-            .with_context(|| format!("read {}", path.display()))?;
-        buf.copy_to_host(off, &mut dev[..n])?;
-        if host[..n] != dev[..n] {
-            let i = (0..n).find(|&i| host[i] != dev[i]).unwrap_or(0);
-            bail!("device bytes differ from {} at offset {}", path.display(), off + i);
-        }
-        off += n;
-    }
-    Ok(())
 }
 
 // ---- bench ---------------------------------------------------------------------
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 /// Writes `bytes` of pseudo-random data (xorshift, one stream per thread).
-fn make_blob(path: &Path, bytes: u64) -> Result<()> {
+pub(crate) fn make_blob(path: &Path, bytes: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     let piece = 64u64 << 20;
@@ -435,12 +283,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         bench_load(&a)?;
     }
     if !a.load_only {
-        bench_sampling(&a)?;
+        crate::gpu_bench_sampling::bench_sampling(a.device, a.batch, a.vocab)?;
     }
     Ok(())
 }
 
-fn device_line(ordinal: usize) -> Result<String> {
+pub(crate) fn device_line(ordinal: usize) -> Result<String> {
     let d = cnse_kernels::device::devices()?
         .into_iter()
         .find(|d| d.ordinal == ordinal)
@@ -478,7 +326,7 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
     let max_threads = a.sweep.iter().copied().max().unwrap_or(16).max(1);
     let reps = a.reps.max(1);
     if !a.configs.is_empty() {
-        return bench_configs(a, &spec, reps);
+        return crate::gpu_bench_configs::bench_configs(a, &spec, reps);
     }
 
     // Reference rates: one core's SHA-256, the copy engine from pinned memory,
@@ -773,145 +621,6 @@ fn bench_load(a: &BenchArgs) -> Result<()> {
         let (blob, _) = s_plain.load(&spec, LoadOptions::new(true, source, t))?;
         compare_with_file(&blob.buffer, &a.blob)?;
         println!("check: device bytes of the verified {source} load equal the file");
-    }
-    Ok(())
-}
-
-fn parse_config(s: &str) -> Result<StreamerConfig> {
-    let f: Vec<&str> = s.split(':').collect();
-    if f.len() != 5 {
-        bail!("--configs entry {s:?} is not THREADS:SLOT_MIB:SLOTS:STREAMS:MOVER");
-    }
-    let n = |i: usize| {
-        f[i].parse::<usize>()
-            .with_context(|| format!("--configs entry {s:?}: field {}", i + 1))
-    };
-    let mover = match f[4] {
-        "ce" => Mover::CopyEngine,
-        "kernel" => Mover::Kernel,
-        other => bail!("--configs entry {s:?}: mover {other:?} is not ce or kernel"),
-    };
-    Ok(StreamerConfig {
-        threads: n(0)?,
-        slot_bytes: n(1)? << 20,
-        slots_per_thread: n(2)?,
-        streams: n(3)?,
-        write_combined: false,
-        copy_granule_bytes: COPY_GRANULE_DEFAULT,
-        mover,
-    })
-}
-
-fn bench_configs(a: &BenchArgs, spec: &BlobSpec, reps: usize) -> Result<()> {
-    let size = spec.size_bytes;
-    println!("staging configurations, {} GiB, median of {reps}:", a.size_gib);
-    println!(
-        "| {:<44} | {:>9} | {:>9} | {:>9} |",
-        "threads x slots x MiB, streams, mover", "DMA only", "load", "verified"
-    );
-    for c in &a.configs {
-        let cfg = parse_config(c)?;
-        let mut st = Streamer::new(a.device, cfg)?;
-        let mut rate = |opts: LoadOptions| -> Result<f64> {
-            let mut times = Vec::new();
-            for _ in 0..reps {
-                let (blob, r) = st.load(spec, opts)?;
-                drop(blob);
-                times.push(r.total_s);
-            }
-            Ok(gbps(size, median(times)))
-        };
-        let t = cfg.threads;
-        let dma = rate(LoadOptions {
-            pipeline: Pipeline::DmaOnly,
-            ..LoadOptions::new(false, SourceMode::Mmap, t)
-        })?;
-        let load = rate(LoadOptions::new(false, SourceMode::Mmap, t))?;
-        let verified = rate(LoadOptions::new(true, SourceMode::Mmap, t))?;
-        println!(
-            "| {:<44} | {dma:>9.2} | {load:>9.2} | {verified:>9.2} |",
-            format!(
-                "{} x {} x {}, {} streams, {}",
-                t,
-                cfg.slots_per_thread,
-                cfg.slot_bytes >> 20,
-                cfg.streams,
-                cfg.mover
-            )
-        );
-    }
-    Ok(())
-}
-
-fn bench_sampling(a: &BenchArgs) -> Result<()> {
-    let config = SamplerConfig {
-        vocab: a.vocab,
-        max_batch: a.batch,
-    };
-    let mut gpu = BatchSampler::new(a.device, config)?;
-    let mut cpu = CpuSampler::new(config)?;
-    println!();
-    println!(
-        "sampling {} rows x {} vocab: GPU BatchSampler (logits generated on the device) vs CpuSampler, one core",
-        a.batch, a.vocab
-    );
-    println!(
-        "| {:<40} | {:>10} | {:>10} | {:>8} | ids equal",
-        "rows", "GPU/batch", "CPU/batch", "speedup"
-    );
-    let cases: [(&str, f32, u32, f32); 4] = [
-        ("T=0.8 top_k=50 top_p=0.95", 0.8, 50, 0.95),
-        ("T=1.0 top_p=0.9 (no top-k)", 1.0, 0, 0.9),
-        ("T=1.0 plain sampling", 1.0, 0, 1.0),
-        ("T=0 greedy", 0.0, 0, 1.0),
-    ];
-    let mut ids_gpu = vec![0u32; a.batch];
-    let mut ids_cpu = vec![0u32; a.batch];
-    for (label, temperature, top_k, top_p) in cases {
-        let rows_at = |step: u64| -> Vec<SampleRow> {
-            (0..a.batch as u64)
-                .map(|r| SampleRow {
-                    seed: 1000 + r,
-                    position: step,
-                    temperature,
-                    top_k,
-                    top_p,
-                })
-                .collect()
-        };
-        for step in 0..3 {
-            gpu.sample(&rows_at(step), &mut ids_gpu)?;
-        }
-        let gpu_iters = 30;
-        let mut gt = Vec::new();
-        for step in 0..gpu_iters {
-            let rows = rows_at(100 + step);
-            let t = Instant::now();
-            gpu.sample(&rows, &mut ids_gpu)?;
-            gt.push(t.elapsed().as_secs_f64());
-        }
-        let mut ct = Vec::new();
-        let mut equal = true;
-        for step in 0..3u64 {
-            let rows = rows_at(100 + step);
-            let t = Instant::now();
-            cpu.sample(&rows, &mut ids_cpu)?;
-            ct.push(t.elapsed().as_secs_f64());
-            gpu.sample(&rows, &mut ids_gpu)?;
-            equal &= ids_gpu == ids_cpu;
-        }
-        let (g, c) = (median(gt), median(ct));
-        println!(
-            "| {:<40} | {:>7.3} ms | {:>7.1} ms | {:>7.1}x | {}",
-            label,
-            g * 1e3,
-            c * 1e3,
-            c / g,
-            if equal { "yes" } else { "NO" }
-        );
-        if !equal {
-            bail!("GPU and CPU sampled different ids for {label}");
-        }
     }
     Ok(())
 }

@@ -11,6 +11,11 @@ use cnse_store::{Digest, Filer, PullOptions, PullTarget, PutOptions, RefName, So
 use serde_json::{json, Value};
 
 mod bench;
+mod units;
+mod upgrade;
+
+pub(crate) use units::parse_bytes;
+use units::{ago, unix_s, utc};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,6 +43,9 @@ enum Cmd {
         /// Bytes per verification chunk (a multiple of 4096).
         #[arg(long, value_parser = parse_bytes, default_value = "16MiB")]
         chunk_bytes: u64,
+        /// Bytes per leaf digest (a power of two dividing the chunk) [default: 64KiB].
+        #[arg(long, value_parser = parse_bytes)]
+        leaf_bytes: Option<u64>,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -118,6 +126,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_bytes)]
         limit_rate: Option<u64>,
     },
+    /// Give old manifests leaf digests (for GPU verification), after checking every chunk.
+    Upgrade(upgrade::Args),
     /// Show a blob's manifest and GGUF metadata.
     Inspect { target: String },
     /// Measure hashing, put and parallel verify against openssl and cp+sync.
@@ -137,6 +147,7 @@ pub fn run(args: Args) -> Result<()> {
             name,
             pin,
             chunk_bytes,
+            leaf_bytes,
             threads,
         } => {
             let name = name.map(|n| n.parse::<RefName>()).transpose()?;
@@ -149,6 +160,7 @@ pub fn run(args: Args) -> Result<()> {
                 name: name.clone(),
                 pin,
                 chunk_bytes,
+                leaf_bytes,
                 threads: threads_or_default(threads),
             };
             let o = store
@@ -444,6 +456,7 @@ pub fn run(args: Args) -> Result<()> {
                 json!({"digest": d.to_string(), "size_bytes": m.size_bytes(), "name": m.name(),
                        "created_unix_ms": m.created_unix_ms(), "chunk_bytes": m.chunk_bytes(),
                        "chunk_count": m.chunk_count(), "blob_path": store.blob_path(&d),
+                       "leaf_bytes": m.leaves().map(|(l, _)| l), "leaf_count": m.leaves().map(|(_, d)| d.len()),
                        "refs": refs.iter().map(|r| json!({"name": r.name.to_string(), "pinned": r.pinned})).collect::<Vec<_>>(),
                        "chunk_digests": m.chunk_digests().iter().map(|c| cnse_store::hex(c)).collect::<Vec<_>>(),
                        "gguf": gjson}),
@@ -454,6 +467,10 @@ pub fn run(args: Args) -> Result<()> {
                         ("name", m.name().to_string()),
                         ("created", utc(m.created_unix_ms() / 1000)),
                         ("chunks", format!("{} of {} bytes", m.chunk_count(), m.chunk_bytes())),
+                        ("leaves", match m.leaves() {
+                            Some((l, d)) => format!("{} of {l} bytes", d.len()),
+                            None => "none (format 1 manifest: `store upgrade` adds them)".into(),
+                        }),
                         ("path", store.blob_path(&d).display().to_string()),
                     ];
                     for r in &refs {
@@ -482,6 +499,7 @@ pub fn run(args: Args) -> Result<()> {
                 },
             );
         }
+        Cmd::Upgrade(a) => upgrade::run(&store, &out, a)?,
         Cmd::Bench(_) => unreachable!("handled before the store is opened"),
     }
     Ok(())
@@ -547,82 +565,4 @@ fn name_suffix(n: &Option<RefName>) -> String {
 
 fn threads_or_default(t: Option<usize>) -> usize {
     t.filter(|&t| t > 0).unwrap_or_else(cnse_store::default_threads)
-}
-
-/// Parses `1234`, `64K`, `16MiB`, `1.5G`, ... (K, M, G, T are powers of 1024).
-pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("unknown unit in {s:?} (use K, M, G, T)")),
-    };
-    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a byte count"))?;
-    let bytes = v * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(bytes as u64)
-}
-
-fn unix_s(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn ago(now: SystemTime, t: SystemTime) -> String {
-    let s = now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        3600..=86_399 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86_400),
-    }
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (days-from-civil inverse).
-fn utc(unix_s: u64) -> String {
-    let days = (unix_s / 86_400) as i64;
-    let secs = unix_s % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_counts() {
-        assert_eq!(parse_bytes("1234"), Ok(1234));
-        assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
-        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
-        assert!(parse_bytes("12 parsecs").is_err());
-        assert!(parse_bytes("").is_err());
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_709_210_096), "2024-02-29T12:34:56Z");
-    }
 }

@@ -49,8 +49,7 @@ fn without_a_driver_every_gpu_command_prints_one_line_and_fails() {
 
 #[test]
 fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
-    if !cnse_kernels::cuda_available() {
-        println!("skipped: no CUDA driver");
+    if !cnse_kernels::device::gpu_or_skip() {
         return;
     }
     let (code, stdout, stderr) = cnse_dp(&["gpu", "info"]);
@@ -92,6 +91,22 @@ fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
             "{stdout}"
         );
         assert!(stdout.contains("GB/s"), "{stdout}");
+        // `put` wrote leaf digests, so the default (`--verify auto`) checks
+        // every leaf on the GPU (issue 15).
+        assert!(stdout.contains("checked on the GPU"), "{stdout}");
+    }
+    for verify in ["cpu", "gpu"] {
+        let (code, stdout, stderr) = cnse_dp(&[
+            "gpu", "load", "tiny:1", "--store", store_arg, "--check", "--verify", verify,
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("device bytes equal the file"), "{stdout}");
+        let on = if verify == "gpu" {
+            "checked on the GPU"
+        } else {
+            "checked on the host"
+        };
+        assert!(stdout.contains(on), "{stdout}");
     }
 
     // A bit flipped in the stored blob: the load fails, naming the chunk.
@@ -103,10 +118,19 @@ fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
     perms.set_readonly(false);
     std::fs::set_permissions(&blob, perms).unwrap();
     std::fs::write(&blob, &bytes).unwrap();
-    let (code, _, stderr) = cnse_dp(&["gpu", "load", "tiny:1", "--store", store_arg]);
+    let (code, _, stderr) = cnse_dp(&["gpu", "load", "tiny:1", "--store", store_arg, "--verify", "cpu"]);
     assert_eq!(code, 1);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("chunk 1 (bytes 16777216..33554432)"), "{stderr}");
+    // On the GPU the same flip is named down to its 64 KiB leaf (issue 15).
+    let (code, _, stderr) = cnse_dp(&["gpu", "load", "tiny:1", "--store", store_arg]);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("chunk 1 leaf 0 of the chunk (bytes 16777216..16842752)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("device memory freed"), "{stderr}");
 
     let (code, _, stderr) = cnse_dp(&["gpu", "load", "nope:1", "--store", store_arg]);
     assert_eq!(code, 1);

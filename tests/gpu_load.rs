@@ -9,11 +9,7 @@ use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{KernelError, LoadOptions, Mover, SourceMode, Streamer, StreamerConfig};
 
 fn gpu_present() -> bool {
-    if cnse_kernels::cuda_available() {
-        return true;
-    }
-    println!("skipped: no CUDA driver");
-    false
+    cnse_kernels::device::gpu_or_skip()
 }
 
 struct TempFile(PathBuf);

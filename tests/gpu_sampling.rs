@@ -6,11 +6,7 @@ use cnse_kernels::sampling::cpu;
 use cnse_kernels::{BatchSampler, CpuSampler, LogitKernels, SampleRow, SamplerConfig, TokenSampler};
 
 fn gpu_present() -> bool {
-    if cnse_kernels::cuda_available() {
-        return true;
-    }
-    println!("skipped: no CUDA driver");
-    false
+    cnse_kernels::device::gpu_or_skip()
 }
 
 /// A spread of sampling settings, including the edge values.

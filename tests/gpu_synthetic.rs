@@ -127,8 +127,7 @@ fn issue5_cpu_sampler_on_the_token_path_matches_the_reference() {
 
 #[test]
 fn issue5_gpu_sampler_on_the_token_path_matches_the_cpu_reference() {
-    if !cnse_kernels::cuda_available() {
-        println!("skipped: no CUDA driver found (run on a machine with an NVIDIA GPU)");
+    if !cnse_kernels::device::gpu_or_skip() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
             .args(["serve", "--listen", "127.0.0.1:0", "--synthetic-device", "cuda"])
             .output()

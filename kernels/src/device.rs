@@ -25,6 +25,22 @@ pub fn nvrtc_available() -> bool {
     *PRESENT.get_or_init(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
 }
 
+/// For tests that need a GPU: true when a driver is present. Without one it
+/// prints `skipped: no CUDA driver` and returns false, unless
+/// `CNSE_REQUIRE_GPU=1` (set on the device machine), when it panics so that
+/// a missing driver fails the run instead of passing it.
+pub fn gpu_or_skip() -> bool {
+    if cuda_available() {
+        return true;
+    }
+    assert!(
+        std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"),
+        "CNSE_REQUIRE_GPU=1 but no CUDA driver found (libcuda.so could not be loaded)"
+    );
+    println!("skipped: no CUDA driver");
+    false
+}
+
 pub(crate) fn require_driver() -> Result<(), KernelError> {
     if cuda_available() {
         Ok(())

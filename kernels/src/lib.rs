@@ -10,20 +10,28 @@
 
 pub mod device;
 pub mod pinned;
+pub mod readahead;
 pub mod sampling;
+pub mod sha256;
+pub mod spec;
 pub mod stream;
+pub mod verify_gpu;
 
 use std::path::PathBuf;
 
 pub use cudarc;
 pub use device::{cuda_available, DeviceInfo};
 pub use pinned::{DeviceBuffer, PinnedBuffer};
+pub use readahead::Readahead;
 pub use sampling::cpu::CpuSampler;
 pub use sampling::gpu::{BatchSampler, LogitKernels};
 pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
+pub use sha256::{LeafHasher, LeafLaunch, LeafMismatch};
+pub use spec::{hash_chunks, hash_file, OwnedSpec};
 pub use stream::{
     BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
 };
+pub use verify_gpu::{GpuVerifier, GpuVerifyOptions, LeafSpec};
 
 /// Every error of this crate: what was being done, and on which file, chunk
 /// or device.
@@ -62,6 +70,15 @@ pub enum KernelError {
         chunk: usize,
         offset: u64,
         end: u64,
+    },
+    #[error("{}: chunk {chunk} leaf {leaf} of the chunk (bytes {offset}..{end}) does not match its manifest digest ({bad_leaves} bad leaves in all, checked on the GPU): load aborted, device memory freed", path.display())]
+    LeafMismatch {
+        path: PathBuf,
+        chunk: u64,
+        leaf: u64,
+        offset: u64,
+        end: u64,
+        bad_leaves: u32,
     },
     #[error("load of {} aborted: {detail}", path.display())]
     Aborted { path: PathBuf, detail: String },

@@ -20,17 +20,19 @@
 //! the chunks checks the bytes it names without a sequential whole-file pass.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::{result, CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
-use ring::digest::{Context as Sha256, SHA256};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream};
 
 use crate::pinned::{DeviceBuffer, PinnedBuffer};
+pub use crate::spec::{hash_chunks, hash_file, OwnedSpec};
 use crate::KernelError;
+use worker::page_bytes;
+
+mod worker;
 
 /// Upper bound of worker threads (and of streams and slot sets).
 pub const THREADS_MAX: usize = 64;
@@ -370,6 +372,17 @@ impl Streamer {
         })
     }
 
+    /// The distinct streams the workers queue their copies on.
+    fn worker_streams(&self) -> Vec<Arc<CudaStream>> {
+        let mut out: Vec<Arc<CudaStream>> = Vec::new();
+        for w in &self.workers {
+            if !out.iter().any(|s| Arc::ptr_eq(s, &w.stream)) {
+                out.push(w.stream.clone());
+            }
+        }
+        out
+    }
+
     pub fn config(&self) -> StreamerConfig {
         self.config
     }
@@ -396,6 +409,28 @@ impl Streamer {
 
     /// Streams `spec`'s blob into fresh device memory.
     pub fn load(&mut self, spec: &BlobSpec, opts: LoadOptions) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        self.load_with(spec, opts, None)
+    }
+
+    /// `load`, each worker waiting at a chunk until `readahead` has read
+    /// past its end (cold blobs: the disk sees one sequential reader).
+    pub fn load_after(
+        &mut self,
+        spec: &BlobSpec,
+        opts: LoadOptions,
+        readahead: &crate::Readahead,
+    ) -> Result<(DeviceBlob, LoadReport), KernelError> {
+        self.load_with(spec, opts, Some(&Gate(readahead)))
+    }
+
+    /// `load`, telling `sink` (GPU verification, `verify_gpu.rs`) where the
+    /// device buffer is and when each chunk's copies are all queued.
+    pub(crate) fn load_with(
+        &mut self,
+        spec: &BlobSpec,
+        opts: LoadOptions,
+        sink: Option<&dyn ChunkSink>,
+    ) -> Result<(DeviceBlob, LoadReport), KernelError> {
         spec.check()?;
         if opts.threads == 0 || opts.threads > self.config.threads {
             return Err(KernelError::Shape {
@@ -453,7 +488,11 @@ impl Streamer {
         let device_alloc_s = t1.elapsed().as_secs_f64();
 
         let t2 = Instant::now();
+        if let Some(k) = sink {
+            k.begin(buffer.device_ptr(), &self.worker_streams())?;
+        }
         let shared = Shared {
+            sink,
             spec,
             source: match &map {
                 Some(m) => Source::Map(&m[..]),
@@ -485,8 +524,11 @@ impl Streamer {
                 });
             }
         });
+        // The sink's kernels read the buffer: they finish before it can be
+        // exposed or freed, whatever happened.
+        let sunk = sink.map_or(Ok(()), |k| k.finish());
         let stream_s = t2.elapsed().as_secs_f64();
-        if let Some(err) = shared.into_error() {
+        if let Some(err) = shared.into_error().or(sunk.err()) {
             drop(buffer);
             return Err(err);
         }
@@ -518,7 +560,39 @@ enum Source<'a> {
     File(&'a File),
 }
 
+/// Told about a load's progress by `Streamer::load_with`.
+pub(crate) trait ChunkSink: Sync {
+    /// Before any copy: the device buffer's address and the workers' streams.
+    fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError>;
+    /// A worker is about to read chunk `chunk` (bytes `start..end`); it may
+    /// be held back here (read-ahead of cold blobs).
+    fn chunk_start(&self, _chunk: usize, _end: u64) {}
+    /// Every copy of `chunk` is queued on the stream of the calling worker.
+    fn chunk_queued(&self, chunk: usize, stream: &Arc<CudaStream>) -> Result<(), KernelError>;
+    /// After the workers stopped: wait for the sink's device work and report.
+    fn finish(&self) -> Result<(), KernelError>;
+}
+
+/// Holds workers back until the read-ahead has passed their chunk.
+struct Gate<'a>(&'a crate::Readahead);
+
+impl ChunkSink for Gate<'_> {
+    fn begin(&self, _: u64, _: &[Arc<CudaStream>]) -> Result<(), KernelError> {
+        Ok(())
+    }
+    fn chunk_start(&self, _chunk: usize, end: u64) {
+        self.0.wait_for(end);
+    }
+    fn chunk_queued(&self, _: usize, _: &Arc<CudaStream>) -> Result<(), KernelError> {
+        Ok(())
+    }
+    fn finish(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
+}
+
 struct Shared<'a> {
+    sink: Option<&'a dyn ChunkSink>,
     spec: &'a BlobSpec<'a>,
     source: Source<'a>,
     device_base: cudarc::driver::sys::CUdeviceptr,
@@ -550,376 +624,12 @@ impl Shared<'_> {
     }
 }
 
-impl Worker {
-    fn run(&mut self, sh: &Shared) -> Result<(), KernelError> {
-        let chunks = sh.spec.chunk_digests.len();
-        loop {
-            if sh.abort.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let chunk = sh.next_chunk.fetch_add(1, Ordering::Relaxed);
-            if chunk >= chunks {
-                return Ok(());
-            }
-            self.chunk(sh, chunk)?;
-        }
-    }
-
-    fn chunk(&mut self, sh: &Shared, chunk: usize) -> Result<(), KernelError> {
-        let (start, end) = sh.spec.chunk_range(chunk);
-        let mut hasher = sh.verify.then(|| Sha256::new(&SHA256));
-        // Register mode locks whole chunks (up to REGISTER_PIECE_MAX) to
-        // amortise the registration call; copy mode is bounded by the slot.
-        let register = sh.register && sh.pipeline != Pipeline::DmaOnly;
-        let piece_max = if register {
-            REGISTER_PIECE_MAX
-        } else {
-            self.slots[0].buf.len() as u64
-        };
-        let mut piece = start;
-        while piece < end {
-            if sh.abort.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            let piece_len = (end - piece).min(piece_max) as usize;
-            let n = self.slots.len();
-            let slot = &mut self.slots[self.next_slot];
-            self.next_slot = (self.next_slot + 1) % n;
-            slot.retire()?;
-            if register {
-                self.register_piece(sh, piece, piece_len, hasher.as_mut())?;
-            } else {
-                self.stage_piece(sh, piece, piece_len, hasher.as_mut())?;
-            }
-            piece += piece_len as u64;
-        }
-        if let Some(h) = hasher {
-            if h.finish().as_ref() != sh.spec.chunk_digests[chunk] {
-                sh.fail(KernelError::ChunkMismatch {
-                    path: sh.spec.path.to_path_buf(),
-                    chunk,
-                    offset: start,
-                    end,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The slot taken last by `chunk` (the one before `next_slot`).
-    fn current(&mut self) -> &mut Slot {
-        let n = self.slots.len();
-        &mut self.slots[(self.next_slot + n - 1) % n]
-    }
-
-    /// Copy mode: fill the pinned slot (hashing on the way), then DMA it.
-    fn stage_piece(
-        &mut self,
-        sh: &Shared,
-        piece: u64,
-        len: usize,
-        hasher: Option<&mut Sha256>,
-    ) -> Result<(), KernelError> {
-        let stream = self.stream.clone();
-        let copy_fn = self.copy_fn.clone();
-        let slot = self.current();
-        let dst = &mut slot.buf.as_mut_slice()[..len];
-        if sh.pipeline != Pipeline::DmaOnly {
-            fill(sh, piece, dst, hasher)?;
-        }
-        if sh.pipeline == Pipeline::HostOnly {
-            return Ok(());
-        }
-        let to = sh.device_base + piece;
-        if sh.sync_copies {
-            // SAFETY: `dst` is pinned and the copy completes before the call
-            // returns; the device range lies inside the buffer.
-            unsafe { result::memcpy_htod_sync(to, &*dst) }.map_err(KernelError::driver("cuMemcpyHtoD"))?;
-            return Ok(());
-        }
-        if let Some(f) = copy_fn.filter(|_| to % 16 == 0) {
-            let bytes = len as u64;
-            let blocks = (bytes / 16).div_ceil(COPY_THREADS as u64 * 4).clamp(1, 1024) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (COPY_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&f);
-            b.arg(&slot.device_src).arg(&to).arg(&bytes);
-            // SAFETY: copy_from_host(const uint4*, uint4*, u64) reads `len`
-            // bytes of this slot (device-mapped pinned memory, 4 KiB aligned)
-            // and writes the 16-byte aligned device range to..to+len inside
-            // the buffer; the slot stays untouched until `copied` fires.
-            unsafe { b.launch(cfg) }.map_err(KernelError::driver("launch copy_from_host"))?;
-            slot.copied
-                .record(&stream)
-                .map_err(KernelError::driver("cuEventRecord"))?;
-            slot.in_flight = true;
-            return Ok(());
-        }
-        // SAFETY: `dst` is pinned memory that stays untouched until `copied`
-        // fires (`retire` waits for it before the slot is refilled, and
-        // `drain` before the pool or the device buffer can be dropped); the
-        // device range piece..piece+len lies inside the buffer allocated for
-        // `size_bytes`.
-        unsafe { result::memcpy_htod_async(sh.device_base + piece, &*dst, stream.cu_stream()) }
-            .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
-        slot.copied
-            .record(&stream)
-            .map_err(KernelError::driver("cuEventRecord"))?;
-        slot.in_flight = true;
-        Ok(())
-    }
-
-    /// Register mode: page-lock the mapped piece, DMA straight from it, and
-    /// hash it while the copy engine reads it.
-    fn register_piece(
-        &mut self,
-        sh: &Shared,
-        piece: u64,
-        len: usize,
-        hasher: Option<&mut Sha256>,
-    ) -> Result<(), KernelError> {
-        let Source::Map(map) = sh.source else {
-            unreachable!("register mode always maps the blob")
-        };
-        let src = &map[piece as usize..piece as usize + len];
-        let stream = self.stream.clone();
-        let slot = self.current();
-        {
-            // SAFETY: `src` is a live read-only mapping starting on a page
-            // (chunk starts are page multiples, checked in `load`, and slot
-            // sizes are multiples of 256 KiB); READ_ONLY tells the driver the
-            // device only reads it. `retire`/`drain` unregister it after its
-            // copy, before the map is dropped at the end of `load`.
-            unsafe {
-                cudarc::driver::sys::cuMemHostRegister_v2(
-                    src.as_ptr() as *mut std::ffi::c_void,
-                    len,
-                    cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
-                )
-            }
-            .result()
-            .map_err(KernelError::driver("cuMemHostRegister (read-only page cache)"))?;
-            slot.registered = Some(src.as_ptr() as usize);
-        }
-        if sh.pipeline != Pipeline::HostOnly {
-            // SAFETY: `src` is page-locked (registered above) and stays so
-            // until `copied` fires: `retire`/`drain` wait for it before
-            // unregistering; the device range lies inside the buffer.
-            unsafe { result::memcpy_htod_async(sh.device_base + piece, src, stream.cu_stream()) }
-                .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
-            slot.copied
-                .record(&stream)
-                .map_err(KernelError::driver("cuEventRecord"))?;
-            slot.in_flight = true;
-        }
-        if let Some(h) = hasher {
-            h.update(src);
-        }
-        Ok(())
-    }
-
-    /// Waits for every copy of this worker and unregisters what it
-    /// registered; the slots are free afterwards.
-    fn drain(&mut self) -> Result<(), KernelError> {
-        let mut r = self
-            .stream
-            .synchronize()
-            .map_err(KernelError::driver("cuStreamSynchronize"));
-        for s in &mut self.slots {
-            s.in_flight = false;
-            if let Err(e) = s.retire() {
-                r = r.and(Err(e));
-            }
-        }
-        r
-    }
-}
-
-impl Slot {
-    /// Waits for the slot's last copy, then releases its registration.
-    fn retire(&mut self) -> Result<(), KernelError> {
-        if self.in_flight {
-            self.copied
-                .synchronize()
-                .map_err(KernelError::driver("cuEventSynchronize"))?;
-            self.in_flight = false;
-        }
-        if let Some(ptr) = self.registered.take() {
-            // SAFETY: `ptr` was registered by `register_piece` and its copy
-            // has completed (waited for above, or by the stream
-            // synchronisation in `drain`).
-            unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) }
-                .result()
-                .map_err(KernelError::driver("cuMemHostUnregister"))?;
-        }
-        Ok(())
-    }
-}
-
-fn page_bytes() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
-}
-
-/// Reads blob bytes `offset..offset + dst.len()` into the slot, hashing them
-/// sub-block by sub-block so each is hashed and copied while cache-hot.
-fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut Sha256>) -> Result<(), KernelError> {
-    match sh.source {
-        Source::Map(map) => {
-            let src = &map[offset as usize..offset as usize + dst.len()];
-            match hasher {
-                Some(h) => {
-                    for (s, d) in src.chunks(SUB_BYTES).zip(dst.chunks_mut(SUB_BYTES)) {
-                        h.update(s);
-                        d.copy_from_slice(s);
-                    }
-                }
-                None => {
-                    for (s, d) in src.chunks(sh.copy_granule).zip(dst.chunks_mut(sh.copy_granule)) {
-                        d.copy_from_slice(s);
-                    }
-                }
-            }
-        }
-        Source::File(file) => {
-            let mut at = offset;
-            for d in dst.chunks_mut(SUB_BYTES) {
-                file.read_exact_at(d, at).map_err(|source| KernelError::Io {
-                    op: "read",
-                    path: sh.spec.path.to_path_buf(),
-                    source,
-                })?;
-                if let Some(h) = hasher.as_deref_mut() {
-                    h.update(d);
-                }
-                at += d.len() as u64;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Chunk digests of a file, hashed on `threads` threads: what a manifest
-/// holds, for blobs that come from outside the store (tests, `--file`).
-pub fn hash_chunks(path: &Path, chunk_bytes: u64, threads: usize) -> Result<(u64, Vec<[u8; 32]>), KernelError> {
-    let io = |op: &'static str| {
-        move |source| KernelError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    if chunk_bytes == 0 {
-        return Err(KernelError::Spec {
-            path: path.to_path_buf(),
-            detail: "chunk_bytes is 0".into(),
-        });
-    }
-    let file = File::open(path).map_err(io("open"))?;
-    let len = file.metadata().map_err(io("stat"))?.len();
-    let chunks = len.div_ceil(chunk_bytes) as usize;
-    let mut digests = vec![[0u8; 32]; chunks];
-    if chunks == 0 {
-        return Ok((0, digests));
-    }
-    // SAFETY: read-only private mapping of a file this process only reads;
-    // see `Streamer::load` for the truncation caveat.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io("mmap"))?;
-    let next = AtomicUsize::new(0);
-    let out = Mutex::new(&mut digests);
-    std::thread::scope(|s| {
-        for _ in 0..threads.clamp(1, THREADS_MAX).min(chunks) {
-            s.spawn(|| loop {
-                let c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= chunks {
-                    break;
-                }
-                let start = c as u64 * chunk_bytes;
-                let end = (start + chunk_bytes).min(len);
-                let d = ring::digest::digest(&SHA256, &map[start as usize..end as usize]);
-                out.lock().unwrap_or_else(|p| p.into_inner())[c].copy_from_slice(d.as_ref());
-            });
-        }
-    });
-    Ok((len, digests))
-}
-
-/// Whole-file SHA-256 (sequential; what `sha256sum` prints).
-pub fn hash_file(path: &Path) -> Result<[u8; 32], KernelError> {
-    use std::io::Read;
-    let io = |op: &'static str| {
-        move |source| KernelError::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
-    let mut file = File::open(path).map_err(io("open"))?;
-    let mut ctx = Sha256::new(&SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io("read"))?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    Ok(out)
-}
-
-/// Owned form of a `BlobSpec`, for callers that build the manifest here.
-#[derive(Clone, Debug)]
-pub struct OwnedSpec {
-    pub path: PathBuf,
-    pub size_bytes: u64,
-    pub chunk_bytes: u64,
-    pub chunk_digests: Vec<[u8; 32]>,
-    pub digest: [u8; 32],
-}
-
-impl OwnedSpec {
-    /// Hashes `path` (chunks in parallel, whole file alongside).
-    pub fn from_file(path: &Path, chunk_bytes: u64, threads: usize) -> Result<Self, KernelError> {
-        let (whole, chunks) = std::thread::scope(|s| {
-            let whole = s.spawn(|| hash_file(path));
-            let chunks = hash_chunks(path, chunk_bytes, threads.saturating_sub(1).max(1));
-            (whole.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), chunks)
-        });
-        let (size_bytes, chunk_digests) = chunks?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            size_bytes,
-            chunk_bytes,
-            chunk_digests,
-            digest: whole?,
-        })
-    }
-
-    pub fn as_spec(&self) -> BlobSpec<'_> {
-        BlobSpec {
-            path: &self.path,
-            size_bytes: self.size_bytes,
-            chunk_bytes: self.chunk_bytes,
-            chunk_digests: &self.chunk_digests,
-            digest: self.digest,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ring::digest::SHA256;
     use std::io::Write;
+    use std::path::PathBuf;
 
     fn temp_file(bytes: &[u8]) -> PathBuf {
         let p = std::env::temp_dir().join(format!("cnse-kernels-{}-{}", std::process::id(), bytes.len()));

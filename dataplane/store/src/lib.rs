@@ -23,12 +23,14 @@ mod error;
 pub mod gguf;
 mod hash;
 pub mod http;
+mod leaves;
 mod manifest;
 pub mod progress;
 mod refname;
 pub mod remote;
 mod store;
 mod sys;
+mod upgrade;
 
 pub use digest::{hex, Digest, DIGEST_BYTES};
 pub use error::{Result, StoreError};
@@ -37,8 +39,13 @@ pub use hash::{
     chunk_count, chunk_digest, chunk_digests_parallel, chunk_range, default_threads, map_file, sha256_stream,
     verify_chunk, verify_chunks_parallel, HASH_STEP_BYTES,
 };
+pub use leaves::{
+    bad_leaves, check_leaf_bytes, default_leaf_bytes, leaf_count, leaf_digests_parallel, LEAF_BYTES_DEFAULT,
+    LEAF_BYTES_MAX, LEAF_BYTES_MIN,
+};
 pub use manifest::{
-    check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN,
+    check_chunk_bytes, LeafDigests, Manifest, ManifestRecord, ManifestRecordV1, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX,
+    CHUNK_BYTES_MIN, MANIFEST_MAGIC, MANIFEST_MAGIC_V1,
 };
 pub use refname::{RefName, TAG_DEFAULT};
 pub use remote::{Filer, PullOptions, PullOutcome, PullTarget, PushOutcome};
@@ -46,3 +53,4 @@ pub use store::{
     Blob, BlobEntry, GcReport, PutOptions, PutOutcome, RefEntry, RmOutcome, SourceFile, Store, StoreLock, VerifyReport,
 };
 pub use sys::LockKind;
+pub use upgrade::Upgrade;

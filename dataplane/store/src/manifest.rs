@@ -4,6 +4,10 @@
 //! File layout: the 8 bytes [`MANIFEST_MAGIC`], then the rkyv archive of a
 //! [`ManifestRecord`]. The archive starts at offset 8, so a page-aligned map
 //! keeps it 8-aligned as rkyv requires.
+//!
+//! Format 2 added optional leaf digests (`leaves.rs`). Format 1 files
+//! (`CNSEMF01`, no leaves) still open: they are validated as the frozen
+//! format-1 record and converted in memory (`store upgrade` rewrites them).
 
 use std::path::{Path, PathBuf};
 
@@ -14,10 +18,13 @@ use crate::digest::{Digest, DIGEST_BYTES};
 use crate::error::{IoContext, Result, StoreError};
 use crate::gguf::GgufInfo;
 use crate::hash::chunk_count;
+use crate::leaves::{check_leaf_bytes, leaf_count};
 
 /// First bytes of every manifest file; the last two digits are the format version.
-pub const MANIFEST_MAGIC: [u8; 8] = *b"CNSEMF01";
-const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_MAGIC: [u8; 8] = *b"CNSEMF02";
+/// Magic of format 1 (no leaf digests), still read.
+pub const MANIFEST_MAGIC_V1: [u8; 8] = *b"CNSEMF01";
+const FORMAT_VERSION: u32 = 2;
 /// Default chunk size: large enough that a per-chunk digest costs nothing,
 /// small enough that a 1 GiB model splits over 64 cores' worth of chunks.
 pub const CHUNK_BYTES_DEFAULT: u64 = 16 << 20;
@@ -25,9 +32,10 @@ pub const CHUNK_BYTES_MIN: u64 = 4096;
 pub const CHUNK_BYTES_MAX: u64 = 1 << 30;
 /// Longest original name kept in a manifest.
 pub const NAME_BYTES_MAX: usize = 4096;
-/// Largest manifest we read (a 1 TiB blob in 4 KiB chunks would not fit, but
-/// in default chunks it is 2 MiB).
-pub const MANIFEST_BYTES_MAX: u64 = 64 << 20;
+/// Largest manifest we read: 256 MiB holds the leaf digests of a 512 GiB
+/// blob at the default 64 KiB leaves (512 KiB per GiB); its chunk digests
+/// alone are 2 MiB per TiB.
+pub const MANIFEST_BYTES_MAX: u64 = 256 << 20;
 
 const _: () = assert!(MANIFEST_MAGIC.len() % 8 == 0, "the archive must stay 8-aligned");
 const _: () = assert!(CHUNK_BYTES_DEFAULT % CHUNK_BYTES_MIN == 0);
@@ -44,6 +52,55 @@ pub struct ManifestRecord {
     pub chunk_bytes: u64,
     pub chunk_digests: Vec<[u8; DIGEST_BYTES]>,
     pub gguf: Option<GgufInfo>,
+    /// SHA-256 of each leaf (format 2; absent in upgraded format-1 files
+    /// until `store upgrade`).
+    pub leaves: Option<LeafDigests>,
+}
+
+/// Digests of the fixed-size leaves of a blob (see `leaves.rs`).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct LeafDigests {
+    pub leaf_bytes: u64,
+    pub digests: Vec<[u8; DIGEST_BYTES]>,
+}
+
+/// Format 1, frozen: how manifests were archived before leaf digests.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
+pub struct ManifestRecordV1 {
+    pub format_version: u32,
+    pub digest: [u8; DIGEST_BYTES],
+    pub size_bytes: u64,
+    pub name: String,
+    pub created_unix_ms: u64,
+    pub chunk_bytes: u64,
+    pub chunk_digests: Vec<[u8; DIGEST_BYTES]>,
+    pub gguf: Option<GgufInfo>,
+}
+
+impl ManifestRecordV1 {
+    /// The bytes of a format-1 manifest file (tests of the upgrade path).
+    pub fn encode(&self) -> Vec<u8> {
+        let archive = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing to memory cannot fail");
+        let mut out = MANIFEST_MAGIC_V1.to_vec();
+        out.extend_from_slice(&archive);
+        out
+    }
+}
+
+impl From<ManifestRecordV1> for ManifestRecord {
+    fn from(v: ManifestRecordV1) -> Self {
+        ManifestRecord {
+            format_version: FORMAT_VERSION,
+            digest: v.digest,
+            size_bytes: v.size_bytes,
+            name: v.name,
+            created_unix_ms: v.created_unix_ms,
+            chunk_bytes: v.chunk_bytes,
+            chunk_digests: v.chunk_digests,
+            gguf: v.gguf,
+            leaves: None,
+        }
+    }
 }
 
 impl ManifestRecord {
@@ -76,7 +133,14 @@ impl ManifestRecord {
             chunk_bytes,
             chunk_digests,
             gguf,
+            leaves: None,
         }
+    }
+
+    /// The same record with leaf digests (`leaf_bytes` checked by the caller).
+    pub fn with_leaves(mut self, leaf_bytes: u64, digests: Vec<[u8; DIGEST_BYTES]>) -> ManifestRecord {
+        self.leaves = Some(LeafDigests { leaf_bytes, digests });
+        self
     }
 
     /// The bytes of a manifest file: magic, then the archive.
@@ -141,6 +205,9 @@ impl Manifest {
         // the file in place could invalidate it, which the store's contract
         // (the directory belongs to the store) excludes.
         let map = unsafe { Mmap::map(&file) }.ctx("map manifest", path)?;
+        if map.starts_with(&MANIFEST_MAGIC_V1) {
+            return Manifest::from_bytes(&map, path, expect);
+        }
         let m = Manifest {
             backing: Backing::Map(map),
             path: path.to_path_buf(),
@@ -160,6 +227,13 @@ impl Manifest {
         }
         let mut v = AlignedVec::with_capacity(bytes.len());
         v.extend_from_slice(bytes);
+        if bytes.starts_with(&MANIFEST_MAGIC_V1) {
+            let old = rkyv::from_bytes::<ManifestRecordV1, rkyv::rancor::Error>(&v[MANIFEST_MAGIC_V1.len()..])
+                .map_err(|e| bad(origin, format!("format 1 archive check failed: {e}")))?;
+            let new = ManifestRecord::from(old).encode();
+            v = AlignedVec::with_capacity(new.len());
+            v.extend_from_slice(&new);
+        }
         let m = Manifest {
             backing: Backing::Owned(v),
             path: origin.to_path_buf(),
@@ -168,7 +242,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// The raw file bytes (magic included), e.g. to upload.
+    /// The file bytes (magic included), e.g. to upload; a format-1 file
+    /// comes back converted to format 2.
     pub fn file_bytes(&self) -> &[u8] {
         match &self.backing {
             Backing::Map(m) => m,
@@ -204,6 +279,17 @@ impl Manifest {
                 &self.path,
                 format!("{} chunk digests for {want} chunks", rec.chunk_digests.len()),
             ));
+        }
+        if let Some(l) = rec.leaves.as_ref() {
+            let leaf_bytes = l.leaf_bytes.to_native();
+            check_leaf_bytes(leaf_bytes, chunk_bytes).map_err(|e| bad(&self.path, e.to_string()))?;
+            let want = leaf_count(rec.size_bytes.to_native(), leaf_bytes);
+            if l.digests.len() as u64 != want {
+                return Err(bad(
+                    &self.path,
+                    format!("{} leaf digests for {want} leaves", l.digests.len()),
+                ));
+            }
         }
         if let Some(d) = expect {
             if rec.digest != d.0 {
@@ -244,6 +330,15 @@ impl Manifest {
     }
     pub fn created_unix_ms(&self) -> u64 {
         self.rec().created_unix_ms.to_native()
+    }
+    /// Leaf size and one SHA-256 per leaf, when the manifest has them.
+    pub fn leaves(&self) -> Option<(u64, &[[u8; DIGEST_BYTES]])> {
+        let l = self.rec().leaves.as_ref()?;
+        Some((l.leaf_bytes.to_native(), l.digests.as_slice()))
+    }
+    /// The whole record, deserialized (to rewrite it, e.g. with leaves).
+    pub fn record(&self) -> ManifestRecord {
+        rkyv::deserialize::<ManifestRecord, rkyv::rancor::Error>(self.rec()).expect("validated archives deserialize")
     }
     /// GGUF facts, when the blob is a GGUF file the header parser understood.
     pub fn gguf(&self) -> Option<GgufInfo> {
@@ -306,6 +401,44 @@ mod tests {
                 assert_eq!(m.chunk_count(), chunk_count(m.size_bytes(), m.chunk_bytes()));
             }
         }
+    }
+
+    #[test]
+    fn leaves_round_trip_and_must_match_size() {
+        let rec = record().with_leaves(4096, vec![[9u8; 32]; 4]);
+        let m = Manifest::from_bytes(&rec.encode(), Path::new("t"), None).unwrap();
+        assert_eq!(m.leaves(), Some((4096, &[[9u8; 32]; 4][..])));
+        assert_eq!(m.record(), rec);
+        let short = record().with_leaves(4096, vec![[9u8; 32]; 3]);
+        assert!(Manifest::from_bytes(&short.encode(), Path::new("t"), None).is_err());
+        let odd = record().with_leaves(8192, vec![[9u8; 32]; 2]);
+        assert!(Manifest::from_bytes(&odd.encode(), Path::new("t"), None).is_err());
+    }
+
+    #[test]
+    fn issue15_format_1_manifests_still_open() {
+        let new = record();
+        let old = ManifestRecordV1 {
+            format_version: 1,
+            digest: new.digest,
+            size_bytes: new.size_bytes,
+            name: new.name.clone(),
+            created_unix_ms: new.created_unix_ms,
+            chunk_bytes: new.chunk_bytes,
+            chunk_digests: new.chunk_digests.clone(),
+            gguf: new.gguf.clone(),
+        };
+        let bytes = old.encode();
+        assert!(bytes.starts_with(b"CNSEMF01"));
+        let m = Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"x"))).unwrap();
+        assert_eq!(m.chunk_digests(), &new.chunk_digests[..]);
+        assert_eq!(m.leaves(), None);
+        assert_eq!(m.record(), new);
+        let dir = std::env::temp_dir().join(format!("cnse-mf1-{}", std::process::id()));
+        std::fs::write(&dir, &bytes).unwrap();
+        let m = Manifest::open(&dir, None).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(m.size_bytes(), new.size_bytes);
     }
 
     #[test]

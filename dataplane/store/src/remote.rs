@@ -602,7 +602,16 @@ impl Download {
         // SAFETY: the partial file is ours (flocked, mode 0600) and keeps its
         // size while mapped.
         let map = unsafe { Mmap::map(&self.partial) }.ctx("map", &self.partial_path)?;
-        let got = hash::sha256_stream(&map, &mut |_| {});
+        // Leaf digests are computed here from the bytes (never taken from
+        // the remote), on the cores the sequential whole-file digest leaves
+        // idle, so they cost no time.
+        let leaf_bytes = crate::leaves::default_leaf_bytes(m.chunk_bytes());
+        let threads = hash::default_threads().saturating_sub(1).max(1);
+        let (got, leaves) = std::thread::scope(|s| {
+            let leaves = s.spawn(|| crate::leaves::leaf_digests_parallel(&map, leaf_bytes, threads));
+            let got = hash::sha256_stream(&map, &mut |_| {});
+            (got, leaves.join().expect("leaf threads do not panic"))
+        });
         drop(map);
         if got != digest {
             let _ = fs::remove_file(&self.partial_path);
@@ -617,7 +626,8 @@ impl Download {
             .set_permissions(fs::Permissions::from_mode(0o444))
             .ctx("chmod", &self.partial_path)?;
         self.partial.sync_all().ctx("fsync", &self.partial_path)?;
-        store.write_manifest_bytes(&digest, m.file_bytes())?;
+        let rec = m.record().with_leaves(leaf_bytes, leaves);
+        store.write_manifest_bytes(&digest, &rec.encode())?;
         let dest = store.blob_path(&digest);
         fs::rename(&self.partial_path, &dest).ctx("rename into place", &dest)?;
         sys::fsync_dir(dest.parent().expect("parent")).ctx("fsync directory of", &dest)?;

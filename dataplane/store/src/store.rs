@@ -25,6 +25,7 @@ use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
 use crate::gguf;
 use crate::hash::{self, chunk_count, chunk_range, verify_chunks_parallel};
+use crate::leaves;
 use crate::manifest::{check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT};
 use crate::refname::RefName;
 use crate::sys::{self, LockKind};
@@ -46,6 +47,8 @@ pub struct PutOptions {
     pub name: Option<RefName>,
     pub pin: bool,
     pub chunk_bytes: u64,
+    /// Leaf size of the leaf digests; `None`: `default_leaf_bytes(chunk_bytes)`.
+    pub leaf_bytes: Option<u64>,
     pub threads: usize,
 }
 
@@ -55,6 +58,7 @@ impl Default for PutOptions {
             name: None,
             pin: false,
             chunk_bytes: CHUNK_BYTES_DEFAULT,
+            leaf_bytes: None,
             threads: hash::default_threads(),
         }
     }
@@ -383,6 +387,10 @@ impl Store {
     /// digest of bytes that were not written.
     pub fn put(&self, src: &SourceFile, opts: &PutOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<PutOutcome> {
         check_chunk_bytes(opts.chunk_bytes)?;
+        let leaf_bytes = opts
+            .leaf_bytes
+            .unwrap_or_else(|| leaves::default_leaf_bytes(opts.chunk_bytes));
+        leaves::check_leaf_bytes(leaf_bytes, opts.chunk_bytes)?;
         let data: &[u8] = &src.map;
         let size_bytes = data.len() as u64;
         let _lock = self.lock(LockKind::Shared)?;
@@ -391,9 +399,14 @@ impl Store {
         let chunk_bytes = opts.chunk_bytes;
         let n_chunks = chunk_count(size_bytes, chunk_bytes) as usize;
         let chunk_threads = opts.threads.saturating_sub(1).clamp(1, n_chunks.max(1));
-        let (write_result, digest, chunk_sums) = std::thread::scope(|s| {
+        let (write_result, digest, (chunk_sums, leaf_sums)) = std::thread::scope(|s| {
             let writer = s.spawn(|| write_blob(&tmp, data));
-            let chunks = s.spawn(|| hash::chunk_digests_parallel(data, chunk_bytes, chunk_threads));
+            // The chunk and leaf passes share the cores that the sequential
+            // whole-file digest leaves idle; it bounds put either way.
+            let chunks = s.spawn(|| {
+                let c = hash::chunk_digests_parallel(data, chunk_bytes, chunk_threads);
+                (c, leaves::leaf_digests_parallel(data, leaf_bytes, chunk_threads))
+            });
             let digest = hash::sha256_stream(data, &mut |n| progress(n));
             let write_result = writer.join().expect("writer thread does not panic");
             (write_result, digest, chunks.join().expect("hash threads do not panic"))
@@ -416,7 +429,8 @@ impl Store {
             } else {
                 None
             };
-            let rec = ManifestRecord::new(digest, size_bytes, &name, chunk_bytes, chunk_sums, info);
+            let rec = ManifestRecord::new(digest, size_bytes, &name, chunk_bytes, chunk_sums, info)
+                .with_leaves(leaf_bytes, leaf_sums);
             self.write_atomic(&self.manifest_path(&digest), &rec.encode(), 0o444)?;
         }
         if !existed {

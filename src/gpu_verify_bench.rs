@@ -1,0 +1,392 @@
+//! `cnse-dp gpu bench-verify`: issue 15's numbers side by side in one run.
+//!
+//! 1. The SHA-256 kernel alone over a blob already in device memory, for
+//!    each leaf size and launch window (how many leaves are in flight).
+//! 2. Loads from the page cache: unverified, verified on the host, verified
+//!    on the GPU, for each thread count and mover, with the host CPU time
+//!    the process spent per second of load (cores busy).
+//! 3. With `--cold` (root): page cache dropped before each run; a plain
+//!    sequential read of the file against the loads.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cnse_kernels::stream::OwnedSpec;
+use cnse_kernels::{
+    DeviceBuffer, GpuVerifier, GpuVerifyOptions, LeafLaunch, LeafSpec, LoadOptions, Mover, Readahead, SourceMode,
+    Streamer, StreamerConfig,
+};
+
+use crate::gpu::{device_line, gbps, make_blob, median, Pool};
+use crate::gpu_load::compare_with_file;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Blob to load; created with pseudo-random bytes if missing.
+    #[arg(long, default_value = "/tmp/cnse-gpu-bench.blob")]
+    blob: PathBuf,
+    /// Size of a created blob, GiB.
+    #[arg(long, default_value_t = 4)]
+    size_gib: u64,
+    /// Chunk size, MiB.
+    #[arg(long, default_value_t = 16)]
+    chunk_mib: u64,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Leaf sizes of the kernel sweep, KiB (the first is used for loads).
+    #[arg(long, value_delimiter = ',', default_value = "64,16,32,128,256,1024")]
+    leaf_kib: Vec<u64>,
+    /// Launch windows of the kernel sweep, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+    window_mib: Vec<u64>,
+    /// Launch window of the GPU-verified loads, MiB.
+    #[arg(long, default_value_t = 512)]
+    load_window_mib: u64,
+    /// Worker thread counts of the loads.
+    #[arg(long, value_delimiter = ',', default_value = "16,4,2")]
+    threads: Vec<usize>,
+    /// Also measure with a cold page cache (drops caches: needs root).
+    #[arg(long)]
+    cold: bool,
+    /// Skip the kernel sweep.
+    #[arg(long)]
+    no_kernel: bool,
+    #[command(flatten)]
+    pool: Pool,
+}
+
+/// Process CPU seconds (user + system) so far.
+fn cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer has no other precondition.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn drop_caches() -> Result<()> {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("drop the page cache (needs root)")
+}
+
+pub(crate) fn run(a: Args) -> Result<()> {
+    cnse_kernels::device::devices()?;
+    println!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        device_line(a.device)?
+    );
+    let size = a.size_gib << 30;
+    if std::fs::metadata(&a.blob).map(|m| m.len() != size).unwrap_or(true) {
+        make_blob(&a.blob, size)?;
+    }
+    let chunk_bytes = a.chunk_mib << 20;
+    let Some(&leaf_kib) = a.leaf_kib.first() else {
+        bail!("--leaf-kib needs at least one size");
+    };
+    let leaf_bytes = leaf_kib << 10;
+    cnse_store::check_leaf_bytes(leaf_bytes, chunk_bytes)?;
+    let t = Instant::now();
+    let owned = OwnedSpec::from_file(&a.blob, chunk_bytes, 16)?;
+    // SAFETY: the bench blob is only read, and nothing truncates it.
+    let map = unsafe { cnse_store::map_file(&a.blob) }?;
+    let leaf_digests = cnse_store::leaf_digests_parallel(&map, leaf_bytes, 16);
+    drop(map);
+    println!(
+        "blob {}: {size} bytes, {} chunks of {} MiB, {} leaves of {leaf_kib} KiB ({} KiB of leaf digests, {:.3} % of the blob); digests in {:.2} s",
+        a.blob.display(),
+        owned.chunk_digests.len(),
+        a.chunk_mib,
+        leaf_digests.len(),
+        (leaf_digests.len() * 32) >> 10,
+        (leaf_digests.len() * 32) as f64 * 100.0 / size as f64,
+        t.elapsed().as_secs_f64()
+    );
+    let spec = owned.as_spec();
+    let leaves = LeafSpec {
+        leaf_bytes,
+        digests: &leaf_digests,
+    };
+    let reps = a.reps.max(1);
+    let max_threads = a.threads.iter().copied().max().unwrap_or(16);
+    let mut st = Streamer::new(
+        a.device,
+        StreamerConfig {
+            threads: max_threads,
+            ..a.pool.config()
+        },
+    )?;
+    let gpu = GpuVerifier::new(&st)?;
+    if !a.no_kernel {
+        kernel_sweep(&a, &mut st, &gpu, &spec, &leaf_digests, reps)?;
+    }
+    let gv = GpuVerifyOptions {
+        window_bytes: a.load_window_mib << 20,
+    };
+
+    println!();
+    println!(
+        "loads of {} GiB from the page cache (median of {reps}; cores = process CPU s / wall s):",
+        a.size_gib
+    );
+    println!(
+        "| {:<58} | {:>9} | {:>10} | {:>6} | vs unverified",
+        "load", "time", "rate", "cores"
+    );
+    for mover in [Mover::Kernel, Mover::CopyEngine] {
+        let mut ms = Streamer::new(
+            a.device,
+            StreamerConfig {
+                threads: max_threads,
+                mover,
+                ..a.pool.config()
+            },
+        )?;
+        for &n in &a.threads {
+            let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, n);
+            let mut base = None;
+            for what in ["unverified", "verified on the host", "verified on the GPU"] {
+                let mut times = Vec::new();
+                let mut cores = Vec::new();
+                for _ in 0..reps {
+                    let c0 = cpu_s();
+                    let t0 = Instant::now();
+                    let blob = match what {
+                        "unverified" => ms.load(&spec, opts(false))?.0,
+                        "verified on the host" => ms.load(&spec, opts(true))?.0,
+                        _ => gpu.load(&mut ms, &spec, &leaves, opts(false), gv)?.0,
+                    };
+                    let wall = t0.elapsed().as_secs_f64();
+                    cores.push((cpu_s() - c0) / wall);
+                    times.push(wall);
+                    drop(blob);
+                }
+                let s = median(times);
+                let ratio = base.map(|b: f64| format!("{:.2}x", b / s)).unwrap_or_default();
+                base.get_or_insert(s);
+                println!(
+                    "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>6.2} | {ratio}",
+                    format!("{what}, {n} threads, {mover}"),
+                    gbps(size, s),
+                    median(cores)
+                );
+            }
+        }
+    }
+    if st.supports_register() {
+        register_rows(&a, &gpu, &spec, &leaves, gv, reps)?;
+    } else {
+        println!("| device lacks read-only host registration: registered page cache not measured");
+    }
+    let (blob, _) = gpu.load(
+        &mut st,
+        &spec,
+        &leaves,
+        LoadOptions::new(false, SourceMode::Mmap, max_threads),
+        gv,
+    )?;
+    compare_with_file(&blob.buffer, &a.blob)?;
+    drop(blob);
+    println!("check: device bytes of the GPU-verified load equal the file");
+    if a.cold {
+        cold(&a, &mut st, &gpu, &spec, &leaves, gv, max_threads)?;
+    }
+    Ok(())
+}
+
+/// The page cache page-locked in place and read by the copy engines: no
+/// host copy at all, so with GPU hashing the host only registers pages.
+fn register_rows(
+    a: &Args,
+    gpu: &GpuVerifier,
+    spec: &cnse_kernels::BlobSpec,
+    leaves: &LeafSpec,
+    gv: GpuVerifyOptions,
+    reps: usize,
+) -> Result<()> {
+    let size = spec.size_bytes;
+    for &n in &a.threads {
+        let mut rs = Streamer::new(
+            a.device,
+            StreamerConfig {
+                threads: n,
+                mover: Mover::CopyEngine,
+                ..a.pool.config()
+            },
+        )?;
+        let opts = LoadOptions::new(false, SourceMode::Register, n);
+        let mut base = None;
+        for on_gpu in [false, true] {
+            let mut times = Vec::new();
+            let mut cores = Vec::new();
+            for _ in 0..reps {
+                let c0 = cpu_s();
+                let t0 = Instant::now();
+                let blob = if on_gpu {
+                    gpu.load(&mut rs, spec, leaves, opts, gv)?.0
+                } else {
+                    rs.load(spec, opts)?.0
+                };
+                let wall = t0.elapsed().as_secs_f64();
+                cores.push((cpu_s() - c0) / wall);
+                times.push(wall);
+                drop(blob);
+            }
+            let s = median(times);
+            let ratio = base.map(|b: f64| format!("{:.2}x", b / s)).unwrap_or_default();
+            base.get_or_insert(s);
+            let what = if on_gpu { "verified on the GPU" } else { "unverified" };
+            println!(
+                "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>6.2} | {ratio}",
+                format!("{what}, registered page cache, {n} threads"),
+                gbps(size, s),
+                median(cores)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn kernel_sweep(
+    a: &Args,
+    st: &mut Streamer,
+    gpu: &GpuVerifier,
+    spec: &cnse_kernels::BlobSpec,
+    leaf_digests: &[[u8; 32]],
+    reps: usize,
+) -> Result<()> {
+    let size = spec.size_bytes;
+    let (blob, _) = st.load(spec, LoadOptions::new(false, SourceMode::Mmap, st.config().threads))?;
+    let h = gpu.hasher();
+    let got = h.leaf_digests(&blob.buffer, size, (a.leaf_kib[0] << 10) as u32)?;
+    if got != leaf_digests {
+        bail!("GPU leaf digests differ from the host's (ring) for the bench blob");
+    }
+    println!("check: GPU leaf digests of the whole blob equal the host's (ring)");
+    println!();
+    println!(
+        "SHA-256 kernel alone over {} GiB in device memory (median of {reps}):",
+        a.size_gib
+    );
+    println!(
+        "| {:>8} | {:>10} | {:>13} | {:>10} |",
+        "leaf KiB", "window MiB", "leaves/launch", "rate"
+    );
+    let out = DeviceBuffer::new(st.context(), (size.div_ceil(4096) * 32) as usize)?;
+    for &leaf_kib in &a.leaf_kib {
+        let leaf = leaf_kib << 10;
+        for &window_mib in &a.window_mib {
+            let window = (window_mib << 20).max(leaf);
+            let per_launch = window / leaf;
+            let leaves = size.div_ceil(leaf);
+            let mut times = Vec::new();
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                let mut first = 0;
+                while first < leaves {
+                    let n = per_launch.min(leaves - first);
+                    let launch = LeafLaunch {
+                        data: blob.buffer.device_ptr(),
+                        size,
+                        leaf_bytes: leaf as u32,
+                        first,
+                        count: n,
+                        expect: 0,
+                        out: out.device_ptr() + 32 * first,
+                    };
+                    // SAFETY: the blob buffer holds `size` bytes and `out` 32
+                    // bytes per 4 KiB leaf, more than any sweep needs; both
+                    // outlive the `sync` below.
+                    unsafe { h.queue(&launch) }?;
+                    first += n;
+                }
+                h.sync()?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "| {leaf_kib:>8} | {window_mib:>10} | {per_launch:>13} | {:>5.1} GB/s |",
+                gbps(size, median(times))
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cold(
+    a: &Args,
+    st: &mut Streamer,
+    gpu: &GpuVerifier,
+    spec: &cnse_kernels::BlobSpec,
+    leaves: &LeafSpec,
+    gv: GpuVerifyOptions,
+    threads: usize,
+) -> Result<()> {
+    let size = spec.size_bytes;
+    println!();
+    let reps = a.reps.max(1);
+    println!(
+        "cold page cache (dropped before each run), {} GiB, median of {reps}:",
+        a.size_gib
+    );
+    println!("| {:<58} | {:>9} | {:>10} | vs sequential read", "what", "time", "rate");
+    let mut buf = vec![0u8; 8 << 20];
+    let mut seqs = Vec::new();
+    for _ in 0..reps {
+        drop_caches()?;
+        let t0 = Instant::now();
+        let mut f = std::fs::File::open(&a.blob)?;
+        while f.read(&mut buf)? > 0 {}
+        seqs.push(t0.elapsed().as_secs_f64());
+    }
+    let seq = median(seqs);
+    println!(
+        "| {:<58} | {seq:>7.4} s | {:>5.2} GB/s |",
+        "sequential read(2), 8 MiB buffer (dd bs=8M)",
+        gbps(size, seq)
+    );
+    let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, threads);
+    for what in [
+        "unverified",
+        "unverified + read-ahead",
+        "verified on the GPU",
+        "verified on the GPU + read-ahead",
+        "verified on the host",
+        "verified on the host + read-ahead",
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            drop_caches()?;
+            let t0 = Instant::now();
+            let ra = what
+                .ends_with("read-ahead")
+                .then(|| Readahead::start(&a.blob, u64::MAX))
+                .transpose()?;
+            let blob = match (what, &ra) {
+                ("unverified", _) => st.load(spec, opts(false))?.0,
+                ("verified on the host", _) => st.load(spec, opts(true))?.0,
+                ("unverified + read-ahead", Some(r)) => st.load_after(spec, opts(false), r)?.0,
+                ("verified on the host + read-ahead", Some(r)) => st.load_after(spec, opts(true), r)?.0,
+                (_, r) => gpu.load_after(st, spec, leaves, opts(false), gv, r.as_ref())?.0,
+            };
+            times.push(t0.elapsed().as_secs_f64());
+            drop(ra);
+            drop(blob);
+        }
+        let s = median(times);
+        println!(
+            "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:.2}x",
+            format!("{what}, {threads} threads"),
+            gbps(size, s),
+            seq / s
+        );
+    }
+    Ok(())
+}
