@@ -274,3 +274,38 @@ fn llama_bad_url_is_one_line_and_nonzero_exit() {
         assert!(err.contains("llama-server URL"), "{err}");
     }
 }
+
+#[test]
+fn issue9_a_stalled_llama_stream_ends_with_504_and_frees_the_llama_slot() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((url, _llama)) = llama() else { return };
+    let urls = [url.as_str()].join(",");
+    let server = Server::start(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &urls,
+        "--threads",
+        "2",
+        "--stream-stall-timeout-ms",
+        "200",
+    ]);
+    let mut c = server.client();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    // One token of credit, never more, on a long generation.
+    c.request(1, 1, &greedy(480), LONG_PROMPT).unwrap();
+    let f = c.next_frame().unwrap();
+    assert_eq!((f.kind, f.arg), (Kind::Tokens, 1), "{}", f.text());
+    let f = c.next_frame().unwrap();
+    assert_eq!((f.kind, f.arg), (Kind::Error, cnse_proto::code::BACKEND_TIMEOUT), "{}", f.text());
+    // The stream's HTTP exchange is closed: llama-server frees the slot at
+    // once (its generation of 480 tokens would take seconds more here).
+    let ended = Instant::now();
+    assert!(
+        common::eventually(Duration::from_secs(3), || busy_slots(&url) == 0),
+        "llama-server still generating 3 s after the stalled stream ended"
+    );
+    eprintln!("slot free {:?} after the 504", ended.elapsed());
+    let g = c.generate(2, 0, &greedy(8), "Hello", |_, _| {}).unwrap();
+    assert!(g.tokens >= 1);
+}
