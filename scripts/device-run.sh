@@ -25,7 +25,13 @@ export CNSE_REQUIRE_GPU=1
 export LD_LIBRARY_PATH=/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 echo "== machine"; nproc; grep -m1 "model name" /proc/cpuinfo; uname -r
 $B gpu info
-serve() { $B serve --listen 127.0.0.1:7070 "$@" > /tmp/srv.log 2>&1 & SP=$!; sleep 0.5; }
+# Waits for the server's `listening on` line, not a fixed sleep.
+serve() {
+  $B serve --listen 127.0.0.1:7070 "$@" > /tmp/srv.log 2>&1 &
+  SP=$!
+  for _ in $(seq 200); do grep -q '^listening on' /tmp/srv.log && return; sleep 0.05; done
+  echo "device-run: server did not start: $(tail -n 3 /tmp/srv.log)"; exit 1
+}
 stop() { kill -INT $SP; wait $SP 2>/dev/null; }
 bench() { taskset -c 8-15 $B bench --addr 127.0.0.1:7070 --duration-secs 4 --warmup-secs 1 "$@" 2>&1 | grep -vE "^\s*$"; }
 if [ "$what" = all ] || [ "$what" = gpu ] || [ "$what" = verify ]; then
