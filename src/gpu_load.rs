@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use cnse_kernels::model::{load_from_store, Checked, LoadedModel, ModelLoad, Verify};
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::verify_gpu::GpuVerifier;
-use cnse_kernels::{BlobSpec, DeviceBuffer, GpuVerifyOptions, LeafSpec, LoadOptions, LoadReport, Streamer};
+use cnse_kernels::{DeviceBuffer, GpuVerifyOptions, LeafSpec, LoadOptions, LoadReport, Streamer};
 
 use crate::gpu::{gbps, Pool, SourceArg};
 
@@ -83,70 +84,37 @@ fn print_phases(r: &LoadReport, how: &str) {
 
 pub(crate) fn load(a: LoadArgs) -> Result<()> {
     let config = a.pool.config();
-
-    let t_resolve = Instant::now();
-    // Keeps the store's shared lock (no rm/gc under our map) and the
-    // manifest's bytes for the duration of the load.
-    let (_lock, manifest, owned, label, file_leaves);
-    let mut leaves: Option<LeafSpec> = None;
-    let spec: BlobSpec = if let Some(path) = &a.file {
-        owned = OwnedSpec::from_file(path, a.chunk_mib << 20, config.threads)
-            .with_context(|| format!("hash {}", path.display()))?;
-        label = format!("{} (file; digests computed here)", path.display());
-        if a.verify == VerifyArg::Gpu {
-            let leaf_bytes = cnse_store::default_leaf_bytes(owned.chunk_bytes);
-            // SAFETY: the file is only read; a truncation by another process
-            // while hashing would end this process (SIGBUS), not corrupt it.
-            let map = unsafe { cnse_store::map_file(path) }?;
-            file_leaves = cnse_store::leaf_digests_parallel(&map, leaf_bytes, config.threads);
-            leaves = Some(LeafSpec {
-                leaf_bytes,
-                digests: &file_leaves,
-            });
-        }
-        owned.as_spec()
-    } else {
-        let target = a.target.as_deref().expect("clap requires target or --file");
-        let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
-            .context("open store")?;
-        _lock = store.lock(cnse_store::LockKind::Shared).context("lock store")?;
-        let digest = store.resolve(target).with_context(|| format!("resolve {target}"))?;
-        manifest = store
-            .manifest(&digest)
-            .with_context(|| format!("manifest of {digest}"))?;
-        label = format!("{target} = {digest}");
-        leaves = manifest
-            .leaves()
-            .map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
-        owned = OwnedSpec {
-            path: store.blob_path(&digest),
-            size_bytes: manifest.size_bytes(),
-            chunk_bytes: manifest.chunk_bytes(),
-            chunk_digests: manifest.chunk_digests().to_vec(),
-            digest: digest.0,
-        };
-        owned.as_spec()
+    let verify = match (a.no_verify, a.verify) {
+        (true, _) => Verify::Off,
+        (false, VerifyArg::Auto) => Verify::Auto,
+        (false, VerifyArg::Cpu) => Verify::Cpu,
+        (false, VerifyArg::Gpu) => Verify::Gpu,
     };
-    let resolve_s = t_resolve.elapsed().as_secs_f64();
-    let on_gpu = match (a.no_verify, a.verify, &leaves) {
-        (true, _, _) => false,
-        (false, VerifyArg::Cpu, _) => false,
-        (false, VerifyArg::Auto, l) => l.is_some(),
-        (false, VerifyArg::Gpu, Some(_)) => true,
-        (false, VerifyArg::Gpu, None) => {
-            bail!("--verify gpu: the manifest has no leaf digests (format 1); run `cnse-dp store upgrade {label}` first, or use --verify cpu")
-        }
+    let how = ModelLoad {
+        verify,
+        source: a.source.pick(),
+        readahead: a.readahead,
     };
-
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
+    let m = match &a.file {
+        Some(path) => load_file(path, a.chunk_mib << 20, &mut streamer, how)?,
+        None => {
+            let target = a.target.as_deref().expect("clap requires target or --file");
+            let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
+                .context("open store")?;
+            load_from_store(&store, target, &mut streamer, how).context("load to GPU")?
+        }
+    };
+    let r = &m.report;
     println!(
-        "gpu load {label}: {} bytes, {} chunks of {} MiB -> device {}",
-        spec.size_bytes,
-        spec.chunk_digests.len(),
-        spec.chunk_bytes >> 20,
+        "gpu load {}: {} bytes, {} chunks of {} MiB -> device {}",
+        m.label,
+        m.blob.size_bytes,
+        m.chunks,
+        m.chunk_bytes >> 20,
         a.device
     );
-    println!("  resolve + manifest  {resolve_s:>9.4} s");
+    println!("  resolve + manifest  {:>9.4} s", m.resolve_s);
     println!(
         "  staging setup       {:>9.4} s  ({} threads x {} x {} MiB pinned, {} streams{}; once per process)",
         streamer.pool_alloc_s(),
@@ -156,57 +124,27 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         config.streams,
         if config.write_combined { ", write-combined" } else { "" }
     );
-    let opts = LoadOptions::new(!a.no_verify && !on_gpu, a.source.pick(), config.threads);
-    let readahead = a
-        .readahead
-        .then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX))
-        .transpose()?;
-    let (blob, report, how) = match (on_gpu, leaves) {
-        (true, Some(l)) => {
-            let verifier = GpuVerifier::new(&streamer).context("compile the GPU SHA-256 kernel")?;
-            let (b, r) = verifier
-                .load_after(
-                    &mut streamer,
-                    &spec,
-                    &l,
-                    opts,
-                    GpuVerifyOptions::default(),
-                    readahead.as_ref(),
-                )
-                .context("load to GPU")?;
-            let how = format!("every {} KiB leaf verified on the GPU", l.leaf_bytes >> 10);
-            (b, r, how)
-        }
-        _ => {
-            let (b, r) = match &readahead {
-                Some(ra) => streamer.load_after(&spec, opts, ra),
-                None => streamer.load(&spec, opts),
-            }
-            .context("load to GPU")?;
-            let how = if r.verified {
-                "every chunk verified on the host"
-            } else {
-                "NOT verified"
-            };
-            (b, r, how.to_string())
-        }
+    let how = match m.checked {
+        Checked::Gpu { leaf_bytes } => format!("every {} KiB leaf verified on the GPU", leaf_bytes >> 10),
+        Checked::Host => "every chunk verified on the host".to_string(),
+        Checked::No => "NOT verified".to_string(),
     };
-    print_phases(&report, &how);
+    print_phases(r, &how);
     if a.check {
         let t = Instant::now();
-        compare_with_file(&blob.buffer, spec.path)?;
+        compare_with_file(&m.blob.buffer, &m.path)?;
         println!(
             "  check (copy back)   {:>9.4} s  device bytes equal the file",
             t.elapsed().as_secs_f64()
         );
     }
-    if blob.verified {
+    if m.blob.verified {
         println!(
             "verified sha256:{} ({} bytes on device {}, {})",
-            hex(&blob.digest),
-            blob.size_bytes,
+            hex(&m.blob.digest),
+            m.blob.size_bytes,
             a.device,
-            if on_gpu {
+            if matches!(m.checked, Checked::Gpu { .. }) {
                 "checked on the GPU"
             } else {
                 "checked on the host"
@@ -215,10 +153,61 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
     } else {
         println!(
             "loaded {} bytes on device {} WITHOUT verification (--no-verify)",
-            blob.size_bytes, a.device
+            m.blob.size_bytes, a.device
         );
     }
     Ok(())
+}
+
+/// A file from outside the store: its chunk (and, for the GPU, leaf)
+/// digests are computed first, so this checks the path, not the file.
+fn load_file(path: &Path, chunk_bytes: u64, streamer: &mut Streamer, how: ModelLoad) -> Result<LoadedModel> {
+    let t_resolve = Instant::now();
+    let threads = streamer.config().threads;
+    let owned = OwnedSpec::from_file(path, chunk_bytes, threads).with_context(|| format!("hash {}", path.display()))?;
+    let spec = owned.as_spec();
+    let leaf_bytes = cnse_store::default_leaf_bytes(owned.chunk_bytes);
+    let on_gpu = matches!(how.verify, Verify::Gpu);
+    let file_leaves = if on_gpu {
+        // SAFETY: the file is only read; a truncation by another process
+        // while hashing would end this process (SIGBUS), not corrupt it.
+        let map = unsafe { cnse_store::map_file(path) }?;
+        cnse_store::leaf_digests_parallel(&map, leaf_bytes, threads)
+    } else {
+        Vec::new()
+    };
+    let resolve_s = t_resolve.elapsed().as_secs_f64();
+    let opts = LoadOptions::new(!on_gpu && how.verify != Verify::Off, how.source, threads);
+    let readahead = how.readahead.then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX)).transpose()?;
+    let (blob, report, checked) = if on_gpu {
+        let leaves = LeafSpec {
+            leaf_bytes,
+            digests: &file_leaves,
+        };
+        let verifier = GpuVerifier::new(streamer).context("compile the GPU SHA-256 kernel")?;
+        let (b, r) = verifier
+            .load_after(streamer, &spec, &leaves, opts, GpuVerifyOptions::default(), readahead.as_ref())
+            .context("load to GPU")?;
+        (b, r, Checked::Gpu { leaf_bytes })
+    } else {
+        let (b, r) = match &readahead {
+            Some(ra) => streamer.load_after(&spec, opts, ra),
+            None => streamer.load(&spec, opts),
+        }
+        .context("load to GPU")?;
+        let checked = if r.verified { Checked::Host } else { Checked::No };
+        (b, r, checked)
+    };
+    Ok(LoadedModel {
+        blob,
+        report,
+        checked,
+        label: format!("{} (file; digests computed here)", path.display()),
+        chunks: owned.chunk_digests.len(),
+        chunk_bytes: owned.chunk_bytes,
+        path: owned.path.clone(),
+        resolve_s,
+    })
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {

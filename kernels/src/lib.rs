@@ -9,6 +9,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod device;
+pub mod model;
 pub mod pinned;
 pub mod readahead;
 pub mod sampling;
