@@ -178,7 +178,10 @@ fn load_file(path: &Path, chunk_bytes: u64, streamer: &mut Streamer, how: ModelL
     };
     let resolve_s = t_resolve.elapsed().as_secs_f64();
     let opts = LoadOptions::new(!on_gpu && how.verify != Verify::Off, how.source, threads);
-    let readahead = how.readahead.then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX)).transpose()?;
+    let readahead = how
+        .readahead
+        .then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX))
+        .transpose()?;
     let (blob, report, checked) = if on_gpu {
         let leaves = LeafSpec {
             leaf_bytes,
@@ -186,7 +189,14 @@ fn load_file(path: &Path, chunk_bytes: u64, streamer: &mut Streamer, how: ModelL
         };
         let verifier = GpuVerifier::new(streamer).context("compile the GPU SHA-256 kernel")?;
         let (b, r) = verifier
-            .load_after(streamer, &spec, &leaves, opts, GpuVerifyOptions::default(), readahead.as_ref())
+            .load_after(
+                streamer,
+                &spec,
+                &leaves,
+                opts,
+                GpuVerifyOptions::default(),
+                readahead.as_ref(),
+            )
             .context("load to GPU")?;
         (b, r, Checked::Gpu { leaf_bytes })
     } else {

@@ -40,9 +40,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if done {
             break;
         }
-        let r = run_seed(&SimConfig { seed, steps: a.steps }).map_err(|f| {
-            anyhow::anyhow!("{f}\nreplay: cnse-dp sim --seed {} --steps {}", f.seed, a.steps)
-        })?;
+        let r = run_seed(&SimConfig { seed, steps: a.steps })
+            .map_err(|f| anyhow::anyhow!("{f}\nreplay: cnse-dp sim --seed {} --steps {}", f.seed, a.steps))?;
         if a.seeds == 1 && until.is_none() {
             println!(
                 "seed {}: {} steps, {} clients, {} requests, {} tokens, {} END, {} ERROR, {} violations answered{}, {} ms simulated: every invariant held",

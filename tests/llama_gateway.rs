@@ -297,7 +297,12 @@ fn issue9_a_stalled_llama_stream_ends_with_504_and_frees_the_llama_slot() {
     let f = c.next_frame().unwrap();
     assert_eq!((f.kind, f.arg), (Kind::Tokens, 1), "{}", f.text());
     let f = c.next_frame().unwrap();
-    assert_eq!((f.kind, f.arg), (Kind::Error, cnse_proto::code::BACKEND_TIMEOUT), "{}", f.text());
+    assert_eq!(
+        (f.kind, f.arg),
+        (Kind::Error, cnse_proto::code::BACKEND_TIMEOUT),
+        "{}",
+        f.text()
+    );
     // The stream's HTTP exchange is closed: llama-server frees the slot at
     // once (its generation of 480 tokens would take seconds more here).
     let ended = Instant::now();

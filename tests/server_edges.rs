@@ -150,9 +150,16 @@ fn issue2_stream_buffer_is_bounded_without_credit() {
         s.output().last()
     );
     let produced = stat(&s, "produced").expect("a stats line");
-    assert!(produced <= 1 + 64, "{produced} tokens produced with credit 1 and a 64-token queue");
+    assert!(
+        produced <= 1 + 64,
+        "{produced} tokens produced with credit 1 and a 64-token queue"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(stat(&s, "produced"), Some(produced), "the backend produced while paused");
+    assert_eq!(
+        stat(&s, "produced"),
+        Some(produced),
+        "the backend produced while paused"
+    );
     // Credit in steps drains it in order, nothing lost.
     let mut got = 1u64;
     let mut next = 1u64;
@@ -269,7 +276,11 @@ fn issue2_a_client_that_stops_reading_is_bounded() {
     let produced = stat(&s, "produced").expect("a stats line");
     assert!(produced < 600_000, "every token was produced: the backend never paused");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(stat(&s, "produced"), Some(produced), "the backend produced for a client that does not read");
+    assert_eq!(
+        stat(&s, "produced"),
+        Some(produced),
+        "the backend produced for a client that does not read"
+    );
     let t = Instant::now();
     let g = s.client().generate(1, 0, &params(100), "bystander", |_, _| {}).unwrap();
     assert_eq!(g.tokens, 100);

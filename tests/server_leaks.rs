@@ -13,12 +13,17 @@ use cnse_proto::{put_hello, put_ping};
 use common::*;
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Closes with SO_LINGER 0: the peer sees a reset, whatever is unread.
 fn reset(s: TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt reads a valid linger struct of the given size on
     // an open socket.
     unsafe {
@@ -113,11 +118,19 @@ fn issue9_a_stream_whose_client_grants_no_credit_ends_with_504_and_frees_the_bac
             _ => break f,
         }
     };
-    assert_eq!(end.kind, cnse_proto::Kind::Error, "stream 1 ends with ERROR, got {:?}", end.kind);
+    assert_eq!(
+        end.kind,
+        cnse_proto::Kind::Error,
+        "stream 1 ends with ERROR, got {:?}",
+        end.kind
+    );
     assert_eq!(end.arg, cnse_proto::code::BACKEND_TIMEOUT);
     assert_eq!(tokens, 1, "no token beyond the one of credit");
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(300), "ended after {waited:?}, before the stall timeout");
+    assert!(
+        waited >= Duration::from_millis(300),
+        "ended after {waited:?}, before the stall timeout"
+    );
     // The backend's work for it is gone, and the connection still serves.
     assert!(
         eventually(Duration::from_secs(2), || backend_active(&s) == Some(0)),

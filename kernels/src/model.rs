@@ -89,7 +89,9 @@ pub fn load_from_store(
     let digest = store.resolve(target)?;
     let manifest = store.manifest(&digest)?;
     let label = format!("{target} = {digest}");
-    let leaves = manifest.leaves().map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
+    let leaves = manifest
+        .leaves()
+        .map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
     let owned = OwnedSpec {
         path: store.blob_path(&digest),
         size_bytes: manifest.size_bytes(),
@@ -107,12 +109,28 @@ pub fn load_from_store(
     };
     let threads = streamer.config().threads;
     let opts = LoadOptions::new(how.verify != Verify::Off && on_gpu.is_none(), how.source, threads);
-    let readahead = how.readahead.then(|| Readahead::start(spec.path, u64::MAX)).transpose()?;
+    let readahead = how
+        .readahead
+        .then(|| Readahead::start(spec.path, u64::MAX))
+        .transpose()?;
     let (blob, report, checked) = match on_gpu {
         Some(l) => {
             let verifier = GpuVerifier::new(streamer)?;
-            let (b, r) = verifier.load_after(streamer, &spec, l, opts, GpuVerifyOptions::default(), readahead.as_ref())?;
-            (b, r, Checked::Gpu { leaf_bytes: l.leaf_bytes })
+            let (b, r) = verifier.load_after(
+                streamer,
+                &spec,
+                l,
+                opts,
+                GpuVerifyOptions::default(),
+                readahead.as_ref(),
+            )?;
+            (
+                b,
+                r,
+                Checked::Gpu {
+                    leaf_bytes: l.leaf_bytes,
+                },
+            )
         }
         None => {
             let (b, r) = match &readahead {

@@ -18,7 +18,10 @@ pub fn hash_chunks(path: &Path, chunk_bytes: u64, threads: usize) -> Result<(u64
     }
     let map = map(path)?;
     let threads = threads.clamp(1, THREADS_MAX);
-    Ok((map.len() as u64, cnse_store::chunk_digests_parallel(&map, chunk_bytes, threads)))
+    Ok((
+        map.len() as u64,
+        cnse_store::chunk_digests_parallel(&map, chunk_bytes, threads),
+    ))
 }
 
 /// Whole-file SHA-256 (what `sha256sum` prints), by the store's hashing.

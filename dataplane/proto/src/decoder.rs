@@ -32,9 +32,15 @@ pub struct Frame<'a> {
 #[derive(Debug, Clone, Copy)]
 enum State {
     Header,
-    Payload { kind: Kind, need: usize },
+    Payload {
+        kind: Kind,
+        need: usize,
+    },
     /// Discarding a payload that the staging limit did not allow.
-    Skip { kind: Kind, left: usize },
+    Skip {
+        kind: Kind,
+        left: usize,
+    },
     Failed(Violation),
 }
 
@@ -178,7 +184,10 @@ impl FrameDecoder {
             let take = left.min(input.len());
             *input = &input[take..];
             if take < left {
-                self.state = State::Skip { kind, left: left - take };
+                self.state = State::Skip {
+                    kind,
+                    left: left - take,
+                };
                 return Ok(None);
             }
             self.state = State::Header;
@@ -269,7 +278,10 @@ mod tests {
         assert_eq!((seen[0].0, seen[0].1, seen[0].2), (Kind::Request, 7, true));
         assert!(seen[0].3.is_empty());
         assert!(d.staging_capacity() <= 1024, "staged {} bytes", d.staging_capacity());
-        assert_eq!((seen[1].0, seen[1].2, seen[1].3.as_slice()), (Kind::Ping, false, &b"after"[..]));
+        assert_eq!(
+            (seen[1].0, seen[1].2, seen[1].3.as_slice()),
+            (Kind::Ping, false, &b"after"[..])
+        );
         // Whole frames are never staged, so the limit does not apply.
         let mut input = bytes.as_slice();
         let f = d.next(&mut input).unwrap().unwrap();

@@ -5,8 +5,8 @@
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use io_uring::types::BufRingEntry;
 use crate::Ring;
+use io_uring::types::BufRingEntry;
 
 /// Anonymous private mapping, freed on drop.
 struct Mapping {
@@ -71,7 +71,8 @@ impl BufRing {
         // `count` entries; it outlives the registration (Drop unregisters
         // before unmapping, see `unregister`).
         unsafe {
-            ring.raw().submitter()
+            ring.raw()
+                .submitter()
                 .register_buf_ring_with_flags(entries.ptr as u64, count, bgid, 0)?
         };
         let mut this = Self {

@@ -17,7 +17,10 @@ pub fn pin_current_thread(index: usize) -> io::Result<usize> {
 /// Pins the calling thread to CPU `cpu`.
 pub fn pin_current_thread_to(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} out of range")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("CPU {cpu} out of range"),
+        ));
     }
     // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (cpu is in
     // range, checked above); sched_setaffinity(0) only reads it for the
@@ -42,6 +45,8 @@ pub fn allowed_cpus() -> io::Result<Vec<usize>> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
     }
 }

@@ -322,9 +322,16 @@ mod tests {
         while out.is_empty() && start.elapsed() < Duration::from_secs(5) {
             ring.turn(Some(Duration::ZERO), &mut out).unwrap();
         }
-        assert_eq!(out.len(), 1, "the recv completion must arrive through zero-timeout turns");
+        assert_eq!(
+            out.len(),
+            1,
+            "the recv completion must arrive through zero-timeout turns"
+        );
         let c = out[0];
-        assert_eq!((c.tag.kind(), c.tag.slot_index(), c.tag.gen()), (TestOp::Read.code(), 3, 9));
+        assert_eq!(
+            (c.tag.kind(), c.tag.slot_index(), c.tag.gen()),
+            (TestOp::Read.code(), 3, 9)
+        );
         assert_eq!(c.check("recv").unwrap(), 4);
         assert_eq!(&buf[..4], b"ping");
         assert_eq!(ring.in_flight(), 0);
@@ -351,7 +358,10 @@ mod tests {
         .unwrap();
         for i in 0..100 {
             // SAFETY: a NOP points at no memory.
-            unsafe { ring.push(opcode::Nop::new().build(), Tag::wide(TestOp::Nop.code(), i)).unwrap() };
+            unsafe {
+                ring.push(opcode::Nop::new().build(), Tag::wide(TestOp::Nop.code(), i))
+                    .unwrap()
+            };
         }
         let mut out = Vec::new();
         let start = Instant::now();
@@ -367,7 +377,9 @@ mod tests {
     #[test]
     fn teardown_cancels_and_drains_every_op_before_returning() {
         let mut ring = Ring::new(RingConfig::default()).unwrap();
-        let pairs: Vec<_> = (0..16).map(|_| std::os::unix::net::UnixStream::pair().unwrap()).collect();
+        let pairs: Vec<_> = (0..16)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
         let mut bufs = vec![[0u8; 64]; 16];
         for (i, ((a, _), buf)) in pairs.iter().zip(bufs.iter_mut()).enumerate() {
             let e = opcode::Recv::new(types::Fd(a.as_raw_fd()), buf.as_mut_ptr(), 64).build();

@@ -108,7 +108,10 @@ impl Conn {
 
     /// Capacity its buffers hold now.
     pub fn buffer_bytes(&self) -> usize {
-        self.out_fill.capacity() + self.out_flight.capacity() + self.backlog.capacity() + self.decoder.staging_capacity()
+        self.out_fill.capacity()
+            + self.out_flight.capacity()
+            + self.backlog.capacity()
+            + self.decoder.staging_capacity()
     }
 
     pub fn find_stream(&self, client_id: u64) -> Option<usize> {

@@ -46,7 +46,15 @@ fn issue9_simulated_seeds_750_to_999_keep_every_invariant() {
 
 #[test]
 fn issue9_a_seed_replays_exactly() {
-    let a = run(&SimConfig { seed: 4242, steps: 3_000 }).unwrap();
-    let b = run(&SimConfig { seed: 4242, steps: 3_000 }).unwrap();
+    let a = run(&SimConfig {
+        seed: 4242,
+        steps: 3_000,
+    })
+    .unwrap();
+    let b = run(&SimConfig {
+        seed: 4242,
+        steps: 3_000,
+    })
+    .unwrap();
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
 }

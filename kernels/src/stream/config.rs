@@ -240,4 +240,3 @@ pub struct DeviceBlob {
     pub size_bytes: u64,
     pub verified: bool,
 }
-

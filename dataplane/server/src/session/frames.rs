@@ -83,7 +83,12 @@ impl<T: Transport> Session<T> {
             (_, Kind::Request) if self.tables.conns[slot as usize].find_stream(stream_id).is_some() => {
                 self.reject(slot, stream_id, code::STREAM_IN_USE, "stream id already in use")
             }
-            (_, Kind::Request) => self.reject(slot, stream_id, code::OVERLOADED, "memory budget exhausted, retry later"),
+            (_, Kind::Request) => self.reject(
+                slot,
+                stream_id,
+                code::OVERLOADED,
+                "memory budget exhausted, retry later",
+            ),
             // A large PING while memory is short: no stream to answer on.
             _ => self.violate(slot, code::SHUTTING_DOWN, "server memory budget exhausted, retry later"),
         }

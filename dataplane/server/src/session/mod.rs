@@ -61,7 +61,10 @@ impl<T: Transport> Session<T> {
     /// A session with `conns_max` connection slots (at most
     /// `cnse_ring::SLOT_MAX`: slots travel in ring tags).
     pub fn new(cfg: Arc<Config>, backend: Box<dyn Backend>, io: T, now: Instant, conns_max: usize) -> Self {
-        assert!(cnse_ring::Tag::check_slots(conns_max), "connection table above the tag's slot bits");
+        assert!(
+            cnse_ring::Tag::check_slots(conns_max),
+            "connection table above the tag's slot bits"
+        );
         let limits = ParamLimits {
             max_tokens_limit: cfg.max_tokens_limit,
         };
@@ -101,7 +104,10 @@ impl<T: Transport> Session<T> {
 
     /// Free connection and stream slots (for invariant checks).
     pub fn free_slots(&self) -> (usize, usize) {
-        (self.tables.conn_free.len(), self.tables.streams.len() - self.tables.n.streams_open as usize)
+        (
+            self.tables.conn_free.len(),
+            self.tables.streams.len() - self.tables.n.streams_open as usize,
+        )
     }
 
     /// (bytes the memory budget counts as held, the same recounted from
@@ -241,7 +247,8 @@ impl<T: Transport> Session<T> {
 
     /// A completion of an op the backend submitted through `Io::submit`.
     pub fn on_backend(&mut self, tag: u64, result: i32, flags: u32) {
-        self.backend.complete(tag, result, flags, &mut self.io, &mut self.tables);
+        self.backend
+            .complete(tag, result, flags, &mut self.io, &mut self.tables);
     }
 
     /// The end of a turn: the backend runs, queued work is admitted, every
@@ -364,7 +371,11 @@ impl<T: Transport> Session<T> {
             let s = &self.tables.streams[sslot as usize];
             if s.phase == Phase::Running && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
                 self.stop_stream(sslot);
-                self.tables.fail(sslot, code::BACKEND_TIMEOUT, "stream stalled: its tokens could not be sent (no credit, or the client does not read)");
+                self.tables.fail(
+                    sslot,
+                    code::BACKEND_TIMEOUT,
+                    "stream stalled: its tokens could not be sent (no credit, or the client does not read)",
+                );
             }
         }
     }
@@ -390,7 +401,10 @@ impl<T: Transport> Session<T> {
         let now = self.tables.now;
         if self.tables.n.streams_open == 0 || now >= deadline {
             for slot in 0..self.tables.conns.len() as u32 {
-                if !matches!(self.tables.conns[slot as usize].state, ConnState::Open | ConnState::Handshake) {
+                if !matches!(
+                    self.tables.conns[slot as usize].state,
+                    ConnState::Open | ConnState::Handshake
+                ) {
                     continue;
                 }
                 while let Some(&(_, sslot)) = self.tables.conns[slot as usize]

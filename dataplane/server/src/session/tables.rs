@@ -63,7 +63,9 @@ impl Tables {
     pub fn new(cfg: Arc<Config>, now: Instant, conns_max: usize) -> Tables {
         let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
         let conn_free = (0..conns_max as u32).rev().collect();
-        let streams = (0..cfg.streams_per_thread_max).map(|_| Stream::new(now, 0, 0)).collect();
+        let streams = (0..cfg.streams_per_thread_max)
+            .map(|_| Stream::new(now, 0, 0))
+            .collect();
         let stream_free = (0..cfg.streams_per_thread_max as u32).rev().collect();
         Tables {
             cfg,

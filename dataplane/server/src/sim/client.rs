@@ -248,7 +248,8 @@ impl Client {
                 }
                 Ok(None) => return,
                 Err(v) => {
-                    self.failures.push(format!("server sent bytes the decoder rejects: {}", v.message));
+                    self.failures
+                        .push(format!("server sent bytes the decoder rejects: {}", v.message));
                     return;
                 }
             }
@@ -281,7 +282,10 @@ impl Client {
         let what = if s.ended {
             Some(format!("TOKENS on stream {id} after its end"))
         } else if first != s.received {
-            Some(format!("TOKENS on stream {id} start at {first}, {} received", s.received))
+            Some(format!(
+                "TOKENS on stream {id} start at {first}, {} received",
+                s.received
+            ))
         } else {
             None
         };

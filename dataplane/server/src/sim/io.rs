@@ -121,7 +121,9 @@ impl Transport for SimIo {
         if let Some(s) = self.live(conn.fd, "cancel_recv") {
             match &mut s.recv {
                 Some(r) if r.conn == conn => r.cancel_requested = true,
-                _ => self.misuse.push(format!("cancel of a recv that is not in flight on fd {}", conn.fd)),
+                _ => self
+                    .misuse
+                    .push(format!("cancel of a recv that is not in flight on fd {}", conn.fd)),
             }
         }
     }

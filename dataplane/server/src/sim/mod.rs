@@ -98,7 +98,11 @@ fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
         idle_timeout: Duration::from_millis(rng.range(500, 5000)),
         shutdown_grace: Duration::from_millis(rng.range(10, 1000)),
         stream_stall_timeout: Duration::from_millis(rng.range(100, 3000)),
-        memory_budget_bytes: if rng.chance(50) { rng.range(2_000, 64_000) as usize } else { 1 << 30 },
+        memory_budget_bytes: if rng.chance(50) {
+            rng.range(2_000, 64_000) as usize
+        } else {
+            1 << 30
+        },
         auth_key: key.clone(),
         ..Config::default()
     };
@@ -122,7 +126,13 @@ pub fn run(cfg: &SimConfig) -> Result<SimReport, SimFailure> {
     })?;
     let backend = backend::FlakyBackend::new(inner, cfg.seed, rng.chance(50));
     let base = Instant::now();
-    let session = Session::new(Arc::new(server_cfg), Box::new(backend), SimIo::new(base), base, CONNS_MAX);
+    let session = Session::new(
+        Arc::new(server_cfg),
+        Box::new(backend),
+        SimIo::new(base),
+        base,
+        CONNS_MAX,
+    );
     let mut sim = Sim {
         rng,
         session,
@@ -209,7 +219,9 @@ impl Sim {
     fn deliver_input(&mut self) {
         let ready: Vec<i32> = (self.session.io.sockets.iter())
             .filter(|(_, s)| {
-                !s.closed && !s.shut && s.recv.as_ref().is_some_and(|r| !r.cancel_requested)
+                !s.closed
+                    && !s.shut
+                    && s.recv.as_ref().is_some_and(|r| !r.cancel_requested)
                     && !self.clients[s.client].out.is_empty()
                     && self.clients[s.client].connected
             })
@@ -251,7 +263,11 @@ impl Sim {
             return;
         }
         let fd = *self.rng.pick(&armed);
-        let cancelled = self.session.io.sockets[&fd].recv.as_ref().expect("armed").cancel_requested;
+        let cancelled = self.session.io.sockets[&fd]
+            .recv
+            .as_ref()
+            .expect("armed")
+            .cancel_requested;
         let result = if cancelled { -libc::ECANCELED } else { -libc::ENOBUFS };
         self.end_recv_of(fd, result);
     }
@@ -370,18 +386,30 @@ impl Sim {
         let n = self.session.counters();
         let cfg = self.session.cfg();
         if n.streams_open as usize > cfg.streams_per_thread_max {
-            return self.fail(format!("{} streams open, limit {}", n.streams_open, cfg.streams_per_thread_max));
+            return self.fail(format!(
+                "{} streams open, limit {}",
+                n.streams_open, cfg.streams_per_thread_max
+            ));
         }
         let (conns_free, _) = self.session.free_slots();
         if conns_free + n.conns_open as usize != CONNS_MAX {
-            return self.fail(format!("{conns_free} free + {} open connection slots != {CONNS_MAX}", n.conns_open));
+            return self.fail(format!(
+                "{conns_free} free + {} open connection slots != {CONNS_MAX}",
+                n.conns_open
+            ));
         }
         let (held, counted) = self.session.memory();
         if held != counted {
-            return self.fail(format!("memory budget counts {held} bytes held, buffers hold {counted}"));
+            return self.fail(format!(
+                "memory budget counts {held} bytes held, buffers hold {counted}"
+            ));
         }
         if io.open_sockets() != n.conns_open as usize {
-            return self.fail(format!("{} sockets open, {} connections", io.open_sockets(), n.conns_open));
+            return self.fail(format!(
+                "{} sockets open, {} connections",
+                io.open_sockets(),
+                n.conns_open
+            ));
         }
         Ok(())
     }
@@ -410,7 +438,13 @@ impl Sim {
         for (i, c) in self.clients.iter().enumerate() {
             let healthy = c.connected && c.reads() && c.conn_error.is_none() && c.acked;
             if let (true, Some((id, _))) = (healthy, c.open_streams().next()) {
-                if self.session.io.sockets.get(&c.fd.expect("connected")).is_some_and(|s| !s.closed) {
+                if self
+                    .session
+                    .io
+                    .sockets
+                    .get(&c.fd.expect("connected"))
+                    .is_some_and(|s| !s.closed)
+                {
                     return self.fail(format!("client {i} ({:?}): stream {id} never ended", c.behavior));
                 }
             }
@@ -480,7 +514,11 @@ impl Sim {
             };
             if gone {
                 self.end_recv_of(fd, 0);
-            } else if self.session.io.sockets[&fd].recv.as_ref().is_some_and(|r| r.cancel_requested) {
+            } else if self.session.io.sockets[&fd]
+                .recv
+                .as_ref()
+                .is_some_and(|r| r.cancel_requested)
+            {
                 self.end_recv_of(fd, -libc::ECANCELED);
             }
             if let Some(op) = self.session.io.sockets.get_mut(&fd).and_then(|s| s.send.take()) {

@@ -3,7 +3,6 @@
 use super::*;
 
 impl Store {
-
     /// Digests of every blob file, sorted; stray names are returned apart.
     pub fn blob_digests(&self) -> Result<(Vec<Digest>, Vec<PathBuf>)> {
         let dir = self.root.join("blobs/sha256");

@@ -3,7 +3,6 @@
 use super::*;
 
 impl Store {
-
     /// Reads a reference; `None` when it does not exist.
     pub fn read_ref(&self, r: &RefName) -> Result<Option<RefEntry>> {
         let path = self.ref_path(r);
