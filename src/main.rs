@@ -11,6 +11,7 @@ mod client;
 mod demo;
 mod gpu;
 mod gpu_bench_configs;
+mod gpu_bench_load;
 mod gpu_bench_sampling;
 mod gpu_load;
 mod gpu_picker;
