@@ -1,14 +1,11 @@
 //! A blocking CNSE client: one `TcpStream`, frames cut by the protocol
 //! crate's [`FrameDecoder`], every read bounded by a timeout.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use cnse_proto::{
-    end_times, put_cancel, put_credit, put_hello, put_ping, put_request, Direction, FinishReason, FrameDecoder, Kind,
-    Params,
-};
+use cnse_proto::{end_times, Direction, FinishReason, FrameDecoder, Kind, Params};
 
 use crate::{ClientError, Writer};
 
@@ -70,7 +67,8 @@ pub struct Client {
     /// Unconsumed bytes of `rbuf` are `rbuf[rpos..rlen]`.
     rpos: usize,
     rlen: usize,
-    out: Vec<u8>,
+    /// The sending half: a second handle on the same socket.
+    tx: Writer,
     timeout: Duration,
 }
 
@@ -104,6 +102,7 @@ impl Client {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(io("set write timeout"))?;
+        let tx = Writer::new(stream.try_clone().map_err(io("clone socket"))?, addr);
         Ok(Self {
             addr,
             stream,
@@ -111,7 +110,7 @@ impl Client {
             rbuf: vec![0u8; READ_CHUNK_BYTES].into_boxed_slice(),
             rpos: 0,
             rlen: 0,
-            out: Vec::with_capacity(4096),
+            tx,
             timeout,
         })
     }
@@ -180,55 +179,40 @@ impl Client {
         }
     }
 
-    fn flush_out(&mut self) -> Result<(), ClientError> {
-        let addr = self.addr;
-        let r = self.stream.write_all(&self.out);
-        self.out.clear();
-        r.map_err(|source| ClientError::Io {
-            op: "write",
-            addr,
-            source,
-        })
-    }
+    // Sending goes through the connection's `Writer` (one encoder, one
+    // write path for both handles).
 
     pub fn send_hello(&mut self, token: &[u8]) -> Result<(), ClientError> {
-        put_hello(&mut self.out, token);
-        self.flush_out()
+        self.tx.hello(token)
     }
 
     /// Sends REQUEST on `stream_id` with `credit` tokens of initial credit
     /// (0 = unlimited).
     pub fn request(&mut self, stream_id: u64, credit: u32, params: &Params, prompt: &str) -> Result<(), ClientError> {
-        put_request(&mut self.out, stream_id, credit, params, prompt.as_bytes());
-        self.flush_out()
+        self.tx.request(stream_id, credit, params, prompt)
     }
 
     /// REQUEST with a raw parameter block and prompt bytes (bad-parameter
     /// tests).
     pub fn request_raw(&mut self, stream_id: u64, credit: u32, payload: &[u8]) -> Result<(), ClientError> {
-        cnse_proto::put_frame(&mut self.out, Kind::Request, stream_id, credit, 0, &[payload]);
-        self.flush_out()
+        self.tx.request_raw(stream_id, credit, payload)
     }
 
     pub fn credit(&mut self, stream_id: u64, tokens: u32) -> Result<(), ClientError> {
-        put_credit(&mut self.out, stream_id, tokens);
-        self.flush_out()
+        self.tx.credit(stream_id, tokens)
     }
 
     pub fn cancel(&mut self, stream_id: u64) -> Result<(), ClientError> {
-        put_cancel(&mut self.out, stream_id);
-        self.flush_out()
+        self.tx.cancel(stream_id)
     }
 
     pub fn ping(&mut self, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) -> Result<(), ClientError> {
-        put_ping(&mut self.out, stream_id, arg, aux, payload);
-        self.flush_out()
+        self.tx.ping(stream_id, arg, aux, payload)
     }
 
     /// Writes arbitrary bytes (malformed frames, split headers).
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.out.extend_from_slice(bytes);
-        self.flush_out()
+        self.tx.write_raw(bytes)
     }
 
     /// Half-closes or closes the socket.

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use cnse_proto::{put_cancel, put_credit, put_ping, put_request, Params};
+use cnse_proto::{put_cancel, put_credit, put_frame, put_hello, put_ping, put_request, Kind, Params};
 
 use crate::ClientError;
 
@@ -40,6 +40,24 @@ impl Writer {
             addr: self.addr,
             source,
         })
+    }
+
+    /// HELLO with an optional auth token.
+    pub fn hello(&mut self, token: &[u8]) -> Result<(), ClientError> {
+        put_hello(&mut self.out, token);
+        self.flush_out()
+    }
+
+    /// REQUEST with a raw parameter block and prompt bytes.
+    pub fn request_raw(&mut self, stream_id: u64, credit: u32, payload: &[u8]) -> Result<(), ClientError> {
+        put_frame(&mut self.out, Kind::Request, stream_id, credit, 0, &[payload]);
+        self.flush_out()
+    }
+
+    /// Arbitrary bytes (malformed frames, split headers).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.out.extend_from_slice(bytes);
+        self.flush_out()
     }
 
     /// REQUEST on `stream_id` with `credit` tokens of initial credit (0 =
