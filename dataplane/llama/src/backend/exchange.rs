@@ -51,13 +51,20 @@ impl LlamaBackend {
                 };
                 self.fail(i, 502, &msg, down, io, sink);
             }
+            Task::Health | Task::Drain | Task::None => self.abandon_conn(i, io),
+        }
+    }
+
+    /// A failed or timed-out connection with no stream on it: a health check
+    /// marks its server down; a drain that does not finish, or an idle
+    /// pooled connection past its keep-alive, is just closed.
+    fn abandon_conn(&mut self, i: usize, io: &mut dyn Io) {
+        match std::mem::replace(&mut self.slots[i].task, Task::None) {
             Task::Health => {
-                self.slots[i].task = Task::None;
                 self.mark_down(self.slots[i].upstream);
                 self.abort_conn(i, io);
             }
-            Task::Drain | Task::None => {
-                self.slots[i].task = Task::None;
+            _ => {
                 self.abort_conn(i, io);
                 self.settle(i);
             }
@@ -272,18 +279,7 @@ impl LlamaBackend {
                 };
                 self.fail(i, 504, &format!("llama-server timed out: {msg}"), down, io, sink);
             }
-            Task::Health => {
-                self.slots[i].task = Task::None;
-                self.mark_down(self.slots[i].upstream);
-                self.abort_conn(i, io);
-            }
-            Task::Drain | Task::None => {
-                // A drain that does not finish, or an idle pooled
-                // connection past its keep-alive: close it.
-                self.slots[i].task = Task::None;
-                self.abort_conn(i, io);
-                self.settle(i);
-            }
+            Task::Health | Task::Drain | Task::None => self.abandon_conn(i, io),
         }
     }
 
