@@ -10,20 +10,12 @@ use std::time::Duration;
 
 use common::*;
 
-fn stat(s: &Server, key: &str) -> Option<u64> {
-    s.output().iter().rev().find_map(|l| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-    })
-}
-
 fn settled(s: &Server, key: &str) -> u64 {
     // Two stats lines in a row with the same value: the load is over.
     let mut last = None;
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(120));
-        let now = stat(s, key);
+        let now = s.stat(key);
         if let (Some(v), true) = (now, now == last) {
             return v;
         }
@@ -64,10 +56,10 @@ fn issue2_steady_state_allocates_nothing_per_frame() {
     load(&s, "generate");
     load(&s, "generate");
     load(&s, "ping");
-    let (allocs0, frames0) = (settled(&s, "allocs="), settled(&s, "frames_out="));
+    let (allocs0, frames0) = (settled(&s, "allocs"), settled(&s, "frames_out"));
     load(&s, "generate");
     load(&s, "ping");
-    let (allocs1, frames1) = (settled(&s, "allocs="), settled(&s, "frames_out="));
+    let (allocs1, frames1) = (settled(&s, "allocs"), settled(&s, "frames_out"));
     let frames = frames1 - frames0;
     let allocs = allocs1 - allocs0;
     assert!(frames > 50_000, "the load carried {frames} frames");

@@ -145,21 +145,17 @@ fn issue2_stream_buffer_is_bounded_without_credit() {
     // client grants nothing (issue 9: proven from the server's own
     // counters, not from memory samples taken after the fact).
     assert!(
-        eventually(Duration::from_secs(2), || stat(&s, "paused") == Some(1)),
+        eventually(Duration::from_secs(2), || s.stat("paused") == Some(1)),
         "the backend was never paused: {:?}",
         s.output().last()
     );
-    let produced = stat(&s, "produced").expect("a stats line");
+    let produced = s.stat("produced").expect("a stats line");
     assert!(
         produced <= 1 + 64,
         "{produced} tokens produced with credit 1 and a 64-token queue"
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        stat(&s, "produced"),
-        Some(produced),
-        "the backend produced while paused"
-    );
+    assert_eq!(s.stat("produced"), Some(produced), "the backend produced while paused");
     // Credit in steps drains it in order, nothing lost.
     let mut got = 1u64;
     let mut next = 1u64;
@@ -267,17 +263,17 @@ fn issue2_a_client_that_stops_reading_is_bounded() {
     // produced stays put while A does not read.
     assert!(
         eventually(Duration::from_secs(3), || {
-            let (active, paused) = (stat(&s, "active"), stat(&s, "paused"));
+            let (active, paused) = (s.stat("active"), s.stat("paused"));
             active.unwrap_or(0) > 0 && active == paused
         }),
         "A's running streams were not all paused: {:?}",
         s.output().last()
     );
-    let produced = stat(&s, "produced").expect("a stats line");
+    let produced = s.stat("produced").expect("a stats line");
     assert!(produced < 600_000, "every token was produced: the backend never paused");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        stat(&s, "produced"),
+        s.stat("produced"),
         Some(produced),
         "the backend produced for a client that does not read"
     );
@@ -303,15 +299,4 @@ fn issue2_a_client_that_stops_reading_is_bounded() {
             _ => panic!("{f:?}"),
         }
     }
-}
-
-/// A counter of the server's latest `stats` line (`--stats-interval-ms`).
-fn stat(s: &Server, key: &str) -> Option<u64> {
-    let prefix = format!("{key}=");
-    s.output()
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix("stats "))
-        .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(prefix.as_str())))
-        .and_then(|v| v.parse().ok())
 }

@@ -89,16 +89,6 @@ fn issue9_backed_up_clients_that_close_or_reset_give_back_their_slots_and_fds() 
     }
 }
 
-/// The `active=` work count of the server's latest stats line.
-fn backend_active(s: &Server) -> Option<u64> {
-    s.output()
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix("stats "))
-        .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("active=")))
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn issue9_a_stream_whose_client_grants_no_credit_ends_with_504_and_frees_the_backend() {
     let mut args = vec!["--stream-stall-timeout-ms", "300", "--stats-interval-ms", "50"];
@@ -133,9 +123,9 @@ fn issue9_a_stream_whose_client_grants_no_credit_ends_with_504_and_frees_the_bac
     );
     // The backend's work for it is gone, and the connection still serves.
     assert!(
-        eventually(Duration::from_secs(2), || backend_active(&s) == Some(0)),
+        eventually(Duration::from_secs(2), || s.stat("active") == Some(0)),
         "backend still holds work: {:?}",
-        backend_active(&s)
+        s.stat("active")
     );
     let g = c.generate(2, 0, &params(8), "still served", |_, _| {}).unwrap();
     assert_eq!(g.tokens, 8);
@@ -155,13 +145,13 @@ fn issue9_a_client_that_does_not_read_has_its_stalled_stream_ended_and_backend_f
         c.request(id, 0, &params(65_536), "never read").unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(3), || backend_active(&s).unwrap_or(0) > 0),
+        eventually(Duration::from_secs(3), || s.stat("active").unwrap_or(0) > 0),
         "the requests did not start"
     );
     assert!(
-        eventually(Duration::from_secs(5), || backend_active(&s) == Some(0)),
+        eventually(Duration::from_secs(5), || s.stat("active") == Some(0)),
         "the stalled stream still holds backend work: {:?}",
-        backend_active(&s)
+        s.stat("active")
     );
 }
 

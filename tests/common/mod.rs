@@ -103,6 +103,18 @@ impl Server {
             .expect("VmRSS in /proc status")
     }
 
+    /// A counter of the server's latest `stats` line (`--stats-interval-ms`),
+    /// by key (`active`, `paused`, `produced`, `allocs`, ...).
+    pub fn stat(&self, key: &str) -> Option<u64> {
+        let prefix = format!("{key}=");
+        self.output()
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("stats "))
+            .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(prefix.as_str())))
+            .and_then(|v| v.parse().ok())
+    }
+
     /// The server process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
