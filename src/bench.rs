@@ -50,6 +50,11 @@ pub struct LoadArgs {
     /// it leave together (latency still counts from each intended time).
     #[arg(long, default_value_t = load::OPEN_LOOP_TICK_US_DEFAULT)]
     pub tick_us: u64,
+    /// Client threads poll instead of sleeping: requests leave at their
+    /// intended times and replies are read as they land (a core per
+    /// thread; the server never wakes a sleeping client).
+    #[arg(long)]
+    pub busy_poll: bool,
     /// Find the peak with a closed loop first, then run an open loop at this
     /// fraction of it (e.g. 0.7) and report both.
     #[arg(long, conflicts_with = "rate")]
@@ -162,6 +167,7 @@ impl LoadArgs {
             connect_timeout: Duration::from_secs(5),
             cpus: self.client_cpus.clone(),
             open_loop_tick: Duration::from_micros(self.tick_us),
+            busy_poll: self.busy_poll,
             server_pid: self.server_pid,
             allocation_counter: Some(crate::alloc_count::allocations),
             requests: self.requests,

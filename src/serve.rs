@@ -103,6 +103,17 @@ pub struct Args {
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
+    /// Time every request's stages inside the loop (recv→parse,
+    /// parse→backend, backend→end, end→submit) and every loop turn; print
+    /// the table per worker at exit (docs/BENCHMARKS.md, "where the tail
+    /// goes"). Costs a few clock reads per request.
+    #[arg(long)]
+    pub stage_timing: bool,
+    /// After a turn with work, a worker polls its ring for this many µs
+    /// before it sleeps: traffic that keeps coming finds it awake, and
+    /// neither side pays a sleep and a wake-up (0: sleep at once).
+    #[arg(long, default_value_t = 0)]
+    pub busy_poll_us: u64,
 }
 
 pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -187,6 +198,8 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         memory_budget_bytes: usize::try_from((a.memory_budget_mib << 20) / threads as u64).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
         auth_key,
+        stage_timing: a.stage_timing,
+        busy_poll: Duration::from_micros(a.busy_poll_us),
         ..Config::default()
     })
 }
@@ -284,6 +297,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     eprintln!("cnse-dp: shutting down");
+    let stages = server.stage_times();
     server.shutdown().context("shutting down")?;
+    if a.stage_timing {
+        for t in stages.take() {
+            println!("stage timing, worker {}:\n{}", t.worker, t.render());
+        }
+    }
     Ok(())
 }

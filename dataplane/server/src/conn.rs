@@ -63,6 +63,11 @@ pub struct Conn {
     pub accepted: Instant,
     pub last_input: Instant,
     pub dirty: bool,
+    /// Stage timing: the oldest END in `out_fill` and how many it holds.
+    pub fill_first_end: Option<Instant>,
+    pub fill_ends: u32,
+    /// Index in `Tables::conn_live` while the slot is in use.
+    pub live_pos: u32,
     /// Capacity of this connection's buffers as last counted into the
     /// worker's memory (`Tables::account_conn`).
     pub held_bytes: usize,
@@ -85,6 +90,9 @@ impl Conn {
             accepted: now,
             last_input: now,
             dirty: false,
+            fill_first_end: None,
+            fill_ends: 0,
+            live_pos: 0,
             held_bytes: 0,
         }
     }

@@ -19,6 +19,7 @@ mod conn;
 mod listen;
 pub mod session;
 pub mod sim;
+pub mod stages;
 pub mod stream;
 pub mod transport;
 mod worker;
@@ -78,6 +79,14 @@ pub struct Config {
     pub auth_key: Option<Vec<u8>>,
     /// Name sent in HELLO_ACK.
     pub server_name: String,
+    /// Time each request's stages and each loop turn ([`stages`]); the
+    /// histograms are handed out by [`Server::stage_times`] at exit.
+    pub stage_timing: bool,
+    /// After a turn that handled completions, a worker polls its ring
+    /// (zero-timeout turns) for this long before it blocks: requests that
+    /// follow within it find the thread running, so neither side pays a
+    /// sleep and a wake-up. Zero: block at once.
+    pub busy_poll: Duration,
 }
 
 impl Default for Config {
@@ -104,6 +113,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             auth_key: None,
             server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),
+            stage_timing: false,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -165,6 +176,8 @@ pub struct Stats {
 pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     pub counters: Vec<WorkerCounters>,
+    /// Each worker's stage histograms, left here as it exits.
+    pub stage_times: std::sync::Mutex<Vec<stages::StageTimes>>,
 }
 
 /// A running server. Dropping it without [`Server::shutdown`] detaches the
@@ -202,6 +215,7 @@ impl Server {
         let shared = Arc::new(Shared {
             shutdown: AtomicBool::new(false),
             counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
+            stage_times: std::sync::Mutex::new(Vec::new()),
         });
         let config = Arc::new(config);
         let mut wakers = Vec::new();
@@ -273,6 +287,12 @@ impl Server {
         s
     }
 
+    /// Where the workers leave their stage histograms as they exit (with
+    /// `Config::stage_timing`): read it after [`Server::shutdown`].
+    pub fn stage_times(&self) -> StageTimesHandle {
+        StageTimesHandle(self.shared.clone())
+    }
+
     fn stop_now(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         for w in &self.wakers {
@@ -300,5 +320,17 @@ impl Server {
             }
         }
         result
+    }
+}
+
+/// Reads the stage histograms the workers left at exit.
+pub struct StageTimesHandle(Arc<Shared>);
+
+impl StageTimesHandle {
+    /// One entry per worker that has exited, in worker order.
+    pub fn take(&self) -> Vec<stages::StageTimes> {
+        let mut v = std::mem::take(&mut *self.0.stage_times.lock().unwrap_or_else(|e| e.into_inner()));
+        v.sort_by_key(|t| t.worker);
+        v
     }
 }

@@ -132,7 +132,12 @@ pub struct Stream {
     pub sent: u64,
     pub queue: TokenQueue,
     pub paused: bool,
+    /// When the ring wait that brought the REQUEST returned.
     pub arrived: Instant,
+    /// Stage timing: when the REQUEST passed its checks, and when the
+    /// backend queued its first token.
+    pub parsed: Instant,
+    pub produced: Option<Instant>,
     pub first_token: Option<Instant>,
     /// When tokens were last framed for the client (or the stream started):
     /// a stream whose queued tokens wait past the stall timeout (no credit,
@@ -157,6 +162,8 @@ impl Stream {
             queue: TokenQueue::with_capacity(queue_bytes, queue_tokens),
             paused: false,
             arrived: now,
+            parsed: now,
+            produced: None,
             first_token: None,
             last_progress: now,
             params: Params::default(),

@@ -138,6 +138,8 @@ struct Worker {
     shared: Arc<Shared>,
     index: usize,
     cqes: Vec<Completion>,
+    /// Until when the worker polls instead of blocking (`Config::busy_poll`).
+    poll_until: Instant,
 }
 
 pub(crate) fn run(
@@ -172,6 +174,10 @@ pub(crate) fn run(
     let _ = ready.send(Ok(()));
     drop(ready);
     let result = worker.run();
+    if let Some(st) = worker.session.stage_times() {
+        let st = std::mem::take(st);
+        worker.shared.stage_times.lock().unwrap_or_else(|e| e.into_inner()).push(st);
+    }
     if !worker.teardown() {
         // The kernel still holds ops that point into the worker's buffers:
         // leak them rather than free memory it may write into.
@@ -201,7 +207,7 @@ impl Worker {
         let conns_max = cfg.conns_per_thread_max.min(cnse_ring::SLOT_MAX as usize);
         let io = RingIo { ring, now };
         Ok(Worker {
-            session: Session::new(cfg, backend, io, now, conns_max),
+            session: Session::new(cfg, backend, io, now, conns_max, index),
             bufs,
             listener: Some(listener),
             accept_armed: false,
@@ -211,6 +217,7 @@ impl Worker {
             shared,
             index,
             cqes: Vec::with_capacity(entries as usize * 4),
+            poll_until: now,
         })
     }
 
@@ -221,11 +228,26 @@ impl Worker {
     fn run(&mut self) -> io::Result<()> {
         self.arm_accept();
         self.arm_wake();
+        let mut turn_start = Instant::now();
         loop {
+            if let Some(st) = self.session.stage_times() {
+                let t = Instant::now();
+                st.turn_busy.record(t - turn_start);
+                st.submitted(t);
+                turn_start = t;
+            }
             self.wait()?;
             let now = Instant::now();
+            if let Some(st) = self.session.stage_times() {
+                st.turn_wait.record(now - turn_start);
+                st.turn_events.record_us(self.cqes.len() as u64);
+                turn_start = now;
+            }
             self.session.io.now = now;
             self.session.begin_turn(now);
+            if !self.cqes.is_empty() {
+                self.poll_until = now + self.session.cfg().busy_poll;
+            }
             for i in 0..self.cqes.len() {
                 let c = self.cqes[i];
                 self.dispatch(c);
@@ -249,7 +271,12 @@ impl Worker {
     /// is already due still runs the kernel's deferred task work, so
     /// receives keep coming while the backend is busy.
     fn wait(&mut self) -> io::Result<()> {
-        let timeout = self.session.next_deadline().saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let timeout = if now < self.poll_until {
+            Duration::ZERO
+        } else {
+            self.session.next_deadline().saturating_duration_since(now)
+        };
         self.cqes.clear();
         let ring = &mut self.session.io.ring;
         ring.turn(Some(timeout), &mut self.cqes)

@@ -54,6 +54,11 @@ pub struct LoadConfig {
     /// syscall each); their latency is still measured from their intended
     /// times, so the tick shows in the percentiles (at most one tick).
     pub open_loop_tick: Duration,
+    /// Client threads poll their rings instead of sleeping while the run
+    /// lasts: each request leaves at its intended time (no tick), replies
+    /// are read as they land, and the server never pays for waking a
+    /// sleeping client. Costs a full core per client thread.
+    pub busy_poll: bool,
     /// A local server process whose CPU time over the measured window is
     /// reported (throughput per server CPU-second holds up on a shared
     /// machine where wall-clock rates do not).
@@ -84,6 +89,7 @@ impl LoadConfig {
             connect_timeout: Duration::from_secs(5),
             cpus: Vec::new(),
             open_loop_tick: Duration::from_micros(OPEN_LOOP_TICK_US_DEFAULT),
+            busy_poll: false,
             server_pid: None,
             allocation_counter: None,
             requests: None,

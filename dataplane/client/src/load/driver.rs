@@ -187,6 +187,7 @@ impl<'a> Driver<'a> {
 
     fn wake_ns(&self, now: u64) -> u64 {
         match self.stage {
+            Stage::Running if self.cfg.busy_poll => now,
             Stage::Draining => self.drain_end_ns,
             Stage::Running if self.ready.is_empty() => self.phase.end_ns,
             Stage::Running => self.phase.end_ns.min(self.schedule.wake_ns(now, self.tick_ns)),

@@ -26,6 +26,11 @@ pub struct LoadReport {
     pub inter_token: LatencyHistogram,
     /// REQUEST (or PING) to END (or PONG).
     pub e2e: LatencyHistogram,
+    /// Open loop, the two parts of `e2e`: from the intended time to the
+    /// request written for the kernel (the generator's own lag), and from
+    /// there to END (the server, and the kernel both ways).
+    pub send_delay: LatencyHistogram,
+    pub rtt: LatencyHistogram,
     /// Streams completed successfully inside the window.
     pub requests: u64,
     pub tokens: u64,
@@ -64,6 +69,8 @@ impl LoadReport {
         merge(&mut self.ttft, &s.ttft)?;
         merge(&mut self.inter_token, &s.inter_token)?;
         merge(&mut self.e2e, &s.e2e)?;
+        merge(&mut self.send_delay, &s.send_delay)?;
+        merge(&mut self.rtt, &s.rtt)?;
         self.requests += s.requests;
         self.tokens += s.tokens;
         self.frames_in += s.frames_in;
@@ -85,12 +92,16 @@ impl LoadReport {
     /// Latency rows for the table/CSV (TTFT and inter-token only when
     /// generating).
     pub fn summaries(&self) -> Vec<Summary> {
-        let mut v = Vec::with_capacity(3);
+        let mut v = Vec::with_capacity(5);
         if self.mode == "generate" {
             v.push(self.ttft.summary("ttft"));
             v.push(self.inter_token.summary("inter_token"));
         }
         v.push(self.e2e.summary("e2e"));
+        if self.rate_per_s.is_some() {
+            v.push(self.send_delay.summary("send_delay"));
+            v.push(self.rtt.summary("rtt"));
+        }
         v
     }
 
@@ -167,6 +178,8 @@ pub(super) struct ThreadStats {
     pub(super) ttft: LatencyHistogram,
     pub(super) inter_token: LatencyHistogram,
     pub(super) e2e: LatencyHistogram,
+    pub(super) send_delay: LatencyHistogram,
+    pub(super) rtt: LatencyHistogram,
     pub(super) requests: u64,
     pub(super) tokens: u64,
     pub(super) frames_in: u64,

@@ -33,6 +33,9 @@ pub(super) struct Slot {
     generation: u64,
     /// When the request was meant to go out (open loop) or went out.
     intended_ns: u64,
+    /// When it was written for the kernel (open loop: the schedule's lag
+    /// is `sent_ns - intended_ns`).
+    sent_ns: u64,
     /// Arrival of the previous TOKENS frame.
     last_ns: u64,
     tokens: u64,
@@ -101,6 +104,7 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
     slot.generation += 1;
     slot.recorded = recorded;
     slot.intended_ns = intended_ns;
+    slot.sent_ns = now;
     slot.last_ns = 0;
     slot.tokens = 0;
     slot.unacked = 0;
@@ -150,6 +154,8 @@ pub(super) fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool,
     if ok {
         if slot.recorded {
             ctx.stats.e2e.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats.send_delay.record_us(slot.sent_ns.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats.rtt.record_us(now.saturating_sub(slot.sent_ns) / 1000);
             ctx.stats.last_done_ns = now;
         }
         // Request-bound runs count exactly their measured requests.

@@ -103,6 +103,16 @@ impl<T: Transport> Session<T> {
             Phase::Finished(reason) if s.queue.tokens() == 0 => {
                 let (ttft, total) = times(s, now);
                 put_end(out, client_id, reason, s.sent, ttft, total);
+                if let Some(st) = &mut t.stages {
+                    let c = &mut conns[slot as usize];
+                    let framed = Instant::now();
+                    let produced = s.produced.unwrap_or(s.parsed);
+                    st.recv_parse.record(s.parsed.saturating_duration_since(s.arrived));
+                    st.parse_backend.record(produced.saturating_duration_since(s.parsed));
+                    st.backend_end.record(framed.saturating_duration_since(produced));
+                    c.fill_first_end.get_or_insert(framed);
+                    c.fill_ends += 1;
+                }
                 true
             }
             Phase::Failed => {
@@ -136,6 +146,15 @@ impl<T: Transport> Session<T> {
             }
             std::mem::swap(&mut c.out_fill, &mut c.out_flight);
             c.flight_sent = 0;
+            if let (Some(first), Some(st)) = (c.fill_first_end.take(), &mut self.tables.stages) {
+                if st.pending.len() == st.pending.capacity() {
+                    // An I/O layer that never reports its submits (the
+                    // simulator): keep the list bounded.
+                    st.submitted(Instant::now());
+                }
+                st.pending.push((first, c.fill_ends));
+            }
+            c.fill_ends = 0;
         }
         c.send = SendOp::InFlight;
         let r = c.conn_ref(slot);

@@ -26,6 +26,7 @@ use cnse_proto::{code, ParamLimits};
 
 use crate::auth::AuthKey;
 use crate::conn::{ConnState, RecvOp, SendOp, BACKLOG_BYTES_MAX};
+use crate::stages::StageTimes;
 use crate::stream::Phase;
 use crate::transport::Transport;
 use crate::Config;
@@ -58,9 +59,16 @@ pub struct Session<T: Transport> {
 }
 
 impl<T: Transport> Session<T> {
-    /// A session with `conns_max` connection slots (at most
+    /// Worker `worker`'s session with `conns_max` connection slots (at most
     /// `cnse_ring::SLOT_MAX`: slots travel in ring tags).
-    pub fn new(cfg: Arc<Config>, backend: Box<dyn Backend>, io: T, now: Instant, conns_max: usize) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        backend: Box<dyn Backend>,
+        io: T,
+        now: Instant,
+        conns_max: usize,
+        worker: usize,
+    ) -> Self {
         assert!(
             cnse_ring::Tag::check_slots(conns_max),
             "connection table above the tag's slot bits"
@@ -72,7 +80,7 @@ impl<T: Transport> Session<T> {
         let auth = cfg.auth_key.as_deref().map(AuthKey::new);
         Session {
             io,
-            tables: Tables::new(cfg, now, conns_max),
+            tables: Tables::new(cfg, now, conns_max, worker),
             backend,
             queue,
             queue_order: 0,
@@ -138,6 +146,19 @@ impl<T: Transport> Session<T> {
         self.tables.now = now;
     }
 
+    /// Stage timing, if on: the I/O layer hands this turn's sends to the
+    /// kernel at `now`.
+    pub fn submitting(&mut self, now: Instant) {
+        if let Some(st) = &mut self.tables.stages {
+            st.submitted(now);
+        }
+    }
+
+    /// Stage timing, if on.
+    pub fn stage_times(&mut self) -> Option<&mut StageTimes> {
+        self.tables.stages.as_deref_mut()
+    }
+
     pub fn now(&self) -> Instant {
         self.tables.now
     }
@@ -147,7 +168,7 @@ impl<T: Transport> Session<T> {
     pub fn on_accept(&mut self, fd: RawFd) -> Option<u32> {
         self.tables.n.accepted += 1;
         let slot = if self.shutting_down.is_none() {
-            self.tables.conn_free.pop()
+            self.tables.take_conn()
         } else {
             None
         };
@@ -167,6 +188,8 @@ impl<T: Transport> Session<T> {
         c.flight_sent = 0;
         c.backlog.clear();
         c.streams.clear();
+        c.fill_first_end = None;
+        c.fill_ends = 0;
         c.accepted = now;
         c.last_input = now;
         self.tables.n.conns_open += 1;
@@ -335,7 +358,7 @@ impl<T: Transport> Session<T> {
         c.decoder.reset();
         self.tables.account_conn(slot);
         self.io.close(fd);
-        self.tables.conn_free.push(slot);
+        self.tables.put_conn(slot);
         self.tables.n.conns_open -= 1;
     }
 
@@ -343,7 +366,9 @@ impl<T: Transport> Session<T> {
     fn sweep(&mut self) {
         let now = self.tables.now;
         let (handshake, idle) = (self.cfg().handshake_timeout, self.cfg().idle_timeout);
-        for slot in 0..self.tables.conns.len() as u32 {
+        let mut i = 0;
+        while i < self.tables.conn_live.len() {
+            let slot = self.tables.conn_live[i];
             let c = &self.tables.conns[slot as usize];
             match c.state {
                 ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
@@ -355,6 +380,10 @@ impl<T: Transport> Session<T> {
                 ConnState::Open => self.end_stalled(slot),
                 ConnState::Draining { deadline } if now >= deadline => self.close_conn(slot),
                 _ => {}
+            }
+            // A released slot left the list: its place holds one not yet seen.
+            if self.tables.conn_live.get(i) == Some(&slot) {
+                i += 1;
             }
         }
         self.flush_dirty();
@@ -400,7 +429,10 @@ impl<T: Transport> Session<T> {
         let deadline = self.shutting_down.expect("set above");
         let now = self.tables.now;
         if self.tables.n.streams_open == 0 || now >= deadline {
-            for slot in 0..self.tables.conns.len() as u32 {
+            let mut i = 0;
+            while i < self.tables.conn_live.len() {
+                let slot = self.tables.conn_live[i];
+                i += 1;
                 if !matches!(
                     self.tables.conns[slot as usize].state,
                     ConnState::Open | ConnState::Handshake

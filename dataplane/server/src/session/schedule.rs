@@ -3,6 +3,8 @@
 //! queue (429 beyond it); `admit` starts queued work as capacity frees.
 //! This is the hand-off point where work stealing plugs in.
 
+use std::time::Instant;
+
 use cnse_backend::Job;
 use cnse_proto::code;
 
@@ -39,6 +41,8 @@ impl<T: Transport> Session<T> {
         s.sent = 0;
         s.paused = false;
         s.arrived = t.now;
+        s.parsed = if t.stages.is_some() { Instant::now() } else { t.now };
+        s.produced = None;
         s.last_progress = t.now;
         s.first_token = None;
         s.params = a.req.params;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use cnse_backend::{Delivery, FinishReason, Sink, WorkId};
 
 use crate::conn::Conn;
+use crate::stages::StageTimes;
 use crate::stream::{Phase, Stream};
 use crate::Config;
 
@@ -41,6 +42,10 @@ pub(crate) struct Tables {
     pub now: Instant,
     pub conns: Vec<Conn>,
     pub conn_free: Vec<u32>,
+    /// Slots in use (not `Free`), in no order; `Conn::live_pos` is each
+    /// one's index here. Timeouts and shutdown walk this, not the table:
+    /// their cost follows the connections open, not the table's size.
+    pub conn_live: Vec<u32>,
     pub streams: Vec<Stream>,
     pub stream_free: Vec<u32>,
     pub dirty: Vec<u32>,
@@ -48,6 +53,8 @@ pub(crate) struct Tables {
     /// Request-driven bytes held now (prompts, connection buffers), against
     /// `cfg.memory_budget_bytes`.
     pub mem_held: usize,
+    /// With `cfg.stage_timing`.
+    pub stages: Option<Box<StageTimes>>,
 }
 
 /// Capacity a stream's prompt keeps between requests.
@@ -60,24 +67,49 @@ pub(crate) fn work_id(slot: u32, gen: u32) -> WorkId {
 }
 
 impl Tables {
-    pub fn new(cfg: Arc<Config>, now: Instant, conns_max: usize) -> Tables {
+    pub fn new(cfg: Arc<Config>, now: Instant, conns_max: usize, worker: usize) -> Tables {
         let conns = (0..conns_max).map(|_| Conn::new(now, cfg.payload_bytes_max)).collect();
         let conn_free = (0..conns_max as u32).rev().collect();
+        let conn_live = Vec::with_capacity(conns_max);
         let streams = (0..cfg.streams_per_thread_max)
             .map(|_| Stream::new(now, 0, 0))
             .collect();
         let stream_free = (0..cfg.streams_per_thread_max as u32).rev().collect();
+        let stages = cfg
+            .stage_timing
+            .then(|| Box::new(StageTimes::new(worker, conns_max)));
         Tables {
+            stages,
             cfg,
             now,
             conns,
             conn_free,
+            conn_live,
             streams,
             stream_free,
             dirty: Vec::with_capacity(1024),
             n: Counters::default(),
             mem_held: 0,
         }
+    }
+
+    /// Takes a free connection slot, if any, into the live list.
+    pub fn take_conn(&mut self) -> Option<u32> {
+        let slot = self.conn_free.pop()?;
+        self.conns[slot as usize].live_pos = self.conn_live.len() as u32;
+        self.conn_live.push(slot);
+        Some(slot)
+    }
+
+    /// Gives a released connection slot back.
+    pub fn put_conn(&mut self, slot: u32) {
+        let pos = self.conns[slot as usize].live_pos as usize;
+        debug_assert_eq!(self.conn_live[pos], slot);
+        self.conn_live.swap_remove(pos);
+        if let Some(&moved) = self.conn_live.get(pos) {
+            self.conns[moved as usize].live_pos = pos as u32;
+        }
+        self.conn_free.push(slot);
     }
 
     pub fn mark_dirty(&mut self, conn: u32) {
@@ -153,9 +185,13 @@ impl Tables {
 impl Sink for Tables {
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
         let (tokens_max, bytes_max) = (self.cfg.stream_buffered_tokens_max, self.cfg.stream_buffered_bytes_max);
+        let timed = self.stages.is_some();
         let Some(s) = self.live_stream(id) else {
             return Delivery::Gone;
         };
+        if timed && s.produced.is_none() {
+            s.produced = Some(Instant::now());
+        }
         s.queue.push(text);
         let full = s.queue.tokens() >= tokens_max || s.queue.bytes() >= bytes_max;
         if full {
