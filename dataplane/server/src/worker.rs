@@ -261,6 +261,8 @@ impl Worker {
             let done = self.shutdown_step();
             self.bufs.publish();
             if done {
+                // Teardown's enter hands this turn's last sends over.
+                self.session.submitting(Instant::now());
                 return Ok(());
             }
             self.publish_counters();

@@ -118,6 +118,26 @@ impl<T: Transport> Session<T> {
         )
     }
 
+    /// Checks the live-connection list against the table (for invariant
+    /// checks): every slot in use is listed once, at its own position.
+    pub fn check_live_list(&self) -> Result<(), String> {
+        let t = &self.tables;
+        for (pos, &slot) in t.conn_live.iter().enumerate() {
+            let c = &t.conns[slot as usize];
+            if c.state == ConnState::Free {
+                return Err(format!("free slot {slot} in the live list"));
+            }
+            if c.live_pos as usize != pos {
+                return Err(format!("slot {slot} listed at {pos}, thinks {}", c.live_pos));
+            }
+        }
+        let in_use = t.conns.iter().filter(|c| c.state != ConnState::Free).count();
+        if in_use != t.conn_live.len() {
+            return Err(format!("{in_use} slots in use, {} listed", t.conn_live.len()));
+        }
+        Ok(())
+    }
+
     /// (bytes the memory budget counts as held, the same recounted from
     /// every buffer): equal unless the accounting leaks.
     pub fn memory(&self) -> (usize, usize) {

@@ -402,6 +402,9 @@ impl Sim {
                 n.conns_open
             ));
         }
+        if let Err(e) = self.session.check_live_list() {
+            return self.fail(format!("live connection list: {e}"));
+        }
         let (held, counted) = self.session.memory();
         if held != counted {
             return self.fail(format!(

@@ -1,0 +1,142 @@
+//! Issue 9, the loop's measurement and polling options: `--stage-timing`
+//! accounts for every request it served, `--busy-poll-us` serves and then
+//! lets the core go when traffic stops, and the load generator's open loop
+//! splits its latency into the generator's lag and the round trip.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// SIGINT, then the lines the server printed until it exited.
+fn stop_and_read(s: &mut Server) -> Vec<String> {
+    // SAFETY: kill(2) with a child pid this test owns and a valid signal.
+    unsafe { libc::kill(s.pid() as libc::pid_t, libc::SIGINT) };
+    assert!(eventually(WAIT, || !s.alive()), "server did not exit on SIGINT");
+    // The reader threads may still be draining the pipes.
+    let _ = eventually(Duration::from_secs(2), || s.output().iter().any(|l| l.starts_with("events/turn")));
+    s.output()
+}
+
+/// `stage count` of the stage table (second column).
+fn stage_count(out: &[String], stage: &str) -> u64 {
+    out.iter()
+        .find_map(|l| l.strip_prefix(stage))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `{stage}` row in {out:#?}"))
+}
+
+#[test]
+fn issue9_stage_timing_accounts_for_every_request() {
+    let mut args = synthetic(0, 0);
+    args.push("--stage-timing".into());
+    let mut s = Server::start(&strs(&args));
+    let mut c = s.client();
+    const N: u64 = 40;
+    for id in 1..=N {
+        c.request(id, 0, &params(8), "stage timing").unwrap();
+    }
+    let mut ended = 0;
+    for _ in 0..N {
+        loop {
+            let f = c.next_frame().unwrap();
+            if f.kind == Kind::End {
+                ended += 1;
+                break;
+            }
+            assert_eq!(f.kind, Kind::Tokens, "{f:?}");
+        }
+    }
+    assert_eq!(ended, N);
+    drop(c);
+    let out = stop_and_read(&mut s);
+    assert!(
+        out.iter().any(|l| l == "stage timing, worker 0:"),
+        "no stage table: {out:#?}"
+    );
+    // Every request that ended went through each stage exactly once.
+    for stage in ["recv→parse", "parse→backend", "backend→end", "end→submit"] {
+        assert_eq!(stage_count(&out, stage), N, "{stage}: {out:#?}");
+    }
+    assert!(stage_count(&out, "turn busy") > 0, "{out:#?}");
+    assert!(stage_count(&out, "events/turn") > 0, "{out:#?}");
+}
+
+#[test]
+fn issue9_without_stage_timing_no_table() {
+    let mut s = Server::start(&strs(&synthetic(0, 0)));
+    let mut c = s.client();
+    c.request(1, 0, &params(4), "x").unwrap();
+    read_stream(&mut c, 1);
+    drop(c);
+    let out = stop_and_read(&mut s);
+    assert!(!out.iter().any(|l| l.starts_with("stage timing")), "{out:#?}");
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis: state is field 3,
+    // utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn issue9_busy_polling_serves_then_sleeps_when_traffic_stops() {
+    let mut args = synthetic(0, 0);
+    args.extend(["--busy-poll-us".into(), "2000".into()]);
+    let s = Server::start(&strs(&args));
+    let mut c = s.client();
+    for round in 0..200u64 {
+        c.request(round + 1, 0, &params(4), "poll").unwrap();
+        let frames = read_stream(&mut c, round + 1);
+        assert_eq!(frames.last().unwrap().kind, Kind::End, "{frames:?}");
+        assert_eq!(token_count(&frames), 4);
+    }
+    // Idle: the worker polls for 2 ms after the last completion, then
+    // blocks. A second of idleness costs well under a tenth of a core
+    // (a server that kept spinning would burn all of it).
+    std::thread::sleep(Duration::from_millis(200));
+    let hz = 100; // USER_HZ on Linux
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(s.pid()) - before;
+    assert!(used * 10 < hz, "idle server used {used} ticks of CPU in 1 s");
+    // And it still answers at once.
+    c.request(1000, 0, &params(2), "again").unwrap();
+    assert_eq!(read_stream(&mut c, 1000).last().unwrap().kind, Kind::End);
+}
+
+#[test]
+fn issue9_open_loop_splits_latency_into_send_delay_and_rtt() {
+    let s = Server::start(&strs(&synthetic(0, 0)));
+    for extra in [&[][..], &["--busy-poll"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+            .args(["bench", "--addr", &s.addr.to_string(), "--mode", "generate"])
+            .args(["--connections", "4", "--inflight", "2", "--max-tokens", "4"])
+            .args(["--rate", "2000", "--duration-secs", "0.5", "--warmup-secs", "0.1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let count = |row: &str| -> u64 {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(row))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {row} row: {stdout}"))
+        };
+        // Every measured request has all three: e2e = send_delay + rtt.
+        let e2e = count("e2e ");
+        assert!(e2e >= 900, "{stdout}");
+        assert_eq!(count("send_delay "), e2e, "{stdout}");
+        assert_eq!(count("rtt "), e2e, "{stdout}");
+        assert!(!stdout.contains("problems"), "{stdout}");
+    }
+}
