@@ -15,6 +15,8 @@ set -u
 bin=$1 secs=${2:-4} fractions=${3:-0.5,0.7} ticks=${4:-100}
 server_bin=${SERVER_BIN:-$1} stage=${STAGE---stage-timing}
 server_cpu=${SERVER_CPU:-0} load_cpus=${LOAD_CPUS:-8-15} load_threads=${LOAD_THREADS:-8}
+# One client thread per load core.
+client_cpus=$(seq -s, $(echo "$load_cpus" | tr '-' ' '))
 echo "== server $server_bin, cpu $server_cpu, args: ${SERVER_ARGS:-none}; client args: ${CLIENT_ARGS:-none}"
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(uname -r)"
 "$bin" --version >/dev/null 2>&1 || { echo "device-tail: $bin does not run here"; exit 1; }
@@ -29,7 +31,7 @@ serve() {
 }
 stop() { kill -INT "$SP"; wait "$SP" 2>/dev/null; }
 bench() {
-  taskset -c "$load_cpus" "$bin" bench --addr "$ADDR" --threads "$load_threads" --duration-secs "$secs" --warmup-secs 1 \
+  taskset -c "$load_cpus" "$bin" bench --addr "$ADDR" --threads "$load_threads" --client-cpus "$client_cpus" --duration-secs "$secs" --warmup-secs 1 \
     --mode generate --max-tokens 16 ${CLIENT_ARGS:-} "$@" 2>&1 \
     | grep -E "^(generate|ping)|^latency|^e2e|^send_delay|^rtt|^requests|^problems|client cpu"
 }

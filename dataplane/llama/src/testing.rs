@@ -58,6 +58,7 @@ impl Driver {
             entries: RING_ENTRIES,
             cq_factor: CQ_FACTOR,
             single_issuer: true,
+            ..RingConfig::default()
         })?;
         Ok(Self {
             io: RingIo {

@@ -200,6 +200,7 @@ impl Worker {
             entries,
             cq_factor: 4,
             single_issuer: true,
+            ..RingConfig::default()
         })
         .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
         let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;

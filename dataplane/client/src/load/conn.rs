@@ -59,6 +59,7 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
         entries,
         cq_factor: 2,
         single_issuer: true,
+        ..RingConfig::default()
     })?;
     let mut conns = Vec::with_capacity(conns_n);
     let out_bytes = match &cfg.mode {
