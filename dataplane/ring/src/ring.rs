@@ -45,6 +45,9 @@ impl Default for RingConfig {
 /// items per turn.
 pub const DRAIN_PASSES_DEFAULT: u32 = 64;
 
+/// Task-work items the kernel runs per enter (`IO_LOCAL_TW_DEFAULT_MAX`).
+const KERNEL_TW_BATCH: usize = 20;
+
 /// What the kernel set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingMode {
@@ -255,15 +258,17 @@ impl Ring {
         }
         let room = self.ring.params().cq_entries() as usize / 2;
         let mut seen = self.ring.completion().len();
+        let mut added = seen;
         for _ in 1..self.drain_passes {
-            if seen == 0 || seen >= room {
+            // Fewer completions than the kernel's batch: the batch was not
+            // used up, nothing deferred is left (what comes in meanwhile is
+            // the next turn's).
+            if added < KERNEL_TW_BATCH || seen >= room {
                 break;
             }
             self.enter(0)?;
             let now = self.ring.completion().len();
-            if now == seen {
-                break;
-            }
+            added = now - seen;
             seen = now;
         }
         Ok(())
