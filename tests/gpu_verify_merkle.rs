@@ -58,8 +58,8 @@ fn issue15_a_leaf_mismatch_stops_the_load_before_the_rest_is_copied() {
         digests: &leaf_sums,
     };
     // One bit of chunk 0, leaf 3.
-    let mut f = std::fs::OpenOptions::new().write(true).open(&file.0).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &[data[3 * 65536 + 5] ^ 0x20], 3 * 65536 + 5).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&file.0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[data[3 * 65536 + 5] ^ 0x20], 3 * 65536 + 5).unwrap();
     drop(f);
     let mut st = Streamer::new(0, Default::default()).unwrap();
     let gpu = GpuVerifier::new(&st).unwrap();
