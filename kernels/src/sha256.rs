@@ -67,7 +67,16 @@ impl LeafHasher {
         let func = module
             .load_function("sha256_leaves")
             .map_err(KernelError::driver("cuModuleGetFunction"))?;
-        let stream = ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?;
+        // The hash stream has the device's highest priority: the copy
+        // kernels of a load keep the SMs full, and a window's launch waits
+        // behind their queued blocks otherwise, which delays both the
+        // verdict (early abort) and the last window (the tail).
+        ctx.bind_to_thread().map_err(KernelError::driver("cuCtxSetCurrent"))?;
+        let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(KernelError::driver("cuCtxGetStreamPriorityRange"))?;
+        let stream = ctx
+            .new_stream_with_priority(greatest)
+            .map_err(KernelError::driver("cuStreamCreateWithPriority"))?;
         let result = DeviceBuffer::new(ctx, 16)?;
         let h = Self {
             ctx: ctx.clone(),
@@ -75,6 +84,11 @@ impl LeafHasher {
             stream,
             result,
         };
+        // One launch now, so the module's first-use costs (lazy loading)
+        // are paid here and not by the first window of the first load.
+        let mut probe = DeviceBuffer::new(ctx, 64)?;
+        probe.copy_from_host(0, &[0u8; 64])?;
+        h.leaf_digests(&probe, 64, 64)?;
         h.reset()?;
         Ok(h)
     }
