@@ -67,16 +67,7 @@ impl LeafHasher {
         let func = module
             .load_function("sha256_leaves")
             .map_err(KernelError::driver("cuModuleGetFunction"))?;
-        // The hash stream has the device's highest priority: the copy
-        // kernels of a load keep the SMs full, and a window's launch waits
-        // behind their queued blocks otherwise, which delays both the
-        // verdict (early abort) and the last window (the tail).
-        ctx.bind_to_thread().map_err(KernelError::driver("cuCtxSetCurrent"))?;
-        let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
-            .map_err(KernelError::driver("cuCtxGetStreamPriorityRange"))?;
-        let stream = ctx
-            .new_stream_with_priority(greatest)
-            .map_err(KernelError::driver("cuStreamCreateWithPriority"))?;
+        let stream = ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?;
         let result = DeviceBuffer::new(ctx, 16)?;
         let h = Self {
             ctx: ctx.clone(),
