@@ -164,18 +164,17 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
 fn load_file(path: &Path, chunk_bytes: u64, streamer: &mut Streamer, how: ModelLoad) -> Result<LoadedModel> {
     let t_resolve = Instant::now();
     let threads = streamer.config().threads;
-    let owned = OwnedSpec::from_file(path, chunk_bytes, threads).with_context(|| format!("hash {}", path.display()))?;
-    let spec = owned.as_spec();
-    let leaf_bytes = cnse_store::default_leaf_bytes(owned.chunk_bytes);
+    let leaf_bytes = cnse_store::default_leaf_bytes(chunk_bytes);
     let on_gpu = matches!(how.verify, Verify::Gpu);
-    let file_leaves = if on_gpu {
-        // SAFETY: the file is only read; a truncation by another process
-        // while hashing would end this process (SIGBUS), not corrupt it.
-        let map = unsafe { cnse_store::map_file(path) }?;
-        cnse_store::leaf_digests_parallel(&map, leaf_bytes, threads)
+    // For the GPU: leaves and chunk digests as `store put` writes them
+    // (format 3, roots over the leaves); for the host, plain chunk digests.
+    let (owned, file_leaves) = if on_gpu {
+        OwnedSpec::from_file_with_leaves(path, chunk_bytes, leaf_bytes, threads)
     } else {
-        Vec::new()
-    };
+        OwnedSpec::from_file(path, chunk_bytes, threads).map(|o| (o, Vec::new()))
+    }
+    .with_context(|| format!("hash {}", path.display()))?;
+    let spec = owned.as_spec();
     let resolve_s = t_resolve.elapsed().as_secs_f64();
     let opts = LoadOptions::new(!on_gpu && how.verify != Verify::Off, how.source, threads);
     let readahead = how

@@ -95,11 +95,9 @@ pub(crate) fn run(a: Args) -> Result<()> {
     let leaf_bytes = leaf_kib << 10;
     cnse_store::check_leaf_bytes(leaf_bytes, chunk_bytes)?;
     let t = Instant::now();
-    let owned = OwnedSpec::from_file(&a.blob, chunk_bytes, 16)?;
-    // SAFETY: the bench blob is only read, and nothing truncates it.
-    let map = unsafe { cnse_store::map_file(&a.blob) }?;
-    let leaf_digests = cnse_store::leaf_digests_parallel(&map, leaf_bytes, 16);
-    drop(map);
+    // As `store put` writes it (format 3): chunk digests are the Merkle
+    // roots over the leaves, for the host-verified rows as for the GPU ones.
+    let (owned, leaf_digests) = OwnedSpec::from_file_with_leaves(&a.blob, chunk_bytes, leaf_bytes, 16)?;
     println!(
         "blob {}: {size} bytes, {} chunks of {} MiB, {} leaves of {leaf_kib} KiB ({} KiB of leaf digests, {:.3} % of the blob); digests in {:.2} s",
         a.blob.display(),

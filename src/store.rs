@@ -457,6 +457,7 @@ pub fn run(args: Args) -> Result<()> {
                        "created_unix_ms": m.created_unix_ms(), "chunk_bytes": m.chunk_bytes(),
                        "chunk_count": m.chunk_count(), "blob_path": store.blob_path(&d),
                        "leaf_bytes": m.leaves().map(|(l, _)| l), "leaf_count": m.leaves().map(|(_, d)| d.len()),
+                       "format": m.format(), "chunk_digest": chunk_def(m.chunk_scheme()),
                        "refs": refs.iter().map(|r| json!({"name": r.name.to_string(), "pinned": r.pinned})).collect::<Vec<_>>(),
                        "chunk_digests": m.chunk_digests().iter().map(|c| cnse_store::hex(c)).collect::<Vec<_>>(),
                        "gguf": gjson}),
@@ -466,7 +467,9 @@ pub fn run(args: Args) -> Result<()> {
                         ("size", format!("{} bytes", m.size_bytes())),
                         ("name", m.name().to_string()),
                         ("created", utc(m.created_unix_ms() / 1000)),
+                        ("format", m.format().to_string()),
                         ("chunks", format!("{} of {} bytes", m.chunk_count(), m.chunk_bytes())),
+                        ("chunk digest", chunk_def(m.chunk_scheme()).into()),
                         ("leaves", match m.leaves() {
                             Some((l, d)) => format!("{} of {l} bytes", d.len()),
                             None => "none (format 1 manifest: `store upgrade` adds them)".into(),
@@ -565,4 +568,12 @@ fn name_suffix(n: &Option<RefName>) -> String {
 
 fn threads_or_default(t: Option<usize>) -> usize {
     t.filter(|&t| t > 0).unwrap_or_else(cnse_store::default_threads)
+}
+
+/// How a manifest defines its chunk digests, in words.
+fn chunk_def(scheme: cnse_store::ChunkScheme) -> &'static str {
+    match scheme {
+        cnse_store::ChunkScheme::Plain => "SHA-256 of the chunk (format 1/2: `store upgrade` makes it format 3)",
+        cnse_store::ChunkScheme::Merkle { .. } => "Merkle root over the chunk's leaf digests",
+    }
 }

@@ -109,12 +109,10 @@ fn issue15_gpu_leaf_digests_equal_the_stores() {
     }
 }
 
-/// Host-side spec of a file: chunk digests (as the store computes them) and
-/// leaf digests.
+/// Host-side spec of a file as the store writes it (format 3): leaf
+/// digests, and chunk digests that are the Merkle roots over them.
 fn specs(path: &std::path::Path, chunk: u64, leaf: u64) -> (OwnedSpec, Vec<[u8; 32]>) {
-    let spec = OwnedSpec::from_file(path, chunk, 4).unwrap();
-    let data = std::fs::read(path).unwrap();
-    (spec, cnse_store::leaf_digests_parallel(&data, leaf, 4))
+    OwnedSpec::from_file_with_leaves(path, chunk, leaf, 4).unwrap()
 }
 
 #[test]
@@ -276,10 +274,17 @@ fn issue15_host_and_gpu_verification_agree_on_every_manifest_in_a_store() {
             size_bytes: m.size_bytes(),
             chunk_bytes: m.chunk_bytes(),
             chunk_digests: m.chunk_digests().to_vec(),
+            scheme: m.chunk_scheme(),
             digest: d.0,
         };
+        assert_eq!(m.format(), 3, "put writes format 3");
         let (leaf_bytes, digests) = m.leaves().expect("put writes leaf digests");
         let host = store.verify(d, 2, false, &|_| {}).unwrap().ok();
+        // The streamer's host path checks the same Merkle roots while staging.
+        let staged = st
+            .load(&spec.as_spec(), LoadOptions::new(true, SourceMode::Mmap, 4))
+            .is_ok();
+        assert_eq!(staged, host, "{d}: store verify and the streamer's host check disagree");
         let leaves = LeafSpec { leaf_bytes, digests };
         let opts = LoadOptions::new(false, SourceMode::Mmap, 4);
         let on_gpu = gpu

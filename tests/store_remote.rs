@@ -1,7 +1,8 @@
 //! Issue 3: push and pull over HTTP against a real server (nginx with
 //! WebDAV PUT and Range GET, standing in for a SeaweedFS filer): round trip,
 //! an interrupted pull resumed, a chunk corrupted in transit fetched again
-//! alone, and a chunk corrupted on the server detected.
+//! alone, and a chunk corrupted on the server detected; issue 15: a pull
+//! stores format 3 whether the filer holds a format-3 or a format-2 manifest.
 
 mod store_support;
 use std::io::{Read, Write};
@@ -287,4 +288,45 @@ fn pull_survives_a_dropped_connection() {
         "{blob_gets:?}"
     );
     ok(&b, &["verify", "--full", &digest]);
+}
+
+#[test]
+fn issue15_pulls_store_format_3_whatever_format_the_filer_holds() {
+    let Some(filer) = FilerServer::start("issue15_pulls_store_format_3_whatever_format_the_filer_holds") else {
+        return;
+    };
+    let dir = Scratch::new("formats");
+    let (file, digest) = pushed(&dir, &filer, 2 * MIB + 7, "f:v1");
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let manifest_of = |store: &Path| std::fs::read(store.join("manifests/sha256").join(&hex)).unwrap();
+    let format3 = manifest_of(&dir.path("src-store"));
+    assert!(format3.starts_with(b"CNSEMF03"));
+    // Format 3 on the filer: every chunk checked by its Merkle root, and the
+    // manifest stored as pushed.
+    let b = dir.path("b");
+    ok(&b, &["pull", "f:v1", "--filer", &filer.url]);
+    assert_eq!(manifest_of(&b), format3);
+    // Format 2 on the filer, as an older cnse-dp pushed it (plain chunk
+    // digests, no leaves): chunks are checked by plain SHA-256, and the
+    // pull stores the same format-3 manifest `put` wrote.
+    let m = cnse_store::Manifest::from_bytes(&format3, Path::new("m"), None).unwrap();
+    let data = std::fs::read(&file).unwrap();
+    let old = cnse_store::ManifestRecord {
+        format_version: 2,
+        chunk_digests: cnse_store::chunk_digests_parallel(&data, MIB, cnse_store::ChunkScheme::Plain, 2),
+        leaves: None,
+        ..m.record()
+    };
+    let target = format!("{}/manifests/sha256/{hex}", filer.base_path());
+    let (status, _) = http(&filer.authority(), "PUT", &target, &old.encode());
+    assert!((200..300).contains(&status), "PUT manifest: {status}");
+    let c = dir.path("c");
+    ok(&c, &["pull", &digest, "--filer", &filer.url]);
+    assert_eq!(manifest_of(&c), format3);
+    ok(&c, &["verify", "--full", &digest]);
+    // Pushing the format-3 store again puts format 3 back on the filer.
+    ok(&c, &["push", &digest, "--filer", &filer.url]);
+    let d = dir.path("d");
+    ok(&d, &["pull", &digest, "--filer", &filer.url]);
+    assert_eq!(manifest_of(&d), format3);
 }

@@ -72,15 +72,32 @@ extern "C" __global__ void sha256_leaves(const unsigned char* __restrict__ data,
     u32 w[16];
     const unsigned char* p = data + start;
     u64 whole = len / 64;
+    // Software pipelining: the next block's four loads are issued before
+    // this block's 64 rounds, so their latency (hundreds of cycles from
+    // device memory) hides behind the rounds instead of adding to them.
+    // A thread's leaf is sequential work, so this latency is what bounds
+    // the rate when few leaves are in flight (the last window of a load).
+    const uint4* q = (const uint4*)p;
+    uint4 n[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    if (whole > 0) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) n[k] = __ldg(q + k);
+    }
     for (u64 blk = 0; blk < whole; blk++) {
-        const uint4* q = (const uint4*)(p + blk * 64);
+        uint4 c[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) c[k] = n[k];
+        if (blk + 1 < whole) {
+            const uint4* nq = q + 4 * (blk + 1);
+#pragma unroll
+            for (int k = 0; k < 4; k++) n[k] = __ldg(nq + k);
+        }
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            uint4 v = __ldg(q + k);
-            w[4 * k] = bswap(v.x);
-            w[4 * k + 1] = bswap(v.y);
-            w[4 * k + 2] = bswap(v.z);
-            w[4 * k + 3] = bswap(v.w);
+            w[4 * k] = bswap(c[k].x);
+            w[4 * k + 1] = bswap(c[k].y);
+            w[4 * k + 2] = bswap(c[k].z);
+            w[4 * k + 3] = bswap(c[k].w);
         }
         compress(s, w);
     }

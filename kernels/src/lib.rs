@@ -72,7 +72,7 @@ pub enum KernelError {
         offset: u64,
         end: u64,
     },
-    #[error("{}: chunk {chunk} leaf {leaf} of the chunk (bytes {offset}..{end}) does not match its manifest digest ({bad_leaves} bad leaves in all, checked on the GPU): load aborted, device memory freed", path.display())]
+    #[error("{}: chunk {chunk} leaf {leaf} of the chunk (bytes {offset}..{end}) does not match its manifest digest ({bad_leaves} bad leaves found on the GPU; the load stopped after {copied_bytes} of {size_bytes} bytes were copied): load aborted, device memory freed", path.display())]
     LeafMismatch {
         path: PathBuf,
         chunk: u64,
@@ -80,7 +80,12 @@ pub enum KernelError {
         offset: u64,
         end: u64,
         bad_leaves: u32,
+        /// Bytes copied to the device before the load stopped.
+        copied_bytes: u64,
+        size_bytes: u64,
     },
+    #[error("{}: chunk {chunk}'s digest is not the Merkle root of the manifest's leaf digests (a corrupt or forged manifest): load aborted, device memory freed", path.display())]
+    Unbound { path: PathBuf, chunk: u64 },
     #[error("load of {} aborted: {detail}", path.display())]
     Aborted { path: PathBuf, detail: String },
 }

@@ -17,12 +17,13 @@ use crate::{DeviceBlob, KernelError, Readahead};
 /// Where a load's SHA-256 is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verify {
-    /// The GPU where the manifest has leaf digests, else the host.
+    /// The GPU where the manifest binds leaf digests to its chunk digests
+    /// (format 3), else the host.
     Auto,
     /// Host threads hash each chunk while staging it.
     Cpu,
-    /// The GPU hashes every leaf after its copy (the manifest must have
-    /// leaf digests: `cnse-dp store upgrade` adds them).
+    /// The GPU hashes every leaf after its copy (the manifest must be
+    /// format 3: `cnse-dp store upgrade` rewrites older ones).
     Gpu,
     /// No check at all (measurement only).
     Off,
@@ -72,8 +73,8 @@ pub enum ModelLoadError {
     Store(#[from] cnse_store::StoreError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("--verify gpu: the manifest of {label} has no leaf digests (format 1); run `cnse-dp store upgrade {label}` first, or verify on the host")]
-    NoLeaves { label: String },
+    #[error("--verify gpu: the manifest of {label} is format {format}, whose chunk digests are not derived from leaf digests; run `cnse-dp store upgrade {label}` (format 3) first, or verify on the host")]
+    NoLeaves { label: String, format: u32 },
 }
 
 /// Loads `target` (`sha256:HEX` or `name:tag`) from `store` into the
@@ -89,14 +90,18 @@ pub fn load_from_store(
     let digest = store.resolve(target)?;
     let manifest = store.manifest(&digest)?;
     let label = format!("{target} = {digest}");
+    // Only format 3 binds the leaves to the chunk digests (Merkle roots);
+    // format 2 leaves are not used for verification.
     let leaves = manifest
         .leaves()
+        .filter(|_| manifest.chunk_scheme() != cnse_store::ChunkScheme::Plain)
         .map(|(leaf_bytes, digests)| LeafSpec { leaf_bytes, digests });
     let owned = OwnedSpec {
         path: store.blob_path(&digest),
         size_bytes: manifest.size_bytes(),
         chunk_bytes: manifest.chunk_bytes(),
         chunk_digests: manifest.chunk_digests().to_vec(),
+        scheme: manifest.chunk_scheme(),
         digest: digest.0,
     };
     let spec = owned.as_spec();
@@ -105,7 +110,12 @@ pub fn load_from_store(
         (Verify::Off | Verify::Cpu, _) => None,
         (Verify::Auto, l) => l.as_ref(),
         (Verify::Gpu, Some(l)) => Some(l),
-        (Verify::Gpu, None) => return Err(ModelLoadError::NoLeaves { label }),
+        (Verify::Gpu, None) => {
+            return Err(ModelLoadError::NoLeaves {
+                label,
+                format: manifest.format(),
+            })
+        }
     };
     let threads = streamer.config().threads;
     let opts = LoadOptions::new(how.verify != Verify::Off && on_gpu.is_none(), how.source, threads);

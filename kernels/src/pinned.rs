@@ -80,6 +80,12 @@ impl PinnedBuffer {
         Ok(dptr)
     }
 
+    /// The host address, for memory a device copy writes asynchronously:
+    /// read it (volatile) only after that copy has completed.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` is valid for `len` bytes for the lifetime of `self`
         // and was initialised in `new`.

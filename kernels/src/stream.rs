@@ -14,14 +14,15 @@
 //! exposed only after every chunk matched. A mismatch stops all workers, the
 //! device buffer is freed, and the error names the chunk and its byte range.
 //!
-//! What is verified: every chunk against the manifest's chunk digests, and
-//! the size. The manifest's whole-file digest (what `sha256sum` prints) is
+//! What is verified: every chunk against the manifest's chunk digests (by
+//! the manifest's definition: plain SHA-256, or the Merkle root over the
+//! chunk's leaves for format 3), and the size. The manifest's whole-file digest (what `sha256sum` prints) is
 //! computed by the store at `put` together with the chunk digests; checking
 //! the chunks checks the bytes it names without a sequential whole-file pass.
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -270,6 +271,7 @@ impl Streamer {
             sync_copies: self.config.mover == Mover::Sync,
             pipeline: opts.pipeline,
             next_chunk: AtomicUsize::new(0),
+            queued_bytes: AtomicU64::new(0),
             abort: AtomicBool::new(false),
             errors: Mutex::new(Vec::new()),
         };
@@ -290,10 +292,14 @@ impl Streamer {
             }
         });
         // The sink's kernels read the buffer: they finish before it can be
-        // exposed or freed, whatever happened.
-        let sunk = sink.map_or(Ok(()), |k| k.finish());
+        // exposed or freed, whatever happened. Every queued copy has landed
+        // (the workers drained their streams).
+        let copied = shared.queued_bytes.load(Ordering::Acquire);
+        let sunk = sink.map_or(Ok(()), |k| k.finish(copied));
         let stream_s = t2.elapsed().as_secs_f64();
-        if let Some(err) = shared.into_error().or(sunk.err()) {
+        // A sink's error (a leaf mismatch) is the cause of the workers'
+        // errors (they were stopped by it), so it wins.
+        if let Some(err) = sunk.err().or_else(|| shared.into_error()) {
             drop(buffer);
             return Err(err);
         }
@@ -330,12 +336,16 @@ pub(crate) trait ChunkSink: Sync {
     /// Before any copy: the device buffer's address and the workers' streams.
     fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError>;
     /// A worker is about to read chunk `chunk` (bytes `start..end`); it may
-    /// be held back here (read-ahead of cold blobs).
-    fn chunk_start(&self, _chunk: usize, _end: u64) {}
+    /// be held back here (read-ahead of cold blobs), and an error stops the
+    /// load (the sink found a mismatch): no further copies are queued.
+    fn chunk_start(&self, _chunk: usize, _end: u64) -> Result<(), KernelError> {
+        Ok(())
+    }
     /// Every copy of `chunk` is queued on the stream of the calling worker.
     fn chunk_queued(&self, chunk: usize, stream: &Arc<CudaStream>) -> Result<(), KernelError>;
-    /// After the workers stopped: wait for the sink's device work and report.
-    fn finish(&self) -> Result<(), KernelError>;
+    /// After the workers stopped and `copied_bytes` landed: wait for the
+    /// sink's device work and report.
+    fn finish(&self, copied_bytes: u64) -> Result<(), KernelError>;
 }
 
 /// Holds workers back until the read-ahead has passed their chunk.
@@ -345,13 +355,14 @@ impl ChunkSink for Gate<'_> {
     fn begin(&self, _: u64, _: &[Arc<CudaStream>]) -> Result<(), KernelError> {
         Ok(())
     }
-    fn chunk_start(&self, _chunk: usize, end: u64) {
+    fn chunk_start(&self, _chunk: usize, end: u64) -> Result<(), KernelError> {
         self.0.wait_for(end);
+        Ok(())
     }
     fn chunk_queued(&self, _: usize, _: &Arc<CudaStream>) -> Result<(), KernelError> {
         Ok(())
     }
-    fn finish(&self) -> Result<(), KernelError> {
+    fn finish(&self, _: u64) -> Result<(), KernelError> {
         Ok(())
     }
 }
@@ -367,6 +378,8 @@ struct Shared<'a> {
     sync_copies: bool,
     pipeline: Pipeline,
     next_chunk: AtomicUsize,
+    /// Bytes whose copy was queued (all landed once the workers drained).
+    queued_bytes: AtomicU64,
     abort: AtomicBool,
     errors: Mutex<Vec<KernelError>>,
 }

@@ -9,15 +9,31 @@
 //! moment, so the window's kernel starts only after every copy into it has
 //! landed. The device buffer is exposed only when every leaf matched; the
 //! hash stream is drained before the buffer can be freed.
+//!
+//! Binding: the blob's chunk digests (manifest format 3) are Merkle roots
+//! over the leaf digests (`cnse_store::merkle`). While the copies run, one
+//! host thread recomputes every root from the manifest's leaves and
+//! compares it with the chunk digest, so leaves that match on the GPU vouch
+//! for the chunk digests, and through them for the blob the store checked.
+//!
+//! Early abort: behind each launch, the kernel's mismatch words are copied
+//! into a pinned report slot and an event is recorded; workers read the
+//! slots of completed launches before each chunk, and the first mismatch
+//! (or unbound leaves) stops them: no further copies are queued, the copies
+//! in flight and the launches queued finish, the device buffer is freed,
+//! and the error names the first bad chunk and leaf among the windows
+//! hashed, and how many bytes had been copied.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cudarc::driver::CudaStream;
+use cnse_store::ChunkScheme;
+use cudarc::driver::{CudaEvent, CudaStream};
 
-use crate::pinned::DeviceBuffer;
-use crate::sha256::{LeafHasher, LeafLaunch};
+use crate::pinned::{DeviceBuffer, PinnedBuffer};
+use crate::sha256::{LeafHasher, LeafLaunch, LeafMismatch};
 use crate::stream::{BlobSpec, ChunkSink, DeviceBlob, LoadOptions, LoadReport, Streamer};
 use crate::KernelError;
 
@@ -49,6 +65,9 @@ impl Default for GpuVerifyOptions {
 /// A compiled leaf hasher, reused across loads like the streamer.
 pub struct GpuVerifier {
     hasher: LeafHasher,
+    /// Report slots of the launches of one load (`REPORTS_KEPT` windows;
+    /// a load with more windows pins a larger set for itself).
+    reports: PinnedBuffer,
 }
 
 impl GpuVerifier {
@@ -56,6 +75,7 @@ impl GpuVerifier {
     pub fn new(streamer: &Streamer) -> Result<Self, KernelError> {
         Ok(Self {
             hasher: LeafHasher::new(streamer.context())?,
+            reports: PinnedBuffer::new(streamer.context(), REPORTS_KEPT * REPORT_BYTES, false)?,
         })
     }
 
@@ -96,6 +116,13 @@ impl GpuVerifier {
         let windows = chunks.div_ceil(window_chunks);
         let mut expect = DeviceBuffer::new(streamer.context(), leaves.digests.len() * 32)?;
         expect.copy_from_host(0, leaves.digests.as_flattened())?;
+        let more_reports;
+        let reports = if windows * REPORT_BYTES <= self.reports.len() {
+            &self.reports
+        } else {
+            more_reports = PinnedBuffer::new(streamer.context(), windows * REPORT_BYTES, false)?;
+            &more_reports
+        };
         let sink = Windows {
             hasher: &self.hasher,
             path: spec.path,
@@ -107,11 +134,37 @@ impl GpuVerifier {
             window_chunks,
             done: (0..windows).map(|_| AtomicUsize::new(0)).collect(),
             expect,
-            state: Mutex::new((0, Vec::new())),
+            reports,
+            launches: Mutex::new(Launches::default()),
+            failed: AtomicBool::new(false),
+            unbound: AtomicU64::new(NONE),
             readahead,
         };
         let opts = LoadOptions { verify: false, ..opts };
-        let (mut blob, mut report) = streamer.load_with(spec, opts, Some(&sink))?;
+        let per_chunk = spec.chunk_bytes / leaves.leaf_bytes;
+        // The leaves are checked against the chunk digests (the Merkle
+        // roots) on one more thread while the copies run, so a leaf that
+        // matches on the GPU vouches for its chunk digest, hence for the
+        // whole-file digest the store checked at put.
+        let (loaded, unbound) = std::thread::scope(|s| {
+            let bind = s.spawn(|| {
+                let c = cnse_store::merkle::first_unbound_chunk(spec.chunk_digests, leaves.digests, per_chunk);
+                if let Some(c) = c {
+                    sink.unbound.store(c, Ordering::Release);
+                }
+                c
+            });
+            let loaded = streamer.load_with(spec, opts, Some(&sink));
+            (loaded, bind.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
+        if let Some(chunk) = unbound {
+            // `loaded`, and with it any device buffer, is dropped here.
+            return Err(KernelError::Unbound {
+                path: spec.path.to_path_buf(),
+                chunk,
+            });
+        }
+        let (mut blob, mut report) = loaded?;
         blob.verified = true;
         report.verified = true;
         report.total_s = t0.elapsed().as_secs_f64();
@@ -127,6 +180,21 @@ fn check(spec: &BlobSpec, leaves: &LeafSpec) -> Result<(), KernelError> {
         })
     };
     let l = leaves.leaf_bytes;
+    match spec.scheme {
+        ChunkScheme::Merkle { leaf_bytes } if leaf_bytes == l => {}
+        ChunkScheme::Merkle { leaf_bytes } => {
+            return bad(format!(
+                "the chunk digests are Merkle roots over leaves of {leaf_bytes} bytes, not of {l}"
+            ))
+        }
+        ChunkScheme::Plain => {
+            return bad(
+                "the chunk digests are plain SHA-256 (manifest format 1 or 2), so leaf digests do not vouch for \
+                 them; `cnse-dp store upgrade` rewrites the manifest in format 3"
+                    .into(),
+            )
+        }
+    }
     if l == 0 || l % 64 != 0 || l > u32::MAX as u64 || spec.chunk_bytes % l != 0 {
         return bad(format!(
             "leaf size {l} must be a multiple of 64 below 4 GiB that divides the chunk size {}",
@@ -143,6 +211,23 @@ fn check(spec: &BlobSpec, leaves: &LeafSpec) -> Result<(), KernelError> {
     Ok(())
 }
 
+/// Bytes of one launch's mismatch report (`LeafHasher::queue_report`).
+const REPORT_BYTES: usize = 16;
+/// Report slots a verifier keeps pinned (4096 windows: 2 TiB at 512 MiB).
+const REPORTS_KEPT: usize = 4096;
+/// `Windows::unbound` when every chunk digest is its leaves' root.
+const NONE: u64 = u64::MAX;
+
+/// Launches queued on the hash stream whose reports were not read yet.
+#[derive(Default)]
+struct Launches {
+    /// Device buffer address and the workers' streams (set by `begin`).
+    base: u64,
+    streams: Vec<Arc<CudaStream>>,
+    /// (window, event recorded after its report copy), in launch order.
+    pending: VecDeque<(usize, CudaEvent)>,
+}
+
 struct Windows<'a> {
     hasher: &'a LeafHasher,
     path: &'a std::path::Path,
@@ -156,22 +241,61 @@ struct Windows<'a> {
     done: Vec<AtomicUsize>,
     /// The expected leaf digests, on the device.
     expect: DeviceBuffer,
-    /// Device buffer address and the workers' streams (set by `begin`);
-    /// the lock also serialises launches on the hash stream.
-    state: Mutex<(u64, Vec<Arc<CudaStream>>)>,
+    /// One report slot per window, written by the device after its launch.
+    reports: &'a PinnedBuffer,
+    /// The lock also serialises launches on the hash stream.
+    launches: Mutex<Launches>,
+    /// A report showed a mismatch: no more copies are queued.
+    failed: AtomicBool,
+    /// First chunk whose digest is not the root of its leaves, or `NONE`.
+    unbound: AtomicU64,
     readahead: Option<&'a crate::Readahead>,
+}
+
+impl Windows<'_> {
+    /// Reads the reports of the launches that have completed, in order;
+    /// an error once any showed a mismatch (or the leaves were found not
+    /// to be bound to the chunk digests), which stops the load.
+    fn poll(&self) -> Result<(), KernelError> {
+        let stop = || KernelError::Aborted {
+            path: self.path.to_path_buf(),
+            detail: "stopped by a failed check".into(),
+        };
+        if self.failed.load(Ordering::Acquire) || self.unbound.load(Ordering::Acquire) != NONE {
+            return Err(stop());
+        }
+        let mut l = self.launches.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((w, ev)) = l.pending.front() {
+            if !ev.try_is_complete().map_err(KernelError::driver("cuEventQuery"))? {
+                break;
+            }
+            // SAFETY: slot `w` lies inside `reports` (one per window); the
+            // copy into it completed before its event did, and no other
+            // copy targets it; a volatile read because the device wrote it.
+            let words =
+                unsafe { std::ptr::read_volatile(self.reports.as_ptr().add(w * REPORT_BYTES) as *const [u8; 16]) };
+            l.pending.pop_front();
+            if LeafMismatch::from_words(&words).is_some() {
+                self.failed.store(true, Ordering::Release);
+                return Err(stop());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ChunkSink for Windows<'_> {
     fn begin(&self, device_base: u64, streams: &[Arc<CudaStream>]) -> Result<(), KernelError> {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = (device_base, streams.to_vec());
+        let mut l = self.launches.lock().unwrap_or_else(|p| p.into_inner());
+        (l.base, l.streams) = (device_base, streams.to_vec());
         Ok(())
     }
 
-    fn chunk_start(&self, _chunk: usize, end: u64) {
+    fn chunk_start(&self, _chunk: usize, end: u64) -> Result<(), KernelError> {
         if let Some(r) = self.readahead {
             r.wait_for(end);
         }
+        self.poll()
     }
 
     fn chunk_queued(&self, chunk: usize, _stream: &Arc<CudaStream>) -> Result<(), KernelError> {
@@ -181,17 +305,16 @@ impl ChunkSink for Windows<'_> {
         if self.done[w].fetch_add(1, Ordering::AcqRel) + 1 != in_window {
             return Ok(());
         }
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (base, streams) = &*state;
+        let mut l = self.launches.lock().unwrap_or_else(|p| p.into_inner());
         let hs = self.hasher.stream();
-        for s in streams {
+        for s in &l.streams {
             hs.join(s).map_err(KernelError::driver("cuStreamWaitEvent"))?;
         }
         let per_chunk = self.chunk_bytes / self.leaf_bytes;
         let first = first_chunk as u64 * per_chunk;
         let end = ((first_chunk + in_window) as u64 * per_chunk).min(self.leaf_count);
         let launch = LeafLaunch {
-            data: *base,
+            data: l.base,
             size: self.size,
             leaf_bytes: self.leaf_bytes as u32,
             first,
@@ -205,11 +328,21 @@ impl ChunkSink for Windows<'_> {
         // this window is ordered before the launch by the joins above, and
         // nothing writes the window afterwards. `expect` holds 32 bytes per
         // leaf and lives in `self`, which outlives `finish`.
-        unsafe { self.hasher.queue(&launch) }
+        unsafe { self.hasher.queue(&launch) }?;
+        // SAFETY: slot `w` (16 bytes inside `reports`, pinned) is written
+        // by this copy only, and read only after the event recorded behind
+        // it; `finish` drains the hash stream before `reports` can go.
+        unsafe { self.hasher.queue_report(self.reports.as_ptr().add(w * REPORT_BYTES)) }?;
+        let ev = hs.record_event(None).map_err(KernelError::driver("cuEventRecord"))?;
+        l.pending.push_back((w, ev));
+        drop(l);
+        self.poll()
     }
 
-    fn finish(&self) -> Result<(), KernelError> {
-        match self.hasher.outcome()? {
+    fn finish(&self, copied_bytes: u64) -> Result<(), KernelError> {
+        let outcome = self.hasher.outcome();
+        self.launches.lock().unwrap_or_else(|p| p.into_inner()).pending.clear();
+        match outcome? {
             None => Ok(()),
             Some(m) => {
                 let offset = m.first_leaf * self.leaf_bytes;
@@ -221,6 +354,8 @@ impl ChunkSink for Windows<'_> {
                     offset,
                     end: (offset + self.leaf_bytes).min(self.size),
                     bad_leaves: m.bad_leaves,
+                    copied_bytes,
+                    size_bytes: self.size,
                 })
             }
         }

@@ -1,5 +1,6 @@
-//! `cnse-dp store upgrade`: rewrites manifests with leaf digests (format 2)
-//! so that `gpu load --verify gpu` can check them on the GPU.
+//! `cnse-dp store upgrade`: rewrites format-1 and format-2 manifests in
+//! format 3 (leaf digests bound to the chunk digests by a Merkle tree) so
+//! that `gpu load --verify gpu` can check them on the GPU.
 
 use anyhow::{bail, Context, Result};
 use cnse_store::{Store, Upgrade};
@@ -37,14 +38,18 @@ pub(super) fn run(store: &Store, out: &Out, a: Args) -> Result<()> {
         let u = store
             .upgrade(d, a.leaf_bytes, threads)
             .with_context(|| format!("upgrade {d}"))?;
-        let (state, leaf_bytes) = match u {
-            Upgrade::Rewritten { leaf_bytes } => ("upgraded", leaf_bytes),
-            Upgrade::AlreadyCurrent { leaf_bytes } => ("already current", leaf_bytes),
+        let (state, from, leaf_bytes) = match u {
+            Upgrade::Rewritten { from, leaf_bytes } => ("upgraded", from, leaf_bytes),
+            Upgrade::AlreadyCurrent { leaf_bytes } => ("already current", cnse_store::FORMAT_VERSION, leaf_bytes),
         };
         if !out.json {
-            println!("{d}: {state} (leaves of {leaf_bytes} bytes)");
+            println!(
+                "{d}: {state} (format {from} -> {}, leaves of {leaf_bytes} bytes)",
+                cnse_store::FORMAT_VERSION
+            );
         }
-        rows.push(json!({"digest": d.to_string(), "state": state, "leaf_bytes": leaf_bytes}));
+        rows.push(json!({"digest": d.to_string(), "state": state, "from_format": from,
+                         "format": cnse_store::FORMAT_VERSION, "leaf_bytes": leaf_bytes}));
     }
     out.emit(json!({ "manifests": rows }), String::new);
     Ok(())

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use ring::digest::{Context, SHA256};
 
 use crate::digest::{from_ring, Digest, DIGEST_BYTES};
+use crate::merkle::{ChunkHasher, ChunkScheme};
 
 /// Bytes fed to the hasher between progress reports. Large enough that the
 /// report costs nothing, small enough that a bar moves smoothly.
@@ -57,15 +58,23 @@ pub unsafe fn map_file(path: &std::path::Path) -> crate::Result<memmap2::Mmap> {
     Ok(map)
 }
 
-/// SHA-256 of one chunk.
-pub fn chunk_digest(chunk: &[u8]) -> [u8; DIGEST_BYTES] {
-    Digest::of(chunk).0
+/// The digest of one chunk by `scheme`: its plain SHA-256 (formats 1 and
+/// 2) or the Merkle root over its leaves (format 3, `merkle.rs`).
+pub fn chunk_digest(chunk: &[u8], scheme: ChunkScheme) -> [u8; DIGEST_BYTES] {
+    match scheme {
+        ChunkScheme::Plain => Digest::of(chunk).0,
+        ChunkScheme::Merkle { .. } => {
+            let mut h = ChunkHasher::new(scheme);
+            h.update(chunk);
+            h.finish()
+        }
+    }
 }
 
-/// Whether `chunk` hashes to `expected`.
-pub fn verify_chunk(chunk: &[u8], expected: &[u8; DIGEST_BYTES]) -> bool {
+/// Whether `chunk` hashes to `expected` by `scheme`.
+pub fn verify_chunk(chunk: &[u8], scheme: ChunkScheme, expected: &[u8; DIGEST_BYTES]) -> bool {
     // Digests are public; a constant-time compare buys nothing here.
-    &chunk_digest(chunk) == expected
+    &chunk_digest(chunk, scheme) == expected
 }
 
 /// Threads to use when the caller does not say: every core.
@@ -73,27 +82,33 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Per-chunk digests of `data`, computed on `threads` threads.
-pub fn chunk_digests_parallel(data: &[u8], chunk_bytes: u64, threads: usize) -> Vec<[u8; DIGEST_BYTES]> {
+/// Per-chunk digests of `data` by `scheme`, computed on `threads` threads.
+pub fn chunk_digests_parallel(
+    data: &[u8],
+    chunk_bytes: u64,
+    scheme: ChunkScheme,
+    threads: usize,
+) -> Vec<[u8; DIGEST_BYTES]> {
     let size_bytes = data.len() as u64;
     let count = chunk_count(size_bytes, chunk_bytes) as usize;
     let out = Mutex::new(vec![[0u8; DIGEST_BYTES]; count]);
     for_each_chunk(count, threads, |i| {
         let r = chunk_range(i as u64, size_bytes, chunk_bytes);
-        let d = chunk_digest(&data[r.start as usize..r.end as usize]);
+        let d = chunk_digest(&data[r.start as usize..r.end as usize], scheme);
         out.lock().unwrap_or_else(|p| p.into_inner())[i] = d;
     });
     out.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Checks every chunk of a blob of `size_bytes` against `expected` on
-/// `threads` threads and returns the indices of bad chunks, ascending. A chunk
+/// Checks every chunk of a blob of `size_bytes` against `expected` (by
+/// `scheme`) on `threads` threads and returns the indices of bad chunks, ascending. A chunk
 /// that `data` does not fully hold (a truncated file) is bad. `progress` gets
 /// the byte count of each chunk as it is finished, from any thread.
 pub fn verify_chunks_parallel(
     data: &[u8],
     size_bytes: u64,
     chunk_bytes: u64,
+    scheme: ChunkScheme,
     expected: &[[u8; DIGEST_BYTES]],
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
@@ -103,7 +118,8 @@ pub fn verify_chunks_parallel(
     let bad = Mutex::new(Vec::new());
     for_each_chunk(count, threads, |i| {
         let r = chunk_range(i as u64, size_bytes, chunk_bytes);
-        let ok = r.end <= data.len() as u64 && verify_chunk(&data[r.start as usize..r.end as usize], &expected[i]);
+        let ok =
+            r.end <= data.len() as u64 && verify_chunk(&data[r.start as usize..r.end as usize], scheme, &expected[i]);
         if !ok {
             bad.lock().unwrap_or_else(|p| p.into_inner()).push(i as u64);
         }
@@ -166,21 +182,38 @@ mod tests {
 
     #[test]
     fn parallel_verify_names_each_bad_chunk() {
-        let mut d = data(10 * 4096 + 5);
+        let d = data(10 * 4096 + 5);
         let size = d.len() as u64;
-        let sums = chunk_digests_parallel(&d, 4096, 3);
-        assert_eq!(sums.len(), 11);
-        assert_eq!(sums, chunk_digests_parallel(&d, 4096, 1));
-        for threads in 1..=4 {
-            assert!(verify_chunks_parallel(&d, size, 4096, &sums, threads, &|_| {}).is_empty());
+        for scheme in [ChunkScheme::Plain, ChunkScheme::Merkle { leaf_bytes: 1024 }] {
+            let mut d = d.clone();
+            let sums = chunk_digests_parallel(&d, 4096, scheme, 3);
+            assert_eq!(sums.len(), 11);
+            assert_eq!(sums, chunk_digests_parallel(&d, 4096, scheme, 1));
+            for threads in 1..=4 {
+                assert!(verify_chunks_parallel(&d, size, 4096, scheme, &sums, threads, &|_| {}).is_empty());
+            }
+            d[4096 * 3 + 9] ^= 1;
+            d[4096 * 10 + 4] ^= 0x80;
+            assert_eq!(
+                verify_chunks_parallel(&d, size, 4096, scheme, &sums, 2, &|_| {}),
+                vec![3, 10]
+            );
+            // Truncated: the last whole chunk and the tail are gone.
+            assert_eq!(
+                verify_chunks_parallel(&d[..4096 * 9 + 1], size, 4096, scheme, &sums, 2, &|_| {}),
+                vec![3, 9, 10]
+            );
         }
-        d[4096 * 3 + 9] ^= 1;
-        d[4096 * 10 + 4] ^= 0x80;
-        assert_eq!(verify_chunks_parallel(&d, size, 4096, &sums, 2, &|_| {}), vec![3, 10]);
-        // Truncated: the last whole chunk and the tail are gone.
+        // The two schemes give different digests for the same bytes.
+        let plain = chunk_digests_parallel(&d, 4096, ChunkScheme::Plain, 1);
+        let tree = chunk_digests_parallel(&d, 4096, ChunkScheme::Merkle { leaf_bytes: 4096 }, 1);
+        assert!(plain.iter().zip(&tree).all(|(p, t)| p != t));
+        // A format-3 chunk digest is the root over the leaf digests.
+        let leaves = crate::leaves::leaf_digests_parallel(&d, 1024, 2);
+        let roots = crate::merkle::chunk_roots(&leaves, 4);
         assert_eq!(
-            verify_chunks_parallel(&d[..4096 * 9 + 1], size, 4096, &sums, 2, &|_| {}),
-            vec![3, 9, 10]
+            roots,
+            chunk_digests_parallel(&d, 4096, ChunkScheme::Merkle { leaf_bytes: 1024 }, 2)
         );
     }
 }

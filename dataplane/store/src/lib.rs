@@ -2,7 +2,8 @@
 //!
 //! Blobs are named by the SHA-256 of their bytes (what `sha256sum` prints)
 //! and written atomically; each has an rkyv manifest with one SHA-256 per
-//! chunk, read in place from a map, so a blob can be verified on every core
+//! 64 KiB leaf and one digest per chunk (the Merkle root over its leaves,
+//! `merkle.rs`), read in place from a map, so a blob can be verified on every core
 //! and a bad chunk named exactly. References `name:tag` point at digests; a
 //! byte budget evicts the least recently used blobs that no pinned reference
 //! holds. Blobs move to and from an HTTP filer (SeaweedFS Filer API subset)
@@ -13,7 +14,7 @@
 //! [`Blob::bad_chunks`] / [`verify_chunks_parallel`] → hand the bytes on;
 //! [`Store::open_verified`] does the middle two in one call. A consumer that
 //! verifies chunk by chunk while copying uses [`Manifest::chunk_digests`],
-//! [`chunk_range`] and [`verify_chunk`].
+//! [`chunk_range`], [`Manifest::chunk_scheme`] and [`ChunkHasher`].
 
 // `is_multiple_of` is newer than the workspace MSRV (1.80).
 #![allow(clippy::manual_is_multiple_of)]
@@ -25,6 +26,7 @@ mod hash;
 pub mod http;
 mod leaves;
 mod manifest;
+pub mod merkle;
 pub mod progress;
 mod refname;
 pub mod remote;
@@ -45,8 +47,9 @@ pub use leaves::{
 };
 pub use manifest::{
     check_chunk_bytes, LeafDigests, Manifest, ManifestRecord, ManifestRecordV1, CHUNK_BYTES_DEFAULT, CHUNK_BYTES_MAX,
-    CHUNK_BYTES_MIN, MANIFEST_MAGIC, MANIFEST_MAGIC_V1,
+    CHUNK_BYTES_MIN, FORMAT_VERSION, MANIFEST_MAGIC, MANIFEST_MAGIC_V1, MANIFEST_MAGIC_V2,
 };
+pub use merkle::{ChunkHasher, ChunkScheme};
 pub use refname::{RefName, TAG_DEFAULT};
 pub use remote::{Filer, PullOptions, PullOutcome, PullTarget, PushOutcome};
 pub use store::{

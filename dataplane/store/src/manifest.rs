@@ -5,9 +5,13 @@
 //! [`ManifestRecord`]. The archive starts at offset 8, so a page-aligned map
 //! keeps it 8-aligned as rkyv requires.
 //!
-//! Format 2 added optional leaf digests (`leaves.rs`). Format 1 files
-//! (`CNSEMF01`, no leaves) still open: they are validated as the frozen
-//! format-1 record and converted in memory (`store upgrade` rewrites them).
+//! Format 2 added optional leaf digests (`leaves.rs`); format 3 (the one
+//! written now) has the same archive layout, requires the leaves, and
+//! defines each chunk digest as the Merkle root over its leaves
+//! (`merkle.rs`) instead of the plain SHA-256 of the chunk. Format 2 files
+//! (`CNSEMF02`) open as they are, with plain chunk digests; format 1 files
+//! (`CNSEMF01`, no leaves) are validated as the frozen format-1 record and
+//! converted in memory to format 2. `store upgrade` rewrites both as format 3.
 
 use std::path::{Path, PathBuf};
 
@@ -19,12 +23,17 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::gguf::GgufInfo;
 use crate::hash::chunk_count;
 use crate::leaves::{check_leaf_bytes, leaf_count};
+use crate::merkle::{self, ChunkScheme};
 
-/// First bytes of every manifest file; the last two digits are the format version.
-pub const MANIFEST_MAGIC: [u8; 8] = *b"CNSEMF02";
+/// First bytes of every manifest file written now; the last two digits are
+/// the format version.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"CNSEMF03";
+/// Magic of format 2 (plain chunk digests, optional leaves), still read.
+pub const MANIFEST_MAGIC_V2: [u8; 8] = *b"CNSEMF02";
 /// Magic of format 1 (no leaf digests), still read.
 pub const MANIFEST_MAGIC_V1: [u8; 8] = *b"CNSEMF01";
-const FORMAT_VERSION: u32 = 2;
+/// The format `put`, `pull` and `upgrade` write.
+pub const FORMAT_VERSION: u32 = 3;
 /// Default chunk size: large enough that a per-chunk digest costs nothing,
 /// small enough that a 1 GiB model splits over 64 cores' worth of chunks.
 pub const CHUNK_BYTES_DEFAULT: u64 = 16 << 20;
@@ -40,9 +49,12 @@ pub const MANIFEST_BYTES_MAX: u64 = 256 << 20;
 const _: () = assert!(MANIFEST_MAGIC.len() % 8 == 0, "the archive must stay 8-aligned");
 const _: () = assert!(CHUNK_BYTES_DEFAULT % CHUNK_BYTES_MIN == 0);
 
-/// The archived form of a manifest.
+/// The archived form of a manifest, formats 2 and 3 (same layout; the
+/// format version says how `chunk_digests` are defined).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq)]
 pub struct ManifestRecord {
+    /// 2: chunk digests are plain SHA-256 of the chunk; 3: Merkle roots
+    /// over the chunk's leaf digests, and `leaves` is required.
     pub format_version: u32,
     pub digest: [u8; DIGEST_BYTES],
     pub size_bytes: u64,
@@ -50,10 +62,11 @@ pub struct ManifestRecord {
     pub name: String,
     pub created_unix_ms: u64,
     pub chunk_bytes: u64,
+    /// One digest per chunk, defined by `format_version`.
     pub chunk_digests: Vec<[u8; DIGEST_BYTES]>,
     pub gguf: Option<GgufInfo>,
-    /// SHA-256 of each leaf (format 2; absent in upgraded format-1 files
-    /// until `store upgrade`).
+    /// SHA-256 of each leaf (always in format 3; optional in format 2, and
+    /// absent in converted format-1 files until `store upgrade`).
     pub leaves: Option<LeafDigests>,
 }
 
@@ -90,7 +103,7 @@ impl ManifestRecordV1 {
 impl From<ManifestRecordV1> for ManifestRecord {
     fn from(v: ManifestRecordV1) -> Self {
         ManifestRecord {
-            format_version: FORMAT_VERSION,
+            format_version: 2,
             digest: v.digest,
             size_bytes: v.size_bytes,
             name: v.name,
@@ -104,12 +117,16 @@ impl From<ManifestRecordV1> for ManifestRecord {
 }
 
 impl ManifestRecord {
+    /// A format-3 record: the chunk digests are derived here from the leaf
+    /// digests (`leaf_bytes` checked by the caller), so they are bound to
+    /// them by construction.
     pub fn new(
         digest: Digest,
         size_bytes: u64,
         name: &str,
         chunk_bytes: u64,
-        chunk_digests: Vec<[u8; DIGEST_BYTES]>,
+        leaf_bytes: u64,
+        leaf_digests: Vec<[u8; DIGEST_BYTES]>,
         gguf: Option<GgufInfo>,
     ) -> ManifestRecord {
         let created_unix_ms = std::time::SystemTime::now()
@@ -125,29 +142,44 @@ impl ManifestRecord {
             name.truncate(cut);
         }
         ManifestRecord {
-            format_version: FORMAT_VERSION,
+            format_version: 2,
             digest: digest.0,
             size_bytes,
             name,
             created_unix_ms,
             chunk_bytes,
-            chunk_digests,
+            chunk_digests: Vec::new(),
             gguf,
             leaves: None,
         }
+        .into_format3(leaf_bytes, leaf_digests)
     }
 
-    /// The same record with leaf digests (`leaf_bytes` checked by the caller).
-    pub fn with_leaves(mut self, leaf_bytes: u64, digests: Vec<[u8; DIGEST_BYTES]>) -> ManifestRecord {
+    /// The same record in format 3 with these leaves (computed from bytes
+    /// the caller checked): the chunk digests become the Merkle roots over
+    /// them. Everything else (name, creation time, GGUF facts) is kept.
+    pub fn into_format3(mut self, leaf_bytes: u64, digests: Vec<[u8; DIGEST_BYTES]>) -> ManifestRecord {
+        assert!(
+            leaf_bytes > 0 && self.chunk_bytes % leaf_bytes == 0,
+            "leaves divide chunks"
+        );
+        self.chunk_digests = merkle::chunk_roots(&digests, self.chunk_bytes / leaf_bytes);
+        self.format_version = FORMAT_VERSION;
         self.leaves = Some(LeafDigests { leaf_bytes, digests });
         self
     }
 
-    /// The bytes of a manifest file: magic, then the archive.
+    /// The bytes of a manifest file: the magic of the record's format (2
+    /// or 3), then the archive.
     pub fn encode(&self) -> Vec<u8> {
+        let magic = match self.format_version {
+            2 => MANIFEST_MAGIC_V2,
+            3 => MANIFEST_MAGIC,
+            v => panic!("format {v} records are not written"),
+        };
         let archive = rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serializing to memory cannot fail");
-        let mut out = Vec::with_capacity(MANIFEST_MAGIC.len() + archive.len());
-        out.extend_from_slice(&MANIFEST_MAGIC);
+        let mut out = Vec::with_capacity(magic.len() + archive.len());
+        out.extend_from_slice(&magic);
         out.extend_from_slice(&archive);
         out
     }
@@ -176,6 +208,8 @@ enum Backing {
 pub struct Manifest {
     backing: Backing,
     path: PathBuf,
+    /// The format of the file it came from (1 is held converted to 2).
+    format: u32,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -211,7 +245,9 @@ impl Manifest {
         let m = Manifest {
             backing: Backing::Map(map),
             path: path.to_path_buf(),
-        };
+            format: 0,
+        }
+        .with_format()?;
         m.validate(expect)?;
         Ok(m)
     }
@@ -227,19 +263,41 @@ impl Manifest {
         }
         let mut v = AlignedVec::with_capacity(bytes.len());
         v.extend_from_slice(bytes);
-        if bytes.starts_with(&MANIFEST_MAGIC_V1) {
+        let v1 = bytes.starts_with(&MANIFEST_MAGIC_V1);
+        if v1 {
             let old = rkyv::from_bytes::<ManifestRecordV1, rkyv::rancor::Error>(&v[MANIFEST_MAGIC_V1.len()..])
                 .map_err(|e| bad(origin, format!("format 1 archive check failed: {e}")))?;
             let new = ManifestRecord::from(old).encode();
             v = AlignedVec::with_capacity(new.len());
             v.extend_from_slice(&new);
         }
-        let m = Manifest {
+        let mut m = Manifest {
             backing: Backing::Owned(v),
             path: origin.to_path_buf(),
-        };
+            format: 0,
+        }
+        .with_format()?;
         m.validate(expect)?;
+        if v1 {
+            m.format = 1;
+        }
         Ok(m)
+    }
+
+    /// Reads the format from the magic; anything else is refused here.
+    fn with_format(mut self) -> Result<Manifest> {
+        let bytes = self.file_bytes();
+        self.format = if bytes.starts_with(&MANIFEST_MAGIC) {
+            3
+        } else if bytes.starts_with(&MANIFEST_MAGIC_V2) {
+            2
+        } else {
+            return Err(bad(
+                &self.path,
+                "wrong magic (not a cnse-dp manifest, or a format this version does not know)".into(),
+            ));
+        };
+        Ok(self)
     }
 
     /// The file bytes (magic included), e.g. to upload; a format-1 file
@@ -257,19 +315,20 @@ impl Manifest {
 
     fn validate(&self, expect: Option<&Digest>) -> Result<()> {
         let bytes = self.file_bytes();
-        if bytes.len() < MANIFEST_MAGIC.len() || bytes[..MANIFEST_MAGIC.len()] != MANIFEST_MAGIC {
-            return Err(bad(
-                &self.path,
-                "wrong magic (not a cnse-dp manifest, or another format version)".into(),
-            ));
-        }
         let rec = rkyv::access::<ArchivedManifestRecord, rkyv::rancor::Error>(&bytes[MANIFEST_MAGIC.len()..])
             .map_err(|e| bad(&self.path, format!("archive check failed: {e}")))?;
-        if rec.format_version.to_native() != FORMAT_VERSION {
+        if rec.format_version.to_native() != self.format {
             return Err(bad(
                 &self.path,
-                format!("format version {}", rec.format_version.to_native()),
+                format!(
+                    "format version {} in a format-{} file",
+                    rec.format_version.to_native(),
+                    self.format
+                ),
             ));
+        }
+        if self.format == 3 && rec.leaves.is_none() {
+            return Err(bad(&self.path, "format 3 without leaf digests".into()));
         }
         let chunk_bytes = rec.chunk_bytes.to_native();
         check_chunk_bytes(chunk_bytes).map_err(|e| bad(&self.path, e.to_string()))?;
@@ -331,6 +390,34 @@ impl Manifest {
     pub fn created_unix_ms(&self) -> u64 {
         self.rec().created_unix_ms.to_native()
     }
+    /// The format of the manifest file: 1, 2 or 3.
+    pub fn format(&self) -> u32 {
+        self.format
+    }
+    /// How the chunk digests are defined: plain SHA-256 of the chunk
+    /// (formats 1 and 2) or the Merkle root over its leaves (format 3).
+    pub fn chunk_scheme(&self) -> ChunkScheme {
+        match (self.format, self.leaves()) {
+            (3, Some((leaf_bytes, _))) => ChunkScheme::Merkle { leaf_bytes },
+            _ => ChunkScheme::Plain,
+        }
+    }
+    /// Format 3: checks that every chunk digest is the Merkle root over its
+    /// leaf digests, so leaves checked elsewhere (on a GPU) vouch for the
+    /// chunk digests. A few hundred 65-byte hashes per chunk. Formats 1
+    /// and 2 define nothing to check and pass.
+    pub fn check_tree(&self) -> Result<()> {
+        let (ChunkScheme::Merkle { leaf_bytes }, Some((_, leaves))) = (self.chunk_scheme(), self.leaves()) else {
+            return Ok(());
+        };
+        match merkle::first_unbound_chunk(self.chunk_digests(), leaves, self.chunk_bytes() / leaf_bytes) {
+            None => Ok(()),
+            Some(c) => Err(bad(
+                &self.path,
+                format!("chunk {c}'s digest is not the Merkle root of its leaf digests"),
+            )),
+        }
+    }
     /// Leaf size and one SHA-256 per leaf, when the manifest has them.
     pub fn leaves(&self) -> Option<(u64, &[[u8; DIGEST_BYTES]])> {
         let l = self.rec().leaves.as_ref()?;
@@ -355,96 +442,4 @@ fn bad(path: &Path, reason: String) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record() -> ManifestRecord {
-        let gguf = crate::gguf::parse(&crate::gguf::tests::sample()).unwrap();
-        ManifestRecord::new(
-            Digest::of(b"x"),
-            3 * 4096 + 1,
-            "m:v1",
-            4096,
-            vec![[7u8; 32]; 4],
-            Some(gguf),
-        )
-    }
-
-    #[test]
-    fn round_trip_through_bytes() {
-        let rec = record();
-        let bytes = rec.encode();
-        let m = Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"x"))).unwrap();
-        assert_eq!(m.digest(), Digest::of(b"x"));
-        assert_eq!(m.size_bytes(), 3 * 4096 + 1);
-        assert_eq!(m.chunk_bytes(), 4096);
-        assert_eq!(m.chunk_digests(), &[[7u8; 32]; 4][..]);
-        assert_eq!(m.name(), "m:v1");
-        assert_eq!(m.gguf().unwrap().architecture.as_deref(), Some("llama"));
-    }
-
-    #[test]
-    fn rejects_wrong_digest_magic_and_garbage() {
-        let bytes = record().encode();
-        assert!(Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"y"))).is_err());
-        let mut b = bytes.clone();
-        b[0] = b'X';
-        assert!(Manifest::from_bytes(&b, Path::new("t"), None).is_err());
-        for cut in 0..bytes.len() {
-            let _ = Manifest::from_bytes(&bytes[..cut], Path::new("t"), None);
-        }
-        for i in 8..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0xff;
-            if let Ok(m) = Manifest::from_bytes(&b, Path::new("t"), None) {
-                // Whatever validated must be self-consistent.
-                assert_eq!(m.chunk_count(), chunk_count(m.size_bytes(), m.chunk_bytes()));
-            }
-        }
-    }
-
-    #[test]
-    fn leaves_round_trip_and_must_match_size() {
-        let rec = record().with_leaves(4096, vec![[9u8; 32]; 4]);
-        let m = Manifest::from_bytes(&rec.encode(), Path::new("t"), None).unwrap();
-        assert_eq!(m.leaves(), Some((4096, &[[9u8; 32]; 4][..])));
-        assert_eq!(m.record(), rec);
-        let short = record().with_leaves(4096, vec![[9u8; 32]; 3]);
-        assert!(Manifest::from_bytes(&short.encode(), Path::new("t"), None).is_err());
-        let odd = record().with_leaves(8192, vec![[9u8; 32]; 2]);
-        assert!(Manifest::from_bytes(&odd.encode(), Path::new("t"), None).is_err());
-    }
-
-    #[test]
-    fn issue15_format_1_manifests_still_open() {
-        let new = record();
-        let old = ManifestRecordV1 {
-            format_version: 1,
-            digest: new.digest,
-            size_bytes: new.size_bytes,
-            name: new.name.clone(),
-            created_unix_ms: new.created_unix_ms,
-            chunk_bytes: new.chunk_bytes,
-            chunk_digests: new.chunk_digests.clone(),
-            gguf: new.gguf.clone(),
-        };
-        let bytes = old.encode();
-        assert!(bytes.starts_with(b"CNSEMF01"));
-        let m = Manifest::from_bytes(&bytes, Path::new("t"), Some(&Digest::of(b"x"))).unwrap();
-        assert_eq!(m.chunk_digests(), &new.chunk_digests[..]);
-        assert_eq!(m.leaves(), None);
-        assert_eq!(m.record(), new);
-        let dir = std::env::temp_dir().join(format!("cnse-mf1-{}", std::process::id()));
-        std::fs::write(&dir, &bytes).unwrap();
-        let m = Manifest::open(&dir, None).unwrap();
-        let _ = std::fs::remove_file(&dir);
-        assert_eq!(m.size_bytes(), new.size_bytes);
-    }
-
-    #[test]
-    fn chunk_count_must_match_size() {
-        let mut rec = record();
-        rec.chunk_digests.pop();
-        assert!(Manifest::from_bytes(&rec.encode(), Path::new("t"), None).is_err());
-    }
-}
+mod tests;

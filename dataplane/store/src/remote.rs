@@ -13,6 +13,9 @@
 //! into `DIR/tmp/pull-<hex>.partial`, checks each chunk against the manifest
 //! as it arrives, records finished chunks in `pull-<hex>.state`, resumes
 //! from the first missing chunk, and fetches a bad chunk again on its own.
+//! Everything is addressed by the whole-file SHA-256; the manifest on the
+//! filer is whatever format the pushing store had (1, 2 or 3), and a pull
+//! always stores format 3, derived from the downloaded bytes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -27,6 +30,7 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::hash::{self, chunk_range};
 use crate::http::{self, Url};
 use crate::manifest::{Manifest, MANIFEST_BYTES_MAX};
+use crate::merkle::{ChunkHasher, ChunkScheme};
 use crate::refname::RefName;
 use crate::store::Store;
 use crate::sys::{self, LockKind};
@@ -425,7 +429,9 @@ impl Filer {
         for i in first..=last {
             let cr = chunk_range(i, size, chunk);
             let len = (cr.end - cr.start) as usize;
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            // By the manifest's definition: plain SHA-256 (formats 1, 2)
+            // or the Merkle root over the chunk's leaves (format 3).
+            let mut ctx = ChunkHasher::new(m.chunk_scheme());
             let mut got = 0;
             while got < len {
                 let want = (len - got).min(buf.len());
@@ -439,7 +445,7 @@ impl Filer {
                 outcome.downloaded_bytes += n as u64;
                 limiter.account(n as u64);
             }
-            if ctx.finish().as_ref() == m.chunk_digests()[i as usize] {
+            if ctx.finish() == m.chunk_digests()[i as usize] {
                 dl.mark_done(i)?;
                 progress(len as u64);
             } else {

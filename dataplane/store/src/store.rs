@@ -24,7 +24,7 @@ use memmap2::{Advice, Mmap};
 use crate::digest::Digest;
 use crate::error::{IoContext, Result, StoreError};
 use crate::gguf;
-use crate::hash::{self, chunk_count, chunk_range, verify_chunks_parallel};
+use crate::hash::{self, chunk_range, verify_chunks_parallel};
 use crate::leaves;
 use crate::manifest::{check_chunk_bytes, Manifest, ManifestRecord, CHUNK_BYTES_DEFAULT};
 use crate::refname::RefName;
@@ -174,6 +174,7 @@ impl Blob {
             self.bytes(),
             m.size_bytes(),
             m.chunk_bytes(),
+            m.chunk_scheme(),
             m.chunk_digests(),
             threads,
             progress,
@@ -404,19 +405,16 @@ impl Store {
         let tmp = self.temp_file("put")?;
 
         let chunk_bytes = opts.chunk_bytes;
-        let n_chunks = chunk_count(size_bytes, chunk_bytes) as usize;
-        let chunk_threads = opts.threads.saturating_sub(1).clamp(1, n_chunks.max(1));
-        let (write_result, digest, (chunk_sums, leaf_sums)) = std::thread::scope(|s| {
+        let chunk_threads = opts.threads.saturating_sub(1).max(1);
+        let (write_result, digest, leaf_sums) = std::thread::scope(|s| {
             let writer = s.spawn(|| write_blob(&tmp, data));
-            // The chunk and leaf passes share the cores that the sequential
-            // whole-file digest leaves idle; it bounds put either way.
-            let chunks = s.spawn(|| {
-                let c = hash::chunk_digests_parallel(data, chunk_bytes, chunk_threads);
-                (c, leaves::leaf_digests_parallel(data, leaf_bytes, chunk_threads))
-            });
+            // One pass of leaf digests on the cores that the sequential
+            // whole-file digest leaves idle; the chunk digests are derived
+            // from the leaves (format 3) when the manifest is built.
+            let leaves = s.spawn(|| leaves::leaf_digests_parallel(data, leaf_bytes, chunk_threads));
             let digest = hash::sha256_stream(data, &mut |n| progress(n));
             let write_result = writer.join().expect("writer thread does not panic");
-            (write_result, digest, chunks.join().expect("hash threads do not panic"))
+            (write_result, digest, leaves.join().expect("hash threads do not panic"))
         });
         write_result?;
         src.check_unchanged()?;
@@ -436,8 +434,7 @@ impl Store {
             } else {
                 None
             };
-            let rec = ManifestRecord::new(digest, size_bytes, &name, chunk_bytes, chunk_sums, info)
-                .with_leaves(leaf_bytes, leaf_sums);
+            let rec = ManifestRecord::new(digest, size_bytes, &name, chunk_bytes, leaf_bytes, leaf_sums, info);
             self.write_atomic(&self.manifest_path(&digest), &rec.encode(), 0o444)?;
         }
         if !existed {
@@ -506,6 +503,11 @@ impl Store {
             ));
         }
         report.bad_chunks = blob.bad_chunks(threads, progress);
+        if let Err(e) = m.check_tree() {
+            // The bytes may be fine, but a GPU load checks the leaves, and
+            // these leaves do not vouch for the chunks.
+            report.problems.push(format!("leaf digests: {e}"));
+        }
         for &i in &report.bad_chunks {
             let r = chunk_range(i, m.size_bytes(), m.chunk_bytes());
             let what = if r.end > report.actual_bytes {

@@ -1,37 +1,40 @@
-//! `store upgrade`: gives existing manifests leaf digests (format 2), after
-//! checking the blob against the chunk digests it already has, so leaves are
-//! only ever derived from bytes the manifest vouches for.
+//! `store upgrade`: rewrites format-1 and format-2 manifests as format 3
+//! (leaf digests, chunk digests = Merkle roots over them), after checking
+//! the blob against the chunk digests the manifest already has, so the new
+//! digests are only ever derived from bytes the old manifest vouches for.
 
 use crate::digest::Digest;
 use crate::error::{Result, StoreError};
 use crate::leaves::{check_leaf_bytes, default_leaf_bytes, leaf_digests_parallel};
+use crate::manifest::FORMAT_VERSION;
 use crate::store::Store;
 use crate::sys::LockKind;
 
 /// What [`Store::upgrade`] did to one blob's manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upgrade {
-    /// Rewritten with leaves of this many bytes.
-    Rewritten { leaf_bytes: u64 },
-    /// Already format 2 with leaves of this size: left alone.
+    /// Rewritten in format 3 from format `from`, with leaves of this many bytes.
+    Rewritten { from: u32, leaf_bytes: u64 },
+    /// Already format 3 with leaves of this size: left alone.
     AlreadyCurrent { leaf_bytes: u64 },
 }
 
 impl Store {
-    /// Rewrites the manifest of `d` with leaf digests of `leaf_bytes`
-    /// (`None`: the default for its chunk size). Every chunk is checked
-    /// first, on `threads` threads; a corrupt blob is refused and its
-    /// manifest left as it was. The new manifest replaces the old atomically.
+    /// Rewrites the manifest of `d` in format 3 with leaves of `leaf_bytes`
+    /// (`None`: the leaf size it has, else the default for its chunk size).
+    /// Every chunk is checked first, on `threads` threads, by the
+    /// manifest's own definition of its chunk digests; a corrupt blob is
+    /// refused and its manifest left as it was. The new manifest replaces
+    /// the old atomically.
     pub fn upgrade(&self, d: &Digest, leaf_bytes: Option<u64>, threads: usize) -> Result<Upgrade> {
         let _lock = self.lock(LockKind::Shared)?;
         let blob = self.open_blob(d)?;
         let m = blob.manifest();
-        let leaf_bytes = leaf_bytes.unwrap_or_else(|| default_leaf_bytes(m.chunk_bytes()));
+        let leaf_bytes = leaf_bytes
+            .or_else(|| m.leaves().map(|(l, _)| l))
+            .unwrap_or_else(|| default_leaf_bytes(m.chunk_bytes()));
         check_leaf_bytes(leaf_bytes, m.chunk_bytes())?;
-        let on_disk_current = std::fs::read(self.manifest_path(d))
-            .map(|b| b.starts_with(&crate::manifest::MANIFEST_MAGIC))
-            .unwrap_or(false);
-        if on_disk_current && m.leaves().map(|(l, _)| l) == Some(leaf_bytes) {
+        if m.format() == FORMAT_VERSION && m.leaves().map(|(l, _)| l) == Some(leaf_bytes) {
             return Ok(Upgrade::AlreadyCurrent { leaf_bytes });
         }
         let size = m.size_bytes();
@@ -52,8 +55,9 @@ impl Store {
                 detail: format!("{} bad chunk(s), first chunk {first}; manifest not upgraded", bad.len()),
             });
         }
-        let rec = m.record().with_leaves(leaf_bytes, leaves);
+        let from = m.format();
+        let rec = m.record().into_format3(leaf_bytes, leaves);
         self.write_manifest_bytes(d, &rec.encode())?;
-        Ok(Upgrade::Rewritten { leaf_bytes })
+        Ok(Upgrade::Rewritten { from, leaf_bytes })
     }
 }

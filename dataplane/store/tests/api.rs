@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use cnse_store::{verify_chunks_parallel, Digest, PutOptions, SourceFile, Store, StoreError};
+use cnse_store::{merkle, verify_chunks_parallel, ChunkScheme, Digest, PutOptions, SourceFile, Store, StoreError};
 
 fn scratch(label: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("cnse-store-api-{label}-{}", std::process::id()));
@@ -50,6 +50,7 @@ fn resolve_manifest_and_verify_as_the_gpu_path_does() {
         blob.bytes(),
         m.size_bytes(),
         m.chunk_bytes(),
+        m.chunk_scheme(),
         m.chunk_digests(),
         2,
         &|_| {},
@@ -57,8 +58,22 @@ fn resolve_manifest_and_verify_as_the_gpu_path_does() {
     assert!(bad.is_empty());
     let mut damaged = bytes.clone();
     damaged[4096 * 3 + 1] ^= 1;
-    let bad = verify_chunks_parallel(&damaged, m.size_bytes(), m.chunk_bytes(), m.chunk_digests(), 2, &|_| {});
+    let bad = verify_chunks_parallel(
+        &damaged,
+        m.size_bytes(),
+        m.chunk_bytes(),
+        m.chunk_scheme(),
+        m.chunk_digests(),
+        2,
+        &|_| {},
+    );
     assert_eq!(bad, vec![3]);
+    // Format 3: the chunk digests are the Merkle roots over the leaves.
+    let (leaf_bytes, leaves) = m.leaves().unwrap();
+    assert_eq!(m.format(), 3);
+    assert_eq!(m.chunk_scheme(), ChunkScheme::Merkle { leaf_bytes });
+    assert_eq!(m.chunk_digests(), &merkle::chunk_roots(leaves, 4096 / leaf_bytes)[..]);
+    m.check_tree().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -10,8 +10,11 @@ pub struct BlobSpec<'a> {
     pub path: &'a Path,
     pub size_bytes: u64,
     pub chunk_bytes: u64,
-    /// SHA-256 of each chunk, in order; the last chunk may be short.
+    /// Digest of each chunk, in order; the last chunk may be short.
     pub chunk_digests: &'a [[u8; 32]],
+    /// How the chunk digests are defined: plain SHA-256 of the chunk, or
+    /// the Merkle root over its leaves (format 3, `cnse_store::merkle`).
+    pub scheme: cnse_store::ChunkScheme,
     /// The manifest's whole-blob SHA-256, returned once every chunk matched.
     pub digest: [u8; 32],
 }
@@ -26,6 +29,14 @@ impl BlobSpec<'_> {
         };
         if self.chunk_bytes == 0 {
             return bad("chunk_bytes is 0".into());
+        }
+        if let cnse_store::ChunkScheme::Merkle { leaf_bytes } = self.scheme {
+            if leaf_bytes == 0 || self.chunk_bytes % leaf_bytes != 0 {
+                return bad(format!(
+                    "leaf size {leaf_bytes} does not divide the chunk size {}",
+                    self.chunk_bytes
+                ));
+            }
         }
         let chunks = self.size_bytes.div_ceil(self.chunk_bytes);
         if chunks != self.chunk_digests.len() as u64 {

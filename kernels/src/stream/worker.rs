@@ -6,8 +6,8 @@
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
+use cnse_store::ChunkHasher;
 use cudarc::driver::{result, LaunchConfig, PushKernelArg};
-use ring::digest::{Context as Sha256, SHA256};
 
 use super::{Pipeline, Shared, Slot, Source, Worker, COPY_THREADS, REGISTER_PIECE_MAX, SUB_BYTES};
 use crate::KernelError;
@@ -24,7 +24,7 @@ impl Worker {
                 return Ok(());
             }
             if let Some(k) = sh.sink {
-                k.chunk_start(chunk, sh.spec.chunk_range(chunk).1);
+                k.chunk_start(chunk, sh.spec.chunk_range(chunk).1)?;
             }
             self.chunk(sh, chunk)?;
             if let Some(k) = sh.sink.filter(|_| !sh.abort.load(Ordering::Acquire)) {
@@ -35,7 +35,9 @@ impl Worker {
 
     fn chunk(&mut self, sh: &Shared, chunk: usize) -> Result<(), KernelError> {
         let (start, end) = sh.spec.chunk_range(chunk);
-        let mut hasher = sh.verify.then(|| Sha256::new(&SHA256));
+        // The manifest's definition of a chunk digest: plain SHA-256, or
+        // the Merkle root over the chunk's leaves (format 3).
+        let mut hasher = sh.verify.then(|| ChunkHasher::new(sh.spec.scheme));
         // Register mode locks whole chunks (up to REGISTER_PIECE_MAX) to
         // amortise the registration call; copy mode is bounded by the slot.
         let register = sh.register && sh.pipeline != Pipeline::DmaOnly;
@@ -60,9 +62,10 @@ impl Worker {
                 self.stage_piece(sh, piece, piece_len, hasher.as_mut())?;
             }
             piece += piece_len as u64;
+            sh.queued_bytes.fetch_add(piece_len as u64, Ordering::AcqRel);
         }
         if let Some(h) = hasher {
-            if h.finish().as_ref() != sh.spec.chunk_digests[chunk] {
+            if h.finish() != sh.spec.chunk_digests[chunk] {
                 sh.fail(KernelError::ChunkMismatch {
                     path: sh.spec.path.to_path_buf(),
                     chunk,
@@ -86,7 +89,7 @@ impl Worker {
         sh: &Shared,
         piece: u64,
         len: usize,
-        hasher: Option<&mut Sha256>,
+        hasher: Option<&mut ChunkHasher>,
     ) -> Result<(), KernelError> {
         let stream = self.stream.clone();
         let copy_fn = self.copy_fn.clone();
@@ -147,7 +150,7 @@ impl Worker {
         sh: &Shared,
         piece: u64,
         len: usize,
-        hasher: Option<&mut Sha256>,
+        hasher: Option<&mut ChunkHasher>,
     ) -> Result<(), KernelError> {
         let Source::Map(map) = sh.source else {
             unreachable!("register mode always maps the blob")
@@ -239,7 +242,7 @@ pub(super) fn page_bytes() -> u64 {
 
 /// Reads blob bytes `offset..offset + dst.len()` into the slot, hashing them
 /// sub-block by sub-block so each is hashed and copied while cache-hot.
-fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut Sha256>) -> Result<(), KernelError> {
+fn fill(sh: &Shared, offset: u64, dst: &mut [u8], mut hasher: Option<&mut ChunkHasher>) -> Result<(), KernelError> {
     match sh.source {
         Source::Map(map) => {
             let src = &map[offset as usize..offset as usize + dst.len()];

@@ -160,8 +160,12 @@ impl Download {
         let map = unsafe { Mmap::map(&self.partial) }.ctx("map", &self.partial_path)?;
         // Leaf digests are computed here from the bytes (never taken from
         // the remote), on the cores the sequential whole-file digest leaves
-        // idle, so they cost no time.
-        let leaf_bytes = crate::leaves::default_leaf_bytes(m.chunk_bytes());
+        // idle, so they cost no time; the format-3 chunk digests follow
+        // from them. A format-3 remote manifest keeps its leaf size.
+        let leaf_bytes = match m.chunk_scheme() {
+            ChunkScheme::Merkle { leaf_bytes } => leaf_bytes,
+            ChunkScheme::Plain => crate::leaves::default_leaf_bytes(m.chunk_bytes()),
+        };
         let threads = hash::default_threads().saturating_sub(1).max(1);
         let (got, leaves) = std::thread::scope(|s| {
             let leaves = s.spawn(|| crate::leaves::leaf_digests_parallel(&map, leaf_bytes, threads));
@@ -182,7 +186,15 @@ impl Download {
             .set_permissions(fs::Permissions::from_mode(0o444))
             .ctx("chmod", &self.partial_path)?;
         self.partial.sync_all().ctx("fsync", &self.partial_path)?;
-        let rec = m.record().with_leaves(leaf_bytes, leaves);
+        let rec = m.record().into_format3(leaf_bytes, leaves);
+        if m.chunk_scheme() != ChunkScheme::Plain && rec.chunk_digests != m.chunk_digests() {
+            // Every chunk matched the remote's roots, so this cannot happen
+            // short of a bug; never store a manifest that disagrees.
+            return Err(StoreError::RemoteCorrupt {
+                digest,
+                detail: "the leaves of the downloaded bytes do not give the remote manifest's chunk digests".into(),
+            });
+        }
         store.write_manifest_bytes(&digest, &rec.encode())?;
         let dest = store.blob_path(&digest);
         fs::rename(&self.partial_path, &dest).ctx("rename into place", &dest)?;
