@@ -114,6 +114,14 @@ pub struct Args {
     /// neither side pays a sleep and a wake-up (0: sleep at once).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Also serve the OpenAI-compatible HTTP API here (docs/HTTP.md):
+    /// /v1/completions, /v1/chat/completions, /v1/models, /health,
+    /// /metrics, on the same worker rings.
+    #[arg(long)]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// The model name the HTTP API reports (`/v1/models`, `model` fields).
+    #[arg(long, default_value = "cnse-synthetic")]
+    pub model_name: String,
 }
 
 pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -200,6 +208,8 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         auth_key,
         stage_timing: a.stage_timing,
         busy_poll: Duration::from_micros(a.busy_poll_us),
+        http_listen: a.http_listen,
+        model_name: a.model_name.clone(),
         ..Config::default()
     })
 }
@@ -259,6 +269,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let signals = block_signals();
     let server = Server::start(cfg, factory).context("starting the server")?;
     println!("listening on {}", server.local_addr());
+    if let Some(h) = server.http_addr() {
+        println!("http listening on {h}");
+    }
     eprintln!(
         "cnse-dp: {} worker thread(s), backend {:?}",
         server.threads(),

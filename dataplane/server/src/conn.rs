@@ -44,8 +44,19 @@ pub enum SendOp {
     InFlight,
 }
 
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// The CNSE binary protocol (`--listen`).
+    Binary,
+    /// HTTP/1.1, the OpenAI-compatible front (`--http-listen`).
+    Http,
+}
+
 pub struct Conn {
     pub gen: u32,
+    pub proto: Proto,
+    pub http: crate::http::HttpConn,
     pub fd: libc::c_int,
     pub state: ConnState,
     pub decoder: FrameDecoder,
@@ -77,6 +88,8 @@ impl Conn {
     pub fn new(now: Instant, payload_bytes_max: u32) -> Self {
         Self {
             gen: 0,
+            proto: Proto::Binary,
+            http: crate::http::HttpConn::default(),
             fd: -1,
             state: ConnState::Free,
             decoder: FrameDecoder::new(Direction::ToServer, payload_bytes_max),
@@ -120,6 +133,7 @@ impl Conn {
             + self.out_flight.capacity()
             + self.backlog.capacity()
             + self.decoder.staging_capacity()
+            + self.http.capacity()
     }
 
     pub fn find_stream(&self, client_id: u64) -> Option<usize> {

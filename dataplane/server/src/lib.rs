@@ -16,6 +16,8 @@ use cnse_backend::BackendFactory;
 
 mod auth;
 mod conn;
+mod http;
+mod metrics;
 mod listen;
 pub mod session;
 pub mod sim;
@@ -87,6 +89,10 @@ pub struct Config {
     /// follow within it find the thread running, so neither side pays a
     /// sleep and a wake-up. Zero: block at once.
     pub busy_poll: Duration,
+    /// The OpenAI-compatible HTTP front's address (`None`: no HTTP).
+    pub http_listen: Option<SocketAddr>,
+    /// The model name the HTTP front reports and echoes.
+    pub model_name: String,
 }
 
 impl Default for Config {
@@ -115,6 +121,8 @@ impl Default for Config {
             server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),
             stage_timing: false,
             busy_poll: Duration::ZERO,
+            http_listen: None,
+            model_name: "cnse-synthetic".to_string(),
         }
     }
 }
@@ -184,6 +192,7 @@ pub(crate) struct Shared {
 /// workers.
 pub struct Server {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     wakers: Vec<worker::Waker>,
     threads: Vec<JoinHandle<Result<(), std::io::Error>>>,
@@ -212,6 +221,17 @@ impl Server {
             addr: config.listen,
             error,
         })?;
+        let mut http_listeners = match config.http_listen {
+            Some(a) => listen::bind_reuseport(a, config.threads)?.into_iter().map(Some).collect(),
+            None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
+        };
+        let http_addr = match http_listeners.first() {
+            Some(Some(fd)) => Some(listen::local_addr(fd).map_err(|error| ServerError::Bind {
+                addr: config.http_listen.expect("bound above"),
+                error,
+            })?),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             shutdown: AtomicBool::new(false),
             counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
@@ -222,6 +242,7 @@ impl Server {
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
         for (index, listener) in listeners.into_iter().enumerate() {
+            let http_listener = http_listeners[index].take();
             let (waker, wake_fd) = worker::Waker::new().map_err(ServerError::Ring)?;
             wakers.push(waker);
             let shared = shared.clone();
@@ -231,7 +252,13 @@ impl Server {
                 .name(format!("cnse-worker-{index}"))
                 .spawn({
                     let backend = backend.clone();
-                    move || worker::run(index, config, shared, listener, wake_fd, backend, ready)
+                    move || {
+                        let listeners = worker::Listeners {
+                            binary: listener,
+                            http: http_listener,
+                        };
+                        worker::run(index, config, shared, listeners, wake_fd, backend, ready)
+                    }
                 })
                 .map_err(|error| ServerError::Worker { thread: index, error })?;
             threads.push(handle);
@@ -239,6 +266,7 @@ impl Server {
         drop(ready_tx);
         let mut server = Server {
             addr,
+            http_addr,
             shared,
             wakers,
             threads,
@@ -261,6 +289,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the HTTP front listens (`Config::http_listen`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn threads(&self) -> usize {
@@ -321,6 +354,27 @@ impl Server {
         }
         result
     }
+}
+
+/// The counters of every worker, read from their published atomics.
+pub(crate) fn counters_of(shared: &Shared) -> Vec<session::Counters> {
+    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    shared
+        .counters
+        .iter()
+        .map(|c| session::Counters {
+            streams_open: r(&c.streams_open),
+            conns_open: r(&c.conns_open),
+            tokens_sent: r(&c.tokens_sent),
+            tokens_produced: r(&c.tokens_produced),
+            frames_out: r(&c.frames_out),
+            frames_in: r(&c.frames_in),
+            requests: r(&c.requests),
+            violations: r(&c.violations),
+            rejected: r(&c.rejected),
+            accepted: r(&c.conns_accepted),
+        })
+        .collect()
 }
 
 /// Reads the stage histograms the workers left at exit.

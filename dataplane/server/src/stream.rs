@@ -148,6 +148,8 @@ pub struct Stream {
     pub prompt: String,
     pub error_code: u32,
     pub error_message: String,
+    /// The HTTP front's side of the stream (inert on binary connections).
+    pub http: crate::http::HttpStream,
 }
 
 impl Stream {
@@ -170,6 +172,7 @@ impl Stream {
             prompt: String::new(),
             error_code: 0,
             error_message: String::new(),
+            http: crate::http::HttpStream::default(),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::{Config, Shared, WorkerCounters};
 cnse_ring::op_kinds! {
     /// The worker's ring ops. Connection ops carry a slot tag (connection
     /// slot and generation); backend ops a wide tag (the backend's own).
-    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6 }
+    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6, AcceptHttp = 7 }
 }
 
 const BGID: u16 = 0;
@@ -132,6 +132,8 @@ struct Worker {
     bufs: BufRing,
     listener: Option<OwnedFd>,
     accept_armed: bool,
+    http_listener: Option<OwnedFd>,
+    http_accept_armed: bool,
     next_accept_retry: Instant,
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
@@ -142,11 +144,18 @@ struct Worker {
     poll_until: Instant,
 }
 
+/// A worker's listening sockets.
+pub(crate) struct Listeners {
+    pub binary: OwnedFd,
+    /// The HTTP front's (`Config::http_listen`).
+    pub http: Option<OwnedFd>,
+}
+
 pub(crate) fn run(
     index: usize,
     cfg: Arc<Config>,
     shared: Arc<Shared>,
-    listener: OwnedFd,
+    listener: Listeners,
     wake_fd: OwnedFd,
     factory: Arc<dyn cnse_backend::BackendFactory>,
     ready: Sender<Result<(), crate::ServerError>>,
@@ -171,6 +180,13 @@ pub(crate) fn run(
             return Err(e);
         }
     };
+    {
+        // GET /metrics on any worker reports the whole process.
+        let shared = worker.shared.clone();
+        worker.session.metrics = Some(Box::new(move |out: &mut Vec<u8>| {
+            crate::metrics::render_counters(out, &crate::counters_of(&shared))
+        }));
+    }
     let _ = ready.send(Ok(()));
     drop(ready);
     let result = worker.run();
@@ -191,7 +207,7 @@ impl Worker {
         index: usize,
         cfg: Arc<Config>,
         shared: Arc<Shared>,
-        listener: OwnedFd,
+        listener: Listeners,
         wake_fd: OwnedFd,
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
@@ -210,8 +226,10 @@ impl Worker {
         Ok(Worker {
             session: Session::new(cfg, backend, io, now, conns_max, index),
             bufs,
-            listener: Some(listener),
+            listener: Some(listener.binary),
             accept_armed: false,
+            http_listener: listener.http,
+            http_accept_armed: false,
             next_accept_retry: now,
             wake_fd,
             wake_buf: Box::new(0),
@@ -228,6 +246,7 @@ impl Worker {
 
     fn run(&mut self) -> io::Result<()> {
         self.arm_accept();
+        self.arm_accept_http();
         self.arm_wake();
         let mut turn_start = Instant::now();
         loop {
@@ -258,6 +277,9 @@ impl Worker {
                 // EMFILE/ENFILE ended the multishot accept: retry as
                 // descriptors free up.
                 self.arm_accept();
+            }
+            if !self.http_accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
+                self.arm_accept_http();
             }
             let done = self.shutdown_step();
             self.bufs.publish();
@@ -303,6 +325,7 @@ impl Worker {
                 self.session.on_recv_done(slot, gen, c.result.min(1), c.more());
             }
             Some(Op::Accept) => self.on_accept(c),
+            Some(Op::AcceptHttp) => self.on_accept_http(c),
             Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
             Some(Op::Wake) => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
@@ -333,6 +356,31 @@ impl Worker {
         }
     }
 
+    fn on_accept_http(&mut self, c: Completion) {
+        if !c.more() {
+            self.http_accept_armed = false;
+        }
+        if c.result >= 0 {
+            crate::listen::set_nodelay(c.result);
+            self.session.on_accept_http(c.result);
+        }
+        if !self.http_accept_armed && !self.session.is_shutting_down() {
+            if c.result == -libc::EMFILE || c.result == -libc::ENFILE {
+                self.next_accept_retry = self.session.now() + SWEEP_INTERVAL;
+            } else {
+                self.arm_accept_http();
+            }
+        }
+    }
+
+    fn arm_accept_http(&mut self) {
+        let Some(l) = &self.http_listener else { return };
+        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
+        // SAFETY: the listener stays open until teardown has drained.
+        unsafe { push(self.ring(), e, tag(Op::AcceptHttp, 0, 0)) };
+        self.http_accept_armed = true;
+    }
+
     fn arm_accept(&mut self) {
         let Some(l) = &self.listener else { return };
         let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
@@ -356,6 +404,11 @@ impl Worker {
         let sessions_done = self.session.shutdown_step(requested);
         if !was && self.session.is_shutting_down() && self.accept_armed {
             let e = opcode::AsyncCancel::new(tag(Op::Accept, 0, 0).raw()).build();
+            // SAFETY: a cancel points at no memory.
+            unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
+        }
+        if !was && self.session.is_shutting_down() && self.http_accept_armed {
+            let e = opcode::AsyncCancel::new(tag(Op::AcceptHttp, 0, 0).raw()).build();
             // SAFETY: a cancel points at no memory.
             unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
         }
@@ -389,7 +442,7 @@ impl Worker {
         let ring = &mut self.session.io.ring;
         let left = ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);
         for c in &self.cqes {
-            if Op::from_code(c.tag.kind()) == Some(Op::Accept) && c.result >= 0 {
+            if matches!(Op::from_code(c.tag.kind()), Some(Op::Accept | Op::AcceptHttp)) && c.result >= 0 {
                 // Accepted after the session closed its doors: nobody owns it.
                 self.session.io.close(c.result);
             }
@@ -400,6 +453,7 @@ impl Worker {
         }
         self.session.close_all();
         drop(self.listener.take());
+        drop(self.http_listener.take());
         self.bufs.unregister(&self.session.io.ring);
         true
     }

@@ -58,11 +58,21 @@ impl<T: Transport> Session<T> {
             }
             ConnState::Free | ConnState::Closing => return,
         }
+        let http = self.tables.conns[slot as usize].proto == crate::conn::Proto::Http;
         let mut k = 0;
         while k < self.tables.conns[slot as usize].streams.len() {
-            if self.flush_stream(slot, k) {
+            let more = if http {
+                self.http_flush_stream(slot, k)
+            } else {
+                self.flush_stream(slot, k)
+            };
+            if more {
                 k += 1;
             }
+        }
+        if http {
+            // A response ended: answer the requests pipelined behind it.
+            self.http_drive(slot);
         }
         if self.tables.conns[slot as usize].send == SendOp::Idle {
             self.submit_send(slot);
@@ -76,10 +86,6 @@ impl<T: Transport> Session<T> {
         let t = &mut self.tables;
         let now = t.now;
         let soft = t.cfg.send_buffer_bytes;
-        let (low_tokens, low_bytes) = (
-            t.cfg.stream_buffered_tokens_max / 2,
-            t.cfg.stream_buffered_bytes_max / 2,
-        );
         let (client_id, sslot) = t.conns[slot as usize].streams[k];
         let (streams, conns) = (&mut t.streams, &mut t.conns);
         let s = &mut streams[sslot as usize];
@@ -127,12 +133,20 @@ impl<T: Transport> Session<T> {
             t.free_stream(sslot);
             return false;
         }
+        self.resume_if_drained(sslot);
+        true
+    }
+
+    /// A paused backend resumes once its stream's queue drained to half.
+    pub(crate) fn resume_if_drained(&mut self, sslot: u32) {
+        let cfg = &self.tables.cfg;
+        let (low_tokens, low_bytes) = (cfg.stream_buffered_tokens_max / 2, cfg.stream_buffered_bytes_max / 2);
+        let s = &mut self.tables.streams[sslot as usize];
         if s.paused && s.phase == Phase::Running && s.queue.tokens() <= low_tokens && s.queue.bytes() <= low_bytes {
             s.paused = false;
             let id = work_id(sslot, s.gen);
             self.backend.resume(id, &mut self.io);
         }
-        true
     }
 
     /// Hands the connection's pending output to the transport: the rest of

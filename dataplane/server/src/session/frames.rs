@@ -17,7 +17,7 @@ use crate::transport::Transport;
 const STAGING_FLOOR_BYTES: usize = 4 * 1024;
 
 /// A REQUEST that passed its checks, ready to be scheduled.
-pub(super) struct Admitted<'a> {
+pub(crate) struct Admitted<'a> {
     pub stream_id: u64,
     pub credit: Credit,
     pub req: Request<'a>,

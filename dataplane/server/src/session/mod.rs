@@ -37,6 +37,7 @@ mod schedule;
 mod tables;
 
 pub use tables::Counters;
+pub(crate) use frames::Admitted;
 pub(crate) use tables::{work_id, Queued, Tables};
 
 /// How often timeouts are checked.
@@ -52,9 +53,14 @@ pub struct Session<T: Transport> {
     queue: BinaryHeap<Queued>,
     queue_order: u64,
     limits: ParamLimits,
-    auth: Option<AuthKey>,
+    pub(crate) auth: Option<AuthKey>,
     next_sweep: Instant,
-    shutting_down: Option<Instant>,
+    pub(crate) shutting_down: Option<Instant>,
+    /// When the session started (Unix seconds: the HTTP model list).
+    pub(crate) started_unix: u64,
+    /// Renders the Prometheus metrics of the whole process (set by the I/O
+    /// layer, which sees every worker); without it, this session's own.
+    pub(crate) metrics: Option<Box<dyn Fn(&mut Vec<u8>) + Send>>,
     backend_deadline: Option<Instant>,
 }
 
@@ -88,6 +94,10 @@ impl<T: Transport> Session<T> {
             auth,
             next_sweep: now + SWEEP_INTERVAL,
             shutting_down: None,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            metrics: None,
             backend_deadline: None,
         }
     }
@@ -210,6 +220,7 @@ impl<T: Transport> Session<T> {
         c.streams.clear();
         c.fill_first_end = None;
         c.fill_ends = 0;
+        c.proto = crate::conn::Proto::Binary;
         c.accepted = now;
         c.last_input = now;
         self.tables.n.conns_open += 1;
@@ -225,6 +236,9 @@ impl<T: Transport> Session<T> {
             return;
         }
         c.last_input = self.tables.now;
+        if c.proto == crate::conn::Proto::Http {
+            return self.http_input(slot, data);
+        }
         if c.backlog.is_empty() {
             let consumed = self.consume(slot, data);
             let c = &mut self.tables.conns[slot as usize];
@@ -393,6 +407,14 @@ impl<T: Transport> Session<T> {
             match c.state {
                 ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
                     self.violate(slot, code::BAD_REQUEST, "no HELLO within the handshake timeout");
+                }
+                ConnState::Open
+                    if c.proto == crate::conn::Proto::Http
+                        && !c.http.busy
+                        && c.http.started.is_some_and(|t| now.duration_since(t) >= handshake) =>
+                {
+                    // A request that does not complete in time (slow head or body).
+                    self.http_timeout(slot);
                 }
                 ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
                     self.close_conn(slot)

@@ -15,7 +15,7 @@ use crate::transport::Transport;
 
 impl<T: Transport> Session<T> {
     /// Starts or queues an admitted request; `Err` is the stream's ERROR.
-    pub(super) fn schedule(&mut self, slot: u32, a: Admitted<'_>) -> Result<(), (u32, &'static str)> {
+    pub(crate) fn schedule(&mut self, slot: u32, a: Admitted<'_>) -> Result<(), (u32, &'static str)> {
         let cfg = &self.tables.cfg;
         if self.tables.conns[slot as usize].streams.len() >= cfg.streams_per_conn_max {
             return Err((code::OVERLOADED, "too many open streams on this connection"));
@@ -98,7 +98,7 @@ impl<T: Transport> Session<T> {
     }
 
     /// Ends the backend's part of a stream (no frame is written).
-    pub(super) fn stop_stream(&mut self, sslot: u32) {
+    pub(crate) fn stop_stream(&mut self, sslot: u32) {
         let s = &self.tables.streams[sslot as usize];
         match s.phase {
             Phase::Running => self.backend.cancel(work_id(sslot, s.gen), &mut self.io),

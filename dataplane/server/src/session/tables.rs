@@ -55,6 +55,10 @@ pub(crate) struct Tables {
     pub mem_held: usize,
     /// With `cfg.stage_timing`.
     pub stages: Option<Box<StageTimes>>,
+    /// The HTTP front's reused buffers: a response body or event being
+    /// built, and a request's prompt (chat template applied).
+    pub http_scratch: Vec<u8>,
+    pub http_prompt: String,
 }
 
 /// Capacity a stream's prompt keeps between requests.
@@ -80,6 +84,8 @@ impl Tables {
             .then(|| Box::new(StageTimes::new(worker, conns_max)));
         Tables {
             stages,
+            http_scratch: Vec::new(),
+            http_prompt: String::new(),
             cfg,
             now,
             conns,
@@ -160,6 +166,12 @@ impl Tables {
             c.backlog = Vec::new();
         }
         c.decoder.shrink_staging(STAGING_KEEP_BYTES);
+        if c.http.inbuf.is_empty() && c.http.inbuf.capacity() > STAGING_KEEP_BYTES {
+            c.http.inbuf = Vec::new();
+        }
+        if c.http.body.capacity() > STAGING_KEEP_BYTES {
+            c.http.body = Vec::new();
+        }
         let now = c.buffer_bytes();
         self.mem_held = self.mem_held - c.held_bytes + now;
         c.held_bytes = now;
@@ -172,6 +184,10 @@ impl Tables {
         s.gen = s.gen.wrapping_add(1);
         s.queue.clear();
         s.paused = false;
+        s.http.text.clear();
+        if s.http.text.capacity() > PROMPT_KEEP_BYTES {
+            s.http.text = Vec::new();
+        }
         self.mem_held -= s.prompt.capacity();
         if s.prompt.capacity() > PROMPT_KEEP_BYTES {
             s.prompt = String::new();

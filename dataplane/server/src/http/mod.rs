@@ -1,0 +1,357 @@
+//! The OpenAI-compatible HTTP/1.1 front, on the same session as the binary
+//! protocol: an HTTP connection is a connection slot whose input is parsed
+//! as requests (`parse.rs`) and whose streams are framed as server-sent
+//! events or one JSON body (`openai.rs`, `respond.rs`). Admission,
+//! scheduling, backpressure (a slow reader pauses its stream), timeouts and
+//! cancellation (a client that disconnects frees the backend's work) are the
+//! binary protocol's.
+//!
+//! One request at a time per connection: pipelined requests wait in the
+//! input buffer and are answered in order.
+
+use std::time::Instant;
+
+use cnse_proto::{code, Request};
+
+use crate::conn::{ConnState, Proto};
+use crate::session::{Admitted, Session, DRAIN_TIMEOUT};
+use crate::stream::Credit;
+use crate::transport::Transport;
+
+pub(crate) mod openai;
+pub(crate) mod parse;
+mod respond;
+
+use openai::Kind;
+use parse::{Auth, Method, Route};
+
+/// A connection's HTTP side.
+#[derive(Debug, Default)]
+pub struct HttpConn {
+    /// Received bytes not yet answered (a partial request, or pipelined
+    /// ones waiting for the current response).
+    pub inbuf: Vec<u8>,
+    /// A chunked body, decoded.
+    pub body: Vec<u8>,
+    /// A response is being produced; later requests wait.
+    pub busy: bool,
+    /// Close once the current response is out.
+    pub close_after: bool,
+    /// Response ids of this connection (`cmpl-N`).
+    pub next_id: u64,
+    /// When the first byte of the request not yet complete arrived.
+    pub started: Option<Instant>,
+}
+
+impl HttpConn {
+    pub fn reset(&mut self) {
+        self.inbuf.clear();
+        self.body.clear();
+        self.busy = false;
+        self.close_after = false;
+        self.started = None;
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.inbuf.capacity() + self.body.capacity()
+    }
+}
+
+/// A stream's HTTP side (inert for binary-protocol streams).
+#[derive(Debug)]
+pub struct HttpStream {
+    pub kind: Kind,
+    /// Server-sent events (`stream: true`), else one JSON body at the end.
+    pub sse: bool,
+    pub include_usage: bool,
+    /// The chat role went out with the first chunk.
+    pub first_sent: bool,
+    /// Text produced and not yet written: held back while it may be the
+    /// start of a stop sequence or ends inside a UTF-8 character; for a
+    /// JSON body, all of it.
+    pub text: Vec<u8>,
+    pub stops: Vec<String>,
+    /// A stop sequence matched: finish reason `stop`.
+    pub stopped: bool,
+    pub prompt_tokens: u64,
+    pub id: u64,
+    pub created: u64,
+}
+
+impl Default for HttpStream {
+    fn default() -> Self {
+        HttpStream {
+            kind: Kind::Completion,
+            sse: false,
+            include_usage: false,
+            first_sent: false,
+            text: Vec::new(),
+            stops: Vec::new(),
+            stopped: false,
+            prompt_tokens: 0,
+            id: 0,
+            created: 0,
+        }
+    }
+}
+
+/// Bytes an HTTP connection may hold unanswered: one largest request.
+fn inbuf_max(payload_bytes_max: u32) -> usize {
+    parse::HEAD_BYTES_MAX + payload_bytes_max as usize + 64 * 1024
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The HTTP status that answers a protocol error code.
+pub(crate) fn status_of(code_: u32) -> u16 {
+    match code_ {
+        code::BAD_REQUEST => 400,
+        code::UNAUTHORIZED => 401,
+        code::PAYLOAD_TOO_LARGE => 413,
+        code::OVERLOADED => 429,
+        code::SHUTTING_DOWN => 503,
+        code::BACKEND_TIMEOUT => 504,
+        c if (400..600).contains(&c) => c as u16,
+        _ => 500,
+    }
+}
+
+impl<T: Transport> Session<T> {
+    /// A new HTTP connection on `fd` (`--http-listen`): no handshake, it is
+    /// open at once.
+    pub fn on_accept_http(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
+        let slot = self.on_accept(fd)?;
+        let c = &mut self.tables.conns[slot as usize];
+        c.proto = Proto::Http;
+        c.state = ConnState::Open;
+        c.http.reset();
+        Some(slot)
+    }
+
+    /// Bytes received on an HTTP connection.
+    pub(crate) fn http_input(&mut self, slot: u32, data: &[u8]) {
+        let max = inbuf_max(self.tables.cfg.payload_bytes_max);
+        let now = self.tables.now;
+        let c = &mut self.tables.conns[slot as usize];
+        if c.http.inbuf.len() + data.len() > max {
+            c.http.inbuf.clear();
+            self.http_fatal(slot, 413, "request too large");
+            return;
+        }
+        if c.http.inbuf.is_empty() {
+            c.http.started = Some(now);
+        }
+        c.http.inbuf.extend_from_slice(data);
+        self.http_drive(slot);
+        self.tables.account_conn(slot);
+        self.tables.mark_dirty(slot);
+    }
+
+    /// Answers the buffered requests in order while none is in progress.
+    pub(crate) fn http_drive(&mut self, slot: u32) {
+        loop {
+            let c = &mut self.tables.conns[slot as usize];
+            if c.http.busy || c.state != ConnState::Open || c.http.inbuf.is_empty() {
+                return;
+            }
+            let head = match parse::head(&c.http.inbuf) {
+                Ok(Some(h)) => h,
+                Ok(None) => return,
+                Err(e) => return self.http_fatal(slot, e.status, e.message),
+            };
+            let max = self.tables.cfg.payload_bytes_max as usize;
+            let c = &mut self.tables.conns[slot as usize];
+            let mut body = std::mem::take(&mut c.http.body);
+            let used = match parse::body(&c.http.inbuf, &head, max, &mut body) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    c.http.body = body;
+                    return;
+                }
+                Err(e) => {
+                    c.http.body = body;
+                    return self.http_fatal(slot, e.status, e.message);
+                }
+            };
+            self.tables.n.frames_in += 1;
+            let inbuf = std::mem::take(&mut self.tables.conns[slot as usize].http.inbuf);
+            let body_bytes: &[u8] = match head.body {
+                parse::BodyKind::Length(n) => &inbuf[head.len..head.len + n],
+                parse::BodyKind::Chunked => &body,
+                parse::BodyKind::None => &[],
+            };
+            if !head.keep_alive {
+                self.tables.conns[slot as usize].http.close_after = true;
+            }
+            self.http_request(slot, &head, &inbuf, body_bytes);
+            let c = &mut self.tables.conns[slot as usize];
+            c.http.body = body;
+            c.http.inbuf = inbuf;
+            c.http.inbuf.drain(..used);
+            c.http.started = (!c.http.inbuf.is_empty()).then_some(self.tables.now);
+            if !c.http.busy && c.http.close_after {
+                return self.http_close_after_output(slot);
+            }
+        }
+    }
+
+    fn http_request(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8]) {
+        let (route, method) = (head.route, head.method);
+        let wanted = match route {
+            Route::Completions | Route::ChatCompletions => Method::Post,
+            Route::Models | Route::Health | Route::Metrics => Method::Get,
+            Route::Unknown => return self.http_respond_error(slot, 404, "no such endpoint"),
+        };
+        if method != wanted {
+            return self.http_respond_error(slot, 405, "method not allowed on this endpoint");
+        }
+        if route != Route::Health {
+            if let Some(key) = &self.auth {
+                let ok = match head.auth {
+                    Auth::Bearer { at, len } => key.verify(&raw[at..at + len]),
+                    Auth::Missing | Auth::Malformed => false,
+                };
+                if !ok {
+                    return self.http_respond_error(slot, 401, "missing or wrong API key (Authorization: Bearer KEY)");
+                }
+            }
+        }
+        match route {
+            Route::Health => self.http_respond(slot, 200, "application/json", b"{\"status\":\"ok\"}"),
+            Route::Models => {
+                let mut b = std::mem::take(&mut self.tables.http_scratch);
+                b.clear();
+                openai::models(&mut b, &self.tables.cfg.model_name, self.started_unix);
+                self.http_respond(slot, 200, "application/json", &b);
+                self.tables.http_scratch = b;
+            }
+            Route::Metrics => {
+                let mut b = std::mem::take(&mut self.tables.http_scratch);
+                b.clear();
+                self.metrics_text(&mut b);
+                self.http_respond(slot, 200, "text/plain; version=0.0.4", &b);
+                self.tables.http_scratch = b;
+            }
+            Route::Completions => self.http_generate(slot, Kind::Completion, body),
+            Route::ChatCompletions => self.http_generate(slot, Kind::Chat, body),
+            Route::Unknown => unreachable!("answered above"),
+        }
+    }
+
+    fn http_generate(&mut self, slot: u32, kind: Kind, body: &[u8]) {
+        let limit = self.tables.cfg.max_tokens_limit;
+        let mut prompt = std::mem::take(&mut self.tables.http_prompt);
+        let parsed = match openai::parse(body, kind == Kind::Chat, limit, &mut prompt) {
+            Ok(p) => p,
+            Err(m) => {
+                self.tables.http_prompt = prompt;
+                return self.http_respond_error(slot, 400, &m);
+            }
+        };
+        if self.shutting_down.is_some() {
+            self.tables.http_prompt = prompt;
+            return self.http_respond_error(slot, 503, "server shutting down");
+        }
+        let c = &mut self.tables.conns[slot as usize];
+        c.http.next_id += 1;
+        let id = c.http.next_id;
+        let admitted = Admitted {
+            stream_id: id,
+            credit: Credit::Unlimited,
+            req: Request {
+                params: parsed.params,
+                prompt: &prompt,
+            },
+        };
+        let scheduled = self.schedule(slot, admitted);
+        let prompt_tokens = openai::prompt_tokens(&prompt);
+        self.tables.http_prompt = prompt;
+        if let Err((code_, message)) = scheduled {
+            self.tables.n.rejected += 1;
+            return self.http_respond_error(slot, status_of(code_), message);
+        }
+        let sslot = self.tables.conns[slot as usize]
+            .streams
+            .last()
+            .expect("schedule added the stream")
+            .1;
+        let s = &mut self.tables.streams[sslot as usize];
+        let h = &mut s.http;
+        h.kind = kind;
+        h.sse = parsed.stream;
+        h.include_usage = parsed.include_usage;
+        h.first_sent = false;
+        h.text.clear();
+        h.stops = parsed.stops;
+        h.stopped = false;
+        h.prompt_tokens = prompt_tokens;
+        h.id = id;
+        h.created = unix_secs();
+        let c = &mut self.tables.conns[slot as usize];
+        c.http.busy = true;
+        if parsed.stream {
+            respond::head(&mut c.out_fill, 200, "text/event-stream", None, !c.http.close_after);
+        }
+        self.tables.mark_dirty(slot);
+    }
+
+    /// A complete response with a body.
+    fn http_respond(&mut self, slot: u32, status: u16, content_type: &str, body: &[u8]) {
+        let c = &mut self.tables.conns[slot as usize];
+        respond::head(&mut c.out_fill, status, content_type, Some(body.len()), !c.http.close_after);
+        c.out_fill.extend_from_slice(body);
+        self.tables.n.frames_out += 1;
+        self.tables.mark_dirty(slot);
+    }
+
+    /// An OpenAI-shaped error response; the connection stays open.
+    pub(crate) fn http_respond_error(&mut self, slot: u32, status: u16, message: &str) {
+        let mut b = std::mem::take(&mut self.tables.http_scratch);
+        b.clear();
+        openai::error_body(&mut b, status, message);
+        self.http_respond(slot, status, "application/json", &b);
+        self.tables.http_scratch = b;
+    }
+
+    /// A request that cannot be framed (malformed, too large): answer, then
+    /// close, since what follows in the input cannot be trusted.
+    fn http_fatal(&mut self, slot: u32, status: u16, message: &str) {
+        self.tables.n.violations += 1;
+        let c = &mut self.tables.conns[slot as usize];
+        c.http.inbuf.clear();
+        c.http.close_after = true;
+        if c.http.busy {
+            // A response is streaming: it cannot be interleaved; just close.
+            return self.close_conn(slot);
+        }
+        self.http_respond_error(slot, status, message);
+        self.http_close_after_output(slot);
+    }
+
+    /// Sends what is queued, then closes (a draining connection).
+    pub(crate) fn http_close_after_output(&mut self, slot: u32) {
+        let deadline = self.tables.now + DRAIN_TIMEOUT;
+        let c = &mut self.tables.conns[slot as usize];
+        if c.state == ConnState::Open {
+            c.state = ConnState::Draining { deadline };
+        }
+        self.tables.mark_dirty(slot);
+    }
+
+    /// A request that did not arrive whole within the handshake timeout.
+    pub(crate) fn http_timeout(&mut self, slot: u32) {
+        self.http_fatal(slot, 408, "request not received in time");
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    fn metrics_text(&self, out: &mut Vec<u8>) {
+        match &self.metrics {
+            Some(render) => render(out),
+            None => crate::metrics::render_counters(out, &[self.counters()]),
+        }
+    }
+}
