@@ -37,8 +37,6 @@ pub struct HttpConn {
     pub busy: bool,
     /// Close once the current response is out.
     pub close_after: bool,
-    /// Response ids of this connection (`cmpl-N`).
-    pub next_id: u64,
     /// When the first byte of the request not yet complete arrived.
     pub started: Option<Instant>,
 }
@@ -256,9 +254,10 @@ impl<T: Transport> Session<T> {
             self.tables.http_prompt = prompt;
             return self.http_respond_error(slot, 503, "server shutting down");
         }
-        let c = &mut self.tables.conns[slot as usize];
-        c.http.next_id += 1;
-        let id = c.http.next_id;
+        // Response ids (`cmpl-N`) unique in the process: the worker in the
+        // top bits, a count below.
+        self.tables.http_ids += 1;
+        let id = (self.tables.worker as u64) << 40 | self.tables.http_ids;
         let admitted = Admitted {
             stream_id: id,
             credit: Credit::Unlimited,

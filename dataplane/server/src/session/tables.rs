@@ -59,6 +59,9 @@ pub(crate) struct Tables {
     /// built, and a request's prompt (chat template applied).
     pub http_scratch: Vec<u8>,
     pub http_prompt: String,
+    /// HTTP responses started by this worker, and the worker's index.
+    pub http_ids: u64,
+    pub worker: usize,
 }
 
 /// Capacity a stream's prompt keeps between requests.
@@ -86,6 +89,8 @@ impl Tables {
             stages,
             http_scratch: Vec::new(),
             http_prompt: String::new(),
+            http_ids: 0,
+            worker,
             cfg,
             now,
             conns,
