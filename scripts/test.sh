@@ -87,3 +87,6 @@ cargo test --release --workspace -- --test-threads=2
 
 log "Python SDK tests"
 scripts/test-python.sh
+
+log "HTTP front with the openai package, curl and prometheus_client"
+scripts/test-http.sh

@@ -1,0 +1,132 @@
+"""Issue 12: the HTTP front against clients nobody here wrote: the official
+`openai` package, `curl -N`, and `prometheus_client`'s exposition parser.
+Run by scripts/test-http.sh (a venv with those packages, the real binary)."""
+
+import os
+import subprocess
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+BIN = os.environ.get("CNSE_DP_BIN", "target/release/cnse-dp")
+
+
+def start(*extra):
+    p = subprocess.Popen(
+        [BIN, "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--threads", "1", "--no-pin", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    for _ in range(4):
+        line = p.stdout.readline()
+        if line.startswith("http listening on "):
+            return p, "http://" + line.split()[-1]
+    p.kill()
+    raise RuntimeError("cnse-dp printed no `http listening on` line")
+
+
+@pytest.fixture(scope="module")
+def server():
+    p, base = start("--synthetic-ttft-us", "0", "--synthetic-token-interval-us", "0")
+    yield base
+    p.terminate()
+    p.wait(timeout=10)
+
+
+def client(base, key="unused"):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+
+def test_completions_whole_and_streamed_are_the_same_text(server):
+    c = client(server)
+    whole = c.completions.create(model="cnse-synthetic", prompt="Tell me a story", max_tokens=12, temperature=0, seed=9)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 12
+    text = "".join(
+        ch.choices[0].text
+        for ch in c.completions.create(model="cnse-synthetic", prompt="Tell me a story", max_tokens=12,
+                                       temperature=0, seed=9, stream=True)
+        if ch.choices
+    )
+    assert text == whole.choices[0].text != ""
+
+
+def test_chat_whole_and_streamed_with_usage(server):
+    c = client(server)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    whole = c.chat.completions.create(model="cnse-synthetic", messages=msgs, max_tokens=8, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    parts, usage, roles = [], None, []
+    for ch in c.chat.completions.create(model="cnse-synthetic", messages=msgs, max_tokens=8, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}):
+        if ch.usage:
+            usage = ch.usage
+        for choice in ch.choices:
+            if choice.delta.role:
+                roles.append(choice.delta.role)
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+    assert "".join(parts) == whole.choices[0].message.content
+    assert roles == ["assistant"]
+    assert usage.completion_tokens == 8 and usage.total_tokens == usage.prompt_tokens + 8
+
+
+def test_stop_sequence_cuts_the_text(server):
+    c = client(server)
+    full = c.completions.create(model="m", prompt="abc", max_tokens=10, temperature=0, seed=1).choices[0].text
+    stop = full.split()[3]
+    for stream in (False, True):
+        if stream:
+            text = "".join(ch.choices[0].text for ch in c.completions.create(
+                model="m", prompt="abc", max_tokens=10, temperature=0, seed=1, stop=[stop], stream=True) if ch.choices)
+        else:
+            r = c.completions.create(model="m", prompt="abc", max_tokens=10, temperature=0, seed=1, stop=stop)
+            assert r.choices[0].finish_reason == "stop"
+            text = r.choices[0].text
+        assert text == full[: full.index(stop)], (stream, text, full, stop)
+
+
+def test_models_and_errors(server):
+    c = client(server)
+    assert [m.id for m in c.models.list()] == ["cnse-synthetic"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="m", prompt="x", max_tokens=0)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="m", prompt="x", n=2)
+    with pytest.raises(openai.NotFoundError):
+        c.embeddings.create(model="m", input="x")
+
+
+def test_a_wrong_key_is_refused(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    p, base = start("--auth-key-file", str(key))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong").models.list()
+        assert [m.id for m in client(base, "s3cret").models.list()] == ["cnse-synthetic"]
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+def test_curl_streams_server_sent_events(server):
+    out = subprocess.run(
+        ["curl", "-sN", "--max-time", "10", server + "/v1/completions", "-H", "Content-Type: application/json",
+         "-d", '{"prompt":"hello","max_tokens":5,"stream":true}'],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    events = [e[len("data: "):] for e in out.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert len(events) >= 3
+
+
+def test_metrics_parse_as_prometheus_text(server):
+    client(server).completions.create(model="m", prompt="x", max_tokens=3)
+    text = urllib.request.urlopen(server + "/metrics", timeout=10).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["cnse_requests"].samples[0].value >= 1
+    assert families["cnse_tokens_sent"].samples[0].value >= 3
+    assert families["cnse_connections_open"].type == "gauge"
