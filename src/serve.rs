@@ -119,10 +119,26 @@ pub struct Args {
     /// /metrics, on the same worker rings.
     #[arg(long)]
     pub http_listen: Option<std::net::SocketAddr>,
-    /// The model name the HTTP API reports (`/v1/models`, `model` fields).
-    #[arg(long, default_value = "cnse-synthetic")]
+    /// The model name the HTTP API reports (`/v1/models`, `model` fields);
+    /// with the llama backend, by default what llama-server lists.
+    #[arg(long, default_value = MODEL_NAME_DEFAULT)]
     pub model_name: String,
 }
+
+/// The HTTP front's model name: `--model-name`, or with the llama backend
+/// and no name given, what the first llama-server lists.
+fn model_name(a: &Args) -> String {
+    if a.model_name == MODEL_NAME_DEFAULT && matches!(a.backend, BackendKind::Llama) {
+        if let Some(url) = a.llama_url.first() {
+            if let Some(m) = cnse_llama::served_model(url, Duration::from_secs(2)) {
+                return m;
+            }
+        }
+    }
+    a.model_name.clone()
+}
+
+const MODEL_NAME_DEFAULT: &str = "cnse-synthetic";
 
 pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     let mut key = std::fs::read(path).with_context(|| format!("reading auth key file {}", path.display()))?;
@@ -209,7 +225,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         stage_timing: a.stage_timing,
         busy_poll: Duration::from_micros(a.busy_poll_us),
         http_listen: a.http_listen,
-        model_name: a.model_name.clone(),
+        model_name: model_name(a),
         ..Config::default()
     })
 }

@@ -130,3 +130,64 @@ def test_metrics_parse_as_prometheus_text(server):
     assert families["cnse_requests"].samples[0].value >= 1
     assert families["cnse_tokens_sent"].samples[0].value >= 3
     assert families["cnse_connections_open"].type == "gauge"
+
+
+LLAMA = os.environ.get("CNSE_LLAMA_URL")
+llama_only = pytest.mark.skipif(
+    not LLAMA and os.environ.get("CNSE_REQUIRE_SERVICES") != "1",
+    reason="CNSE_LLAMA_URL not set (scripts/test.sh starts a llama-server)",
+)
+
+
+@pytest.fixture(scope="module")
+def llama_front():
+    assert LLAMA, "CNSE_REQUIRE_SERVICES=1 but no CNSE_LLAMA_URL"
+    p, base = start("--backend", "llama", "--llama-url", LLAMA)
+    yield base
+    p.terminate()
+    p.wait(timeout=10)
+
+
+@llama_only
+def test_llama_text_equals_llama_servers_own_at_temperature_0(llama_front):
+    ours, theirs = client(llama_front), client(LLAMA)
+    model = ours.models.list().data[0].id
+    assert model == theirs.models.list().data[0].id
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    a = ours.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0)
+    b = theirs.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content != ""
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in ours.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0, stream=True)
+        if ch.choices
+    )
+    assert streamed == b.choices[0].message.content
+    a = ours.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
+    b = theirs.completions.create(model=model, prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert a.choices[0].text == b.choices[0].text != ""
+
+
+@llama_only
+def test_a_disconnecting_client_frees_its_llama_slot(llama_front):
+    import json
+    import socket
+    import time
+
+    def processing():
+        return sum(bool(s.get("is_processing")) for s in json.load(urllib.request.urlopen(LLAMA + "/slots", timeout=10)))
+
+    host, port = llama_front[len("http://"):].split(":")
+    body = json.dumps({"prompt": "Count slowly:", "max_tokens": 4000, "temperature": 0, "stream": True}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert b"200 OK" in s.recv(4096)
+    deadline = time.time() + 10
+    while processing() == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert processing() == 1
+    s.close()
+    deadline = time.time() + 10
+    while processing() != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert processing() == 0, "the slot is free once the client is gone"

@@ -37,6 +37,11 @@ pub struct Job<'a> {
     pub prompt: &'a str,
     /// When the REQUEST arrived (TTFT is measured from here).
     pub arrived: Instant,
+    /// A chat request's messages as a JSON array (the HTTP front's
+    /// `/v1/chat/completions`). A backend with a chat endpoint of its own
+    /// sends these, so the model's chat template applies; others generate
+    /// from `prompt`, which holds the messages through the front's template.
+    pub chat: Option<&'a str>,
 }
 
 /// Why a backend refused a job at `start`; becomes an ERROR on the stream.

@@ -525,6 +525,7 @@ mod tests {
             },
             prompt: "hello",
             arrived: now,
+            chat: None,
         }
     }
 

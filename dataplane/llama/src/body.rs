@@ -77,6 +77,42 @@ pub fn write_completion_body(out: &mut Vec<u8>, params: &Params, prompt: &str, c
     serde_json::to_writer(out, &body).expect("serializing a plain struct into a Vec cannot fail");
 }
 
+#[derive(Serialize)]
+struct ChatRest {
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    top_k: i32,
+    min_p: f32,
+    seed: u32,
+    stream: bool,
+    cache_prompt: bool,
+}
+
+/// Writes the streaming body of `POST /v1/chat/completions` (llama-server
+/// applies the model's chat template): `messages_json` (a JSON array the
+/// HTTP front checked and wrote) and the same sampling fields as
+/// [`write_completion_body`].
+pub fn write_chat_body(out: &mut Vec<u8>, params: &Params, messages_json: &str, cache_prompt: bool) {
+    out.extend_from_slice(b"{\"messages\":");
+    out.extend_from_slice(messages_json.as_bytes());
+    out.push(b',');
+    let rest = ChatRest {
+        max_tokens: params.max_tokens,
+        temperature: params.temperature,
+        top_p: params.top_p,
+        top_k: i32::try_from(params.top_k).unwrap_or(i32::MAX),
+        min_p: 0.0,
+        seed: seed_u32(params.seed),
+        stream: true,
+        cache_prompt,
+    };
+    let at = out.len();
+    serde_json::to_writer(&mut *out, &rest).expect("serializing a plain struct into a Vec cannot fail");
+    // `{"messages":[...],` + `{"max_tokens":...}` without its `{`.
+    out.remove(at);
+}
+
 /// The streaming request body as a string (tests, the direct client).
 pub fn completion_body(params: &Params, prompt: &str, cache_prompt: bool) -> String {
     let mut v = Vec::with_capacity(prompt.len() + 256);
@@ -107,6 +143,15 @@ mod tests {
         assert_eq!(v["stream"], true);
         assert_eq!(v["cache_prompt"], false);
         assert!((v["top_p"].as_f64().unwrap() - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn chat_bodies_carry_the_messages() {
+        let mut out = Vec::new();
+        write_chat_body(&mut out, &Params::default(), r#"[{"role":"user","content":"hi"}]"#, true);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["messages"][0]["content"], "hi");
+        assert_eq!((v["max_tokens"].as_u64(), v["stream"].as_bool()), (Some(16), Some(true)));
     }
 
     #[test]

@@ -117,6 +117,26 @@ pub struct Target {
 
 /// Parses and resolves `http://host:port` (an optional trailing `/` is
 /// accepted; paths, queries, user info and https are not).
+/// The id of the first model llama-server at `url` lists (`GET
+/// /v1/models`), for the HTTP front's model list; `None` when it cannot
+/// tell (old server, unreachable within `timeout`).
+pub fn served_model(url: &str, timeout: std::time::Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let t = parse_url(url).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&t.addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(s, "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", t.authority).ok()?;
+    let mut raw = Vec::new();
+    s.take(1 << 20).read_to_end(&mut raw).ok()?;
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if !raw.starts_with(b"HTTP/1.1 200") && !raw.starts_with(b"HTTP/1.0 200") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&raw[at..]).ok()?;
+    v["data"][0]["id"].as_str().map(str::to_string)
+}
+
 pub fn parse_url(url: &str) -> Result<Target, LlamaError> {
     let bad = |reason: &str| LlamaError::Url {
         url: url.to_string(),

@@ -40,6 +40,23 @@ pub struct Event<'a> {
     pub tokens_predicted: Option<u64>,
     #[serde(default)]
     error: Option<ErrorBody<'a>>,
+    /// `/v1/chat/completions` chunks carry their text and finish here.
+    #[serde(borrow, default)]
+    choices: Vec<Choice<'a>>,
+}
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Delta<'a>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -92,9 +109,20 @@ pub fn parse_line(line: &[u8]) -> Result<SseLine<'_>, String> {
         if rest == b"[DONE]" {
             return Ok(SseLine::Skip);
         }
-        let event: Event = serde_json::from_slice(rest).map_err(|e| format!("bad event JSON: {e}"))?;
+        let mut event: Event = serde_json::from_slice(rest).map_err(|e| format!("bad event JSON: {e}"))?;
         if let Some(err) = &event.error {
             return Ok(SseLine::Error(error_text(err)));
+        }
+        if let Some(choice) = event.choices.pop() {
+            // A chat chunk: one token's text per chunk; the last names
+            // why it ended. A usage-only chunk (no choices) is skipped.
+            event.content = choice.delta.content.unwrap_or_default();
+            if let Some(reason) = choice.finish_reason {
+                event.stop = true;
+                event.stop_type = Some(Cow::Borrowed(if reason == "length" { "limit" } else { "eos" }));
+            }
+        } else if rest.windows(10).any(|w| w == b"\"choices\":") {
+            return Ok(SseLine::Skip);
         }
         return Ok(SseLine::Event(event));
     }
@@ -148,6 +176,19 @@ pub fn status_message(status: u16, first_line: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_chunks() {
+        let token = br#"data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" Hi"}}],"created":1,"id":"chatcmpl-x","model":"m","object":"chat.completion.chunk"}"#;
+        let SseLine::Event(e) = parse_line(token).unwrap() else { panic!() };
+        assert_eq!((e.content.as_ref(), e.stop), (" Hi", false));
+        let last = br#"data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk"}"#;
+        let SseLine::Event(e) = parse_line(last).unwrap() else { panic!() };
+        assert!(e.stop && e.content.is_empty());
+        assert_eq!(e.finish_reason(), FinishReason::Length);
+        let usage = br#"data: {"choices":[],"usage":{"completion_tokens":3}}"#;
+        assert_eq!(parse_line(usage).unwrap(), SseLine::Skip);
+    }
 
     #[test]
     fn real_server_events() {

@@ -81,6 +81,7 @@ impl Driver {
             params,
             prompt,
             arrived: self.io.now,
+            chat: None,
         };
         backend.start(job, &mut self.io)
     }

@@ -281,12 +281,24 @@ impl Backend for LlamaBackend {
         };
         debug_assert!(!self.slots[i].reserved);
         self.body_scratch.clear();
-        write_completion_body(&mut self.body_scratch, &job.params, job.prompt, self.cfg.cache_prompt);
+        // Chat goes to llama-server's own chat endpoint, so the model's
+        // chat template applies.
+        let path = match job.chat {
+            Some(messages) => {
+                crate::body::write_chat_body(&mut self.body_scratch, &job.params, messages, self.cfg.cache_prompt);
+                "/v1/chat/completions"
+            }
+            None => {
+                write_completion_body(&mut self.body_scratch, &job.params, job.prompt, self.cfg.cache_prompt);
+                "/completion"
+            }
+        };
         let slot = &mut self.slots[i];
         slot.reserved = true;
         slot.send.clear();
-        http::write_completion_head(
+        http::write_post_head(
             &mut slot.send,
+            path,
             &self.shared[u].target.authority,
             self.body_scratch.len(),
         );

@@ -467,11 +467,17 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 /// Writes the head of `POST /completion` for a JSON body of `body_len`
 /// bytes.
 pub fn write_completion_head(out: &mut Vec<u8>, host: &str, body_len: usize) {
+    write_post_head(out, "/completion", host, body_len);
+}
+
+/// Writes the head of a streaming `POST path` for a JSON body of
+/// `body_len` bytes (`/completion`, `/v1/chat/completions`).
+pub fn write_post_head(out: &mut Vec<u8>, path: &str, host: &str, body_len: usize) {
     // Straight into the (reused) send buffer: no allocation per request
     // once it has grown to its working size.
     let _ = write!(
         out,
-        "POST /completion HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
          Accept: text/event-stream\r\nContent-Length: {body_len}\r\n\r\n"
     );
 }

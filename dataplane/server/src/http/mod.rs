@@ -74,6 +74,9 @@ pub struct HttpStream {
     pub prompt_tokens: u64,
     pub id: u64,
     pub created: u64,
+    /// A chat request: `messages` holds its messages as a JSON array.
+    pub chat: bool,
+    pub messages: String,
 }
 
 impl Default for HttpStream {
@@ -89,6 +92,8 @@ impl Default for HttpStream {
             prompt_tokens: 0,
             id: 0,
             created: 0,
+            chat: false,
+            messages: String::new(),
         }
     }
 }
@@ -265,6 +270,7 @@ impl<T: Transport> Session<T> {
                 params: parsed.params,
                 prompt: &prompt,
             },
+            chat: parsed.messages.as_deref(),
         };
         let scheduled = self.schedule(slot, admitted);
         let prompt_tokens = openai::prompt_tokens(&prompt);

@@ -6,7 +6,7 @@
 use std::io::Write as _;
 
 use cnse_proto::Params;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Most stop sequences a request may give (as OpenAI).
 pub const STOPS_MAX: usize = 4;
@@ -20,21 +20,22 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(untagged)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct Part {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct Message {
     role: String,
     content: Option<Content>,
@@ -67,6 +68,9 @@ pub struct Parsed {
     pub stream: bool,
     pub include_usage: bool,
     pub stops: Vec<String>,
+    /// Chat: the messages as a JSON array, for backends that apply the
+    /// model's own chat template.
+    pub messages: Option<String>,
 }
 
 /// Reads a completions (`chat` false) or chat-completions body; the prompt
@@ -75,12 +79,14 @@ pub struct Parsed {
 pub fn parse(body: &[u8], chat: bool, max_tokens_limit: u32, prompt: &mut String) -> Result<Parsed, String> {
     let b: Body = serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
     prompt.clear();
+    let mut messages_json = None;
     if chat {
         let messages = b.messages.ok_or("`messages` is required")?;
         if messages.is_empty() {
             return Err("`messages` must not be empty".into());
         }
         template(&messages, prompt)?;
+        messages_json = Some(serde_json::to_string(&messages).map_err(|e| format!("messages: {e}"))?);
     } else {
         match b.prompt.ok_or("`prompt` is required")? {
             OneOrMany::One(p) => prompt.push_str(&p),
@@ -126,6 +132,7 @@ pub fn parse(body: &[u8], chat: bool, max_tokens_limit: u32, prompt: &mut String
         stream: b.stream.unwrap_or(false),
         include_usage: b.stream_options.unwrap_or_default().include_usage.unwrap_or(false),
         stops,
+        messages: messages_json,
     })
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct Admitted<'a> {
     pub stream_id: u64,
     pub credit: Credit,
     pub req: Request<'a>,
+    /// The HTTP front's chat messages (JSON array), see `Job::chat`.
+    pub chat: Option<&'a str>,
 }
 
 impl<T: Transport> Session<T> {
@@ -158,6 +160,7 @@ impl<T: Transport> Session<T> {
             stream_id,
             credit: Credit::from_initial(arg),
             req,
+            chat: None,
         };
         if let Err((code, message)) = self.schedule(slot, admitted) {
             self.reject(slot, stream_id, code, message);

@@ -152,7 +152,12 @@ impl<T: Transport> Session<T> {
     /// every buffer): equal unless the accounting leaks.
     pub fn memory(&self) -> (usize, usize) {
         let conns: usize = self.tables.conns.iter().map(|c| c.held_bytes).sum();
-        let prompts: usize = self.tables.streams.iter().map(|s| s.prompt.capacity()).sum();
+        let prompts: usize = self
+            .tables
+            .streams
+            .iter()
+            .map(|s| s.prompt.capacity() + s.http.messages.capacity())
+            .sum();
         (self.tables.mem_held, conns + prompts)
     }
 

@@ -47,9 +47,12 @@ impl<T: Transport> Session<T> {
         s.first_token = None;
         s.params = a.req.params;
         s.prompt.clear();
-        let before = s.prompt.capacity();
+        s.http.messages.clear();
+        s.http.chat = a.chat.is_some();
+        let before = s.prompt.capacity() + s.http.messages.capacity();
         s.prompt.push_str(a.req.prompt);
-        t.mem_held = t.mem_held - before + s.prompt.capacity();
+        s.http.messages.push_str(a.chat.unwrap_or(""));
+        t.mem_held = t.mem_held - before + s.prompt.capacity() + s.http.messages.capacity();
         let gen = s.gen;
         t.conns[slot as usize].streams.push((a.stream_id, sslot));
         if run_now {
@@ -91,6 +94,7 @@ impl<T: Transport> Session<T> {
             params: s.params,
             prompt: &s.prompt,
             arrived: s.arrived,
+            chat: s.http.chat.then_some(s.http.messages.as_str()),
         };
         if let Err(reject) = self.backend.start(job, &mut self.io) {
             t.fail(sslot, reject.code, &reject.message);

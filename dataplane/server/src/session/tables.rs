@@ -193,11 +193,16 @@ impl Tables {
         if s.http.text.capacity() > PROMPT_KEEP_BYTES {
             s.http.text = Vec::new();
         }
-        self.mem_held -= s.prompt.capacity();
+        self.mem_held -= s.prompt.capacity() + s.http.messages.capacity();
         if s.prompt.capacity() > PROMPT_KEEP_BYTES {
             s.prompt = String::new();
         }
-        self.mem_held += s.prompt.capacity();
+        s.http.messages.clear();
+        if s.http.messages.capacity() > PROMPT_KEEP_BYTES {
+            s.http.messages = String::new();
+        }
+        s.http.chat = false;
+        self.mem_held += s.prompt.capacity() + s.http.messages.capacity();
         self.stream_free.push(slot);
         self.n.streams_open -= 1;
     }
