@@ -341,6 +341,10 @@ fn issue12_metrics_are_prometheus_text() {
     let mut c = Conn::new(addr);
     c.post("/v1/completions", r#"{"prompt":"x","max_tokens":3}"#);
     assert_eq!(c.response().status, 200);
+    c.get("/nope");
+    assert_eq!(c.response().status, 404);
+    // The request metrics reach the shared snapshot within a sweep.
+    std::thread::sleep(Duration::from_millis(250));
     c.get("/metrics");
     let r = c.response();
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
@@ -351,8 +355,11 @@ fn issue12_metrics_are_prometheus_text() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {text}"))
     };
-    assert!(value("cnse_requests_total") >= 1.0);
+    assert_eq!(value("cnse_requests_total{protocol=\"http\",outcome=\"ok\"}"), 1.0);
     assert!(value("cnse_tokens_sent_total") >= 3.0);
+    assert_eq!(value("cnse_errors_total{code=\"404\"}"), 1.0);
+    assert_eq!(value("cnse_ttft_seconds_count"), 1.0);
+    assert_eq!(value("cnse_e2e_seconds_bucket{le=\"+Inf\"}"), 1.0);
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         assert_eq!(l.split(' ').count(), 2, "name value: {l}");
     }

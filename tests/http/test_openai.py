@@ -127,7 +127,10 @@ def test_metrics_parse_as_prometheus_text(server):
     client(server).completions.create(model="m", prompt="x", max_tokens=3)
     text = urllib.request.urlopen(server + "/metrics", timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert families["cnse_requests"].samples[0].value >= 1
+    ok = [s.value for s in families["cnse_requests"].samples
+          if s.labels == {"protocol": "http", "outcome": "ok"}]
+    assert ok and ok[0] >= 1
+    assert families["cnse_ttft_seconds"].type == "histogram"
     assert families["cnse_tokens_sent"].samples[0].value >= 3
     assert families["cnse_connections_open"].type == "gauge"
 

@@ -17,7 +17,7 @@ use cnse_backend::BackendFactory;
 mod auth;
 mod conn;
 mod http;
-mod metrics;
+pub mod metrics;
 mod listen;
 pub mod session;
 pub mod sim;
@@ -184,6 +184,8 @@ pub struct Stats {
 pub(crate) struct Shared {
     pub shutdown: AtomicBool,
     pub counters: Vec<WorkerCounters>,
+    /// Each worker's request metrics, copied every 100 ms (`/metrics`).
+    pub request_metrics: Vec<std::sync::Mutex<metrics::RequestMetrics>>,
     /// Each worker's stage histograms, left here as it exits.
     pub stage_times: std::sync::Mutex<Vec<stages::StageTimes>>,
 }
@@ -236,6 +238,7 @@ impl Server {
             shutdown: AtomicBool::new(false),
             counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
             stage_times: std::sync::Mutex::new(Vec::new()),
+            request_metrics: (0..config.threads).map(|_| Default::default()).collect(),
         });
         let config = Arc::new(config);
         let mut wakers = Vec::new();

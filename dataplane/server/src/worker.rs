@@ -142,6 +142,8 @@ struct Worker {
     cqes: Vec<Completion>,
     /// Until when the worker polls instead of blocking (`Config::busy_poll`).
     poll_until: Instant,
+    /// When the request metrics are next copied for `/metrics`.
+    next_metrics: Instant,
 }
 
 /// A worker's listening sockets.
@@ -184,7 +186,12 @@ pub(crate) fn run(
         // GET /metrics on any worker reports the whole process.
         let shared = worker.shared.clone();
         worker.session.metrics = Some(Box::new(move |out: &mut Vec<u8>| {
-            crate::metrics::render_counters(out, &crate::counters_of(&shared))
+            let requests: Vec<_> = shared
+                .request_metrics
+                .iter()
+                .map(|m| *m.lock().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            crate::metrics::render(out, &crate::counters_of(&shared), &requests)
         }));
     }
     let _ = ready.send(Ok(()));
@@ -237,6 +244,7 @@ impl Worker {
             index,
             cqes: Vec::with_capacity(entries as usize * 4),
             poll_until: now,
+            next_metrics: now,
         })
     }
 
@@ -289,6 +297,11 @@ impl Worker {
                 return Ok(());
             }
             self.publish_counters();
+            if now >= self.next_metrics {
+                self.next_metrics = now + SWEEP_INTERVAL;
+                let m = self.session.request_metrics();
+                *self.shared.request_metrics[self.index].lock().unwrap_or_else(|e| e.into_inner()) = m;
+            }
         }
     }
 

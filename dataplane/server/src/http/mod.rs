@@ -252,6 +252,7 @@ impl<T: Transport> Session<T> {
             Ok(p) => p,
             Err(m) => {
                 self.tables.http_prompt = prompt;
+                self.tables.metrics.outcome(true, crate::metrics::Outcome::Rejected);
                 return self.http_respond_error(slot, 400, &m);
             }
         };
@@ -277,6 +278,7 @@ impl<T: Transport> Session<T> {
         self.tables.http_prompt = prompt;
         if let Err((code_, message)) = scheduled {
             self.tables.n.rejected += 1;
+            self.tables.metrics.outcome(true, crate::metrics::Outcome::Rejected);
             return self.http_respond_error(slot, status_of(code_), message);
         }
         let sslot = self.tables.conns[slot as usize]
@@ -315,6 +317,7 @@ impl<T: Transport> Session<T> {
 
     /// An OpenAI-shaped error response; the connection stays open.
     pub(crate) fn http_respond_error(&mut self, slot: u32, status: u16, message: &str) {
+        self.tables.metrics.error(u32::from(status));
         let mut b = std::mem::take(&mut self.tables.http_scratch);
         b.clear();
         openai::error_body(&mut b, status, message);
@@ -356,7 +359,7 @@ impl<T: Transport> Session<T> {
     fn metrics_text(&self, out: &mut Vec<u8>) {
         match &self.metrics {
             Some(render) => render(out),
-            None => crate::metrics::render_counters(out, &[self.counters()]),
+            None => crate::metrics::render(out, &[self.counters()], &[self.request_metrics()]),
         }
     }
 }

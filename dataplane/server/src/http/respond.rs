@@ -105,8 +105,12 @@ impl<T: Transport> Session<T> {
                 s.http.text.extend_from_slice(text);
                 s.sent += u64::from(n);
                 t.n.tokens_sent += u64::from(n);
-                if s.first_token.is_none() {
-                    s.first_token = Some(now);
+                match s.first_token {
+                    None => {
+                        s.first_token = Some(now);
+                        t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
+                    }
+                    Some(_) => t.metrics.inter_token.record_us(cnse_backend::micros(now - s.last_progress)),
                 }
                 s.last_progress = now;
                 if let Some(at) = find_stop(&s.http.text, seen, &s.http.stops) {
@@ -133,9 +137,15 @@ impl<T: Transport> Session<T> {
             self.resume_if_drained(sslot);
             return true;
         }
+        let t = &mut self.tables;
+        let s = &t.streams[sslot as usize];
         if failed {
+            t.metrics.outcome(true, crate::metrics::Outcome::Error);
+            t.metrics.error(s.error_code);
             self.http_fail_stream(slot, sslot);
         } else {
+            t.metrics.e2e.record_us(cnse_backend::micros(now - s.arrived));
+            t.metrics.outcome(true, crate::metrics::Outcome::Ok);
             self.http_finish_stream(slot, sslot);
         }
         let t = &mut self.tables;

@@ -97,8 +97,12 @@ impl<T: Transport> Session<T> {
                 put_tokens(out, client_id, n, s.sent, text);
                 s.sent += u64::from(n);
                 s.credit.spend(u64::from(n));
-                if s.first_token.is_none() {
-                    s.first_token = Some(now);
+                match s.first_token {
+                    None => {
+                        s.first_token = Some(now);
+                        t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
+                    }
+                    Some(_) => t.metrics.inter_token.record_us(cnse_backend::micros(now - s.last_progress)),
                 }
                 s.last_progress = now;
                 t.n.tokens_sent += u64::from(n);
@@ -109,6 +113,8 @@ impl<T: Transport> Session<T> {
             Phase::Finished(reason) if s.queue.tokens() == 0 => {
                 let (ttft, total) = times(s, now);
                 put_end(out, client_id, reason, s.sent, ttft, total);
+                t.metrics.e2e.record_us(total);
+                t.metrics.outcome(false, crate::metrics::Outcome::Ok);
                 if let Some(st) = &mut t.stages {
                     let c = &mut conns[slot as usize];
                     let framed = Instant::now();
@@ -123,6 +129,8 @@ impl<T: Transport> Session<T> {
             }
             Phase::Failed => {
                 put_error(out, client_id, s.error_code, &s.error_message);
+                t.metrics.outcome(false, crate::metrics::Outcome::Error);
+                t.metrics.error(s.error_code);
                 true
             }
             _ => false,

@@ -173,6 +173,8 @@ impl<T: Transport> Session<T> {
         put_error(&mut t.conns[slot as usize].out_fill, stream_id, code, message);
         t.n.frames_out += 1;
         t.n.rejected += 1;
+        t.metrics.outcome(false, crate::metrics::Outcome::Rejected);
+        t.metrics.error(code);
     }
 
     /// CANCEL: the backend's work is stopped (or the queued entry removed)
@@ -206,6 +208,7 @@ impl<T: Transport> Session<T> {
         self.drop_streams(slot);
         let t = &mut self.tables;
         t.n.violations += 1;
+        t.metrics.error(code);
         let c = &mut t.conns[slot as usize];
         put_error(&mut c.out_fill, 0, code, message);
         t.n.frames_out += 1;
@@ -216,7 +219,9 @@ impl<T: Transport> Session<T> {
     }
 
     pub(super) fn drop_streams(&mut self, slot: u32) {
+        let http = self.tables.conns[slot as usize].proto == crate::conn::Proto::Http;
         while let Some((_, sslot)) = self.tables.conns[slot as usize].streams.pop() {
+            self.tables.metrics.outcome(http, crate::metrics::Outcome::Cancelled);
             self.stop_stream(sslot);
             self.tables.free_stream(sslot);
         }

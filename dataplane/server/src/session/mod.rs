@@ -110,6 +110,14 @@ impl<T: Transport> Session<T> {
         self.tables.n
     }
 
+    /// This worker's request metrics, with the queue and backend gauges.
+    pub fn request_metrics(&self) -> crate::metrics::RequestMetrics {
+        let mut m = self.tables.metrics;
+        m.queued = self.queue.len() as u64;
+        m.running = self.backend.stats().active;
+        m
+    }
+
     /// Work the backend holds (started, not ended or cancelled).
     pub fn backend_active(&self) -> u64 {
         self.backend.stats().active

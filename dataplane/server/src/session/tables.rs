@@ -62,6 +62,8 @@ pub(crate) struct Tables {
     /// HTTP responses started by this worker, and the worker's index.
     pub http_ids: u64,
     pub worker: usize,
+    /// Request metrics for `GET /metrics` (crate::metrics).
+    pub metrics: crate::metrics::RequestMetrics,
 }
 
 /// Capacity a stream's prompt keeps between requests.
@@ -91,6 +93,7 @@ impl Tables {
             http_prompt: String::new(),
             http_ids: 0,
             worker,
+            metrics: Default::default(),
             cfg,
             now,
             conns,
