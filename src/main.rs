@@ -26,6 +26,11 @@ mod store;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` or `json` (one object per line).
+    /// Filters come from RUST_LOG (default `info`), e.g.
+    /// `RUST_LOG=cnse_server=debug,cnse_llama=warn`.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +58,18 @@ static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 fn main() {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Client(a) => client::run(a),

@@ -288,10 +288,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(h) = server.http_addr() {
         println!("http listening on {h}");
     }
-    eprintln!(
-        "cnse-dp: {} worker thread(s), backend {:?}",
-        server.threads(),
-        a.backend
+    tracing::info!(
+        listen = %server.local_addr(),
+        http = ?server.http_addr(),
+        workers = server.threads(),
+        backend = ?a.backend,
+        max_connections = a.max_connections,
+        memory_budget_mib = a.memory_budget_mib,
+        auth = a.auth_key_file.is_some(),
+        "cnse-dp serving"
     );
     use std::io::Write;
     std::io::stdout().flush().ok();
@@ -325,7 +330,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             std::io::stdout().flush().ok();
         }
     }
-    eprintln!("cnse-dp: shutting down");
+    tracing::info!("shutting down: open streams get --shutdown-grace-ms to finish");
     let stages = server.stage_times();
     server.shutdown().context("shutting down")?;
     if a.stage_timing {

@@ -461,7 +461,7 @@ impl Worker {
             }
         }
         if left != 0 {
-            eprintln!("worker {}: {left} ring ops still in flight at exit", self.index);
+            tracing::error!(worker = self.index, ops = left, "ring ops still in flight at exit: their buffers are leaked, not freed");
             return false;
         }
         self.session.close_all();

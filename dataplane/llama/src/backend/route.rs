@@ -80,12 +80,14 @@ impl LlamaBackend {
     pub(super) fn mark_down(&mut self, upstream: usize) {
         if self.shared[upstream].healthy.swap(false, Ordering::AcqRel) {
             self.llama.evicted += 1;
+            tracing::warn!(server = %self.shared[upstream].target.url, "llama-server evicted from rotation (failed or unreachable); health checks follow");
         }
     }
 
     pub(super) fn mark_up(&mut self, upstream: usize) {
         if !self.shared[upstream].healthy.swap(true, Ordering::AcqRel) {
             self.llama.readmitted += 1;
+            tracing::info!(server = %self.shared[upstream].target.url, "llama-server healthy again, back in rotation");
         }
     }
 

@@ -317,6 +317,7 @@ impl<T: Transport> Session<T> {
 
     /// An OpenAI-shaped error response; the connection stays open.
     pub(crate) fn http_respond_error(&mut self, slot: u32, status: u16, message: &str) {
+        self.log_refusal("HTTP request refused", u32::from(status), message);
         self.tables.metrics.error(u32::from(status));
         let mut b = std::mem::take(&mut self.tables.http_scratch);
         b.clear();

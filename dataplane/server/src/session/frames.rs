@@ -169,6 +169,7 @@ impl<T: Transport> Session<T> {
 
     /// ERROR on a stream that never opened.
     pub(super) fn reject(&mut self, slot: u32, stream_id: u64, code: u32, message: &str) {
+        self.log_refusal("request refused", code, message);
         let t = &mut self.tables;
         put_error(&mut t.conns[slot as usize].out_fill, stream_id, code, message);
         t.n.frames_out += 1;
@@ -205,6 +206,7 @@ impl<T: Transport> Session<T> {
     /// Protocol violation: ERROR on stream 0, cancel every stream (no END),
     /// send what is pending, close.
     pub(super) fn violate(&mut self, slot: u32, code: u32, message: &str) {
+        self.log_refusal("protocol violation, connection closed", code, message);
         self.drop_streams(slot);
         let t = &mut self.tables;
         t.n.violations += 1;

@@ -62,7 +62,15 @@ pub struct Session<T: Transport> {
     /// layer, which sees every worker); without it, this session's own.
     pub(crate) metrics: Option<Box<dyn Fn(&mut Vec<u8>) + Send>>,
     backend_deadline: Option<Instant>,
+    /// Refusal and violation logs: at most `LOG_BURST` a second, the rest
+    /// counted and reported with the next one logged.
+    log_window: Instant,
+    log_count: u32,
+    log_suppressed: u64,
 }
+
+/// Refusals and violations logged per second per worker at most.
+const LOG_BURST: u32 = 10;
 
 impl<T: Transport> Session<T> {
     /// Worker `worker`'s session with `conns_max` connection slots (at most
@@ -98,6 +106,9 @@ impl<T: Transport> Session<T> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             metrics: None,
+            log_window: now,
+            log_count: 0,
+            log_suppressed: 0,
             backend_deadline: None,
         }
     }
@@ -108,6 +119,24 @@ impl<T: Transport> Session<T> {
 
     pub fn counters(&self) -> Counters {
         self.tables.n
+    }
+
+    /// Logs a refused request or a protocol violation, rate-limited: a
+    /// misbehaving client cannot flood the log (nothing is logged per frame
+    /// on the normal path).
+    pub(crate) fn log_refusal(&mut self, what: &'static str, code: u32, message: &str) {
+        let now = self.tables.now;
+        if now.duration_since(self.log_window) >= Duration::from_secs(1) {
+            self.log_window = now;
+            self.log_count = 0;
+        }
+        if self.log_count >= LOG_BURST {
+            self.log_suppressed += 1;
+            return;
+        }
+        self.log_count += 1;
+        let suppressed = std::mem::take(&mut self.log_suppressed);
+        tracing::warn!(worker = self.tables.worker, code, suppressed, "{what}: {message}");
     }
 
     /// This worker's request metrics, with the queue and backend gauges.
