@@ -13,6 +13,10 @@ pub enum ModeArg {
     Ping,
     /// REQUEST for `--max-tokens` tokens.
     Generate,
+    /// Streaming `POST /v1/completions` for `--max-tokens` tokens over
+    /// HTTP/1.1 (`--addr` is the HTTP address; `--inflight` requests are
+    /// pipelined per connection).
+    Http,
 }
 
 /// The load shape, shared with `cnse-dp demo`.
@@ -140,6 +144,11 @@ impl LoadArgs {
             ModeArg::Generate => Mode::Generate {
                 max_tokens: self.max_tokens,
                 credit: self.credit,
+                temperature: self.temperature,
+                prompt: self.prompt.clone(),
+            },
+            ModeArg::Http => Mode::Http {
+                max_tokens: self.max_tokens,
                 temperature: self.temperature,
                 prompt: self.prompt.clone(),
             },

@@ -232,6 +232,32 @@ fn issue12_pipelined_requests_are_answered_in_order_and_chunked_bodies_work() {
 }
 
 #[test]
+fn issue12_pipelined_generations_run_together_but_answer_in_order() {
+    // A paced backend: the first request is still streaming when the
+    // others arrive; every response still comes back whole and in order,
+    // the 404 after the streams before it.
+    let (_s, addr) = http_server(&strs(&synthetic(0, 2000)));
+    let mut c = Conn::new(addr);
+    let mut raw = Vec::new();
+    for (i, tokens) in [(0, 40), (1, 5), (2, 1)] {
+        let body = format!(r#"{{"prompt":"p{i}","max_tokens":{tokens},"stream":true,"stream_options":{{"include_usage":true}}}}"#);
+        raw.extend_from_slice(format!("POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+    }
+    raw.extend_from_slice(b"GET /nope HTTP/1.1\r\n\r\n");
+    raw.extend_from_slice(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 29\r\n\r\n{\"prompt\":\"z\",\"max_tokens\":3}");
+    c.send(&raw);
+    for tokens in [40, 5, 1] {
+        let r = c.response();
+        assert_eq!(r.status, 200);
+        let events = r.events();
+        let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], tokens);
+    }
+    assert_eq!(c.response().status, 404);
+    assert_eq!(c.response().json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
 fn issue12_bad_requests_get_their_status_and_other_clients_go_on() {
     let (s, addr) = http_server(&strs(&synthetic(1000, 1000)));
     // A client streaming the whole time.

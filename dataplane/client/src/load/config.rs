@@ -20,6 +20,14 @@ pub enum Mode {
         temperature: f32,
         prompt: String,
     },
+    /// Streaming OpenAI completions over HTTP/1.1 (`POST /v1/completions`,
+    /// `"stream": true`), `inflight` pipelined per keep-alive connection;
+    /// the response's end (after `data: [DONE]`) ends the exchange.
+    Http {
+        max_tokens: u32,
+        temperature: f32,
+        prompt: String,
+    },
 }
 
 impl Mode {
@@ -27,6 +35,7 @@ impl Mode {
         match self {
             Mode::Ping { .. } => "ping",
             Mode::Generate { .. } => "generate",
+            Mode::Http { .. } => "http",
         }
     }
 }
@@ -124,7 +133,9 @@ impl LoadConfig {
             Mode::Ping { payload_bytes } if *payload_bytes > CLIENT_PAYLOAD_BYTES_MAX as usize => {
                 bad("ping payload too large".to_string())
             }
-            Mode::Generate { max_tokens: 0, .. } => bad("max_tokens must be > 0".to_string()),
+            Mode::Generate { max_tokens: 0, .. } | Mode::Http { max_tokens: 0, .. } => {
+                bad("max_tokens must be > 0".to_string())
+            }
             _ => Ok(()),
         }
     }

@@ -49,6 +49,8 @@ pub(super) struct Conn {
     send: OpState,
     /// In the loop's list of connections with frames to send.
     queued: bool,
+    /// HTTP mode: the response parser (the binary decoder is then unused).
+    http: Option<super::http::HttpRx>,
     pub(super) st: Streams,
 }
 
@@ -65,12 +67,26 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
     let out_bytes = match &cfg.mode {
         Mode::Ping { payload_bytes } => HEADER_BYTES + payload_bytes,
         Mode::Generate { prompt, .. } => 2 * HEADER_BYTES + 32 + prompt.len(),
+        Mode::Http { prompt, .. } => 320 + prompt.len(),
     } * cfg.inflight
         + 4096;
+    let http = matches!(cfg.mode, Mode::Http { .. });
     for _ in 0..conns_n {
-        let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
-        let addr = client.addr();
-        let sock = client.into_stream()?;
+        let addr = cfg.addr;
+        let sock = if http {
+            let s = std::net::TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|source| {
+                ClientError::Io {
+                    op: "connect",
+                    addr,
+                    source,
+                }
+            })?;
+            let _ = s.set_nodelay(true);
+            s
+        } else {
+            let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
+            client.into_stream()?
+        };
         sock.set_nonblocking(true).map_err(|source| ClientError::Io {
             op: "set non-blocking",
             addr,
@@ -87,6 +103,7 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
             recv: OpState::Idle,
             send: OpState::Idle,
             queued: false,
+            http: http.then(super::http::HttpRx::new),
             st: Streams {
                 fd,
                 free: Vec::with_capacity(cfg.inflight),
@@ -95,6 +112,7 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
                 alive: true,
                 busy: 0,
                 slots: vec![Slot::default(); cfg.inflight].into_boxed_slice(),
+                http_order: std::collections::VecDeque::with_capacity(cfg.inflight),
             },
         });
     }
@@ -192,6 +210,13 @@ impl Conn {
     }
 
     fn on_bytes(&mut self, c: u32, n: usize, now: u64, ctx: &mut Ctx) {
+        if let Some(rx) = &mut self.http {
+            if rx.feed(&self.rbuf[..n], &mut self.st, c as usize, now, ctx).is_err() {
+                ctx.stats.bad_frames += 1;
+                lose(&mut self.st, ctx);
+            }
+            return;
+        }
         let Conn { rbuf, decoder, st, .. } = self;
         let mut input: &[u8] = &rbuf[..n];
         loop {

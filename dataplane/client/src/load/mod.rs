@@ -25,6 +25,7 @@
 mod config;
 mod conn;
 mod driver;
+mod http;
 mod report;
 mod schedule;
 mod streams;

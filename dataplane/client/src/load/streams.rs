@@ -59,6 +59,9 @@ pub(super) struct Streams {
     /// Slots in [`SlotState::Busy`].
     pub(super) busy: usize,
     pub(super) slots: Box<[Slot]>,
+    /// HTTP mode: slots in the order their requests went out (responses
+    /// come back in that order).
+    pub(super) http_order: VecDeque<u32>,
 }
 
 /// Run phases as nanoseconds since the thread's clock origin.
@@ -110,12 +113,20 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
     slot.unacked = 0;
     slot.granted = match ctx.mode {
         Mode::Generate { credit, .. } => u64::from(*credit),
-        Mode::Ping { .. } => 0,
+        Mode::Ping { .. } | Mode::Http { .. } => 0,
     };
     conn.busy += 1;
     let id = stream_id(s, slot.generation);
     match ctx.mode {
         Mode::Ping { .. } => put_ping(&mut conn.out, id, s as u32, intended_ns, ctx.ping_payload),
+        Mode::Http {
+            max_tokens,
+            temperature,
+            prompt,
+        } => {
+            super::http::put_request(&mut conn.out, prompt, *max_tokens, *temperature, slot.generation);
+            conn.http_order.push_back(s as u32);
+        }
         Mode::Generate {
             max_tokens,
             credit,
@@ -146,6 +157,34 @@ fn slot_of(conn: &Streams, id: u64) -> Option<usize> {
     let s = (id & ((1 << SLOT_BITS) - 1)).checked_sub(1)? as usize;
     let slot = conn.slots.get(s)?;
     (slot.state == SlotState::Busy && slot.generation == id >> SLOT_BITS).then_some(s)
+}
+
+impl Streams {
+    /// HTTP mode: an event of slot `s`'s response arrived (`first`: its
+    /// first, the time to first token).
+    pub(super) fn http_event(&mut self, s: usize, first: bool, now: u64, ctx: &mut Ctx) {
+        let slot = &mut self.slots[s];
+        if slot.recorded {
+            if first {
+                ctx.stats.ttft.record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            } else {
+                ctx.stats.inter_token.record_us(now.saturating_sub(slot.last_ns) / 1000);
+            }
+        }
+        slot.last_ns = now;
+        slot.tokens += 1;
+        if ctx.phase.in_window(now) {
+            ctx.stats.frames_in += 1;
+        }
+    }
+}
+
+/// HTTP mode: slot `s`'s response ended.
+pub(super) fn finish_http(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool, ctx: &mut Ctx) {
+    if !ok {
+        ctx.stats.bad_frames += u64::from(conn.slots[s].state != SlotState::Busy);
+    }
+    finish(conn, c, s, now, ok, ctx);
 }
 
 /// A stream ended: record, then free or re-issue its slot.

@@ -6,8 +6,11 @@
 //! cancellation (a client that disconnects frees the backend's work) are the
 //! binary protocol's.
 //!
-//! One request at a time per connection: pipelined requests wait in the
-//! input buffer and are answered in order.
+//! Pipelining: up to `PIPELINE_MAX` generation requests of a connection run
+//! at once; responses go out strictly in request order (a later stream
+//! takes no tokens until the ones before it are written: its queue bound
+//! pauses its backend meanwhile). A request answered on the spot (health,
+//! models, metrics, an error) waits until nothing is in flight.
 
 use std::time::Instant;
 
@@ -33,8 +36,12 @@ pub struct HttpConn {
     pub inbuf: Vec<u8>,
     /// A chunked body, decoded.
     pub body: Vec<u8>,
-    /// A response is being produced; later requests wait.
-    pub busy: bool,
+    /// Generation requests accepted and not yet answered.
+    pub active: u32,
+    /// Sequence numbers: the next accepted request's, and the one whose
+    /// response is being written.
+    pub next_seq: u64,
+    pub out_seq: u64,
     /// Close once the current response is out.
     pub close_after: bool,
     /// When the first byte of the request not yet complete arrived.
@@ -45,7 +52,9 @@ impl HttpConn {
     pub fn reset(&mut self) {
         self.inbuf.clear();
         self.body.clear();
-        self.busy = false;
+        self.active = 0;
+        self.next_seq = 0;
+        self.out_seq = 0;
         self.close_after = false;
         self.started = None;
     }
@@ -74,6 +83,10 @@ pub struct HttpStream {
     pub prompt_tokens: u64,
     pub id: u64,
     pub created: u64,
+    /// Its place in the connection's order, and whether its status line
+    /// went out.
+    pub seq: u64,
+    pub head_sent: bool,
     /// A chat request: `messages` holds its messages as a JSON array.
     pub chat: bool,
     pub messages: String,
@@ -92,11 +105,16 @@ impl Default for HttpStream {
             prompt_tokens: 0,
             id: 0,
             created: 0,
+            seq: 0,
+            head_sent: false,
             chat: false,
             messages: String::new(),
         }
     }
 }
+
+/// Generation requests one connection may have in flight (pipelined).
+const PIPELINE_MAX: u32 = 16;
 
 /// Bytes an HTTP connection may hold unanswered: one largest request.
 fn inbuf_max(payload_bytes_max: u32) -> usize {
@@ -154,11 +172,16 @@ impl<T: Transport> Session<T> {
         self.tables.mark_dirty(slot);
     }
 
-    /// Answers the buffered requests in order while none is in progress.
+    /// Takes the buffered requests in order: generation requests into the
+    /// pipeline, anything answered on the spot once the pipeline is empty.
     pub(crate) fn http_drive(&mut self, slot: u32) {
         loop {
             let c = &mut self.tables.conns[slot as usize];
-            if c.http.busy || c.state != ConnState::Open || c.http.inbuf.is_empty() {
+            if c.state != ConnState::Open
+                || c.http.inbuf.is_empty()
+                || c.http.close_after
+                || c.http.active >= PIPELINE_MAX
+            {
                 return;
             }
             let head = match parse::head(&c.http.inbuf) {
@@ -180,37 +203,60 @@ impl<T: Transport> Session<T> {
                     return self.http_fatal(slot, e.status, e.message);
                 }
             };
-            self.tables.n.frames_in += 1;
             let inbuf = std::mem::take(&mut self.tables.conns[slot as usize].http.inbuf);
             let body_bytes: &[u8] = match head.body {
                 parse::BodyKind::Length(n) => &inbuf[head.len..head.len + n],
                 parse::BodyKind::Chunked => &body,
                 parse::BodyKind::None => &[],
             };
-            if !head.keep_alive {
-                self.tables.conns[slot as usize].http.close_after = true;
-            }
-            self.http_request(slot, &head, &inbuf, body_bytes);
+            let taken = self.http_request(slot, &head, &inbuf, body_bytes);
             let c = &mut self.tables.conns[slot as usize];
             c.http.body = body;
             c.http.inbuf = inbuf;
+            if !taken {
+                // Answered on the spot, but responses are still being
+                // written: it waits for them (parsed again then).
+                return;
+            }
+            self.tables.n.frames_in += 1;
+            let c = &mut self.tables.conns[slot as usize];
             c.http.inbuf.drain(..used);
             c.http.started = (!c.http.inbuf.is_empty()).then_some(self.tables.now);
-            if !c.http.busy && c.http.close_after {
-                return self.http_close_after_output(slot);
+            if !head.keep_alive {
+                // Nothing after it is read; close once it is answered.
+                c.http.close_after = true;
+                if c.http.active == 0 {
+                    return self.http_close_after_output(slot);
+                }
+                return;
             }
         }
     }
 
-    fn http_request(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8]) {
+    /// Handles one request; false when it must wait for the responses in
+    /// flight (it would be answered on the spot).
+    fn http_request(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8]) -> bool {
+        let pipelined = self.tables.conns[slot as usize].http.active > 0;
+        let generation = matches!(head.route, Route::Completions | Route::ChatCompletions) && head.method == Method::Post;
+        if pipelined && !generation {
+            return false;
+        }
+        self.http_answer(slot, head, raw, body, pipelined)
+    }
+
+    fn http_answer(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8], pipelined: bool) -> bool {
         let (route, method) = (head.route, head.method);
         let wanted = match route {
             Route::Completions | Route::ChatCompletions => Method::Post,
             Route::Models | Route::Health | Route::Metrics => Method::Get,
-            Route::Unknown => return self.http_respond_error(slot, 404, "no such endpoint"),
+            Route::Unknown => {
+                self.http_respond_error(slot, 404, "no such endpoint");
+                return true;
+            }
         };
         if method != wanted {
-            return self.http_respond_error(slot, 405, "method not allowed on this endpoint");
+            self.http_respond_error(slot, 405, "method not allowed on this endpoint");
+            return true;
         }
         if route != Route::Health {
             if let Some(key) = &self.auth {
@@ -219,7 +265,11 @@ impl<T: Transport> Session<T> {
                     Auth::Missing | Auth::Malformed => false,
                 };
                 if !ok {
-                    return self.http_respond_error(slot, 401, "missing or wrong API key (Authorization: Bearer KEY)");
+                    if pipelined {
+                        return false;
+                    }
+                    self.http_respond_error(slot, 401, "missing or wrong API key (Authorization: Bearer KEY)");
+                    return true;
                 }
             }
         }
@@ -239,26 +289,38 @@ impl<T: Transport> Session<T> {
                 self.http_respond(slot, 200, "text/plain; version=0.0.4", &b);
                 self.tables.http_scratch = b;
             }
-            Route::Completions => self.http_generate(slot, Kind::Completion, body),
-            Route::ChatCompletions => self.http_generate(slot, Kind::Chat, body),
+            Route::Completions => return self.http_generate(slot, Kind::Completion, body, pipelined),
+            Route::ChatCompletions => return self.http_generate(slot, Kind::Chat, body, pipelined),
             Route::Unknown => unreachable!("answered above"),
         }
+        true
     }
 
-    fn http_generate(&mut self, slot: u32, kind: Kind, body: &[u8]) {
+    /// Schedules a completion; false when it must wait (refused while
+    /// responses are in flight: the refusal is answered in order later).
+    fn http_generate(&mut self, slot: u32, kind: Kind, body: &[u8], pipelined: bool) -> bool {
         let limit = self.tables.cfg.max_tokens_limit;
         let mut prompt = std::mem::take(&mut self.tables.http_prompt);
         let parsed = match openai::parse(body, kind == Kind::Chat, limit, &mut prompt) {
             Ok(p) => p,
+            Err(_) if pipelined => {
+                self.tables.http_prompt = prompt;
+                return false;
+            }
             Err(m) => {
                 self.tables.http_prompt = prompt;
                 self.tables.metrics.outcome(true, crate::metrics::Outcome::Rejected);
-                return self.http_respond_error(slot, 400, &m);
+                self.http_respond_error(slot, 400, &m);
+                return true;
             }
         };
         if self.shutting_down.is_some() {
             self.tables.http_prompt = prompt;
-            return self.http_respond_error(slot, 503, "server shutting down");
+            if pipelined {
+                return false;
+            }
+            self.http_respond_error(slot, 503, "server shutting down");
+            return true;
         }
         // Response ids (`cmpl-N`) unique in the process: the worker in the
         // top bits, a count below.
@@ -277,9 +339,13 @@ impl<T: Transport> Session<T> {
         let prompt_tokens = openai::prompt_tokens(&prompt);
         self.tables.http_prompt = prompt;
         if let Err((code_, message)) = scheduled {
+            if pipelined {
+                return false;
+            }
             self.tables.n.rejected += 1;
             self.tables.metrics.outcome(true, crate::metrics::Outcome::Rejected);
-            return self.http_respond_error(slot, status_of(code_), message);
+            self.http_respond_error(slot, status_of(code_), message);
+            return true;
         }
         let sslot = self.tables.conns[slot as usize]
             .streams
@@ -298,12 +364,13 @@ impl<T: Transport> Session<T> {
         h.prompt_tokens = prompt_tokens;
         h.id = id;
         h.created = unix_secs();
+        h.head_sent = false;
         let c = &mut self.tables.conns[slot as usize];
-        c.http.busy = true;
-        if parsed.stream {
-            respond::head(&mut c.out_fill, 200, "text/event-stream", None, !c.http.close_after);
-        }
+        h.seq = c.http.next_seq;
+        c.http.next_seq += 1;
+        c.http.active += 1;
         self.tables.mark_dirty(slot);
+        true
     }
 
     /// A complete response with a body.
@@ -333,8 +400,8 @@ impl<T: Transport> Session<T> {
         let c = &mut self.tables.conns[slot as usize];
         c.http.inbuf.clear();
         c.http.close_after = true;
-        if c.http.busy {
-            // A response is streaming: it cannot be interleaved; just close.
+        if c.http.active > 0 {
+            // Responses are streaming: an error cannot be put in order; close.
             return self.close_conn(slot);
         }
         self.http_respond_error(slot, status, message);

@@ -93,6 +93,20 @@ impl<T: Transport> Session<T> {
         let soft = self.tables.cfg.send_buffer_bytes;
         let (_, sslot) = self.tables.conns[slot as usize].streams[k];
         let now = self.tables.now;
+        {
+            // Responses go out in request order: a later one waits (its
+            // tokens stay queued, and the queue bound pauses its backend).
+            let t = &mut self.tables;
+            let (s, c) = (&mut t.streams[sslot as usize], &mut t.conns[slot as usize]);
+            if s.http.seq != c.http.out_seq {
+                return true;
+            }
+            if s.http.sse && !s.http.head_sent {
+                let last = c.http.close_after && s.http.seq + 1 == c.http.next_seq;
+                head(&mut c.out_fill, 200, "text/event-stream", None, !last);
+                s.http.head_sent = true;
+            }
+        }
         // Tokens while the connection's output has room (a slow reader
         // leaves them queued, and the queue bound pauses the backend).
         {
@@ -153,8 +167,9 @@ impl<T: Transport> Session<T> {
         t.conns[slot as usize].streams.swap_remove(k);
         t.free_stream(sslot);
         let c = &mut t.conns[slot as usize];
-        c.http.busy = false;
-        if c.http.close_after {
+        c.http.active -= 1;
+        c.http.out_seq += 1;
+        if c.http.close_after && c.http.active == 0 {
             self.http_close_after_output(slot);
         }
         false
@@ -211,7 +226,8 @@ impl<T: Transport> Session<T> {
             let scratch = &mut t.http_scratch;
             scratch.clear();
             openai::full(scratch, &i, &h.text, finish, h.prompt_tokens, s.sent);
-            head(&mut c.out_fill, 200, "application/json", Some(scratch.len()), !c.http.close_after);
+            let last = c.http.close_after && h.seq + 1 == c.http.next_seq;
+            head(&mut c.out_fill, 200, "application/json", Some(scratch.len()), !last);
             c.out_fill.extend_from_slice(scratch);
         }
     }
@@ -230,7 +246,8 @@ impl<T: Transport> Session<T> {
         } else {
             scratch.clear();
             openai::error_body(scratch, status, &s.error_message);
-            head(&mut c.out_fill, status, "application/json", Some(scratch.len()), !c.http.close_after);
+            let last = c.http.close_after && s.http.seq + 1 == c.http.next_seq;
+            head(&mut c.out_fill, status, "application/json", Some(scratch.len()), !last);
             c.out_fill.extend_from_slice(scratch);
         }
     }

@@ -59,19 +59,26 @@ impl<T: Transport> Session<T> {
             ConnState::Free | ConnState::Closing => return,
         }
         let http = self.tables.conns[slot as usize].proto == crate::conn::Proto::Http;
-        let mut k = 0;
-        while k < self.tables.conns[slot as usize].streams.len() {
-            let more = if http {
-                self.http_flush_stream(slot, k)
-            } else {
-                self.flush_stream(slot, k)
-            };
-            if more {
-                k += 1;
+        loop {
+            let out_seq = self.tables.conns[slot as usize].http.out_seq;
+            let mut k = 0;
+            while k < self.tables.conns[slot as usize].streams.len() {
+                let more = if http {
+                    self.http_flush_stream(slot, k)
+                } else {
+                    self.flush_stream(slot, k)
+                };
+                if more {
+                    k += 1;
+                }
+            }
+            // HTTP: a response ended, so the next in order may write now.
+            if !http || self.tables.conns[slot as usize].http.out_seq == out_seq {
+                break;
             }
         }
         if http {
-            // A response ended: answer the requests pipelined behind it.
+            // Answer what waited for the responses in flight.
             self.http_drive(slot);
         }
         if self.tables.conns[slot as usize].send == SendOp::Idle {

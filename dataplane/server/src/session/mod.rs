@@ -452,7 +452,7 @@ impl<T: Transport> Session<T> {
                 }
                 ConnState::Open
                     if c.proto == crate::conn::Proto::Http
-                        && !c.http.busy
+                        && c.http.active == 0
                         && c.http.started.is_some_and(|t| now.duration_since(t) >= handshake) =>
                 {
                     // A request that does not complete in time (slow head or body).
