@@ -2,9 +2,10 @@
 //! streaming completions server on hyper/axum and tokio, as most Rust
 //! inference gateways are built, serving the same synthetic tokens as
 //! cnse-dp's zero-delay backend (`expected_text`: same prompt and seed,
-//! same text) in the same event shape: one event with the text, the finish
-//! event, `data: [DONE]` (cnse-dp coalesces the tokens produced in one
-//! loop turn into one event; so does this).
+//! same text) in the same event shape: one event with the text and the
+//! finish reason, then `data: [DONE]` (cnse-dp coalesces the tokens
+//! produced in one loop turn into one event, and the last with the finish;
+//! so does this).
 //!
 //! ```sh
 //! cargo bench --bench axum_peer -- --listen 127.0.0.1:7980 [--cpu 0]
@@ -73,8 +74,7 @@ async fn completions(Json(req): Json<Completion>) -> Sse<impl Stream<Item = Resu
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let id = req.seed;
     let events = vec![
-        Ok(Event::default().data(chunk(id, created, &text, None))),
-        Ok(Event::default().data(chunk(id, created, "", Some("length")))),
+        Ok(Event::default().data(chunk(id, created, &text, Some("length")))),
         Ok(Event::default().data("[DONE]")),
     ];
     Sse::new(stream::iter(events))

@@ -144,8 +144,8 @@ impl<T: Transport> Session<T> {
         let s = &self.tables.streams[sslot as usize];
         let finished = matches!(s.phase, Phase::Finished(_)) && s.queue.tokens() == 0;
         let failed = s.phase == Phase::Failed;
-        if s.http.sse && !failed {
-            self.http_emit(slot, sslot, finished);
+        if s.http.sse && !failed && !finished {
+            self.http_emit(slot, sslot, false);
         }
         if !(finished || failed) {
             self.resume_if_drained(sslot);
@@ -216,7 +216,9 @@ impl<T: Transport> Session<T> {
         };
         if h.sse {
             let scratch = &mut t.http_scratch;
-            event(&mut c.out_fill, scratch, |o| openai::chunk(o, &i, b"", false, Some(finish)));
+            // The rest of the text goes with the finish reason: one event.
+            let first = !h.first_sent;
+            event(&mut c.out_fill, scratch, |o| openai::chunk(o, &i, &h.text, first, Some(finish)));
             if h.include_usage {
                 event(&mut c.out_fill, scratch, |o| openai::usage_chunk(o, &i, h.prompt_tokens, s.sent));
             }
