@@ -60,7 +60,7 @@ pub struct Session<T: Transport> {
     pub(crate) started_unix: u64,
     /// Renders the Prometheus metrics of the whole process (set by the I/O
     /// layer, which sees every worker); without it, this session's own.
-    pub(crate) metrics: Option<Box<dyn Fn(&mut Vec<u8>) + Send>>,
+    pub(crate) metrics: Option<MetricsRender>,
     backend_deadline: Option<Instant>,
     /// Refusal and violation logs: at most `LOG_BURST` a second, the rest
     /// counted and reported with the next one logged.
@@ -68,6 +68,9 @@ pub struct Session<T: Transport> {
     log_count: u32,
     log_suppressed: u64,
 }
+
+/// Writes the process's Prometheus text (see `Session::metrics`).
+pub(crate) type MetricsRender = Box<dyn Fn(&mut Vec<u8>) + Send>;
 
 /// Refusals and violations logged per second per worker at most.
 const LOG_BURST: u32 = 10;
