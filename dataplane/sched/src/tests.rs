@@ -1,0 +1,174 @@
+//! Scheduler unit tests: exactly once, priorities, bounds, cancellation,
+//! stealing and shutdown.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::*;
+
+fn sched(cores: usize, queued_max: usize) -> (Scheduler<u64>, Vec<Core<u64>>) {
+    Scheduler::new(&Config { cores, queued_max }).unwrap()
+}
+
+#[test]
+fn higher_priority_runs_first() {
+    let (_s, mut cores) = sched(1, 16);
+    let c = &mut cores[0];
+    c.push(0, 1).unwrap();
+    c.push(7, 2).unwrap();
+    c.push(1, 3).unwrap();
+    let order: Vec<u64> = std::iter::from_fn(|| c.next().map(|t| t.task.payload)).collect();
+    assert_eq!(order, vec![2, 3, 1]);
+}
+
+#[test]
+fn full_is_refused_with_429_and_the_payload_back() {
+    let (s, cores) = sched(2, 2);
+    cores[0].push(0, 1).unwrap();
+    s.inject(1, 0, 2).unwrap();
+    let (e, back) = cores[1].push(0, 3).unwrap_err();
+    assert_eq!(e, SchedError::Full { queued_max: 2 });
+    assert_eq!((e.code(), back), (429, 3));
+    assert!(matches!(s.inject(5, 0, 4), Err((SchedError::NoSuchCore { .. }, 4))));
+}
+
+#[test]
+fn bad_config_is_an_error() {
+    assert!(Scheduler::<u8>::new(&Config { cores: 0, queued_max: 1 }).is_err());
+    assert!(Scheduler::<u8>::new(&Config { cores: 1, queued_max: 0 }).is_err());
+    assert!(Scheduler::<u8>::new(&Config { cores: 1, queued_max: 1 << 20 }).is_err());
+}
+
+#[test]
+fn cancelled_queued_task_never_runs_and_frees_its_slot() {
+    let (s, mut cores) = sched(1, 1);
+    let (_, t) = cores[0].push(0, 1).unwrap();
+    assert_eq!(t.cancel(), CancelOutcome::Removed);
+    assert_eq!(s.counts().live, 0);
+    cores[0].push(0, 2).unwrap();
+    let got = cores[0].next().unwrap();
+    assert_eq!(got.task.payload, 2, "the cancelled task was skipped");
+    got.finish();
+    assert!(cores[0].next().is_none());
+    assert_eq!(s.counts().entries, 0, "the tombstone was dropped");
+}
+
+#[test]
+fn tombstones_are_bounded() {
+    let (_s, cores) = sched(1, 2);
+    for _ in 0..Config::TOMBSTONE_FACTOR * 2 {
+        if let Ok((_, t)) = cores[0].push(0, 0) {
+            t.cancel();
+        }
+    }
+    assert!(matches!(cores[0].push(0, 9), Err((SchedError::Full { .. }, 9))));
+}
+
+#[test]
+fn cancel_of_running_task_is_a_flag_the_runner_sees() {
+    let (_s, mut cores) = sched(1, 4);
+    let (_, t) = cores[0].push(0, 1).unwrap();
+    let run = cores[0].next().unwrap();
+    assert!(!run.cancel_requested());
+    assert_eq!(t.cancel(), CancelOutcome::Signalled);
+    assert!(run.cancel_requested());
+    assert!(run.finish());
+    assert_eq!(t.cancel(), CancelOutcome::TooLate);
+    assert_eq!(t.state().phase(), Phase::Done);
+}
+
+#[test]
+fn idle_core_steals_from_busy_one() {
+    let (s, mut cores) = sched(2, 64);
+    for i in 0..32 {
+        cores[0].push(0, i).unwrap();
+    }
+    let got = cores[1].next().unwrap();
+    assert!(got.stolen);
+    assert_eq!(got.task.owner, 0, "a stolen task keeps its owner");
+    assert_eq!(s.stats(1).stolen.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn export_takes_queued_tasks_as_running() {
+    let (s, cores) = sched(2, 64);
+    for i in 0..10 {
+        cores[i % 2].push(0, i as u64).unwrap();
+    }
+    let out = s.export(5);
+    assert_eq!(out.len(), 5);
+    assert_eq!((s.counts().live, s.counts().running), (5, 5));
+    drop(out);
+    assert_eq!(s.counts().running, 0);
+}
+
+#[test]
+fn close_refuses_pushes_and_drains() {
+    let (s, mut cores) = sched(2, 8);
+    cores[0].push(0, 1).unwrap();
+    s.inject(1, 0, 2).unwrap();
+    s.close();
+    assert!(matches!(cores[0].push(0, 3), Err((SchedError::Closed, 3))));
+    assert!(!s.drained());
+    let mut evicted = Vec::new();
+    for c in cores.iter_mut() {
+        c.evict_queued(|t| evicted.push(t.payload));
+    }
+    evicted.sort();
+    assert_eq!(evicted, vec![1, 2]);
+    assert!(s.drained());
+}
+
+/// Many cores, tasks pushed everywhere and from outside, some cancelled:
+/// every task that was not removed runs exactly once.
+#[test]
+fn every_task_runs_exactly_once_under_stealing() {
+    const CORES: usize = 4;
+    const PER_CORE: u64 = 5_000;
+    let (s, cores) = sched(CORES, 1 << 16);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let removed = Arc::new(AtomicUsize::new(0));
+    let pushed = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = cores
+        .into_iter()
+        .map(|mut core| {
+            let (ran, removed, pushed, s) = (ran.clone(), removed.clone(), pushed.clone(), s.clone());
+            std::thread::spawn(move || {
+                let me = core.index() as u64;
+                let mut mine = Vec::new();
+                for i in 0..PER_CORE {
+                    // Core 0 gets most of the work so the others steal.
+                    if me == 0 || i % 8 == 0 {
+                        let (_, t) = core.push((i % 5) as u32, me * PER_CORE + i).unwrap();
+                        pushed.fetch_add(1, Ordering::Relaxed);
+                        if i % 97 == 0 && t.cancel() == CancelOutcome::Removed {
+                            removed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                loop {
+                    match core.next() {
+                        Some(c) => {
+                            mine.push(c.task.payload);
+                            core.count_run();
+                            c.finish();
+                        }
+                        None if s.counts().live == 0 => break,
+                        None => std::thread::yield_now(),
+                    }
+                }
+                ran.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let ran = ran.lock().unwrap();
+    let unique: HashSet<_> = ran.iter().collect();
+    assert_eq!(unique.len(), ran.len(), "a task ran twice");
+    assert_eq!(ran.len() + removed.load(Ordering::Relaxed), pushed.load(Ordering::Relaxed));
+    let stolen: u64 = (0..CORES).map(|c| s.stats(c).stolen.load(Ordering::Relaxed)).sum();
+    assert!(stolen > 0, "idle cores stole");
+}
