@@ -107,6 +107,14 @@ impl Gate {
         self.sub(1 << ENTRIES_SHIFT, 0, "tombstone");
     }
 
+    /// A claimed task went back to the queue (running → live, one more
+    /// entry). Not checked against the bounds: it held its place already;
+    /// at most the exported tasks of one rank come back this way.
+    pub(crate) fn unclaimed(&self) {
+        self.word
+            .fetch_add((1 << LIVE_SHIFT) + (1 << ENTRIES_SHIFT) - (1 << RUNNING_SHIFT), Ordering::AcqRel);
+    }
+
     /// A running task finished.
     pub(crate) fn finished(&self) {
         self.sub(1 << RUNNING_SHIFT, 0, "finished");

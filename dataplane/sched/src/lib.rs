@@ -20,6 +20,8 @@ mod state;
 mod sync;
 
 #[cfg(not(cnse_loom))]
+mod route;
+#[cfg(not(cnse_loom))]
 mod sched;
 #[cfg(all(test, not(cnse_loom)))]
 mod tests;
@@ -33,6 +35,8 @@ pub use gate::GateCounts;
 pub use inbox::{Inbox, InboxFull, Inboxes, Wake};
 #[cfg(not(cnse_loom))]
 pub use sched::{CancelToken, Claimed, Core, CoreStats, Scheduler, Task};
+#[cfg(not(cnse_loom))]
+pub use route::{Busy, Job, Origin, Outcome, RemoteDone, Router, Status};
 pub use state::{CancelOutcome, Phase, TaskState};
 
 /// Priority levels: a REQUEST's `priority` p runs at level min(p, 3);

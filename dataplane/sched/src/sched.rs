@@ -106,22 +106,36 @@ pub struct Claimed<T> {
     pub task: Task<T>,
     /// Taken from another core's deque or the injector.
     pub stolen: bool,
+    guard: RunGuard,
+}
+
+/// Finishes the task once: explicitly, or when dropped.
+struct RunGuard {
     state: Arc<TaskState>,
     gate: Arc<Gate>,
     done: bool,
 }
 
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.finish();
+            self.gate.finished();
+        }
+    }
+}
+
 impl<T> Claimed<T> {
     /// The runner's check between steps.
     pub fn cancel_requested(&self) -> bool {
-        self.state.cancel_requested()
+        self.guard.state.cancel_requested()
     }
 
     /// Ends the task; true if a cancel reached it while it ran.
     pub fn finish(mut self) -> bool {
-        self.done = true;
-        let cancelled = self.state.finish();
-        self.gate.finished();
+        self.guard.done = true;
+        let cancelled = self.guard.state.finish();
+        self.guard.gate.finished();
         cancelled
     }
 
@@ -129,17 +143,8 @@ impl<T> Claimed<T> {
     /// runs for another rank, to apply that rank's cancel).
     pub fn token(&self) -> CancelToken {
         CancelToken {
-            state: self.state.clone(),
-            gate: self.gate.clone(),
-        }
-    }
-}
-
-impl<T> Drop for Claimed<T> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.state.finish();
-            self.gate.finished();
+            state: self.guard.state.clone(),
+            gate: self.guard.gate.clone(),
         }
     }
 }
@@ -249,6 +254,28 @@ impl<T> Scheduler<T> {
         out
     }
 
+    /// Puts a claimed task that could not run where it went (another rank
+    /// refused it) back in the injector. A task cancelled meanwhile is not
+    /// queued again: it comes back to be answered as cancelled.
+    pub fn requeue(&self, c: Claimed<T>) -> Result<(), Claimed<T>> {
+        if !c.guard.state.unclaim() {
+            return Err(c);
+        }
+        let Claimed { task, mut guard, .. } = c;
+        guard.done = true;
+        self.shared.gate.unclaimed();
+        let level = level_of(task.priority);
+        self.shared.injectors[level].push(Entry {
+            task,
+            state: guard.state.clone(),
+        });
+        Ok(())
+    }
+
+    pub fn queued_max(&self) -> usize {
+        self.shared.queued_max
+    }
+
     /// No more pushes (they get `Closed`); queued and running tasks go on
     /// until [`Scheduler::drained`].
     pub fn close(&self) {
@@ -281,9 +308,11 @@ fn claim<T>(s: &Shared<T>, e: Entry<T>, stolen: bool) -> Option<Claimed<T>> {
     Some(Claimed {
         task: e.task,
         stolen,
-        state: e.state,
-        gate: s.gate.clone(),
-        done: false,
+        guard: RunGuard {
+            state: e.state,
+            gate: s.gate.clone(),
+            done: false,
+        },
     })
 }
 

@@ -63,6 +63,14 @@ impl TaskState {
             .is_ok()
     }
 
+    /// Gives a claimed task back to the queue (it could not run where it
+    /// was sent). False: a cancel reached it first.
+    pub(crate) fn unclaim(&self) -> bool {
+        self.word
+            .compare_exchange(RUNNING, QUEUED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// Marks a claimed task finished (ran to the end, or stopped after a
     /// cancel). Returns whether a cancel had been asked for.
     pub(crate) fn finish(&self) -> bool {

@@ -172,3 +172,23 @@ fn every_task_runs_exactly_once_under_stealing() {
     let stolen: u64 = (0..CORES).map(|c| s.stats(c).stolen.load(Ordering::Relaxed)).sum();
     assert!(stolen > 0, "idle cores stole");
 }
+
+#[test]
+fn requeue_puts_a_claimed_task_back_unless_cancelled() {
+    let (s, mut cores) = sched(1, 4);
+    let (_, t1) = cores[0].push(0, 1).unwrap();
+    let (_, t2) = cores[0].push(0, 2).unwrap();
+    let mut out = s.export(2);
+    assert_eq!(s.counts().running, 2);
+    assert_eq!(t1.cancel(), CancelOutcome::Signalled);
+    let b = out.pop().unwrap();
+    let a = out.pop().unwrap();
+    let (cancelled, live) = if a.task.payload == 1 { (a, b) } else { (b, a) };
+    assert!(s.requeue(cancelled).is_err(), "a cancelled task is not queued again");
+    assert!(s.requeue(live).is_ok());
+    assert_eq!(t2.state().phase(), Phase::Queued);
+    let again = cores[0].next().unwrap();
+    assert_eq!(again.task.payload, 2);
+    again.finish();
+    assert_eq!(s.counts().running, 0);
+}
