@@ -39,6 +39,14 @@ pub use sched::{CancelToken, Claimed, Core, CoreStats, Scheduler, Task};
 pub use route::{Busy, Job, Origin, Outcome, RemoteDone, Router, Status};
 pub use state::{CancelOutcome, Phase, TaskState};
 
+/// A task payload or result that can cross ranks (the `mpi` feature sends
+/// these bytes inside its rkyv messages).
+pub trait WirePayload: Sized + Send + 'static {
+    fn encode(&self, out: &mut Vec<u8>);
+    /// None for bytes this type cannot have produced.
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
 /// Priority levels: a REQUEST's `priority` p runs at level min(p, 3);
 /// higher levels are taken first. Four deques per core, not one per value.
 pub const LEVELS: usize = 4;

@@ -347,6 +347,19 @@ impl<T> Core<T> {
         None
     }
 
+    /// The next task from this core's own deques only (no injector, no
+    /// steal): the "no balancing" baseline.
+    pub fn next_own(&mut self) -> Option<Claimed<T>> {
+        for level in (0..LEVELS).rev() {
+            while let Some(e) = self.workers[level].pop() {
+                if let Some(c) = claim(&self.shared, e, false) {
+                    return Some(c);
+                }
+            }
+        }
+        None
+    }
+
     fn next_at(&mut self, level: usize) -> Option<Claimed<T>> {
         while let Some(e) = self.workers[level].pop() {
             if let Some(c) = claim(&self.shared, e, false) {

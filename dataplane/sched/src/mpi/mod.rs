@@ -25,12 +25,7 @@ use crate::{Inbox, Inboxes, Job, Outcome, RemoteDone, Scheduler, Wake};
 
 pub use peers::Peers;
 
-/// A task payload or result that crosses ranks.
-pub trait WirePayload: Sized + Send + 'static {
-    fn encode(&self, out: &mut Vec<u8>);
-    /// None for bytes this type cannot have produced.
-    fn decode(bytes: &[u8]) -> Option<Self>;
-}
+pub use crate::WirePayload;
 
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {

@@ -1,0 +1,233 @@
+//! One policy run on this rank: runner threads (one per core) push their
+//! arrivals and run tasks; the main thread is every core's owner, takes
+//! the outcomes from the inboxes and times each task from admission to its
+//! outcome.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use cnse_metrics::LatencyHistogram;
+use cnse_sched::{Busy, CancelOutcome, Core, Job, Origin, SchedError, Status};
+
+use super::report::RankReport;
+use super::task::{index_hash, Service, ServiceMode, Synthetic};
+use super::world::{Shared, World};
+
+pub type SchedCore = Core<Job<Synthetic>>;
+
+/// What this rank does in one epoch.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Global task indices arriving at each core of this rank.
+    pub arrivals: Vec<Vec<u64>>,
+    pub task_us: u32,
+    pub seed: u64,
+    pub service: Service,
+    pub mode: ServiceMode,
+    /// Cores take work from the injector and from each other.
+    pub local_steal: bool,
+    /// Every N-th arrival is cancelled once all are pushed (0: none).
+    pub cancel_every: u64,
+    /// Largest global index + 1 (sizes the answered-once bitmap).
+    pub index_end: u64,
+}
+
+/// Counters the runner threads add to.
+#[derive(Default)]
+struct RunnerCounts {
+    ran: AtomicU64,
+    ran_hash: AtomicU64,
+    busy_us: AtomicU64,
+    nominal_us: AtomicU64,
+    removed: AtomicU64,
+    pushed_all: AtomicUsize,
+}
+
+/// Runs the epoch; returns the cores for the next one and this rank's report.
+pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, steal: bool) -> Result<(Vec<SchedCore>, RankReport)> {
+    let before = snapshot(shared);
+    let counts = Arc::new(RunnerCounts::default());
+    let stop = Arc::new(AtomicUsize::new(0));
+    world.begin(steal)?;
+    let t0 = Instant::now();
+    let n_cores = cores.len();
+    let threads: Vec<_> = cores
+        .into_iter()
+        .zip(plan.arrivals.iter().cloned())
+        .map(|(core, arrivals)| {
+            let (counts, stop, plan) = (counts.clone(), stop.clone(), plan.clone());
+            let (router, busy) = (shared.router.clone(), shared.busy.clone());
+            std::thread::spawn(move || runner(core, arrivals, &plan, &counts, &stop, &router, &busy))
+        })
+        .collect();
+    let mine: u64 = plan.arrivals.iter().map(|a| a.len() as u64).sum();
+    let collected = collect(shared, plan, mine, &counts, n_cores);
+    let finished = match &collected {
+        Ok(_) => world.finish_origin(),
+        Err(_) => Ok(()),
+    };
+    let wall = t0.elapsed();
+    stop.store(1, Ordering::Release);
+    let mut cores = Vec::with_capacity(threads.len());
+    for t in threads {
+        match t.join() {
+            Ok(c) => cores.push(c?),
+            Err(_) => bail!("a runner thread panicked"),
+        }
+    }
+    let (mut report, hist) = collected?;
+    finished?;
+    let after = snapshot(shared);
+    report.ran = counts.ran.load(Ordering::Relaxed);
+    report.ran_hash = counts.ran_hash.load(Ordering::Relaxed);
+    report.busy_us = counts.busy_us.load(Ordering::Relaxed);
+    report.nominal_us = counts.nominal_us.load(Ordering::Relaxed);
+    report.removed = counts.removed.load(Ordering::Relaxed);
+    report.wall_us = wall.as_micros() as u64;
+    report.arrivals = mine;
+    report.local_steals = after.0 - before.0;
+    let (m0, m1) = (before.1, after.1);
+    report.stolen_in = m1.stolen_in - m0.stolen_in;
+    report.stolen_out = m1.stolen_out - m0.stolen_out;
+    report.steal_requests = m1.steal_requests - m0.steal_requests;
+    report.cancels_sent = m1.cancels_sent - m0.cancels_sent;
+    report.cancels_received = m1.cancels_received - m0.cancels_received;
+    report.latency = hist.recorded();
+    Ok((cores, report))
+}
+
+fn snapshot(shared: &Shared) -> (u64, super::world::MirrorCounts) {
+    let local: u64 = (0..shared.sched.cores())
+        .map(|c| {
+            let s = shared.sched.stats(c);
+            s.stolen.load(Ordering::Relaxed) + s.injected.load(Ordering::Relaxed)
+        })
+        .sum();
+    (local, shared.mirror_counts())
+}
+
+/// The owner's side: every outcome of this rank's tasks, once each.
+fn collect(shared: &Shared, plan: &Plan, mine: u64, counts: &RunnerCounts, cores: usize) -> Result<(RankReport, LatencyHistogram)> {
+    let mut report = RankReport::default();
+    let mut hist = LatencyHistogram::new();
+    let mut seen = vec![false; plan.index_end as usize];
+    let mut out = Vec::new();
+    let mut answered = 0u64;
+    loop {
+        let removed = counts.removed.load(Ordering::Acquire);
+        let all_pushed = counts.pushed_all.load(Ordering::Acquire) == cores;
+        if all_pushed && answered + removed >= mine {
+            return Ok((report, hist));
+        }
+        let mut got = 0;
+        for core in 0..cores {
+            got += shared.router.local.drain_into(core, &mut out);
+        }
+        if got == 0 {
+            std::thread::park_timeout(Duration::from_millis(1));
+            continue;
+        }
+        let now = Instant::now();
+        for o in out.drain(..) {
+            answered += 1;
+            hist.record(now.duration_since(o.enqueued_at));
+            match o.status {
+                Status::Cancelled => report.cancelled += 1,
+                Status::Lost => report.lost += 1,
+                Status::Ok => {}
+            }
+            let Some(done) = o.result else { continue };
+            let slot = seen.get_mut(done.index as usize);
+            match slot {
+                Some(s) if !*s => {
+                    *s = true;
+                    report.outcomes += 1;
+                    report.done_hash = report.done_hash.wrapping_add(index_hash(done.index));
+                }
+                _ => report.duplicates += 1,
+            }
+        }
+    }
+}
+
+/// One core: push arrivals while admitted, run what the scheduler gives.
+fn runner(
+    mut core: SchedCore,
+    arrivals: Vec<u64>,
+    plan: &Plan,
+    counts: &RunnerCounts,
+    stop: &AtomicUsize,
+    router: &cnse_sched::Router<super::task::Done, super::world::Unpark>,
+    busy: &AtomicUsize,
+) -> Result<SchedCore> {
+    let mut next = 0usize;
+    let mut to_cancel = Vec::new();
+    let mut cancelled = plan.cancel_every == 0;
+    let mut idle = 0u32;
+    loop {
+        while next < arrivals.len() {
+            let i = arrivals[next];
+            let job = Job::local(Synthetic::new(i, plan.seed, plan.task_us, plan.service));
+            match core.push(0, job) {
+                Ok((_, token)) => {
+                    if plan.cancel_every > 0 && i % plan.cancel_every == plan.cancel_every - 1 {
+                        to_cancel.push(token);
+                    }
+                    next += 1;
+                    if next == arrivals.len() {
+                        counts.pushed_all.fetch_add(1, Ordering::Release);
+                    }
+                }
+                Err((SchedError::Full { .. }, _)) => break,
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        if arrivals.is_empty() && next == 0 {
+            next = usize::MAX; // counted once: nothing to push on this core
+            counts.pushed_all.fetch_add(1, Ordering::Release);
+        }
+        if !cancelled && next >= arrivals.len() && counts.ran.load(Ordering::Relaxed) > 0 {
+            cancelled = true;
+            for t in to_cancel.drain(..) {
+                if t.cancel() == CancelOutcome::Removed {
+                    counts.removed.fetch_add(1, Ordering::Release);
+                }
+            }
+        }
+        let claimed = if plan.local_steal { core.next() } else { core.next_own() };
+        let Some(c) = claimed else {
+            if stop.load(Ordering::Acquire) != 0 {
+                return Ok(core);
+            }
+            idle = idle.saturating_add(1);
+            if idle > 64 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::thread::yield_now();
+            }
+            continue;
+        };
+        idle = 0;
+        busy.fetch_add(1, Ordering::Relaxed);
+        let done = c.task.payload.payload.serve(plan.mode, || c.cancel_requested());
+        busy.fetch_sub(1, Ordering::Relaxed);
+        counts.ran.fetch_add(1, Ordering::Relaxed);
+        counts.ran_hash.fetch_add(index_hash(done.index), Ordering::Relaxed);
+        counts.busy_us.fetch_add(done.served_us as u64, Ordering::Relaxed);
+        counts.nominal_us.fetch_add(c.task.payload.payload.service_us as u64, Ordering::Relaxed);
+        debug_assert!(matches!(c.task.payload.origin, Origin::Local | Origin::Remote { .. }));
+        core.count_run();
+        let mut pending = (c, Some(done));
+        loop {
+            match router.complete(pending.0, pending.1) {
+                Ok(()) => break,
+                Err(Busy(c, r)) => {
+                    pending = (c, r);
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+    }
+}
