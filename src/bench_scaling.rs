@@ -76,6 +76,15 @@ pub struct Args {
     /// Exit non-zero unless every run ran each task exactly once (tests).
     #[arg(long)]
     check: bool,
+    /// A rank silent this long is given up (its tasks end Lost).
+    #[arg(long, default_value_t = 5000)]
+    dead_after_ms: u64,
+    /// Test: this rank's communication thread goes silent for
+    /// --test-freeze-ms after its first stolen batch (a hung node).
+    #[arg(long)]
+    test_freeze_rank: Option<usize>,
+    #[arg(long, default_value_t = 3000)]
+    test_freeze_ms: u64,
     /// Run under mpirun (needs a build with --features mpi).
     #[arg(long, default_value_t = cfg!(feature = "mpi"))]
     mpi: bool,
@@ -89,7 +98,13 @@ pub fn run(a: Args) -> Result<()> {
     ensure!(a.queued_max >= 1 && a.queued_max <= 1 << 19, "--queued-max must be in 1..=524288");
     ensure!(a.tasks <= 1 << 28 && a.metg_tasks <= 1 << 28, "--tasks and --metg-tasks must be <= 2^28");
     ensure!(a.metg_us.iter().all(|&s| s >= 1), "--metg-us sizes must be >= 1");
-    let (world, shared, cores) = World::start(a.cores, a.queued_max, a.mpi)?;
+    ensure!(a.dead_after_ms >= 1, "--dead-after-ms must be >= 1");
+    let tuning = world::Tuning {
+        dead_after_ms: a.dead_after_ms,
+        freeze_rank: a.test_freeze_rank,
+        freeze_ms: a.test_freeze_ms,
+    };
+    let (world, shared, cores) = World::start(a.cores, a.queued_max, a.mpi, tuning)?;
     let result = run_all(&a, &world, &shared, cores);
     world.shutdown();
     result
@@ -124,10 +139,10 @@ fn run_all(a: &Args, world: &World, shared: &Shared, mut cores: Vec<SchedCore>) 
     let (Some(base), true) = (base, rows.iter().all(Option::is_some)) else {
         return Ok(());
     };
-    let thr1 = base.throughput_tasks_s;
+    let rate1 = base.work_rate;
     let mut rows: Vec<Row> = rows.into_iter().flatten().collect();
     for r in rows.iter_mut() {
-        r.efficiency = r.throughput_tasks_s / (ranks as f64 * thr1);
+        r.efficiency = r.work_rate / (ranks as f64 * rate1);
     }
     let metg_rows: Vec<Row> = metg_rows.into_iter().flatten().collect();
     let metg = metg_rows.iter().filter(|r| r.ideal_efficiency >= 0.5).map(|r| r.task_us).min();

@@ -87,6 +87,7 @@ pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, s
     report.removed = counts.removed.load(Ordering::Relaxed);
     report.wall_us = wall.as_micros() as u64;
     report.arrivals = mine;
+    report.rank = world.rank() as u64;
     report.local_steals = after.0 - before.0;
     let (m0, m1) = (before.1, after.1);
     report.stolen_in = m1.stolen_in - m0.stolen_in;
@@ -101,8 +102,7 @@ pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, s
 fn snapshot(shared: &Shared) -> (u64, super::world::MirrorCounts) {
     let local: u64 = (0..shared.sched.cores())
         .map(|c| {
-            let s = shared.sched.stats(c);
-            s.stolen.load(Ordering::Relaxed) + s.injected.load(Ordering::Relaxed)
+            shared.sched.stats(c).stolen.load(Ordering::Relaxed)
         })
         .sum();
     (local, shared.mirror_counts())
@@ -132,6 +132,7 @@ fn collect(shared: &Shared, plan: &Plan, mine: u64, counts: &RunnerCounts, cores
         let now = Instant::now();
         for o in out.drain(..) {
             answered += 1;
+            report.answered += 1;
             hist.record(now.duration_since(o.enqueued_at));
             match o.status {
                 Status::Cancelled => report.cancelled += 1,

@@ -18,13 +18,15 @@ pub struct RankReport {
     pub done_hash: u64,
     /// Outcomes with a result (the task ran somewhere).
     pub outcomes: u64,
+    /// Every outcome received (with a result or not).
+    pub answered: u64,
     pub cancelled: u64,
     /// Cancelled while queued here: removed, no outcome.
     pub removed: u64,
     pub lost: u64,
     /// Outcomes for a task index already answered, or not ours.
     pub duplicates: u64,
-    /// Tasks a core took from another core's deque (or the injector).
+    /// Tasks a core took from another core's deque.
     pub local_steals: u64,
     pub stolen_in: u64,
     pub stolen_out: u64,
@@ -38,7 +40,7 @@ pub struct RankReport {
     pub latency: Vec<(u64, u64)>,
 }
 
-const FIELDS: usize = 19;
+const FIELDS: usize = 20;
 
 impl RankReport {
     fn fields(&self) -> [u64; FIELDS] {
@@ -46,7 +48,7 @@ impl RankReport {
             self.rank, self.arrivals, self.ran, self.ran_hash, self.done_hash, self.outcomes, self.cancelled,
             self.removed, self.lost, self.duplicates, self.local_steals, self.stolen_in, self.stolen_out,
             self.steal_requests, self.cancels_sent, self.cancels_received, self.busy_us, self.wall_us,
-            self.nominal_us,
+            self.nominal_us, self.answered,
         ]
     }
 
@@ -88,6 +90,7 @@ impl RankReport {
             busy_us: f[16],
             wall_us: f[17],
             nominal_us: f[18],
+            answered: f[19],
             latency: w[FIELDS + 1..].chunks_exact(2).map(|p| (p[0], p[1])).collect(),
         })
     }
@@ -103,11 +106,15 @@ pub struct Row {
     pub task_us: u32,
     pub wall_us: u64,
     pub throughput_tasks_s: f64,
-    /// Against one rank: throughput / (ranks × the one-rank throughput).
+    /// Against one rank: the work rate (nominal task µs served per second)
+    /// over ranks × one rank's work rate (a work rate, not tasks/s, so
+    /// runs with different service samples compare).
     pub efficiency: f64,
     /// Task Bench's: nominal work / (wall × ranks × cores).
     pub ideal_efficiency: f64,
     pub busy_fraction: f64,
+    /// Nominal task µs served per wall second, all ranks.
+    pub work_rate: f64,
     pub p50_us: u64,
     pub p95_us: u64,
     pub p99_us: u64,
@@ -137,11 +144,13 @@ impl Row {
         }
         let slots_us = wall_us as f64 * (ranks * cores) as f64;
         let tasks = sum(|r| r.arrivals);
-        let exactly_once = sum(|r| r.ran_hash) == sum(|r| r.done_hash)
-            && sum(|r| r.ran) == sum(|r| r.outcomes)
-            && sum(|r| r.duplicates) == 0
-            && sum(|r| r.outcomes) + sum(|r| r.cancelled) + sum(|r| r.removed) + sum(|r| r.lost)
-                >= tasks;
+        // Every task answered once (or removed by its cancel) and none twice;
+        // with every rank reporting, the runs add up to the answers too. A
+        // rank given up took its run counts with it: then only the answers
+        // can be checked.
+        let answered_once = sum(|r| r.duplicates) == 0 && sum(|r| r.answered) + sum(|r| r.removed) == tasks;
+        let ran_once = sum(|r| r.ran_hash) == sum(|r| r.done_hash) && sum(|r| r.ran) == sum(|r| r.outcomes);
+        let exactly_once = answered_once && (ran_once || reports.len() > per_rank.len());
         Ok(Self {
             policy: policy.to_string(),
             ranks,
@@ -153,6 +162,7 @@ impl Row {
             efficiency: f64::NAN,
             ideal_efficiency: sum(|r| r.nominal_us) as f64 / slots_us,
             busy_fraction: sum(|r| r.busy_us) as f64 / slots_us,
+            work_rate: sum(|r| r.nominal_us) as f64 / (wall_us as f64 / 1e6),
             p50_us: hist.quantile_us(0.50),
             p95_us: hist.quantile_us(0.95),
             p99_us: hist.quantile_us(0.99),

@@ -20,6 +20,14 @@ impl Wake for Unpark {
     }
 }
 
+/// Mirror settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub dead_after_ms: u64,
+    pub freeze_rank: Option<usize>,
+    pub freeze_ms: u64,
+}
+
 /// Bound of each owner inbox and of the communication thread's outbox.
 pub const INBOX_MAX: usize = 4096;
 
@@ -49,7 +57,7 @@ pub struct MirrorCounts {
 
 impl World {
     /// The scheduler, its cores and (with `mpi` and `use_mpi`) the mirror.
-    pub fn start(cores: usize, queued_max: usize, use_mpi: bool) -> Result<(World, Shared, Vec<Core<Job<Synthetic>>>)> {
+    pub fn start(cores: usize, queued_max: usize, use_mpi: bool, tuning: Tuning) -> Result<(World, Shared, Vec<Core<Job<Synthetic>>>)> {
         let (sched, cores_v) = Scheduler::new(&Config { cores, queued_max })?;
         let local = Arc::new(Inboxes::new(cores, INBOX_MAX, Unpark(std::thread::current())));
         let remote = Arc::new(Inbox::new(INBOX_MAX));
@@ -65,8 +73,11 @@ impl World {
                     busy: busy.clone(),
                     stats: stats.clone(),
                 };
+                let ms = std::time::Duration::from_millis;
                 let config = cnse_sched::mpi::MirrorConfig {
                     slots: cores,
+                    dead_after: ms(tuning.dead_after_ms),
+                    test_freeze: tuning.freeze_rank.map(|r| (r, ms(tuning.freeze_ms))),
                     ..Default::default()
                 };
                 let mirror = cnse_sched::mpi::Mirror::start(parts, config)?;
@@ -79,6 +90,7 @@ impl World {
         }
         #[cfg(not(feature = "mpi"))]
         {
+            let _ = tuning;
             anyhow::ensure!(!use_mpi, "this cnse-dp was built without MPI: build with --features mpi");
             let router = Router { rank: 0, local, remote };
             Ok((World::Solo, Shared { sched, router, busy }, cores_v))

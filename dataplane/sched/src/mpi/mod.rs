@@ -41,6 +41,10 @@ pub struct MirrorConfig {
     pub exported_max: usize,
     /// Runner slots of this rank (the load's `free_slots` is this minus `busy`).
     pub slots: usize,
+    /// Test hook (rank, pause): after its first stolen batch arrives, that
+    /// rank's communication thread stops for `pause` (a hung node), so the
+    /// others' dead-rank handling can be tested under mpirun.
+    pub test_freeze: Option<(usize, Duration)>,
 }
 
 impl Default for MirrorConfig {
@@ -52,6 +56,7 @@ impl Default for MirrorConfig {
             steal_batch_max: 256,
             exported_max: 4096,
             slots: 1,
+            test_freeze: None,
         }
     }
 }

@@ -166,6 +166,11 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                 Err(_) => self.refuse(from, t.id),
             }
         }
+        if let Some((_, pause)) = self.config.test_freeze.filter(|&(r, _)| r == self.rank) {
+            self.config.test_freeze = None;
+            eprintln!("rank {}: test freeze: silent for {pause:?}", self.rank);
+            std::thread::sleep(pause);
+        }
     }
 
     fn refuse(&mut self, to: usize, id: u64) {
