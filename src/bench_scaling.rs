@@ -85,9 +85,9 @@ pub struct Args {
     test_freeze_rank: Option<usize>,
     #[arg(long, default_value_t = 3000)]
     test_freeze_ms: u64,
-    /// Run under mpirun (needs a build with --features mpi).
-    #[arg(long, default_value_t = cfg!(feature = "mpi"))]
-    mpi: bool,
+    /// In a build with --features mpi: run alone, without initialising MPI.
+    #[arg(long)]
+    no_mpi: bool,
     #[arg(long)]
     csv: Option<PathBuf>,
 }
@@ -104,7 +104,7 @@ pub fn run(a: Args) -> Result<()> {
         freeze_rank: a.test_freeze_rank,
         freeze_ms: a.test_freeze_ms,
     };
-    let (world, shared, cores) = World::start(a.cores, a.queued_max, a.mpi, tuning)?;
+    let (world, shared, cores) = World::start(a.cores, a.queued_max, cfg!(feature = "mpi") && !a.no_mpi, tuning)?;
     let result = run_all(&a, &world, &shared, cores);
     world.shutdown();
     result

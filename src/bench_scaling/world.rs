@@ -22,6 +22,7 @@ impl Wake for Unpark {
 
 /// Mirror settings from the command line.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub struct Tuning {
     pub dead_after_ms: u64,
     pub freeze_rank: Option<usize>,
