@@ -197,7 +197,7 @@ fn runner(
                 }
             }
         }
-        let claimed = if plan.local_steal { core.next() } else { core.next_own() };
+        let claimed = if plan.local_steal { core.next_task() } else { core.next_own_task() };
         let Some(c) = claimed else {
             if stop.load(Ordering::Acquire) != 0 {
                 return Ok(core);

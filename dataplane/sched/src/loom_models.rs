@@ -155,3 +155,48 @@ fn loom_drain_waits_for_running() {
         assert!(gate.drained());
     });
 }
+
+/// A task another rank refused comes home (`requeue`: running → queued)
+/// while its owner cancels it: either the cancel flags it first and the
+/// requeue fails (answered cancelled), or the requeue wins and the cancel
+/// removes the queued task; the gate ends balanced either way.
+#[test]
+fn loom_requeue_races_cancel() {
+    loom::model(|| {
+        let gate = Arc::new(Gate::new(2, 4));
+        gate.reserve().unwrap();
+        let state = TaskState::new();
+        assert!(state.claim());
+        gate.claimed();
+        let (g1, s1) = (gate.clone(), state.clone());
+        let owner = thread::spawn(move || {
+            let o = s1.cancel();
+            if o == CancelOutcome::Removed {
+                g1.cancelled();
+            }
+            o
+        });
+        let requeued = state.unclaim();
+        if requeued {
+            gate.unclaimed();
+        }
+        let outcome = owner.join().unwrap();
+        if requeued {
+            // The queue entry is popped later: a tombstone if removed.
+            if state.claim() {
+                gate.claimed();
+                state.finish();
+                gate.finished();
+            } else {
+                assert_eq!(outcome, CancelOutcome::Removed);
+                gate.tombstone_dropped();
+            }
+        } else {
+            assert_eq!(outcome, CancelOutcome::Signalled);
+            assert!(state.finish(), "the runner sees the cancel");
+            gate.finished();
+        }
+        let c = gate.counts();
+        assert_eq!((c.live, c.entries, c.running), (0, 0, 0));
+    });
+}

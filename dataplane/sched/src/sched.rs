@@ -338,7 +338,7 @@ impl<T> Core<T> {
 
     /// The next task to run here: own deques, the injector, then a steal.
     /// None: nothing claimable anywhere right now.
-    pub fn next(&mut self) -> Option<Claimed<T>> {
+    pub fn next_task(&mut self) -> Option<Claimed<T>> {
         for level in (0..LEVELS).rev() {
             if let Some(c) = self.next_at(level) {
                 return Some(c);
@@ -349,7 +349,7 @@ impl<T> Core<T> {
 
     /// The next task from this core's own deques only (no injector, no
     /// steal): the "no balancing" baseline.
-    pub fn next_own(&mut self) -> Option<Claimed<T>> {
+    pub fn next_own_task(&mut self) -> Option<Claimed<T>> {
         for level in (0..LEVELS).rev() {
             while let Some(e) = self.workers[level].pop() {
                 if let Some(c) = claim(&self.shared, e, false) {

@@ -18,7 +18,7 @@ fn higher_priority_runs_first() {
     c.push(0, 1).unwrap();
     c.push(7, 2).unwrap();
     c.push(1, 3).unwrap();
-    let order: Vec<u64> = std::iter::from_fn(|| c.next().map(|t| t.task.payload)).collect();
+    let order: Vec<u64> = std::iter::from_fn(|| c.next_task().map(|t| t.task.payload)).collect();
     assert_eq!(order, vec![2, 3, 1]);
 }
 
@@ -47,10 +47,10 @@ fn cancelled_queued_task_never_runs_and_frees_its_slot() {
     assert_eq!(t.cancel(), CancelOutcome::Removed);
     assert_eq!(s.counts().live, 0);
     cores[0].push(0, 2).unwrap();
-    let got = cores[0].next().unwrap();
+    let got = cores[0].next_task().unwrap();
     assert_eq!(got.task.payload, 2, "the cancelled task was skipped");
     got.finish();
-    assert!(cores[0].next().is_none());
+    assert!(cores[0].next_task().is_none());
     assert_eq!(s.counts().entries, 0, "the tombstone was dropped");
 }
 
@@ -69,7 +69,7 @@ fn tombstones_are_bounded() {
 fn cancel_of_running_task_is_a_flag_the_runner_sees() {
     let (_s, mut cores) = sched(1, 4);
     let (_, t) = cores[0].push(0, 1).unwrap();
-    let run = cores[0].next().unwrap();
+    let run = cores[0].next_task().unwrap();
     assert!(!run.cancel_requested());
     assert_eq!(t.cancel(), CancelOutcome::Signalled);
     assert!(run.cancel_requested());
@@ -84,7 +84,7 @@ fn idle_core_steals_from_busy_one() {
     for i in 0..32 {
         cores[0].push(0, i).unwrap();
     }
-    let got = cores[1].next().unwrap();
+    let got = cores[1].next_task().unwrap();
     assert!(got.stolen);
     assert_eq!(got.task.owner, 0, "a stolen task keeps its owner");
     assert_eq!(s.stats(1).stolen.load(Ordering::Relaxed), 1);
@@ -148,7 +148,7 @@ fn every_task_runs_exactly_once_under_stealing() {
                     }
                 }
                 loop {
-                    match core.next() {
+                    match core.next_task() {
                         Some(c) => {
                             mine.push(c.task.payload);
                             core.count_run();
@@ -187,7 +187,7 @@ fn requeue_puts_a_claimed_task_back_unless_cancelled() {
     assert!(s.requeue(cancelled).is_err(), "a cancelled task is not queued again");
     assert!(s.requeue(live).is_ok());
     assert_eq!(t2.state().phase(), Phase::Queued);
-    let again = cores[0].next().unwrap();
+    let again = cores[0].next_task().unwrap();
     assert_eq!(again.task.payload, 2);
     again.finish();
     assert_eq!(s.counts().running, 0);
