@@ -50,16 +50,25 @@ pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, s
     let before = snapshot(shared);
     let counts = Arc::new(RunnerCounts::default());
     let stop = Arc::new(AtomicUsize::new(0));
+    // The tasks that fit are queued before the start, as they would be
+    // when a run begins with a backlog; otherwise a rank whose runner has
+    // not pushed yet looks idle to the others' first steal.
+    let mut pushers = Vec::with_capacity(cores.len());
+    for (core, arrivals) in cores.iter().zip(plan.arrivals.iter().cloned()) {
+        let mut p = Pusher { arrivals, next: 0, to_cancel: Vec::new() };
+        p.push_some(core, plan, &counts)?;
+        pushers.push(p);
+    }
     world.begin(steal)?;
     let t0 = Instant::now();
     let n_cores = cores.len();
     let threads: Vec<_> = cores
         .into_iter()
-        .zip(plan.arrivals.iter().cloned())
-        .map(|(core, arrivals)| {
+        .zip(pushers)
+        .map(|(core, pusher)| {
             let (counts, stop, plan) = (counts.clone(), stop.clone(), plan.clone());
             let (router, busy) = (shared.router.clone(), shared.busy.clone());
-            std::thread::spawn(move || runner(core, arrivals, &plan, &counts, &stop, &router, &busy))
+            std::thread::spawn(move || runner(core, pusher, &plan, &counts, &stop, &router, &busy))
         })
         .collect();
     let mine: u64 = plan.arrivals.iter().map(|a| a.len() as u64).sum();
@@ -153,31 +162,33 @@ fn collect(shared: &Shared, plan: &Plan, mine: u64, counts: &RunnerCounts, cores
     }
 }
 
-/// One core: push arrivals while admitted, run what the scheduler gives.
-fn runner(
-    mut core: SchedCore,
+/// A core's arrivals, pushed while the admission bound lets them in.
+struct Pusher {
     arrivals: Vec<u64>,
-    plan: &Plan,
-    counts: &RunnerCounts,
-    stop: &AtomicUsize,
-    router: &cnse_sched::Router<super::task::Done, super::world::Unpark>,
-    busy: &AtomicUsize,
-) -> Result<SchedCore> {
-    let mut next = 0usize;
-    let mut to_cancel = Vec::new();
-    let mut cancelled = plan.cancel_every == 0;
-    let mut idle = 0u32;
-    loop {
-        while next < arrivals.len() {
-            let i = arrivals[next];
+    next: usize,
+    to_cancel: Vec<cnse_sched::CancelToken>,
+}
+
+impl Pusher {
+    fn done(&self) -> bool {
+        self.next >= self.arrivals.len()
+    }
+
+    fn push_some(&mut self, core: &SchedCore, plan: &Plan, counts: &RunnerCounts) -> Result<()> {
+        if self.arrivals.is_empty() && self.next == 0 {
+            self.next = 1; // counted once: nothing to push on this core
+            counts.pushed_all.fetch_add(1, Ordering::Release);
+        }
+        while !self.done() {
+            let i = self.arrivals[self.next];
             let job = Job::local(Synthetic::new(i, plan.seed, plan.task_us, plan.service));
             match core.push(0, job) {
                 Ok((_, token)) => {
                     if plan.cancel_every > 0 && i % plan.cancel_every == plan.cancel_every - 1 {
-                        to_cancel.push(token);
+                        self.to_cancel.push(token);
                     }
-                    next += 1;
-                    if next == arrivals.len() {
+                    self.next += 1;
+                    if self.done() {
                         counts.pushed_all.fetch_add(1, Ordering::Release);
                     }
                 }
@@ -185,13 +196,27 @@ fn runner(
                 Err((e, _)) => return Err(e.into()),
             }
         }
-        if arrivals.is_empty() && next == 0 {
-            next = usize::MAX; // counted once: nothing to push on this core
-            counts.pushed_all.fetch_add(1, Ordering::Release);
-        }
-        if !cancelled && next >= arrivals.len() && counts.ran.load(Ordering::Relaxed) > 0 {
+        Ok(())
+    }
+}
+
+/// One core: push arrivals while admitted, run what the scheduler gives.
+fn runner(
+    mut core: SchedCore,
+    mut pusher: Pusher,
+    plan: &Plan,
+    counts: &RunnerCounts,
+    stop: &AtomicUsize,
+    router: &cnse_sched::Router<super::task::Done, super::world::Unpark>,
+    busy: &AtomicUsize,
+) -> Result<SchedCore> {
+    let mut cancelled = plan.cancel_every == 0;
+    let mut idle = 0u32;
+    loop {
+        pusher.push_some(&core, plan, counts)?;
+        if !cancelled && pusher.done() && counts.ran.load(Ordering::Relaxed) > 0 {
             cancelled = true;
-            for t in to_cancel.drain(..) {
+            for t in pusher.to_cancel.drain(..) {
                 if t.cancel() == CancelOutcome::Removed {
                     counts.removed.fetch_add(1, Ordering::Release);
                 }
