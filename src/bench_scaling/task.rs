@@ -68,18 +68,26 @@ impl Synthetic {
         }
     }
 
-    /// Serves the task; stops early when `cancelled()` turns true.
+    /// Serves the task; stops early when `cancelled()` turns true. Wait
+    /// counts wall time (a backend answers after that long whatever the
+    /// CPU does); spin counts this thread's CPU time, so a task preempted
+    /// on a full machine still does its whole work.
     pub fn serve(&self, mode: ServiceMode, cancelled: impl Fn() -> bool) -> Done {
         let start = Instant::now();
         let total = Duration::from_micros(self.service_us as u64);
-        while start.elapsed() < total && !cancelled() {
-            let left = total.saturating_sub(start.elapsed());
+        let clock = || match mode {
+            ServiceMode::Wait => start.elapsed(),
+            ServiceMode::Spin => thread_cpu_time(),
+        };
+        let begin = clock();
+        while clock().saturating_sub(begin) < total && !cancelled() {
+            let left = total.saturating_sub(clock().saturating_sub(begin));
             let slice = left.min(Duration::from_micros(CANCEL_CHECK_US));
             match mode {
                 ServiceMode::Wait => std::thread::sleep(slice),
                 ServiceMode::Spin => {
-                    let until = Instant::now() + slice;
-                    while Instant::now() < until {
+                    let until = thread_cpu_time() + slice;
+                    while thread_cpu_time() < until {
                         std::hint::spin_loop();
                     }
                 }
@@ -90,6 +98,16 @@ impl Synthetic {
             served_us: start.elapsed().as_micros().min(u32::MAX as u128) as u32,
         }
     }
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration;
+    // CLOCK_THREAD_CPUTIME_ID exists on every Linux this runs on.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl cnse_sched::WirePayload for Synthetic {

@@ -27,7 +27,11 @@ const RESULTS_PER_MSG_MAX: usize = 1024;
 const RECV_PER_POLL_MAX: usize = 64;
 /// Idle polls before the thread starts sleeping between polls.
 const SPIN_POLLS: u32 = 64;
-const IDLE_SLEEP: Duration = Duration::from_micros(50);
+/// Sleep between idle polls: doubles from the first to the last while
+/// nothing happens (a thread that polls on a full machine takes CPU from
+/// the runners), back to the first on any progress.
+const IDLE_SLEEP_FIRST: Duration = Duration::from_micros(50);
+const IDLE_SLEEP_LAST: Duration = Duration::from_micros(400);
 
 struct Exported<T> {
     claimed: Claimed<Job<T>>,
@@ -204,7 +208,8 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             } else {
                 idle = idle.saturating_add(1);
                 if idle > SPIN_POLLS {
-                    std::thread::sleep(IDLE_SLEEP);
+                    let doublings = (idle - SPIN_POLLS).min(8);
+                    std::thread::sleep((IDLE_SLEEP_FIRST * (1 << doublings)).min(IDLE_SLEEP_LAST));
                 } else {
                     std::thread::yield_now();
                 }
