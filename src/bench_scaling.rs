@@ -95,8 +95,14 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     ensure!(a.tasks >= 1, "--tasks must be >= 1");
     ensure!(a.cores >= 1 && a.cores <= 1024, "--cores must be in 1..=1024");
-    ensure!(a.queued_max >= 1 && a.queued_max <= 1 << 19, "--queued-max must be in 1..=524288");
-    ensure!(a.tasks <= 1 << 28 && a.metg_tasks <= 1 << 28, "--tasks and --metg-tasks must be <= 2^28");
+    ensure!(
+        a.queued_max >= 1 && a.queued_max <= 1 << 19,
+        "--queued-max must be in 1..=524288"
+    );
+    ensure!(
+        a.tasks <= 1 << 28 && a.metg_tasks <= 1 << 28,
+        "--tasks and --metg-tasks must be <= 2^28"
+    );
     ensure!(a.metg_us.iter().all(|&s| s >= 1), "--metg-us sizes must be >= 1");
     ensure!(a.dead_after_ms >= 1, "--dead-after-ms must be >= 1");
     let tuning = world::Tuning {
@@ -113,7 +119,16 @@ pub fn run(a: Args) -> Result<()> {
 fn run_all(a: &Args, world: &World, shared: &Shared, mut cores: Vec<SchedCore>) -> Result<()> {
     let ranks = world.ranks();
     let rank = world.rank();
-    let base = epoch_row(a, world, shared, &mut cores, "one-rank", a.task_us, a.tasks.div_ceil(ranks as u64), true)?;
+    let base = epoch_row(
+        a,
+        world,
+        shared,
+        &mut cores,
+        "one-rank",
+        a.task_us,
+        a.tasks.div_ceil(ranks as u64),
+        true,
+    )?;
     let policies: &[Policy] = match a.policy {
         Policy::All => &[Policy::Steal, Policy::Static, Policy::None],
         p => std::slice::from_ref(match p {
@@ -145,14 +160,27 @@ fn run_all(a: &Args, world: &World, shared: &Shared, mut cores: Vec<SchedCore>) 
         r.efficiency = r.work_rate / (ranks as f64 * rate1);
     }
     let metg_rows: Vec<Row> = metg_rows.into_iter().flatten().collect();
-    let metg = metg_rows.iter().filter(|r| r.ideal_efficiency >= 0.5).map(|r| r.task_us).min();
+    let metg = metg_rows
+        .iter()
+        .filter(|r| r.ideal_efficiency >= 0.5)
+        .map(|r| r.task_us)
+        .min();
     print_rows(a, &base, &rows, &metg_rows, metg);
     if let Some(path) = &a.csv {
         write_csv(a, path, &rows, &metg_rows, metg)?;
     }
     if a.check {
-        let bad: Vec<&str> = rows.iter().chain(&metg_rows).filter(|r| !r.exactly_once).map(|r| r.policy.as_str()).collect();
-        ensure!(bad.is_empty(), "a task did not run exactly once under: {}", bad.join(", "));
+        let bad: Vec<&str> = rows
+            .iter()
+            .chain(&metg_rows)
+            .filter(|r| !r.exactly_once)
+            .map(|r| r.policy.as_str())
+            .collect();
+        ensure!(
+            bad.is_empty(),
+            "a task did not run exactly once under: {}",
+            bad.join(", ")
+        );
     }
     Ok(())
 }
@@ -218,19 +246,48 @@ fn epoch_row(
 fn print_rows(a: &Args, base: &Row, rows: &[Row], metg_rows: &[Row], metg: Option<u32>) {
     println!(
         "one rank: {:.0} tasks/s ({} tasks of {} µs in {:.3} s, {:?} {:?}, {} core(s))",
-        base.throughput_tasks_s, base.tasks, a.task_us, base.wall_us as f64 / 1e6, a.service, a.service_mode, a.cores
+        base.throughput_tasks_s,
+        base.tasks,
+        a.task_us,
+        base.wall_us as f64 / 1e6,
+        a.service,
+        a.service_mode,
+        a.cores
     );
-    println!("{:<11}{:>6}{:>9}{:>13}{:>8}{:>8}{:>7}{:>9}{:>9}{:>9}{:>8}{:>7}", "policy", "ranks", "tasks", "tasks/s", "eff", "ideal", "busy", "p50 µs", "p95 µs", "p99 µs", "steals", "once");
+    println!(
+        "{:<11}{:>6}{:>9}{:>13}{:>8}{:>8}{:>7}{:>9}{:>9}{:>9}{:>8}{:>7}",
+        "policy", "ranks", "tasks", "tasks/s", "eff", "ideal", "busy", "p50 µs", "p95 µs", "p99 µs", "steals", "once"
+    );
     for r in rows.iter().chain(metg_rows) {
         println!(
-            "{:<11}{:>6}{:>9}{:>13.0}{:>8.3}{:>8.3}{:>7.2}{:>9}{:>9}{:>9}{:>8}{:>7}",
-            if r.policy == "metg-steal" { format!("steal@{}", r.task_us) } else { r.policy.clone() },
-            r.ranks, r.tasks, r.throughput_tasks_s, r.efficiency, r.ideal_efficiency, r.busy_fraction,
-            r.p50_us, r.p95_us, r.p99_us, r.steals, r.exactly_once
+            "{:<11}{:>6}{:>9}{:>13.0}{:>8}{:>8.3}{:>7.2}{:>9}{:>9}{:>9}{:>8}{:>7}",
+            if r.policy == "metg-steal" {
+                format!("steal@{}", r.task_us)
+            } else {
+                r.policy.clone()
+            },
+            r.ranks,
+            r.tasks,
+            r.throughput_tasks_s,
+            if r.efficiency.is_finite() {
+                format!("{:.3}", r.efficiency)
+            } else {
+                "-".into()
+            },
+            r.ideal_efficiency,
+            r.busy_fraction,
+            r.p50_us,
+            r.p95_us,
+            r.p99_us,
+            r.steals,
+            r.exactly_once
         );
     }
     for r in rows.iter().chain(metg_rows).filter(|r| r.lost_ranks > 0) {
-        println!("{}: {} rank(s) given up (silent); their tasks ended Lost", r.policy, r.lost_ranks);
+        println!(
+            "{}: {} rank(s) given up (silent); their tasks ended Lost",
+            r.policy, r.lost_ranks
+        );
     }
     if !metg_rows.is_empty() {
         match metg {

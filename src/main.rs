@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 
 mod alloc_count;
 mod bench;
-mod bench_scaling;
 mod bench_llama;
+mod bench_scaling;
 mod client;
 mod demo;
 mod gpu;

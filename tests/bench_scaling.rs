@@ -17,26 +17,59 @@ fn issue10_every_task_runs_exactly_once_alone_with_cancels() {
     std::fs::create_dir_all(&dir).unwrap();
     let csv = dir.join("s.csv");
     let out = bench(&[
-        "--tasks", "1500", "--task-us", "200", "--cores", "2", "--service", "exp", "--arrival", "rank0",
-        "--cancel-every", "9", "--check", "--csv", csv.to_str().unwrap(),
+        "--tasks",
+        "1500",
+        "--task-us",
+        "200",
+        "--cores",
+        "2",
+        "--service",
+        "exp",
+        "--arrival",
+        "rank0",
+        "--cancel-every",
+        "9",
+        "--check",
+        "--csv",
+        csv.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = std::fs::read_to_string(&csv).unwrap();
     let mut lines = text.lines();
     let header = lines.next().unwrap();
-    for col in ["policy", "ranks", "tasks", "throughput_tasks_s", "efficiency", "p50_us", "p99_us"] {
+    for col in [
+        "policy",
+        "ranks",
+        "tasks",
+        "throughput_tasks_s",
+        "efficiency",
+        "p50_us",
+        "p99_us",
+    ] {
         assert!(header.split(',').any(|c| c == col), "CSV header lacks {col}: {header}");
     }
     let policies: Vec<&str> = lines.map(|l| l.split(',').next().unwrap()).collect();
     assert_eq!(policies, ["steal", "static", "none"], "one row per policy");
-    assert!(text.lines().skip(1).all(|l| l.contains(",true,")), "exactly once in every row:\n{text}");
+    assert!(
+        text.lines().skip(1).all(|l| l.contains(",true,")),
+        "exactly once in every row:\n{text}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn issue10_bad_arguments_are_one_line_and_non_zero() {
-    for args in [&["--policy", "bogus"][..], &["--tasks", "0"], &["--service", "x"], &["--cores", "0"]] {
+    for args in [
+        &["--policy", "bogus"][..],
+        &["--tasks", "0"],
+        &["--service", "x"],
+        &["--cores", "0"],
+    ] {
         let out = bench(args);
         assert!(!out.status.success(), "{args:?} accepted");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -46,7 +46,13 @@ struct RunnerCounts {
 }
 
 /// Runs the epoch; returns the cores for the next one and this rank's report.
-pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, steal: bool) -> Result<(Vec<SchedCore>, RankReport)> {
+pub fn run(
+    world: &World,
+    shared: &Shared,
+    cores: Vec<SchedCore>,
+    plan: &Plan,
+    steal: bool,
+) -> Result<(Vec<SchedCore>, RankReport)> {
     let before = snapshot(shared);
     let counts = Arc::new(RunnerCounts::default());
     let stop = Arc::new(AtomicUsize::new(0));
@@ -55,7 +61,11 @@ pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, s
     // not pushed yet looks idle to the others' first steal.
     let mut pushers = Vec::with_capacity(cores.len());
     for (core, arrivals) in cores.iter().zip(plan.arrivals.iter().cloned()) {
-        let mut p = Pusher { arrivals, next: 0, to_cancel: Vec::new() };
+        let mut p = Pusher {
+            arrivals,
+            next: 0,
+            to_cancel: Vec::new(),
+        };
         p.push_some(core, plan, &counts)?;
         pushers.push(p);
     }
@@ -110,15 +120,19 @@ pub fn run(world: &World, shared: &Shared, cores: Vec<SchedCore>, plan: &Plan, s
 
 fn snapshot(shared: &Shared) -> (u64, super::world::MirrorCounts) {
     let local: u64 = (0..shared.sched.cores())
-        .map(|c| {
-            shared.sched.stats(c).stolen.load(Ordering::Relaxed)
-        })
+        .map(|c| shared.sched.stats(c).stolen.load(Ordering::Relaxed))
         .sum();
     (local, shared.mirror_counts())
 }
 
 /// The owner's side: every outcome of this rank's tasks, once each.
-fn collect(shared: &Shared, plan: &Plan, mine: u64, counts: &RunnerCounts, cores: usize) -> Result<(RankReport, LatencyHistogram)> {
+fn collect(
+    shared: &Shared,
+    plan: &Plan,
+    mine: u64,
+    counts: &RunnerCounts,
+    cores: usize,
+) -> Result<(RankReport, LatencyHistogram)> {
     let mut report = RankReport::default();
     let mut hist = LatencyHistogram::new();
     let mut seen = vec![false; plan.index_end as usize];
@@ -222,7 +236,11 @@ fn runner(
                 }
             }
         }
-        let claimed = if plan.local_steal { core.next_task() } else { core.next_own_task() };
+        let claimed = if plan.local_steal {
+            core.next_task()
+        } else {
+            core.next_own_task()
+        };
         let Some(c) = claimed else {
             if stop.load(Ordering::Acquire) != 0 {
                 return Ok(core);
@@ -242,7 +260,9 @@ fn runner(
         counts.ran.fetch_add(1, Ordering::Relaxed);
         counts.ran_hash.fetch_add(index_hash(done.index), Ordering::Relaxed);
         counts.busy_us.fetch_add(done.served_us as u64, Ordering::Relaxed);
-        counts.nominal_us.fetch_add(c.task.payload.payload.service_us as u64, Ordering::Relaxed);
+        counts
+            .nominal_us
+            .fetch_add(c.task.payload.payload.service_us as u64, Ordering::Relaxed);
         debug_assert!(matches!(c.task.payload.origin, Origin::Local | Origin::Remote { .. }));
         core.count_run();
         let mut pending = (c, Some(done));

@@ -45,10 +45,26 @@ const FIELDS: usize = 20;
 impl RankReport {
     fn fields(&self) -> [u64; FIELDS] {
         [
-            self.rank, self.arrivals, self.ran, self.ran_hash, self.done_hash, self.outcomes, self.cancelled,
-            self.removed, self.lost, self.duplicates, self.local_steals, self.stolen_in, self.stolen_out,
-            self.steal_requests, self.cancels_sent, self.cancels_received, self.busy_us, self.wall_us,
-            self.nominal_us, self.answered,
+            self.rank,
+            self.arrivals,
+            self.ran,
+            self.ran_hash,
+            self.done_hash,
+            self.outcomes,
+            self.cancelled,
+            self.removed,
+            self.lost,
+            self.duplicates,
+            self.local_steals,
+            self.stolen_in,
+            self.stolen_out,
+            self.steal_requests,
+            self.cancels_sent,
+            self.cancels_received,
+            self.busy_us,
+            self.wall_us,
+            self.nominal_us,
+            self.answered,
         ]
     }
 
@@ -65,10 +81,21 @@ impl RankReport {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self> {
-        ensure!(b.len() % 8 == 0 && b.len() >= (FIELDS + 1) * 8, "report of {} bytes", b.len());
-        let w: Vec<u64> = b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        ensure!(
+            b.len() % 8 == 0 && b.len() >= (FIELDS + 1) * 8,
+            "report of {} bytes",
+            b.len()
+        );
+        let w: Vec<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let pairs = w[FIELDS] as usize;
-        ensure!(w.len() == FIELDS + 1 + 2 * pairs, "report holds {} words for {pairs} pairs", w.len());
+        ensure!(
+            w.len() == FIELDS + 1 + 2 * pairs,
+            "report holds {} words for {pairs} pairs",
+            w.len()
+        );
         let f = &w[..FIELDS];
         Ok(Self {
             rank: f[0],
@@ -189,7 +216,11 @@ pub fn csv_line(row: &Row, run: &str, metg_us: Option<u32>) -> String {
         row.task_us,
         row.throughput_tasks_s,
         // Empty for METG rows: they are measured against the ideal only.
-        if row.efficiency.is_finite() { format!("{:.4}", row.efficiency) } else { String::new() },
+        if row.efficiency.is_finite() {
+            format!("{:.4}", row.efficiency)
+        } else {
+            String::new()
+        },
         row.ideal_efficiency,
         row.busy_fraction,
         row.p50_us,

@@ -147,7 +147,9 @@ mod tests {
     fn distributions_keep_their_mean() {
         for service in [Service::Constant, Service::Exp, Service::Bimodal] {
             let n = 20_000u64;
-            let sum: u64 = (0..n).map(|i| Synthetic::new(i, 7, 1000, service).service_us as u64).sum();
+            let sum: u64 = (0..n)
+                .map(|i| Synthetic::new(i, 7, 1000, service).service_us as u64)
+                .sum();
             let mean = sum as f64 / n as f64;
             assert!((mean - 1000.0).abs() < 30.0, "{service:?}: mean {mean}");
         }
@@ -164,7 +166,10 @@ mod tests {
 
     #[test]
     fn serve_stops_on_cancel() {
-        let s = Synthetic { index: 1, service_us: 1_000_000 };
+        let s = Synthetic {
+            index: 1,
+            service_us: 1_000_000,
+        };
         let d = s.serve(ServiceMode::Wait, || true);
         assert!(d.served_us < 1_000);
     }

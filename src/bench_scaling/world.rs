@@ -58,7 +58,12 @@ pub struct MirrorCounts {
 
 impl World {
     /// The scheduler, its cores and (with `mpi` and `use_mpi`) the mirror.
-    pub fn start(cores: usize, queued_max: usize, use_mpi: bool, tuning: Tuning) -> Result<(World, Shared, Vec<Core<Job<Synthetic>>>)> {
+    pub fn start(
+        cores: usize,
+        queued_max: usize,
+        use_mpi: bool,
+        tuning: Tuning,
+    ) -> Result<(World, Shared, Vec<Core<Job<Synthetic>>>)> {
         let (sched, cores_v) = Scheduler::new(&Config { cores, queued_max })?;
         let local = Arc::new(Inboxes::new(cores, INBOX_MAX, Unpark(std::thread::current())));
         let remote = Arc::new(Inbox::new(INBOX_MAX));
@@ -82,17 +87,38 @@ impl World {
                     ..Default::default()
                 };
                 let mirror = cnse_sched::mpi::Mirror::start(parts, config)?;
-                let router = Router { rank: mirror.rank as u32, local, remote };
-                let shared = Shared { sched, router, busy, stats };
+                let router = Router {
+                    rank: mirror.rank as u32,
+                    local,
+                    remote,
+                };
+                let shared = Shared {
+                    sched,
+                    router,
+                    busy,
+                    stats,
+                };
                 return Ok((World::Mpi(mirror), shared, cores_v));
             }
             let router = Router { rank: 0, local, remote };
-            Ok((World::Solo, Shared { sched, router, busy, stats }, cores_v))
+            Ok((
+                World::Solo,
+                Shared {
+                    sched,
+                    router,
+                    busy,
+                    stats,
+                },
+                cores_v,
+            ))
         }
         #[cfg(not(feature = "mpi"))]
         {
             let _ = tuning;
-            anyhow::ensure!(!use_mpi, "this cnse-dp was built without MPI: build with --features mpi");
+            anyhow::ensure!(
+                !use_mpi,
+                "this cnse-dp was built without MPI: build with --features mpi"
+            );
             let router = Router { rank: 0, local, remote };
             Ok((World::Solo, Shared { sched, router, busy }, cores_v))
         }

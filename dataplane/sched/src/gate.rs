@@ -24,7 +24,10 @@ const ENTRIES_SHIFT: u32 = 2 * FIELD_BITS;
 const CLOSED: u64 = 1 << 63;
 /// Largest bound a field can hold.
 pub const FIELD_MAX: usize = FIELD_MASK as usize;
-const _: () = assert!(3 * FIELD_BITS <= 63, "the three fields and the closed bit fit in 64 bits");
+const _: () = assert!(
+    3 * FIELD_BITS <= 63,
+    "the three fields and the closed bit fit in 64 bits"
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -111,8 +114,10 @@ impl Gate {
     /// entry). Not checked against the bounds: it held its place already;
     /// at most the exported tasks of one rank come back this way.
     pub(crate) fn unclaimed(&self) {
-        self.word
-            .fetch_add((1 << LIVE_SHIFT) + (1 << ENTRIES_SHIFT) - (1 << RUNNING_SHIFT), Ordering::AcqRel);
+        self.word.fetch_add(
+            (1 << LIVE_SHIFT) + (1 << ENTRIES_SHIFT) - (1 << RUNNING_SHIFT),
+            Ordering::AcqRel,
+        );
     }
 
     /// A running task finished.

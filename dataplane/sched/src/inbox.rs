@@ -126,7 +126,11 @@ mod tests {
         assert_eq!(ib.drain_into(1, &mut out), 2);
         assert_eq!(out, vec![10, 11]);
         ib.send(1, 12).unwrap();
-        assert_eq!(ib.waker.0.load(Ordering::Relaxed), 2, "a push after the drain wakes again");
+        assert_eq!(
+            ib.waker.0.load(Ordering::Relaxed),
+            2,
+            "a push after the drain wakes again"
+        );
         assert_eq!(ib.drain_into(0, &mut out), 0);
     }
 }

@@ -19,14 +19,14 @@ mod inbox;
 mod state;
 mod sync;
 
+#[cfg(all(test, cnse_loom))]
+mod loom_models;
 #[cfg(not(cnse_loom))]
 mod route;
 #[cfg(not(cnse_loom))]
 mod sched;
 #[cfg(all(test, not(cnse_loom)))]
 mod tests;
-#[cfg(all(test, cnse_loom))]
-mod loom_models;
 
 #[cfg(all(feature = "mpi", not(cnse_loom)))]
 pub mod mpi;
@@ -34,9 +34,9 @@ pub mod mpi;
 pub use gate::GateCounts;
 pub use inbox::{Inbox, InboxFull, Inboxes, Wake};
 #[cfg(not(cnse_loom))]
-pub use sched::{CancelToken, Claimed, Core, CoreStats, Scheduler, Task};
-#[cfg(not(cnse_loom))]
 pub use route::{Busy, Job, Origin, Outcome, RemoteDone, Router, Status};
+#[cfg(not(cnse_loom))]
+pub use sched::{CancelToken, Claimed, Core, CoreStats, Scheduler, Task};
 pub use state::{CancelOutcome, Phase, TaskState};
 
 /// A task payload or result that can cross ranks (the `mpi` feature sends

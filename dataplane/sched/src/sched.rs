@@ -183,7 +183,13 @@ impl<T> Scheduler<T> {
 
     fn admit(&self, owner: usize, priority: u32, payload: T) -> Result<Entry<T>, (SchedError, T)> {
         if owner >= self.shared.stats.len() {
-            return Err((SchedError::NoSuchCore { core: owner, cores: self.shared.stats.len() }, payload));
+            return Err((
+                SchedError::NoSuchCore {
+                    core: owner,
+                    cores: self.shared.stats.len(),
+                },
+                payload,
+            ));
         }
         if let Err(why) = self.shared.gate.reserve() {
             let e = match why {
@@ -387,11 +393,7 @@ impl<T> Core<T> {
     }
 
     /// Runs one steal source until it is empty or yields a live task.
-    fn take(
-        &mut self,
-        steal: impl Fn(&Worker<Entry<T>>) -> Steal<Entry<T>>,
-        level: usize,
-    ) -> Option<Claimed<T>> {
+    fn take(&mut self, steal: impl Fn(&Worker<Entry<T>>) -> Steal<Entry<T>>, level: usize) -> Option<Claimed<T>> {
         loop {
             match steal(&self.workers[level]) {
                 Steal::Success(e) => {

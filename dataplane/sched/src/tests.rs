@@ -35,9 +35,21 @@ fn full_is_refused_with_429_and_the_payload_back() {
 
 #[test]
 fn bad_config_is_an_error() {
-    assert!(Scheduler::<u8>::new(&Config { cores: 0, queued_max: 1 }).is_err());
-    assert!(Scheduler::<u8>::new(&Config { cores: 1, queued_max: 0 }).is_err());
-    assert!(Scheduler::<u8>::new(&Config { cores: 1, queued_max: 1 << 20 }).is_err());
+    assert!(Scheduler::<u8>::new(&Config {
+        cores: 0,
+        queued_max: 1
+    })
+    .is_err());
+    assert!(Scheduler::<u8>::new(&Config {
+        cores: 1,
+        queued_max: 0
+    })
+    .is_err());
+    assert!(Scheduler::<u8>::new(&Config {
+        cores: 1,
+        queued_max: 1 << 20
+    })
+    .is_err());
 }
 
 #[test]
@@ -168,7 +180,10 @@ fn every_task_runs_exactly_once_under_stealing() {
     let ran = ran.lock().unwrap();
     let unique: HashSet<_> = ran.iter().collect();
     assert_eq!(unique.len(), ran.len(), "a task ran twice");
-    assert_eq!(ran.len() + removed.load(Ordering::Relaxed), pushed.load(Ordering::Relaxed));
+    assert_eq!(
+        ran.len() + removed.load(Ordering::Relaxed),
+        pushed.load(Ordering::Relaxed)
+    );
     let stolen: u64 = (0..CORES).map(|c| s.stats(c).stolen.load(Ordering::Relaxed)).sum();
     assert!(stolen > 0, "idle cores stole");
 }

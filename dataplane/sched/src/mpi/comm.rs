@@ -273,7 +273,12 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
 
     fn handle(&mut self, world: &SimpleCommunicator, from: usize, m: Msg, now: Instant) {
         match m {
-            Msg::Load { queued, free_slots, done, .. } => self.peers.load(from, queued, free_slots, done, now),
+            Msg::Load {
+                queued,
+                free_slots,
+                done,
+                ..
+            } => self.peers.load(from, queued, free_slots, done, now),
             Msg::StealRequest { want, .. } => self.answer_steal(world, from, want as usize),
             Msg::Tasks { tasks, .. } => self.import(from, tasks),
             Msg::Results { results, .. } => self.results_back(from, results),

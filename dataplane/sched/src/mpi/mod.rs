@@ -73,7 +73,9 @@ pub enum MirrorError {
 
 pub(crate) enum Command {
     /// Start an epoch (after a barrier); `steal`: take part in stealing.
-    Begin { steal: bool },
+    Begin {
+        steal: bool,
+    },
     /// This rank's own tasks are all done.
     OriginDone,
     /// Answer `Quiet` once no task of this epoch is left on any rank
@@ -81,14 +83,19 @@ pub(crate) enum Command {
     WaitQuiet,
     /// Wait for the end of the epoch, send `report` to rank 0; rank 0 gets
     /// every rank's report back (None for a rank given up).
-    End { report: Vec<u8> },
+    End {
+        report: Vec<u8>,
+    },
     Shutdown,
 }
 
 pub(crate) enum Reply {
     Begun,
     Quiet,
-    Ended { reports: Vec<Option<Vec<u8>>>, lost_ranks: Vec<usize> },
+    Ended {
+        reports: Vec<Option<Vec<u8>>>,
+        lost_ranks: Vec<usize>,
+    },
 }
 
 /// The process's handle on its communication thread.

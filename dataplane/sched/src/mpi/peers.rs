@@ -156,6 +156,8 @@ mod tests {
         let mut p = Peers::new(0, 2, t);
         p.load(1, 0, 1, true, t);
         p.get_mut(1).reported = true;
-        assert!(p.newly_dead(t + Duration::from_secs(60), Duration::from_millis(1)).is_empty());
+        assert!(p
+            .newly_dead(t + Duration::from_secs(60), Duration::from_millis(1))
+            .is_empty());
     }
 }

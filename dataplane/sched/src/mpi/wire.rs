@@ -37,7 +37,12 @@ pub struct WireResult {
 pub enum Msg {
     /// Sent to every peer each exchange interval, and at once when `done`
     /// changes; doubles as the heartbeat.
-    Load { epoch: u32, queued: u32, free_slots: u32, done: bool },
+    Load {
+        epoch: u32,
+        queued: u32,
+        free_slots: u32,
+        done: bool,
+    },
     /// An idle rank asks a busy one for up to `want` tasks.
     StealRequest { epoch: u32, want: u32 },
     /// The answer to a steal request: half the victim's queue (maybe none).
@@ -87,8 +92,7 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, WireError> {
     }
     let mut aligned = AlignedVec::<16>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);
-    let archived =
-        rkyv::access::<ArchivedMsg, rancor::Error>(&aligned).map_err(|e| WireError::Bad(e.to_string()))?;
+    let archived = rkyv::access::<ArchivedMsg, rancor::Error>(&aligned).map_err(|e| WireError::Bad(e.to_string()))?;
     rkyv::deserialize::<Msg, rancor::Error>(archived).map_err(|e| WireError::Bad(e.to_string()))
 }
 

@@ -41,10 +41,18 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
     /// Rank `r` stopped answering: the tasks it ran for us end `Lost`, the
     /// tasks we run for it are cancelled, and it is never a victim again.
     fn give_up(&mut self, r: usize) {
-        eprintln!("rank {}: rank {r} silent for {:?}, giving it up", self.rank, self.config.dead_after);
+        eprintln!(
+            "rank {}: rank {r} silent for {:?}, giving it up",
+            self.rank, self.config.dead_after
+        );
         self.lost.push(r);
         self.reports[r] = None;
-        let ids: Vec<u64> = self.exported.iter().filter(|(_, e)| e.to == r).map(|(&id, _)| id).collect();
+        let ids: Vec<u64> = self
+            .exported
+            .iter()
+            .filter(|(_, e)| e.to == r)
+            .map(|(&id, _)| id)
+            .collect();
         for id in ids {
             if let Some(e) = self.exported.remove(&id) {
                 self.parts.stats.lost_tasks.fetch_add(1, Ordering::Relaxed);
@@ -87,7 +95,14 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
         if want == 0 {
             return false;
         }
-        let sent = self.send_msg(world, victim, &Msg::StealRequest { epoch: self.epoch, want });
+        let sent = self.send_msg(
+            world,
+            victim,
+            &Msg::StealRequest {
+                epoch: self.epoch,
+                want,
+            },
+        );
         if sent {
             self.steal_outstanding = Some((victim, now));
             self.parts.stats.steal_requests.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +141,10 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             self.exported.insert(e.claimed.task.id, e);
         }
         let count = tasks.len() as u64;
-        let msg = Msg::Tasks { epoch: self.epoch, tasks };
+        let msg = Msg::Tasks {
+            epoch: self.epoch,
+            tasks,
+        };
         if self.send_msg(world, from, &msg) {
             self.parts.stats.stolen_out.fetch_add(count, Ordering::Relaxed);
         } else if let Msg::Tasks { tasks, .. } = msg {
@@ -197,7 +215,11 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                 continue;
             }
             let status = Status::from_u8(w.status).unwrap_or(Status::Lost);
-            let result = if w.payload.is_empty() { None } else { R::decode(&w.payload) };
+            let result = if w.payload.is_empty() {
+                None
+            } else {
+                R::decode(&w.payload)
+            };
             self.deliver(e.claimed, status, result, from as u32);
         }
     }
@@ -288,7 +310,14 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             while !self.results_out[r].is_empty() && self.sends.can_send(r) {
                 let n = self.results_out[r].len().min(RESULTS_PER_MSG_MAX);
                 let batch: Vec<WireResult> = self.results_out[r].drain(..n).collect();
-                sent |= self.send_msg(world, r, &Msg::Results { epoch: self.epoch, results: batch });
+                sent |= self.send_msg(
+                    world,
+                    r,
+                    &Msg::Results {
+                        epoch: self.epoch,
+                        results: batch,
+                    },
+                );
             }
         }
         sent
@@ -337,7 +366,10 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
         if self.rank == 0 {
             self.reports[0] = Some(report);
         } else {
-            let msg = Msg::Report { epoch: self.epoch, bytes: report };
+            let msg = Msg::Report {
+                epoch: self.epoch,
+                bytes: report,
+            };
             // Sends to rank 0 may be queued behind others; the epoch loop
             // waits until they settle.
             while !self.send_msg(world, 0, &msg) && !self.peers.get(0).dead {
