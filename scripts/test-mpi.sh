@@ -77,6 +77,12 @@ for transport in shm tcp; do
   check "$n" "tasks crossed ranks (stolen in > 0 on every rank but 0)" \
     bash -c "[ \$(per_rank '$out/$n.log' steal in | tail -n +2 | grep -cvx 0) -eq $((np - 1)) ]"
 
+  n=$transport-stream
+  check "$n" "streamed results of stolen tasks reach the owner in order, each once (8 per task, with cancels)" \
+    run "$n" "${mca[@]}" -- --tasks 2000 --task-us 800 --arrival rank0 --policy steal --results-per-task 8 --cancel-every 11 --check
+  check "$n" "streamed results crossed ranks" \
+    bash -c "[ \$(per_rank '$out/$n.log' steal out | head -1) -gt 0 ] && [ \$(per_rank '$out/$n.log' steal streamed | head -1) -gt 7000 ]"
+
   n=$transport-cancel
   check "$n" "cancellation with stealing: every task answered once" \
     run "$n" "${mca[@]}" -- --tasks 3000 --task-us 1000 --arrival rank0 --policy steal --cancel-every 7 --check

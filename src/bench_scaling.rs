@@ -63,7 +63,8 @@ pub struct Args {
     queued_max: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Cancel every N-th task once its core has pushed all (0: none).
+    /// Cancel every N-th task once its core has pushed all and its rank
+    /// has run 20 tasks (0: none).
     #[arg(long, default_value_t = 0)]
     cancel_every: u64,
     /// Also sweep task sizes (µs, comma-separated) with the steal policy
@@ -73,6 +74,9 @@ pub struct Args {
     /// Tasks per METG size.
     #[arg(long, default_value_t = 4000)]
     metg_tasks: u64,
+    /// Results each task streams back while it runs (the last ends it).
+    #[arg(long, default_value_t = 1)]
+    results_per_task: u32,
     /// Exit non-zero unless every run ran each task exactly once (tests).
     #[arg(long)]
     check: bool,
@@ -104,6 +108,10 @@ pub fn run(a: Args) -> Result<()> {
         "--tasks and --metg-tasks must be <= 2^28"
     );
     ensure!(a.metg_us.iter().all(|&s| s >= 1), "--metg-us sizes must be >= 1");
+    ensure!(
+        (1..=1024).contains(&a.results_per_task),
+        "--results-per-task must be in 1..=1024"
+    );
     ensure!(a.dead_after_ms >= 1, "--dead-after-ms must be >= 1");
     let tuning = world::Tuning {
         dead_after_ms: a.dead_after_ms,
@@ -223,6 +231,7 @@ fn epoch_row(
         local_steal: steal || baseline,
         cancel_every: if baseline { 0 } else { a.cancel_every },
         index_end: tasks,
+        results_per_task: a.results_per_task,
     };
     let taken = std::mem::take(cores);
     let (back, report) = epoch::run(world, shared, taken, &plan, steal && !baseline)?;
@@ -234,10 +243,10 @@ fn epoch_row(
     let row = Row::new(policy, a.cores, task_us, &reports)?;
     for r in &row.per_rank {
         println!(
-            "{policy:>10} rank {:>3}: arrivals {:>7} ran {:>7} steals local {:>6} in {:>6} out {:>6} busy {:>5.1}% cancels sent {} received {} lost {}",
+            "{policy:>10} rank {:>3}: arrivals {:>7} ran {:>7} steals local {:>6} in {:>6} out {:>6} busy {:>5.1}% cancels sent {} received {} lost {} streamed {}",
             r.rank, r.arrivals, r.ran, r.local_steals, r.stolen_in, r.stolen_out,
             100.0 * r.busy_us as f64 / (r.wall_us.max(1) as f64 * a.cores as f64),
-            r.cancels_sent, r.cancels_received, r.lost
+            r.cancels_sent, r.cancels_received, r.lost, r.streamed
         );
     }
     Ok(Some(row))

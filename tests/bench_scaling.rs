@@ -29,6 +29,8 @@ fn issue10_every_task_runs_exactly_once_alone_with_cancels() {
         "rank0",
         "--cancel-every",
         "9",
+        "--results-per-task",
+        "4",
         "--check",
         "--csv",
         csv.to_str().unwrap(),

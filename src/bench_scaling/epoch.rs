@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use cnse_metrics::LatencyHistogram;
-use cnse_sched::{Busy, CancelOutcome, Core, Job, Origin, SchedError, Status};
+use cnse_sched::{Busy, CancelOutcome, Claimed, InboxFull, Job, Router, SchedError, Status};
 
 use super::report::RankReport;
-use super::task::{index_hash, Service, ServiceMode, Synthetic};
-use super::world::{Shared, World};
+use super::task::{index_hash, Done, Service, ServiceMode, Synthetic};
+use super::world::{Shared, Unpark, World};
 
-pub type SchedCore = Core<Job<Synthetic>>;
+pub use super::world::SchedCore;
 
 /// What this rank does in one epoch.
 #[derive(Debug, Clone)]
@@ -32,7 +32,14 @@ pub struct Plan {
     pub cancel_every: u64,
     /// Largest global index + 1 (sizes the answered-once bitmap).
     pub index_end: u64,
+    /// Results each task streams (the last ends it): a server task sends
+    /// token batches while it runs.
+    pub results_per_task: u32,
 }
+
+/// The cancels of `--cancel-every` go out once this rank has run this many
+/// tasks: late enough that some of the cancelled tasks were stolen by then.
+const CANCEL_AFTER_RUNS: u64 = 20;
 
 /// Counters the runner threads add to.
 #[derive(Default)]
@@ -136,6 +143,7 @@ fn collect(
     let mut report = RankReport::default();
     let mut hist = LatencyHistogram::new();
     let mut seen = vec![false; plan.index_end as usize];
+    let mut next_seq = vec![0u32; plan.index_end as usize];
     let mut out = Vec::new();
     let mut answered = 0u64;
     loop {
@@ -154,6 +162,17 @@ fn collect(
         }
         let now = Instant::now();
         for o in out.drain(..) {
+            if let Some(done) = &o.result {
+                // One task's results arrive in order, each once.
+                match next_seq.get_mut(done.index as usize) {
+                    Some(n) if *n == done.seq => *n += 1,
+                    _ => report.duplicates += 1,
+                }
+            }
+            if !o.last {
+                report.streamed += 1;
+                continue;
+            }
             answered += 1;
             report.answered += 1;
             hist.record(now.duration_since(o.enqueued_at));
@@ -163,8 +182,7 @@ fn collect(
                 Status::Ok => {}
             }
             let Some(done) = o.result else { continue };
-            let slot = seen.get_mut(done.index as usize);
-            match slot {
+            match seen.get_mut(done.index as usize) {
                 Some(s) if !*s => {
                     *s = true;
                     report.outcomes += 1;
@@ -221,14 +239,14 @@ fn runner(
     plan: &Plan,
     counts: &RunnerCounts,
     stop: &AtomicUsize,
-    router: &cnse_sched::Router<super::task::Done, super::world::Unpark>,
+    router: &Router<Done, Unpark>,
     busy: &AtomicUsize,
 ) -> Result<SchedCore> {
     let mut cancelled = plan.cancel_every == 0;
     let mut idle = 0u32;
     loop {
         pusher.push_some(&core, plan, counts)?;
-        if !cancelled && pusher.done() && counts.ran.load(Ordering::Relaxed) > 0 {
+        if !cancelled && pusher.done() && counts.ran.load(Ordering::Relaxed) >= CANCEL_AFTER_RUNS {
             cancelled = true;
             for t in pusher.to_cancel.drain(..) {
                 if t.cancel() == CancelOutcome::Removed {
@@ -255,7 +273,7 @@ fn runner(
         };
         idle = 0;
         busy.fetch_add(1, Ordering::Relaxed);
-        let done = c.task.payload.payload.serve(plan.mode, || c.cancel_requested());
+        let done = serve_streaming(&c, plan, router);
         busy.fetch_sub(1, Ordering::Relaxed);
         counts.ran.fetch_add(1, Ordering::Relaxed);
         counts.ran_hash.fetch_add(index_hash(done.index), Ordering::Relaxed);
@@ -263,7 +281,6 @@ fn runner(
         counts
             .nominal_us
             .fetch_add(c.task.payload.payload.service_us as u64, Ordering::Relaxed);
-        debug_assert!(matches!(c.task.payload.origin, Origin::Local | Origin::Remote { .. }));
         core.count_run();
         let mut pending = (c, Some(done));
         loop {
@@ -276,4 +293,37 @@ fn runner(
             }
         }
     }
+}
+
+/// Serves a task in `results_per_task` equal parts, streaming a result after
+/// each but the last (which the caller hands over with `complete`). A cancel
+/// ends it early; a full inbox pauses it.
+fn serve_streaming(c: &Claimed<Job<Synthetic>>, plan: &Plan, router: &Router<Done, Unpark>) -> Done {
+    let task = c.task.payload.payload;
+    let parts = plan.results_per_task.max(1);
+    let total = task.service_us as u64;
+    let mut served_us = 0u32;
+    for k in 0..parts {
+        let share = total * (k as u64 + 1) / parts as u64 - total * k as u64 / parts as u64;
+        let part = Synthetic {
+            index: task.index,
+            service_us: share as u32,
+        };
+        let d = part.serve(plan.mode, || c.cancel_requested());
+        served_us = served_us.saturating_add(d.served_us);
+        let done = Done {
+            index: task.index,
+            seq: k,
+            served_us,
+        };
+        if k + 1 == parts || c.cancel_requested() {
+            return done;
+        }
+        let mut result = done;
+        while let Err(InboxFull(back)) = router.emit(c, result) {
+            result = back;
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    unreachable!("the loop returns at its last part")
 }

@@ -18,13 +18,15 @@ pub struct RankReport {
     pub done_hash: u64,
     /// Outcomes with a result (the task ran somewhere).
     pub outcomes: u64,
-    /// Every outcome received (with a result or not).
+    /// Every last outcome received (with a result or not).
     pub answered: u64,
+    /// Results received before a task's last one (streamed).
+    pub streamed: u64,
     pub cancelled: u64,
     /// Cancelled while queued here: removed, no outcome.
     pub removed: u64,
     pub lost: u64,
-    /// Outcomes for a task index already answered, or not ours.
+    /// Results out of order or for a task already answered, or not ours.
     pub duplicates: u64,
     /// Tasks a core took from another core's deque.
     pub local_steals: u64,
@@ -40,7 +42,7 @@ pub struct RankReport {
     pub latency: Vec<(u64, u64)>,
 }
 
-const FIELDS: usize = 20;
+const FIELDS: usize = 21;
 
 impl RankReport {
     fn fields(&self) -> [u64; FIELDS] {
@@ -65,6 +67,7 @@ impl RankReport {
             self.wall_us,
             self.nominal_us,
             self.answered,
+            self.streamed,
         ]
     }
 
@@ -82,7 +85,7 @@ impl RankReport {
 
     pub fn decode(b: &[u8]) -> Result<Self> {
         ensure!(
-            b.len() % 8 == 0 && b.len() >= (FIELDS + 1) * 8,
+            b.len() & 7 == 0 && b.len() >= (FIELDS + 1) * 8,
             "report of {} bytes",
             b.len()
         );
@@ -118,6 +121,7 @@ impl RankReport {
             wall_us: f[17],
             nominal_us: f[18],
             answered: f[19],
+            streamed: f[20],
             latency: w[FIELDS + 1..].chunks_exact(2).map(|p| (p[0], p[1])).collect(),
         })
     }

@@ -36,6 +36,9 @@ pub struct Synthetic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
     pub index: u64,
+    /// The result's place among its task's results (0, 1, ...; the last
+    /// one ends the task).
+    pub seq: u32,
     pub served_us: u32,
 }
 
@@ -95,6 +98,7 @@ impl Synthetic {
         }
         Done {
             index: self.index,
+            seq: 0,
             served_us: start.elapsed().as_micros().min(u32::MAX as u128) as u32,
         }
     }
@@ -127,13 +131,15 @@ impl cnse_sched::WirePayload for Synthetic {
 impl cnse_sched::WirePayload for Done {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.index.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
         out.extend_from_slice(&self.served_us.to_le_bytes());
     }
     fn decode(b: &[u8]) -> Option<Self> {
-        let b: &[u8; 12] = b.try_into().ok()?;
+        let b: &[u8; 16] = b.try_into().ok()?;
         Some(Self {
             index: u64::from_le_bytes(b[..8].try_into().ok()?),
-            served_us: u32::from_le_bytes(b[8..].try_into().ok()?),
+            seq: u32::from_le_bytes(b[8..12].try_into().ok()?),
+            served_us: u32::from_le_bytes(b[12..].try_into().ok()?),
         })
     }
 }

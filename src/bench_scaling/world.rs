@@ -29,6 +29,8 @@ pub struct Tuning {
     pub freeze_ms: u64,
 }
 
+pub type SchedCore = Core<Job<Synthetic>>;
+
 /// Bound of each owner inbox and of the communication thread's outbox.
 pub const INBOX_MAX: usize = 4096;
 
@@ -63,7 +65,7 @@ impl World {
         queued_max: usize,
         use_mpi: bool,
         tuning: Tuning,
-    ) -> Result<(World, Shared, Vec<Core<Job<Synthetic>>>)> {
+    ) -> Result<(World, Shared, Vec<SchedCore>)> {
         let (sched, cores_v) = Scheduler::new(&Config { cores, queued_max })?;
         let local = Arc::new(Inboxes::new(cores, INBOX_MAX, Unpark(std::thread::current())));
         let remote = Arc::new(Inbox::new(INBOX_MAX));

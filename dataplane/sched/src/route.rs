@@ -65,6 +65,9 @@ pub struct Outcome<R> {
     pub result: Option<R>,
     /// The rank that ran it.
     pub ran_on: u32,
+    /// The task's last result (`Router::complete`); false for the ones it
+    /// streamed before (`Router::emit`). One task's results arrive in order.
+    pub last: bool,
 }
 
 /// A result for another rank, waiting for the communication thread.
@@ -74,6 +77,7 @@ pub struct RemoteDone<R> {
     pub id: u64,
     pub status: Status,
     pub result: Option<R>,
+    pub last: bool,
 }
 
 pub struct Router<R, W: Wake> {
@@ -98,6 +102,42 @@ impl<R, W: Wake> Clone for Router<R, W> {
 pub struct Busy<T, R>(pub Claimed<Job<T>>, pub Option<R>);
 
 impl<R, W: Wake> Router<R, W> {
+    /// Streams one result of a task that goes on running (the server's
+    /// token batches): to the owner's inbox, or towards the rank the task
+    /// came from. A full inbox hands it back; the runner pauses and tries
+    /// again.
+    pub fn emit<T>(&self, c: &Claimed<Job<T>>, result: R) -> Result<(), InboxFull<R>> {
+        match c.task.payload.origin {
+            Origin::Local => {
+                let o = Outcome {
+                    id: c.task.id,
+                    owner: c.task.owner,
+                    enqueued_at: c.task.enqueued_at,
+                    status: Status::Ok,
+                    result: Some(result),
+                    ran_on: self.rank,
+                    last: false,
+                };
+                self.local
+                    .send(c.task.owner, o)
+                    .map_err(|InboxFull(o)| InboxFull(o.result.expect("an emitted outcome carries its result")))
+            }
+            Origin::Remote { rank, id } => {
+                let d = RemoteDone {
+                    rank,
+                    id,
+                    status: Status::Ok,
+                    result: Some(result),
+                    last: false,
+                };
+                self.remote
+                    .push(d)
+                    .map(|_| ())
+                    .map_err(|InboxFull(d)| InboxFull(d.result.expect("an emitted result carries its result")))
+            }
+        }
+    }
+
     /// Hands a claimed task's result to whoever waits for it, then finishes
     /// the task (so a drain never ends before its result is queued).
     pub fn complete<T>(&self, c: Claimed<Job<T>>, result: Option<R>) -> Result<(), Busy<T, R>> {
@@ -115,6 +155,7 @@ impl<R, W: Wake> Router<R, W> {
                     status,
                     result,
                     ran_on: self.rank,
+                    last: true,
                 };
                 match self.local.send(c.task.owner, o) {
                     Ok(()) => {}
@@ -127,6 +168,7 @@ impl<R, W: Wake> Router<R, W> {
                     id,
                     status,
                     result,
+                    last: true,
                 };
                 if let Err(InboxFull(d)) = self.remote.push(d) {
                     return Err(Busy(c, d.result));

@@ -207,3 +207,44 @@ fn requeue_puts_a_claimed_task_back_unless_cancelled() {
     again.finish();
     assert_eq!(s.counts().running, 0);
 }
+
+struct NoWake;
+impl Wake for NoWake {
+    fn wake(&self, _core: usize) {}
+}
+
+/// A stolen task streams results to its owner's inbox in order, the last
+/// one ends it; a full inbox hands the result back and the task stays
+/// running until its last result is queued.
+#[test]
+fn stolen_task_streams_results_to_its_owner_in_order() {
+    let (s, mut cores) = Scheduler::<Job<u32>>::new(&Config {
+        cores: 2,
+        queued_max: 8,
+    })
+    .unwrap();
+    let router = Router {
+        rank: 0,
+        local: Arc::new(Inboxes::new(2, 2, NoWake)),
+        remote: Arc::new(Inbox::new(2)),
+    };
+    cores[0].push(0, Job::local(7)).unwrap();
+    cores[0].push(0, Job::local(8)).unwrap();
+    let c = cores[1].next_task().unwrap();
+    assert!(c.stolen);
+    router.emit(&c, 1u64).unwrap();
+    router.emit(&c, 2u64).unwrap();
+    assert_eq!(router.emit(&c, 3u64), Err(InboxFull(3)), "the owner's inbox is bounded");
+    let Err(Busy(c, Some(4))) = router.complete(c, Some(4u64)) else {
+        panic!("the inbox holds two results only")
+    };
+    assert_eq!(s.counts().running, 1, "not finished while its last result waits");
+    let mut out = Vec::new();
+    router.local.drain_into(0, &mut out);
+    assert!(router.complete(c, Some(4u64)).is_ok());
+    router.local.drain_into(0, &mut out);
+    let seq: Vec<(u64, bool)> = out.iter().map(|o| (o.result.unwrap(), o.last)).collect();
+    assert_eq!(seq, vec![(1, false), (2, false), (4, true)]);
+    assert!(out.iter().all(|o| o.owner == 0));
+    assert_eq!(s.counts().running, 0);
+}

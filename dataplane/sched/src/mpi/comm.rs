@@ -3,7 +3,7 @@
 //! structures, never blocking in MPI (sends are non-blocking, receives are
 //! probed first), so a slow or dead peer cannot stall it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -23,6 +23,12 @@ use crate::{CancelToken, Claimed, Job, Outcome, RemoteDone, Wake};
 const WIRE_REFUSED: u8 = 3;
 /// Results per message, so a batch stays far below `MSG_BYTES_MAX`.
 const RESULTS_PER_MSG_MAX: usize = 1024;
+/// Outcomes held for full owner inboxes: past it, no message is received
+/// until the owners drain (the senders' bounded sends push back in turn).
+const PENDING_LOCAL_MAX: usize = 4096;
+/// Results queued for other ranks: past it, the outbox is left to fill and
+/// the runners that stream into it pause.
+const RESULTS_OUT_MAX: usize = 8192;
 /// Messages handled per poll before the other duties get a turn.
 const RECV_PER_POLL_MAX: usize = 64;
 /// Idle polls before the thread starts sleeping between polls.
@@ -51,7 +57,9 @@ struct Comm<T, R, W: Wake> {
     exported: HashMap<u64, Exported<T>>,
     imported: HashMap<(u32, u64), CancelToken>,
     results_out: Vec<Vec<WireResult>>,
-    pending_local: Vec<(Claimed<Job<T>>, Outcome<R>)>,
+    /// Outcomes waiting for a full owner inbox, in order; `Some` ends the
+    /// exported task once delivered.
+    pending_local: VecDeque<(Option<Claimed<Job<T>>>, Outcome<R>)>,
     steal_outstanding: Option<(usize, Instant)>,
     origin_done: bool,
     done_sent: bool,
@@ -92,7 +100,7 @@ pub(crate) fn run<T, R, W>(
         exported: HashMap::new(),
         imported: HashMap::new(),
         results_out: (0..ranks).map(|_| Vec::new()).collect(),
-        pending_local: Vec::new(),
+        pending_local: VecDeque::new(),
         steal_outstanding: None,
         origin_done: false,
         done_sent: false,
@@ -247,7 +255,7 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
 
     fn receive(&mut self, world: &SimpleCommunicator) -> bool {
         let mut n = 0;
-        while n < RECV_PER_POLL_MAX {
+        while n < RECV_PER_POLL_MAX && self.pending_local.len() < PENDING_LOCAL_MAX {
             let Some(probed) = world.any_process().immediate_matched_probe() else {
                 break;
             };

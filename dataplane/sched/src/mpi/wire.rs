@@ -29,6 +29,8 @@ pub struct WireResult {
     pub status: u8,
     /// Empty when there is no result (cancelled before it ran).
     pub payload: Vec<u8>,
+    /// The task's last result; earlier ones were streamed while it ran.
+    pub last: bool,
 }
 
 /// Every message carries the epoch (one `bench-scaling` policy run, or the

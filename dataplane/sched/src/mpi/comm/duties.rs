@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use mpi::topology::SimpleCommunicator;
 
-use super::{Comm, Exported, RESULTS_PER_MSG_MAX, WIRE_REFUSED};
+use super::{Comm, Exported, RESULTS_OUT_MAX, RESULTS_PER_MSG_MAX, WIRE_REFUSED};
 use crate::mpi::wire::{Msg, WireResult, WireTask};
 use crate::mpi::WirePayload;
 use crate::{CancelOutcome, Claimed, Job, Origin, Outcome, Status, Wake};
@@ -196,10 +196,12 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             id,
             status: WIRE_REFUSED,
             payload: Vec::new(),
+            last: true,
         });
     }
 
-    /// Results of tasks this rank sent to `from`.
+    /// Results of tasks this rank sent to `from`: streamed ones go on to
+    /// the owner; the last one also ends the exported task.
     pub(super) fn results_back(&mut self, from: usize, results: Vec<WireResult>) {
         for w in results {
             let Some(e) = self.exported.remove(&w.id) else {
@@ -220,7 +222,12 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             } else {
                 R::decode(&w.payload)
             };
-            self.deliver(e.claimed, status, result, from as u32);
+            if w.last {
+                self.deliver(e.claimed, status, result, from as u32);
+            } else {
+                self.stream(&e.claimed, result, from as u32);
+                self.exported.insert(w.id, e);
+            }
         }
     }
 
@@ -231,74 +238,107 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
         }
     }
 
+    fn outcome(c: &Claimed<Job<T>>, status: Status, result: Option<R>, ran_on: u32, last: bool) -> Outcome<R> {
+        Outcome {
+            id: c.task.id,
+            owner: c.task.owner,
+            enqueued_at: c.task.enqueued_at,
+            status,
+            result,
+            ran_on,
+            last,
+        }
+    }
+
+    fn wire_result(id: u64, status: Status, result: Option<&R>, last: bool) -> WireResult {
+        let mut payload = Vec::new();
+        if let Some(r) = result {
+            r.encode(&mut payload);
+        }
+        WireResult {
+            id,
+            status: status as u8,
+            payload,
+            last,
+        }
+    }
+
+    /// A streamed result of one of our exported tasks, still running there.
+    fn stream(&mut self, c: &Claimed<Job<T>>, result: Option<R>, ran_on: u32) {
+        match c.task.payload.origin {
+            Origin::Local => {
+                let o = Self::outcome(c, Status::Ok, result, ran_on, false);
+                self.pending_local.push_back((None, o));
+            }
+            Origin::Remote { rank, id } => {
+                if !self.peers.get(rank as usize).dead {
+                    let w = Self::wire_result(id, Status::Ok, result.as_ref(), false);
+                    self.results_out[rank as usize].push(w);
+                }
+            }
+        }
+    }
+
     /// The end of one of our exported tasks: to its owner core here, or on
     /// to the rank it came from (a task stolen twice).
     fn deliver(&mut self, c: Claimed<Job<T>>, status: Status, result: Option<R>, ran_on: u32) {
         match c.task.payload.origin {
             Origin::Local => {
-                let o = Outcome {
-                    id: c.task.id,
-                    owner: c.task.owner,
-                    enqueued_at: c.task.enqueued_at,
-                    status,
-                    result,
-                    ran_on,
-                };
-                self.pending_local.push((c, o));
+                let o = Self::outcome(&c, status, result, ran_on, true);
+                self.pending_local.push_back((Some(c), o));
             }
             Origin::Remote { rank, id } => {
-                let mut payload = Vec::new();
-                if let Some(r) = &result {
-                    r.encode(&mut payload);
-                }
                 self.imported.remove(&(rank, id));
                 if !self.peers.get(rank as usize).dead {
-                    self.results_out[rank as usize].push(WireResult {
-                        id,
-                        status: status as u8,
-                        payload,
-                    });
+                    let w = Self::wire_result(id, status, result.as_ref(), true);
+                    self.results_out[rank as usize].push(w);
                 }
                 c.finish();
             }
         }
     }
 
-    /// Outcomes for owner cores whose inbox was full last time.
+    /// Outcomes for the owner cores, in arrival order (one task's results
+    /// must not overtake each other): stops at the first full inbox.
     pub(super) fn deliver_pending_local(&mut self) -> bool {
-        let before = self.pending_local.len();
-        let mut keep = Vec::new();
-        for (c, o) in self.pending_local.drain(..) {
+        let mut sent = false;
+        while let Some((c, o)) = self.pending_local.pop_front() {
             match self.parts.local.send(o.owner, o) {
                 Ok(()) => {
-                    c.finish();
+                    if let Some(c) = c {
+                        c.finish();
+                    }
+                    sent = true;
                 }
-                Err(crate::InboxFull(o)) => keep.push((c, o)),
+                Err(crate::InboxFull(o)) => {
+                    self.pending_local.push_front((c, o));
+                    break;
+                }
             }
         }
-        self.pending_local = keep;
-        self.pending_local.len() < before
+        sent
     }
 
-    /// Results the runners finished for other ranks.
+    /// Results the runners produced for other ranks (taken only while the
+    /// per-rank batches are below their bound: a congested peer pushes back
+    /// through the outbox to the runners).
     pub(super) fn take_remote_results(&mut self) -> bool {
+        let queued: usize = self.results_out.iter().map(Vec::len).sum();
+        if queued >= RESULTS_OUT_MAX {
+            return false;
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         let n = self.parts.remote.drain_into(&mut buf);
         for d in buf.drain(..) {
-            self.imported.remove(&(d.rank, d.id));
+            if d.last {
+                self.imported.remove(&(d.rank, d.id));
+            }
             let r = d.rank as usize;
             if r >= self.ranks || self.peers.get(r).dead {
                 continue;
             }
-            let mut payload = Vec::new();
-            if let Some(res) = &d.result {
-                res.encode(&mut payload);
-            }
-            self.results_out[r].push(WireResult {
-                id: d.id,
-                status: d.status as u8,
-                payload,
-            });
+            let w = Self::wire_result(d.id, d.status, d.result.as_ref(), d.last);
+            self.results_out[r].push(w);
         }
         self.scratch = buf;
         n > 0
@@ -356,6 +396,7 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                     id,
                     status: Status::Cancelled as u8,
                     payload: Vec::new(),
+                    last: true,
                 });
             }
         }
