@@ -8,6 +8,7 @@ mod alloc_count;
 mod bench;
 mod bench_llama;
 mod bench_scaling;
+mod bench_wake;
 mod client;
 mod demo;
 mod gpu;
@@ -37,6 +38,8 @@ enum Command {
     Client(client::Args),
     /// Load generator: latency percentiles, throughput, CSV.
     Bench(bench::Args),
+    /// Wake latency between two cores' rings: IORING_OP_MSG_RING against an eventfd.
+    BenchWake(bench_wake::Args),
     /// Work-stealing scheduler scaling: synthetic tasks alone or across MPI ranks.
     BenchScaling(bench_scaling::Args),
     /// The main job: a server with the synthetic backend plus a load, printing the latency table.
@@ -76,6 +79,7 @@ fn main() {
         Command::Client(a) => client::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchScaling(a) => bench_scaling::run(a),
+        Command::BenchWake(a) => bench_wake::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),

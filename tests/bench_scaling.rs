@@ -79,3 +79,25 @@ fn issue10_bad_arguments_are_one_line_and_non_zero() {
         assert!(err.starts_with("cnse-dp: "), "{err}");
     }
 }
+
+/// Both wake mechanisms work on this kernel and report a latency table.
+#[test]
+fn issue10_bench_wake_runs_both_mechanisms() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["bench-wake", "--rounds", "300", "--warmup", "50"])
+        .output()
+        .expect("run cnse-dp");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in ["msg-ring", "eventfd"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(m))
+            .unwrap_or_else(|| panic!("no {m} row:\n{stdout}"));
+        assert!(line.split_whitespace().nth(1) == Some("300"), "{line}");
+    }
+}
