@@ -39,6 +39,10 @@ const SPIN_POLLS: u32 = 64;
 const IDLE_SLEEP_FIRST: Duration = Duration::from_micros(50);
 const IDLE_SLEEP_LAST: Duration = Duration::from_micros(400);
 
+/// An outcome waiting for its owner's inbox, and the exported task it ends
+/// (None for a streamed result).
+type Held<T, R> = (Option<Claimed<Job<T>>>, Outcome<R>);
+
 struct Exported<T> {
     claimed: Claimed<Job<T>>,
     to: usize,
@@ -59,7 +63,7 @@ struct Comm<T, R, W: Wake> {
     results_out: Vec<Vec<WireResult>>,
     /// Outcomes waiting for a full owner inbox, in order; `Some` ends the
     /// exported task once delivered.
-    pending_local: VecDeque<(Option<Claimed<Job<T>>>, Outcome<R>)>,
+    pending_local: VecDeque<Held<T, R>>,
     steal_outstanding: Option<(usize, Instant)>,
     origin_done: bool,
     done_sent: bool,
