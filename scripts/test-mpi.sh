@@ -77,6 +77,11 @@ for transport in shm tcp; do
   check "$n" "tasks crossed ranks (stolen in > 0 on every rank but 0)" \
     bash -c "[ \$(per_rank '$out/$n.log' steal in | tail -n +2 | grep -cvx 0) -eq $((np - 1)) ]"
 
+  n=$transport-cores2
+  check "$n" "two cores per rank (local and remote stealing together, streaming, cancels): each task once" \
+    run "$n" "${mca[@]}" -- --tasks 4000 --task-us 500 --cores 2 --service bimodal --arrival rank0 --policy all \
+      --results-per-task 3 --cancel-every 13 --check
+
   n=$transport-stream
   check "$n" "streamed results of stolen tasks reach the owner in order, each once (8 per task, with cancels)" \
     run "$n" "${mca[@]}" -- --tasks 2000 --task-us 800 --arrival rank0 --policy steal --results-per-task 8 --cancel-every 11 --check

@@ -184,8 +184,10 @@ fn every_task_runs_exactly_once_under_stealing() {
         ran.len() + removed.load(Ordering::Relaxed),
         pushed.load(Ordering::Relaxed)
     );
-    let stolen: u64 = (0..CORES).map(|c| s.stats(c).stolen.load(Ordering::Relaxed)).sum();
-    assert!(stolen > 0, "idle cores stole");
+    // Whether the idle cores got to steal depends on the machine's timing
+    // (on a loaded 2-core box core 0 may run all of its tasks before the
+    // others are scheduled); `idle_core_steals_from_busy_one` checks the
+    // steal itself deterministically.
 }
 
 #[test]
@@ -247,4 +249,79 @@ fn stolen_task_streams_results_to_its_owner_in_order() {
     assert_eq!(seq, vec![(1, false), (2, false), (4, true)]);
     assert!(out.iter().all(|o| o.owner == 0));
     assert_eq!(s.counts().running, 0);
+}
+
+/// Owners cancel from their own threads while four cores steal and run:
+/// every task is removed or runs, once; the gate ends balanced.
+#[test]
+fn cancels_from_other_threads_race_stealing_cores() {
+    const TASKS: u64 = 20_000;
+    let (s, cores) = sched(4, 1 << 15);
+    let mut tokens = Vec::new();
+    for i in 0..TASKS {
+        let (_, t) = cores[0].push((i % 4) as u32, i).unwrap();
+        tokens.push(t);
+    }
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let runners: Vec<_> = cores
+        .into_iter()
+        .map(|mut core| {
+            let (ran, s) = (ran.clone(), s.clone());
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                while s.counts().live > 0 || s.counts().running > 0 {
+                    if let Some(c) = core.next_task() {
+                        mine.push(c.task.payload);
+                        c.finish();
+                    }
+                }
+                ran.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    let cancellers: Vec<_> = tokens
+        .chunks(TASKS as usize / 2)
+        .map(|chunk| {
+            let chunk: Vec<CancelToken> = chunk.iter().step_by(3).cloned().collect();
+            std::thread::spawn(move || chunk.iter().filter(|t| t.cancel() == CancelOutcome::Removed).count())
+        })
+        .collect();
+    let removed: usize = cancellers.into_iter().map(|t| t.join().unwrap()).sum();
+    for r in runners {
+        r.join().unwrap();
+    }
+    let ran = ran.lock().unwrap();
+    assert_eq!(ran.iter().collect::<HashSet<_>>().len(), ran.len(), "a task ran twice");
+    assert_eq!(ran.len() + removed, TASKS as usize);
+    let c = s.counts();
+    assert_eq!((c.live, c.running), (0, 0));
+}
+
+/// Shutdown while cores run: pushes are refused at once, the queued tasks
+/// are evicted unrun or run, and the scheduler drains.
+#[test]
+fn close_while_running_drains() {
+    let (s, mut cores) = sched(2, 4096);
+    for i in 0..2000 {
+        cores[i % 2].push(0, i as u64).unwrap();
+    }
+    let mut c1 = cores.pop().unwrap();
+    let s1 = s.clone();
+    let runner = std::thread::spawn(move || {
+        let mut n = 0;
+        while !s1.drained() {
+            if let Some(c) = c1.next_task() {
+                n += 1;
+                c.finish();
+            }
+        }
+        n
+    });
+    s.close();
+    assert!(matches!(cores[0].push(0, 9), Err((SchedError::Closed, 9))));
+    let mut evicted = 0;
+    cores[0].evict_queued(|_| evicted += 1);
+    let ran = runner.join().unwrap();
+    assert!(s.drained());
+    assert_eq!(ran + evicted, 2000);
 }
