@@ -89,6 +89,10 @@ pub struct Args {
     test_freeze_rank: Option<usize>,
     #[arg(long, default_value_t = 3000)]
     test_freeze_ms: u64,
+    /// Test: this rank's process exits (status 17) once it has run 20
+    /// tasks of the first stealing run (a crashed node).
+    #[arg(long)]
+    test_exit_rank: Option<usize>,
     /// In a build with --features mpi: run alone, without initialising MPI.
     #[arg(long)]
     no_mpi: bool,
@@ -145,17 +149,46 @@ fn run_all(a: &Args, world: &World, shared: &Shared, mut cores: Vec<SchedCore>) 
             _ => &Policy::None,
         }),
     };
+    // A run that cannot start (a rank was given up: no collective can
+    // follow) ends the sequence; what ran so far is still reported.
+    let mut stopped = None;
     let mut rows = Vec::new();
     for &p in policies {
         let name = format!("{p:?}").to_lowercase();
-        let row = epoch_row(a, world, shared, &mut cores, &name, a.task_us, a.tasks, false)?;
-        rows.push(row);
+        match epoch_row(a, world, shared, &mut cores, &name, a.task_us, a.tasks, false) {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
     }
     let mut metg_rows = Vec::new();
-    for &size in &a.metg_us {
-        let row = epoch_row(a, world, shared, &mut cores, "metg-steal", size, a.metg_tasks, false)?;
-        metg_rows.push(row);
+    for &size in a.metg_us.iter().filter(|_| stopped.is_none()) {
+        match epoch_row(a, world, shared, &mut cores, "metg-steal", size, a.metg_tasks, false) {
+            Ok(row) => metg_rows.push(row),
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
     }
+    let reported = report(a, ranks, rank, base, rows, metg_rows);
+    match stopped {
+        Some(e) => Err(e.context("the run stopped early")),
+        None => reported,
+    }
+}
+
+/// Rank 0: the table, the CSV and the `--check` verdict.
+fn report(
+    a: &Args,
+    ranks: usize,
+    rank: usize,
+    base: Option<Row>,
+    rows: Vec<Option<Row>>,
+    metg_rows: Vec<Option<Row>>,
+) -> Result<()> {
     if rank != 0 {
         return Ok(());
     }
@@ -232,6 +265,7 @@ fn epoch_row(
         cancel_every: if baseline { 0 } else { a.cancel_every },
         index_end: tasks,
         results_per_task: a.results_per_task,
+        exit_after_runs: (steal && a.test_exit_rank == Some(world.rank())).then_some(20),
     };
     let taken = std::mem::take(cores);
     let (back, report) = epoch::run(world, shared, taken, &plan, steal && !baseline)?;

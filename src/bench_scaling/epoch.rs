@@ -35,6 +35,9 @@ pub struct Plan {
     /// Results each task streams (the last ends it): a server task sends
     /// token batches while it runs.
     pub results_per_task: u32,
+    /// Test hook (`--test-exit-rank`): the process exits once this rank
+    /// has run this many tasks.
+    pub exit_after_runs: Option<u64>,
 }
 
 /// The cancels of `--cancel-every` go out once this rank has run this many
@@ -282,6 +285,13 @@ fn runner(
             .nominal_us
             .fetch_add(c.task.payload.payload.service_us as u64, Ordering::Relaxed);
         core.count_run();
+        if plan
+            .exit_after_runs
+            .is_some_and(|n| counts.ran.load(Ordering::Relaxed) >= n)
+        {
+            eprintln!("test exit: this rank's process ends now");
+            std::process::exit(17);
+        }
         let mut pending = (c, Some(done));
         loop {
             match router.complete(pending.0, pending.1) {

@@ -29,6 +29,8 @@ const PENDING_LOCAL_MAX: usize = 4096;
 /// Results queued for other ranks: past it, the outbox is left to fill and
 /// the runners that stream into it pause.
 const RESULTS_OUT_MAX: usize = 8192;
+/// Longest wait for rank 0's word when leaving a job with a lost rank.
+const BYE_WAIT: Duration = Duration::from_secs(60);
 /// Messages handled per poll before the other duties get a turn.
 const RECV_PER_POLL_MAX: usize = 64;
 /// Idle polls before the thread starts sleeping between polls.
@@ -116,6 +118,13 @@ pub(crate) fn run<T, R, W>(
     while let Ok(cmd) = commands.recv() {
         match cmd {
             Command::Begin { steal } => {
+                if !c.lost.is_empty() {
+                    // A collective with a rank given up could wait forever.
+                    if replies.send(Reply::RankLost(c.lost.clone())).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 world.barrier();
                 c.begin(steal);
                 if replies.send(Reply::Begun).is_err() {
@@ -147,6 +156,20 @@ pub(crate) fn run<T, R, W>(
             }
             Command::Shutdown => break,
         }
+    }
+    if !c.lost.is_empty() {
+        // MPI_Finalize waits for every rank, the lost one too: leave without
+        // it. The launcher then reports the job as ended abnormally (OpenMPI's
+        // mpirun: a non-zero status, and it ends the ranks still running), so
+        // the others wait for rank 0, which leaves last, after its report.
+        c.leave_together(&world);
+        eprintln!(
+            "rank {}: ranks {:?} were given up: leaving without MPI_Finalize",
+            c.rank, c.lost
+        );
+        c.sends.abandon();
+        std::mem::forget(universe);
+        return;
     }
     c.sends.abandon();
     // `universe` drops here: MPI_Finalize, on this thread as MPI requires.
@@ -229,6 +252,36 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
         }
     }
 
+    /// Leaving a job with a lost rank: rank 0 tells the live ranks (and
+    /// waits for those sends), the others wait for that word, rank 0's loss,
+    /// or `BYE_WAIT`.
+    fn leave_together(&mut self, world: &SimpleCommunicator) {
+        let until = Instant::now() + BYE_WAIT;
+        if self.rank == 0 {
+            let live: Vec<usize> = self.peers.live().collect();
+            for r in live {
+                self.send_msg(world, r, &Msg::Bye { epoch: self.epoch });
+            }
+            while Instant::now() < until && !self.sends.settled(|r| !self.peers.get(r).dead) {
+                self.sends.poll();
+                std::thread::sleep(IDLE_SLEEP_FIRST);
+            }
+            return;
+        }
+        while Instant::now() < until && !self.peers.get(0).dead {
+            match world.any_process().immediate_matched_probe() {
+                Some(probed) => {
+                    let from = probed.1.source_rank();
+                    let (bytes, _) = probed.matched_receive_vec::<u8>();
+                    if from == 0 && matches!(wire::decode(&bytes), Ok(Msg::Bye { .. })) {
+                        return;
+                    }
+                }
+                None => std::thread::sleep(IDLE_SLEEP_LAST),
+            }
+        }
+    }
+
     /// Nothing of this epoch is left anywhere this rank can see.
     fn quiet(&self) -> bool {
         self.origin_done
@@ -299,6 +352,7 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                 self.peers.get_mut(from).reported = true;
                 self.reports[from] = Some(bytes);
             }
+            Msg::Bye { .. } => {} // only looked for when leaving
         }
     }
 }

@@ -67,6 +67,8 @@ pub enum MirrorError {
     Init,
     #[error("the MPI communication thread is gone")]
     Gone,
+    #[error("ranks {0:?} were given up: no further collective run is possible")]
+    RankLost(Vec<usize>),
     #[error("spawning the MPI communication thread: {0}")]
     Spawn(std::io::Error),
 }
@@ -91,6 +93,8 @@ pub(crate) enum Command {
 
 pub(crate) enum Reply {
     Begun,
+    /// No new epoch: these ranks were given up (a barrier would hang).
+    RankLost(Vec<usize>),
     Quiet,
     Ended {
         reports: Vec<Option<Vec<u8>>>,
@@ -182,6 +186,7 @@ impl Mirror {
         self.call(Command::Begin { steal })?;
         match self.replies.recv() {
             Ok(Reply::Begun) => Ok(()),
+            Ok(Reply::RankLost(ranks)) => Err(MirrorError::RankLost(ranks)),
             _ => Err(MirrorError::Gone),
         }
     }

@@ -55,6 +55,10 @@ pub enum Msg {
     Cancel { epoch: u32, ids: Vec<u64> },
     /// End of epoch: the sender's report (bench-scaling), to rank 0.
     Report { epoch: u32, bytes: Vec<u8> },
+    /// Rank 0 is leaving a job in which a rank was given up: the others may
+    /// leave too (none of them can run MPI_Finalize, which would wait for
+    /// the lost rank).
+    Bye { epoch: u32 },
 }
 
 impl Msg {
@@ -65,7 +69,8 @@ impl Msg {
             | Msg::Tasks { epoch, .. }
             | Msg::Results { epoch, .. }
             | Msg::Cancel { epoch, .. }
-            | Msg::Report { epoch, .. } => *epoch,
+            | Msg::Report { epoch, .. }
+            | Msg::Bye { epoch } => *epoch,
         }
     }
 }
