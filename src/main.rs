@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 mod alloc_count;
 mod bench;
 mod bench_llama;
+mod bench_scaling;
+mod bench_wake;
 mod client;
 mod demo;
 mod gpu;
@@ -41,6 +43,10 @@ enum Command {
     Client(client::Args),
     /// Load generator: latency percentiles, throughput, CSV.
     Bench(bench::Args),
+    /// Wake latency between two cores' rings: IORING_OP_MSG_RING against an eventfd.
+    BenchWake(bench_wake::Args),
+    /// Work-stealing scheduler scaling: synthetic tasks alone or across MPI ranks.
+    BenchScaling(bench_scaling::Args),
     /// The main job: a server with the synthetic backend plus a load, printing the latency table.
     Demo(demo::Args),
     /// Content-addressed model store.
@@ -57,7 +63,22 @@ enum Command {
 static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, as for every other error: clap's first line names
+            // the bad argument and the accepted values.
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+            let hint = text.lines().find(|l| l.contains("possible values")).map(str::trim);
+            match hint {
+                Some(h) => eprintln!("cnse-dp: {first} {h}"),
+                None => eprintln!("cnse-dp: {first}"),
+            }
+            std::process::exit(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal as _;
@@ -74,6 +95,8 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::Client(a) => client::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchScaling(a) => bench_scaling::run(a),
+        Command::BenchWake(a) => bench_wake::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),

@@ -138,6 +138,15 @@ impl LatencyHistogram {
         }
     }
 
+    /// Every recorded value with its count, to rebuild the histogram
+    /// elsewhere (another MPI rank) with [`LatencyHistogram::record_n_us`].
+    pub fn recorded(&self) -> Vec<(u64, u64)> {
+        self.hist
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
     pub fn clear(&mut self) {
         self.hist.reset();
     }
@@ -319,6 +328,21 @@ pub fn write_csv(path: &Path, rows: &str) -> Result<(), MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_rebuilds_the_histogram() {
+        let mut a = LatencyHistogram::new();
+        for v in [1, 5, 5, 900, 120_000] {
+            a.record_us(v);
+        }
+        let mut b = LatencyHistogram::new();
+        for (v, n) in a.recorded() {
+            b.record_n_us(v, n);
+        }
+        assert_eq!(b.count(), 5);
+        assert_eq!(a.quantile_us(0.5), b.quantile_us(0.5));
+        assert_eq!(a.max_us(), b.max_us());
+    }
 
     #[test]
     fn percentiles_of_a_uniform_range() {
