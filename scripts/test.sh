@@ -90,3 +90,6 @@ scripts/test-python.sh
 
 log "HTTP front with the openai package, curl and prometheus_client"
 scripts/test-http.sh
+
+log "Work-stealing scheduler across MPI ranks (mpirun, shared memory and TCP)"
+scripts/test-mpi.sh
