@@ -119,6 +119,10 @@ pub struct Args {
     /// /metrics, on the same worker rings.
     #[arg(long)]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Serve only `GET /metrics` and `GET /health` here (Prometheus
+    /// scraping without exposing the API).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The model name the HTTP API reports (`/v1/models`, `model` fields);
     /// with the llama backend, by default what llama-server lists.
     #[arg(long, default_value = MODEL_NAME_DEFAULT)]
@@ -225,6 +229,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         stage_timing: a.stage_timing,
         busy_poll: Duration::from_micros(a.busy_poll_us),
         http_listen: a.http_listen,
+        metrics_listen: a.metrics_listen,
         model_name: model_name(a),
         ..Config::default()
     })
@@ -287,6 +292,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("listening on {}", server.local_addr());
     if let Some(h) = server.http_addr() {
         println!("http listening on {h}");
+    }
+    if let Some(m) = server.metrics_addr() {
+        println!("metrics listening on {m}");
     }
     tracing::info!(
         listen = %server.local_addr(),

@@ -390,3 +390,28 @@ fn issue12_metrics_are_prometheus_text() {
         assert_eq!(l.split(' ').count(), 2, "name value: {l}");
     }
 }
+
+#[test]
+fn issue12_the_metrics_listener_serves_only_metrics_and_health() {
+    let s = Server::start(&["--metrics-listen", "127.0.0.1:0"]);
+    let mut addr: Option<SocketAddr> = None;
+    assert!(eventually(WAIT, || {
+        addr = s
+            .output()
+            .iter()
+            .find_map(|l| l.strip_prefix("metrics listening on "))
+            .and_then(|a| a.parse().ok());
+        addr.is_some()
+    }));
+    let mut c = Conn::new(addr.unwrap());
+    c.get("/health");
+    assert_eq!(c.response().status, 200);
+    c.post("/v1/completions", r#"{"prompt":"x"}"#);
+    assert_eq!(c.response().status, 404, "no API on the metrics listener");
+    c.get("/metrics");
+    let r = c.response();
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    assert!(text.contains("cnse_backend_servers{state=\"up\"} 1\n"), "{text}");
+    assert!(text.contains("cnse_backend_servers{state=\"down\"} 0\n"), "{text}");
+}

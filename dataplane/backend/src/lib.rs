@@ -115,6 +115,10 @@ pub struct BackendStats {
     pub started: u64,
     pub cancelled: u64,
     pub failed: u64,
+    /// Model servers behind this backend, and how many of them are in
+    /// rotation (healthy); an embedded backend is one, always up.
+    pub servers: u64,
+    pub servers_up: u64,
 }
 
 /// A per-core token generator. See the crate docs for the calling contract.

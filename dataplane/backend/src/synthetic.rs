@@ -458,7 +458,11 @@ impl Backend for Synthetic {
     }
 
     fn stats(&self) -> BackendStats {
-        self.stats
+        BackendStats {
+            servers: 1,
+            servers_up: 1,
+            ..self.stats
+        }
     }
 
     fn has_capacity(&self) -> bool {

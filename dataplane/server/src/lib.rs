@@ -93,6 +93,9 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// The model name the HTTP front reports and echoes.
     pub model_name: String,
+    /// A listener that serves only `GET /metrics` and `GET /health`
+    /// (Prometheus scraping without the API).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -123,6 +126,7 @@ impl Default for Config {
             busy_poll: Duration::ZERO,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),
+            metrics_listen: None,
         }
     }
 }
@@ -195,6 +199,7 @@ pub(crate) struct Shared {
 pub struct Server {
     addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     wakers: Vec<worker::Waker>,
     threads: Vec<JoinHandle<Result<(), std::io::Error>>>,
@@ -227,6 +232,17 @@ impl Server {
             Some(a) => listen::bind_reuseport(a, config.threads)?.into_iter().map(Some).collect(),
             None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
         };
+        let mut metrics_listeners = match config.metrics_listen {
+            Some(a) => listen::bind_reuseport(a, config.threads)?.into_iter().map(Some).collect(),
+            None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
+        };
+        let metrics_addr = match metrics_listeners.first() {
+            Some(Some(fd)) => Some(listen::local_addr(fd).map_err(|error| ServerError::Bind {
+                addr: config.metrics_listen.expect("bound above"),
+                error,
+            })?),
+            _ => None,
+        };
         let http_addr = match http_listeners.first() {
             Some(Some(fd)) => Some(listen::local_addr(fd).map_err(|error| ServerError::Bind {
                 addr: config.http_listen.expect("bound above"),
@@ -246,6 +262,7 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
         for (index, listener) in listeners.into_iter().enumerate() {
             let http_listener = http_listeners[index].take();
+            let metrics_listener = metrics_listeners[index].take();
             let (waker, wake_fd) = worker::Waker::new().map_err(ServerError::Ring)?;
             wakers.push(waker);
             let shared = shared.clone();
@@ -259,6 +276,7 @@ impl Server {
                         let listeners = worker::Listeners {
                             binary: listener,
                             http: http_listener,
+                            metrics: metrics_listener,
                         };
                         worker::run(index, config, shared, listeners, wake_fd, backend, ready)
                     }
@@ -270,6 +288,7 @@ impl Server {
         let mut server = Server {
             addr,
             http_addr,
+            metrics_addr,
             shared,
             wakers,
             threads,
@@ -292,6 +311,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the metrics-only listener is (`Config::metrics_listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Where the HTTP front listens (`Config::http_listen`).

@@ -66,6 +66,10 @@ pub struct RequestMetrics {
     /// Admission queue length and streams running, at the last snapshot.
     pub queued: u64,
     pub running: u64,
+    /// Model servers behind the backend and those in rotation (the same
+    /// servers for every worker: the process reports the largest count).
+    pub servers: u64,
+    pub servers_up: u64,
 }
 
 impl RequestMetrics {
@@ -92,6 +96,8 @@ impl RequestMetrics {
         }
         self.queued += o.queued;
         self.running += o.running;
+        self.servers = self.servers.max(o.servers);
+        self.servers_up = self.servers_up.max(o.servers_up);
     }
 }
 
@@ -136,6 +142,9 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         family(out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
+    family(out, "cnse_backend_servers", "gauge", "Model servers behind the backend, by health.");
+    let _ = writeln!(out, "cnse_backend_servers{{state=\"up\"}} {}", r.servers_up);
+    let _ = writeln!(out, "cnse_backend_servers{{state=\"down\"}} {}", r.servers - r.servers_up.min(r.servers));
     family(out, "cnse_streams", "gauge", "Streams open, by state.");
     let open = sum(|c| c.streams_open);
     let _ = writeln!(out, "cnse_streams{{state=\"queued\"}} {}", r.queued);

@@ -24,7 +24,7 @@ use crate::{Config, Shared, WorkerCounters};
 cnse_ring::op_kinds! {
     /// The worker's ring ops. Connection ops carry a slot tag (connection
     /// slot and generation); backend ops a wide tag (the backend's own).
-    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6, AcceptHttp = 7 }
+    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6, AcceptHttp = 7, AcceptMetrics = 8 }
 }
 
 const BGID: u16 = 0;
@@ -134,6 +134,8 @@ struct Worker {
     accept_armed: bool,
     http_listener: Option<OwnedFd>,
     http_accept_armed: bool,
+    metrics_listener: Option<OwnedFd>,
+    metrics_accept_armed: bool,
     next_accept_retry: Instant,
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
@@ -151,6 +153,8 @@ pub(crate) struct Listeners {
     pub binary: OwnedFd,
     /// The HTTP front's (`Config::http_listen`).
     pub http: Option<OwnedFd>,
+    /// The metrics-only listener's (`Config::metrics_listen`).
+    pub metrics: Option<OwnedFd>,
 }
 
 pub(crate) fn run(
@@ -237,6 +241,8 @@ impl Worker {
             accept_armed: false,
             http_listener: listener.http,
             http_accept_armed: false,
+            metrics_listener: listener.metrics,
+            metrics_accept_armed: false,
             next_accept_retry: now,
             wake_fd,
             wake_buf: Box::new(0),
@@ -255,6 +261,7 @@ impl Worker {
     fn run(&mut self) -> io::Result<()> {
         self.arm_accept();
         self.arm_accept_http();
+        self.arm_accept_metrics();
         self.arm_wake();
         let mut turn_start = Instant::now();
         loop {
@@ -288,6 +295,9 @@ impl Worker {
             }
             if !self.http_accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
                 self.arm_accept_http();
+            }
+            if !self.metrics_accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
+                self.arm_accept_metrics();
             }
             let done = self.shutdown_step();
             self.bufs.publish();
@@ -339,6 +349,7 @@ impl Worker {
             }
             Some(Op::Accept) => self.on_accept(c),
             Some(Op::AcceptHttp) => self.on_accept_http(c),
+            Some(Op::AcceptMetrics) => self.on_accept_metrics(c),
             Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
             Some(Op::Wake) => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
@@ -386,6 +397,31 @@ impl Worker {
         }
     }
 
+    fn on_accept_metrics(&mut self, c: Completion) {
+        if !c.more() {
+            self.metrics_accept_armed = false;
+        }
+        if c.result >= 0 {
+            crate::listen::set_nodelay(c.result);
+            self.session.on_accept_metrics(c.result);
+        }
+        if !self.metrics_accept_armed && !self.session.is_shutting_down() {
+            if c.result == -libc::EMFILE || c.result == -libc::ENFILE {
+                self.next_accept_retry = self.session.now() + SWEEP_INTERVAL;
+            } else {
+                self.arm_accept_metrics();
+            }
+        }
+    }
+
+    fn arm_accept_metrics(&mut self) {
+        let Some(l) = &self.metrics_listener else { return };
+        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
+        // SAFETY: the listener stays open until teardown has drained.
+        unsafe { push(self.ring(), e, tag(Op::AcceptMetrics, 0, 0)) };
+        self.metrics_accept_armed = true;
+    }
+
     fn arm_accept_http(&mut self) {
         let Some(l) = &self.http_listener else { return };
         let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
@@ -425,6 +461,11 @@ impl Worker {
             // SAFETY: a cancel points at no memory.
             unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
         }
+        if !was && self.session.is_shutting_down() && self.metrics_accept_armed {
+            let e = opcode::AsyncCancel::new(tag(Op::AcceptMetrics, 0, 0).raw()).build();
+            // SAFETY: a cancel points at no memory.
+            unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
+        }
         // An accept that races the cancel is closed by teardown.
         sessions_done
     }
@@ -455,7 +496,7 @@ impl Worker {
         let ring = &mut self.session.io.ring;
         let left = ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);
         for c in &self.cqes {
-            if matches!(Op::from_code(c.tag.kind()), Some(Op::Accept | Op::AcceptHttp)) && c.result >= 0 {
+            if matches!(Op::from_code(c.tag.kind()), Some(Op::Accept | Op::AcceptHttp | Op::AcceptMetrics)) && c.result >= 0 {
                 // Accepted after the session closed its doors: nobody owns it.
                 self.session.io.close(c.result);
             }
@@ -467,6 +508,7 @@ impl Worker {
         self.session.close_all();
         drop(self.listener.take());
         drop(self.http_listener.take());
+        drop(self.metrics_listener.take());
         self.bufs.unregister(&self.session.io.ring);
         true
     }

@@ -416,9 +416,12 @@ impl Backend for LlamaBackend {
             .iter()
             .filter(|s| matches!(&s.task, Task::Stream(w) if w.flow == Flow::Paused))
             .count() as u64;
+        let up = self.shared.iter().filter(|s| s.healthy.load(Ordering::Acquire)).count();
         BackendStats {
             active: self.by_id.len() as u64,
             paused,
+            servers: self.shared.len() as u64,
+            servers_up: up as u64,
             ..self.stats
         }
     }

@@ -46,6 +46,8 @@ pub struct HttpConn {
     pub close_after: bool,
     /// When the first byte of the request not yet complete arrived.
     pub started: Option<Instant>,
+    /// Accepted on the metrics-only listener: `/metrics` and `/health`.
+    pub metrics_only: bool,
 }
 
 impl HttpConn {
@@ -57,6 +59,7 @@ impl HttpConn {
         self.out_seq = 0;
         self.close_after = false;
         self.started = None;
+        self.metrics_only = false;
     }
 
     pub fn capacity(&self) -> usize {
@@ -153,6 +156,13 @@ impl<T: Transport> Session<T> {
         Some(slot)
     }
 
+    /// A new connection on the metrics-only listener (`--metrics-listen`).
+    pub fn on_accept_metrics(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
+        let slot = self.on_accept_http(fd)?;
+        self.tables.conns[slot as usize].http.metrics_only = true;
+        Some(slot)
+    }
+
     /// Bytes received on an HTTP connection.
     pub(crate) fn http_input(&mut self, slot: u32, data: &[u8]) {
         let max = inbuf_max(self.tables.cfg.payload_bytes_max);
@@ -245,7 +255,10 @@ impl<T: Transport> Session<T> {
     }
 
     fn http_answer(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8], pipelined: bool) -> bool {
-        let (route, method) = (head.route, head.method);
+        let (mut route, method) = (head.route, head.method);
+        if self.tables.conns[slot as usize].http.metrics_only && !matches!(route, Route::Metrics | Route::Health) {
+            route = Route::Unknown;
+        }
         let wanted = match route {
             Route::Completions | Route::ChatCompletions => Method::Post,
             Route::Models | Route::Health | Route::Metrics => Method::Get,

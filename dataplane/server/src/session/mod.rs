@@ -145,8 +145,11 @@ impl<T: Transport> Session<T> {
     /// This worker's request metrics, with the queue and backend gauges.
     pub fn request_metrics(&self) -> crate::metrics::RequestMetrics {
         let mut m = self.tables.metrics;
+        let b = self.backend.stats();
         m.queued = self.queue.len() as u64;
-        m.running = self.backend.stats().active;
+        m.running = b.active;
+        m.servers = b.servers;
+        m.servers_up = b.servers_up;
         m
     }
 
