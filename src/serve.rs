@@ -123,6 +123,10 @@ pub struct Args {
     /// scraping without exposing the API).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A model store whose names (`name:tag`) the HTTP API's `/v1/models`
+    /// lists after the served model.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
     /// The model name the HTTP API reports (`/v1/models`, `model` fields);
     /// with the llama backend, by default what llama-server lists.
     #[arg(long, default_value = MODEL_NAME_DEFAULT)]
@@ -143,6 +147,16 @@ fn model_name(a: &Args) -> String {
 }
 
 const MODEL_NAME_DEFAULT: &str = "cnse-synthetic";
+
+/// The names in `--store`, sorted (none without it).
+fn store_names(a: &Args) -> anyhow::Result<Vec<String>> {
+    let Some(dir) = &a.store else {
+        return Ok(Vec::new());
+    };
+    let store = cnse_store::Store::open(dir).with_context(|| format!("--store {}", dir.display()))?;
+    let refs = store.refs().with_context(|| format!("listing the names in {}", dir.display()))?;
+    Ok(refs.into_iter().map(|r| r.name.to_string()).collect())
+}
 
 pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     let mut key = std::fs::read(path).with_context(|| format!("reading auth key file {}", path.display()))?;
@@ -230,6 +244,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         busy_poll: Duration::from_micros(a.busy_poll_us),
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
+        store_names: store_names(a)?,
         model_name: model_name(a),
         ..Config::default()
     })

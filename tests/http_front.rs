@@ -415,3 +415,25 @@ fn issue12_the_metrics_listener_serves_only_metrics_and_health() {
     assert!(text.contains("cnse_backend_servers{state=\"up\"} 1\n"), "{text}");
     assert!(text.contains("cnse_backend_servers{state=\"down\"} 0\n"), "{text}");
 }
+
+#[test]
+fn issue12_models_lists_the_store_names() {
+    let dir = std::env::temp_dir().join(format!("cnse-http-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.with_extension("bin");
+    std::fs::write(&file, vec![7u8; 10_000]).unwrap();
+    let put = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["store", "--store", dir.to_str().unwrap(), "put", file.to_str().unwrap(), "--name", "tiny:v1"])
+        .output()
+        .unwrap();
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let (_s, addr) = http_server(&["--store", dir.to_str().unwrap()]);
+    let mut c = Conn::new(addr);
+    c.get("/v1/models");
+    let v = c.response().json();
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cnse-synthetic", "tiny:v1"]);
+    assert_eq!(v["data"][1]["owned_by"], "cnse-dp store");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&file);
+}

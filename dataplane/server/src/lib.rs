@@ -93,6 +93,9 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// The model name the HTTP front reports and echoes.
     pub model_name: String,
+    /// Names in the model store (`name:tag`), listed by `/v1/models` after
+    /// the served model.
+    pub store_names: Vec<String>,
     /// A listener that serves only `GET /metrics` and `GET /health`
     /// (Prometheus scraping without the API).
     pub metrics_listen: Option<SocketAddr>,
@@ -126,6 +129,7 @@ impl Default for Config {
             busy_poll: Duration::ZERO,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),
+            store_names: Vec::new(),
             metrics_listen: None,
         }
     }

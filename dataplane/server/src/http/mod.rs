@@ -291,7 +291,8 @@ impl<T: Transport> Session<T> {
             Route::Models => {
                 let mut b = std::mem::take(&mut self.tables.http_scratch);
                 b.clear();
-                openai::models(&mut b, &self.tables.cfg.model_name, self.started_unix);
+                let cfg = self.tables.cfg.clone();
+                openai::models(&mut b, &cfg.model_name, &cfg.store_names, self.started_unix);
                 self.http_respond(slot, 200, "application/json", &b);
                 self.tables.http_scratch = b;
             }

@@ -324,10 +324,22 @@ pub fn error_body(out: &mut Vec<u8>, status: u16, message: &str) {
 }
 
 /// `GET /v1/models`.
-pub fn models(out: &mut Vec<u8>, model: &str, created: u64) {
-    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[{\"id\":");
-    json_str(out, model.as_bytes());
-    let _ = write!(out, ",\"object\":\"model\",\"created\":{created},\"owned_by\":\"cnse-dp\"}}]}}");
+/// `GET /v1/models`: the served model, then the model store's names
+/// (`owned_by: "cnse-dp store"`).
+pub fn models(out: &mut Vec<u8>, model: &str, store_names: &[String], created: u64) {
+    out.extend_from_slice(b"{\"object\":\"list\",\"data\":[");
+    for (i, (id, owner)) in std::iter::once((model, "cnse-dp"))
+        .chain(store_names.iter().map(|n| (n.as_str(), "cnse-dp store")))
+        .enumerate()
+    {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        json_str(out, id.as_bytes());
+        let _ = write!(out, ",\"object\":\"model\",\"created\":{created},\"owned_by\":\"{owner}\"}}");
+    }
+    out.extend_from_slice(b"]}");
 }
 
 /// Prompt tokens as usage reports them for the synthetic backend: words
@@ -397,7 +409,8 @@ mod tests {
         usage_chunk(&mut o, &i, 1, 2);
         serde_json::from_slice::<serde_json::Value>(&o).unwrap();
         let mut o = Vec::new();
-        models(&mut o, "m", 5);
-        serde_json::from_slice::<serde_json::Value>(&o).unwrap();
+        models(&mut o, "m", &["a:v1".to_string(), "b:v2".to_string()], 5);
+        let v: serde_json::Value = serde_json::from_slice(&o).unwrap();
+        assert_eq!((v["data"][0]["id"].as_str(), v["data"][2]["id"].as_str()), (Some("m"), Some("b:v2")));
     }
 }
