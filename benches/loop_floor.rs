@@ -46,7 +46,10 @@ struct Conn {
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn main() {
@@ -161,7 +164,9 @@ fn main() {
         for &slot in &dirty {
             let conn = &mut conns[slot];
             conn.dirty = false;
-            let Some(fd) = conn.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
+            let Some(fd) = conn.fd.as_ref().map(|f| f.as_raw_fd()) else {
+                continue;
+            };
             if conn.sending {
                 continue;
             }

@@ -154,7 +154,9 @@ fn store_names(a: &Args) -> anyhow::Result<Vec<String>> {
         return Ok(Vec::new());
     };
     let store = cnse_store::Store::open(dir).with_context(|| format!("--store {}", dir.display()))?;
-    let refs = store.refs().with_context(|| format!("listing the names in {}", dir.display()))?;
+    let refs = store
+        .refs()
+        .with_context(|| format!("listing the names in {}", dir.display()))?;
     Ok(refs.into_iter().map(|r| r.name.to_string()).collect())
 }
 

@@ -176,8 +176,14 @@ fn issue12_endpoints_answer_and_streams_equal_whole_responses() {
     let r = c.response();
     assert_eq!(r.json()["data"][0]["id"], "cnse-synthetic");
     for (path, body) in [
-        ("/v1/completions", r#"{"prompt":"Hello there","max_tokens":7,"temperature":0,"seed":5"#),
-        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":7,"temperature":0,"seed":5"#),
+        (
+            "/v1/completions",
+            r#"{"prompt":"Hello there","max_tokens":7,"temperature":0,"seed":5"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"Hello"}],"max_tokens":7,"temperature":0,"seed":5"#,
+        ),
     ] {
         c.post(path, &format!("{body}}}"));
         let whole = c.response();
@@ -190,7 +196,10 @@ fn issue12_endpoints_answer_and_streams_equal_whole_responses() {
             .to_string();
         assert_eq!(j["choices"][0]["finish_reason"], "length");
         assert_eq!(j["usage"]["completion_tokens"], 7);
-        c.post(path, &format!(r#"{body},"stream":true,"stream_options":{{"include_usage":true}}}}"#));
+        c.post(
+            path,
+            &format!(r#"{body},"stream":true,"stream_options":{{"include_usage":true}}}}"#),
+        );
         let streamed = c.response();
         assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
         let events = streamed.events();
@@ -224,7 +233,13 @@ fn issue12_pipelined_requests_are_answered_in_order_and_chunked_bodies_work() {
     );
     c.send(req.as_bytes());
     let last = r#"{"prompt":"b","max_tokens":1}"#;
-    c.send(format!("POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{last}", last.len()).as_bytes());
+    c.send(
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{last}",
+            last.len()
+        )
+        .as_bytes(),
+    );
     let first = c.response();
     assert_eq!(first.events().last().map(String::as_str), Some("[DONE]"));
     assert_eq!(c.response().json()["status"], "ok");
@@ -240,11 +255,21 @@ fn issue12_pipelined_generations_run_together_but_answer_in_order() {
     let mut c = Conn::new(addr);
     let mut raw = Vec::new();
     for (i, tokens) in [(0, 40), (1, 5), (2, 1)] {
-        let body = format!(r#"{{"prompt":"p{i}","max_tokens":{tokens},"stream":true,"stream_options":{{"include_usage":true}}}}"#);
-        raw.extend_from_slice(format!("POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        let body = format!(
+            r#"{{"prompt":"p{i}","max_tokens":{tokens},"stream":true,"stream_options":{{"include_usage":true}}}}"#
+        );
+        raw.extend_from_slice(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
     }
     raw.extend_from_slice(b"GET /nope HTTP/1.1\r\n\r\n");
-    raw.extend_from_slice(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 29\r\n\r\n{\"prompt\":\"z\",\"max_tokens\":3}");
+    raw.extend_from_slice(
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 29\r\n\r\n{\"prompt\":\"z\",\"max_tokens\":3}",
+    );
     c.send(&raw);
     for tokens in [40, 5, 1] {
         let r = c.response();
@@ -271,8 +296,14 @@ fn issue12_bad_requests_get_their_status_and_other_clients_go_on() {
     for (send, status) in [
         (&b"GET /nope HTTP/1.1\r\n\r\n"[..], 404),
         (b"GET /v1/completions HTTP/1.1\r\n\r\n", 405),
-        (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 8\r\n\r\nnot json", 400),
-        (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":99999}", 400),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nContent-Length: 8\r\n\r\nnot json",
+            400,
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{\"prompt\":\"x\",\"max_tokens\":99999}",
+            400,
+        ),
     ] {
         c.send(send);
         let r = c.response();
@@ -284,9 +315,18 @@ fn issue12_bad_requests_get_their_status_and_other_clients_go_on() {
     // Errors that end the connection: what follows cannot be framed.
     for (send, status) in [
         (b"GARBAGE\x01\r\n\r\n".to_vec(), 400),
-        ([b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 20_000], b"\r\n\r\n"].concat(), 431),
-        (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n".to_vec(), 413),
-        (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(), 400),
+        (
+            [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 20_000], b"\r\n\r\n"].concat(),
+            431,
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n".to_vec(),
+            413,
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+            400,
+        ),
     ] {
         let mut bad = Conn::new(addr);
         bad.send(&send);
@@ -350,14 +390,25 @@ fn issue12_a_disconnect_frees_the_backend_and_a_slow_reader_pauses_it() {
     // (its queue bound) instead of buffering without end.
     // Enough tokens to fill the kernel's socket buffers many times over.
     let mut args = synthetic(0, 0);
-    args.extend(["--stats-interval-ms".into(), "50".into(), "--max-tokens-limit".into(), "4000000".into()]);
+    args.extend([
+        "--stats-interval-ms".into(),
+        "50".into(),
+        "--max-tokens-limit".into(),
+        "4000000".into(),
+    ]);
     let (s, addr) = http_server(&strs(&args));
     let mut c = Conn::new(addr);
-    c.post("/v1/completions", r#"{"prompt":"x","max_tokens":4000000,"stream":true}"#);
+    c.post(
+        "/v1/completions",
+        r#"{"prompt":"x","max_tokens":4000000,"stream":true}"#,
+    );
     assert!(eventually(WAIT, || s.stat("paused") == Some(1)), "{:?}", s.output());
     let produced = s.stat("produced").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(s.stat("produced").unwrap() - produced < 1000, "paused work keeps producing");
+    assert!(
+        s.stat("produced").unwrap() - produced < 1000,
+        "paused work keeps producing"
+    );
     drop(c);
 }
 
@@ -423,7 +474,15 @@ fn issue12_models_lists_the_store_names() {
     let file = dir.with_extension("bin");
     std::fs::write(&file, vec![7u8; 10_000]).unwrap();
     let put = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
-        .args(["store", "--store", dir.to_str().unwrap(), "put", file.to_str().unwrap(), "--name", "tiny:v1"])
+        .args([
+            "store",
+            "--store",
+            dir.to_str().unwrap(),
+            "put",
+            file.to_str().unwrap(),
+            "--name",
+            "tiny:v1",
+        ])
         .output()
         .unwrap();
     assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
@@ -431,7 +490,12 @@ fn issue12_models_lists_the_store_names() {
     let mut c = Conn::new(addr);
     c.get("/v1/models");
     let v = c.response().json();
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["cnse-synthetic", "tiny:v1"]);
     assert_eq!(v["data"][1]["owned_by"], "cnse-dp store");
     let _ = std::fs::remove_dir_all(&dir);

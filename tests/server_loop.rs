@@ -15,7 +15,9 @@ fn stop_and_read(s: &mut Server) -> Vec<String> {
     unsafe { libc::kill(s.pid() as libc::pid_t, libc::SIGINT) };
     assert!(eventually(WAIT, || !s.alive()), "server did not exit on SIGINT");
     // The reader threads may still be draining the pipes.
-    let _ = eventually(Duration::from_secs(2), || s.output().iter().any(|l| l.starts_with("events/turn")));
+    let _ = eventually(Duration::from_secs(2), || {
+        s.output().iter().any(|l| l.starts_with("events/turn"))
+    });
     s.output()
 }
 
@@ -123,7 +125,11 @@ fn issue9_open_loop_splits_latency_into_send_delay_and_rtt() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let count = |row: &str| -> u64 {
             stdout
                 .lines()

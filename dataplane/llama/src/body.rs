@@ -148,10 +148,18 @@ mod tests {
     #[test]
     fn chat_bodies_carry_the_messages() {
         let mut out = Vec::new();
-        write_chat_body(&mut out, &Params::default(), r#"[{"role":"user","content":"hi"}]"#, true);
+        write_chat_body(
+            &mut out,
+            &Params::default(),
+            r#"[{"role":"user","content":"hi"}]"#,
+            true,
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["messages"][0]["content"], "hi");
-        assert_eq!((v["max_tokens"].as_u64(), v["stream"].as_bool()), (Some(16), Some(true)));
+        assert_eq!(
+            (v["max_tokens"].as_u64(), v["stream"].as_bool()),
+            (Some(16), Some(true))
+        );
     }
 
     #[test]

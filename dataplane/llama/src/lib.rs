@@ -126,7 +126,12 @@ pub fn served_model(url: &str, timeout: std::time::Duration) -> Option<String> {
     let mut s = std::net::TcpStream::connect_timeout(&t.addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    write!(s, "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", t.authority).ok()?;
+    write!(
+        s,
+        "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        t.authority
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.take(1 << 20).read_to_end(&mut raw).ok()?;
     let at = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;

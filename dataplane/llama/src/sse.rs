@@ -180,10 +180,15 @@ mod tests {
     #[test]
     fn chat_chunks() {
         let token = br#"data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" Hi"}}],"created":1,"id":"chatcmpl-x","model":"m","object":"chat.completion.chunk"}"#;
-        let SseLine::Event(e) = parse_line(token).unwrap() else { panic!() };
+        let SseLine::Event(e) = parse_line(token).unwrap() else {
+            panic!()
+        };
         assert_eq!((e.content.as_ref(), e.stop), (" Hi", false));
-        let last = br#"data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk"}"#;
-        let SseLine::Event(e) = parse_line(last).unwrap() else { panic!() };
+        let last =
+            br#"data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk"}"#;
+        let SseLine::Event(e) = parse_line(last).unwrap() else {
+            panic!()
+        };
         assert!(e.stop && e.content.is_empty());
         assert_eq!(e.finish_reason(), FinishReason::Length);
         let usage = br#"data: {"choices":[],"usage":{"completion_tokens":3}}"#;

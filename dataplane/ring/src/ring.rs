@@ -389,7 +389,9 @@ mod tests {
             eprintln!("SKIP: the kernel refused DEFER_TASKRUN; nothing is deferred");
             return;
         }
-        let pairs: Vec<_> = (0..N).map(|_| std::os::unix::net::UnixStream::pair().unwrap()).collect();
+        let pairs: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
         let mut bufs = vec![[0u8; 8]; N];
         for (i, ((a, _), buf)) in pairs.iter().zip(bufs.iter_mut()).enumerate() {
             let e = opcode::Recv::new(types::Fd(a.as_raw_fd()), buf.as_mut_ptr(), 8).build();

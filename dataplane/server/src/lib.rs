@@ -17,8 +17,8 @@ use cnse_backend::BackendFactory;
 mod auth;
 mod conn;
 mod http;
-pub mod metrics;
 mod listen;
+pub mod metrics;
 pub mod session;
 pub mod sim;
 pub mod stages;
@@ -233,11 +233,17 @@ impl Server {
             error,
         })?;
         let mut http_listeners = match config.http_listen {
-            Some(a) => listen::bind_reuseport(a, config.threads)?.into_iter().map(Some).collect(),
+            Some(a) => listen::bind_reuseport(a, config.threads)?
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
         };
         let mut metrics_listeners = match config.metrics_listen {
-            Some(a) => listen::bind_reuseport(a, config.threads)?.into_iter().map(Some).collect(),
+            Some(a) => listen::bind_reuseport(a, config.threads)?
+                .into_iter()
+                .map(Some)
+                .collect(),
             None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
         };
         let metrics_addr = match metrics_listeners.first() {

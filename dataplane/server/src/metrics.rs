@@ -10,8 +10,8 @@ use crate::session::Counters;
 
 /// Upper bounds of the latency buckets, in µs (`le`, then +Inf).
 const BOUNDS_US: [u64; 16] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 10_000_000,
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    10_000_000,
 ];
 
 /// A fixed-bucket latency histogram (Prometheus's shape): recording is a
@@ -127,30 +127,88 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         r.add(w);
     }
     let gauges: [(&str, &str, &str, u64); 2] = [
-        ("cnse_connections_open", "gauge", "Connections open (both protocols).", sum(|c| c.conns_open)),
-        ("cnse_admission_queue_depth", "gauge", "Requests waiting for backend capacity.", r.queued),
+        (
+            "cnse_connections_open",
+            "gauge",
+            "Connections open (both protocols).",
+            sum(|c| c.conns_open),
+        ),
+        (
+            "cnse_admission_queue_depth",
+            "gauge",
+            "Requests waiting for backend capacity.",
+            r.queued,
+        ),
     ];
     let counters: [(&str, &str, &str, u64); 6] = [
-        ("cnse_connections_accepted_total", "counter", "Connections accepted.", sum(|c| c.accepted)),
-        ("cnse_tokens_sent_total", "counter", "Tokens sent to clients.", sum(|c| c.tokens_sent)),
-        ("cnse_tokens_produced_total", "counter", "Tokens produced by the backends.", sum(|c| c.tokens_produced)),
-        ("cnse_protocol_violations_total", "counter", "Protocol violations answered.", sum(|c| c.violations)),
-        ("cnse_frames_in_total", "counter", "Frames and HTTP requests received.", sum(|c| c.frames_in)),
-        ("cnse_frames_out_total", "counter", "Frames and HTTP responses sent.", sum(|c| c.frames_out)),
+        (
+            "cnse_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+            sum(|c| c.accepted),
+        ),
+        (
+            "cnse_tokens_sent_total",
+            "counter",
+            "Tokens sent to clients.",
+            sum(|c| c.tokens_sent),
+        ),
+        (
+            "cnse_tokens_produced_total",
+            "counter",
+            "Tokens produced by the backends.",
+            sum(|c| c.tokens_produced),
+        ),
+        (
+            "cnse_protocol_violations_total",
+            "counter",
+            "Protocol violations answered.",
+            sum(|c| c.violations),
+        ),
+        (
+            "cnse_frames_in_total",
+            "counter",
+            "Frames and HTTP requests received.",
+            sum(|c| c.frames_in),
+        ),
+        (
+            "cnse_frames_out_total",
+            "counter",
+            "Frames and HTTP responses sent.",
+            sum(|c| c.frames_out),
+        ),
     ];
     for (name, kind, help, value) in gauges.into_iter().chain(counters) {
         family(out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
-    family(out, "cnse_backend_servers", "gauge", "Model servers behind the backend, by health.");
+    family(
+        out,
+        "cnse_backend_servers",
+        "gauge",
+        "Model servers behind the backend, by health.",
+    );
     let _ = writeln!(out, "cnse_backend_servers{{state=\"up\"}} {}", r.servers_up);
-    let _ = writeln!(out, "cnse_backend_servers{{state=\"down\"}} {}", r.servers - r.servers_up.min(r.servers));
+    let _ = writeln!(
+        out,
+        "cnse_backend_servers{{state=\"down\"}} {}",
+        r.servers - r.servers_up.min(r.servers)
+    );
     family(out, "cnse_streams", "gauge", "Streams open, by state.");
     let open = sum(|c| c.streams_open);
     let _ = writeln!(out, "cnse_streams{{state=\"queued\"}} {}", r.queued);
     let _ = writeln!(out, "cnse_streams{{state=\"running\"}} {}", r.running);
-    let _ = writeln!(out, "cnse_streams{{state=\"sending\"}} {}", open.saturating_sub(r.queued + r.running));
-    family(out, "cnse_requests_total", "counter", "Requests by protocol and outcome.");
+    let _ = writeln!(
+        out,
+        "cnse_streams{{state=\"sending\"}} {}",
+        open.saturating_sub(r.queued + r.running)
+    );
+    family(
+        out,
+        "cnse_requests_total",
+        "counter",
+        "Requests by protocol and outcome.",
+    );
     for (p, proto) in PROTOCOLS.iter().enumerate() {
         for (o, outcome) in OUTCOMES.iter().enumerate() {
             let _ = writeln!(
@@ -160,7 +218,12 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
             );
         }
     }
-    family(out, "cnse_errors_total", "counter", "Errors answered, by code (protocol code = HTTP status).");
+    family(
+        out,
+        "cnse_errors_total",
+        "counter",
+        "Errors answered, by code (protocol code = HTTP status).",
+    );
     for (i, n) in r.errors.iter().enumerate() {
         match CODES.get(i) {
             Some(c) => {
@@ -171,8 +234,18 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
             }
         }
     }
-    histogram(out, "cnse_ttft_seconds", "Time to first token (request received to first tokens written).", &r.ttft);
-    histogram(out, "cnse_inter_token_seconds", "Gap between a stream's successive token writes.", &r.inter_token);
+    histogram(
+        out,
+        "cnse_ttft_seconds",
+        "Time to first token (request received to first tokens written).",
+        &r.ttft,
+    );
+    histogram(
+        out,
+        "cnse_inter_token_seconds",
+        "Gap between a stream's successive token writes.",
+        &r.inter_token,
+    );
     histogram(out, "cnse_e2e_seconds", "Request received to END written.", &r.e2e);
 }
 

@@ -203,7 +203,12 @@ pub(crate) fn run(
     let result = worker.run();
     if let Some(st) = worker.session.stage_times() {
         let st = std::mem::take(st);
-        worker.shared.stage_times.lock().unwrap_or_else(|e| e.into_inner()).push(st);
+        worker
+            .shared
+            .stage_times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(st);
     }
     if !worker.teardown() {
         // The kernel still holds ops that point into the worker's buffers:
@@ -310,7 +315,9 @@ impl Worker {
             if now >= self.next_metrics {
                 self.next_metrics = now + SWEEP_INTERVAL;
                 let m = self.session.request_metrics();
-                *self.shared.request_metrics[self.index].lock().unwrap_or_else(|e| e.into_inner()) = m;
+                *self.shared.request_metrics[self.index]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = m;
             }
         }
     }
@@ -496,13 +503,21 @@ impl Worker {
         let ring = &mut self.session.io.ring;
         let left = ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);
         for c in &self.cqes {
-            if matches!(Op::from_code(c.tag.kind()), Some(Op::Accept | Op::AcceptHttp | Op::AcceptMetrics)) && c.result >= 0 {
+            if matches!(
+                Op::from_code(c.tag.kind()),
+                Some(Op::Accept | Op::AcceptHttp | Op::AcceptMetrics)
+            ) && c.result >= 0
+            {
                 // Accepted after the session closed its doors: nobody owns it.
                 self.session.io.close(c.result);
             }
         }
         if left != 0 {
-            tracing::error!(worker = self.index, ops = left, "ring ops still in flight at exit: their buffers are leaked, not freed");
+            tracing::error!(
+                worker = self.index,
+                ops = left,
+                "ring ops still in flight at exit: their buffers are leaked, not freed"
+            );
             return false;
         }
         self.session.close_all();

@@ -74,13 +74,12 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
     for _ in 0..conns_n {
         let addr = cfg.addr;
         let sock = if http {
-            let s = std::net::TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|source| {
-                ClientError::Io {
+            let s =
+                std::net::TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|source| ClientError::Io {
                     op: "connect",
                     addr,
                     source,
-                }
-            })?;
+                })?;
             let _ = s.set_nodelay(true);
             s
         } else {

@@ -55,7 +55,14 @@ impl HttpRx {
     }
 
     /// Feeds received bytes; `Err` when the connection cannot go on.
-    pub(super) fn feed(&mut self, mut input: &[u8], st: &mut Streams, c: usize, now: u64, ctx: &mut Ctx) -> Result<(), ()> {
+    pub(super) fn feed(
+        &mut self,
+        mut input: &[u8],
+        st: &mut Streams,
+        c: usize,
+        now: u64,
+        ctx: &mut Ctx,
+    ) -> Result<(), ()> {
         while !input.is_empty() {
             match self.rx {
                 Rx::Head | Rx::Size | Rx::Trailer => {
@@ -74,12 +81,20 @@ impl HttpRx {
                     let take = left.min(input.len());
                     self.event_bytes(&input[..take], st, now, ctx)?;
                     input = &input[take..];
-                    self.rx = if take == left { Rx::DataEnd(2) } else { Rx::Data(left - take) };
+                    self.rx = if take == left {
+                        Rx::DataEnd(2)
+                    } else {
+                        Rx::Data(left - take)
+                    };
                 }
                 Rx::DataEnd(n) => {
                     let take = usize::from(n).min(input.len());
                     input = &input[take..];
-                    self.rx = if take == usize::from(n) { Rx::Size } else { Rx::DataEnd(n - take as u8) };
+                    self.rx = if take == usize::from(n) {
+                        Rx::Size
+                    } else {
+                        Rx::DataEnd(n - take as u8)
+                    };
                 }
             }
         }
@@ -222,6 +237,9 @@ mod tests {
         assert!(head.starts_with("POST /v1/completions HTTP/1.1\r\n"));
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!((v["prompt"].as_str(), v["max_tokens"].as_u64(), v["stream"].as_bool()), (Some("a \"b\"\n"), Some(8), Some(true)));
+        assert_eq!(
+            (v["prompt"].as_str(), v["max_tokens"].as_u64(), v["stream"].as_bool()),
+            (Some("a \"b\"\n"), Some(8), Some(true))
+        );
     }
 }

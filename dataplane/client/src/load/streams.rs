@@ -193,7 +193,9 @@ pub(super) fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool,
     if ok {
         if slot.recorded {
             ctx.stats.e2e.record_us(now.saturating_sub(slot.intended_ns) / 1000);
-            ctx.stats.send_delay.record_us(slot.sent_ns.saturating_sub(slot.intended_ns) / 1000);
+            ctx.stats
+                .send_delay
+                .record_us(slot.sent_ns.saturating_sub(slot.intended_ns) / 1000);
             ctx.stats.rtt.record_us(now.saturating_sub(slot.sent_ns) / 1000);
             ctx.stats.last_done_ns = now;
         }

@@ -247,7 +247,8 @@ impl<T: Transport> Session<T> {
     /// flight (it would be answered on the spot).
     fn http_request(&mut self, slot: u32, head: &parse::Head, raw: &[u8], body: &[u8]) -> bool {
         let pipelined = self.tables.conns[slot as usize].http.active > 0;
-        let generation = matches!(head.route, Route::Completions | Route::ChatCompletions) && head.method == Method::Post;
+        let generation =
+            matches!(head.route, Route::Completions | Route::ChatCompletions) && head.method == Method::Post;
         if pipelined && !generation {
             return false;
         }
@@ -390,7 +391,13 @@ impl<T: Transport> Session<T> {
     /// A complete response with a body.
     fn http_respond(&mut self, slot: u32, status: u16, content_type: &str, body: &[u8]) {
         let c = &mut self.tables.conns[slot as usize];
-        respond::head(&mut c.out_fill, status, content_type, Some(body.len()), !c.http.close_after);
+        respond::head(
+            &mut c.out_fill,
+            status,
+            content_type,
+            Some(body.len()),
+            !c.http.close_after,
+        );
         c.out_fill.extend_from_slice(body);
         self.tables.n.frames_out += 1;
         self.tables.mark_dirty(slot);

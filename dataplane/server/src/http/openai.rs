@@ -337,7 +337,10 @@ pub fn models(out: &mut Vec<u8>, model: &str, store_names: &[String], created: u
         }
         out.extend_from_slice(b"{\"id\":");
         json_str(out, id.as_bytes());
-        let _ = write!(out, ",\"object\":\"model\",\"created\":{created},\"owned_by\":\"{owner}\"}}");
+        let _ = write!(
+            out,
+            ",\"object\":\"model\",\"created\":{created},\"owned_by\":\"{owner}\"}}"
+        );
     }
     out.extend_from_slice(b"]}");
 }
@@ -367,8 +370,17 @@ mod tests {
     #[test]
     fn bodies_parse_and_bad_ones_say_why() {
         let mut p = String::new();
-        let r = parse(br#"{"prompt":"hi","max_tokens":5,"stream":true,"stop":["x","y"],"seed":7}"#, false, 100, &mut p).unwrap();
-        assert_eq!((p.as_str(), r.params.max_tokens, r.stream, r.stops.len(), r.params.seed), ("hi", 5, true, 2, 7));
+        let r = parse(
+            br#"{"prompt":"hi","max_tokens":5,"stream":true,"stop":["x","y"],"seed":7}"#,
+            false,
+            100,
+            &mut p,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.as_str(), r.params.max_tokens, r.stream, r.stops.len(), r.params.seed),
+            ("hi", 5, true, 2, 7)
+        );
         let r = parse(br#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream_options":{"include_usage":true}}"#, true, 100, &mut p).unwrap();
         assert_eq!(p, "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n");
         assert!(r.include_usage && !r.stream);
@@ -384,23 +396,50 @@ mod tests {
             (br#"{"messages":[{"role":"wizard","content":"x"}]}"#, true),
             (br#"not json"#, false),
         ] {
-            assert!(parse(body, chat, 100, &mut p).is_err(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                parse(body, chat, 100, &mut p).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
     #[test]
     fn written_objects_are_json() {
-        let i = Ident { kind: Kind::Chat, id: 3, created: 1, model: "m" };
-        for (first, text, fin) in [(true, &b""[..], None), (false, b"hi", None), (false, b"", Some("length"))] {
+        let i = Ident {
+            kind: Kind::Chat,
+            id: 3,
+            created: 1,
+            model: "m",
+        };
+        for (first, text, fin) in [
+            (true, &b""[..], None),
+            (false, b"hi", None),
+            (false, b"", Some("length")),
+        ] {
             let mut o = Vec::new();
             chunk(&mut o, &i, text, first, fin);
-            let v: serde_json::Value = serde_json::from_slice(&o).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o)));
+            let v: serde_json::Value =
+                serde_json::from_slice(&o).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o)));
             assert_eq!(v["object"], "chat.completion.chunk");
         }
         let mut o = Vec::new();
-        full(&mut o, &Ident { kind: Kind::Completion, ..i }, b"t", "stop", 2, 3);
+        full(
+            &mut o,
+            &Ident {
+                kind: Kind::Completion,
+                ..i
+            },
+            b"t",
+            "stop",
+            2,
+            3,
+        );
         let v: serde_json::Value = serde_json::from_slice(&o).unwrap();
-        assert_eq!((v["choices"][0]["text"].as_str(), v["usage"]["total_tokens"].as_u64()), (Some("t"), Some(5)));
+        assert_eq!(
+            (v["choices"][0]["text"].as_str(), v["usage"]["total_tokens"].as_u64()),
+            (Some("t"), Some(5))
+        );
         let mut o = Vec::new();
         error_body(&mut o, 429, "busy");
         let v: serde_json::Value = serde_json::from_slice(&o).unwrap();
@@ -411,6 +450,9 @@ mod tests {
         let mut o = Vec::new();
         models(&mut o, "m", &["a:v1".to_string(), "b:v2".to_string()], 5);
         let v: serde_json::Value = serde_json::from_slice(&o).unwrap();
-        assert_eq!((v["data"][0]["id"].as_str(), v["data"][2]["id"].as_str()), (Some("m"), Some("b:v2")));
+        assert_eq!(
+            (v["data"][0]["id"].as_str(), v["data"][2]["id"].as_str()),
+            (Some("m"), Some("b:v2"))
+        );
     }
 }

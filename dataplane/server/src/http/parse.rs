@@ -240,13 +240,19 @@ mod tests {
 
     #[test]
     fn a_head_parses_once_complete() {
-        let req = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAuthorization: Bearer k3y\r\n\r\n{}";
+        let req =
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nAuthorization: Bearer k3y\r\n\r\n{}";
         for cut in 0..req.len() - 2 {
             assert_eq!(head(&req[..cut]).unwrap(), None, "cut at {cut}");
         }
         let h = head(req).unwrap().unwrap();
-        assert_eq!((h.method, h.route, h.body, h.keep_alive), (Method::Post, Route::Completions, BodyKind::Length(2), true));
-        let Auth::Bearer { at, len } = h.auth else { panic!("{:?}", h.auth) };
+        assert_eq!(
+            (h.method, h.route, h.body, h.keep_alive),
+            (Method::Post, Route::Completions, BodyKind::Length(2), true)
+        );
+        let Auth::Bearer { at, len } = h.auth else {
+            panic!("{:?}", h.auth)
+        };
         assert_eq!(&req[at..at + len], b"k3y");
         let mut out = Vec::new();
         assert_eq!(body(req, &h, 100, &mut out).unwrap(), Some(req.len()));
@@ -272,18 +278,35 @@ mod tests {
     fn bad_requests_name_their_status() {
         let status = |r: &[u8]| head(r).unwrap_err().status;
         assert_eq!(status(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), 400);
-        assert_eq!(status(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
         assert_eq!(status(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"), 501);
         assert_eq!(status(b"GARBAGE\x01\r\n\r\n"), 400);
         let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; HEAD_BYTES_MAX]].concat();
         assert_eq!(status(&big), 431);
-        let h = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").unwrap().unwrap();
-        assert_eq!(body(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", &h, 10, &mut Vec::new()).unwrap_err().status, 400);
+        let h = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            body(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                &h,
+                10,
+                &mut Vec::new()
+            )
+            .unwrap_err()
+            .status,
+            400
+        );
     }
 
     #[test]
     fn connection_close_and_http10() {
-        let h = head(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let h = head(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
         assert_eq!(h.route, Route::Health);
         let h = head(b"GET /v1/models?x=1 HTTP/1.0\r\n\r\n").unwrap().unwrap();

@@ -33,7 +33,11 @@ fn reason(status: u16) -> &'static str {
 
 /// Status line and headers; `len` None means chunked (a stream).
 pub fn head(out: &mut Vec<u8>, status: u16, content_type: &str, len: Option<usize>, keep_alive: bool) {
-    let _ = write!(out, "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n", reason(status));
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n",
+        reason(status)
+    );
     match len {
         Some(n) => {
             let _ = write!(out, "Content-Length: {n}\r\n");
@@ -113,7 +117,11 @@ impl<T: Transport> Session<T> {
             let t = &mut self.tables;
             let (s, c) = (&mut t.streams[sslot as usize], &t.conns[slot as usize]);
             let room = soft.saturating_sub(c.out_fill.len());
-            if s.phase != Phase::Failed && s.queue.tokens() > 0 && (room > 0 || c.out_fill.is_empty()) && !s.http.stopped {
+            if s.phase != Phase::Failed
+                && s.queue.tokens() > 0
+                && (room > 0 || c.out_fill.is_empty())
+                && !s.http.stopped
+            {
                 let seen = s.http.text.len();
                 let (n, text) = s.queue.take(u64::MAX, room.max(1));
                 s.http.text.extend_from_slice(text);
@@ -124,7 +132,10 @@ impl<T: Transport> Session<T> {
                         s.first_token = Some(now);
                         t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
                     }
-                    Some(_) => t.metrics.inter_token.record_us(cnse_backend::micros(now - s.last_progress)),
+                    Some(_) => t
+                        .metrics
+                        .inter_token
+                        .record_us(cnse_backend::micros(now - s.last_progress)),
                 }
                 s.last_progress = now;
                 if let Some(at) = find_stop(&s.http.text, seen, &s.http.stops) {
@@ -191,7 +202,9 @@ impl<T: Transport> Session<T> {
         };
         if n > 0 || (!h.first_sent && h.kind == openai::Kind::Chat) {
             let first = !h.first_sent;
-            event(&mut c.out_fill, &mut t.http_scratch, |o| openai::chunk(o, &i, &h.text[..n], first, None));
+            event(&mut c.out_fill, &mut t.http_scratch, |o| {
+                openai::chunk(o, &i, &h.text[..n], first, None)
+            });
             h.first_sent = true;
             h.text.drain(..n);
         }
@@ -218,9 +231,13 @@ impl<T: Transport> Session<T> {
             let scratch = &mut t.http_scratch;
             // The rest of the text goes with the finish reason: one event.
             let first = !h.first_sent;
-            event(&mut c.out_fill, scratch, |o| openai::chunk(o, &i, &h.text, first, Some(finish)));
+            event(&mut c.out_fill, scratch, |o| {
+                openai::chunk(o, &i, &h.text, first, Some(finish))
+            });
             if h.include_usage {
-                event(&mut c.out_fill, scratch, |o| openai::usage_chunk(o, &i, h.prompt_tokens, s.sent));
+                event(&mut c.out_fill, scratch, |o| {
+                    openai::usage_chunk(o, &i, h.prompt_tokens, s.sent)
+                });
             }
             event(&mut c.out_fill, scratch, |o| o.extend_from_slice(b"[DONE]"));
             c.out_fill.extend_from_slice(b"0\r\n\r\n");
@@ -242,7 +259,9 @@ impl<T: Transport> Session<T> {
         let status = super::status_of(s.error_code);
         let scratch = &mut t.http_scratch;
         if s.http.sse {
-            event(&mut c.out_fill, scratch, |o| openai::error_body(o, status, &s.error_message));
+            event(&mut c.out_fill, scratch, |o| {
+                openai::error_body(o, status, &s.error_message)
+            });
             event(&mut c.out_fill, scratch, |o| o.extend_from_slice(b"[DONE]"));
             c.out_fill.extend_from_slice(b"0\r\n\r\n");
         } else {

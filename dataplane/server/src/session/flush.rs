@@ -109,7 +109,10 @@ impl<T: Transport> Session<T> {
                         s.first_token = Some(now);
                         t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
                     }
-                    Some(_) => t.metrics.inter_token.record_us(cnse_backend::micros(now - s.last_progress)),
+                    Some(_) => t
+                        .metrics
+                        .inter_token
+                        .record_us(cnse_backend::micros(now - s.last_progress)),
                 }
                 s.last_progress = now;
                 t.n.tokens_sent += u64::from(n);

@@ -36,8 +36,8 @@ mod frames;
 mod schedule;
 mod tables;
 
-pub use tables::Counters;
 pub(crate) use frames::Admitted;
+pub use tables::Counters;
 pub(crate) use tables::{work_id, Queued, Tables};
 
 /// How often timeouts are checked.

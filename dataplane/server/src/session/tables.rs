@@ -84,9 +84,7 @@ impl Tables {
             .map(|_| Stream::new(now, 0, 0))
             .collect();
         let stream_free = (0..cfg.streams_per_thread_max as u32).rev().collect();
-        let stages = cfg
-            .stage_timing
-            .then(|| Box::new(StageTimes::new(worker, conns_max)));
+        let stages = cfg.stage_timing.then(|| Box::new(StageTimes::new(worker, conns_max)));
         Tables {
             stages,
             http_scratch: Vec::new(),
