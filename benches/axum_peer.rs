@@ -21,7 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::response::sse::{Event, Sse};
 use axum::routing::post;
 use axum::{Json, Router};
-use cnse_backend::synthetic::{prompt_hash, HashPicker, PickRow, Picker, Vocab};
+use cnse_backend::synthetic::expected_text;
 use futures_util::stream::{self, Stream};
 use serde::Deserialize;
 
@@ -46,31 +46,8 @@ fn chunk(id: u64, created: u64, text: &str, finish: Option<&str>) -> String {
     )
 }
 
-/// The synthetic backend's text for (prompt, seed), as `expected_text`
-/// makes it, with the vocabulary built once (not per request).
-fn synthetic_text(prompt: &str, seed: u64, max_tokens: u32) -> String {
-    static VOCAB: std::sync::OnceLock<Vocab> = std::sync::OnceLock::new();
-    let vocab = VOCAB.get_or_init(Vocab::new);
-    let mut out = Vec::new();
-    let mut id = [0u32];
-    for position in 0..u64::from(max_tokens) {
-        let row = PickRow {
-            seed: prompt_hash(prompt) ^ seed,
-            position,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        HashPicker
-            .pick(std::slice::from_ref(&row), &mut id)
-            .expect("the hash picker cannot fail");
-        out.extend_from_slice(vocab.word(id[0]));
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 async fn completions(Json(req): Json<Completion>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let text = synthetic_text(&req.prompt, req.seed, req.max_tokens);
+    let text = String::from_utf8_lossy(&expected_text(&req.prompt, req.seed, req.max_tokens)).into_owned();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let id = req.seed;
     let events = vec![

@@ -18,49 +18,13 @@ use cnse_proto::code;
 
 use crate::{Backend, BackendFactory, BackendStats, Delivery, FinishReason, Io, Job, Reject, Sink, WorkId};
 
+mod text;
+
+pub use text::{expected_text, prompt_hash, splitmix64, HashPicker, PickRow, Picker, PickerFactory, Vocab};
+
 /// Tokens produced for one stream in one poll at most, so a zero-delay
 /// stream of 65,536 tokens does not starve the others of a turn.
 const TOKENS_PER_POLL_MAX: u32 = 256;
-
-/// One token to choose: the stream's seed (mixed with its prompt), the
-/// token's position and the sampling parameters of the request.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PickRow {
-    pub seed: u64,
-    pub position: u64,
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-}
-
-/// Chooses token ids for a batch of rows (one picker per core).
-pub trait Picker {
-    fn name(&self) -> &str;
-    /// Fills `out[i]` with the token id for `rows[i]`; ids are taken modulo
-    /// the vocabulary.
-    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String>;
-}
-
-/// Builds one picker per core (on that core's thread).
-pub trait PickerFactory: Send + Sync {
-    fn build(&self, core: usize) -> Result<Box<dyn Picker>, String>;
-}
-
-/// The default picker: a counter-based hash, no sampling.
-pub struct HashPicker;
-
-impl Picker for HashPicker {
-    fn name(&self) -> &str {
-        "cpu-hash"
-    }
-
-    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
-        for (r, o) in rows.iter().zip(out.iter_mut()) {
-            *o = (splitmix64(r.seed ^ r.position.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32) as u32;
-        }
-        Ok(())
-    }
-}
 
 struct HashPickerFactory;
 
@@ -122,94 +86,6 @@ impl BackendFactory for SyntheticFactory {
         let picker = self.cfg.picker.build(core)?;
         Ok(Box::new(Synthetic::new(self.cfg.clone(), self.vocab.clone(), picker)))
     }
-}
-
-/// The word list tokens are drawn from: built from syllables so the text
-/// reads like words, plus a few multi-byte UTF-8 words.
-pub struct Vocab {
-    text: Vec<u8>,
-    spans: Vec<(u32, u32)>,
-}
-
-impl Vocab {
-    pub const SIZE: usize = 4096;
-
-    pub fn new() -> Self {
-        const ONSETS: [&str; 16] = [
-            "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st",
-        ];
-        const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ea"];
-        const CODAS: [&str; 8] = ["", "n", "r", "s", "t", "l", "nd", "ck"];
-        const SPECIAL: [&str; 8] = [" café", " naïve", " über", " 日本", " ünïcode", ",", ".", " —"];
-        let mut text = Vec::new();
-        let mut spans = Vec::with_capacity(Self::SIZE);
-        for i in 0..Self::SIZE {
-            let start = text.len() as u32;
-            if i % 512 < SPECIAL.len() {
-                text.extend_from_slice(SPECIAL[i % 512].as_bytes());
-            } else {
-                let mut h = splitmix64(i as u64);
-                text.push(b' ');
-                for _ in 0..1 + (h % 3) {
-                    h = splitmix64(h);
-                    text.extend_from_slice(ONSETS[(h % 16) as usize].as_bytes());
-                    text.extend_from_slice(VOWELS[((h >> 8) % 8) as usize].as_bytes());
-                    text.extend_from_slice(CODAS[((h >> 16) % 8) as usize].as_bytes());
-                }
-            }
-            spans.push((start, text.len() as u32));
-        }
-        Self { text, spans }
-    }
-
-    pub fn word(&self, id: u32) -> &[u8] {
-        let (a, b) = self.spans[id as usize % self.spans.len()];
-        &self.text[a as usize..b as usize]
-    }
-}
-
-impl Default for Vocab {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// FNV-1a, 64 bits: a stable hash of the prompt (the same text gives the
-/// same tokens across runs and machines).
-pub fn prompt_hash(prompt: &str) -> u64 {
-    prompt.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The text the synthetic backend produces for (prompt, seed) with the
-/// default picker: what a client must receive, token by token.
-pub fn expected_text(prompt: &str, seed: u64, max_tokens: u32) -> Vec<u8> {
-    let vocab = Vocab::new();
-    let mut picker = HashPicker;
-    let mut out = Vec::new();
-    let mut id = [0u32];
-    for position in 0..u64::from(max_tokens) {
-        let row = PickRow {
-            seed: prompt_hash(prompt) ^ seed,
-            position,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        picker
-            .pick(std::slice::from_ref(&row), &mut id)
-            .expect("the hash picker cannot fail");
-        out.extend_from_slice(vocab.word(id[0]));
-    }
-    out
 }
 
 struct Work {
