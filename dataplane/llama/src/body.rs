@@ -19,10 +19,9 @@
 use cnse_proto::Params;
 use serde::Serialize;
 
+/// The sampling fields both request bodies carry.
 #[derive(Serialize)]
-struct Completion<'a> {
-    prompt: &'a str,
-    n_predict: u32,
+struct Sampling {
     temperature: f32,
     top_p: f32,
     top_k: i32,
@@ -30,6 +29,28 @@ struct Completion<'a> {
     seed: u32,
     stream: bool,
     cache_prompt: bool,
+}
+
+impl Sampling {
+    fn of(params: &Params, cache_prompt: bool) -> Sampling {
+        Sampling {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: i32::try_from(params.top_k).unwrap_or(i32::MAX),
+            min_p: 0.0,
+            seed: seed_u32(params.seed),
+            stream: true,
+            cache_prompt,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    prompt: &'a str,
+    n_predict: u32,
+    #[serde(flatten)]
+    sampling: Sampling,
     response_fields: [&'static str; 7],
 }
 
@@ -65,13 +86,7 @@ pub fn write_completion_body(out: &mut Vec<u8>, params: &Params, prompt: &str, c
     let body = Completion {
         prompt,
         n_predict: params.max_tokens,
-        temperature: params.temperature,
-        top_p: params.top_p,
-        top_k: i32::try_from(params.top_k).unwrap_or(i32::MAX),
-        min_p: 0.0,
-        seed: seed_u32(params.seed),
-        stream: true,
-        cache_prompt,
+        sampling: Sampling::of(params, cache_prompt),
         response_fields: RESPONSE_FIELDS,
     };
     serde_json::to_writer(out, &body).expect("serializing a plain struct into a Vec cannot fail");
@@ -80,13 +95,8 @@ pub fn write_completion_body(out: &mut Vec<u8>, params: &Params, prompt: &str, c
 #[derive(Serialize)]
 struct ChatRest {
     max_tokens: u32,
-    temperature: f32,
-    top_p: f32,
-    top_k: i32,
-    min_p: f32,
-    seed: u32,
-    stream: bool,
-    cache_prompt: bool,
+    #[serde(flatten)]
+    sampling: Sampling,
 }
 
 /// Writes the streaming body of `POST /v1/chat/completions` (llama-server
@@ -99,13 +109,7 @@ pub fn write_chat_body(out: &mut Vec<u8>, params: &Params, messages_json: &str, 
     out.push(b',');
     let rest = ChatRest {
         max_tokens: params.max_tokens,
-        temperature: params.temperature,
-        top_p: params.top_p,
-        top_k: i32::try_from(params.top_k).unwrap_or(i32::MAX),
-        min_p: 0.0,
-        seed: seed_u32(params.seed),
-        stream: true,
-        cache_prompt,
+        sampling: Sampling::of(params, cache_prompt),
     };
     let at = out.len();
     serde_json::to_writer(&mut *out, &rest).expect("serializing a plain struct into a Vec cannot fail");
