@@ -9,6 +9,7 @@
 #   bash scripts/http-bench.sh [ROUNDS] [SECS]
 set -u
 cd "$(dirname "$0")/.."
+. scripts/wait-ready.sh
 rounds=${1:-2} secs=${2:-3}
 server_cpu=${SERVER_CPU:-0} load_cpus=${LOAD_CPUS:-1} load_threads=${LOAD_THREADS:-1}
 conns=${CONNECTIONS:-64} inflight=${INFLIGHT:-4}
@@ -20,9 +21,10 @@ port=$(( 20000 + RANDOM % 20000 ))
 taskset -c "$server_cpu" "$B" serve --listen 127.0.0.1:$port --http-listen 127.0.0.1:$((port + 1)) --threads 1 \
   --synthetic-ttft-us 0 --synthetic-token-interval-us 0 >"$log" 2>&1 &
 SP=$!
-taskset -c "$server_cpu" "$A" --listen 127.0.0.1:$((port + 2)) >/dev/null 2>&1 &
+taskset -c "$server_cpu" "$A" --listen 127.0.0.1:$((port + 2)) >"$log.peer" 2>&1 &
 AP=$!
-sleep 0.5
+wait_ready "$log" '^http listening on'
+wait_ready "$log.peer" '^listening on' 
 run() { # name mode port pid
   out=$(taskset -c "$load_cpus" "$B" bench --addr 127.0.0.1:"$3" --mode "$2" --connections "$conns" --inflight "$inflight" \
     --max-tokens 16 --threads "$load_threads" --duration-secs "$secs" --warmup-secs 0.5 --server-pid "$4" 2>&1)
@@ -39,4 +41,4 @@ for r in $(seq "$rounds"); do
   run "axum peer" http $((port + 2)) $AP
 done
 kill -INT $SP; kill $AP; wait 2>/dev/null
-rm -f "$log"
+rm -f "$log" "$log.peer"

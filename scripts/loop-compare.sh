@@ -5,12 +5,16 @@
 # thread) on core 1; prints requests/s and requests per server CPU-second.
 #   bash scripts/loop-compare.sh OLD_BIN NEW_BIN [ROUNDS]
 set -u
-old=$1 new=$2 rounds=${3:-3}
+old=$(realpath "$1") new=$(realpath "$2") rounds=${3:-3}
+cd "$(dirname "$0")/.."
+. scripts/wait-ready.sh
+slog="${TMPDIR:-/tmp}/loop-compare-server.log"
 for r in $(seq $rounds); do
  for b in old new; do
   bin=$([ $b = old ] && echo $old || echo $new)
-  taskset -c 0 $bin serve --listen 127.0.0.1:7801 --threads 1 --synthetic-ttft-us 0 --synthetic-token-interval-us 0 > "${TMPDIR:-/tmp}/loop-compare-server.log" 2>&1 &
-  SP=$!; sleep 0.4
+  taskset -c 0 $bin serve --listen 127.0.0.1:7801 --threads 1 --synthetic-ttft-us 0 --synthetic-token-interval-us 0 > "$slog" 2>&1 &
+  SP=$!
+  wait_ready "$slog" '^listening on' 
   for m in "ping 256 1" "ping 256 16" "generate 256 4"; do
     set -- $m
     out=$(taskset -c 1 $new bench --addr 127.0.0.1:7801 --threads 1 --duration-secs 3 --warmup-secs 0.5 --mode $1 --connections $2 --inflight $3 --max-tokens 16 --server-pid $SP 2>&1)
