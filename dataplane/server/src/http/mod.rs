@@ -124,12 +124,6 @@ fn inbuf_max(payload_bytes_max: u32) -> usize {
     parse::HEAD_BYTES_MAX + payload_bytes_max as usize + 64 * 1024
 }
 
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The HTTP status that answers a protocol error code.
 pub(crate) fn status_of(code_: u32) -> u16 {
     match code_ {
@@ -367,6 +361,7 @@ impl<T: Transport> Session<T> {
             .last()
             .expect("schedule added the stream")
             .1;
+        let created = self.unix_now();
         let s = &mut self.tables.streams[sslot as usize];
         let h = &mut s.http;
         h.kind = kind;
@@ -378,7 +373,7 @@ impl<T: Transport> Session<T> {
         h.stopped = false;
         h.prompt_tokens = prompt_tokens;
         h.id = id;
-        h.created = unix_secs();
+        h.created = created;
         h.head_sent = false;
         let c = &mut self.tables.conns[slot as usize];
         h.seq = c.http.next_seq;

@@ -56,8 +56,10 @@ pub struct Session<T: Transport> {
     pub(crate) auth: Option<AuthKey>,
     next_sweep: Instant,
     pub(crate) shutting_down: Option<Instant>,
-    /// When the session started (Unix seconds: the HTTP model list).
+    /// When the session started, as Unix seconds and on the loop's clock
+    /// (`unix_now` needs no system call per request).
     pub(crate) started_unix: u64,
+    started_at: Instant,
     /// Renders the Prometheus metrics of the whole process (set by the I/O
     /// layer, which sees every worker); without it, this session's own.
     pub(crate) metrics: Option<MetricsRender>,
@@ -108,6 +110,7 @@ impl<T: Transport> Session<T> {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            started_at: now,
             metrics: None,
             log_window: now,
             log_count: 0,
@@ -122,6 +125,11 @@ impl<T: Transport> Session<T> {
 
     pub fn counters(&self) -> Counters {
         self.tables.n
+    }
+
+    /// Unix seconds now, from the turn's clock.
+    pub(crate) fn unix_now(&self) -> u64 {
+        self.started_unix + self.tables.now.saturating_duration_since(self.started_at).as_secs()
     }
 
     /// Logs a refused request or a protocol violation, rate-limited: a
