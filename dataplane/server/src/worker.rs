@@ -24,7 +24,7 @@ use crate::{Config, Shared, WorkerCounters};
 cnse_ring::op_kinds! {
     /// The worker's ring ops. Connection ops carry a slot tag (connection
     /// slot and generation); backend ops a wide tag (the backend's own).
-    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6, AcceptHttp = 7, AcceptMetrics = 8 }
+    enum Op { Accept = 1, Recv = 2, Send = 3, Wake = 4, Backend = 5, Cancel = 6 }
 }
 
 const BGID: u16 = 0;
@@ -130,12 +130,8 @@ impl Transport for RingIo {
 struct Worker {
     session: Session<RingIo>,
     bufs: BufRing,
-    listener: Option<OwnedFd>,
-    accept_armed: bool,
-    http_listener: Option<OwnedFd>,
-    http_accept_armed: bool,
-    metrics_listener: Option<OwnedFd>,
-    metrics_accept_armed: bool,
+    /// By [`Front`]: each listener and whether its multishot accept is live.
+    listeners: [Listener; 3],
     next_accept_retry: Instant,
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
@@ -146,6 +142,21 @@ struct Worker {
     poll_until: Instant,
     /// When the request metrics are next copied for `/metrics`.
     next_metrics: Instant,
+}
+
+/// What a listener serves. Its index is the slot of its accept's tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    Binary = 0,
+    Http = 1,
+    Metrics = 2,
+}
+
+const FRONTS: [Front; 3] = [Front::Binary, Front::Http, Front::Metrics];
+
+struct Listener {
+    fd: Option<OwnedFd>,
+    armed: bool,
 }
 
 /// A worker's listening sockets.
@@ -242,12 +253,7 @@ impl Worker {
         Ok(Worker {
             session: Session::new(cfg, backend, io, now, conns_max, index),
             bufs,
-            listener: Some(listener.binary),
-            accept_armed: false,
-            http_listener: listener.http,
-            http_accept_armed: false,
-            metrics_listener: listener.metrics,
-            metrics_accept_armed: false,
+            listeners: [Some(listener.binary), listener.http, listener.metrics].map(|fd| Listener { fd, armed: false }),
             next_accept_retry: now,
             wake_fd,
             wake_buf: Box::new(0),
@@ -264,9 +270,9 @@ impl Worker {
     }
 
     fn run(&mut self) -> io::Result<()> {
-        self.arm_accept();
-        self.arm_accept_http();
-        self.arm_accept_metrics();
+        for f in FRONTS {
+            self.arm_accept(f);
+        }
         self.arm_wake();
         let mut turn_start = Instant::now();
         loop {
@@ -293,16 +299,14 @@ impl Worker {
                 self.dispatch(c);
             }
             self.session.end_turn();
-            if !self.accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
-                // EMFILE/ENFILE ended the multishot accept: retry as
+            if !self.session.is_shutting_down() && now >= self.next_accept_retry {
+                // EMFILE/ENFILE ended a multishot accept: retry as
                 // descriptors free up.
-                self.arm_accept();
-            }
-            if !self.http_accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
-                self.arm_accept_http();
-            }
-            if !self.metrics_accept_armed && !self.session.is_shutting_down() && now >= self.next_accept_retry {
-                self.arm_accept_metrics();
+                for f in FRONTS {
+                    if !self.listeners[f as usize].armed {
+                        self.arm_accept(f);
+                    }
+                }
             }
             let done = self.shutdown_step();
             self.bufs.publish();
@@ -354,9 +358,7 @@ impl Worker {
                 }
                 self.session.on_recv_done(slot, gen, c.result.min(1), c.more());
             }
-            Some(Op::Accept) => self.on_accept(c),
-            Some(Op::AcceptHttp) => self.on_accept_http(c),
-            Some(Op::AcceptMetrics) => self.on_accept_metrics(c),
+            Some(Op::Accept) => self.on_accept(FRONTS[slot as usize], c),
             Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
             Some(Op::Wake) => {
                 if !self.shared.shutdown.load(Ordering::SeqCst) {
@@ -369,80 +371,36 @@ impl Worker {
         }
     }
 
-    fn on_accept(&mut self, c: Completion) {
+    fn on_accept(&mut self, front: Front, c: Completion) {
         if !c.more() {
-            self.accept_armed = false;
+            self.listeners[front as usize].armed = false;
         }
         if c.result >= 0 {
             let fd = c.result;
             crate::listen::set_nodelay(fd);
-            self.session.on_accept(fd);
+            match front {
+                Front::Binary => self.session.on_accept(fd),
+                Front::Http => self.session.on_accept_http(fd),
+                Front::Metrics => self.session.on_accept_metrics(fd),
+            };
         }
-        if !self.accept_armed && !self.session.is_shutting_down() {
+        if !self.listeners[front as usize].armed && !self.session.is_shutting_down() {
             if c.result == -libc::EMFILE || c.result == -libc::ENFILE {
                 self.next_accept_retry = self.session.now() + SWEEP_INTERVAL;
             } else {
-                self.arm_accept();
+                self.arm_accept(front);
             }
         }
     }
 
-    fn on_accept_http(&mut self, c: Completion) {
-        if !c.more() {
-            self.http_accept_armed = false;
-        }
-        if c.result >= 0 {
-            crate::listen::set_nodelay(c.result);
-            self.session.on_accept_http(c.result);
-        }
-        if !self.http_accept_armed && !self.session.is_shutting_down() {
-            if c.result == -libc::EMFILE || c.result == -libc::ENFILE {
-                self.next_accept_retry = self.session.now() + SWEEP_INTERVAL;
-            } else {
-                self.arm_accept_http();
-            }
-        }
-    }
-
-    fn on_accept_metrics(&mut self, c: Completion) {
-        if !c.more() {
-            self.metrics_accept_armed = false;
-        }
-        if c.result >= 0 {
-            crate::listen::set_nodelay(c.result);
-            self.session.on_accept_metrics(c.result);
-        }
-        if !self.metrics_accept_armed && !self.session.is_shutting_down() {
-            if c.result == -libc::EMFILE || c.result == -libc::ENFILE {
-                self.next_accept_retry = self.session.now() + SWEEP_INTERVAL;
-            } else {
-                self.arm_accept_metrics();
-            }
-        }
-    }
-
-    fn arm_accept_metrics(&mut self) {
-        let Some(l) = &self.metrics_listener else { return };
+    fn arm_accept(&mut self, front: Front) {
+        let Some(l) = &self.listeners[front as usize].fd else {
+            return;
+        };
         let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
         // SAFETY: the listener stays open until teardown has drained.
-        unsafe { push(self.ring(), e, tag(Op::AcceptMetrics, 0, 0)) };
-        self.metrics_accept_armed = true;
-    }
-
-    fn arm_accept_http(&mut self) {
-        let Some(l) = &self.http_listener else { return };
-        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
-        // SAFETY: the listener stays open until teardown has drained.
-        unsafe { push(self.ring(), e, tag(Op::AcceptHttp, 0, 0)) };
-        self.http_accept_armed = true;
-    }
-
-    fn arm_accept(&mut self) {
-        let Some(l) = &self.listener else { return };
-        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd())).build();
-        // SAFETY: the listener stays open until teardown has drained.
-        unsafe { push(self.ring(), e, tag(Op::Accept, 0, 0)) };
-        self.accept_armed = true;
+        unsafe { push(self.ring(), e, tag(Op::Accept, front as u32, 0)) };
+        self.listeners[front as usize].armed = true;
     }
 
     fn arm_wake(&mut self) {
@@ -458,20 +416,14 @@ impl Worker {
         let requested = self.shared.shutdown.load(Ordering::SeqCst);
         let was = self.session.is_shutting_down();
         let sessions_done = self.session.shutdown_step(requested);
-        if !was && self.session.is_shutting_down() && self.accept_armed {
-            let e = opcode::AsyncCancel::new(tag(Op::Accept, 0, 0).raw()).build();
-            // SAFETY: a cancel points at no memory.
-            unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
-        }
-        if !was && self.session.is_shutting_down() && self.http_accept_armed {
-            let e = opcode::AsyncCancel::new(tag(Op::AcceptHttp, 0, 0).raw()).build();
-            // SAFETY: a cancel points at no memory.
-            unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
-        }
-        if !was && self.session.is_shutting_down() && self.metrics_accept_armed {
-            let e = opcode::AsyncCancel::new(tag(Op::AcceptMetrics, 0, 0).raw()).build();
-            // SAFETY: a cancel points at no memory.
-            unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
+        if !was && self.session.is_shutting_down() {
+            for f in FRONTS {
+                if self.listeners[f as usize].armed {
+                    let e = opcode::AsyncCancel::new(tag(Op::Accept, f as u32, 0).raw()).build();
+                    // SAFETY: a cancel points at no memory.
+                    unsafe { push(self.ring(), e, tag(Op::Cancel, 0, 0)) };
+                }
+            }
         }
         // An accept that races the cancel is closed by teardown.
         sessions_done
@@ -503,11 +455,7 @@ impl Worker {
         let ring = &mut self.session.io.ring;
         let left = ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);
         for c in &self.cqes {
-            if matches!(
-                Op::from_code(c.tag.kind()),
-                Some(Op::Accept | Op::AcceptHttp | Op::AcceptMetrics)
-            ) && c.result >= 0
-            {
+            if Op::from_code(c.tag.kind()) == Some(Op::Accept) && c.result >= 0 {
                 // Accepted after the session closed its doors: nobody owns it.
                 self.session.io.close(c.result);
             }
@@ -521,9 +469,9 @@ impl Worker {
             return false;
         }
         self.session.close_all();
-        drop(self.listener.take());
-        drop(self.http_listener.take());
-        drop(self.metrics_listener.take());
+        for l in &mut self.listeners {
+            drop(l.fd.take());
+        }
         self.bufs.unregister(&self.session.io.ring);
         true
     }

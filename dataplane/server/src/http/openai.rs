@@ -169,7 +169,10 @@ fn template(messages: &[Message], out: &mut String) -> Result<(), String> {
 pub fn json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
     // Most text needs no escape: one branch-free scan, one copy.
-    if !s.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\')) {
+    if !s
+        .iter()
+        .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
+    {
         out.extend_from_slice(s);
         out.push(b'"');
         return;
