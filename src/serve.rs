@@ -22,6 +22,12 @@ pub enum BackendKind {
     Llama,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Address to listen on (port 0 picks a free port).
@@ -58,9 +64,27 @@ pub struct Args {
     /// Tokens buffered per stream without credit before the backend pauses.
     #[arg(long, default_value_t = 256)]
     pub stream_buffered_tokens_max: usize,
-    /// Requests waiting for backend capacity per worker before 429.
+    /// Requests waiting for backend capacity, per worker thread (the
+    /// process's scheduler holds threads × this many) before 429.
     #[arg(long, default_value_t = 4096)]
     pub admission_queue_max: usize,
+    /// Work stealing: a core with a free backend slot and nothing of its
+    /// own queued runs requests queued on busy cores, and sends the tokens
+    /// back to the core that owns the client (docs/SCHEDULER.md). `off`:
+    /// each core runs only its own connections' requests.
+    #[arg(long, value_enum, default_value = "on")]
+    pub steal: OnOff,
+    /// Only the first N worker threads accept connections (0: all); the
+    /// others run work they steal (acceptor cores in front of compute
+    /// cores).
+    #[arg(long, default_value_t = 0)]
+    pub accept_threads: usize,
+    /// Synthetic backend: sequences generated at once by the whole process,
+    /// like a GPU's batch slots, split evenly over the worker threads;
+    /// requests beyond a core's share wait as tasks that idle cores steal.
+    /// 0 (default): 65,536 per worker thread, in effect unbounded.
+    #[arg(long, default_value_t = 0)]
+    pub synthetic_slots: usize,
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
     #[arg(long, default_value_t = 300_000)]
@@ -182,6 +206,16 @@ pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFacto
     }))
 }
 
+/// `factory` with `slots` sequences for the process over `threads` cores
+/// (0: unchanged).
+fn with_slots(factory: SyntheticFactory, slots: usize, threads: usize) -> SyntheticFactory {
+    if slots == 0 {
+        factory
+    } else {
+        factory.with_process_slots(slots, threads)
+    }
+}
+
 /// The synthetic backend with its tokens sampled by `device` (see
 /// `gpu_picker`).
 pub fn synthetic_factory_on(
@@ -189,9 +223,15 @@ pub fn synthetic_factory_on(
     interval_us: u64,
     device: SyntheticDevice,
     vocab: u32,
+    (slots, threads): (usize, usize),
 ) -> anyhow::Result<Arc<dyn BackendFactory>> {
     if device == SyntheticDevice::Hash {
-        return Ok(synthetic_factory(ttft_us, interval_us));
+        let f = SyntheticFactory::new(SyntheticConfig {
+            ttft: Duration::from_micros(ttft_us),
+            token_interval: Duration::from_micros(interval_us),
+            ..Default::default()
+        });
+        return Ok(Arc::new(with_slots(f, slots, threads)));
     }
     let picker = SamplerPickerFactory {
         device,
@@ -204,12 +244,13 @@ pub fn synthetic_factory_on(
         .check()
         .map_err(anyhow::Error::msg)
         .context("--synthetic-device")?;
-    Ok(Arc::new(SyntheticFactory::new(SyntheticConfig {
+    let f = SyntheticFactory::new(SyntheticConfig {
         ttft: Duration::from_micros(ttft_us),
         token_interval: Duration::from_micros(interval_us),
         picker: Arc::new(picker),
         ..Default::default()
-    })))
+    });
+    Ok(Arc::new(with_slots(f, slots, threads)))
 }
 
 pub fn config(a: &Args) -> anyhow::Result<Config> {
@@ -225,6 +266,15 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
     if a.max_connections == 0 {
         bail!("--max-connections must be at least 1");
     }
+    if a.admission_queue_max == 0 {
+        bail!("--admission-queue-max must be at least 1");
+    }
+    if a.synthetic_slots != 0 && a.synthetic_slots < threads {
+        bail!("--synthetic-slots {} leaves a worker thread without a slot: give at least --threads ({threads})", a.synthetic_slots);
+    }
+    if a.accept_threads > threads {
+        bail!("--accept-threads {} is more than --threads ({threads})", a.accept_threads);
+    }
     Ok(Config {
         listen: a.listen,
         threads,
@@ -236,6 +286,8 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         streams_per_thread_max: a.streams_per_thread_max,
         stream_buffered_tokens_max: a.stream_buffered_tokens_max,
         admission_queue_max: a.admission_queue_max,
+        steal: a.steal == OnOff::On,
+        accept_threads: a.accept_threads,
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         idle_timeout: Duration::from_millis(a.idle_timeout_ms),
         stream_stall_timeout: Duration::from_millis(a.stream_stall_timeout_ms),
@@ -252,13 +304,14 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
     })
 }
 
-fn backend(a: &Args) -> anyhow::Result<Arc<dyn BackendFactory>> {
+fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
     match a.backend {
         BackendKind::Synthetic => synthetic_factory_on(
             a.synthetic_ttft_us,
             a.synthetic_token_interval_us,
             a.synthetic_device,
             a.synthetic_vocab,
+            (a.synthetic_slots, threads),
         ),
         BackendKind::Llama => {
             if a.llama_url.is_empty() {
@@ -303,7 +356,7 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let cfg = config(&a)?;
-    let factory = backend(&a)?;
+    let factory = backend(&a, cfg.threads)?;
     let signals = block_signals();
     let server = Server::start(cfg, factory).context("starting the server")?;
     println!("listening on {}", server.local_addr());
@@ -337,7 +390,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if a.stats_interval_ms > 0 {
             let s = server.stats();
             println!(
-                "stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
+                "stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} ran_local={} stolen={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
@@ -350,8 +403,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 s.frames_out,
                 s.violations,
                 s.rejected,
+                s.ran_local,
+                s.stolen,
                 crate::alloc_count::allocations()
             );
+            if server.threads() > 1 {
+                // Per worker: run locally / stolen in / stolen out.
+                let per: Vec<String> = server
+                    .steal_counts()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (l, i_n, o))| format!("w{i}={l}/{i_n}/{o}"))
+                    .collect();
+                println!("steals local/in/out {}", per.join(" "));
+            }
             std::io::stdout().flush().ok();
         }
     }

@@ -101,6 +101,15 @@ impl<R, W: Wake> Inboxes<R, W> {
     pub fn cores(&self) -> usize {
         self.inboxes.len()
     }
+
+    /// Core `core` has results waiting (its wake is due or on its way).
+    pub fn pending(&self, core: usize) -> bool {
+        self.inboxes[core].wake_pending()
+    }
+
+    pub fn waker(&self) -> &W {
+        &self.waker
+    }
 }
 
 #[cfg(all(test, not(cnse_loom)))]

@@ -1,0 +1,260 @@
+//! The process's work-stealing scheduler as the server uses it (issue 10;
+//! the scheduler itself is `cnse-sched`, docs/SCHEDULER.md).
+//!
+//! A REQUEST that finds its core's backend full becomes a [`ServeTask`] on
+//! that core's deque. A core with a free backend slot and nothing of its
+//! own queued steals; it runs the stolen task on its own backend and sends
+//! the tokens back, batched per turn, to the owner core's inbox as
+//! [`TaskMsg`]s, waking the owner's ring through its eventfd. Backpressure
+//! crosses cores through the task's [`cnse_sched::Window`]; a cancel
+//! through its [`cnse_sched::CancelToken`].
+//!
+//! Nothing here allocates per task or per batch in the steady state: the
+//! prompt buffers travel with the task and come back with its last message,
+//! task states are reused by their owner's stream slot, and token batches
+//! come from a bounded pool.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cnse_proto::{FinishReason, Params};
+use cnse_sched::{Core, Inboxes, Job, Outcome, Router, Scheduler, Wake};
+
+/// A request waiting for (or running on) a backend slot, wherever it runs.
+#[derive(Debug)]
+pub struct ServeTask {
+    /// The owner's stream slot and its generation.
+    pub sslot: u32,
+    pub gen: u32,
+    pub params: Params,
+    /// The stream's prompt and chat buffers, moved (not copied) out of its
+    /// slot; they come back with the task's last message.
+    pub prompt: String,
+    pub messages: String,
+    pub chat: bool,
+    pub arrived: Instant,
+}
+
+/// Tokens of one task, produced in one turn of the core running it.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub lens: Vec<u32>,
+}
+
+impl Batch {
+    pub fn push(&mut self, text: &[u8]) {
+        self.bytes.extend_from_slice(text);
+        self.lens.push(text.len() as u32);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.lens.clear();
+    }
+
+    /// Each token's text, in order.
+    pub fn tokens(&self) -> impl Iterator<Item = &[u8]> {
+        let mut at = 0usize;
+        self.lens.iter().map(move |&l| {
+            let t = &self.bytes[at..at + l as usize];
+            at += l as usize;
+            t
+        })
+    }
+}
+
+/// How a task's work ended, in its last message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEnd {
+    Finished(FinishReason),
+    Error { code: u32, message: String },
+}
+
+/// What the core running a task sends its owner.
+#[derive(Debug)]
+pub struct TaskMsg {
+    pub sslot: u32,
+    pub gen: u32,
+    pub batch: Batch,
+    /// In the last message: how the work ended (None when a cancel ended
+    /// it: the owner had already let the stream go).
+    pub end: Option<TaskEnd>,
+    /// In the last message: the prompt buffers, for the owner to reuse.
+    pub buffers: Option<(String, String)>,
+}
+
+pub type Task = Job<ServeTask>;
+pub type Msg = Outcome<TaskMsg>;
+
+/// Writes a worker's eventfd: its ring's read completes and the worker
+/// turns (the same eventfd that wakes it for shutdown).
+pub struct EventfdWake {
+    fds: Vec<OwnedFd>,
+}
+
+impl EventfdWake {
+    /// One descriptor per core (duplicates of the workers' wake eventfds);
+    /// none for a session that runs alone (the simulator).
+    pub fn new(fds: Vec<OwnedFd>) -> Self {
+        Self { fds }
+    }
+
+    /// Wakes `core` (a cancel or a grant for a task it runs).
+    pub fn wake_core(&self, core: usize) {
+        if let Some(fd) = self.fds.get(core) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to an open eventfd; a
+            // full counter (EAGAIN) still leaves it readable, so the wake
+            // is not lost.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+impl Wake for EventfdWake {
+    fn wake(&self, core: usize) {
+        self.wake_core(core);
+    }
+}
+
+/// Batches kept for reuse, all cores together.
+const POOL_MAX: usize = 4096;
+
+/// Token batches in circulation between cores: a runner takes one, the
+/// owner gives it back once its tokens are in the stream's queue.
+#[derive(Default)]
+pub struct BatchPool {
+    free: Mutex<Vec<Batch>>,
+}
+
+impl BatchPool {
+    pub fn take(&self) -> Batch {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+    }
+
+    pub fn give(&self, mut b: Batch) {
+        b.clear();
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_MAX {
+            free.push(b);
+        }
+    }
+}
+
+/// How queued work is balanced between cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// A core with a free backend slot and nothing of its own queued
+    /// steals from the others.
+    Steal,
+    /// Each core runs only its own queued work (the baseline).
+    Off,
+}
+
+/// What every worker shares.
+pub struct Tasks {
+    pub sched: Scheduler<Task>,
+    pub router: Router<TaskMsg, EventfdWake>,
+    pub pool: BatchPool,
+    pub balance: Balance,
+    /// One bit per core that sleeps with a free backend slot: a core that
+    /// queues a task wakes one of them to steal it.
+    idle: Box<[AtomicU64]>,
+}
+
+/// Results a core's inbox holds at most before runners pause.
+pub const INBOX_MAX: usize = 4096;
+
+impl Tasks {
+    /// The scheduler of `cores` cores, `queued_max` queued tasks in all.
+    pub fn new(
+        cores: usize,
+        queued_max: usize,
+        balance: Balance,
+        wake: EventfdWake,
+    ) -> Result<(Arc<Tasks>, Vec<Core<Task>>), cnse_sched::SchedError> {
+        let (sched, cores_v) = Scheduler::new(&cnse_sched::Config {
+            cores,
+            queued_max,
+            fifo: true,
+        })?;
+        let router = Router {
+            rank: 0,
+            local: Arc::new(Inboxes::new(cores, INBOX_MAX, wake)),
+            // Only the MPI mirror sends to other ranks; a one-slot outbox
+            // that nobody fills keeps the type whole without it.
+            remote: Arc::new(cnse_sched::Inbox::new(1)),
+        };
+        let tasks = Arc::new(Tasks {
+            sched,
+            router,
+            pool: BatchPool::default(),
+            balance,
+            idle: (0..cores.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        });
+        Ok((tasks, cores_v))
+    }
+
+    /// A scheduler for one session alone (the simulator, tests).
+    pub fn single(queued_max: usize) -> (Arc<Tasks>, Core<Task>) {
+        let (t, mut cores) = Tasks::new(1, queued_max.max(1), Balance::Off, EventfdWake::new(Vec::new()))
+            .expect("a one-core scheduler with a bound >= 1 is valid");
+        (t, cores.pop().expect("one core"))
+    }
+
+    pub fn wake_core(&self, core: usize) {
+        self.router.local.waker().wake_core(core);
+    }
+
+    /// `core` is about to sleep with a free backend slot. True: tasks are
+    /// queued meanwhile, do not sleep (the bit is cleared again). The bit
+    /// is stored before the queue is read, and a pusher queues before it
+    /// reads the bits: one of the two sees the other (no lost wake-up).
+    pub fn going_idle(&self, core: usize) -> bool {
+        if self.balance == Balance::Off {
+            return false;
+        }
+        let (w, bit) = (core / 64, 1u64 << (core % 64));
+        self.idle[w].fetch_or(bit, Ordering::SeqCst);
+        if self.sched.counts().live > 0 {
+            self.idle[w].fetch_and(!bit, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// `core` woke up (its bit may already have been taken by a waker).
+    pub fn awake(&self, core: usize) {
+        let (w, bit) = (core / 64, 1u64 << (core % 64));
+        if self.idle[w].load(Ordering::Relaxed) & bit != 0 {
+            self.idle[w].fetch_and(!bit, Ordering::SeqCst);
+        }
+    }
+
+    /// A task was queued on `from`: wake one idle core to steal it.
+    pub fn wake_idle(&self, from: usize) {
+        if self.balance == Balance::Off {
+            return;
+        }
+        for (w, word) in self.idle.iter().enumerate() {
+            let mut bits = word.load(Ordering::SeqCst);
+            while bits != 0 {
+                let i = bits.trailing_zeros();
+                let bit = 1u64 << i;
+                let core = w * 64 + i as usize;
+                if core != from && word.fetch_and(!bit, Ordering::SeqCst) & bit != 0 {
+                    self.wake_core(core);
+                    return;
+                }
+                bits &= !bit;
+            }
+        }
+    }
+}
