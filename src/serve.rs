@@ -270,10 +270,16 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         bail!("--admission-queue-max must be at least 1");
     }
     if a.synthetic_slots != 0 && a.synthetic_slots < threads {
-        bail!("--synthetic-slots {} leaves a worker thread without a slot: give at least --threads ({threads})", a.synthetic_slots);
+        bail!(
+            "--synthetic-slots {} leaves a worker thread without a slot: give at least --threads ({threads})",
+            a.synthetic_slots
+        );
     }
     if a.accept_threads > threads {
-        bail!("--accept-threads {} is more than --threads ({threads})", a.accept_threads);
+        bail!(
+            "--accept-threads {} is more than --threads ({threads})",
+            a.accept_threads
+        );
     }
     Ok(Config {
         listen: a.listen,

@@ -47,7 +47,12 @@ fn issue10_stolen_streams_carry_exactly_the_tokens_of_a_local_run() {
     let local = Server::start(&strs(&synth));
     let stealing = stealing_server(&strs(&synth));
     let jobs: Vec<(String, Params)> = (0..24)
-        .map(|i| (format!("prompt number {i} about work stealing"), params_seeded(24 + i, 1000 + u64::from(i))))
+        .map(|i| {
+            (
+                format!("prompt number {i} about work stealing"),
+                params_seeded(24 + i, 1000 + u64::from(i)),
+            )
+        })
         .collect();
     let want: Vec<(Vec<u8>, u64)> = jobs.iter().map(|(p, q)| text_of(&local, p, q)).collect();
     // Four clients at once on worker 0: more than its one slot.
@@ -63,14 +68,22 @@ fn issue10_stolen_streams_carry_exactly_the_tokens_of_a_local_run() {
     });
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w.1, u64::from(24 + i as u32), "request {i}: max_tokens tokens");
-        assert_eq!(w, g, "request {i}: the stolen or local run differs from the one-core run");
+        assert_eq!(
+            w, g,
+            "request {i}: the stolen or local run differs from the one-core run"
+        );
     }
     assert!(
         eventually(WAIT, || stealing.stat("stolen").is_some_and(|n| n > 0)),
         "worker 1 never stole: {:?}",
         stealing.output()
     );
-    let steals = stealing.output().into_iter().rev().find(|l| l.starts_with("steals ")).unwrap();
+    let steals = stealing
+        .output()
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with("steals "))
+        .unwrap();
     assert!(steals.contains(" w1=0/"), "worker 1 accepts nothing: {steals}");
 }
 
@@ -78,7 +91,8 @@ fn issue10_stolen_streams_carry_exactly_the_tokens_of_a_local_run() {
 /// worker 1 can run; returns once both run.
 fn two_running(s: &Server, c: &mut Client, second_credit: u32) {
     let slow = params(4_000);
-    c.request(1, 0, &slow, "the first stream holds worker 0's slot").unwrap();
+    c.request(1, 0, &slow, "the first stream holds worker 0's slot")
+        .unwrap();
     c.request(2, second_credit, &params(200), "the second stream runs on worker 1")
         .unwrap();
     assert!(
@@ -128,9 +142,11 @@ fn issue10_a_stolen_stream_pauses_without_credit_and_resumes() {
     // Stream 2 runs on worker 1 with 3 tokens of credit: its runner must
     // stop at the owner's bound (8 queued) and wait.
     // Stream 1 (one token of credit) pauses holding worker 0's slot.
-    c.request(1, 1, &params(4_000), "the first stream holds worker 0's slot").unwrap();
+    c.request(1, 1, &params(4_000), "the first stream holds worker 0's slot")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    c.request(2, 3, &params(200), "the second stream runs on worker 1").unwrap();
+    c.request(2, 3, &params(200), "the second stream runs on worker 1")
+        .unwrap();
     assert!(
         eventually(WAIT, || s.stat("paused") == Some(2) && s.stat("stolen") == Some(1)),
         "the stolen work pauses: {:?}",
@@ -196,7 +212,11 @@ fn issue10_a_queued_task_is_removed_unrun_and_past_the_bound_gets_429() {
             break f;
         }
     };
-    assert_eq!((end.kind, end.aux), (Kind::End, 0), "cancelled before running: no token");
+    assert_eq!(
+        (end.kind, end.aux),
+        (Kind::End, 0),
+        "cancelled before running: no token"
+    );
     // Free the slots: stream 4 runs, stream 3 never does.
     c.cancel(1).unwrap();
     c.cancel(2).unwrap();

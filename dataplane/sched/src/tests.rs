@@ -8,7 +8,12 @@ use std::sync::{Arc, Mutex};
 use crate::*;
 
 fn sched(cores: usize, queued_max: usize) -> (Scheduler<u64>, Vec<Core<u64>>) {
-    Scheduler::new(&Config { cores, queued_max, fifo: false }).unwrap()
+    Scheduler::new(&Config {
+        cores,
+        queued_max,
+        fifo: false,
+    })
+    .unwrap()
 }
 
 #[test]
@@ -362,7 +367,11 @@ fn push_reusing_reuses_a_state_nobody_else_holds() {
     assert!(!c.finish());
     drop(cores[0].next_own_task().unwrap());
     let (_, t3) = cores[0].push_reusing(0, 3, Some(t1), 7).unwrap();
-    assert_eq!(t3.state() as *const TaskState, p1, "the finished task's state carries the next");
+    assert_eq!(
+        t3.state() as *const TaskState,
+        p1,
+        "the finished task's state carries the next"
+    );
     assert_eq!(t3.state().phase(), crate::Phase::Queued);
     assert_eq!(t3.window().allowed(), 7);
     assert_eq!(t3.window().runner(), None);

@@ -6,21 +6,25 @@
 //! in flight exceed its bound; a runner that reaches it pauses its work and
 //! parks. A grant that finds the runner parked tells the owner to wake it.
 //!
-//! No lost wake-up: the runner stores `parked` and then reads the
-//! allowance; the owner raises the allowance and then swaps `parked` out
-//! (all sequentially consistent). Either the runner sees the new allowance
-//! and does not stay parked, or the owner sees `parked` and wakes it
-//! (`loom_window_no_lost_wake`).
+//! No lost wake-up: the allowance and the `parked` bit share one atomic
+//! word, so a park (a compare-and-swap that sets the bit only if the
+//! allowance it read is used up) and a grant (which raises the allowance
+//! and clears the bit in one update, reporting whether it was set) are
+//! ordered one way or the other (`loom_window_no_lost_wake`).
 
-use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// No core runs the task yet.
 pub const NO_RUNNER: u64 = u64::MAX;
 
+/// The parked bit of the window word; the allowance is the rest.
+const PARKED: u64 = 1 << 63;
+const ALLOWED: u64 = PARKED - 1;
+
 #[derive(Debug)]
 pub struct Window {
-    allowed: AtomicU64,
-    parked: AtomicBool,
+    /// `PARKED | allowance`.
+    word: AtomicU64,
     /// The core running the task (the owner wakes it), or [`NO_RUNNER`].
     runner: AtomicU64,
 }
@@ -28,16 +32,14 @@ pub struct Window {
 impl Window {
     pub(crate) fn new(allowed: u64) -> Self {
         Self {
-            allowed: AtomicU64::new(allowed),
-            parked: AtomicBool::new(false),
+            word: AtomicU64::new(allowed.min(ALLOWED)),
             runner: AtomicU64::new(NO_RUNNER),
         }
     }
 
     /// For a task that is about to be queued again (no other holder).
     pub(crate) fn reset(&self, allowed: u64) {
-        self.allowed.store(allowed, Ordering::SeqCst);
-        self.parked.store(false, Ordering::SeqCst);
+        self.word.store(allowed.min(ALLOWED), Ordering::SeqCst);
         self.runner.store(NO_RUNNER, Ordering::SeqCst);
     }
 
@@ -54,38 +56,34 @@ impl Window {
         }
     }
 
-    /// The runner: may the task have emitted `emitted` tokens in all?
-    pub fn allows(&self, emitted: u64) -> bool {
-        emitted <= self.allowed.load(Ordering::SeqCst)
-    }
-
     /// The runner emitted `emitted` tokens and the next one is beyond the
     /// allowance: parks. True: stay paused until woken; false: the owner
     /// raised the allowance meanwhile, go on.
     pub fn park(&self, emitted: u64) -> bool {
-        self.parked.store(true, Ordering::SeqCst);
-        if emitted < self.allowed.load(Ordering::SeqCst) {
-            // Granted meanwhile; if the owner also saw `parked`, its wake
-            // finds nothing paused: harmless.
-            self.parked.store(false, Ordering::SeqCst);
-            return false;
-        }
-        true
+        self.word
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (emitted >= w & ALLOWED).then_some(w | PARKED)
+            })
+            .is_ok()
     }
 
-    /// The runner, woken: has the allowance moved past `emitted`?
+    /// The runner: may it emit another token after `emitted`?
     pub fn may_resume(&self, emitted: u64) -> bool {
-        emitted < self.allowed.load(Ordering::SeqCst)
+        emitted < self.allowed()
     }
 
     /// The owner: the runner may emit up to `allowed` tokens in all. True
     /// when the runner is parked and must be woken.
     pub fn grant(&self, allowed: u64) -> bool {
-        self.allowed.fetch_max(allowed, Ordering::SeqCst);
-        self.parked.swap(false, Ordering::SeqCst)
+        let allowed = allowed.min(ALLOWED);
+        let prev = self
+            .word
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some((w & ALLOWED).max(allowed)))
+            .expect("the update always applies");
+        prev & PARKED != 0
     }
 
     pub fn allowed(&self) -> u64 {
-        self.allowed.load(Ordering::SeqCst)
+        self.word.load(Ordering::SeqCst) & ALLOWED
     }
 }

@@ -257,9 +257,11 @@ impl Server {
             .map(Some)
             .collect();
         listeners.resize_with(config.threads, || None);
-        let addr = listen::local_addr(listeners[0].as_ref().expect("worker 0 accepts")).map_err(|error| ServerError::Bind {
-            addr: config.listen,
-            error,
+        let addr = listen::local_addr(listeners[0].as_ref().expect("worker 0 accepts")).map_err(|error| {
+            ServerError::Bind {
+                addr: config.listen,
+                error,
+            }
         })?;
         let mut http_listeners = match config.http_listen {
             Some(a) => listen::bind_reuseport(a, accepting)?
@@ -337,8 +339,8 @@ impl Server {
                             http: http_listener,
                             metrics: metrics_listener,
                         };
-                        let sched = worker::Sched { tasks, core };
-                        worker::run(index, config, shared, listeners, wake_fd, sched, backend, ready)
+                        let sched = worker::Sched { tasks, core, wake_fd };
+                        worker::run(index, config, shared, listeners, sched, backend, ready)
                     }
                 })
                 .map_err(|error| ServerError::Worker { thread: index, error })?;

@@ -136,7 +136,11 @@ pub struct BatchPool {
 
 impl BatchPool {
     pub fn take(&self) -> Batch {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
 
     pub fn give(&self, mut b: Batch) {

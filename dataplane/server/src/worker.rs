@@ -159,10 +159,12 @@ struct Listener {
     armed: bool,
 }
 
-/// A worker's end of the process's scheduler.
+/// A worker's end of the process's scheduler, and the eventfd that wakes
+/// it (shutdown, and other cores' results, cancels and grants).
 pub(crate) struct Sched {
     pub tasks: Arc<crate::tasks::Tasks>,
     pub core: cnse_sched::Core<crate::tasks::Task>,
+    pub wake_fd: OwnedFd,
 }
 
 /// A worker's listening sockets (none on a worker that only runs stolen
@@ -180,7 +182,6 @@ pub(crate) fn run(
     cfg: Arc<Config>,
     shared: Arc<Shared>,
     listener: Listeners,
-    wake_fd: OwnedFd,
     sched: Sched,
     factory: Arc<dyn cnse_backend::BackendFactory>,
     ready: Sender<Result<(), crate::ServerError>>,
@@ -198,7 +199,7 @@ pub(crate) fn run(
             return Ok(());
         }
     };
-    let mut worker = match Worker::new(index, cfg, shared, listener, wake_fd, sched, backend) {
+    let mut worker = match Worker::new(index, cfg, shared, listener, sched, backend) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(crate::ServerError::Ring(io::Error::new(e.kind(), e.to_string()))));
@@ -243,7 +244,6 @@ impl Worker {
         cfg: Arc<Config>,
         shared: Arc<Shared>,
         listener: Listeners,
-        wake_fd: OwnedFd,
         sched: Sched,
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
@@ -264,7 +264,7 @@ impl Worker {
             bufs,
             listeners: [listener.binary, listener.http, listener.metrics].map(|fd| Listener { fd, armed: false }),
             next_accept_retry: now,
-            wake_fd,
+            wake_fd: sched.wake_fd,
             wake_buf: Box::new(0),
             shared,
             index,

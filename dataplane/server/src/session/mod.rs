@@ -181,7 +181,13 @@ impl<T: Transport> Session<T> {
     pub fn request_metrics(&self) -> crate::metrics::RequestMetrics {
         let mut m = self.tables.metrics;
         let b = self.backend.stats();
-        m.queued = self.admission_queue_len() as u64;
+        // The scheduler is the process's: worker 0 reports its depth, so
+        // that the sum over workers counts each task once.
+        m.queued = if self.core.index() == 0 {
+            self.admission_queue_len() as u64
+        } else {
+            0
+        };
         m.running = b.active;
         m.servers = b.servers;
         m.servers_up = b.servers_up;
@@ -241,7 +247,7 @@ impl<T: Transport> Session<T> {
 
     /// Tasks queued in the process's scheduler (all cores: it is shared).
     pub fn admission_queue_len(&self) -> usize {
-        self.tasks.sched.counts().live as usize
+        self.tasks.sched.counts().live
     }
 
     /// This core's backend could start work now.

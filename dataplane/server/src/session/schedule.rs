@@ -24,7 +24,7 @@ impl<T: Transport> Session<T> {
             return Err((code::OVERLOADED, "too many open streams on this connection"));
         }
         let run_now = self.core.own_is_empty() && self.backend.has_capacity();
-        if !run_now && self.tasks.sched.counts().live as usize >= self.tasks.sched.queued_max() {
+        if !run_now && self.tasks.sched.counts().live >= self.tasks.sched.queued_max() {
             return Err((code::OVERLOADED, "admission queue full, retry later"));
         }
         if a.req.prompt.len() > self.tables.mem_left() {
@@ -45,7 +45,11 @@ impl<T: Transport> Session<T> {
         s.paused = false;
         s.remote = None;
         s.arrived = t.now;
-        s.parsed = if t.stages.is_some() { std::time::Instant::now() } else { t.now };
+        s.parsed = if t.stages.is_some() {
+            std::time::Instant::now()
+        } else {
+            t.now
+        };
         s.produced = None;
         s.last_progress = t.now;
         s.first_token = None;

@@ -79,7 +79,9 @@ impl<T: Transport> Session<T> {
         let mut dirty = std::mem::take(&mut f.dirty);
         for &index in &dirty {
             let f = &mut self.tables.foreign;
-            let Some(mut w) = f.works[index as usize].take() else { continue };
+            let Some(mut w) = f.works[index as usize].take() else {
+                continue;
+            };
             w.dirty = false;
             let p = &w.claimed.task.payload.payload;
             let (sslot, gen) = (p.sslot, p.gen);
@@ -154,7 +156,9 @@ impl<T: Transport> Session<T> {
         for index in 0..self.tables.foreign.works.len() as u32 {
             let f = &mut self.tables.foreign;
             let id: WorkId = f.id_of(index);
-            let Some(w) = f.works[index as usize].as_mut() else { continue };
+            let Some(w) = f.works[index as usize].as_mut() else {
+                continue;
+            };
             if w.gone || w.end.is_some() {
                 continue;
             }
