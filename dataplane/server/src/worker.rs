@@ -351,6 +351,7 @@ impl Worker {
         let idle = !timeout.is_zero() && self.session.has_capacity() && !self.session.is_shutting_down();
         if idle && self.session.tasks().going_idle(self.index) {
             timeout = Duration::ZERO;
+            self.session.allow_steal();
         }
         self.cqes.clear();
         let ring = &mut self.session.io.ring;
@@ -359,6 +360,8 @@ impl Worker {
             .map_err(|e| io::Error::new(e.source.kind(), e.to_string()));
         if idle {
             self.session.tasks().awake(self.index);
+            // Woken from an idle sleep (maybe by a core that queued work).
+            self.session.allow_steal();
         }
         r
     }

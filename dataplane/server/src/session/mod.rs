@@ -61,6 +61,9 @@ pub struct Session<T: Transport> {
     inbox_buf: Vec<crate::tasks::Msg>,
     /// Woken (a cancel or a window for foreign work may be waiting).
     woken: bool,
+    /// The next `admit` may steal: this core was about to sleep with a
+    /// free backend slot (`allow_steal`).
+    steal_ok: bool,
     limits: ParamLimits,
     pub(crate) auth: Option<AuthKey>,
     next_sweep: Instant,
@@ -130,6 +133,7 @@ impl<T: Transport> Session<T> {
             core,
             inbox_buf: Vec::with_capacity(crate::tasks::INBOX_MAX),
             woken: false,
+            steal_ok: false,
             limits,
             auth,
             next_sweep: now + SWEEP_INTERVAL,
@@ -269,6 +273,13 @@ impl<T: Transport> Session<T> {
     /// window for work this core runs for it.
     pub fn on_wake(&mut self) {
         self.woken = true;
+    }
+
+    /// This core has a free backend slot and nothing of its own to do (it
+    /// was about to sleep, or just woke from such a sleep): the next turn
+    /// may steal queued work from other cores.
+    pub fn allow_steal(&mut self) {
+        self.steal_ok = true;
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -3,8 +3,9 @@
 //! process's work-stealing scheduler (`crate::tasks`; 429 past its
 //! admission bound). `admit` starts queued work as capacity frees: this
 //! core's own tasks first (highest priority, oldest first), then, with
-//! balancing on, the injector's and other cores' (steal-half). A stolen
-//! task runs here for its owner (`steal.rs`).
+//! balancing on and only when this core would otherwise sleep, the
+//! injector's and other cores' (steal-half). A stolen task runs here for
+//! its owner (`steal.rs`).
 
 use cnse_backend::Job;
 use cnse_proto::code;
@@ -117,17 +118,21 @@ impl<T: Transport> Session<T> {
     }
 
     /// Starts queued work while the backend has capacity: this core's own
-    /// tasks, then (balancing on) the injector's and the other cores'.
+    /// tasks first; the injector's and other cores' only when this core
+    /// ran out of its own work and was about to sleep (`allow_steal`), so
+    /// that busy cores under a balanced load do not trade tasks needlessly.
     /// Returns how many tasks it took.
     pub(super) fn admit(&mut self) -> usize {
+        let steal = std::mem::take(&mut self.steal_ok) && self.tasks.balance == Balance::Steal;
         let mut n = 0;
         while self.backend.has_capacity() {
-            if self.core.own_is_empty() && (self.tasks.balance == Balance::Off || self.tasks.sched.counts().live == 0) {
-                break;
-            }
-            let next = match self.tasks.balance {
-                Balance::Steal => self.core.next_task(),
-                Balance::Off => self.core.next_own_task(),
+            let next = if self.core.own_is_empty() {
+                if !steal || self.tasks.sched.counts().live == 0 {
+                    break;
+                }
+                self.core.next_task()
+            } else {
+                self.core.next_own_task()
             };
             let Some(claimed) = next else { break };
             n += 1;
