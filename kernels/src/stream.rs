@@ -58,9 +58,6 @@ struct Slot {
     buf: PinnedBuffer,
     copied: CudaEvent,
     in_flight: bool,
-    /// Start address of the mapped range registered for this slot's copy
-    /// (Register mode); unregistered once `copied` has fired.
-    registered: Option<usize>,
     /// The device's address of `buf` (copy-kernel mover).
     device_src: u64,
 }
@@ -70,6 +67,12 @@ struct Worker {
     copy_fn: Option<CudaFunction>,
     slots: Vec<Slot>,
     next_slot: usize,
+    /// Start addresses of the mapped pieces this worker registered in this
+    /// load (Register mode). They stay registered until `drain`: an
+    /// unregistration waits for the device, so unregistering behind each
+    /// copy would stall every copy queued after it. At most one entry per
+    /// chunk of the blob.
+    registered: Vec<usize>,
 }
 
 /// Owns the pinned staging pool and one stream per worker; reused across
@@ -86,7 +89,7 @@ impl Streamer {
     /// and the streams on device `ordinal`.
     pub fn new(ordinal: usize, mut config: StreamerConfig) -> Result<Self, KernelError> {
         config.check()?;
-        if config.mover == Mover::Kernel && !crate::device::nvrtc_available() {
+        if matches!(config.mover, Mover::Kernel | Mover::Mixed) && !crate::device::nvrtc_available() {
             // The copy kernel needs NVRTC; the copy engines need nothing.
             config.mover = Mover::CopyEngine;
         }
@@ -95,7 +98,7 @@ impl Streamer {
         let mut workers = Vec::with_capacity(config.threads);
         let copy_fn = match config.mover {
             Mover::CopyEngine | Mover::Sync => None,
-            Mover::Kernel => {
+            Mover::Kernel | Mover::Mixed => {
                 let ptx = crate::device::compile("copy.cu", COPY_CU, crate::device::arch_of(&ctx)?)?;
                 let module = ctx.load_module(ptx).map_err(KernelError::driver("cuModuleLoadData"))?;
                 Some(
@@ -119,15 +122,16 @@ impl Streamer {
                     buf,
                     copied: ctx.new_event(None).map_err(KernelError::driver("cuEventCreate"))?,
                     in_flight: false,
-                    registered: None,
                     device_src,
                 });
             }
+            let engines_here = config.mover == Mover::Mixed && w % 2 == 1;
             workers.push(Worker {
                 stream,
-                copy_fn: copy_fn.clone(),
+                copy_fn: copy_fn.clone().filter(|_| !engines_here),
                 slots,
                 next_slot: 0,
+                registered: Vec::new(),
             });
         }
         Ok(Self {

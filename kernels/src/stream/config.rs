@@ -95,6 +95,11 @@ pub enum Mover {
     /// Synchronous `cuMemcpyHtoD` from the worker thread: one copy in
     /// flight per worker, overlap only across workers (measurement only).
     Sync,
+    /// Even workers use the copy kernel, odd workers the copy engines: both
+    /// paths pull from host memory at once, and the kernel takes half the
+    /// SM time it would alone (the SHA-256 kernels of GPU verification
+    /// share the SMs with it).
+    Mixed,
 }
 
 impl std::fmt::Display for Mover {
@@ -103,6 +108,7 @@ impl std::fmt::Display for Mover {
             Mover::CopyEngine => "copy engine",
             Mover::Kernel => "copy kernel",
             Mover::Sync => "sync copies",
+            Mover::Mixed => "copy kernel + engines",
         })
     }
 }
