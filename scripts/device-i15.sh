@@ -35,18 +35,24 @@ if has bench; then
   echo "== gpu bench-verify $A"; "$B" gpu bench-verify $A 2>&1
 fi
 if has cli; then
-  echo "== CLI: put, then dd and GPU-verified loads with a cold page cache, in turn"
+  echo "== CLI: put, the first load right after it (cold: put writes with O_DIRECT)"
   S=/tmp/st15; rm -rf $S
   "$B" store put /tmp/cnse-gpu-bench.blob --name bench:4g --store $S | tail -1
   blob=$(ls $S/blobs/sha256/*)
+  drop; "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
+  echo "== cold page cache: dd against GPU-verified loads (read-ahead is the default), in turn"
   for r in 1 2 3; do
     drop; echo "-- round $r: dd bs=16M"; dd if="$blob" of=/dev/null bs=16M 2>&1 | tail -1
     drop; echo "-- round $r: dd bs=16M iflag=direct"; dd if="$blob" of=/dev/null bs=16M iflag=direct 2>&1 | tail -1
     drop; echo "-- round $r: gpu load --verify gpu"; "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
-    drop; echo "-- round $r: gpu load --verify gpu --readahead"; "$B" gpu load bench:4g --store $S --verify gpu --readahead | grep -E "copy|total"
+    drop; echo "-- round $r: gpu load --verify gpu --no-readahead"; "$B" gpu load bench:4g --store $S --verify gpu --no-readahead | grep -E "copy|total"
   done
-  echo "-- warm: GPU-verified with --check, host-verified, unverified"
+  echo "== warm: read-ahead (default) against --no-readahead, GPU-verified, in turn; host-verified; unverified"
   "$B" gpu load bench:4g --store $S --verify gpu --check
+  for r in 1 2 3; do
+    "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
+    "$B" gpu load bench:4g --store $S --verify gpu --no-readahead | grep -E "copy|total"
+  done
   "$B" gpu load bench:4g --store $S --verify cpu | grep -E "copy|total"
   "$B" gpu load bench:4g --store $S --no-verify | grep -E "copy|total"
   echo "-- one byte of chunk 3 (leaf 3) changed: the GPU load stops early"

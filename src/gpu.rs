@@ -64,8 +64,6 @@ enum MoverArg {
     Kernel,
     /// Synchronous cuMemcpyHtoD per slot (measurement only).
     Sync,
-    /// The copy kernel on even workers, the copy engines on odd ones.
-    Mixed,
 }
 
 impl From<MoverArg> for Mover {
@@ -74,7 +72,6 @@ impl From<MoverArg> for Mover {
             MoverArg::CopyEngine => Mover::CopyEngine,
             MoverArg::Kernel => Mover::Kernel,
             MoverArg::Sync => Mover::Sync,
-            MoverArg::Mixed => Mover::Mixed,
         }
     }
 }

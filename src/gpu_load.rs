@@ -60,10 +60,12 @@ pub(crate) struct LoadArgs {
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
     check: bool,
-    /// Read the blob in file order on one thread ahead of the workers
-    /// (cold loads: the disk sees one sequential reader).
+    /// Do not read ahead. By default one thread reads the parts of the blob
+    /// that are not in the page cache in file order ahead of the workers
+    /// (cold loads: the disk sees one sequential reader; a warm blob costs
+    /// it only `mincore` calls).
     #[arg(long)]
-    readahead: bool,
+    no_readahead: bool,
     #[command(flatten)]
     pool: Pool,
 }
@@ -93,7 +95,7 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
     let how = ModelLoad {
         verify,
         source: a.source.pick(),
-        readahead: a.readahead,
+        readahead: !a.no_readahead,
     };
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
     let m = match &a.file {

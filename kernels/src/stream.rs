@@ -31,7 +31,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream};
 use crate::pinned::{DeviceBuffer, PinnedBuffer};
 pub use crate::spec::{hash_chunks, hash_file, OwnedSpec};
 use crate::KernelError;
-use worker::page_bytes;
+pub(crate) use worker::page_bytes;
 
 mod config;
 mod worker;
@@ -89,7 +89,7 @@ impl Streamer {
     /// and the streams on device `ordinal`.
     pub fn new(ordinal: usize, mut config: StreamerConfig) -> Result<Self, KernelError> {
         config.check()?;
-        if matches!(config.mover, Mover::Kernel | Mover::Mixed) && !crate::device::nvrtc_available() {
+        if config.mover == Mover::Kernel && !crate::device::nvrtc_available() {
             // The copy kernel needs NVRTC; the copy engines need nothing.
             config.mover = Mover::CopyEngine;
         }
@@ -98,7 +98,7 @@ impl Streamer {
         let mut workers = Vec::with_capacity(config.threads);
         let copy_fn = match config.mover {
             Mover::CopyEngine | Mover::Sync => None,
-            Mover::Kernel | Mover::Mixed => {
+            Mover::Kernel => {
                 let ptx = crate::device::compile("copy.cu", COPY_CU, crate::device::arch_of(&ctx)?)?;
                 let module = ctx.load_module(ptx).map_err(KernelError::driver("cuModuleLoadData"))?;
                 Some(
@@ -125,10 +125,9 @@ impl Streamer {
                     device_src,
                 });
             }
-            let engines_here = config.mover == Mover::Mixed && w % 2 == 1;
             workers.push(Worker {
                 stream,
-                copy_fn: copy_fn.clone().filter(|_| !engines_here),
+                copy_fn: copy_fn.clone(),
                 slots,
                 next_slot: 0,
                 registered: Vec::new(),
@@ -274,6 +273,7 @@ impl Streamer {
             copy_granule: self.config.copy_granule_bytes,
             sync_copies: self.config.mover == Mover::Sync,
             pipeline: opts.pipeline,
+            populate: opts.populate,
             next_chunk: AtomicUsize::new(0),
             queued_bytes: AtomicU64::new(0),
             abort: AtomicBool::new(false),
@@ -381,6 +381,7 @@ struct Shared<'a> {
     copy_granule: usize,
     sync_copies: bool,
     pipeline: Pipeline,
+    populate: bool,
     next_chunk: AtomicUsize,
     /// Bytes whose copy was queued (all landed once the workers drained).
     queued_bytes: AtomicU64,

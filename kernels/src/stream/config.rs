@@ -95,11 +95,6 @@ pub enum Mover {
     /// Synchronous `cuMemcpyHtoD` from the worker thread: one copy in
     /// flight per worker, overlap only across workers (measurement only).
     Sync,
-    /// Even workers use the copy kernel, odd workers the copy engines: both
-    /// paths pull from host memory at once, and the kernel takes half the
-    /// SM time it would alone (the SHA-256 kernels of GPU verification
-    /// share the SMs with it).
-    Mixed,
 }
 
 impl std::fmt::Display for Mover {
@@ -108,7 +103,6 @@ impl std::fmt::Display for Mover {
             Mover::CopyEngine => "copy engine",
             Mover::Kernel => "copy kernel",
             Mover::Sync => "sync copies",
-            Mover::Mixed => "copy kernel + engines",
         })
     }
 }
@@ -216,6 +210,11 @@ pub struct LoadOptions {
     /// Workers used for this load, at most the streamer's `threads`.
     pub threads: usize,
     pub pipeline: Pipeline,
+    /// Register mode: fault the piece's pages into the page table
+    /// (`MADV_POPULATE_READ`) before registering it. The driver registers
+    /// one range at a time, so the page walk is done outside that lock,
+    /// by one worker while another registers.
+    pub populate: bool,
 }
 
 impl LoadOptions {
@@ -225,6 +224,7 @@ impl LoadOptions {
             source,
             threads,
             pipeline: Pipeline::Full,
+            populate: true,
         }
     }
 }

@@ -157,6 +157,12 @@ impl Worker {
             unreachable!("register mode always maps the blob")
         };
         let src = &map[piece as usize..piece as usize + len];
+        if sh.populate {
+            // SAFETY: `src` is a live read-only mapping starting on a page;
+            // MADV_POPULATE_READ only faults its pages in (advice: a
+            // failure leaves the faulting to the registration).
+            unsafe { libc::madvise(src.as_ptr() as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
+        }
         // SAFETY: `src` is a live read-only mapping starting on a page
         // (chunk starts are page multiples, checked in `load`, and pieces
         // are whole chunks or REGISTER_PIECE_MAX); READ_ONLY tells the
@@ -227,7 +233,7 @@ impl Slot {
     }
 }
 
-pub(super) fn page_bytes() -> u64 {
+pub(crate) fn page_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if p > 0 {
