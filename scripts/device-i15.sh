@@ -40,18 +40,18 @@ if has cli; then
   "$B" store put /tmp/cnse-gpu-bench.blob --name bench:4g --store $S | tail -1
   blob=$(ls $S/blobs/sha256/*)
   drop; "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
-  echo "== cold page cache: dd against GPU-verified loads (read-ahead is the default), in turn"
+  echo "== cold page cache: dd against GPU-verified loads without and with read-ahead, in turn"
   for r in 1 2 3; do
     drop; echo "-- round $r: dd bs=16M"; dd if="$blob" of=/dev/null bs=16M 2>&1 | tail -1
     drop; echo "-- round $r: dd bs=16M iflag=direct"; dd if="$blob" of=/dev/null bs=16M iflag=direct 2>&1 | tail -1
     drop; echo "-- round $r: gpu load --verify gpu"; "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
-    drop; echo "-- round $r: gpu load --verify gpu --no-readahead"; "$B" gpu load bench:4g --store $S --verify gpu --no-readahead | grep -E "copy|total"
+    drop; echo "-- round $r: gpu load --verify gpu --readahead"; "$B" gpu load bench:4g --store $S --verify gpu --readahead | grep -E "copy|total"
   done
-  echo "== warm: read-ahead (default) against --no-readahead, GPU-verified, in turn; host-verified; unverified"
+  echo "== warm: GPU-verified without and with --readahead (mincore passes cached steps), in turn; host-verified; unverified"
   "$B" gpu load bench:4g --store $S --verify gpu --check
   for r in 1 2 3; do
     "$B" gpu load bench:4g --store $S --verify gpu | grep -E "copy|total"
-    "$B" gpu load bench:4g --store $S --verify gpu --no-readahead | grep -E "copy|total"
+    "$B" gpu load bench:4g --store $S --verify gpu --readahead | grep -E "copy|total"
   done
   "$B" gpu load bench:4g --store $S --verify cpu | grep -E "copy|total"
   "$B" gpu load bench:4g --store $S --no-verify | grep -E "copy|total"

@@ -47,7 +47,7 @@ if [ "$what" = verify ]; then
   sync; echo 3 > /proc/sys/vm/drop_caches
   $B gpu load bench:4g --store $S --verify gpu
   sync; echo 3 > /proc/sys/vm/drop_caches
-  $B gpu load bench:4g --store $S --verify gpu --no-readahead
+  $B gpu load bench:4g --store $S --verify gpu --readahead
   $B gpu load bench:4g --store $S --verify gpu --check
   $B gpu load bench:4g --store $S --verify cpu
   $B gpu load bench:4g --store $S --no-verify

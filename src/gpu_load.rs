@@ -60,12 +60,12 @@ pub(crate) struct LoadArgs {
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
     check: bool,
-    /// Do not read ahead. By default one thread reads the parts of the blob
-    /// that are not in the page cache in file order ahead of the workers
-    /// (cold loads: the disk sees one sequential reader; a warm blob costs
-    /// it only `mincore` calls).
+    /// Read the parts of the blob that are not in the page cache in file
+    /// order on one thread ahead of the workers (cold loads: the disk sees
+    /// one sequential reader). Not the default: on the device machine's
+    /// virtual disk it was no consistent gain (docs/GPU.md).
     #[arg(long)]
-    no_readahead: bool,
+    readahead: bool,
     #[command(flatten)]
     pool: Pool,
 }
@@ -95,7 +95,7 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
     let how = ModelLoad {
         verify,
         source: a.source.pick(),
-        readahead: !a.no_readahead,
+        readahead: a.readahead,
     };
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
     let m = match &a.file {

@@ -225,33 +225,27 @@ fn register_rows(
                 ..a.pool.config()
             },
         )?;
-        for populate in [false, true] {
-            let opts = LoadOptions {
-                populate,
-                ..LoadOptions::new(false, SourceMode::Register, n)
-            };
-            let mut base = None;
-            for on_gpu in [false, true] {
-                let mut runs = Vec::new();
-                for _ in 0..reps {
-                    let t = ThreadCpu::start();
-                    let blob = if on_gpu {
-                        gpu.load(&mut rs, spec, leaves, opts, gv)?.0
-                    } else {
-                        rs.load(spec, opts)?.0
-                    };
-                    runs.push(t.finish());
-                    drop(blob);
-                }
-                let what = if on_gpu { "verified on the GPU" } else { "unverified" };
-                let how = if populate { ", populated" } else { "" };
-                print_row(
-                    &format!("{what}, registered page cache{how}, {n} threads"),
-                    size,
-                    runs,
-                    &mut base,
-                );
+        let opts = LoadOptions::new(false, SourceMode::Register, n);
+        let mut base = None;
+        for on_gpu in [false, true] {
+            let mut runs = Vec::new();
+            for _ in 0..reps {
+                let t = ThreadCpu::start();
+                let blob = if on_gpu {
+                    gpu.load(&mut rs, spec, leaves, opts, gv)?.0
+                } else {
+                    rs.load(spec, opts)?.0
+                };
+                runs.push(t.finish());
+                drop(blob);
             }
+            let what = if on_gpu { "verified on the GPU" } else { "unverified" };
+            print_row(
+                &format!("{what}, registered page cache, {n} threads"),
+                size,
+                runs,
+                &mut base,
+            );
         }
     }
     Ok(())

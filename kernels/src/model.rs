@@ -36,7 +36,7 @@ pub struct ModelLoad {
     pub source: SourceMode,
     /// One thread reads what of the blob is not in the page cache, in file
     /// order, ahead of the workers (cold loads: the disk sees one
-    /// sequential reader). What `gpu load` does unless `--no-readahead`.
+    /// sequential reader; `gpu load --readahead`).
     pub readahead: bool,
 }
 

@@ -4,8 +4,7 @@
 //! the reader has passed its end (`wait_for`), so they only ever touch
 //! cached pages instead of faulting 16 scattered streams in from the disk.
 //! Steps already in the page cache (`mincore`) are passed without reading,
-//! so a warm blob costs the reader a few page-table walks, not a copy:
-//! that is what lets loads read ahead by default.
+//! so a warm blob costs the reader page-cache lookups, not a copy.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

@@ -273,7 +273,6 @@ impl Streamer {
             copy_granule: self.config.copy_granule_bytes,
             sync_copies: self.config.mover == Mover::Sync,
             pipeline: opts.pipeline,
-            populate: opts.populate,
             next_chunk: AtomicUsize::new(0),
             queued_bytes: AtomicU64::new(0),
             abort: AtomicBool::new(false),
@@ -381,7 +380,6 @@ struct Shared<'a> {
     copy_granule: usize,
     sync_copies: bool,
     pipeline: Pipeline,
-    populate: bool,
     next_chunk: AtomicUsize,
     /// Bytes whose copy was queued (all landed once the workers drained).
     queued_bytes: AtomicU64,

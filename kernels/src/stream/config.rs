@@ -210,11 +210,6 @@ pub struct LoadOptions {
     /// Workers used for this load, at most the streamer's `threads`.
     pub threads: usize,
     pub pipeline: Pipeline,
-    /// Register mode: fault the piece's pages into the page table
-    /// (`MADV_POPULATE_READ`) before registering it. The driver registers
-    /// one range at a time, so the page walk is done outside that lock,
-    /// by one worker while another registers.
-    pub populate: bool,
 }
 
 impl LoadOptions {
@@ -224,7 +219,6 @@ impl LoadOptions {
             source,
             threads,
             pipeline: Pipeline::Full,
-            populate: true,
         }
     }
 }

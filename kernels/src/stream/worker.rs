@@ -157,12 +157,6 @@ impl Worker {
             unreachable!("register mode always maps the blob")
         };
         let src = &map[piece as usize..piece as usize + len];
-        if sh.populate {
-            // SAFETY: `src` is a live read-only mapping starting on a page;
-            // MADV_POPULATE_READ only faults its pages in (advice: a
-            // failure leaves the faulting to the registration).
-            unsafe { libc::madvise(src.as_ptr() as *mut libc::c_void, len, libc::MADV_POPULATE_READ) };
-        }
         // SAFETY: `src` is a live read-only mapping starting on a page
         // (chunk starts are page multiples, checked in `load`, and pieces
         // are whole chunks or REGISTER_PIECE_MAX); READ_ONLY tells the
