@@ -22,6 +22,7 @@ mod serve;
 mod sim;
 mod standin;
 mod store;
+mod thread_cpu;
 
 #[derive(Parser)]
 #[command(name = "cnse-dp", version, about = "Zero-copy io_uring data plane for LLM inference")]
