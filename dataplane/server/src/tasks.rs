@@ -15,7 +15,7 @@
 //! come from a bounded pool.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -168,10 +168,15 @@ pub struct Tasks {
     pub router: Router<TaskMsg, EventfdWake>,
     pub pool: BatchPool,
     pub balance: Balance,
-    /// One bit per core that sleeps with a free backend slot: a core that
-    /// queues a task wakes one of them to steal it.
-    idle: Box<[AtomicU64]>,
+    /// One flag per core that sleeps with a free backend slot, each on its
+    /// own cache line (a core going to sleep and waking touches only its
+    /// own): a core that queues a task wakes one of them to steal it.
+    idle: Box<[IdleFlag]>,
 }
+
+#[repr(align(128))]
+#[derive(Default)]
+struct IdleFlag(AtomicBool);
 
 /// Results a core's inbox holds at most before runners pause.
 pub const INBOX_MAX: usize = 4096;
@@ -201,7 +206,7 @@ impl Tasks {
             router,
             pool: BatchPool::default(),
             balance,
-            idle: (0..cores.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            idle: (0..cores).map(|_| IdleFlag::default()).collect(),
         });
         Ok((tasks, cores_v))
     }
@@ -218,46 +223,45 @@ impl Tasks {
     }
 
     /// `core` is about to sleep with a free backend slot. True: tasks are
-    /// queued meanwhile, do not sleep (the bit is cleared again). The bit
+    /// queued meanwhile, do not sleep (the flag is cleared again). The flag
     /// is stored before the queue is read, and a pusher queues before it
-    /// reads the bits: one of the two sees the other (no lost wake-up).
+    /// reads the flags: one of the two sees the other (no lost wake-up).
     pub fn going_idle(&self, core: usize) -> bool {
         if self.balance == Balance::Off {
             return false;
         }
-        let (w, bit) = (core / 64, 1u64 << (core % 64));
-        self.idle[w].fetch_or(bit, Ordering::SeqCst);
+        self.idle[core].0.store(true, Ordering::SeqCst);
+        // Store then load on two locations: only a full fence orders them
+        // (the pusher fences between its queueing and its read of flags).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.sched.counts().live > 0 {
-            self.idle[w].fetch_and(!bit, Ordering::SeqCst);
+            self.idle[core].0.store(false, Ordering::Relaxed);
             return true;
         }
         false
     }
 
-    /// `core` woke up (its bit may already have been taken by a waker).
+    /// `core` woke up (its flag may already have been taken by a waker).
     pub fn awake(&self, core: usize) {
-        let (w, bit) = (core / 64, 1u64 << (core % 64));
-        if self.idle[w].load(Ordering::Relaxed) & bit != 0 {
-            self.idle[w].fetch_and(!bit, Ordering::SeqCst);
+        if self.idle[core].0.load(Ordering::Relaxed) {
+            self.idle[core].0.store(false, Ordering::Relaxed);
         }
     }
 
-    /// A task was queued on `from`: wake one idle core to steal it.
+    /// A task was queued on `from`: wake one idle core to steal it, the
+    /// first found after `from` (so that wakes spread).
     pub fn wake_idle(&self, from: usize) {
         if self.balance == Balance::Off {
             return;
         }
-        for (w, word) in self.idle.iter().enumerate() {
-            let mut bits = word.load(Ordering::SeqCst);
-            while bits != 0 {
-                let i = bits.trailing_zeros();
-                let bit = 1u64 << i;
-                let core = w * 64 + i as usize;
-                if core != from && word.fetch_and(!bit, Ordering::SeqCst) & bit != 0 {
-                    self.wake_core(core);
-                    return;
-                }
-                bits &= !bit;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let n = self.idle.len();
+        for k in 1..n {
+            let core = (from + k) % n;
+            let f = &self.idle[core].0;
+            if f.load(Ordering::SeqCst) && f.swap(false, Ordering::SeqCst) {
+                self.wake_core(core);
+                return;
             }
         }
     }
