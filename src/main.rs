@@ -19,6 +19,7 @@ mod gpu_load;
 mod gpu_picker;
 mod gpu_verify_bench;
 mod serve;
+mod serve_ranks;
 mod sim;
 mod standin;
 mod store;

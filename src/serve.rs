@@ -360,12 +360,62 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
     r == libc::SIGINT || r == libc::SIGTERM
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = config(&a)?;
+/// Under `mpirun`: this rank's ports and backends (`serve_ranks`).
+fn for_rank(a: &mut Args, p: crate::serve_ranks::Place) -> anyhow::Result<()> {
+    use crate::serve_ranks::{shifted, urls_for};
+    if !cfg!(feature = "mpi") {
+        bail!(
+            "started as rank {} of {} by an MPI launcher, but this cnse-dp was built without MPI: build it with --features mpi",
+            p.rank,
+            p.ranks
+        );
+    }
+    if a.steal == OnOff::Off {
+        bail!("--steal off cannot run the requests other ranks send: leave stealing on under mpirun");
+    }
+    a.listen = shifted(a.listen, p.rank)?;
+    a.http_listen = a.http_listen.map(|h| shifted(h, p.rank)).transpose()?;
+    a.metrics_listen = a.metrics_listen.map(|m| shifted(m, p.rank)).transpose()?;
+    a.llama_url = urls_for(&a.llama_url, p.rank)?;
+    Ok(())
+}
+
+/// Backend sequences of this process at once (the MPI mirror's slots).
+fn slots_of(a: &Args, threads: usize) -> usize {
+    match a.backend {
+        BackendKind::Synthetic if a.synthetic_slots > 0 => a.synthetic_slots,
+        BackendKind::Synthetic => threads * 65_536,
+        BackendKind::Llama => a.llama_inflight * a.llama_url.len().max(1),
+    }
+}
+
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let place = crate::serve_ranks::place();
+    if let Some(p) = place {
+        for_rank(&mut a, p)?;
+    }
+    let mut cfg = config(&a)?;
+    cfg.ranks = place.map_or(1, |p| p.ranks);
     let factory = backend(&a, cfg.threads)?;
+    let threads = cfg.threads;
     let signals = block_signals();
     let server = Server::start(cfg, factory).context("starting the server")?;
-    println!("listening on {}", server.local_addr());
+    #[cfg(feature = "mpi")]
+    let mirror = match place {
+        Some(p) => Some(crate::serve_ranks::RankMirror::start(
+            &server,
+            slots_of(&a, threads),
+            p.rank,
+        )?),
+        None => None,
+    };
+    #[cfg(not(feature = "mpi"))]
+    let _ = (slots_of(&a, threads), place);
+    let rank_prefix = place.map(|p| format!("rank {} ", p.rank)).unwrap_or_default();
+    println!("{rank_prefix}listening on {}", server.local_addr());
+    if let Some(p) = place {
+        println!("rank {} pid {}", p.rank, std::process::id());
+    }
     if let Some(h) = server.http_addr() {
         println!("http listening on {h}");
     }
@@ -395,8 +445,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if a.stats_interval_ms > 0 {
             let s = server.stats();
+            #[cfg(feature = "mpi")]
+            if let Some(m) = &mirror {
+                use std::sync::atomic::Ordering::Relaxed;
+                let stolen_in = m.stats.stolen_in.load(Relaxed);
+                // This rank's own requests run here: everything its cores
+                // started, less what other ranks sent.
+                println!(
+                    "rank {} tasks ran_local={} stolen_in={} stolen_out={} lost={}",
+                    m.rank(),
+                    (s.ran_local + s.stolen).saturating_sub(stolen_in),
+                    stolen_in,
+                    m.stats.stolen_out.load(Relaxed),
+                    m.stats.lost_tasks.load(Relaxed)
+                );
+            }
             println!(
-                "stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} ran_local={} stolen={} allocs={}",
+                "{rank_prefix}stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} ran_local={} stolen={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
@@ -429,6 +494,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: open streams get --shutdown-grace-ms to finish");
     let stages = server.stage_times();
     server.shutdown().context("shutting down")?;
+    if let Some(p) = place {
+        println!("rank {} drained and stopped", p.rank);
+        std::io::stdout().flush().ok();
+    }
+    #[cfg(feature = "mpi")]
+    if let Some(m) = mirror {
+        // MPI_Finalize needs the launcher: when mpirun itself was told to
+        // end the job (SIGTERM to mpirun), it may be gone already and the
+        // call never returns. The streams are drained: leave without it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            m.shutdown();
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(2)).is_err() {
+            eprintln!("MPI_Finalize did not return within 2 s (mpirun gone?): exiting without it");
+            std::process::exit(0);
+        }
+    }
     if a.stage_timing {
         for t in stages.take() {
             println!("stage timing, worker {}:\n{}", t.worker, t.render());

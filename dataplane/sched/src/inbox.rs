@@ -17,6 +17,11 @@ use crate::sync::{AtomicBool, Mutex, Ordering};
 /// CQE to its ring; it must not block.
 pub trait Wake: Send + Sync {
     fn wake(&self, core: usize);
+
+    /// Tasks were queued where any core may take them (the injector: tasks
+    /// another rank sent): wake a core that can run them. Default: none
+    /// (the cores look on their own).
+    fn work_queued(&self) {}
 }
 
 /// A full inbox hands the value back: the producer holds it and tries again

@@ -63,6 +63,9 @@ pub struct Config {
     /// Workers that accept connections (the first N; 0 = all). The others
     /// run only work they steal: acceptor cores in front of compute cores.
     pub accept_threads: usize,
+    /// Processes serving together (MPI ranks, `mpirun ... serve`): more
+    /// than one sizes the outbox of results for other ranks.
+    pub ranks: usize,
     /// Soft limit of a connection's pending output; input is not read while
     /// it is exceeded.
     pub send_buffer_bytes: usize,
@@ -125,6 +128,7 @@ impl Default for Config {
             admission_queue_max: 4096,
             steal: true,
             accept_threads: 0,
+            ranks: 1,
             send_buffer_bytes: 64 * 1024,
             recv_buffers: 1024,
             recv_buffer_bytes: 16 * 1024,
@@ -223,6 +227,7 @@ pub struct Server {
     http_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    tasks: Arc<tasks::Tasks>,
     wakers: Vec<worker::Waker>,
     threads: Vec<JoinHandle<Result<(), std::io::Error>>>,
 }
@@ -316,8 +321,15 @@ impl Server {
             tasks::Balance::Off
         };
         let queued_max = config.admission_queue_max.saturating_mul(config.threads);
-        let (tasks, cores) = tasks::Tasks::new(config.threads, queued_max, balance, tasks::EventfdWake::new(task_fds))
-            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let remote_max = if config.ranks > 1 { tasks::INBOX_MAX } else { 1 };
+        let (tasks, cores) = tasks::Tasks::new(
+            config.threads,
+            queued_max,
+            balance,
+            tasks::EventfdWake::new(task_fds),
+            remote_max,
+        )
+        .map_err(|e| ServerError::Config(e.to_string()))?;
         let config = Arc::new(config);
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
@@ -352,6 +364,7 @@ impl Server {
             http_addr,
             metrics_addr,
             shared,
+            tasks: tasks.clone(),
             wakers,
             threads,
         };
@@ -387,6 +400,12 @@ impl Server {
 
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// The process's scheduler and the ways back to its cores (the MPI
+    /// mirror bridges them to other ranks).
+    pub fn tasks(&self) -> &Arc<tasks::Tasks> {
+        &self.tasks
     }
 
     pub fn stats(&self) -> Stats {

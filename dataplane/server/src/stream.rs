@@ -153,6 +153,9 @@ pub struct Stream {
     /// The scheduler's handle on this stream's task (kept after the task
     /// ends: the next task of this slot reuses its state).
     pub task: Option<cnse_sched::CancelToken>,
+    /// The scheduler's id of this stream's task (an answer that carries no
+    /// result, such as `Lost`, names it by this).
+    pub task_id: u64,
     /// The task runs on another core, whose tokens arrive through the
     /// inbox (docs/SCHEDULER.md).
     pub remote: Option<Remote>,
@@ -192,6 +195,7 @@ impl Stream {
             error_message: String::new(),
             http: crate::http::HttpStream::default(),
             task: None,
+            task_id: 0,
             remote: None,
             away: 0,
         }

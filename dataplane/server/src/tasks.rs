@@ -15,12 +15,14 @@
 //! come from a bounded pool.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cnse_proto::{FinishReason, Params};
 use cnse_sched::{Core, Inboxes, Job, Outcome, Router, Scheduler, Wake};
+
+mod wire;
 
 /// A request waiting for (or running on) a backend slot, wherever it runs.
 #[derive(Debug)]
@@ -97,13 +99,43 @@ pub type Msg = Outcome<TaskMsg>;
 /// turns (the same eventfd that wakes it for shutdown).
 pub struct EventfdWake {
     fds: Vec<OwnedFd>,
+    /// One flag per core that sleeps with a free backend slot, each on its
+    /// own cache line (a core going to sleep and waking touches only its
+    /// own): a core that queues a task wakes one of them to steal it.
+    idle: Box<[IdleFlag]>,
 }
+
+#[repr(align(128))]
+#[derive(Default)]
+struct IdleFlag(AtomicBool);
 
 impl EventfdWake {
     /// One descriptor per core (duplicates of the workers' wake eventfds);
     /// none for a session that runs alone (the simulator).
     pub fn new(fds: Vec<OwnedFd>) -> Self {
-        Self { fds }
+        let idle = (0..fds.len()).map(|_| IdleFlag::default()).collect();
+        Self { fds, idle }
+    }
+
+    /// Wakes one idle core other than `from` (the first found after it, so
+    /// that wakes spread).
+    fn wake_idle(&self, from: usize) {
+        // The queueing came before: a full fence orders it before the
+        // flags are read (the sleeper fences between its flag and the
+        // queue: no lost wake-up).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let n = self.idle.len();
+        for k in 1..=n {
+            let core = (from + k) % n;
+            if core == from && k < n {
+                continue;
+            }
+            let f = &self.idle[core].0;
+            if f.load(Ordering::SeqCst) && f.swap(false, Ordering::SeqCst) {
+                self.wake_core(core);
+                return;
+            }
+        }
     }
 
     /// Wakes `core` (a cancel or a grant for a task it runs).
@@ -121,6 +153,12 @@ impl EventfdWake {
 impl Wake for EventfdWake {
     fn wake(&self, core: usize) {
         self.wake_core(core);
+    }
+
+    fn work_queued(&self) {
+        if !self.idle.is_empty() {
+            self.wake_idle(self.idle.len() - 1);
+        }
     }
 }
 
@@ -168,26 +206,24 @@ pub struct Tasks {
     pub router: Router<TaskMsg, EventfdWake>,
     pub pool: BatchPool,
     pub balance: Balance,
-    /// One flag per core that sleeps with a free backend slot, each on its
-    /// own cache line (a core going to sleep and waking touches only its
-    /// own): a core that queues a task wakes one of them to steal it.
-    idle: Box<[IdleFlag]>,
+    /// Sequences the backends of all cores hold now (the MPI mirror's load
+    /// messages: free slots = slots − busy).
+    pub busy: Arc<AtomicUsize>,
 }
-
-#[repr(align(128))]
-#[derive(Default)]
-struct IdleFlag(AtomicBool);
 
 /// Results a core's inbox holds at most before runners pause.
 pub const INBOX_MAX: usize = 4096;
 
 impl Tasks {
     /// The scheduler of `cores` cores, `queued_max` queued tasks in all.
+    /// `remote_max`: results of tasks other ranks sent here that may wait
+    /// for the MPI communication thread (1 without MPI: nothing fills it).
     pub fn new(
         cores: usize,
         queued_max: usize,
         balance: Balance,
         wake: EventfdWake,
+        remote_max: usize,
     ) -> Result<(Arc<Tasks>, Vec<Core<Task>>), cnse_sched::SchedError> {
         let (sched, cores_v) = Scheduler::new(&cnse_sched::Config {
             cores,
@@ -197,29 +233,31 @@ impl Tasks {
         let router = Router {
             rank: 0,
             local: Arc::new(Inboxes::new(cores, INBOX_MAX, wake)),
-            // Only the MPI mirror sends to other ranks; a one-slot outbox
-            // that nobody fills keeps the type whole without it.
-            remote: Arc::new(cnse_sched::Inbox::new(1)),
+            remote: Arc::new(cnse_sched::Inbox::new(remote_max.max(1))),
         };
         let tasks = Arc::new(Tasks {
             sched,
             router,
             pool: BatchPool::default(),
             balance,
-            idle: (0..cores).map(|_| IdleFlag::default()).collect(),
+            busy: Arc::new(AtomicUsize::new(0)),
         });
         Ok((tasks, cores_v))
     }
 
     /// A scheduler for one session alone (the simulator, tests).
     pub fn single(queued_max: usize) -> (Arc<Tasks>, Core<Task>) {
-        let (t, mut cores) = Tasks::new(1, queued_max.max(1), Balance::Off, EventfdWake::new(Vec::new()))
+        let (t, mut cores) = Tasks::new(1, queued_max.max(1), Balance::Off, EventfdWake::new(Vec::new()), 1)
             .expect("a one-core scheduler with a bound >= 1 is valid");
         (t, cores.pop().expect("one core"))
     }
 
     pub fn wake_core(&self, core: usize) {
         self.router.local.waker().wake_core(core);
+    }
+
+    fn idle(&self, core: usize) -> Option<&AtomicBool> {
+        self.router.local.waker().idle.get(core).map(|f| &f.0)
     }
 
     /// `core` is about to sleep with a free backend slot. True: tasks are
@@ -230,12 +268,12 @@ impl Tasks {
         if self.balance == Balance::Off {
             return false;
         }
-        self.idle[core].0.store(true, Ordering::SeqCst);
-        // Store then load on two locations: only a full fence orders them
-        // (the pusher fences between its queueing and its read of flags).
+        let Some(flag) = self.idle(core) else { return false };
+        flag.store(true, Ordering::SeqCst);
+        // Store then load on two locations: only a full fence orders them.
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.sched.counts().live > 0 {
-            self.idle[core].0.store(false, Ordering::Relaxed);
+            flag.store(false, Ordering::Relaxed);
             return true;
         }
         false
@@ -243,26 +281,17 @@ impl Tasks {
 
     /// `core` woke up (its flag may already have been taken by a waker).
     pub fn awake(&self, core: usize) {
-        if self.idle[core].0.load(Ordering::Relaxed) {
-            self.idle[core].0.store(false, Ordering::Relaxed);
+        if let Some(flag) = self.idle(core) {
+            if flag.load(Ordering::Relaxed) {
+                flag.store(false, Ordering::Relaxed);
+            }
         }
     }
 
-    /// A task was queued on `from`: wake one idle core to steal it, the
-    /// first found after `from` (so that wakes spread).
+    /// A task was queued on `from`: wake one idle core to steal it.
     pub fn wake_idle(&self, from: usize) {
-        if self.balance == Balance::Off {
-            return;
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let n = self.idle.len();
-        for k in 1..n {
-            let core = (from + k) % n;
-            let f = &self.idle[core].0;
-            if f.load(Ordering::SeqCst) && f.swap(false, Ordering::SeqCst) {
-                self.wake_core(core);
-                return;
-            }
+        if self.balance == Balance::Steal {
+            self.router.local.waker().wake_idle(from);
         }
     }
 }

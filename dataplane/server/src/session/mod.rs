@@ -64,6 +64,8 @@ pub struct Session<T: Transport> {
     /// The next `admit` may steal: this core was about to sleep with a
     /// free backend slot (`allow_steal`).
     steal_ok: bool,
+    /// The backend's active count as last added to `Tasks::busy`.
+    busy_reported: usize,
     limits: ParamLimits,
     pub(crate) auth: Option<AuthKey>,
     next_sweep: Instant,
@@ -134,6 +136,7 @@ impl<T: Transport> Session<T> {
             inbox_buf: Vec::with_capacity(crate::tasks::INBOX_MAX),
             woken: false,
             steal_ok: false,
+            busy_reported: 0,
             limits,
             auth,
             next_sweep: now + SWEEP_INTERVAL,
@@ -450,6 +453,16 @@ impl<T: Transport> Session<T> {
         }
         self.flush_foreign();
         self.flush_dirty();
+        let busy = self.backend.stats().active as usize;
+        if busy != self.busy_reported {
+            use std::sync::atomic::Ordering::Relaxed;
+            if busy > self.busy_reported {
+                self.tasks.busy.fetch_add(busy - self.busy_reported, Relaxed);
+            } else {
+                self.tasks.busy.fetch_sub(self.busy_reported - busy, Relaxed);
+            }
+            self.busy_reported = busy;
+        }
         if self.tables.now >= self.next_sweep {
             self.sweep();
             self.next_sweep = self.tables.now + SWEEP_INTERVAL;

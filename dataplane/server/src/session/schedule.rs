@@ -100,8 +100,9 @@ impl<T: Transport> Session<T> {
             .core
             .push_reusing(s.params.priority, cnse_sched::Job::local(task), reuse, tokens_max)
         {
-            Ok((_, token)) => {
+            Ok((id, token)) => {
                 s.task = Some(token);
+                s.task_id = id;
                 s.away = away;
                 self.tasks.wake_idle(self.core.index());
                 Ok(())
@@ -136,7 +137,9 @@ impl<T: Transport> Session<T> {
             };
             let Some(claimed) = next else { break };
             n += 1;
-            if claimed.task.owner == self.core.index() {
+            let own =
+                claimed.task.payload.origin == cnse_sched::Origin::Local && claimed.task.owner == self.core.index();
+            if own {
                 self.start_own(claimed);
             } else {
                 self.start_foreign(claimed);

@@ -189,7 +189,9 @@ impl<T: Transport> Session<T> {
     }
 
     fn on_task_msg(&mut self, m: Msg) {
-        let Some(msg) = m.result else { return };
+        let Some(msg) = m.result else {
+            return self.on_bare_end(m.id, m.status);
+        };
         let TaskMsg {
             sslot,
             gen,
@@ -248,6 +250,22 @@ impl<T: Transport> Session<T> {
             }
         }
         t.mark_dirty(conn);
+    }
+
+    /// An answer without a result (the rank running the task was lost, or
+    /// the task was cancelled before it ran elsewhere): finds the stream by
+    /// its task id (rare: a scan of the stream table).
+    fn on_bare_end(&mut self, task_id: u64, status: Status) {
+        let t = &mut self.tables;
+        let found = t.streams.iter().position(|s| {
+            s.task_id == task_id && s.task.is_some() && matches!(s.phase, Phase::Queued | Phase::Running)
+        });
+        let Some(sslot) = found else { return };
+        let (code, message) = match status {
+            Status::Lost => (code::BACKEND_FAILED, "the rank running this stream was lost"),
+            _ => (code::BACKEND_FAILED, "the stream's work ended without a result"),
+        };
+        t.fail(sslot as u32, code, message);
     }
 
     /// The owner's stream drained: lets the runner emit up to the room now
