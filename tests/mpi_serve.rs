@@ -4,6 +4,7 @@
 //! transport); without it they say so and pass.
 
 mod common;
+mod llama_common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -295,6 +296,45 @@ fn issue10_a_dead_rank_fails_only_its_streams_with_502() {
     assert!(
         eventually(WAIT, || job.rank_stat(0, "lost") == Some(1)),
         "{:?}",
+        job.lines()
+    );
+}
+
+/// One real llama-server per rank, every client on rank 0: both servers
+/// work, and each text equals llama-server's own answer at temperature 0.
+#[test]
+fn issue10_one_llama_server_per_rank_both_work_with_llama_servers_text() {
+    let Some(bin) = mpi_bin() else { return };
+    let Some((url0, _guard0)) = llama_common::llama() else { return };
+    let Some(server1) = llama_common::RealServer::start() else { return };
+    let urls = format!("0={url0},1={}", server1.url);
+    let job = start(&bin, &["--backend", "llama", "--llama-url", &urls, "--llama-inflight", "1"]);
+    let prompts = ["The capital of France is", "Water boils at", "One, two, three,", "The sky is"];
+    let greedy = Params {
+        max_tokens: 8,
+        temperature: 0.0,
+        ..Params::default()
+    };
+    let got: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                s.spawn(|| {
+                    let (mut c, _) = Client::connect_hello(job.addr, b"", Duration::from_secs(60)).expect("connect");
+                    let g = c.generate(1, 0, &greedy, p, |_, _| {}).expect("generate");
+                    String::from_utf8(g.text).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (p, g) in prompts.iter().zip(&got) {
+        assert_eq!(g, &llama_common::direct_answer(&url0, p, 8), "prompt {p:?}");
+    }
+    assert!(
+        eventually(WAIT, || job.rank_stat(1, "stolen_in").is_some_and(|n| n > 0)
+            && job.rank_stat(0, "ran_local").is_some_and(|n| n > 0)),
+        "both ranks' llama-servers worked: {:?}",
         job.lines()
     );
 }
