@@ -10,6 +10,8 @@
 //!   of its tasks that ran elsewhere, and a [`Wake`] the server implements
 //!   (eventfd or IORING_OP_MSG_RING).
 //! - `mpi` (feature): the mirror across MPI ranks (`docs/SCHEDULER.md`).
+//! - `wire` (feature, part of `mpi`): the rkyv messages between ranks,
+//!   without MPI (the fuzz targets decode them).
 //!
 //! The shared atomics (task state, admission gate, inbox) are built on
 //! `sync.rs`, so the loom models (`--cfg cnse_loom`) check the same code.
@@ -31,6 +33,8 @@ mod tests;
 
 #[cfg(all(feature = "mpi", not(cnse_loom)))]
 pub mod mpi;
+#[cfg(feature = "wire")]
+pub mod wire;
 
 pub use gate::GateCounts;
 pub use inbox::{Inbox, InboxFull, Inboxes, Wake};

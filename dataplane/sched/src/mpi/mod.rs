@@ -1,7 +1,7 @@
 //! The MPI mirror (feature `mpi`): one communication thread per rank
 //! bridges MPI and the local scheduler. Ranks exchange load; an idle rank
 //! steals half of a busy rank's queued tasks from a randomised victim;
-//! tasks and results cross as rkyv messages (`wire.rs`); cancels cross too;
+//! tasks and results cross as rkyv messages (`crate::wire`); cancels cross too;
 //! a rank silent past `dead_after` is given up (its tasks end `Lost`).
 //! Design and formats: `docs/SCHEDULER.md`.
 //!
@@ -13,7 +13,7 @@
 mod comm;
 mod peers;
 mod sends;
-pub mod wire;
+pub use crate::wire;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
