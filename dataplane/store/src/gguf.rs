@@ -223,7 +223,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufInfo, GgufError> {
             None => tensors_ok = false,
         }
         if (ty as usize) < type_counts.len() {
-            type_counts[ty as usize] += elems;
+            // Saturating: the shapes are the file's word, and a hostile one
+            // must not overflow (the count only ranks the types).
+            type_counts[ty as usize] = type_counts[ty as usize].saturating_add(elems);
         }
     }
     if tensors_ok && tensor_count > 0 {
@@ -382,6 +384,27 @@ pub(crate) mod tests {
         for n in 0..b.len() {
             assert!(parse(&b[..n]).is_err(), "truncated at {n} parsed");
         }
+    }
+
+    /// Issue 11, found while writing the `gguf` fuzz target: two tensors of
+    /// 2^63 elements each overflowed the per-type count (a panic with
+    /// overflow checks, a wrong count without).
+    #[test]
+    fn issue11_huge_tensor_shapes_are_not_an_overflow() {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes()); // tensors
+        b.extend(0u64.to_le_bytes()); // kvs
+        for name in ["a", "b"] {
+            s(&mut b, name);
+            b.extend(1u32.to_le_bytes());
+            b.extend((1u64 << 63).to_le_bytes());
+            b.extend(0u32.to_le_bytes());
+            b.extend(0u64.to_le_bytes());
+        }
+        let info = parse(&b).unwrap();
+        assert_eq!(info.parameter_count, None, "an overflowing sum is not stated");
+        assert_eq!(info.quantization.as_deref(), Some("F32"));
     }
 
     #[test]
