@@ -226,7 +226,8 @@ impl FrameDecoder {
             return;
         }
         self.payload.clear();
-        self.payload.reserve(need);
+        // Exact: amortized growth could reserve up to twice the limit.
+        self.payload.reserve_exact(need);
         self.state = State::Payload { kind, need };
     }
 }
