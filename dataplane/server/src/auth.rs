@@ -7,6 +7,28 @@
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// Key bytes that never print: `Debug` says only that a key is there, so
+/// a `Config` in a log or a panic message does not carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Secret {
+        Secret(bytes)
+    }
+
+    /// The key itself, for the one place that needs it (the HMAC).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 pub(crate) struct AuthKey {
     mac_key: hmac::Key,
     expected: hmac::Tag,
@@ -32,6 +54,18 @@ impl AuthKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issue11_a_config_never_prints_its_key() {
+        let cfg = crate::Config {
+            auth_key: Some(Secret::new(b"s3cret-key".to_vec())),
+            ..crate::Config::default()
+        };
+        let text = format!("{cfg:?} {cfg:#?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(!text.contains("115, 51, 99"), "not as numbers either: {text}");
+        assert!(text.contains("Secret(<redacted>)"), "{text}");
+    }
 
     #[test]
     fn only_the_exact_key_passes() {

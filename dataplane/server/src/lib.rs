@@ -15,6 +15,7 @@ use std::time::Duration;
 use cnse_backend::BackendFactory;
 
 mod auth;
+pub use auth::Secret;
 mod conn;
 mod http;
 mod listen;
@@ -28,6 +29,8 @@ pub mod transport;
 mod worker;
 
 pub use cnse_proto::{MAX_TOKENS_LIMIT_DEFAULT, PAYLOAD_BYTES_MAX_DEFAULT};
+/// The HTTP front's request parser, pure (the `http_request` fuzz target).
+pub use http::parse as http_parse;
 
 /// Server limits and settings. Every queue and table is bounded by one of
 /// these.
@@ -89,7 +92,7 @@ pub struct Config {
     /// On shutdown, open streams get this long to finish before ERROR 503.
     pub shutdown_grace: Duration,
     /// Required HELLO token, if any.
-    pub auth_key: Option<Vec<u8>>,
+    pub auth_key: Option<Secret>,
     /// Name sent in HELLO_ACK.
     pub server_name: String,
     /// Time each request's stages and each loop turn ([`stages`]); the

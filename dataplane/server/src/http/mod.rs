@@ -22,7 +22,7 @@ use crate::stream::Credit;
 use crate::transport::Transport;
 
 pub(crate) mod openai;
-pub(crate) mod parse;
+pub mod parse;
 mod respond;
 
 use openai::Kind;

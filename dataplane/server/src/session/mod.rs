@@ -126,7 +126,7 @@ impl<T: Transport> Session<T> {
         let limits = ParamLimits {
             max_tokens_limit: cfg.max_tokens_limit,
         };
-        let auth = cfg.auth_key.as_deref().map(AuthKey::new);
+        let auth = cfg.auth_key.as_ref().map(|k| AuthKey::new(k.expose()));
         Session {
             io,
             tables: Tables::new(cfg, now, conns_max, worker),

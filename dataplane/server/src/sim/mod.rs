@@ -10,6 +10,8 @@
 //!
 //! `run(&SimConfig { seed, steps })` replays one seed exactly; the CLI's
 //! `cnse-dp sim --seed S --steps N` runs it for as long as asked.
+//! `run_script(bytes)` drives the same session with clients a fuzzer
+//! writes (`script.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,10 +26,12 @@ mod backend;
 mod client;
 mod io;
 mod rng;
+mod script;
 
 use client::Client;
 use io::SimIo;
 use rng::Rng;
+pub use script::{run_script, ScriptReport, SCRIPT_CLIENTS, SCRIPT_KEY};
 
 /// One simulation run.
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +107,7 @@ fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
         } else {
             1 << 30
         },
-        auth_key: key.clone(),
+        auth_key: key.clone().map(crate::Secret::new),
         // Half the seeds run with stage timing (no new draw: the seeds
         // replay as before).
         stage_timing: key.is_some(),
@@ -378,47 +382,12 @@ impl Sim {
     }
 
     fn check(&self) -> Result<(), SimFailure> {
-        let io = &self.session.io;
-        if let Some(m) = io.misuse.first() {
-            return self.fail(format!("transport misuse: {m}"));
-        }
         for (i, c) in self.clients.iter().enumerate() {
             if let Some(f) = c.failures.first() {
                 return self.fail(format!("client {i} ({:?}): {f}", c.behavior));
             }
         }
-        let n = self.session.counters();
-        let cfg = self.session.cfg();
-        if n.streams_open as usize > cfg.streams_per_thread_max {
-            return self.fail(format!(
-                "{} streams open, limit {}",
-                n.streams_open, cfg.streams_per_thread_max
-            ));
-        }
-        let (conns_free, _) = self.session.free_slots();
-        if conns_free + n.conns_open as usize != CONNS_MAX {
-            return self.fail(format!(
-                "{conns_free} free + {} open connection slots != {CONNS_MAX}",
-                n.conns_open
-            ));
-        }
-        if let Err(e) = self.session.check_live_list() {
-            return self.fail(format!("live connection list: {e}"));
-        }
-        let (held, counted) = self.session.memory();
-        if held != counted {
-            return self.fail(format!(
-                "memory budget counts {held} bytes held, buffers hold {counted}"
-            ));
-        }
-        if io.open_sockets() != n.conns_open as usize {
-            return self.fail(format!(
-                "{} sockets open, {} connections",
-                io.open_sockets(),
-                n.conns_open
-            ));
-        }
-        Ok(())
+        check_session(&self.session, CONNS_MAX).or_else(|e| self.fail(e))
     }
 
     /// The end: no new streams; readers grant credit and read; then every
@@ -540,15 +509,7 @@ impl Sim {
     }
 
     fn quiescent(&self) -> bool {
-        let n = self.session.counters();
-        let (conns_free, streams_free) = self.session.free_slots();
-        n.conns_open == 0
-            && n.streams_open == 0
-            && self.session.backend_active() == 0
-            && self.session.admission_queue_len() == 0
-            && conns_free == CONNS_MAX
-            && streams_free == self.session.cfg().streams_per_thread_max
-            && self.session.io.open_sockets() == 0
+        quiescent(&self.session, CONNS_MAX)
     }
 
     fn state(&self) -> String {
@@ -578,4 +539,59 @@ impl Sim {
             sim_time_ms: self.clock.as_millis() as u64,
         }
     }
+}
+
+/// The session's own invariants, whatever drives it: the transport used as
+/// a kernel allows, tables within their bounds, every connection slot free
+/// or open, the memory budget's count equal to the buffers held.
+fn check_session(session: &Session<SimIo>, conns_max: usize) -> Result<(), String> {
+    let io = &session.io;
+    if let Some(m) = io.misuse.first() {
+        return Err(format!("transport misuse: {m}"));
+    }
+    let n = session.counters();
+    let cfg = session.cfg();
+    if n.streams_open as usize > cfg.streams_per_thread_max {
+        return Err(format!(
+            "{} streams open, limit {}",
+            n.streams_open, cfg.streams_per_thread_max
+        ));
+    }
+    let (conns_free, _) = session.free_slots();
+    if conns_free + n.conns_open as usize != conns_max {
+        return Err(format!(
+            "{conns_free} free + {} open connection slots != {conns_max}",
+            n.conns_open
+        ));
+    }
+    session
+        .check_live_list()
+        .map_err(|e| format!("live connection list: {e}"))?;
+    let (held, counted) = session.memory();
+    if held != counted {
+        return Err(format!(
+            "memory budget counts {held} bytes held, buffers hold {counted}"
+        ));
+    }
+    if io.open_sockets() != n.conns_open as usize {
+        return Err(format!(
+            "{} sockets open, {} connections",
+            io.open_sockets(),
+            n.conns_open
+        ));
+    }
+    Ok(())
+}
+
+/// Nothing open, queued or held: every slot and socket is back.
+fn quiescent(session: &Session<SimIo>, conns_max: usize) -> bool {
+    let n = session.counters();
+    let (conns_free, streams_free) = session.free_slots();
+    n.conns_open == 0
+        && n.streams_open == 0
+        && session.backend_active() == 0
+        && session.admission_queue_len() == 0
+        && conns_free == conns_max
+        && streams_free == session.cfg().streams_per_thread_max
+        && session.io.open_sockets() == 0
 }
