@@ -42,16 +42,10 @@ pub struct Args {
     pub timeout_ms: u64,
 }
 
-/// Reads an auth key file: its content without one trailing newline.
+/// Reads an auth key file: its content without one trailing newline;
+/// refused when group or others can read or write it.
 pub fn read_auth_key(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let mut key = std::fs::read(path).with_context(|| format!("reading auth key file {}", path.display()))?;
-    if key.last() == Some(&b'\n') {
-        key.pop();
-        if key.last() == Some(&b'\r') {
-            key.pop();
-        }
-    }
-    Ok(key)
+    crate::key_file::read_key_file(path)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ mod gpu_bench_sampling;
 mod gpu_load;
 mod gpu_picker;
 mod gpu_verify_bench;
+mod key_file;
 mod serve;
 mod serve_ranks;
 mod sim;

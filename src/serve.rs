@@ -184,18 +184,14 @@ fn store_names(a: &Args) -> anyhow::Result<Vec<String>> {
     Ok(refs.into_iter().map(|r| r.name.to_string()).collect())
 }
 
-pub fn read_auth_key(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
-    let mut key = std::fs::read(path).with_context(|| format!("reading auth key file {}", path.display()))?;
-    if key.ends_with(b"\n") {
-        key.pop();
-        if key.ends_with(b"\r") {
-            key.pop();
-        }
-    }
+/// The server's key: the file as `key_file` reads it (refused when group
+/// or others can read or write it), never empty.
+pub fn read_auth_key(path: &std::path::Path) -> anyhow::Result<cnse_server::Secret> {
+    let key = crate::key_file::read_key_file(path)?;
     if key.is_empty() {
         bail!("auth key file {} is empty", path.display());
     }
-    Ok(key)
+    Ok(cnse_server::Secret::new(key))
 }
 
 pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFactory> {
@@ -254,7 +250,7 @@ pub fn synthetic_factory_on(
 }
 
 pub fn config(a: &Args) -> anyhow::Result<Config> {
-    let auth_key = a.auth_key_file.as_ref().map(read_auth_key).transpose()?;
+    let auth_key = a.auth_key_file.as_deref().map(read_auth_key).transpose()?;
     let threads = match a.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(n) => n,

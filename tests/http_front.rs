@@ -347,6 +347,9 @@ fn issue12_bad_requests_get_their_status_and_other_clients_go_on() {
 fn issue12_bearer_key_is_required_except_for_health() {
     let key = std::env::temp_dir().join(format!("cnse-http-key-{}", std::process::id()));
     std::fs::write(&key, "s3cret\n").unwrap();
+    // Only the owner may read a key file (issue 11).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (_s, addr) = http_server(&["--auth-key-file", key.to_str().unwrap()]);
     let mut c = Conn::new(addr);
     c.get("/health");

@@ -211,6 +211,9 @@ fn issue2_sigterm_lets_open_streams_finish_then_exits() {
 fn issue2_auth_token_split_across_writes() {
     let dir = std::env::temp_dir().join(format!("cnse-edge-key-{}", std::process::id()));
     std::fs::write(&dir, "split-key\n").unwrap();
+    // Only the owner may read a key file (issue 11).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o600)).unwrap();
     let s = Server::start(&["--auth-key-file", dir.to_str().unwrap()]);
     let mut c = s.raw();
     let mut bytes = Vec::new();

@@ -12,6 +12,9 @@ fn key_file(key: &str) -> (tempdir::Dir, String) {
     let mut f = std::fs::File::create(&path).unwrap();
     // A trailing newline is not part of the key.
     writeln!(f, "{key}").unwrap();
+    // Only the owner may read a key file (issue 11).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     (dir, path.to_str().unwrap().to_string())
 }
 

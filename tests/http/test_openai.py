@@ -102,6 +102,7 @@ def test_models_and_errors(server):
 def test_a_wrong_key_is_refused(tmp_path):
     key = tmp_path / "key"
     key.write_text("s3cret\n")
+    key.chmod(0o600)  # only the owner may read a key file (issue 11)
     p, base = start("--auth-key-file", str(key))
     try:
         with pytest.raises(openai.AuthenticationError):

@@ -36,14 +36,26 @@ pub const WINDOW_MAX: u32 = 65_536;
 /// Frames queued while the handshake is under way.
 pub const PENDING_FRAMES_MAX: usize = STREAMS_MAX + PINGS_MAX;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub addr: String,
+    /// Never printed (`Debug` redacts it).
     pub auth_key: Vec<u8>,
     /// How long a waiting stream or ping may see nothing; `None`: forever.
     pub timeout: Option<Duration>,
     /// Bounds connecting, the handshake and every write.
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("auth_key", &if self.auth_key.is_empty() { "none" } else { "<redacted>" })
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 pub(crate) enum WriterSlot {

@@ -15,6 +15,7 @@ from conftest import paced
 def keyed(serve, tmp_path):
     key = tmp_path / "key.txt"
     key.write_text("s3cret\n")
+    key.chmod(0o600)  # only the owner may read a key file (issue 11)
     return serve("--auth-key-file", str(key))
 
 
