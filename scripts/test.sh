@@ -93,3 +93,6 @@ scripts/test-http.sh
 
 log "Work-stealing scheduler across MPI ranks (mpirun, shared memory and TCP)"
 scripts/test-mpi.sh
+
+log "Fuzz targets, 60 s each (docs/RELIABILITY.md)"
+scripts/fuzz.sh 60
