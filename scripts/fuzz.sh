@@ -75,7 +75,7 @@ if [ -f "$doc" ]; then
   tmp=$(mktemp)
   awk '
     FNR == NR {
-      if ($0 ~ /^\| [0-9]{4}-[0-9]{2}-[0-9]{2} \|/) {
+      if ($0 ~ /^\| 2[0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] \|/) {
         split($0, f, "|"); t = f[4]; gsub(/[ `]/, "", t)
         n[t] += f[7]; s[t] += f[6]; if (f[8] !~ /clean/) bad[t]++
         if (!(t in seen)) { seen[t] = 1; order[++k] = t }
@@ -85,7 +85,7 @@ if [ -f "$doc" ]; then
     /<!-- totals begin -->/ {
       print; print "| target | executions so far | seconds so far | runs with a finding |"
       print "|---|---:|---:|---:|"
-      for (i = 1; i <= k; i++) { t = order[i]; printf "| `%s` | %d | %d | %d |\n", t, n[t], s[t], bad[t] + 0 }
+      for (i = 1; i <= k; i++) { t = order[i]; printf "| `%s` | %.0f | %.0f | %.0f |\n", t, n[t], s[t], bad[t] + 0 }
       skip = 1; next
     }
     /<!-- totals end -->/ { skip = 0 }

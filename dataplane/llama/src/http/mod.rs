@@ -344,7 +344,9 @@ impl ResponseDecoder {
                 }
                 length = Some(n);
             } else if h.name.eq_ignore_ascii_case("content-type") {
-                event_stream = value.len() >= 17 && value[..17].eq_ignore_ascii_case("text/event-stream");
+                // Bytes, not a str slice: byte 17 may fall inside a character.
+                event_stream =
+                    (value.as_bytes().get(..17)).is_some_and(|v| v.eq_ignore_ascii_case(b"text/event-stream"));
             } else if h.name.eq_ignore_ascii_case("connection") {
                 for token in value.split(',') {
                     let token = token.trim();

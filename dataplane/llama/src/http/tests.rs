@@ -170,3 +170,16 @@ fn stops_between_lines_and_resumes() {
     assert!(d.is_done());
     assert_eq!(pos, rest.len());
 }
+
+/// Issue 11, found by the `llama_http` fuzz target: a Content-Type whose
+/// 17th byte falls inside a UTF-8 character panicked the worker (a str
+/// sliced off a character boundary).
+#[test]
+fn issue11_a_content_type_with_a_multibyte_char_is_not_a_panic() {
+    let input = "HTTP/1.1 200 OK\r\nContent-Type: text/event======\u{f8}==\r\nContent-Length: 0\r\n\r\n";
+    let (head, lines, ended) = decode(input.as_bytes(), 1).unwrap();
+    assert!(!head.event_stream, "not an event stream");
+    assert!(lines.is_empty() && ended);
+    let sse = "HTTP/1.1 200 OK\r\nContent-Type: TEXT/EVENT-STREAM; charset=\u{f8}\r\nContent-Length: 0\r\n\r\n";
+    assert!(decode(sse.as_bytes(), 3).unwrap().0.event_stream);
+}
