@@ -194,7 +194,11 @@ fn issue2_bench_sweep_and_peak_fraction() {
     assert!(peak.contains("open loop at 50% of the closed-loop peak"), "{peak}");
     // One e2e row per run; e2e_all (every request of the window) in the
     // open loop only, where the closed loop's rows had nothing to add.
-    let rows = |name: &str| peak.lines().filter(|l| l.split_whitespace().next() == Some(name)).count();
+    let rows = |name: &str| {
+        peak.lines()
+            .filter(|l| l.split_whitespace().next() == Some(name))
+            .count()
+    };
     assert_eq!((rows("e2e"), rows("e2e_all")), (2, 1), "{peak}");
     let bound = run(&["--requests", "500"]);
     let line = bound
