@@ -99,8 +99,10 @@ start_server() {
     monoio) taskset -c "$cpus" "$MONOIO" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
   esac
   SP=$!
-  wait_ready "$log" '^listening on'
-  ADDR=$(sed -n 's/^listening on //p' "$log" | head -1 | cut -d' ' -f1)
+  # The address itself, not only the start of the line.
+  wait_ready "$log" '^listening on [0-9]'
+  ADDR=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
+  [ -n "$ADDR" ] || { echo "bench.sh: $name printed no address: $(head -c 500 "$log")" >&2; exit 1; }
 }
 
 # run EXP SERVER PARAM VALUE [bench flags...]: one load run against the
@@ -135,39 +137,50 @@ peak_of() { awk -F, '$2 == "requests" && $3 == "per_s" {printf "%d", $5}' "$tmp/
 
 servers="cnse-dp tokio tokio-uring monoio"
 gen=(--mode generate --max-tokens 16)
+# Every point runs the servers one after the other, each freshly started,
+# so that what other work does to the machine meanwhile falls on all of
+# them alike rather than on whichever server's turn it was.
 if [[ " $only " == *" connections "* ]]; then
   echo "== throughput vs connections (closed loop)"
-  for s in $servers; do
-    start_server "$s"
-    for c in $conns_list; do
+  for c in $conns_list; do
+    for s in $servers; do
+      start_server "$s"
       run connections "$s" connections "$c" --mode ping --payload-bytes 64 --connections "$c" --inflight 16
       run connections "$s" connections "$c" "${gen[@]}" --connections "$c" --inflight 4
+      stop_server
     done
-    stop_server
   done
 fi
 
 if [[ " $only " == *" load "* ]]; then
   echo "== latency vs offered load (open loop at fractions of each server's own closed-loop peak)"
+  declare -A peaks
   for s in $servers; do
     start_server "$s"
     run load "$s" load peak "${gen[@]}" --connections 64 --inflight 4
-    peak=$(peak_of)
-    for f in $fractions; do
-      [ -n "$peak" ] && [ "$peak" -gt 0 ] || break
+    peaks[$s]=$(peak_of)
+    stop_server
+  done
+  for f in $fractions; do
+    for s in $servers; do
+      peak=${peaks[$s]:-0}
+      [ -n "$peak" ] && [ "$peak" -gt 0 ] || continue
+      start_server "$s"
       run load "$s" load "$f" "${gen[@]}" --connections 64 --inflight 4 \
         --rate "$(awk -v p="$peak" -v f="$f" 'BEGIN {printf "%d", p * f}')"
+      stop_server
     done
-    stop_server
   done
 fi
 
 if [[ " $only " == *" inflight "* ]]; then
   echo "== throughput and p99 vs inflight depth (closed loop, 64 connections)"
-  for s in $servers; do
-    start_server "$s"
-    for k in $inflight_list; do run inflight "$s" inflight "$k" "${gen[@]}" --connections 64 --inflight "$k"; done
-    stop_server
+  for k in $inflight_list; do
+    for s in $servers; do
+      start_server "$s"
+      run inflight "$s" inflight "$k" "${gen[@]}" --connections 64 --inflight "$k"
+      stop_server
+    done
   done
 fi
 

@@ -47,8 +47,18 @@ fn cnse_twin<'a>(pts: &'a [Point], p: &Point) -> Option<&'a Point> {
         .find(|q| q.server == CNSE && q.value == p.value && q.mode() == p.mode())
 }
 
+/// Runs ordered by setting, then mode (stable: servers keep the order
+/// they ran in).
+fn by_setting(mut pts: Vec<Point>) -> Vec<Point> {
+    pts.sort_by(|a, b| {
+        let x = |p: &Point| p.x().unwrap_or(f64::MAX);
+        x(a).total_cmp(&x(b)).then_with(|| b.mode().cmp(a.mode()))
+    });
+    pts
+}
+
 fn connections(out: &mut String, dir: &Path) {
-    let pts = points(&load(dir, "connections.csv"));
+    let pts = by_setting(points(&load(dir, "connections.csv")));
     if pts.is_empty() {
         let _ = writeln!(out, "\n## Throughput vs connections\n\nNot run.");
         return;
@@ -115,7 +125,10 @@ fn connections(out: &mut String, dir: &Path) {
 }
 
 fn latency_vs_load(out: &mut String, dir: &Path) {
-    let pts = points(&load(dir, "load.csv"));
+    let mut pts = points(&load(dir, "load.csv"));
+    // Grouped by server (stable: the peak, then the fractions in order).
+    let order = servers(&pts);
+    pts.sort_by_key(|p| order.iter().position(|s| *s == p.server));
     if pts.is_empty() {
         let _ = writeln!(out, "\n## Latency vs offered load\n\nNot run.");
         return;
@@ -178,7 +191,7 @@ fn latency_vs_load(out: &mut String, dir: &Path) {
 }
 
 fn inflight(out: &mut String, dir: &Path) {
-    let pts = points(&load(dir, "inflight.csv"));
+    let pts = by_setting(points(&load(dir, "inflight.csv")));
     if pts.is_empty() {
         return;
     }
