@@ -88,8 +88,13 @@ failures=0
 cat "$out/machine.txt"
 
 # start_server NAME [THREADS [CPUS [cnse-dp serve flags...]]]: sets SP and ADDR.
+starts=0
 start_server() {
-  local name=$1 threads=${2:-1} cpus=${3:-$server_cpu} log=$tmp/server.log
+  # A new log per start: the background command's redirection truncates
+  # its file only once that process runs, so a reused log could still show
+  # the previous server's address to the wait below.
+  starts=$((starts + 1))
+  local name=$1 threads=${2:-1} cpus=${3:-$server_cpu} log=$tmp/server.$starts.log
   shift $(($# < 3 ? $# : 3))
   case $name in
     cnse-dp) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
