@@ -79,6 +79,7 @@ bench_redis() {
   done
   kill "$RP" 2>/dev/null || true
   wait "$RP" 2>/dev/null || true
+  RP=""
   start_server cnse-dp
   for c in $redis_conns; do
     run redis cnse-dp pipeline 1 --mode ping --payload-bytes 0 --connections "$c" --inflight 1

@@ -71,7 +71,7 @@ stop_server() {
   if [ -n "$SP" ]; then kill -TERM "$SP" 2>/dev/null || true; wait "$SP" 2>/dev/null || true; SP=""; fi
 }
 RP=""
-trap 'stop_server; [ -z "$RP" ] || kill "$RP" 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'stop_server; [ -z "$RP" ] || kill "$RP" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 # LOAD_CPUS as a list for --client-cpus (taskset takes ranges as they are).
 client_cpus=$(echo "$load_cpus" | tr ',' '\n' | while IFS=- read -r a b; do seq "$a" "${b:-$a}"; done | paste -sd,)
 failures=0
@@ -215,8 +215,9 @@ fi
 
 if [[ " $only " == *" micro "* ]]; then
   echo "== micro-benchmarks"
+  # --bench: without it a divan binary only checks that each benchmark runs.
   if [ "$quick" = 1 ]; then micro_args=(--sample-count 3 --sample-size 1); else micro_args=(); fi
-  if ! taskset -c "$server_cpu" "$MICRO" "${micro_args[@]}" >"$out/micro.txt" 2>"$tmp/micro.err"; then
+  if ! taskset -c "$server_cpu" "$MICRO" --bench "${micro_args[@]}" >"$out/micro.txt" 2>"$tmp/micro.err"; then
     echo "   FAILED: micro: $(tail -3 "$tmp/micro.err")"
     failures=$((failures + 1))
   fi

@@ -210,6 +210,17 @@ pub fn write_all(dir: &Path) -> Res<Vec<String>> {
         );
         p.series = series(&conns, |p| p.mode() == mode, Point::x, |p| p.rate("requests"));
         v.push(p);
+        // Per second of the server's own CPU: what holds when the servers
+        // did not get the same share of a shared machine.
+        let mut p = panel(
+            &format!("{mode}: frames per server CPU-second"),
+            "connections",
+            "frames sent / server CPU-s",
+            true,
+            false,
+        );
+        p.series = series(&conns, |p| p.mode() == mode, Point::x, Point::frames_per_server_cpu_s);
+        v.push(p);
     }
     emit("throughput_vs_connections.svg", v)?;
 
