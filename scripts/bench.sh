@@ -176,6 +176,17 @@ if [[ " $only " == *" load "* ]]; then
       stop_server
     done
   done
+  # Where cnse-dp's time goes at 70 % of its peak: issue 9's per-stage
+  # timestamps (a separate run: stamping costs a few clock reads a request).
+  peak=${peaks[cnse-dp]:-0}
+  if [ -n "$peak" ] && [ "$peak" -gt 0 ]; then
+    start_server cnse-dp 1 "$server_cpu" --stage-timing
+    stage_log=$tmp/server.$starts.log
+    run stages cnse-dp load 0.7 "${gen[@]}" --connections 64 --inflight 4 \
+      --rate "$(awk -v p="$peak" 'BEGIN {printf "%d", p * 0.7}')"
+    stop_server
+    sed -n '/^stage timing/,$p' "$stage_log" >"$out/stages.txt"
+  fi
 fi
 
 if [[ " $only " == *" inflight "* ]]; then
@@ -228,7 +239,7 @@ echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt
 # The smoke run's point: every part of the suite produced its output.
 if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis micro" ]; then
   for f in summary.md throughput_vs_connections.svg latency_vs_load.svg inflight.svg ablation_threads.svg \
-    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt; do
+    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt stages.txt; do
     [ -s "$out/$f" ] || { echo "bench.sh: --quick: $f is missing or empty" >&2; failures=$((failures + 1)); }
   done
   grep -q 'redis-benchmark ping' "$out/redis.csv" 2>/dev/null || [ -s "$out/redis.note" ] ||

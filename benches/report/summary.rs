@@ -188,6 +188,18 @@ fn latency_vs_load(out: &mut String, dir: &Path) {
         "\nTarget (2-core machine): open-loop p99 at 70 % of cnse-dp's own peak ≤ 1 ms: {} → {verdict}.",
         us(p99_70)
     );
+    let stages = std::fs::read_to_string(dir.join("stages.txt")).unwrap_or_default();
+    if !stages.trim().is_empty() {
+        let run = points(&load(dir, "stages.csv"));
+        let p99 = run.first().and_then(|p| p.pct(P99));
+        let _ = writeln!(
+            out,
+            "\ncnse-dp's per-stage times in a separate run at 70 % with `--stage-timing` (e2e_all p99 {}; \
+             recv → parse → backend → end → submit, and the loop's turns):\n\n```\n{}\n```",
+            us(p99),
+            stages.trim()
+        );
+    }
 }
 
 fn inflight(out: &mut String, dir: &Path) {
