@@ -233,7 +233,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     server.shutdown().context("stopping the in-process cnse-dp")?;
     println!(
-        "llama-server gateway overhead: {concurrency} streams, max_tokens {}, {} round(s) of {:.1} s per side",
+        "llama-server gateway overhead (closed loop): {concurrency} streams, max_tokens {}, {} round(s) of {:.1} s per side",
         args.load.max_tokens, args.rounds, args.load.duration_secs
     );
     print_side("direct", &direct_side);
@@ -254,16 +254,23 @@ fn print_table(sides: &[(&str, &Side)]) {
         header.push_str(&format!("{:>14}", "added"));
     }
     println!("{header}");
-    type Metric = fn(&Side) -> f64;
-    let rows: [(&str, Metric); 6] = [
-        ("ttft p50", |s| s.ttft.quantile_us(0.50) as f64),
-        ("ttft p99", |s| s.ttft.quantile_us(0.99) as f64),
-        ("ttft mean", |s| s.ttft.mean_us()),
-        ("e2e p50", |s| s.e2e.quantile_us(0.50) as f64),
-        ("e2e p99", |s| s.e2e.quantile_us(0.99) as f64),
-        ("e2e mean", |s| s.e2e.mean_us()),
-    ];
-    for (name, f) in rows {
+    // Every percentile of cnse_metrics::PERCENTILES, the max and the mean,
+    // for TTFT and e2e (closed loop: from each request's send).
+    type Pick = fn(&Side) -> &cnse_metrics::LatencyHistogram;
+    let hists: [(&str, Pick); 2] = [("ttft", |s| &s.ttft), ("e2e", |s| &s.e2e)];
+    let mut rows: Vec<(String, Pick, Option<f64>)> = Vec::new();
+    for (h, pick) in hists {
+        for (p, q) in cnse_metrics::PERCENTILES {
+            rows.push((format!("{h} {p}"), pick, Some(q)));
+        }
+        rows.push((format!("{h} max"), pick, Some(1.0)));
+        rows.push((format!("{h} mean"), pick, None));
+    }
+    for (name, pick, q) in rows {
+        let f = |s: &Side| match q {
+            Some(q) => pick(s).quantile_us(q) as f64,
+            None => pick(s).mean_us(),
+        };
         let mut line = format!("{name:<16}");
         for (_, s) in sides {
             line.push_str(&format!("{:>14}", fmt_us(f(s))));

@@ -89,6 +89,8 @@ pub(super) struct Ctx<'a> {
     pub(super) stopping: bool,
     /// Measured requests this thread may still issue.
     pub(super) quota: &'a mut u64,
+    /// The loop's clock when this batch of work began.
+    pub(super) now: u64,
 }
 
 /// Sends one request (or PING) on slot `s`; false when the request bound
@@ -206,13 +208,18 @@ pub(super) fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool,
     }
     slot.state = SlotState::Idle;
     conn.busy -= 1;
-    if ctx.stopping || !conn.alive {
+    if !conn.alive {
         return;
     }
     if ctx.closed_loop {
+        if ctx.stopping {
+            return;
+        }
         // Past the request bound the slot just stays idle.
         let _ = issue(conn, s, now, now, ctx);
     } else {
+        // Also while draining: the open loop's backlog (requests intended
+        // inside the window that found no free slot) still goes out.
         conn.free.push(s as u32);
         if !conn.ready {
             conn.ready = true;
@@ -264,9 +271,11 @@ pub(super) fn on_frame(
                 } else {
                     ctx.stats.inter_token.record_us(now.saturating_sub(slot.last_ns) / 1000);
                 }
-                if arg > 1 {
-                    ctx.stats.inter_token.record_n_us(0, u64::from(arg - 1));
-                }
+            }
+            if in_window && arg > 1 {
+                // Arrived together with the frame's first token: no gap of
+                // their own (not 0 µs gaps in `inter_token`).
+                ctx.stats.tokens_coalesced += u64::from(arg - 1);
             }
             slot.tokens += u64::from(arg);
             slot.last_ns = now;
@@ -302,6 +311,12 @@ pub(super) fn on_frame(
         }
         Kind::Error => {
             *ctx.stats.errors.entry(arg).or_default() += 1;
+            let slot = &conn.slots[s];
+            if slot.recorded {
+                ctx.stats
+                    .e2e_error
+                    .record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            }
             finish(conn, c, s, now, false, ctx);
         }
         Kind::HelloAck | Kind::Hello | Kind::Request | Kind::Cancel | Kind::Credit | Kind::Ping => {
@@ -310,13 +325,28 @@ pub(super) fn on_frame(
     }
 }
 
-/// The connection failed or was closed: its streams are lost.
+/// The run gives up on the streams still open at `now` (the drain
+/// timeout): each measured one counts in `e2e_unanswered` with the time
+/// from its intended send to now, a lower bound of its latency.
+pub(super) fn give_up(conn: &Streams, now: u64, stats: &mut ThreadStats) {
+    for slot in conn.slots.iter() {
+        if slot.state == SlotState::Busy && slot.recorded {
+            stats
+                .e2e_unanswered
+                .record_us(now.saturating_sub(slot.intended_ns) / 1000);
+        }
+    }
+}
+
+/// The connection failed or was closed: its streams are lost (each
+/// measured one counts as unanswered from its intended send until now).
 pub(super) fn lose(conn: &mut Streams, ctx: &mut Ctx) {
     if !conn.alive {
         return;
     }
     conn.alive = false;
     ctx.stats.connections_lost += 1;
+    give_up(conn, ctx.now, ctx.stats);
     for slot in conn.slots.iter_mut() {
         slot.state = SlotState::Idle;
     }
