@@ -309,6 +309,12 @@ pub fn print_report(r: &LoadReport) {
             r.frames_in + r.frames_out
         );
     }
+    if r.reconnects > 0 {
+        println!(
+            "reconnects     {} (keep-alive connections the server ended between responses), {} requests sent again",
+            r.reconnects, r.resent
+        );
+    }
     if let Some(p) = r.problems() {
         println!("problems: {p}");
     }

@@ -177,6 +177,37 @@ impl Streams {
             ctx.stats.frames_in += 1;
         }
     }
+
+    /// HTTP mode: `n` more tokens of slot `s`'s response arrived packed
+    /// into its events (0 µs gaps, as tokens packed into one frame).
+    pub(super) fn http_packed(&mut self, s: usize, n: u64, ctx: &mut Ctx) {
+        let slot = &mut self.slots[s];
+        if slot.recorded {
+            ctx.stats.inter_token.record_n_us(0, n);
+        }
+        slot.tokens += n;
+    }
+
+    /// HTTP mode: slot `s`'s request got no answer before the server closed
+    /// the connection; it is written again for the new one. A closed loop
+    /// measures from this send (the first went to a connection that was
+    /// closing); an open loop still from the intended time.
+    pub(super) fn http_resend(&mut self, s: usize, now: u64, ctx: &Ctx) {
+        let slot = &mut self.slots[s];
+        debug_assert_eq!(slot.state, SlotState::Busy);
+        if ctx.closed_loop {
+            slot.intended_ns = now;
+        }
+        slot.sent_ns = now;
+        if let Mode::Http {
+            max_tokens,
+            temperature,
+            prompt,
+        } = ctx.mode
+        {
+            super::http::put_request(&mut self.out, prompt, *max_tokens, *temperature, slot.generation);
+        }
+    }
 }
 
 /// HTTP mode: slot `s`'s response ended.
