@@ -101,9 +101,10 @@ pub struct Args {
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
     /// What to load: a cnse-dp server at `--addr`; llama-server itself over
-    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
-    /// by side (llama-compare: the same load straight to llama-server and
-    /// through an in-process cnse-dp with the llama backend, alternated).
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or all
+    /// side by side (llama-compare: the same load straight to llama-server
+    /// and through an in-process cnse-dp with the llama backend, over its
+    /// binary protocol and over its HTTP front, rotated each round).
     #[arg(long, value_enum, default_value = "cnse")]
     pub target: crate::bench_llama::Target,
     /// llama-server base URL for `--target llama-http|llama-compare`.
@@ -120,8 +121,9 @@ pub struct Args {
     /// Stand-in: time between tokens.
     #[arg(long, default_value_t = 5_000)]
     pub standin_token_interval_us: u64,
-    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
-    /// that drift hits both sides alike.
+    /// llama-compare: rounds of (direct, through cnse-dp's binary
+    /// protocol, direct over HTTP, through its HTTP front), rotated so that
+    /// drift hits every side alike.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
     #[command(flatten)]

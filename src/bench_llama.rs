@@ -1,9 +1,13 @@
 //! `cnse-dp bench --target llama-http|llama-compare`: the gateway-overhead
 //! benchmark. The same closed-loop load (`--connections` × `--inflight`
-//! streams, `--max-tokens`, `--prompt`) goes straight to llama-server over
-//! HTTP streaming (cnse_llama::direct, which decodes exactly as the backend
-//! does) and through cnse-dp's llama backend; both sides are measured by
-//! the client, from sending the request to the first token and to the end.
+//! streams, `--max-tokens`, `--prompt`) goes four ways, side by side in
+//! each round: straight to llama-server's `/completion` (cnse_llama::direct,
+//! which decodes exactly as the backend does) and through cnse-dp's binary
+//! protocol (the CNSE load generator); straight to llama-server's
+//! `/v1/completions` and through cnse-dp's OpenAI HTTP front, both driven
+//! by the same HTTP load generator (`bench --mode http`, one stream per
+//! connection). Every side is measured by its client, from sending the
+//! request to the first token and to the end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +33,8 @@ pub enum Target {
 /// One side's measurements, merged over rounds.
 struct Side {
     ttft: LatencyHistogram,
+    /// Recorded by the io_uring load generators (not by the direct client).
+    inter_token: Option<LatencyHistogram>,
     e2e: LatencyHistogram,
     tokens: u64,
     requests: u64,
@@ -41,6 +47,7 @@ impl Side {
     fn new() -> Self {
         Self {
             ttft: LatencyHistogram::new(),
+            inter_token: None,
             e2e: LatencyHistogram::new(),
             tokens: 0,
             requests: 0,
@@ -68,6 +75,10 @@ impl Side {
 
     fn add_cnse(&mut self, r: &LoadReport) -> anyhow::Result<()> {
         self.ttft.merge(&r.ttft).context("merging histograms")?;
+        self.inter_token
+            .get_or_insert_with(LatencyHistogram::new)
+            .merge(&r.inter_token)
+            .context("merging histograms")?;
         self.e2e.merge(&r.e2e).context("merging histograms")?;
         self.tokens += r.tokens;
         self.requests += r.requests;
@@ -202,6 +213,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let server = cnse_server::Server::start(
         cnse_server::Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),
+            http_listen: Some("127.0.0.1:0".parse().expect("literal address")),
             threads: 1,
             pin_threads: false,
             ..Default::default()
@@ -216,17 +228,33 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         temperature: args.load.temperature,
         prompt: args.load.prompt.clone(),
     };
-    let mut direct_side = Side::new();
-    let mut gateway_side = Side::new();
+    // The HTTP sides: one stream per keep-alive connection (llama-server
+    // closes after every streamed answer, so pipelining buys nothing).
+    let http_cfg = |addr| load::LoadConfig {
+        addr,
+        connections: concurrency,
+        inflight: 1,
+        mode: Mode::Http {
+            max_tokens: args.load.max_tokens,
+            temperature: args.load.temperature,
+            prompt: args.load.prompt.clone(),
+        },
+        ..cfg.clone()
+    };
+    let llama_addr = cnse_llama::parse_url(url).context("--llama-url")?.addr;
+    let front_addr = server.http_addr().context("the in-process HTTP front has no address")?;
+    let (direct_http_cfg, front_cfg) = (http_cfg(llama_addr), http_cfg(front_addr));
+    let mut sides: [Side; 4] = std::array::from_fn(|_| Side::new());
     for round in 0..args.rounds {
-        // Alternate which side goes first so drift favours neither.
-        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
-        for is_direct in order {
-            if is_direct {
-                run_direct(url, concurrency, &load, &mut direct_side)?;
-            } else {
-                let r = load::run(&cfg).context("load through cnse-dp")?;
-                gateway_side.add_cnse(&r)?;
+        // Rotate which side goes first so drift favours none.
+        for k in 0..sides.len() {
+            let which = (round + k) % sides.len();
+            let side = &mut sides[which];
+            match which {
+                0 => run_direct(url, concurrency, &load, side)?,
+                1 => side.add_cnse(&load::run(&cfg).context("load through cnse-dp")?)?,
+                2 => side.add_cnse(&load::run(&direct_http_cfg).context("HTTP load straight to llama-server")?)?,
+                _ => side.add_cnse(&load::run(&front_cfg).context("HTTP load through cnse-dp's front")?)?,
             }
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
@@ -236,10 +264,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "llama-server gateway overhead: {concurrency} streams, max_tokens {}, {} round(s) of {:.1} s per side",
         args.load.max_tokens, args.rounds, args.load.duration_secs
     );
-    print_side("direct", &direct_side);
-    print_side("via cnse-dp", &gateway_side);
-    print_table(&[("direct", &direct_side), ("via cnse-dp", &gateway_side)]);
-    if direct_side.errors + gateway_side.errors > 0 {
+    let [direct_side, gateway_side, direct_http, front] = &sides;
+    print_side("direct /completion", direct_side);
+    print_side("via cnse-dp binary", gateway_side);
+    print_side("direct /v1/completions", direct_http);
+    print_side("via cnse-dp HTTP front", front);
+    println!("-- binary protocol (CNSE client) against llama-server's /completion (its blocking client)");
+    print_table(&[("direct", direct_side), ("via cnse-dp", gateway_side)]);
+    println!("-- HTTP: the same HTTP load generator, straight to llama-server and through cnse-dp's front");
+    print_table(&[("direct", direct_http), ("via front", front)]);
+    if sides.iter().map(|s| s.errors).sum::<u64>() > 0 {
         bail!("some requests failed: not a clean measurement");
     }
     Ok(())
@@ -255,10 +289,17 @@ fn print_table(sides: &[(&str, &Side)]) {
     }
     println!("{header}");
     type Metric = fn(&Side) -> f64;
-    let rows: [(&str, Metric); 6] = [
+    // NaN where a side's client does not record gaps.
+    fn gap(s: &Side, q: f64) -> f64 {
+        s.inter_token.as_ref().map_or(f64::NAN, |h| h.quantile_us(q) as f64)
+    }
+    let us = |v: f64| if v.is_nan() { "-".to_string() } else { fmt_us(v) };
+    let rows: [(&str, Metric); 8] = [
         ("ttft p50", |s| s.ttft.quantile_us(0.50) as f64),
         ("ttft p99", |s| s.ttft.quantile_us(0.99) as f64),
         ("ttft mean", |s| s.ttft.mean_us()),
+        ("gap p50", |s| gap(s, 0.50)),
+        ("gap p99", |s| gap(s, 0.99)),
         ("e2e p50", |s| s.e2e.quantile_us(0.50) as f64),
         ("e2e p99", |s| s.e2e.quantile_us(0.99) as f64),
         ("e2e mean", |s| s.e2e.mean_us()),
@@ -266,12 +307,16 @@ fn print_table(sides: &[(&str, &Side)]) {
     for (name, f) in rows {
         let mut line = format!("{name:<16}");
         for (_, s) in sides {
-            line.push_str(&format!("{:>14}", fmt_us(f(s))));
+            line.push_str(&format!("{:>14}", us(f(s))));
         }
         if let [(_, a), (_, b)] = sides {
             let d = f(b) - f(a);
-            let sign = if d < 0.0 { "-" } else { "+" };
-            line.push_str(&format!("{:>14}", format!("{sign}{}", fmt_us(d.abs()))));
+            let added = match d {
+                d if d.is_nan() => "-".to_string(),
+                d if d < 0.0 => format!("-{}", us(-d)),
+                d => format!("+{}", us(d)),
+            };
+            line.push_str(&format!("{added:>14}"));
         }
         println!("{line}");
     }
