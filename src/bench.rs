@@ -121,6 +121,10 @@ pub struct Args {
     /// Stand-in: time between tokens.
     #[arg(long, default_value_t = 5_000)]
     pub standin_token_interval_us: u64,
+    /// Stand-in: close the connection after each streamed answer, as
+    /// llama-server does.
+    #[arg(long)]
+    pub standin_close_after_stream: bool,
     /// llama-compare: rounds of (direct, through cnse-dp's binary
     /// protocol, direct over HTTP, through its HTTP front), rotated so that
     /// drift hits every side alike.

@@ -162,6 +162,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let s = cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
             ttft: Duration::from_micros(args.standin_ttft_us),
             token_interval: Duration::from_micros(args.standin_token_interval_us),
+            close_after_stream: args.standin_close_after_stream,
         })
         .context("starting the llama-server stand-in")?;
         println!(
