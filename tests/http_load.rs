@@ -23,6 +23,9 @@ enum Ending {
     SilentCloseAfterEach,
     /// The second response of each connection stops halfway.
     CloseInsideSecond,
+    /// Keep-alive, the event stream cut into 7-byte chunks (lines span
+    /// chunks, as when nginx passes a stream on).
+    SmallChunks,
 }
 
 /// A streaming `/v1/completions` server: each answer is `max_tokens`
@@ -56,7 +59,7 @@ fn answer(mut conn: TcpStream, ending: Ending) {
         let tokens = req["max_tokens"].as_u64().unwrap();
         let close = match ending {
             Ending::CloseHeaderEvery(k) => n.is_multiple_of(k),
-            Ending::SilentCloseAfterEach | Ending::CloseInsideSecond => false,
+            Ending::SilentCloseAfterEach | Ending::CloseInsideSecond | Ending::SmallChunks => false,
         };
         let text: String = (0..tokens).map(|k| format!(" t{k}")).collect();
         let events = [
@@ -68,8 +71,16 @@ fn answer(mut conn: TcpStream, ending: Ending) {
             if close { "Connection: close\r\n" } else { "" }
         )
         .into_bytes();
-        for e in &events {
-            out.extend_from_slice(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes());
+        let body = events.concat();
+        let cut = if matches!(ending, Ending::SmallChunks) {
+            7
+        } else {
+            body.len()
+        };
+        for piece in body.as_bytes().chunks(cut) {
+            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"0\r\n\r\n");
         if matches!(ending, Ending::CloseInsideSecond) && n == 2 {
@@ -147,6 +158,14 @@ fn issue12_http_load_reopens_after_a_silent_close_like_llama_server() {
     assert_eq!(r.requests, 150);
     assert_eq!(r.tokens, 150 * 5);
     assert!(r.reconnects >= 140, "{} reconnects", r.reconnects);
+}
+
+#[test]
+fn issue12_http_load_reads_events_that_span_chunks() {
+    let s = serve(Ending::SmallChunks);
+    let r = run(s.addr, 2, 2, 100);
+    assert_eq!(r.problems(), None, "{r:?}");
+    assert_eq!((r.requests, r.tokens, r.reconnects), (100, 500, 0));
 }
 
 #[test]

@@ -47,8 +47,11 @@ enum Rx {
 #[derive(Debug)]
 pub(super) struct HttpRx {
     rx: Rx,
-    /// A line being collected (head, size, trailer, or an event line).
+    /// A head, chunk-size or trailer line being collected.
     line: Vec<u8>,
+    /// An event-stream line being collected: it may span chunks (a proxy
+    /// such as nginx cuts and joins the server's chunks as they arrive).
+    event: Vec<u8>,
     status: u16,
     /// Head fields of the current response.
     chunked: bool,
@@ -89,6 +92,7 @@ impl HttpRx {
         HttpRx {
             rx: Rx::Head,
             line: Vec::with_capacity(1024),
+            event: Vec::with_capacity(1024),
             status: 0,
             chunked: false,
             content_length: None,
@@ -109,7 +113,7 @@ impl HttpRx {
 
     /// The server closed the connection (EOF or an error on it).
     pub(super) fn on_close(&mut self) -> Closed {
-        let between = self.rx == Rx::Head && self.status == 0 && self.line.is_empty();
+        let between = self.rx == Rx::Head && self.status == 0 && self.line.is_empty() && self.event.is_empty();
         if !self.answered {
             self.closes_unanswered += 1;
         }
@@ -189,11 +193,7 @@ impl HttpRx {
     }
 
     fn push_line(&mut self, b: &[u8]) -> Result<(), ()> {
-        if self.line.len() + b.len() > LINE_MAX {
-            return Err(());
-        }
-        self.line.extend_from_slice(b);
-        Ok(())
+        push(&mut self.line, b)
     }
 
     /// A complete line in a head, size or trailer position.
@@ -274,14 +274,14 @@ impl HttpRx {
     /// Bytes of chunk data: event-stream lines.
     fn event_bytes(&mut self, mut b: &[u8], st: &mut Streams, now: u64, ctx: &mut Ctx) -> Result<(), ()> {
         while let Some(eol) = b.iter().position(|&x| x == b'\n') {
-            self.push_line(&b[..eol])?;
+            push(&mut self.event, &b[..eol])?;
             b = &b[eol + 1..];
-            let line = std::mem::take(&mut self.line);
+            let line = std::mem::take(&mut self.event);
             self.event_line(&line, st, now, ctx);
-            self.line = line;
-            self.line.clear();
+            self.event = line;
+            self.event.clear();
         }
-        self.push_line(b)
+        push(&mut self.event, b)
     }
 
     fn event_line(&mut self, line: &[u8], st: &mut Streams, now: u64, ctx: &mut Ctx) {
@@ -338,7 +338,16 @@ impl HttpRx {
         self.text_events = 0;
         self.done = false;
         self.usage_tokens = None;
+        self.event.clear();
     }
+}
+
+fn push(line: &mut Vec<u8>, b: &[u8]) -> Result<(), ()> {
+    if line.len() + b.len() > LINE_MAX {
+        return Err(());
+    }
+    line.extend_from_slice(b);
+    Ok(())
 }
 
 /// Whether an event's JSON carries non-empty text: a completion's
