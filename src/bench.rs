@@ -39,6 +39,11 @@ pub struct LoadArgs {
     /// Tokens per request (generate).
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
+    /// HTTP mode: ask for the usage chunk (`stream_options.include_usage`),
+    /// so tokens packed into one event are counted (one more event per
+    /// request for the server to write).
+    #[arg(long)]
+    pub http_include_usage: bool,
     /// Credit window per stream in tokens (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     pub credit: u32,
@@ -157,6 +162,7 @@ impl LoadArgs {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
                 prompt: self.prompt.clone(),
+                include_usage: self.http_include_usage,
             },
         };
         if let Some(f) = self.peak_fraction {

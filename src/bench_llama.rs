@@ -239,6 +239,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             max_tokens: args.load.max_tokens,
             temperature: args.load.temperature,
             prompt: args.load.prompt.clone(),
+            // Paced tokens come one per event on every side.
+            include_usage: false,
         },
         ..cfg.clone()
     };

@@ -122,6 +122,7 @@ fn run(addr: SocketAddr, connections: usize, inflight: usize, requests: u64) -> 
             max_tokens: 5,
             temperature: 0.0,
             prompt: "hello there".to_string(),
+            include_usage: true,
         },
     );
     cfg.connections = connections;
@@ -177,6 +178,7 @@ fn issue12_http_load_loses_a_connection_closed_inside_a_response() {
             max_tokens: 5,
             temperature: 0.0,
             prompt: "x".to_string(),
+            include_usage: false,
         },
     );
     cfg.connections = 1;

@@ -370,18 +370,33 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Writes one streaming completion request (keep-alive). It asks for the
-/// usage chunk (`stream_options.include_usage`, as vLLM's serving benchmark
-/// does): a server that packs several tokens into one event then says how
-/// many there were.
-pub(super) fn put_request(out: &mut Vec<u8>, prompt: &str, max_tokens: u32, temperature: f32, seed: u64) {
+/// What one request asks.
+pub(super) struct Body<'a> {
+    pub(super) prompt: &'a str,
+    pub(super) max_tokens: u32,
+    pub(super) temperature: f32,
+    pub(super) seed: u64,
+    /// `stream_options.include_usage` (as vLLM's serving benchmark asks).
+    pub(super) include_usage: bool,
+}
+
+/// Writes one streaming completion request (keep-alive).
+pub(super) fn put_request(out: &mut Vec<u8>, b: &Body) {
     // The body goes first into the tail of `out`, then moves behind the
     // head once its length is known (no allocation).
     let start = out.len();
     let _ = write!(
         out,
-        "{{\"model\":\"cnse\",\"prompt\":{},\"max_tokens\":{max_tokens},\"temperature\":{temperature},\"seed\":{seed},\"stream\":true,\"stream_options\":{{\"include_usage\":true}}}}",
-        JsonStr(prompt)
+        "{{\"model\":\"cnse\",\"prompt\":{},\"max_tokens\":{},\"temperature\":{},\"seed\":{},\"stream\":true{}}}",
+        JsonStr(b.prompt),
+        b.max_tokens,
+        b.temperature,
+        b.seed,
+        if b.include_usage {
+            ",\"stream_options\":{\"include_usage\":true}"
+        } else {
+            ""
+        }
     );
     let body_len = out.len() - start;
     let mut head = [0u8; 160];
@@ -431,7 +446,14 @@ mod tests {
     #[test]
     fn requests_are_well_formed() {
         let mut out = b"prev".to_vec();
-        put_request(&mut out, "a \"b\"\n", 8, 0.5, 3);
+        let body = Body {
+            prompt: "a \"b\"\n",
+            max_tokens: 8,
+            temperature: 0.5,
+            seed: 3,
+            include_usage: true,
+        };
+        put_request(&mut out, &body);
         let text = String::from_utf8(out).unwrap();
         let (head, body) = text[4..].split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("POST /v1/completions HTTP/1.1\r\n"));
@@ -441,5 +463,6 @@ mod tests {
             (v["prompt"].as_str(), v["max_tokens"].as_u64(), v["stream"].as_bool()),
             (Some("a \"b\"\n"), Some(8), Some(true))
         );
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 }

@@ -123,8 +123,16 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
             max_tokens,
             temperature,
             prompt,
+            include_usage,
         } => {
-            super::http::put_request(&mut conn.out, prompt, *max_tokens, *temperature, slot.generation);
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut conn.out, &body);
             conn.http_order.push_back(s as u32);
         }
         Mode::Generate {
@@ -203,9 +211,17 @@ impl Streams {
             max_tokens,
             temperature,
             prompt,
+            include_usage,
         } = ctx.mode
         {
-            super::http::put_request(&mut self.out, prompt, *max_tokens, *temperature, slot.generation);
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut self.out, &body);
         }
     }
 }
