@@ -11,7 +11,9 @@
 #          library they load and the dynamic loader (run through it, so the
 #          device's own libraries do not matter), and the scripts.
 #   there: bash .device-gw/scripts/device-gateway.sh gateway|compare|all
-#          results go to $OUT (the device tool's folder) or .device-gw/out.
+#          results go to $OUT (the device tool's folder) or .device-gw/out;
+#          PROXY_CPUS, LOAD_CPUS, LOAD_THREADS, CONNS, SECS, ROUNDS override
+#          the gateway run's shape (defaults: 0-3, 8-15, 4, "4 64 256", 6, 2).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 what=${1:-}
@@ -46,8 +48,9 @@ WRAP
 
 gateway() { # issue 13: 4 cores per proxy, load and stand-in on 8-15
   CNSE_DP="$here/cnse-dp" NGINX="$here/bin/nginx" HAPROXY="$here/bin/haproxy" \
-    PROXY_CPUS=0-3 LOAD_CPUS=8-15 LOAD_THREADS=4 CONNS="4 64 256" OUT="$out" \
-    bash "$here/scripts/gateway-bench.sh" 6 2
+    PROXY_CPUS=${PROXY_CPUS:-0-3} LOAD_CPUS=${LOAD_CPUS:-8-15} LOAD_THREADS=${LOAD_THREADS:-4} \
+    CONNS=${CONNS:-"4 64 256"} OUT="$out" \
+    bash "$here/scripts/gateway-bench.sh" "${SECS:-6}" "${ROUNDS:-2}"
 }
 
 compare() { # issue 12: added TTFT through the HTTP front and the binary protocol

@@ -80,7 +80,9 @@ def main(path):
                 if (c, mine) not in summary or (c, peer) not in summary:
                     continue
                 (ma, mc), (pa, pc) = summary[(c, mine)], summary[(c, peer)]
-                lat = f"{us(ma)} / {us(pa)}" + (f" = {ma / pa:.2f}" if pa > 0 and ma == ma else "")
+                # A ratio needs both above zero: an added p99 at or below
+                # zero is within the run-to-run noise of the direct path.
+                lat = f"{us(ma)} / {us(pa)}" + (f" = {ma / pa:.2f}" if pa > 0 and ma > 0 else " (no ratio: one is <= 0)")
                 cpu = f"{mc:.2f} / {pc:.2f} µs" + (f" = {mc / pc:.2f}" if pc > 0 else "")
                 print(f"| {c} | {mine} | {peer} | {lat} | {cpu} |")
 
