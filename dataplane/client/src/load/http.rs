@@ -339,6 +339,13 @@ impl HttpRx {
         self.done = false;
         self.usage_tokens = None;
         self.event.clear();
+        if self.closing {
+            // The server said it closes: our side goes now, so the recv in
+            // flight completes and the connection is opened again without
+            // waiting for the server's FIN.
+            // SAFETY: shutdown on the fd of this connection, which it owns.
+            unsafe { libc::shutdown(st.fd, libc::SHUT_RDWR) };
+        }
     }
 }
 
