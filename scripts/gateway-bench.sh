@@ -226,9 +226,12 @@ echo "round,connections,path,ttft_p50_us,ttft_p99_us,gap_p50_us,gap_p99_us,token
 # One path at one connection count: the load, with the proxy's CPU read at
 # the edges of the measured window.
 one() { # round conns path mode port pid
-  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 lcsv="$run/load.csv" a0 a1 t0 t1
+  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 lcsv="$run/load.csv" a0 a1 t0 t1 usage=()
+  # Every HTTP path reports usage (the stand-in always, cnse-dp's front when
+  # asked), so tokens that one event carries together are counted.
+  [ "$mode" = http ] && usage=(--http-include-usage)
   taskset -c "$load_cpus" "$B" bench --mode "$mode" --addr 127.0.0.1:"$port" --connections "$c" --inflight 1 --threads "$load_threads" \
-    --max-tokens "$tokens" --duration-secs "$secs" --warmup-secs "$warmup" --csv "$lcsv" >"$run/load.out" 2>&1 &
+    --max-tokens "$tokens" --duration-secs "$secs" --warmup-secs "$warmup" --csv "$lcsv" "${usage[@]}" >"$run/load.out" 2>&1 &
   local lp=$!
   if [ -n "$pid" ]; then
     sleep "$warmup"

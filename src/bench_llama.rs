@@ -239,8 +239,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             max_tokens: args.load.max_tokens,
             temperature: args.load.temperature,
             prompt: args.load.prompt.clone(),
-            // Paced tokens come one per event on every side.
-            include_usage: false,
+            // cnse-dp's front packs the tokens of one loop turn into one
+            // event (a late turn carries several); usage counts them.
+            // llama-server reports usage on every stream anyway.
+            include_usage: true,
         },
         ..cfg.clone()
     };
