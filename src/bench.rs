@@ -39,6 +39,11 @@ pub struct LoadArgs {
     /// Tokens per request (generate).
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
+    /// HTTP mode: ask for the usage chunk (`stream_options.include_usage`),
+    /// so tokens packed into one event are counted (one more event per
+    /// request for the server to write).
+    #[arg(long)]
+    pub http_include_usage: bool,
     /// Credit window per stream in tokens (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     pub credit: u32,
@@ -101,9 +106,10 @@ pub struct Args {
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
     /// What to load: a cnse-dp server at `--addr`; llama-server itself over
-    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
-    /// by side (llama-compare: the same load straight to llama-server and
-    /// through an in-process cnse-dp with the llama backend, alternated).
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or all
+    /// side by side (llama-compare: the same load straight to llama-server
+    /// and through an in-process cnse-dp with the llama backend, over its
+    /// binary protocol and over its HTTP front, rotated each round).
     #[arg(long, value_enum, default_value = "cnse")]
     pub target: crate::bench_llama::Target,
     /// llama-server base URL for `--target llama-http|llama-compare`.
@@ -120,8 +126,13 @@ pub struct Args {
     /// Stand-in: time between tokens.
     #[arg(long, default_value_t = 5_000)]
     pub standin_token_interval_us: u64,
-    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
-    /// that drift hits both sides alike.
+    /// Stand-in: close the connection after each streamed answer, as
+    /// llama-server does.
+    #[arg(long)]
+    pub standin_close_after_stream: bool,
+    /// llama-compare: rounds of (direct, through cnse-dp's binary
+    /// protocol, direct over HTTP, through its HTTP front), rotated so that
+    /// drift hits every side alike.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
     #[command(flatten)]
@@ -151,6 +162,7 @@ impl LoadArgs {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
                 prompt: self.prompt.clone(),
+                include_usage: self.http_include_usage,
             },
         };
         if let Some(f) = self.peak_fraction {
@@ -340,6 +352,12 @@ pub fn print_report(r: &LoadReport) {
         println!(
             "allocations    {n} in the window ({} frames in and out)",
             r.frames_in + r.frames_out
+        );
+    }
+    if r.reconnects > 0 {
+        println!(
+            "reconnects     {} (keep-alive connections the server ended between responses), {} requests sent again",
+            r.reconnects, r.resent
         );
     }
     if let Some(p) = r.problems() {

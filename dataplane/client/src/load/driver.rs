@@ -270,7 +270,7 @@ impl<'a> Driver<'a> {
             let conn = &mut self.conns[c as usize];
             match Op::from_code(cqe.tag.kind()) {
                 Some(Op::Recv) => conn.on_recv(&mut self.ring, c, cqe.result, now, &mut ctx)?,
-                Some(Op::Send) => conn.on_send(&mut self.ring, c, cqe.result, &mut ctx)?,
+                Some(Op::Send) => conn.on_send(&mut self.ring, c, cqe.result, now, &mut ctx)?,
                 None => unreachable!("op kind {} is never submitted", cqe.tag.kind()),
             }
             if conn.st.alive && !conn.st.out.is_empty() {

@@ -55,6 +55,12 @@ pub struct LoadReport {
     pub errors: BTreeMap<u32, u64>,
     /// Connections the server closed or that failed during the run.
     pub connections_lost: u64,
+    /// HTTP mode: keep-alive connections the server ended between
+    /// responses (`Connection: close`, or a close after a complete
+    /// response) that were opened again, and the requests sent again on
+    /// them (sent before the close, never answered). Not failures.
+    pub reconnects: u64,
+    pub resent: u64,
     /// Frames that broke the protocol (bad header, unknown or ended stream,
     /// tokens beyond the credit granted, a token index or count different
     /// from what arrived, PONG not echoed byte for byte).
@@ -103,10 +109,17 @@ impl LoadReport {
             *self.errors.entry(*code).or_default() += n;
         }
         self.connections_lost += s.connections_lost;
+        self.reconnects += s.reconnects;
+        self.resent += s.resent;
         self.bad_frames += s.bad_frames;
         self.unsent += s.unsent;
         self.unfinished += s.unfinished;
         Ok(())
+    }
+
+    /// Whether the run streamed tokens (generate and HTTP modes).
+    fn streams_tokens(&self) -> bool {
+        matches!(self.mode, "generate" | "http")
     }
 
     pub fn error_count(&self) -> u64 {
@@ -131,7 +144,7 @@ impl LoadReport {
     /// request (always in an open loop, where it is the figure to quote).
     pub fn summaries(&self) -> Vec<Summary> {
         let mut v = Vec::with_capacity(9);
-        if self.mode == "generate" {
+        if self.streams_tokens() {
             v.push(self.ttft.summary("ttft"));
             v.push(self.inter_token.summary("inter_token"));
         }
@@ -163,7 +176,7 @@ impl LoadReport {
     pub fn rates(&self) -> Vec<Rate> {
         let w = self.window;
         let mut v = vec![Rate::new("requests", self.requests, w)];
-        if self.mode == "generate" {
+        if self.streams_tokens() {
             v.push(Rate::new("tokens", self.tokens, w));
             v.push(Rate::new("tokens_coalesced", self.tokens_coalesced, w));
         }
@@ -191,7 +204,7 @@ impl LoadReport {
             return Vec::new();
         };
         let mut v = vec![Rate::new("requests_per_server_cpu_s", self.requests, cpu)];
-        if self.mode == "generate" {
+        if self.streams_tokens() {
             v.push(Rate::new("tokens_per_server_cpu_s", self.tokens, cpu));
         }
         v
@@ -263,6 +276,8 @@ pub(super) struct ThreadStats {
     pub(super) frames_out: u64,
     pub(super) errors: BTreeMap<u32, u64>,
     pub(super) connections_lost: u64,
+    pub(super) reconnects: u64,
+    pub(super) resent: u64,
     pub(super) bad_frames: u64,
     pub(super) unsent: u64,
     pub(super) unfinished: u64,

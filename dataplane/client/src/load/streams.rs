@@ -125,8 +125,16 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
             max_tokens,
             temperature,
             prompt,
+            include_usage,
         } => {
-            super::http::put_request(&mut conn.out, prompt, *max_tokens, *temperature, slot.generation);
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut conn.out, &body);
             conn.http_order.push_back(s as u32);
         }
         Mode::Generate {
@@ -177,6 +185,45 @@ impl Streams {
         slot.tokens += 1;
         if ctx.phase.in_window(now) {
             ctx.stats.frames_in += 1;
+        }
+    }
+
+    /// HTTP mode: `n` more tokens of slot `s`'s response arrived packed
+    /// into its events (0 µs gaps, as tokens packed into one frame).
+    pub(super) fn http_packed(&mut self, s: usize, n: u64, ctx: &mut Ctx) {
+        let slot = &mut self.slots[s];
+        if slot.recorded {
+            ctx.stats.inter_token.record_n_us(0, n);
+        }
+        slot.tokens += n;
+    }
+
+    /// HTTP mode: slot `s`'s request got no answer before the server closed
+    /// the connection; it is written again for the new one. A closed loop
+    /// measures from this send (the first went to a connection that was
+    /// closing); an open loop still from the intended time.
+    pub(super) fn http_resend(&mut self, s: usize, now: u64, ctx: &Ctx) {
+        let slot = &mut self.slots[s];
+        debug_assert_eq!(slot.state, SlotState::Busy);
+        if ctx.closed_loop {
+            slot.intended_ns = now;
+        }
+        slot.sent_ns = now;
+        if let Mode::Http {
+            max_tokens,
+            temperature,
+            prompt,
+            include_usage,
+        } = ctx.mode
+        {
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut self.out, &body);
         }
     }
 }

@@ -209,6 +209,9 @@ impl LlamaBackend {
         if event.stop {
             let reason = event.finish_reason();
             self.by_id.remove(&id);
+            if let Some(n) = event.prompt_tokens() {
+                sink.prompt_tokens(id, n);
+            }
             sink.end(id, reason);
             slot.task = Task::Drain;
             slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
