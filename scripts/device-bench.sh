@@ -5,11 +5,12 @@
 # checkout root (with .device carried along), the suite runs on them:
 #
 #   BENCH_BIN_DIR=.device/bench SERVER_CPU=0 LOAD_CPUS=8-15 LOAD_THREADS=4 \
-#     THREADS_LIST="1 2 4 8" scripts/bench.sh "$OUT/bench-results"
+#     THREADS_LIST="1 2 4 8" ONLY="connections load inflight ablations micro" \
+#     scripts/bench.sh "$OUT/bench-results"
 #
 # (servers on core 0, the load generator with 4 threads on cores 8-15;
-# redis is skipped where apt-get cannot reach Debian, and summary.md says
-# so). scripts/device-bundle.sh starts with `rm -rf .device`: run it first
+# redis is left out there: that machine reaches no package mirror to
+# install it from). scripts/device-bundle.sh starts with `rm -rf .device`: run it first
 # when both bundles are wanted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
