@@ -46,8 +46,12 @@ else
 fi
 ulimit -n 65536 2>/dev/null || true
 
-# Binaries: built here in release, or prebuilt in BENCH_BIN_DIR.
-newest() { ls -t target/release/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
+# Binaries: built here in release, or prebuilt in BENCH_BIN_DIR. A bench's
+# executable is the one cargo names (a test of the same name would match
+# a glob over target/release/deps).
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+bench_exe() { sed -n "s|.*Executable benches/$1.rs (\(.*\))|\1|p" "$tmp/build.log" | head -1; }
 if [ -n "${BENCH_BIN_DIR:-}" ]; then
   d=$(cd "$BENCH_BIN_DIR" && pwd)
   B=$d/cnse-dp TOKIO=$d/tokio_peer URING=$d/tokio_uring_peer MONOIO=$d/monoio_peer MICRO=$d/micro REPORT=$d/bench_report
@@ -55,10 +59,10 @@ else
   echo "== build (release)"
   cargo build --release --bin cnse-dp
   cargo bench --no-run --bench tokio_peer --bench tokio_uring_peer --bench monoio_peer --bench micro --bench bench_report \
-    --bench axum_peer
+    --bench axum_peer 2>&1 | tee "$tmp/build.log"
   B=$root/target/release/cnse-dp
-  TOKIO=$root/$(newest tokio_peer) URING=$root/$(newest tokio_uring_peer) MONOIO=$root/$(newest monoio_peer)
-  MICRO=$root/$(newest micro) REPORT=$root/$(newest bench_report)
+  TOKIO=$root/$(bench_exe tokio_peer) URING=$root/$(bench_exe tokio_uring_peer) MONOIO=$root/$(bench_exe monoio_peer)
+  MICRO=$root/$(bench_exe micro) REPORT=$root/$(bench_exe bench_report)
 fi
 for x in "$B" "$TOKIO" "$URING" "$MONOIO" "$MICRO" "$REPORT"; do
   [ -x "$x" ] || { echo "bench.sh: missing binary $x" >&2; exit 1; }
@@ -66,7 +70,6 @@ done
 
 rm -rf "$out" && mkdir -p "$out"
 out=$(cd "$out" && pwd)
-tmp=$(mktemp -d)
 SP=""
 stop_server() {
   if [ -n "$SP" ]; then kill -TERM "$SP" 2>/dev/null || true; wait "$SP" 2>/dev/null || true; SP=""; fi
