@@ -2,7 +2,8 @@
 # MPI tests of the work-stealing scheduler (issue 10): builds cnse-dp with
 # --features mpi and runs `bench-scaling` under mpirun -np 4 --oversubscribe,
 # on shared memory and again over TCP (`--mca btl tcp,self`, the path
-# between machines). Installs OpenMPI when missing (root, Debian).
+# between machines), then `mpirun -np 2 cnse-dp serve` (tests/mpi_serve.rs)
+# on both. Installs OpenMPI when missing (root, Debian).
 # Prints "N passed, N failed" last; exits non-zero on any failure.
 #
 #   scripts/test-mpi.sh            # both transports
@@ -130,6 +131,18 @@ for transport in shm tcp; do
         --task-us 1000 --arrival rank0 --policy steal --test-exit-rank $((np - 1)) >'$out/$n.log' 2>&1 || rc=\$?; \
         [ \$rc -ne 0 ] && [ \$rc -ne 124 ] && [ \$rc -ne 137 ]"
   fi
+done
+
+# `mpirun -np 2 cnse-dp serve`: requests of rank 0's clients run on rank 1
+# (tests/mpi_serve.rs, with this MPI build; the test binary itself needs
+# no MPI).
+for transport in shm tcp; do
+  n=$transport-serve
+  mca=""
+  [ "$transport" = tcp ] && mca="--mca btl tcp,self"
+  log "serving across ranks, transport $transport"
+  check "$n" "mpirun serve: tokens of a local run, cancel across ranks, SIGTERM drains, a dead rank fails only its streams" \
+    bash -c "CNSE_MPI_BIN='$bin' CNSE_MPI_MCA='$mca' timeout 600 cargo test --release --test mpi_serve >'$out/$n.log' 2>&1"
 done
 
 echo

@@ -201,10 +201,8 @@ pub(crate) fn bench_load(a: &BenchArgs) -> Result<()> {
         )
     };
     let staged = |verify, source, threads, pipeline| LoadOptions {
-        verify,
-        source,
-        threads,
         pipeline,
+        ..LoadOptions::new(verify, source, threads)
     };
 
     println!();

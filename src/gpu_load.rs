@@ -60,8 +60,10 @@ pub(crate) struct LoadArgs {
     /// Copy the device bytes back afterwards and compare them with the file.
     #[arg(long)]
     check: bool,
-    /// Read the blob in file order on one thread ahead of the workers
-    /// (cold loads: the disk sees one sequential reader).
+    /// Read the parts of the blob that are not in the page cache in file
+    /// order on one thread ahead of the workers (cold loads: the disk sees
+    /// one sequential reader). Not the default: on the device machine's
+    /// virtual disk it was no consistent gain (docs/GPU.md).
     #[arg(long)]
     readahead: bool,
     #[command(flatten)]

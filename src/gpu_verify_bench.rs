@@ -21,6 +21,7 @@ use cnse_kernels::{
 
 use crate::gpu::{device_line, gbps, make_blob, median, Pool};
 use crate::gpu_load::compare_with_file;
+use crate::thread_cpu::{ThreadCpu, ThreadUse, BUSY_SHARE};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -54,6 +55,9 @@ pub(crate) struct Args {
     /// Also measure with a cold page cache (drops caches: needs root).
     #[arg(long)]
     cold: bool,
+    /// Rounds of the cold measurements (each runs every cold row once).
+    #[arg(long, default_value_t = 3)]
+    cold_rounds: usize,
     /// Skip the kernel sweep.
     #[arg(long)]
     no_kernel: bool,
@@ -61,14 +65,28 @@ pub(crate) struct Args {
     pool: Pool,
 }
 
-/// Process CPU seconds (user + system) so far.
-fn cpu_s() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer has no other precondition.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(u.ru_utime) + tv(u.ru_stime)
+fn print_header(what: &str) {
+    println!(
+        "| {what:<58} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | vs first row",
+        "time", "rate", "cores", "busy", "top"
+    );
+}
+
+/// One row: the median run by wall time, with that run's thread figures;
+/// `base` is the group's first row (the unverified load).
+fn print_row(label: &str, size: u64, mut runs: Vec<ThreadUse>, base: &mut Option<f64>) {
+    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    let m = &runs[runs.len() / 2];
+    let s = m.wall_s;
+    let ratio = base.map(|b: f64| format!("{:.3}x", b / s)).unwrap_or_default();
+    base.get_or_insert(s);
+    println!(
+        "| {label:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | {ratio}",
+        gbps(size, s),
+        m.cores(),
+        m.busy(),
+        m.top(4)
+    );
 }
 
 fn drop_caches() -> Result<()> {
@@ -132,13 +150,12 @@ pub(crate) fn run(a: Args) -> Result<()> {
 
     println!();
     println!(
-        "loads of {} GiB from the page cache (median of {reps}; cores = process CPU s / wall s):",
-        a.size_gib
+        "loads of {} GiB from the page cache (median of {reps}; cores = CPU s of all threads / wall s; \
+         busy = threads on a CPU for >= {:.0} % of the load; top = the busiest threads' shares):",
+        a.size_gib,
+        BUSY_SHARE * 100.0
     );
-    println!(
-        "| {:<58} | {:>9} | {:>10} | {:>6} | vs unverified",
-        "load", "time", "rate", "cores"
-    );
+    print_header("load");
     for mover in [Mover::Kernel, Mover::CopyEngine] {
         let mut ms = Streamer::new(
             a.device,
@@ -152,30 +169,18 @@ pub(crate) fn run(a: Args) -> Result<()> {
             let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, n);
             let mut base = None;
             for what in ["unverified", "verified on the host", "verified on the GPU"] {
-                let mut times = Vec::new();
-                let mut cores = Vec::new();
+                let mut runs = Vec::new();
                 for _ in 0..reps {
-                    let c0 = cpu_s();
-                    let t0 = Instant::now();
+                    let t = ThreadCpu::start();
                     let blob = match what {
                         "unverified" => ms.load(&spec, opts(false))?.0,
                         "verified on the host" => ms.load(&spec, opts(true))?.0,
                         _ => gpu.load(&mut ms, &spec, &leaves, opts(false), gv)?.0,
                     };
-                    let wall = t0.elapsed().as_secs_f64();
-                    cores.push((cpu_s() - c0) / wall);
-                    times.push(wall);
+                    runs.push(t.finish());
                     drop(blob);
                 }
-                let s = median(times);
-                let ratio = base.map(|b: f64| format!("{:.2}x", b / s)).unwrap_or_default();
-                base.get_or_insert(s);
-                println!(
-                    "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>6.2} | {ratio}",
-                    format!("{what}, {n} threads, {mover}"),
-                    gbps(size, s),
-                    median(cores)
-                );
+                print_row(&format!("{what}, {n} threads, {mover}"), size, runs, &mut base);
             }
         }
     }
@@ -223,30 +228,23 @@ fn register_rows(
         let opts = LoadOptions::new(false, SourceMode::Register, n);
         let mut base = None;
         for on_gpu in [false, true] {
-            let mut times = Vec::new();
-            let mut cores = Vec::new();
+            let mut runs = Vec::new();
             for _ in 0..reps {
-                let c0 = cpu_s();
-                let t0 = Instant::now();
+                let t = ThreadCpu::start();
                 let blob = if on_gpu {
                     gpu.load(&mut rs, spec, leaves, opts, gv)?.0
                 } else {
                     rs.load(spec, opts)?.0
                 };
-                let wall = t0.elapsed().as_secs_f64();
-                cores.push((cpu_s() - c0) / wall);
-                times.push(wall);
+                runs.push(t.finish());
                 drop(blob);
             }
-            let s = median(times);
-            let ratio = base.map(|b: f64| format!("{:.2}x", b / s)).unwrap_or_default();
-            base.get_or_insert(s);
             let what = if on_gpu { "verified on the GPU" } else { "unverified" };
-            println!(
-                "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>6.2} | {ratio}",
-                format!("{what}, registered page cache, {n} threads"),
-                gbps(size, s),
-                median(cores)
+            print_row(
+                &format!("{what}, registered page cache, {n} threads"),
+                size,
+                runs,
+                &mut base,
             );
         }
     }
@@ -327,63 +325,73 @@ fn cold(
     gv: GpuVerifyOptions,
     threads: usize,
 ) -> Result<()> {
-    let size = spec.size_bytes;
-    println!();
-    let reps = a.reps.max(1);
-    println!(
-        "cold page cache (dropped before each run), {} GiB, median of {reps}:",
-        a.size_gib
-    );
-    println!("| {:<58} | {:>9} | {:>10} | vs sequential read", "what", "time", "rate");
-    let mut buf = vec![0u8; 8 << 20];
-    let mut seqs = Vec::new();
-    for _ in 0..reps {
-        drop_caches()?;
-        let t0 = Instant::now();
-        let mut f = std::fs::File::open(&a.blob)?;
-        while f.read(&mut buf)? > 0 {}
-        seqs.push(t0.elapsed().as_secs_f64());
-    }
-    let seq = median(seqs);
-    println!(
-        "| {:<58} | {seq:>7.4} s | {:>5.2} GB/s |",
-        "sequential read(2), 8 MiB buffer (dd bs=8M)",
-        gbps(size, seq)
-    );
-    let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, threads);
-    for what in [
+    const ROWS: [&str; 7] = [
+        "sequential read(2), 16 MiB buffer (dd bs=16M)",
         "unverified",
         "unverified + read-ahead",
         "verified on the GPU",
         "verified on the GPU + read-ahead",
         "verified on the host",
         "verified on the host + read-ahead",
-    ] {
-        let mut times = Vec::new();
-        for _ in 0..reps {
+    ];
+    let size = spec.size_bytes;
+    let reps = a.cold_rounds.max(1);
+    println!();
+    println!(
+        "cold page cache (dropped before each run), {} GiB; {reps} rounds, each runs every row once in turn \
+         (the virtual disk's rate drifts, so rows are compared within rounds); per round, then the median:",
+        a.size_gib
+    );
+    let opts = |verify| LoadOptions::new(verify, SourceMode::Mmap, threads);
+    let mut buf = vec![0u8; 16 << 20];
+    let mut times = vec![Vec::new(); ROWS.len()];
+    for round in 0..reps {
+        for (row, what) in ROWS.iter().enumerate() {
             drop_caches()?;
             let t0 = Instant::now();
-            let ra = what
-                .ends_with("read-ahead")
-                .then(|| Readahead::start(&a.blob, u64::MAX))
-                .transpose()?;
-            let blob = match (what, &ra) {
-                ("unverified", _) => st.load(spec, opts(false))?.0,
-                ("verified on the host", _) => st.load(spec, opts(true))?.0,
-                ("unverified + read-ahead", Some(r)) => st.load_after(spec, opts(false), r)?.0,
-                ("verified on the host + read-ahead", Some(r)) => st.load_after(spec, opts(true), r)?.0,
-                (_, r) => gpu.load_after(st, spec, leaves, opts(false), gv, r.as_ref())?.0,
-            };
-            times.push(t0.elapsed().as_secs_f64());
-            drop(ra);
-            drop(blob);
+            if row == 0 {
+                let mut f = std::fs::File::open(&a.blob)?;
+                while f.read(&mut buf)? > 0 {}
+            } else {
+                let ra = what
+                    .ends_with("read-ahead")
+                    .then(|| Readahead::start(&a.blob, u64::MAX))
+                    .transpose()?;
+                let blob = match (*what, &ra) {
+                    ("unverified", _) => st.load(spec, opts(false))?.0,
+                    ("verified on the host", _) => st.load(spec, opts(true))?.0,
+                    ("unverified + read-ahead", Some(r)) => st.load_after(spec, opts(false), r)?.0,
+                    ("verified on the host + read-ahead", Some(r)) => st.load_after(spec, opts(true), r)?.0,
+                    (_, r) => gpu.load_after(st, spec, leaves, opts(false), gv, r.as_ref())?.0,
+                };
+                drop(ra);
+                drop(blob);
+            }
+            times[row].push(t0.elapsed().as_secs_f64());
         }
-        let s = median(times);
+        let seq = times[0][round];
+        let line: Vec<String> = times
+            .iter()
+            .map(|t| format!("{:.2} GB/s ({:.2}x)", gbps(size, t[round]), seq / t[round]))
+            .collect();
+        println!("round {}: {}", round + 1, line.join(", "));
+    }
+    println!(
+        "| {:<58} | {:>9} | {:>10} | vs sequential read (median of the per-round ratios)",
+        "what", "time", "rate"
+    );
+    for (row, what) in ROWS.iter().enumerate() {
+        let ratios: Vec<f64> = (0..reps).map(|r| times[0][r] / times[row][r]).collect();
+        let s = median(times[row].clone());
+        let label = if row == 0 {
+            what.to_string()
+        } else {
+            format!("{what}, {threads} threads")
+        };
         println!(
-            "| {:<58} | {s:>7.4} s | {:>5.2} GB/s | {:.2}x",
-            format!("{what}, {threads} threads"),
+            "| {label:<58} | {s:>7.4} s | {:>5.2} GB/s | {:.2}x",
             gbps(size, s),
-            seq / s
+            median(ratios)
         );
     }
     Ok(())

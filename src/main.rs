@@ -19,9 +19,11 @@ mod gpu_load;
 mod gpu_picker;
 mod gpu_verify_bench;
 mod serve;
+mod serve_ranks;
 mod sim;
 mod standin;
 mod store;
+mod thread_cpu;
 
 #[derive(Parser)]
 #[command(name = "cnse-dp", version, about = "Zero-copy io_uring data plane for LLM inference")]

@@ -30,6 +30,12 @@ pub enum BackendKind {
     Llama,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Address to listen on (port 0 picks a free port).
@@ -66,9 +72,27 @@ pub struct Args {
     /// Tokens buffered per stream without credit before the backend pauses.
     #[arg(long, default_value_t = 256)]
     pub stream_buffered_tokens_max: usize,
-    /// Requests waiting for backend capacity per worker before 429.
+    /// Requests waiting for backend capacity, per worker thread (the
+    /// process's scheduler holds threads × this many) before 429.
     #[arg(long, default_value_t = 4096)]
     pub admission_queue_max: usize,
+    /// Work stealing: a core with a free backend slot and nothing of its
+    /// own queued runs requests queued on busy cores, and sends the tokens
+    /// back to the core that owns the client (docs/SCHEDULER.md). `off`:
+    /// each core runs only its own connections' requests.
+    #[arg(long, value_enum, default_value = "on")]
+    pub steal: OnOff,
+    /// Only the first N worker threads accept connections (0: all); the
+    /// others run work they steal (acceptor cores in front of compute
+    /// cores).
+    #[arg(long, default_value_t = 0)]
+    pub accept_threads: usize,
+    /// Synthetic backend: sequences generated at once by the whole process,
+    /// like a GPU's batch slots, split evenly over the worker threads;
+    /// requests beyond a core's share wait as tasks that idle cores steal.
+    /// 0 (default): 65,536 per worker thread, in effect unbounded.
+    #[arg(long, default_value_t = 0)]
+    pub synthetic_slots: usize,
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
     #[arg(long, default_value_t = 300_000)]
@@ -203,6 +227,16 @@ pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFacto
     }))
 }
 
+/// `factory` with `slots` sequences for the process over `threads` cores
+/// (0: unchanged).
+fn with_slots(factory: SyntheticFactory, slots: usize, threads: usize) -> SyntheticFactory {
+    if slots == 0 {
+        factory
+    } else {
+        factory.with_process_slots(slots, threads)
+    }
+}
+
 /// The synthetic backend with its tokens sampled by `device` (see
 /// `gpu_picker`).
 pub fn synthetic_factory_on(
@@ -210,9 +244,15 @@ pub fn synthetic_factory_on(
     interval_us: u64,
     device: SyntheticDevice,
     vocab: u32,
+    (slots, threads): (usize, usize),
 ) -> anyhow::Result<Arc<dyn BackendFactory>> {
     if device == SyntheticDevice::Hash {
-        return Ok(synthetic_factory(ttft_us, interval_us));
+        let f = SyntheticFactory::new(SyntheticConfig {
+            ttft: Duration::from_micros(ttft_us),
+            token_interval: Duration::from_micros(interval_us),
+            ..Default::default()
+        });
+        return Ok(Arc::new(with_slots(f, slots, threads)));
     }
     let picker = SamplerPickerFactory {
         device,
@@ -225,12 +265,13 @@ pub fn synthetic_factory_on(
         .check()
         .map_err(anyhow::Error::msg)
         .context("--synthetic-device")?;
-    Ok(Arc::new(SyntheticFactory::new(SyntheticConfig {
+    let f = SyntheticFactory::new(SyntheticConfig {
         ttft: Duration::from_micros(ttft_us),
         token_interval: Duration::from_micros(interval_us),
         picker: Arc::new(picker),
         ..Default::default()
-    })))
+    });
+    Ok(Arc::new(with_slots(f, slots, threads)))
 }
 
 pub fn config(a: &Args) -> anyhow::Result<Config> {
@@ -252,6 +293,21 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
     if !(SEND_BUFFER_BYTES_MIN..=SEND_BUFFER_BYTES_MAX).contains(&a.send_buffer_bytes) {
         bail!("--send-buffer-bytes must be in {SEND_BUFFER_BYTES_MIN}..={SEND_BUFFER_BYTES_MAX}");
     }
+    if a.admission_queue_max == 0 {
+        bail!("--admission-queue-max must be at least 1");
+    }
+    if a.synthetic_slots != 0 && a.synthetic_slots < threads {
+        bail!(
+            "--synthetic-slots {} leaves a worker thread without a slot: give at least --threads ({threads})",
+            a.synthetic_slots
+        );
+    }
+    if a.accept_threads > threads {
+        bail!(
+            "--accept-threads {} is more than --threads ({threads})",
+            a.accept_threads
+        );
+    }
     Ok(Config {
         listen: a.listen,
         threads,
@@ -263,6 +319,8 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         streams_per_thread_max: a.streams_per_thread_max,
         stream_buffered_tokens_max: a.stream_buffered_tokens_max,
         admission_queue_max: a.admission_queue_max,
+        steal: a.steal == OnOff::On,
+        accept_threads: a.accept_threads,
         handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
         idle_timeout: Duration::from_millis(a.idle_timeout_ms),
         stream_stall_timeout: Duration::from_millis(a.stream_stall_timeout_ms),
@@ -282,13 +340,14 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
     })
 }
 
-fn backend(a: &Args) -> anyhow::Result<Arc<dyn BackendFactory>> {
+fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
     match a.backend {
         BackendKind::Synthetic => synthetic_factory_on(
             a.synthetic_ttft_us,
             a.synthetic_token_interval_us,
             a.synthetic_device,
             a.synthetic_vocab,
+            (a.synthetic_slots, threads),
         ),
         BackendKind::Llama => {
             if a.llama_url.is_empty() {
@@ -331,12 +390,62 @@ fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
     r == libc::SIGINT || r == libc::SIGTERM
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let cfg = config(&a)?;
-    let factory = backend(&a)?;
+/// Under `mpirun`: this rank's ports and backends (`serve_ranks`).
+fn for_rank(a: &mut Args, p: crate::serve_ranks::Place) -> anyhow::Result<()> {
+    use crate::serve_ranks::{shifted, urls_for};
+    if !cfg!(feature = "mpi") {
+        bail!(
+            "started as rank {} of {} by an MPI launcher, but this cnse-dp was built without MPI: build it with --features mpi",
+            p.rank,
+            p.ranks
+        );
+    }
+    if a.steal == OnOff::Off {
+        bail!("--steal off cannot run the requests other ranks send: leave stealing on under mpirun");
+    }
+    a.listen = shifted(a.listen, p.rank)?;
+    a.http_listen = a.http_listen.map(|h| shifted(h, p.rank)).transpose()?;
+    a.metrics_listen = a.metrics_listen.map(|m| shifted(m, p.rank)).transpose()?;
+    a.llama_url = urls_for(&a.llama_url, p.rank)?;
+    Ok(())
+}
+
+/// Backend sequences of this process at once (the MPI mirror's slots).
+fn slots_of(a: &Args, threads: usize) -> usize {
+    match a.backend {
+        BackendKind::Synthetic if a.synthetic_slots > 0 => a.synthetic_slots,
+        BackendKind::Synthetic => threads * 65_536,
+        BackendKind::Llama => a.llama_inflight * a.llama_url.len().max(1),
+    }
+}
+
+pub fn run(mut a: Args) -> anyhow::Result<()> {
+    let place = crate::serve_ranks::place();
+    if let Some(p) = place {
+        for_rank(&mut a, p)?;
+    }
+    let mut cfg = config(&a)?;
+    cfg.ranks = place.map_or(1, |p| p.ranks);
+    let factory = backend(&a, cfg.threads)?;
+    let threads = cfg.threads;
     let signals = block_signals();
     let server = Server::start(cfg, factory).context("starting the server")?;
-    println!("listening on {}", server.local_addr());
+    #[cfg(feature = "mpi")]
+    let mirror = match place {
+        Some(p) => Some(crate::serve_ranks::RankMirror::start(
+            &server,
+            slots_of(&a, threads),
+            p.rank,
+        )?),
+        None => None,
+    };
+    #[cfg(not(feature = "mpi"))]
+    let _ = (slots_of(&a, threads), place);
+    let rank_prefix = place.map(|p| format!("rank {} ", p.rank)).unwrap_or_default();
+    println!("{rank_prefix}listening on {}", server.local_addr());
+    if let Some(p) = place {
+        println!("rank {} pid {}", p.rank, std::process::id());
+    }
     if let Some(h) = server.http_addr() {
         println!("http listening on {h}");
     }
@@ -366,8 +475,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         if a.stats_interval_ms > 0 {
             let s = server.stats();
+            #[cfg(feature = "mpi")]
+            if let Some(m) = &mirror {
+                use std::sync::atomic::Ordering::Relaxed;
+                let stolen_in = m.stats.stolen_in.load(Relaxed);
+                // This rank's own requests run here: everything its cores
+                // started, less what other ranks sent.
+                println!(
+                    "rank {} tasks ran_local={} stolen_in={} stolen_out={} lost={}",
+                    m.rank(),
+                    (s.ran_local + s.stolen).saturating_sub(stolen_in),
+                    stolen_in,
+                    m.stats.stolen_out.load(Relaxed),
+                    m.stats.lost_tasks.load(Relaxed)
+                );
+            }
             println!(
-                "stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} allocs={}",
+                "{rank_prefix}stats conns={} accepted={} streams={} active={} paused={} requests={} tokens={} produced={} frames_in={} frames_out={} violations={} rejected={} ran_local={} stolen={} allocs={}",
                 s.conns_open,
                 s.conns_accepted,
                 s.streams_open,
@@ -380,14 +504,45 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 s.frames_out,
                 s.violations,
                 s.rejected,
+                s.ran_local,
+                s.stolen,
                 crate::alloc_count::allocations()
             );
+            if server.threads() > 1 {
+                // Per worker: run locally / stolen in / stolen out.
+                let per: Vec<String> = server
+                    .steal_counts()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (l, i_n, o))| format!("w{i}={l}/{i_n}/{o}"))
+                    .collect();
+                println!("steals local/in/out {}", per.join(" "));
+            }
             std::io::stdout().flush().ok();
         }
     }
     tracing::info!("shutting down: open streams get --shutdown-grace-ms to finish");
     let stages = server.stage_times();
     server.shutdown().context("shutting down")?;
+    if let Some(p) = place {
+        println!("rank {} drained and stopped", p.rank);
+        std::io::stdout().flush().ok();
+    }
+    #[cfg(feature = "mpi")]
+    if let Some(m) = mirror {
+        // MPI_Finalize needs the launcher: when mpirun itself was told to
+        // end the job (SIGTERM to mpirun), it may be gone already and the
+        // call never returns. The streams are drained: leave without it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            m.shutdown();
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(2)).is_err() {
+            eprintln!("MPI_Finalize did not return within 2 s (mpirun gone?): exiting without it");
+            std::process::exit(0);
+        }
+    }
     if a.stage_timing {
         for t in stages.take() {
             println!("stage timing, worker {}:\n{}", t.worker, t.render());

@@ -34,8 +34,9 @@ pub enum Verify {
 pub struct ModelLoad {
     pub verify: Verify,
     pub source: SourceMode,
-    /// One thread reads the blob in file order ahead of the workers (cold
-    /// loads: the disk sees one sequential reader).
+    /// One thread reads what of the blob is not in the page cache, in file
+    /// order, ahead of the workers (cold loads: the disk sees one
+    /// sequential reader; `gpu load --readahead`).
     pub readahead: bool,
 }
 

@@ -67,7 +67,16 @@ impl LeafHasher {
         let func = module
             .load_function("sha256_leaves")
             .map_err(KernelError::driver("cuModuleGetFunction"))?;
-        let stream = ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?;
+        // The greatest priority the context allows: when a window's leaves
+        // are due, their blocks are scheduled before the copy kernels'
+        // pending blocks, so verdicts (and the last window, the load's
+        // tail) are not queued behind copies.
+        ctx.bind_to_thread().map_err(KernelError::driver("cuCtxSetCurrent"))?;
+        let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(KernelError::driver("cuCtxGetStreamPriorityRange"))?;
+        let stream = ctx
+            .new_stream_with_priority(greatest)
+            .map_err(KernelError::driver("cuStreamCreateWithPriority"))?;
         let result = DeviceBuffer::new(ctx, 16)?;
         let h = Self {
             ctx: ctx.clone(),

@@ -31,7 +31,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream};
 use crate::pinned::{DeviceBuffer, PinnedBuffer};
 pub use crate::spec::{hash_chunks, hash_file, OwnedSpec};
 use crate::KernelError;
-use worker::page_bytes;
+pub(crate) use worker::page_bytes;
 
 mod config;
 mod worker;
@@ -58,9 +58,6 @@ struct Slot {
     buf: PinnedBuffer,
     copied: CudaEvent,
     in_flight: bool,
-    /// Start address of the mapped range registered for this slot's copy
-    /// (Register mode); unregistered once `copied` has fired.
-    registered: Option<usize>,
     /// The device's address of `buf` (copy-kernel mover).
     device_src: u64,
 }
@@ -70,6 +67,12 @@ struct Worker {
     copy_fn: Option<CudaFunction>,
     slots: Vec<Slot>,
     next_slot: usize,
+    /// Start addresses of the mapped pieces this worker registered in this
+    /// load (Register mode). They stay registered until `drain`: an
+    /// unregistration waits for the device, so unregistering behind each
+    /// copy would stall every copy queued after it. At most one entry per
+    /// chunk of the blob.
+    registered: Vec<usize>,
 }
 
 /// Owns the pinned staging pool and one stream per worker; reused across
@@ -119,7 +122,6 @@ impl Streamer {
                     buf,
                     copied: ctx.new_event(None).map_err(KernelError::driver("cuEventCreate"))?,
                     in_flight: false,
-                    registered: None,
                     device_src,
                 });
             }
@@ -128,6 +130,7 @@ impl Streamer {
                 copy_fn: copy_fn.clone(),
                 slots,
                 next_slot: 0,
+                registered: Vec::new(),
             });
         }
         Ok(Self {

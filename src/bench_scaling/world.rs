@@ -66,7 +66,11 @@ impl World {
         use_mpi: bool,
         tuning: Tuning,
     ) -> Result<(World, Shared, Vec<SchedCore>)> {
-        let (sched, cores_v) = Scheduler::new(&Config { cores, queued_max })?;
+        let (sched, cores_v) = Scheduler::new(&Config {
+            cores,
+            queued_max,
+            fifo: false,
+        })?;
         let local = Arc::new(Inboxes::new(cores, INBOX_MAX, Unpark(std::thread::current())));
         let remote = Arc::new(Inbox::new(INBOX_MAX));
         let busy = Arc::new(AtomicUsize::new(0));

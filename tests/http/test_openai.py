@@ -136,6 +136,8 @@ def test_metrics_parse_as_prometheus_text(server):
     assert families["cnse_ttft_seconds"].type == "histogram"
     assert families["cnse_tokens_sent"].samples[0].value >= 3
     assert families["cnse_connections_open"].type == "gauge"
+    run = {s.labels["core"]: s.value for s in families["cnse_requests_run"].samples}
+    assert set(run) == {"local", "stolen"} and run["local"] + run["stolen"] >= 1
 
 
 LLAMA = os.environ.get("CNSE_LLAMA_URL")

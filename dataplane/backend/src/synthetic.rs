@@ -70,6 +70,9 @@ impl std::fmt::Debug for SyntheticConfig {
 pub struct SyntheticFactory {
     cfg: SyntheticConfig,
     vocab: Arc<Vocab>,
+    /// (slots of the process, worker cores) when set: `active_max` per
+    /// core is that core's share.
+    process_slots: Option<(usize, usize)>,
 }
 
 impl SyntheticFactory {
@@ -77,6 +80,24 @@ impl SyntheticFactory {
         Self {
             cfg,
             vocab: Arc::new(Vocab::new()),
+            process_slots: None,
+        }
+    }
+
+    /// `total` sequences at once for the whole process (like a GPU's batch
+    /// slots), split over `cores` per-core backends: core i holds
+    /// `total / cores`, one more for the first `total % cores`. Work beyond
+    /// a core's share waits in the scheduler, where idle cores steal it.
+    pub fn with_process_slots(mut self, total: usize, cores: usize) -> Self {
+        self.process_slots = Some((total, cores.max(1)));
+        self
+    }
+
+    /// The sequences core `core` holds at once.
+    pub fn slots_of(&self, core: usize) -> usize {
+        match self.process_slots {
+            Some((total, cores)) => total / cores + usize::from(core < total % cores),
+            None => self.cfg.active_max,
         }
     }
 }
@@ -84,7 +105,11 @@ impl SyntheticFactory {
 impl BackendFactory for SyntheticFactory {
     fn build(&self, core: usize) -> Result<Box<dyn Backend>, String> {
         let picker = self.cfg.picker.build(core)?;
-        Ok(Box::new(Synthetic::new(self.cfg.clone(), self.vocab.clone(), picker)))
+        let cfg = SyntheticConfig {
+            active_max: self.slots_of(core),
+            ..self.cfg.clone()
+        };
+        Ok(Box::new(Synthetic::new(cfg, self.vocab.clone(), picker)))
     }
 }
 
@@ -205,7 +230,10 @@ impl Backend for Synthetic {
         self.index.insert(job.id, slot);
         self.stats.active += 1;
         self.stats.started += 1;
-        self.schedule(slot, job.arrived + self.cfg.ttft);
+        // Prefill starts when the work gets its slot (now), not when the
+        // request arrived: a request that waited for a slot, here or on
+        // another core, still takes the model's full TTFT.
+        self.schedule(slot, io.now() + self.cfg.ttft);
         Ok(())
     }
 

@@ -17,6 +17,11 @@ use crate::sync::{AtomicBool, Mutex, Ordering};
 /// CQE to its ring; it must not block.
 pub trait Wake: Send + Sync {
     fn wake(&self, core: usize);
+
+    /// Tasks were queued where any core may take them (the injector: tasks
+    /// another rank sent): wake a core that can run them. Default: none
+    /// (the cores look on their own).
+    fn work_queued(&self) {}
 }
 
 /// A full inbox hands the value back: the producer holds it and tries again
@@ -100,6 +105,15 @@ impl<R, W: Wake> Inboxes<R, W> {
 
     pub fn cores(&self) -> usize {
         self.inboxes.len()
+    }
+
+    /// Core `core` has results waiting (its wake is due or on its way).
+    pub fn pending(&self, core: usize) -> bool {
+        self.inboxes[core].wake_pending()
+    }
+
+    pub fn waker(&self) -> &W {
+        &self.waker
     }
 }
 

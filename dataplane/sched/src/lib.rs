@@ -18,6 +18,7 @@ mod gate;
 mod inbox;
 mod state;
 mod sync;
+mod window;
 
 #[cfg(all(test, cnse_loom))]
 mod loom_models;
@@ -38,6 +39,7 @@ pub use route::{Busy, Job, Origin, Outcome, RemoteDone, Router, Status};
 #[cfg(not(cnse_loom))]
 pub use sched::{CancelToken, Claimed, Core, CoreStats, Scheduler, Task};
 pub use state::{CancelOutcome, Phase, TaskState};
+pub use window::Window;
 
 /// A task payload or result that can cross ranks (the `mpi` feature sends
 /// these bytes inside its rkyv messages).
@@ -85,6 +87,10 @@ pub struct Config {
     pub cores: usize,
     /// Admission bound: queued tasks, all cores and levels together.
     pub queued_max: usize,
+    /// A core takes its own queued tasks oldest first (requests waiting
+    /// for a backend slot: no old request starves under load) rather than
+    /// newest first (LIFO: the cache-warm order of a fork-join runtime).
+    pub fifo: bool,
 }
 
 impl Config {

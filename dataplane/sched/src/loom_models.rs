@@ -200,3 +200,23 @@ fn loom_requeue_races_cancel() {
         assert_eq!((c.live, c.entries, c.running), (0, 0, 0));
     });
 }
+
+/// The owner's grant racing the runner's park: a runner that stays parked
+/// is always woken (the grant saw `parked`), and a runner that goes on saw
+/// the new allowance. Never parked with room and no wake due.
+#[test]
+fn loom_window_no_lost_wake() {
+    loom::model(|| {
+        let w = Arc::new(crate::window::Window::new(4));
+        let w2 = w.clone();
+        // The runner emitted 4 tokens, the allowance: it must park.
+        let runner = thread::spawn(move || w2.park(4));
+        // The owner drained its queue: room for 4 more.
+        let woke = w.grant(8);
+        let stays_parked = runner.join().unwrap();
+        if stays_parked {
+            assert!(woke, "the runner parked with room granted and no wake due");
+            assert!(w.may_resume(4), "woken, the runner finds room");
+        }
+    });
+}

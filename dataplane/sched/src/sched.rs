@@ -56,6 +56,11 @@ impl CancelToken {
     pub fn state(&self) -> &TaskState {
         &self.state
     }
+
+    /// Backpressure with the task's runner.
+    pub fn window(&self) -> &crate::Window {
+        &self.state.window
+    }
 }
 
 /// Per-core counters, readable from any thread.
@@ -139,6 +144,11 @@ impl<T> Claimed<T> {
         cancelled
     }
 
+    /// Backpressure with the task's owner.
+    pub fn window(&self) -> &crate::Window {
+        &self.guard.state.window
+    }
+
     /// A token for this running task (the MPI layer keeps one per task it
     /// runs for another rank, to apply that rank's cancel).
     pub fn token(&self) -> CancelToken {
@@ -154,7 +164,15 @@ impl<T> Scheduler<T> {
     pub fn new(config: &Config) -> Result<(Self, Vec<Core<T>>), SchedError> {
         config.check()?;
         let workers: Vec<[Worker<Entry<T>>; LEVELS]> = (0..config.cores)
-            .map(|_| std::array::from_fn(|_| Worker::new_lifo()))
+            .map(|_| {
+                std::array::from_fn(|_| {
+                    if config.fifo {
+                        Worker::new_fifo()
+                    } else {
+                        Worker::new_lifo()
+                    }
+                })
+            })
             .collect();
         let stealers = workers
             .iter()
@@ -182,6 +200,18 @@ impl<T> Scheduler<T> {
     }
 
     fn admit(&self, owner: usize, priority: u32, payload: T) -> Result<Entry<T>, (SchedError, T)> {
+        self.admit_with(owner, priority, payload, None)
+    }
+
+    /// `state`: a finished task's state, reset, to carry this one (no
+    /// allocation per task); None allocates a new one.
+    fn admit_with(
+        &self,
+        owner: usize,
+        priority: u32,
+        payload: T,
+        state: Option<Arc<TaskState>>,
+    ) -> Result<Entry<T>, (SchedError, T)> {
         if owner >= self.shared.stats.len() {
             return Err((
                 SchedError::NoSuchCore {
@@ -209,7 +239,7 @@ impl<T> Scheduler<T> {
         };
         Ok(Entry {
             task,
-            state: TaskState::new(),
+            state: state.unwrap_or_else(TaskState::new),
         })
     }
 
@@ -340,6 +370,41 @@ impl<T> Core<T> {
         let out = sched.token(&e);
         self.workers[level_of(priority)].push(e);
         Ok(out)
+    }
+
+    /// Queues a task on this core's own deque like [`Core::push`], carried
+    /// by the state of `reuse` (the owner's token of a finished task) when
+    /// nothing else holds it any more: the steady state allocates nothing
+    /// per task. `allowed` starts the task's [`crate::Window`].
+    pub fn push_reusing(
+        &self,
+        priority: u32,
+        payload: T,
+        reuse: Option<CancelToken>,
+        allowed: u64,
+    ) -> Result<(u64, CancelToken), (SchedError, T)> {
+        let state = reuse.and_then(|mut t| {
+            // Unique: no deque entry, runner or other token refers to it.
+            Arc::get_mut(&mut t.state)?;
+            t.state.reset(allowed);
+            Some(t.state)
+        });
+        let state = state.unwrap_or_else(|| {
+            let s = TaskState::new();
+            s.reset(allowed);
+            s
+        });
+        let sched = self.scheduler();
+        let e = sched.admit_with(self.index, priority, payload, Some(state))?;
+        let out = sched.token(&e);
+        self.workers[level_of(priority)].push(e);
+        Ok(out)
+    }
+
+    /// Nothing queued on this core's own deques (tombstones count as
+    /// queued).
+    pub fn own_is_empty(&self) -> bool {
+        self.workers.iter().all(|w| w.is_empty())
     }
 
     /// The next task to run here: own deques, the injector, then a steal.

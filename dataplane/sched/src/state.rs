@@ -12,6 +12,7 @@
 //! unrun when popped.
 
 use crate::sync::{Arc, AtomicU8, Ordering};
+use crate::window::Window;
 
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
@@ -46,13 +47,23 @@ pub enum CancelOutcome {
 #[derive(Debug)]
 pub struct TaskState {
     word: AtomicU8,
+    /// Backpressure between the owner and a runner on another core.
+    pub window: Window,
 }
 
 impl TaskState {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             word: AtomicU8::new(QUEUED),
+            window: Window::new(u64::MAX),
         })
+    }
+
+    /// Makes a finished or removed task's state new again for the next
+    /// task (only its last holder may: see `Core::push_reusing`).
+    pub(crate) fn reset(&self, allowed: u64) {
+        self.word.store(QUEUED, Ordering::SeqCst);
+        self.window.reset(allowed);
     }
 
     /// Takes a popped or stolen entry for running. False: it was cancelled

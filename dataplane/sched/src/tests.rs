@@ -8,7 +8,12 @@ use std::sync::{Arc, Mutex};
 use crate::*;
 
 fn sched(cores: usize, queued_max: usize) -> (Scheduler<u64>, Vec<Core<u64>>) {
-    Scheduler::new(&Config { cores, queued_max }).unwrap()
+    Scheduler::new(&Config {
+        cores,
+        queued_max,
+        fifo: false,
+    })
+    .unwrap()
 }
 
 #[test]
@@ -37,17 +42,20 @@ fn full_is_refused_with_429_and_the_payload_back() {
 fn bad_config_is_an_error() {
     assert!(Scheduler::<u8>::new(&Config {
         cores: 0,
-        queued_max: 1
+        queued_max: 1,
+        fifo: false,
     })
     .is_err());
     assert!(Scheduler::<u8>::new(&Config {
         cores: 1,
-        queued_max: 0
+        queued_max: 0,
+        fifo: false,
     })
     .is_err());
     assert!(Scheduler::<u8>::new(&Config {
         cores: 1,
-        queued_max: 1 << 20
+        queued_max: 1 << 20,
+        fifo: false,
     })
     .is_err());
 }
@@ -223,6 +231,7 @@ fn stolen_task_streams_results_to_its_owner_in_order() {
     let (s, mut cores) = Scheduler::<Job<u32>>::new(&Config {
         cores: 2,
         queued_max: 8,
+        fifo: false,
     })
     .unwrap();
     let router = Router {
@@ -324,4 +333,63 @@ fn close_while_running_drains() {
     let ran = runner.join().unwrap();
     assert!(s.drained());
     assert_eq!(ran + evicted, 2000);
+}
+
+/// FIFO cores take their own tasks oldest first within a level (requests
+/// waiting for a slot); priority still goes first.
+#[test]
+fn fifo_core_runs_oldest_first_within_a_level() {
+    let (_s, mut cores) = Scheduler::<u64>::new(&Config {
+        cores: 1,
+        queued_max: 8,
+        fifo: true,
+    })
+    .unwrap();
+    for (prio, v) in [(0, 1), (0, 2), (2, 3), (0, 4)] {
+        cores[0].push(prio, v).unwrap();
+    }
+    let order: Vec<u64> = std::iter::from_fn(|| cores[0].next_own_task().map(|c| c.task.payload)).collect();
+    assert_eq!(order, vec![3, 1, 2, 4]);
+}
+
+/// A finished task's state carries the next task of the same owner slot
+/// (no allocation); a state still held elsewhere is not reused.
+#[test]
+fn push_reusing_reuses_a_state_nobody_else_holds() {
+    let (s, mut cores) = sched(2, 8);
+    let (_, t1) = cores[0].push_reusing(0, 1, None, 10).unwrap();
+    assert_eq!(t1.window().allowed(), 10);
+    let c = cores[0].next_own_task().unwrap();
+    let p1 = t1.state() as *const TaskState;
+    // Still claimed: its state is shared with the runner.
+    let (_, t2) = cores[0].push_reusing(0, 2, Some(t1.clone()), 5).unwrap();
+    assert_ne!(t2.state() as *const TaskState, p1, "a state in use is not reused");
+    assert!(!c.finish());
+    drop(cores[0].next_own_task().unwrap());
+    let (_, t3) = cores[0].push_reusing(0, 3, Some(t1), 7).unwrap();
+    assert_eq!(
+        t3.state() as *const TaskState,
+        p1,
+        "the finished task's state carries the next"
+    );
+    assert_eq!(t3.state().phase(), crate::Phase::Queued);
+    assert_eq!(t3.window().allowed(), 7);
+    assert_eq!(t3.window().runner(), None);
+    assert_eq!(s.counts().live, 1);
+}
+
+/// The window: a runner parks at its allowance; the owner's grant past it
+/// reports the parked runner once, and the runner may go on.
+#[test]
+fn window_parks_at_the_allowance_and_a_grant_wakes() {
+    let (_s, cores) = sched(1, 4);
+    let (_, t) = cores[0].push_reusing(0, 1, None, 2).unwrap();
+    let w = t.window();
+    assert!(w.may_resume(1));
+    assert!(!w.may_resume(2), "two tokens emitted: the allowance is used up");
+    assert!(w.park(2), "parks with no room");
+    assert!(w.grant(4), "the grant finds it parked");
+    assert!(!w.grant(4), "one wake per park");
+    assert!(w.may_resume(2));
+    assert!(!w.park(2), "room already granted: does not stay parked");
 }

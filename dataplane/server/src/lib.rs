@@ -23,6 +23,7 @@ pub mod session;
 pub mod sim;
 pub mod stages;
 pub mod stream;
+pub mod tasks;
 pub mod transport;
 mod worker;
 
@@ -53,8 +54,18 @@ pub struct Config {
     /// Bytes buffered per stream waiting for credit before the backend is
     /// paused.
     pub stream_buffered_bytes_max: usize,
-    /// Requests waiting for backend capacity per worker (429 above).
+    /// Requests waiting for backend capacity, per worker thread: the
+    /// process's scheduler queues up to threads × this many (429 above).
     pub admission_queue_max: usize,
+    /// Idle cores steal queued requests from busy ones (`false`: each core
+    /// runs only what its own connections asked for).
+    pub steal: bool,
+    /// Workers that accept connections (the first N; 0 = all). The others
+    /// run only work they steal: acceptor cores in front of compute cores.
+    pub accept_threads: usize,
+    /// Processes serving together (MPI ranks, `mpirun ... serve`): more
+    /// than one sizes the outbox of results for other ranks.
+    pub ranks: usize,
     /// Soft limit of a connection's pending output; input is not read while
     /// it is exceeded.
     pub send_buffer_bytes: usize,
@@ -120,6 +131,9 @@ impl Default for Config {
             stream_buffered_tokens_max: 256,
             stream_buffered_bytes_max: 16 * 1024,
             admission_queue_max: 4096,
+            steal: true,
+            accept_threads: 0,
+            ranks: 1,
             send_buffer_bytes: 64 * 1024,
             recv_buffers: 1024,
             recv_buffer_bytes: 16 * 1024,
@@ -172,6 +186,9 @@ pub struct WorkerCounters {
     pub frames_out: AtomicU64,
     pub violations: AtomicU64,
     pub rejected: AtomicU64,
+    pub ran_local: AtomicU64,
+    pub stolen_in: AtomicU64,
+    pub stolen_out: AtomicU64,
 }
 
 /// A snapshot of all workers' counters.
@@ -193,6 +210,11 @@ pub struct Stats {
     pub frames_out: u64,
     pub violations: u64,
     pub rejected: u64,
+    /// Requests run by the backend of the core that owns their connection.
+    pub ran_local: u64,
+    /// Requests run by another core's backend (work stealing); the two
+    /// are equal for the process, so `Stats` counts `stolen` once.
+    pub stolen: u64,
 }
 
 pub(crate) struct Shared {
@@ -211,6 +233,7 @@ pub struct Server {
     http_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    tasks: Arc<tasks::Tasks>,
     wakers: Vec<worker::Waker>,
     threads: Vec<JoinHandle<Result<(), std::io::Error>>>,
 }
@@ -233,22 +256,39 @@ impl Server {
         if config.max_tokens_limit < 1 {
             return Err(ServerError::Config("max tokens limit must be > 0".into()));
         }
-        let listeners = listen::bind_reuseport(config.listen, config.threads)?;
-        let addr = listen::local_addr(&listeners[0]).map_err(|error| ServerError::Bind {
-            addr: config.listen,
-            error,
+        if config.admission_queue_max == 0 {
+            return Err(ServerError::Config("admission queue must be > 0".into()));
+        }
+        let accepting = match config.accept_threads {
+            0 => config.threads,
+            n => n.min(config.threads),
+        };
+        let mut listeners: Vec<Option<_>> = listen::bind_reuseport(config.listen, accepting)?
+            .into_iter()
+            .map(Some)
+            .collect();
+        listeners.resize_with(config.threads, || None);
+        let addr = listen::local_addr(listeners[0].as_ref().expect("worker 0 accepts")).map_err(|error| {
+            ServerError::Bind {
+                addr: config.listen,
+                error,
+            }
         })?;
         let mut http_listeners = match config.http_listen {
-            Some(a) => listen::bind_reuseport(a, config.threads)?
+            Some(a) => listen::bind_reuseport(a, accepting)?
                 .into_iter()
                 .map(Some)
+                .chain(std::iter::repeat_with(|| None))
+                .take(config.threads)
                 .collect(),
             None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
         };
         let mut metrics_listeners = match config.metrics_listen {
-            Some(a) => listen::bind_reuseport(a, config.threads)?
+            Some(a) => listen::bind_reuseport(a, accepting)?
                 .into_iter()
                 .map(Some)
+                .chain(std::iter::repeat_with(|| None))
+                .take(config.threads)
                 .collect(),
             None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
         };
@@ -272,15 +312,38 @@ impl Server {
             stage_times: std::sync::Mutex::new(Vec::new()),
             request_metrics: (0..config.threads).map(|_| Default::default()).collect(),
         });
-        let config = Arc::new(config);
         let mut wakers = Vec::new();
+        let mut wake_fds = Vec::new();
+        let mut task_fds = Vec::new();
+        for _ in 0..config.threads {
+            let (waker, wake_fd) = worker::Waker::new().map_err(ServerError::Ring)?;
+            task_fds.push(wake_fd.try_clone().map_err(ServerError::Ring)?);
+            wakers.push(waker);
+            wake_fds.push(wake_fd);
+        }
+        let balance = if config.steal {
+            tasks::Balance::Steal
+        } else {
+            tasks::Balance::Off
+        };
+        let queued_max = config.admission_queue_max.saturating_mul(config.threads);
+        let remote_max = if config.ranks > 1 { tasks::INBOX_MAX } else { 1 };
+        let (tasks, cores) = tasks::Tasks::new(
+            config.threads,
+            queued_max,
+            balance,
+            tasks::EventfdWake::new(task_fds),
+            remote_max,
+        )
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+        let config = Arc::new(config);
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
-        for (index, listener) in listeners.into_iter().enumerate() {
+        let per_worker = listeners.into_iter().zip(wake_fds).zip(cores);
+        for (index, ((listener, wake_fd), core)) in per_worker.enumerate() {
             let http_listener = http_listeners[index].take();
             let metrics_listener = metrics_listeners[index].take();
-            let (waker, wake_fd) = worker::Waker::new().map_err(ServerError::Ring)?;
-            wakers.push(waker);
+            let tasks = tasks.clone();
             let shared = shared.clone();
             let config = config.clone();
             let ready = ready_tx.clone();
@@ -294,7 +357,8 @@ impl Server {
                             http: http_listener,
                             metrics: metrics_listener,
                         };
-                        worker::run(index, config, shared, listeners, wake_fd, backend, ready)
+                        let sched = worker::Sched { tasks, core, wake_fd };
+                        worker::run(index, config, shared, listeners, sched, backend, ready)
                     }
                 })
                 .map_err(|error| ServerError::Worker { thread: index, error })?;
@@ -306,6 +370,7 @@ impl Server {
             http_addr,
             metrics_addr,
             shared,
+            tasks: tasks.clone(),
             wakers,
             threads,
         };
@@ -343,6 +408,12 @@ impl Server {
         self.threads.len()
     }
 
+    /// The process's scheduler and the ways back to its cores (the MPI
+    /// mirror bridges them to other ranks).
+    pub fn tasks(&self) -> &Arc<tasks::Tasks> {
+        &self.tasks
+    }
+
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for c in &self.shared.counters {
@@ -359,8 +430,20 @@ impl Server {
             s.frames_out += r(&c.frames_out);
             s.violations += r(&c.violations);
             s.rejected += r(&c.rejected);
+            s.ran_local += r(&c.ran_local);
+            s.stolen += r(&c.stolen_in);
         }
         s
+    }
+
+    /// Each worker's (run locally, stolen in, stolen out).
+    pub fn steal_counts(&self) -> Vec<(u64, u64, u64)> {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        self.shared
+            .counters
+            .iter()
+            .map(|c| (r(&c.ran_local), r(&c.stolen_in), r(&c.stolen_out)))
+            .collect()
     }
 
     /// Where the workers leave their stage histograms as they exit (with
@@ -416,6 +499,9 @@ pub(crate) fn counters_of(shared: &Shared) -> Vec<session::Counters> {
             violations: r(&c.violations),
             rejected: r(&c.rejected),
             accepted: r(&c.conns_accepted),
+            ran_local: r(&c.ran_local),
+            stolen_in: r(&c.stolen_in),
+            stolen_out: r(&c.stolen_out),
         })
         .collect()
 }

@@ -194,6 +194,22 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         "cnse_backend_servers{{state=\"down\"}} {}",
         r.servers - r.servers_up.min(r.servers)
     );
+    family(
+        out,
+        "cnse_requests_run_total",
+        "counter",
+        "Requests started on a backend: by the core that owns the client (local), or stolen by an idle core (stolen).",
+    );
+    let _ = writeln!(
+        out,
+        "cnse_requests_run_total{{core=\"local\"}} {}",
+        sum(|c| c.ran_local)
+    );
+    let _ = writeln!(
+        out,
+        "cnse_requests_run_total{{core=\"stolen\"}} {}",
+        sum(|c| c.stolen_in)
+    );
     family(out, "cnse_streams", "gauge", "Streams open, by state.");
     let open = sum(|c| c.streams_open);
     let _ = writeln!(out, "cnse_streams{{state=\"queued\"}} {}", r.queued);

@@ -150,6 +150,27 @@ pub struct Stream {
     pub error_message: String,
     /// The HTTP front's side of the stream (inert on binary connections).
     pub http: crate::http::HttpStream,
+    /// The scheduler's handle on this stream's task (kept after the task
+    /// ends: the next task of this slot reuses its state).
+    pub task: Option<cnse_sched::CancelToken>,
+    /// The scheduler's id of this stream's task (an answer that carries no
+    /// result, such as `Lost`, names it by this).
+    pub task_id: u64,
+    /// The task runs on another core, whose tokens arrive through the
+    /// inbox (docs/SCHEDULER.md).
+    pub remote: Option<Remote>,
+    /// Bytes of this stream's prompt buffers that travel with its task
+    /// (counted in the memory budget while away).
+    pub away: usize,
+}
+
+/// The owner's side of a stream whose task runs on another core.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Remote {
+    /// Tokens received from the runner so far.
+    pub received: u64,
+    /// The allowance last granted (tokens in all the runner may emit).
+    pub granted: u64,
 }
 
 impl Stream {
@@ -173,6 +194,10 @@ impl Stream {
             error_code: 0,
             error_message: String::new(),
             http: crate::http::HttpStream::default(),
+            task: None,
+            task_id: 0,
+            remote: None,
+            away: 0,
         }
     }
 

@@ -159,9 +159,18 @@ struct Listener {
     armed: bool,
 }
 
-/// A worker's listening sockets.
+/// A worker's end of the process's scheduler, and the eventfd that wakes
+/// it (shutdown, and other cores' results, cancels and grants).
+pub(crate) struct Sched {
+    pub tasks: Arc<crate::tasks::Tasks>,
+    pub core: cnse_sched::Core<crate::tasks::Task>,
+    pub wake_fd: OwnedFd,
+}
+
+/// A worker's listening sockets (none on a worker that only runs stolen
+/// work: `Config::accept_threads`).
 pub(crate) struct Listeners {
-    pub binary: OwnedFd,
+    pub binary: Option<OwnedFd>,
     /// The HTTP front's (`Config::http_listen`).
     pub http: Option<OwnedFd>,
     /// The metrics-only listener's (`Config::metrics_listen`).
@@ -173,7 +182,7 @@ pub(crate) fn run(
     cfg: Arc<Config>,
     shared: Arc<Shared>,
     listener: Listeners,
-    wake_fd: OwnedFd,
+    sched: Sched,
     factory: Arc<dyn cnse_backend::BackendFactory>,
     ready: Sender<Result<(), crate::ServerError>>,
 ) -> io::Result<()> {
@@ -190,7 +199,7 @@ pub(crate) fn run(
             return Ok(());
         }
     };
-    let mut worker = match Worker::new(index, cfg, shared, listener, wake_fd, backend) {
+    let mut worker = match Worker::new(index, cfg, shared, listener, sched, backend) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(crate::ServerError::Ring(io::Error::new(e.kind(), e.to_string()))));
@@ -235,7 +244,7 @@ impl Worker {
         cfg: Arc<Config>,
         shared: Arc<Shared>,
         listener: Listeners,
-        wake_fd: OwnedFd,
+        sched: Sched,
         backend: Box<dyn Backend>,
     ) -> io::Result<Self> {
         let entries = 4096u32;
@@ -251,11 +260,11 @@ impl Worker {
         let conns_max = cfg.conns_per_thread_max.min(cnse_ring::SLOT_MAX as usize);
         let io = RingIo { ring, now };
         Ok(Worker {
-            session: Session::new(cfg, backend, io, now, conns_max, index),
+            session: Session::with_tasks(cfg, backend, io, now, conns_max, sched.tasks, sched.core),
             bufs,
-            listeners: [Some(listener.binary), listener.http, listener.metrics].map(|fd| Listener { fd, armed: false }),
+            listeners: [listener.binary, listener.http, listener.metrics].map(|fd| Listener { fd, armed: false }),
             next_accept_retry: now,
-            wake_fd,
+            wake_fd: sched.wake_fd,
             wake_buf: Box::new(0),
             shared,
             index,
@@ -331,15 +340,30 @@ impl Worker {
     /// receives keep coming while the backend is busy.
     fn wait(&mut self) -> io::Result<()> {
         let now = Instant::now();
-        let timeout = if now < self.poll_until {
+        let mut timeout = if now < self.poll_until {
             Duration::ZERO
         } else {
             self.session.next_deadline().saturating_duration_since(now)
         };
+        // About to sleep with a free backend slot: say so, so that a core
+        // that queues work wakes this one to steal it; work queued already
+        // is taken at once.
+        let idle = !timeout.is_zero() && self.session.has_capacity() && !self.session.is_shutting_down();
+        if idle && self.session.tasks().going_idle(self.index) {
+            timeout = Duration::ZERO;
+            self.session.allow_steal();
+        }
         self.cqes.clear();
         let ring = &mut self.session.io.ring;
-        ring.turn(Some(timeout), &mut self.cqes)
-            .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))
+        let r = ring
+            .turn(Some(timeout), &mut self.cqes)
+            .map_err(|e| io::Error::new(e.source.kind(), e.to_string()));
+        if idle {
+            self.session.tasks().awake(self.index);
+            // Woken from an idle sleep (maybe by a core that queued work).
+            self.session.allow_steal();
+        }
+        r
     }
 
     fn dispatch(&mut self, c: Completion) {
@@ -361,9 +385,10 @@ impl Worker {
             Some(Op::Accept) => self.on_accept(FRONTS[slot as usize], c),
             Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
             Some(Op::Wake) => {
-                if !self.shared.shutdown.load(Ordering::SeqCst) {
-                    self.arm_wake();
-                }
+                self.session.on_wake();
+                // Stays armed through shutdown: foreign work may still be
+                // running for other cores, and their cancels wake it.
+                self.arm_wake();
             }
             Some(Op::Backend) => self.session.on_backend(c.tag.wide_value(), c.result, c.flags),
             Some(Op::Cancel) => {}
@@ -444,6 +469,9 @@ impl Worker {
         c.frames_out.store(n.frames_out, Ordering::Relaxed);
         c.violations.store(n.violations, Ordering::Relaxed);
         c.rejected.store(n.rejected, Ordering::Relaxed);
+        c.ran_local.store(n.ran_local, Ordering::Relaxed);
+        c.stolen_in.store(n.stolen_in, Ordering::Relaxed);
+        c.stolen_out.store(n.stolen_out, Ordering::Relaxed);
     }
 
     /// Cancels and drains every op in flight, then closes descriptors and

@@ -52,13 +52,14 @@ impl Worker {
                 return Ok(());
             }
             let piece_len = (end - piece).min(piece_max) as usize;
-            let n = self.slots.len();
-            let slot = &mut self.slots[self.next_slot];
-            self.next_slot = (self.next_slot + 1) % n;
-            slot.retire()?;
             if register {
+                // No staging: the piece is its own source, so nothing waits.
                 self.register_piece(sh, piece, piece_len, hasher.as_mut())?;
             } else {
+                let n = self.slots.len();
+                let slot = &mut self.slots[self.next_slot];
+                self.next_slot = (self.next_slot + 1) % n;
+                slot.retire()?;
                 self.stage_piece(sh, piece, piece_len, hasher.as_mut())?;
             }
             piece += piece_len as u64;
@@ -156,35 +157,28 @@ impl Worker {
             unreachable!("register mode always maps the blob")
         };
         let src = &map[piece as usize..piece as usize + len];
-        let stream = self.stream.clone();
-        let slot = self.current();
-        {
-            // SAFETY: `src` is a live read-only mapping starting on a page
-            // (chunk starts are page multiples, checked in `load`, and slot
-            // sizes are multiples of 256 KiB); READ_ONLY tells the driver the
-            // device only reads it. `retire`/`drain` unregister it after its
-            // copy, before the map is dropped at the end of `load`.
-            unsafe {
-                cudarc::driver::sys::cuMemHostRegister_v2(
-                    src.as_ptr() as *mut std::ffi::c_void,
-                    len,
-                    cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
-                )
-            }
-            .result()
-            .map_err(KernelError::driver("cuMemHostRegister (read-only page cache)"))?;
-            slot.registered = Some(src.as_ptr() as usize);
+        // SAFETY: `src` is a live read-only mapping starting on a page
+        // (chunk starts are page multiples, checked in `load`, and pieces
+        // are whole chunks or REGISTER_PIECE_MAX); READ_ONLY tells the
+        // driver the device only reads it. `drain` unregisters it after the
+        // worker's stream is idle, before the map is dropped at the end of
+        // `load`.
+        unsafe {
+            cudarc::driver::sys::cuMemHostRegister_v2(
+                src.as_ptr() as *mut std::ffi::c_void,
+                len,
+                cudarc::driver::sys::CU_MEMHOSTREGISTER_READ_ONLY,
+            )
         }
+        .result()
+        .map_err(KernelError::driver("cuMemHostRegister (read-only page cache)"))?;
+        self.registered.push(src.as_ptr() as usize);
         if sh.pipeline != Pipeline::HostOnly {
             // SAFETY: `src` is page-locked (registered above) and stays so
-            // until `copied` fires: `retire`/`drain` wait for it before
-            // unregistering; the device range lies inside the buffer.
-            unsafe { result::memcpy_htod_async(sh.device_base + piece, src, stream.cu_stream()) }
+            // until `drain` has synchronised this stream; the device range
+            // lies inside the buffer.
+            unsafe { result::memcpy_htod_async(sh.device_base + piece, src, self.stream.cu_stream()) }
                 .map_err(KernelError::driver("cuMemcpyHtoDAsync"))?;
-            slot.copied
-                .record(&stream)
-                .map_err(KernelError::driver("cuEventRecord"))?;
-            slot.in_flight = true;
         }
         if let Some(h) = hasher {
             h.update(src);
@@ -201,16 +195,27 @@ impl Worker {
             .map_err(KernelError::driver("cuStreamSynchronize"));
         for s in &mut self.slots {
             s.in_flight = false;
-            if let Err(e) = s.retire() {
-                r = r.and(Err(e));
-            }
+        }
+        if r.is_err() {
+            // A copy may still read the pieces: leave them registered
+            // (pinned until the process exits) rather than unpin them
+            // under the device.
+            self.registered.clear();
+        }
+        for ptr in self.registered.drain(..) {
+            // SAFETY: `ptr` was registered by `register_piece`, and every
+            // copy from it has completed (the stream synchronised above).
+            let u = unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) }
+                .result()
+                .map_err(KernelError::driver("cuMemHostUnregister"));
+            r = r.and(u);
         }
         r
     }
 }
 
 impl Slot {
-    /// Waits for the slot's last copy, then releases its registration.
+    /// Waits for the slot's last copy.
     pub(super) fn retire(&mut self) -> Result<(), KernelError> {
         if self.in_flight {
             self.copied
@@ -218,19 +223,11 @@ impl Slot {
                 .map_err(KernelError::driver("cuEventSynchronize"))?;
             self.in_flight = false;
         }
-        if let Some(ptr) = self.registered.take() {
-            // SAFETY: `ptr` was registered by `register_piece` and its copy
-            // has completed (waited for above, or by the stream
-            // synchronisation in `drain`).
-            unsafe { cudarc::driver::sys::cuMemHostUnregister(ptr as *mut std::ffi::c_void) }
-                .result()
-                .map_err(KernelError::driver("cuMemHostUnregister"))?;
-        }
         Ok(())
     }
 }
 
-pub(super) fn page_bytes() -> u64 {
+pub(crate) fn page_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if p > 0 {

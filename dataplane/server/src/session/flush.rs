@@ -159,6 +159,9 @@ impl<T: Transport> Session<T> {
     pub(crate) fn resume_if_drained(&mut self, sslot: u32) {
         let cfg = &self.tables.cfg;
         let (low_tokens, low_bytes) = (cfg.stream_buffered_tokens_max / 2, cfg.stream_buffered_bytes_max / 2);
+        if self.tables.streams[sslot as usize].remote.is_some() {
+            return self.grant_remote(sslot);
+        }
         let s = &mut self.tables.streams[sslot as usize];
         if s.paused && s.phase == Phase::Running && s.queue.tokens() <= low_tokens && s.queue.bytes() <= low_bytes {
             s.paused = false;

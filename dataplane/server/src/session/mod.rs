@@ -16,7 +16,6 @@
 //! bounded queue), credit and frames back (`flush.rs`), cancel and
 //! disconnect (`frames.rs`, `close_conn`), timeouts (`sweep`).
 
-use std::collections::BinaryHeap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,26 +31,41 @@ use crate::transport::Transport;
 use crate::Config;
 
 mod flush;
+mod foreign;
 mod frames;
 mod schedule;
+mod steal;
 mod tables;
 
 pub(crate) use frames::Admitted;
 pub use tables::Counters;
-pub(crate) use tables::{work_id, Queued, Tables};
+pub(crate) use tables::{work_id, Tables};
 
 /// How often timeouts are checked.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a connection that is being closed for a violation (or at
 /// shutdown) gets to send what it has.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How soon a runner tries again to hand tokens to an owner whose inbox
+/// was full.
+const FOREIGN_RETRY: Duration = Duration::from_millis(1);
 
 pub struct Session<T: Transport> {
     pub(crate) io: T,
     pub(crate) tables: Tables,
     backend: Box<dyn Backend>,
-    queue: BinaryHeap<Queued>,
-    queue_order: u64,
+    /// The process's scheduler and this core's end of it.
+    tasks: Arc<crate::tasks::Tasks>,
+    core: cnse_sched::Core<crate::tasks::Task>,
+    /// The inbox's messages while they are handled (capacity kept).
+    inbox_buf: Vec<crate::tasks::Msg>,
+    /// Woken (a cancel or a window for foreign work may be waiting).
+    woken: bool,
+    /// The next `admit` may steal: this core was about to sleep with a
+    /// free backend slot (`allow_steal`).
+    steal_ok: bool,
+    /// The backend's active count as last added to `Tasks::busy`.
+    busy_reported: usize,
     limits: ParamLimits,
     pub(crate) auth: Option<AuthKey>,
     next_sweep: Instant,
@@ -78,16 +92,33 @@ pub(crate) type MetricsRender = Box<dyn Fn(&mut Vec<u8>) + Send>;
 const LOG_BURST: u32 = 10;
 
 impl<T: Transport> Session<T> {
-    /// Worker `worker`'s session with `conns_max` connection slots (at most
-    /// `cnse_ring::SLOT_MAX`: slots travel in ring tags).
+    /// A session alone, as worker 0: its own one-core scheduler (the
+    /// simulator, tests).
     pub fn new(
         cfg: Arc<Config>,
         backend: Box<dyn Backend>,
         io: T,
         now: Instant,
         conns_max: usize,
-        worker: usize,
+        _worker: usize,
     ) -> Self {
+        let (tasks, core) = crate::tasks::Tasks::single(cfg.admission_queue_max);
+        Self::with_tasks(cfg, backend, io, now, conns_max, tasks, core)
+    }
+
+    /// Worker `core.index()`'s session with `conns_max` connection slots (at
+    /// most `cnse_ring::SLOT_MAX`: slots travel in ring tags), on the
+    /// process's scheduler.
+    pub fn with_tasks(
+        cfg: Arc<Config>,
+        backend: Box<dyn Backend>,
+        io: T,
+        now: Instant,
+        conns_max: usize,
+        tasks: Arc<crate::tasks::Tasks>,
+        core: cnse_sched::Core<crate::tasks::Task>,
+    ) -> Self {
+        let worker = core.index();
         assert!(
             cnse_ring::Tag::check_slots(conns_max),
             "connection table above the tag's slot bits"
@@ -95,14 +126,17 @@ impl<T: Transport> Session<T> {
         let limits = ParamLimits {
             max_tokens_limit: cfg.max_tokens_limit,
         };
-        let queue = BinaryHeap::with_capacity(cfg.admission_queue_max);
         let auth = cfg.auth_key.as_deref().map(AuthKey::new);
         Session {
             io,
             tables: Tables::new(cfg, now, conns_max, worker),
             backend,
-            queue,
-            queue_order: 0,
+            tasks,
+            core,
+            inbox_buf: Vec::with_capacity(crate::tasks::INBOX_MAX),
+            woken: false,
+            steal_ok: false,
+            busy_reported: 0,
             limits,
             auth,
             next_sweep: now + SWEEP_INTERVAL,
@@ -154,7 +188,13 @@ impl<T: Transport> Session<T> {
     pub fn request_metrics(&self) -> crate::metrics::RequestMetrics {
         let mut m = self.tables.metrics;
         let b = self.backend.stats();
-        m.queued = self.queue.len() as u64;
+        // The scheduler is the process's: worker 0 reports its depth, so
+        // that the sum over workers counts each task once.
+        m.queued = if self.core.index() == 0 {
+            self.admission_queue_len() as u64
+        } else {
+            0
+        };
         m.running = b.active;
         m.servers = b.servers;
         m.servers_up = b.servers_up;
@@ -207,13 +247,42 @@ impl<T: Transport> Session<T> {
             .tables
             .streams
             .iter()
-            .map(|s| s.prompt.capacity() + s.http.messages.capacity())
+            .map(|s| s.prompt.capacity() + s.http.messages.capacity() + s.away)
             .sum();
         (self.tables.mem_held, conns + prompts)
     }
 
+    /// Tasks queued in the process's scheduler (all cores: it is shared).
     pub fn admission_queue_len(&self) -> usize {
-        self.queue.len()
+        self.tasks.sched.counts().live
+    }
+
+    /// This core's backend could start work now.
+    pub fn has_capacity(&self) -> bool {
+        self.backend.has_capacity()
+    }
+
+    /// Foreign works this core runs for other cores' streams.
+    pub fn foreign_live(&self) -> usize {
+        self.tables.foreign.live
+    }
+
+    /// The process's scheduler (the worker's idle protocol).
+    pub fn tasks(&self) -> &Arc<crate::tasks::Tasks> {
+        &self.tasks
+    }
+
+    /// The worker's eventfd fired: another core sent results, a cancel or
+    /// window for work this core runs for it.
+    pub fn on_wake(&mut self) {
+        self.woken = true;
+    }
+
+    /// This core has a free backend slot and nothing of its own to do (it
+    /// was about to sleep, or just woke from such a sleep): the next turn
+    /// may steal queued work from other cores.
+    pub fn allow_steal(&mut self) {
+        self.steal_ok = true;
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -222,10 +291,15 @@ impl<T: Transport> Session<T> {
 
     /// When the session wants its next turn at the latest.
     pub fn next_deadline(&self) -> Instant {
-        match self.backend_deadline {
+        let d = match self.backend_deadline {
             Some(d) => d.min(self.next_sweep),
             None => self.next_sweep,
+        };
+        if self.tables.foreign.retry {
+            // An owner's inbox was full: try again soon.
+            return d.min(self.tables.now + FOREIGN_RETRY);
         }
+        d
     }
 
     pub fn begin_turn(&mut self, now: Instant) {
@@ -367,9 +441,28 @@ impl<T: Transport> Session<T> {
     /// The end of a turn: the backend runs, queued work is admitted, every
     /// touched connection gets one send, and timeouts are checked when due.
     pub fn end_turn(&mut self) {
+        self.drain_inbox();
+        if std::mem::take(&mut self.woken) {
+            self.scan_foreign();
+        }
         self.backend_deadline = self.backend.poll(&mut self.io, &mut self.tables);
-        self.admit();
+        if self.admit() > 0 {
+            // Work started after the poll: its first step (and the
+            // backend's next deadline) must not wait for another turn.
+            self.backend_deadline = self.backend.poll(&mut self.io, &mut self.tables);
+        }
+        self.flush_foreign();
         self.flush_dirty();
+        let busy = self.backend.stats().active as usize;
+        if busy != self.busy_reported {
+            use std::sync::atomic::Ordering::Relaxed;
+            if busy > self.busy_reported {
+                self.tasks.busy.fetch_add(busy - self.busy_reported, Relaxed);
+            } else {
+                self.tasks.busy.fetch_sub(self.busy_reported - busy, Relaxed);
+            }
+            self.busy_reported = busy;
+        }
         if self.tables.now >= self.next_sweep {
             self.sweep();
             self.next_sweep = self.tables.now + SWEEP_INTERVAL;
@@ -515,11 +608,16 @@ impl<T: Transport> Session<T> {
                 return false;
             }
             self.shutting_down = Some(self.tables.now + self.cfg().shutdown_grace);
-            // Queued work will not start: tell its clients now.
-            while let Some(q) = self.queue.pop() {
-                let s = &self.tables.streams[q.slot as usize];
-                if s.gen == q.gen && s.phase == Phase::Queued {
-                    self.tables.fail(q.slot, code::SHUTTING_DOWN, "server shutting down");
+            // Queued work will not start: tell its clients now (a task
+            // another core took already runs to its end).
+            for sslot in 0..self.tables.streams.len() as u32 {
+                let s = &self.tables.streams[sslot as usize];
+                if s.phase != Phase::Queued {
+                    continue;
+                }
+                let removed = s.task.as_ref().map(|t| t.cancel()) == Some(cnse_sched::CancelOutcome::Removed);
+                if removed {
+                    self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
                 }
             }
             self.flush_dirty();
@@ -554,7 +652,7 @@ impl<T: Transport> Session<T> {
             }
             self.flush_dirty();
         }
-        if self.tables.n.conns_open == 0 {
+        if self.tables.n.conns_open == 0 && self.tables.foreign.live == 0 {
             return true;
         }
         // Hard stop: nothing may keep the process from exiting.

@@ -12,16 +12,6 @@ use crate::stages::StageTimes;
 use crate::stream::{Phase, Stream};
 use crate::Config;
 
-/// A request waiting for backend capacity, ordered by priority then arrival.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Queued {
-    pub priority: u32,
-    /// Earlier arrivals first within a priority.
-    pub order: std::cmp::Reverse<u64>,
-    pub slot: u32,
-    pub gen: u32,
-}
-
 /// Counters of one worker's session.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counters {
@@ -35,6 +25,12 @@ pub struct Counters {
     pub violations: u64,
     pub rejected: u64,
     pub accepted: u64,
+    /// Requests this core's backend ran for its own streams.
+    pub ran_local: u64,
+    /// Tasks of other cores this core ran (stolen in).
+    pub stolen_in: u64,
+    /// Tasks of this core that other cores ran (stolen out).
+    pub stolen_out: u64,
 }
 
 pub(crate) struct Tables {
@@ -64,6 +60,8 @@ pub(crate) struct Tables {
     pub worker: usize,
     /// Request metrics for `GET /metrics` (crate::metrics).
     pub metrics: crate::metrics::RequestMetrics,
+    /// Work this core runs for other cores' streams.
+    pub foreign: super::foreign::Foreign,
 }
 
 /// Capacity a stream's prompt keeps between requests.
@@ -92,6 +90,7 @@ impl Tables {
             http_ids: 0,
             worker,
             metrics: Default::default(),
+            foreign: Default::default(),
             cfg,
             now,
             conns,
@@ -194,7 +193,10 @@ impl Tables {
         if s.http.text.capacity() > PROMPT_KEEP_BYTES {
             s.http.text = Vec::new();
         }
-        self.mem_held -= s.prompt.capacity() + s.http.messages.capacity();
+        // Buffers still away with a task are not coming back to this slot.
+        self.mem_held -= s.prompt.capacity() + s.http.messages.capacity() + s.away;
+        s.away = 0;
+        s.remote = None;
         if s.prompt.capacity() > PROMPT_KEEP_BYTES {
             s.prompt = String::new();
         }
@@ -211,6 +213,9 @@ impl Tables {
 
 impl Sink for Tables {
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
+        if super::foreign::is_foreign(id) {
+            return self.foreign.token(id, text);
+        }
         let (tokens_max, bytes_max) = (self.cfg.stream_buffered_tokens_max, self.cfg.stream_buffered_bytes_max);
         let timed = self.stages.is_some();
         let Some(s) = self.live_stream(id) else {
@@ -235,6 +240,9 @@ impl Sink for Tables {
     }
 
     fn end(&mut self, id: WorkId, reason: FinishReason) {
+        if super::foreign::is_foreign(id) {
+            return self.foreign.finished(id, reason);
+        }
         if let Some(s) = self.live_stream(id) {
             s.phase = Phase::Finished(reason);
             let conn = s.conn;
@@ -243,6 +251,13 @@ impl Sink for Tables {
     }
 
     fn error(&mut self, id: WorkId, code: u32, message: &str) {
+        if super::foreign::is_foreign(id) {
+            let end = crate::tasks::TaskEnd::Error {
+                code,
+                message: message.to_string(),
+            };
+            return self.foreign.end(id, end);
+        }
         if self.live_stream(id).is_some() {
             self.fail((id.0 & 0xffff_ffff) as u32, code, message);
         }

@@ -163,6 +163,7 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
             self.steal_outstanding = None;
         }
         let cores = self.parts.sched.cores();
+        let mut queued = false;
         for t in tasks {
             let Some(payload) = T::decode(&t.payload) else {
                 self.parts.stats.bad_messages.fetch_add(1, Ordering::Relaxed);
@@ -180,9 +181,13 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                 Ok((_, token)) => {
                     self.imported.insert((from as u32, t.id), token);
                     self.parts.stats.stolen_in.fetch_add(1, Ordering::Relaxed);
+                    queued = true;
                 }
                 Err(_) => self.refuse(from, t.id),
             }
+        }
+        if queued {
+            self.parts.local.waker().work_queued();
         }
         if let Some((_, pause)) = self.config.test_freeze.filter(|&(r, _)| r == self.rank) {
             self.config.test_freeze = None;
@@ -389,7 +394,14 @@ impl<T: WirePayload, R: WirePayload, W: Wake> Comm<T, R, W> {
                 continue; // finished already: its result is on the way
             };
             self.parts.stats.cancels_received.fetch_add(1, Ordering::Relaxed);
-            if token.cancel() == CancelOutcome::Removed {
+            let outcome = token.cancel();
+            if outcome == CancelOutcome::Signalled {
+                // Its runner sees the flag when woken (or at its next step).
+                if let Some(core) = token.window().runner() {
+                    self.parts.local.waker().wake(core);
+                }
+            }
+            if outcome == CancelOutcome::Removed {
                 // It will never run, so no runner answers for it.
                 self.imported.remove(&(from as u32, id));
                 self.results_out[from].push(WireResult {
