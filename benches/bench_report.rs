@@ -14,9 +14,9 @@
 //! switch).
 
 #[path = "report/plots.rs"]
-mod plots;
+pub mod plots;
 #[path = "report/summary.rs"]
-mod summary;
+pub mod summary;
 
 use std::collections::BTreeMap;
 use std::path::Path;

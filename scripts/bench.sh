@@ -12,7 +12,7 @@
 # SERVER_CPU (default 0) with one thread, the load generator on LOAD_CPUS
 # (default: 1, or 0 on a one-core machine) with LOAD_THREADS threads
 # (default 1); THREADS_LIST (default 1..cores) the server threads of that
-# ablation. ONLY="connections load inflight ablations redis micro" runs a
+# ablation. ONLY="connections load inflight ablations redis http micro" runs a
 # subset. BENCH_BIN_DIR=DIR uses prebuilt binaries from DIR (cnse-dp,
 # tokio_peer, tokio_uring_peer, monoio_peer, micro, bench_report: see
 # scripts/device-bench.sh) instead of building.
@@ -34,7 +34,7 @@ cores=$(nproc)
 server_cpu=${SERVER_CPU:-0}
 load_cpus=${LOAD_CPUS:-$((cores > 1 ? 1 : 0))}
 load_threads=${LOAD_THREADS:-1}
-only=${ONLY:-connections load inflight ablations redis micro}
+only=${ONLY:-connections load inflight ablations redis http micro}
 if [ "$quick" = 1 ]; then
   secs=0.5 warm=0.2 drain_ms=2000
   conns_list="16 256" fractions="0.1 0.7" inflight_list="1 16"
@@ -46,18 +46,23 @@ else
 fi
 ulimit -n 65536 2>/dev/null || true
 
-# Binaries: built here in release, or prebuilt in BENCH_BIN_DIR.
-newest() { ls -t target/release/deps/"$1"-* 2>/dev/null | grep -v '\.d$' | head -1; }
+# Binaries: built here in release, or prebuilt in BENCH_BIN_DIR. A bench's
+# executable is the one cargo names (a test of the same name would match
+# a glob over target/release/deps).
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+bench_exe() { sed -n "s|.*Executable benches/$1.rs (\(.*\))|\1|p" "$tmp/build.log" | head -1; }
 if [ -n "${BENCH_BIN_DIR:-}" ]; then
   d=$(cd "$BENCH_BIN_DIR" && pwd)
   B=$d/cnse-dp TOKIO=$d/tokio_peer URING=$d/tokio_uring_peer MONOIO=$d/monoio_peer MICRO=$d/micro REPORT=$d/bench_report
 else
   echo "== build (release)"
   cargo build --release --bin cnse-dp
-  cargo bench --no-run --bench tokio_peer --bench tokio_uring_peer --bench monoio_peer --bench micro --bench bench_report
+  cargo bench --no-run --bench tokio_peer --bench tokio_uring_peer --bench monoio_peer --bench micro --bench bench_report \
+    --bench axum_peer 2>&1 | tee "$tmp/build.log"
   B=$root/target/release/cnse-dp
-  TOKIO=$root/$(newest tokio_peer) URING=$root/$(newest tokio_uring_peer) MONOIO=$root/$(newest monoio_peer)
-  MICRO=$root/$(newest micro) REPORT=$root/$(newest bench_report)
+  TOKIO=$root/$(bench_exe tokio_peer) URING=$root/$(bench_exe tokio_uring_peer) MONOIO=$root/$(bench_exe monoio_peer)
+  MICRO=$root/$(bench_exe micro) REPORT=$root/$(bench_exe bench_report)
 fi
 for x in "$B" "$TOKIO" "$URING" "$MONOIO" "$MICRO" "$REPORT"; do
   [ -x "$x" ] || { echo "bench.sh: missing binary $x" >&2; exit 1; }
@@ -65,7 +70,6 @@ done
 
 rm -rf "$out" && mkdir -p "$out"
 out=$(cd "$out" && pwd)
-tmp=$(mktemp -d)
 SP=""
 stop_server() {
   if [ -n "$SP" ]; then kill -TERM "$SP" 2>/dev/null || true; wait "$SP" 2>/dev/null || true; SP=""; fi
@@ -224,6 +228,29 @@ if [[ " $only " == *" redis "* ]]; then
   bench_redis
 fi
 
+if [[ " $only " == *" http "* ]]; then
+  # Issue 12's side-by-side run as it is (cnse-dp's HTTP front, its binary
+  # protocol and the hyper/axum peer), its output kept as text.
+  echo "== HTTP front against the axum peer (scripts/http-bench.sh)"
+  if [ -n "${BENCH_BIN_DIR:-}" ]; then
+    echo "   skipped: http-bench.sh needs the build tree (BENCH_BIN_DIR is set)"
+  else
+    if [ "$quick" = 1 ]; then http_args=(1 0.5); else http_args=(3 3); fi
+    # It picks a random port: a second try when another program had it.
+    for try in 1 2; do
+      if SERVER_CPU=$server_cpu LOAD_CPUS=$load_cpus LOAD_THREADS=$load_threads \
+        bash scripts/http-bench.sh "${http_args[@]}" >"$out/http.txt" 2>&1; then
+        break
+      elif [ "$try" = 2 ] || ! grep -q 'Address already in use' "$out/http.txt"; then
+        echo "   FAILED: http-bench.sh: $(tail -1 "$out/http.txt")"
+        failures=$((failures + 1))
+        break
+      fi
+    done
+  fi
+  [ -f "$out/http.txt" ] && sed 's/^/   /' "$out/http.txt"
+fi
+
 if [[ " $only " == *" micro "* ]]; then
   echo "== micro-benchmarks"
   # --bench: without it a divan binary only checks that each benchmark runs.
@@ -237,9 +264,9 @@ fi
 echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt"
 "$REPORT" "$out"
 # The smoke run's point: every part of the suite produced its output.
-if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis micro" ]; then
+if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis http micro" ]; then
   for f in summary.md throughput_vs_connections.svg latency_vs_load.svg inflight.svg ablation_threads.svg \
-    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt stages.txt; do
+    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt stages.txt http.txt; do
     [ -s "$out/$f" ] || { echo "bench.sh: --quick: $f is missing or empty" >&2; failures=$((failures + 1)); }
   done
   grep -q 'redis-benchmark ping' "$out/redis.csv" 2>/dev/null || [ -s "$out/redis.note" ] ||

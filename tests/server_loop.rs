@@ -63,6 +63,16 @@ fn issue9_stage_timing_accounts_for_every_request() {
         assert_eq!(stage_count(&out, stage), N, "{stage}: {out:#?}");
     }
     assert!(stage_count(&out, "turn busy") > 0, "{out:#?}");
+    // issue 13: every percentile, in order.
+    let head = out
+        .iter()
+        .find(|l| l.starts_with("stage ") && l.contains("count"))
+        .unwrap();
+    let cols: Vec<&str> = head.split_whitespace().collect();
+    assert_eq!(
+        cols,
+        ["stage", "count", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"]
+    );
     assert!(stage_count(&out, "events/turn") > 0, "{out:#?}");
 }
 

@@ -329,6 +329,13 @@ pub fn render(dir: &Path, plots: &[String]) -> String {
     inflight(&mut out, dir);
     ablations(&mut out, dir);
     redis(&mut out, dir);
+    if let Ok(h) = std::fs::read_to_string(dir.join("http.txt")) {
+        let _ = writeln!(
+            out,
+            "\n## HTTP front against the axum peer (`scripts/http-bench.sh`)\n\n```\n{}\n```",
+            h.trim()
+        );
+    }
     if let Ok(m) = std::fs::read_to_string(dir.join("micro.txt")) {
         let _ = writeln!(
             out,
