@@ -20,7 +20,7 @@ for srv in ${SRVS:-floor cnse}; do
   wait_ready "$slog" '^listening on' 
   for r in "" "--rate 100000" "--rate 200000" "--rate 300000"; do
     out=$(taskset -c 1 "$B" bench --addr 127.0.0.1:$port --threads 1 --duration-secs 3 --warmup-secs 0.5 --mode generate --connections 64 --inflight 4 --max-tokens 16 $r --server-pid $SP 2>&1)
-    echo "$srv ${r:-closed}: $(echo "$out" | grep -E '^requests' | awk '{print $3}') wall, $(echo "$out" | sed -n 's/.*: \([0-9,]*\) requests.*per server CPU-second.*/\1/p') per server CPU-s, $(echo "$out" | sed -n 's/^server cpu *\([0-9.]* s (.*of one core\).*/\1/p'), p99 $(echo "$out" | awk '/^e2e/ {print $6}'), problems: $(echo "$out" | grep -c problems)"
+    echo "$srv ${r:-closed}: $(echo "$out" | grep -E '^requests' | awk '{print $3}') wall, $(echo "$out" | sed -n 's/.*: \([0-9,]*\) requests.*per server CPU-second.*/\1/p') per server CPU-s, $(echo "$out" | sed -n 's/^server cpu *\([0-9.]* s (.*of one core\).*/\1/p'), p99 $(echo "$out" | awk '$1 == "e2e" {print $7}'), problems: $(echo "$out" | grep -c problems)"
   done
   kill -INT $SP 2>/dev/null; wait $SP 2>/dev/null
 done

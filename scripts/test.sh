@@ -94,5 +94,8 @@ scripts/test-http.sh
 log "Work-stealing scheduler across MPI ranks (mpirun, shared memory and TCP)"
 scripts/test-mpi.sh
 
+log "Benchmark suite smoke run (scripts/bench.sh --quick: peers, redis, ablations, micro, report)"
+scripts/bench.sh --quick "$(mktemp -d /tmp/cnse-bench-quick.XXXXXX)"
+
 log "Fuzz targets, 60 s each (docs/RELIABILITY.md)"
 scripts/fuzz.sh 60

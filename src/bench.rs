@@ -39,6 +39,11 @@ pub struct LoadArgs {
     /// Tokens per request (generate).
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
+    /// HTTP mode: ask for the usage chunk (`stream_options.include_usage`),
+    /// so tokens packed into one event are counted (one more event per
+    /// request for the server to write).
+    #[arg(long)]
+    pub http_include_usage: bool,
     /// Credit window per stream in tokens (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     pub credit: u32,
@@ -101,9 +106,10 @@ pub struct Args {
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
     /// What to load: a cnse-dp server at `--addr`; llama-server itself over
-    /// HTTP streaming at `--llama-url` (the gateway's baseline); or both side
-    /// by side (llama-compare: the same load straight to llama-server and
-    /// through an in-process cnse-dp with the llama backend, alternated).
+    /// HTTP streaming at `--llama-url` (the gateway's baseline); or all
+    /// side by side (llama-compare: the same load straight to llama-server
+    /// and through an in-process cnse-dp with the llama backend, over its
+    /// binary protocol and over its HTTP front, rotated each round).
     #[arg(long, value_enum, default_value = "cnse")]
     pub target: crate::bench_llama::Target,
     /// llama-server base URL for `--target llama-http|llama-compare`.
@@ -120,8 +126,13 @@ pub struct Args {
     /// Stand-in: time between tokens.
     #[arg(long, default_value_t = 5_000)]
     pub standin_token_interval_us: u64,
-    /// llama-compare: rounds of (direct, through cnse-dp), alternated so
-    /// that drift hits both sides alike.
+    /// Stand-in: close the connection after each streamed answer, as
+    /// llama-server does.
+    #[arg(long)]
+    pub standin_close_after_stream: bool,
+    /// llama-compare: rounds of (direct, through cnse-dp's binary
+    /// protocol, direct over HTTP, through its HTTP front), rotated so that
+    /// drift hits every side alike.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
     #[command(flatten)]
@@ -151,6 +162,7 @@ impl LoadArgs {
                 max_tokens: self.max_tokens,
                 temperature: self.temperature,
                 prompt: self.prompt.clone(),
+                include_usage: self.http_include_usage,
             },
         };
         if let Some(f) = self.peak_fraction {
@@ -232,7 +244,7 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
     if let Some(path) = &args.csv {
         let mut rows = String::new();
         for r in &reports {
-            let rates: Vec<_> = r.rates().into_iter().chain(r.cpu_rates()).collect();
+            let rates: Vec<_> = r.rates().into_iter().chain(r.cpu_rates()).chain(r.cpu_use()).collect();
             rows.push_str(&cnse_metrics::csv_rows(&r.label(), &r.summaries(), &rates));
         }
         // Errors carry their cause in the message: flatten to one line.
@@ -242,37 +254,70 @@ pub fn drive(args: &LoadArgs, cfg: LoadConfig) -> anyhow::Result<Vec<LoadReport>
     Ok(reports)
 }
 
-/// One line per open-loop rate: offered, achieved, e2e percentiles,
-/// requests never sent, server CPU share.
+/// One line per open-loop rate: offered, achieved, the percentiles of
+/// every request intended in the window (`e2e_all`: errors, unanswered and
+/// unsent included), requests never sent, and the CPU the load generator
+/// and the server used.
 fn print_sweep(reports: &[LoadReport]) {
     use cnse_metrics::{fmt_rate, fmt_us};
+    println!("open loop, latency of every request from its intended send (e2e_all):");
     println!(
-        "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
-        "offered", "achieved", "p50", "p99", "p99.9", "max", "unsent", "server cpu"
+        "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>11}",
+        "offered", "achieved", "p50", "p90", "p95", "p99", "p99.9", "max", "unsent", "errors", "load cpu", "server cpu"
     );
+    let pct = |c: Duration, r: &LoadReport| format!("{:.0}%", 100.0 * c.as_secs_f64() / r.window.as_secs_f64());
     for r in reports {
-        let e = &r.e2e;
-        let cpu = r.server_cpu.map_or("-".to_string(), |c| {
-            format!("{:.0}%", 100.0 * c.as_secs_f64() / r.window.as_secs_f64())
-        });
+        let e = r.e2e_all().unwrap_or_else(|_| r.e2e.clone());
         println!(
-            "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+            "{:>12} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>11}",
             fmt_rate(r.rate_per_s.unwrap_or(0.0)),
             fmt_rate(r.requests_per_s()),
             fmt_us(e.quantile_us(0.5) as f64),
+            fmt_us(e.quantile_us(0.9) as f64),
+            fmt_us(e.quantile_us(0.95) as f64),
             fmt_us(e.quantile_us(0.99) as f64),
             fmt_us(e.quantile_us(0.999) as f64),
             fmt_us(e.max_us() as f64),
             r.unsent,
-            cpu
+            r.error_count(),
+            pct(r.load_cpu, r),
+            r.server_cpu.map_or("-".to_string(), |c| pct(c, r))
         );
+    }
+}
+
+/// What the latency rows of a run mean, one line above its table.
+fn loop_note(r: &LoadReport) -> String {
+    match r.rate_per_s {
+        None => "closed loop: latency from each request's send; every slot re-issues as its request \
+                 ends, so this is a saturated server's latency (in flight / throughput), not one at a chosen rate"
+            .to_string(),
+        Some(rate) => format!(
+            "open loop at {}: latency from each request's intended send; e2e_all counts every request \
+             intended in the window (errors, and those unanswered or unsent when the run gave up, at that time)",
+            cnse_metrics::fmt_rate(rate)
+        ),
     }
 }
 
 pub fn print_report(r: &LoadReport) {
     println!("{}: {:.1} s measured", r.label(), r.window.as_secs_f64());
+    println!("{}", loop_note(r));
     print!("{}", cnse_metrics::render_table(&r.summaries(), &r.rates()));
     let w = r.window.as_secs_f64();
+    if r.mode == "generate" && r.tokens > 0 {
+        println!(
+            "coalesced      {} of {} tokens arrived in one frame with an earlier token of their stream \
+             (no gap of their own: not in inter_token)",
+            r.tokens_coalesced, r.tokens
+        );
+    }
+    println!(
+        "load cpu       {:.2} s ({:.0}% of one core, {} load thread(s))",
+        r.load_cpu.as_secs_f64(),
+        100.0 * r.load_cpu.as_secs_f64() / w,
+        r.threads
+    );
     let waited = |d: Option<Duration>| {
         d.map_or(String::new(), |d| {
             format!(", waited {:.2} s for a CPU", d.as_secs_f64())
@@ -307,6 +352,12 @@ pub fn print_report(r: &LoadReport) {
         println!(
             "allocations    {n} in the window ({} frames in and out)",
             r.frames_in + r.frames_out
+        );
+    }
+    if r.reconnects > 0 {
+        println!(
+            "reconnects     {} (keep-alive connections the server ended between responses), {} requests sent again",
+            r.reconnects, r.resent
         );
     }
     if let Some(p) = r.problems() {

@@ -1,9 +1,13 @@
 //! `cnse-dp bench --target llama-http|llama-compare`: the gateway-overhead
 //! benchmark. The same closed-loop load (`--connections` × `--inflight`
-//! streams, `--max-tokens`, `--prompt`) goes straight to llama-server over
-//! HTTP streaming (cnse_llama::direct, which decodes exactly as the backend
-//! does) and through cnse-dp's llama backend; both sides are measured by
-//! the client, from sending the request to the first token and to the end.
+//! streams, `--max-tokens`, `--prompt`) goes four ways, side by side in
+//! each round: straight to llama-server's `/completion` (cnse_llama::direct,
+//! which decodes exactly as the backend does) and through cnse-dp's binary
+//! protocol (the CNSE load generator); straight to llama-server's
+//! `/v1/completions` and through cnse-dp's OpenAI HTTP front, both driven
+//! by the same HTTP load generator (`bench --mode http`, one stream per
+//! connection). Every side is measured by its client, from sending the
+//! request to the first token and to the end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +33,8 @@ pub enum Target {
 /// One side's measurements, merged over rounds.
 struct Side {
     ttft: LatencyHistogram,
+    /// Recorded by the io_uring load generators (not by the direct client).
+    inter_token: Option<LatencyHistogram>,
     e2e: LatencyHistogram,
     tokens: u64,
     requests: u64,
@@ -41,6 +47,7 @@ impl Side {
     fn new() -> Self {
         Self {
             ttft: LatencyHistogram::new(),
+            inter_token: None,
             e2e: LatencyHistogram::new(),
             tokens: 0,
             requests: 0,
@@ -68,6 +75,10 @@ impl Side {
 
     fn add_cnse(&mut self, r: &LoadReport) -> anyhow::Result<()> {
         self.ttft.merge(&r.ttft).context("merging histograms")?;
+        self.inter_token
+            .get_or_insert_with(LatencyHistogram::new)
+            .merge(&r.inter_token)
+            .context("merging histograms")?;
         self.e2e.merge(&r.e2e).context("merging histograms")?;
         self.tokens += r.tokens;
         self.requests += r.requests;
@@ -151,6 +162,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let s = cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
             ttft: Duration::from_micros(args.standin_ttft_us),
             token_interval: Duration::from_micros(args.standin_token_interval_us),
+            close_after_stream: args.standin_close_after_stream,
         })
         .context("starting the llama-server stand-in")?;
         println!(
@@ -202,6 +214,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let server = cnse_server::Server::start(
         cnse_server::Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),
+            http_listen: Some("127.0.0.1:0".parse().expect("literal address")),
             threads: 1,
             pin_threads: false,
             ..Default::default()
@@ -216,30 +229,56 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         temperature: args.load.temperature,
         prompt: args.load.prompt.clone(),
     };
-    let mut direct_side = Side::new();
-    let mut gateway_side = Side::new();
+    // The HTTP sides: one stream per keep-alive connection (llama-server
+    // closes after every streamed answer, so pipelining buys nothing).
+    let http_cfg = |addr| load::LoadConfig {
+        addr,
+        connections: concurrency,
+        inflight: 1,
+        mode: Mode::Http {
+            max_tokens: args.load.max_tokens,
+            temperature: args.load.temperature,
+            prompt: args.load.prompt.clone(),
+            // cnse-dp's front packs the tokens of one loop turn into one
+            // event (a late turn carries several); usage counts them.
+            // llama-server reports usage on every stream anyway.
+            include_usage: true,
+        },
+        ..cfg.clone()
+    };
+    let llama_addr = cnse_llama::parse_url(url).context("--llama-url")?.addr;
+    let front_addr = server.http_addr().context("the in-process HTTP front has no address")?;
+    let (direct_http_cfg, front_cfg) = (http_cfg(llama_addr), http_cfg(front_addr));
+    let mut sides: [Side; 4] = std::array::from_fn(|_| Side::new());
     for round in 0..args.rounds {
-        // Alternate which side goes first so drift favours neither.
-        let order = if round % 2 == 0 { [true, false] } else { [false, true] };
-        for is_direct in order {
-            if is_direct {
-                run_direct(url, concurrency, &load, &mut direct_side)?;
-            } else {
-                let r = load::run(&cfg).context("load through cnse-dp")?;
-                gateway_side.add_cnse(&r)?;
+        // Rotate which side goes first so drift favours none.
+        for k in 0..sides.len() {
+            let which = (round + k) % sides.len();
+            let side = &mut sides[which];
+            match which {
+                0 => run_direct(url, concurrency, &load, side)?,
+                1 => side.add_cnse(&load::run(&cfg).context("load through cnse-dp")?)?,
+                2 => side.add_cnse(&load::run(&direct_http_cfg).context("HTTP load straight to llama-server")?)?,
+                _ => side.add_cnse(&load::run(&front_cfg).context("HTTP load through cnse-dp's front")?)?,
             }
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
     }
     server.shutdown().context("stopping the in-process cnse-dp")?;
     println!(
-        "llama-server gateway overhead: {concurrency} streams, max_tokens {}, {} round(s) of {:.1} s per side",
+        "llama-server gateway overhead (closed loop): {concurrency} streams, max_tokens {}, {} round(s) of {:.1} s per side",
         args.load.max_tokens, args.rounds, args.load.duration_secs
     );
-    print_side("direct", &direct_side);
-    print_side("via cnse-dp", &gateway_side);
-    print_table(&[("direct", &direct_side), ("via cnse-dp", &gateway_side)]);
-    if direct_side.errors + gateway_side.errors > 0 {
+    let [direct_side, gateway_side, direct_http, front] = &sides;
+    print_side("direct /completion", direct_side);
+    print_side("via cnse-dp binary", gateway_side);
+    print_side("direct /v1/completions", direct_http);
+    print_side("via cnse-dp HTTP front", front);
+    println!("-- binary protocol (CNSE client) against llama-server's /completion (its blocking client)");
+    print_table(&[("direct", direct_side), ("via cnse-dp", gateway_side)]);
+    println!("-- HTTP: the same HTTP load generator, straight to llama-server and through cnse-dp's front");
+    print_table(&[("direct", direct_http), ("via front", front)]);
+    if sides.iter().map(|s| s.errors).sum::<u64>() > 0 {
         bail!("some requests failed: not a clean measurement");
     }
     Ok(())
@@ -254,24 +293,48 @@ fn print_table(sides: &[(&str, &Side)]) {
         header.push_str(&format!("{:>14}", "added"));
     }
     println!("{header}");
-    type Metric = fn(&Side) -> f64;
-    let rows: [(&str, Metric); 6] = [
-        ("ttft p50", |s| s.ttft.quantile_us(0.50) as f64),
-        ("ttft p99", |s| s.ttft.quantile_us(0.99) as f64),
-        ("ttft mean", |s| s.ttft.mean_us()),
-        ("e2e p50", |s| s.e2e.quantile_us(0.50) as f64),
-        ("e2e p99", |s| s.e2e.quantile_us(0.99) as f64),
-        ("e2e mean", |s| s.e2e.mean_us()),
-    ];
+    // NaN where a side's client does not record gaps.
+    fn gap(s: &Side, q: f64) -> f64 {
+        s.inter_token.as_ref().map_or(f64::NAN, |h| h.quantile_us(q) as f64)
+    }
+    let us = |v: f64| if v.is_nan() { "-".to_string() } else { fmt_us(v) };
+    // Every percentile of cnse_metrics::PERCENTILES, the max and the mean,
+    // for TTFT and e2e (closed loop: from each request's send), and the
+    // inter-token gap where recorded.
+    type Pick = fn(&Side) -> &cnse_metrics::LatencyHistogram;
+    type Metric = Box<dyn Fn(&Side) -> f64>;
+    let hists: [(&str, Pick); 2] = [("ttft", |s| &s.ttft), ("e2e", |s| &s.e2e)];
+    let mut rows: Vec<(String, Metric)> = Vec::new();
+    for (h, pick) in hists {
+        for (p, q) in cnse_metrics::PERCENTILES {
+            rows.push((
+                format!("{h} {p}"),
+                Box::new(move |s: &Side| pick(s).quantile_us(q) as f64),
+            ));
+        }
+        rows.push((
+            format!("{h} max"),
+            Box::new(move |s: &Side| pick(s).quantile_us(1.0) as f64),
+        ));
+        rows.push((format!("{h} mean"), Box::new(move |s: &Side| pick(s).mean_us())));
+        if h == "ttft" {
+            rows.push(("gap p50".to_string(), Box::new(|s: &Side| gap(s, 0.50))));
+            rows.push(("gap p99".to_string(), Box::new(|s: &Side| gap(s, 0.99))));
+        }
+    }
     for (name, f) in rows {
         let mut line = format!("{name:<16}");
         for (_, s) in sides {
-            line.push_str(&format!("{:>14}", fmt_us(f(s))));
+            line.push_str(&format!("{:>14}", us(f(s))));
         }
         if let [(_, a), (_, b)] = sides {
             let d = f(b) - f(a);
-            let sign = if d < 0.0 { "-" } else { "+" };
-            line.push_str(&format!("{:>14}", format!("{sign}{}", fmt_us(d.abs()))));
+            let added = match d {
+                d if d.is_nan() => "-".to_string(),
+                d if d < 0.0 => format!("-{}", us(-d)),
+                d => format!("+{}", us(d)),
+            };
+            line.push_str(&format!("{added:>14}"));
         }
         println!("{line}");
     }

@@ -132,7 +132,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stats.rejected
     );
     if let Some(path) = &args.csv {
-        let rows = cnse_metrics::csv_rows(&report.label(), &report.summaries(), &report.rates());
+        let rates: Vec<_> = report.rates().into_iter().chain(report.cpu_use()).collect();
+        let rows = cnse_metrics::csv_rows(&report.label(), &report.summaries(), &rates);
         cnse_metrics::write_csv(path, &rows).map_err(|e| anyhow!("{e}"))?;
         eprintln!("wrote {}", path.display());
     }

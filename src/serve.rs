@@ -14,6 +14,14 @@ use cnse_server::{Config, Server};
 
 use crate::gpu_picker::{SamplerPickerFactory, SyntheticDevice};
 
+/// Bounds of `--recv-buffer-bytes`: 1,024 such buffers per worker, so the
+/// top is 256 MiB of receive buffers per worker.
+const RECV_BUFFER_BYTES_MIN: u32 = 1024;
+const RECV_BUFFER_BYTES_MAX: u32 = 256 * 1024;
+/// Bounds of `--send-buffer-bytes`.
+const SEND_BUFFER_BYTES_MIN: usize = 4096;
+const SEND_BUFFER_BYTES_MAX: usize = 16 << 20;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     /// Embedded synthetic backend (no setup).
@@ -138,6 +146,19 @@ pub struct Args {
     /// neither side pays a sleep and a wake-up (0: sleep at once).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Size of each provided receive buffer (1,024 per worker), bytes: one
+    /// recv completion carries at most this much (an ablation switch).
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub recv_buffer_bytes: u32,
+    /// Soft limit of a connection's pending output, bytes: input is not
+    /// read while it is exceeded (an ablation switch).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub send_buffer_bytes: usize,
+    /// Plain rings: completion task work runs when the kernel posts it,
+    /// interrupting the loop, instead of only when a worker waits
+    /// (DEFER_TASKRUN off; an ablation switch).
+    #[arg(long)]
+    pub no_defer_taskrun: bool,
     /// Also serve the OpenAI-compatible HTTP API here (docs/HTTP.md):
     /// /v1/completions, /v1/chat/completions, /v1/models, /health,
     /// /metrics, on the same worker rings.
@@ -277,6 +298,12 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
             a.accept_threads
         );
     }
+    if !(RECV_BUFFER_BYTES_MIN..=RECV_BUFFER_BYTES_MAX).contains(&a.recv_buffer_bytes) {
+        bail!("--recv-buffer-bytes must be in {RECV_BUFFER_BYTES_MIN}..={RECV_BUFFER_BYTES_MAX}");
+    }
+    if !(SEND_BUFFER_BYTES_MIN..=SEND_BUFFER_BYTES_MAX).contains(&a.send_buffer_bytes) {
+        bail!("--send-buffer-bytes must be in {SEND_BUFFER_BYTES_MIN}..={SEND_BUFFER_BYTES_MAX}");
+    }
     Ok(Config {
         listen: a.listen,
         threads,
@@ -298,6 +325,9 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         auth_key,
         stage_timing: a.stage_timing,
         busy_poll: Duration::from_micros(a.busy_poll_us),
+        recv_buffer_bytes: a.recv_buffer_bytes,
+        send_buffer_bytes: a.send_buffer_bytes,
+        defer_taskrun: !a.no_defer_taskrun,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
         store_names: store_names(a)?,

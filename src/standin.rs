@@ -18,12 +18,17 @@ pub struct Args {
     /// Time between tokens (0 with --ttft-us 0: as fast as it can write).
     #[arg(long, default_value_t = 5_000)]
     pub token_interval_us: u64,
+    /// Close the connection after each streamed answer, as llama-server
+    /// does (default: keep it for the next request).
+    #[arg(long)]
+    pub close_after_stream: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let s = Standin::start(StandinConfig {
         ttft: Duration::from_micros(args.ttft_us),
         token_interval: Duration::from_micros(args.token_interval_us),
+        close_after_stream: args.close_after_stream,
     })
     .context("starting the llama-server stand-in")?;
     let mut out = std::io::stdout().lock();

@@ -504,3 +504,50 @@ fn issue12_models_lists_the_store_names() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn issue12_usage_counts_prompt_tokens_as_the_backend_reads_them() {
+    let prompt = "Hello, world. Bye";
+    let usage_of = |addr: SocketAddr, stream: bool| {
+        let mut c = Conn::new(addr);
+        let body = format!(
+            r#"{{"prompt":"{prompt}","max_tokens":2,"stream":{stream},"stream_options":{{"include_usage":true}}}}"#
+        );
+        c.post("/v1/completions", &body);
+        let r = c.response();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        if !stream {
+            return r.json()["usage"].clone();
+        }
+        let events = r.events();
+        let usage: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        usage["usage"].clone()
+    };
+    // The synthetic model reads "Hello" "," " world" "." " Bye".
+    let (_s, addr) = http_server(&strs(&synthetic_fast()));
+    for stream in [false, true] {
+        let u = usage_of(addr, stream);
+        assert_eq!(
+            (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64()),
+            (Some(5), Some(2))
+        );
+        assert_eq!(u["total_tokens"], 7);
+    }
+    // The llama backend reports llama-server's own count (the stand-in's
+    // tokenizer is one token per byte), not the synthetic model's.
+    let standin = cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
+        ttft: Duration::from_millis(1),
+        token_interval: Duration::from_millis(1),
+        close_after_stream: true,
+    })
+    .unwrap();
+    let (_l, addr) = http_server(&["--backend", "llama", "--llama-url", &standin.url()]);
+    for stream in [false, true] {
+        let u = usage_of(addr, stream);
+        assert_eq!(
+            u["prompt_tokens"].as_u64(),
+            Some(prompt.len() as u64),
+            "stream {stream}: {u}"
+        );
+    }
+}

@@ -193,6 +193,7 @@ fn standin(ttft_ms: u64, interval_ms: u64) -> cnse_llama::standin::Standin {
     cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
         ttft: Duration::from_millis(ttft_ms),
         token_interval: Duration::from_millis(interval_ms),
+        close_after_stream: false,
     })
     .unwrap()
 }

@@ -305,11 +305,23 @@ fn issue10_a_dead_rank_fails_only_its_streams_with_502() {
 #[test]
 fn issue10_one_llama_server_per_rank_both_work_with_llama_servers_text() {
     let Some(bin) = mpi_bin() else { return };
-    let Some((url0, _guard0)) = llama_common::llama() else { return };
-    let Some(server1) = llama_common::RealServer::start() else { return };
+    let Some((url0, _guard0)) = llama_common::llama() else {
+        return;
+    };
+    let Some(server1) = llama_common::RealServer::start() else {
+        return;
+    };
     let urls = format!("0={url0},1={}", server1.url);
-    let job = start(&bin, &["--backend", "llama", "--llama-url", &urls, "--llama-inflight", "1"]);
-    let prompts = ["The capital of France is", "Water boils at", "One, two, three,", "The sky is"];
+    let job = start(
+        &bin,
+        &["--backend", "llama", "--llama-url", &urls, "--llama-inflight", "1"],
+    );
+    let prompts = [
+        "The capital of France is",
+        "Water boils at",
+        "One, two, three,",
+        "The sky is",
+    ];
     let greedy = Params {
         max_tokens: 8,
         temperature: 0.0,

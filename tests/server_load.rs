@@ -123,6 +123,17 @@ fn issue2_bench_cli_runs_and_writes_csv() {
     for w in ["ttft", "inter_token", "e2e", "p99.9", "requests", "tokens"] {
         assert!(stdout.contains(w), "{w} missing from {stdout}");
     }
+    // issue 13: every percentile, the loop's kind, tokens that arrived
+    // together, and the load generator's own CPU beside the result.
+    let head = stdout.lines().find(|l| l.starts_with("latency")).unwrap();
+    let cols: Vec<&str> = head.split_whitespace().collect();
+    assert_eq!(cols[3..], ["p50", "p90", "p95", "p99", "p99.9", "max"], "{stdout}");
+    assert!(
+        stdout.contains("closed loop: latency from each request's send"),
+        "{stdout}"
+    );
+    assert!(stdout.lines().any(|l| l.starts_with("coalesced")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("load cpu")), "{stdout}");
     assert!(!stdout.contains("problems"), "{stdout}");
     // The load generator allocates nothing per frame in the steady state.
     let allocations: u64 = stdout
@@ -139,6 +150,8 @@ fn issue2_bench_cli_runs_and_writes_csv() {
     let rows: Vec<&str> = lines.collect();
     assert!(rows.iter().any(|r| r.contains(",e2e,us,")), "{text}");
     assert!(rows.iter().any(|r| r.contains(",tokens,per_s,")), "{text}");
+    assert!(rows.iter().any(|r| r.contains("closed loop,load_cpu,per_s,")), "{text}");
+    assert!(rows.iter().any(|r| r.contains(",tokens_coalesced,per_s,")), "{text}");
 }
 
 #[test]
@@ -171,9 +184,22 @@ fn issue2_bench_sweep_and_peak_fraction() {
     assert!(sweep.contains("offered"), "{sweep}");
     assert!(sweep.contains("500/s") && sweep.contains("1,000/s"), "{sweep}");
     assert!(sweep.contains("per server CPU-second"), "{sweep}");
+    // issue 13: open-loop rows count every request intended in the window.
+    assert!(sweep.contains("e2e_all") && sweep.contains("intended send"), "{sweep}");
+    let head = sweep.lines().find(|l| l.trim_start().starts_with("offered")).unwrap();
+    for w in ["p90", "p95", "p99.9", "unsent", "errors", "load cpu", "server cpu"] {
+        assert!(head.contains(w), "{w} missing from {head}");
+    }
     let peak = run(&["--peak-fraction", "0.5"]);
     assert!(peak.contains("open loop at 50% of the closed-loop peak"), "{peak}");
-    assert_eq!(peak.matches("e2e").count(), 2, "{peak}");
+    // One e2e row per run; e2e_all (every request of the window) in the
+    // open loop only, where the closed loop's rows had nothing to add.
+    let rows = |name: &str| {
+        peak.lines()
+            .filter(|l| l.split_whitespace().next() == Some(name))
+            .count()
+    };
+    assert_eq!((rows("e2e"), rows("e2e_all")), (2, 1), "{peak}");
     let bound = run(&["--requests", "500"]);
     let line = bound
         .lines()

@@ -63,6 +63,16 @@ fn issue9_stage_timing_accounts_for_every_request() {
         assert_eq!(stage_count(&out, stage), N, "{stage}: {out:#?}");
     }
     assert!(stage_count(&out, "turn busy") > 0, "{out:#?}");
+    // issue 13: every percentile, in order.
+    let head = out
+        .iter()
+        .find(|l| l.starts_with("stage ") && l.contains("count"))
+        .unwrap();
+    let cols: Vec<&str> = head.split_whitespace().collect();
+    assert_eq!(
+        cols,
+        ["stage", "count", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"]
+    );
     assert!(stage_count(&out, "events/turn") > 0, "{out:#?}");
 }
 
@@ -145,4 +155,44 @@ fn issue9_open_loop_splits_latency_into_send_delay_and_rtt() {
         assert_eq!(count("rtt "), e2e, "{stdout}");
         assert!(!stdout.contains("problems"), "{stdout}");
     }
+}
+
+#[test]
+fn issue13_ablation_switches_serve_the_same_stream() {
+    // Plain rings, receive buffers smaller than one frame, a tiny send
+    // limit: every stream still arrives whole, with cnse-dp's text.
+    let mut args = synthetic(0, 0);
+    for a in [
+        "--no-defer-taskrun",
+        "--recv-buffer-bytes",
+        "1024",
+        "--send-buffer-bytes",
+        "4096",
+    ] {
+        args.push(a.into());
+    }
+    let s = Server::start(&strs(&args));
+    let mut c = s.client();
+    let prompt = "x".repeat(3000);
+    for id in 1..=4u64 {
+        let p = Params {
+            seed: id,
+            ..params(500)
+        };
+        c.request(id, 0, &p, &prompt).unwrap();
+        let frames = read_stream(&mut c, id);
+        assert_eq!(token_count(&frames), 500);
+        let text: Vec<u8> = frames
+            .iter()
+            .filter(|f| f.kind == Kind::Tokens)
+            .flat_map(|f| f.payload.clone())
+            .collect();
+        assert_eq!(text, cnse_backend::synthetic::expected_text(&prompt, id, 500));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["serve", "--recv-buffer-bytes", "100"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--recv-buffer-bytes must be in"));
 }

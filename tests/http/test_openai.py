@@ -178,6 +178,24 @@ def test_llama_text_equals_llama_servers_own_at_temperature_0(llama_front):
 
 
 @llama_only
+def test_llama_usage_is_llama_servers_own_count(llama_front):
+    ours, theirs = client(llama_front), client(LLAMA)
+    model = ours.models.list().data[0].id
+    prompt = "Write a haiku about the sea, please."
+    a = ours.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    b = theirs.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens > 0
+    assert a.usage.completion_tokens == b.usage.completion_tokens > 0
+    last = [ch for ch in ours.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})][-1]
+    assert last.usage.prompt_tokens == b.usage.prompt_tokens
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    a = ours.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0)
+    b = theirs.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens > 0
+
+
+@llama_only
 def test_a_disconnecting_client_frees_its_llama_slot(llama_front):
     import json
     import socket

@@ -82,6 +82,12 @@ pub trait Sink {
     /// a backend that receives several tokens at once calls this once per
     /// token.
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery;
+    /// The work's prompt tokens as the model counted them (usage reports
+    /// it), when the backend learns it; called before `end`. Without it the
+    /// server reports its own count.
+    fn prompt_tokens(&mut self, id: WorkId, n: u64) {
+        let _ = (id, n);
+    }
     /// Normal end of the work.
     fn end(&mut self, id: WorkId, reason: FinishReason);
     /// The work failed (502 backend failed, 504 timed out, ...). Ends it.

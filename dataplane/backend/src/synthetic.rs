@@ -20,7 +20,9 @@ use crate::{Backend, BackendFactory, BackendStats, Delivery, FinishReason, Io, J
 
 mod text;
 
-pub use text::{expected_text, prompt_hash, splitmix64, HashPicker, PickRow, Picker, PickerFactory, Vocab};
+pub use text::{
+    expected_text, prompt_hash, splitmix64, token_count, HashPicker, PickRow, Picker, PickerFactory, Vocab,
+};
 
 /// Tokens produced for one stream in one poll at most, so a zero-delay
 /// stream of 65,536 tokens does not starve the others of a turn.

@@ -12,7 +12,19 @@ use cnse_client::load::{self, LoadConfig, Mode};
 use cnse_client::Client;
 use cnse_proto::*;
 
-fn serve_conn(mut s: TcpStream) {
+/// How the mock answers a REQUEST.
+#[derive(Clone, Copy)]
+enum Style {
+    /// One token per TOKENS frame, within credit.
+    OnePerFrame,
+    /// Every token the credit allows in one TOKENS frame (a zero-delay
+    /// backend's shape).
+    Packed,
+    /// ERROR 429 on the request's stream.
+    Refuse,
+}
+
+fn serve_conn(mut s: TcpStream, style: Style) {
     s.set_nodelay(true).unwrap();
     let mut d = FrameDecoder::new(Direction::ToServer, 1 << 20);
     let mut buf = vec![0u8; 65536];
@@ -30,6 +42,7 @@ fn serve_conn(mut s: TcpStream) {
             match f.kind {
                 Kind::Hello => put_hello_ack(&mut out, 1 << 20, "mock"),
                 Kind::Ping => put_pong(&mut out, id, f.header.arg(), f.header.aux(), f.payload),
+                Kind::Request if matches!(style, Style::Refuse) => put_error(&mut out, id, 429, "busy"),
                 Kind::Request => {
                     let r = Params::parse(f.payload, &ParamLimits::default()).unwrap();
                     let credit = match f.header.arg() {
@@ -47,6 +60,13 @@ fn serve_conn(mut s: TcpStream) {
             }
         }
         streams.retain(|id, (next, max, credit)| {
+            if matches!(style, Style::Packed) && *next < *max && *credit > 0 {
+                let n = (*max - *next).min(*credit);
+                let text: Vec<u8> = (0..n).flat_map(|_| *b"tok ").collect();
+                put_tokens(&mut out, *id, n as u32, *next, &text);
+                *next += n;
+                *credit -= n;
+            }
             while *next < *max && *credit > 0 {
                 put_tokens(&mut out, *id, 1, *next, b"tok ");
                 *next += 1;
@@ -66,11 +86,15 @@ fn serve_conn(mut s: TcpStream) {
 }
 
 fn mock_server() -> std::net::SocketAddr {
+    mock_server_with(Style::OnePerFrame)
+}
+
+fn mock_server_with(style: Style) -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            std::thread::spawn(move || serve_conn(s));
+            std::thread::spawn(move || serve_conn(s, style));
         }
     });
     addr
@@ -175,6 +199,62 @@ fn closed_loop_generate_with_credit_windows() {
     assert!((per - 16.0).abs() < 2.0, "{per}");
     assert_eq!(r.ttft.count(), r.e2e.count());
     assert_eq!(r.inter_token.count(), r.ttft.count() * 15);
+    assert_eq!(r.tokens_coalesced, 0, "one token per frame: nothing arrived together");
+}
+
+#[test]
+fn issue13_tokens_packed_in_one_frame_are_coalesced_not_zero_gaps() {
+    let addr = mock_server_with(Style::Packed);
+    let mode = Mode::Generate {
+        max_tokens: 16,
+        credit: 4,
+        temperature: 0.0,
+        prompt: "hello".into(),
+    };
+    let r = load::run(&quick(addr, mode)).unwrap();
+    assert_eq!(r.problems(), None);
+    assert!(r.requests > 10, "{r:?}");
+    // Four frames of four tokens per stream: three gaps between frames,
+    // twelve tokens that arrived with an earlier one.
+    assert_eq!(r.inter_token.count(), r.ttft.count() * 3);
+    let per = r.tokens_coalesced as f64 / r.tokens as f64;
+    assert!((per - 0.75).abs() < 0.05, "{} of {}", r.tokens_coalesced, r.tokens);
+    let rates = r.rates();
+    assert!(rates
+        .iter()
+        .any(|x| x.metric == "tokens_coalesced" && x.count == r.tokens_coalesced));
+}
+
+#[test]
+fn issue13_error_replies_are_timed_in_their_own_row() {
+    let addr = mock_server_with(Style::Refuse);
+    let mode = Mode::Generate {
+        max_tokens: 4,
+        credit: 0,
+        temperature: 0.0,
+        prompt: "hello".into(),
+    };
+    let r = load::run(&quick(addr, mode)).unwrap();
+    assert_eq!((r.requests, r.e2e.count()), (0, 0));
+    assert!(r.e2e_error.count() > 100, "{r:?}");
+    let rows: Vec<String> = r.summaries().into_iter().map(|s| s.metric).collect();
+    assert!(rows.contains(&"e2e_error".to_string()), "{rows:?}");
+    let all = r.summaries().into_iter().find(|s| s.metric == "e2e_all").unwrap();
+    assert_eq!(all.count, r.e2e_error.count());
+    assert!(r.problems().unwrap().contains("ERROR 429"));
+}
+
+#[test]
+fn issue13_the_load_generator_reports_its_own_cpu() {
+    let addr = mock_server();
+    let r = load::run(&quick(addr, Mode::Ping { payload_bytes: 64 })).unwrap();
+    assert!(r.load_cpu > Duration::ZERO, "{r:?}");
+    // Two threads over a 400 ms window use at most 800 ms (and a margin
+    // for the clock samples' placement).
+    assert!(r.load_cpu < Duration::from_millis(900), "{:?}", r.load_cpu);
+    let cpu = r.cpu_use();
+    assert_eq!(cpu[0].metric, "load_cpu");
+    assert_eq!(cpu[0].count, r.load_cpu.as_micros() as u64);
 }
 
 #[test]
@@ -216,6 +296,55 @@ fn open_loop_over_capacity_reports_unsent() {
     assert_eq!(r.unfinished, 16, "{r:?}");
     assert!(r.unsent > 300, "{r:?}");
     assert!(r.problems().unwrap().contains("never sent"));
+    // issue 13: the requests never sent still count, from their intended
+    // send to when the run gave up (the 16 sent ones were intended in the
+    // warm-up, so they are not measured).
+    assert_eq!(r.e2e_unsent.count(), r.unsent);
+    let all = r.e2e_all().unwrap();
+    assert_eq!(all.count(), r.unsent);
+    // The last one was intended just before the window's end and waited
+    // at least the drain timeout; the first waited the whole window too.
+    assert!(all.min_us() >= 100_000, "{}", all.min_us());
+    assert!(all.max_us() >= 400_000, "{}", all.max_us());
+    let rows: Vec<String> = r.summaries().into_iter().map(|s| s.metric).collect();
+    assert!(
+        rows.contains(&"e2e_unsent".to_string()) && rows.contains(&"e2e_all".to_string()),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn issue13_an_open_loop_backlog_is_sent_after_the_window_and_measured() {
+    // A server that answers only after a pause: the schedule runs ahead
+    // of the 16 slots, and the backlog goes out as they free up, after
+    // the window closed, each measured from its intended time.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut hello = [0u8; HEADER_BYTES];
+                s.read_exact(&mut hello).unwrap();
+                let mut out = Vec::new();
+                put_hello_ack(&mut out, 1 << 20, "slow");
+                s.write_all(&out).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                serve_conn(s, Style::OnePerFrame)
+            });
+        }
+    });
+    let mut cfg = quick(addr, Mode::Ping { payload_bytes: 8 });
+    cfg.rate_per_s = Some(2_000.0);
+    cfg.warmup = Duration::ZERO;
+    cfg.duration = Duration::from_millis(400);
+    cfg.drain_timeout = Duration::from_secs(5);
+    let r = load::run(&cfg).unwrap();
+    assert_eq!((r.unsent, r.unfinished), (0, 0), "{r:?}");
+    // 800 intended in the window, every one answered and measured.
+    let all = r.e2e_all().unwrap();
+    assert!((790..=810).contains(&all.count()), "{}", all.count());
+    assert_eq!(all.count(), r.e2e.count());
+    assert!(r.e2e.max_us() >= 250_000, "the pause shows: {}", r.e2e.max_us());
 }
 
 #[test]

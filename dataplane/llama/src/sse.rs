@@ -38,11 +38,26 @@ pub struct Event<'a> {
     /// On the last event: tokens generated in total.
     #[serde(default)]
     pub tokens_predicted: Option<u64>,
+    /// Prompt tokens of the request (`/completion`'s token events).
+    #[serde(default)]
+    pub tokens_evaluated: Option<u64>,
+    /// On the last event (`/completion` and chat): prompt tokens taken from
+    /// the KV cache and evaluated.
+    #[serde(default)]
+    timings: Option<Timings>,
     #[serde(default)]
     error: Option<ErrorBody<'a>>,
     /// `/v1/chat/completions` chunks carry their text and finish here.
     #[serde(borrow, default)]
     choices: Vec<Choice<'a>>,
+}
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+struct Timings {
+    #[serde(default)]
+    cache_n: i64,
+    #[serde(default)]
+    prompt_n: i64,
 }
 
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -68,6 +83,15 @@ struct ErrorBody<'a> {
 }
 
 impl Event<'_> {
+    /// The request's prompt tokens as llama-server counted them: cached
+    /// plus evaluated (`timings`), else `tokens_evaluated`.
+    pub fn prompt_tokens(&self) -> Option<u64> {
+        match &self.timings {
+            Some(t) => Some(t.cache_n.max(0) as u64 + t.prompt_n.max(0) as u64),
+            None => self.tokens_evaluated,
+        }
+    }
+
     /// The CNSE finish reason of the last event.
     pub fn finish_reason(&self) -> FinishReason {
         match self.stop_type.as_deref() {
@@ -224,6 +248,24 @@ mod tests {
         };
         assert_eq!(e.content, "a\n\u{e9}");
         assert_eq!(e.token_count, 2);
+    }
+
+    #[test]
+    fn prompt_tokens_are_llama_servers_own_count() {
+        // Recorded from llama-server b10434: the prompt's 8 tokens, 7 of
+        // them from the KV cache on a repeat.
+        let token = br#"data: {"index":0,"content":" sea","tokens":[198],"stop":false,"id_slot":-1,"tokens_predicted":1,"tokens_evaluated":8}"#;
+        let last = br#"data: {"content":"","tokens":[],"stop":true,"stop_type":"limit","stopping_word":"","tokens_predicted":3,"timings":{"cache_n":7,"prompt_n":1,"prompt_ms":17.41,"predicted_n":3}}"#;
+        let chat = br#"data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk","timings":{"cache_n":0,"prompt_n":31,"prompt_ms":76.33}}"#;
+        let none = br#"data: {"content":"","stop":true,"stop_type":"eos"}"#;
+        let count = |line: &[u8]| match parse_line(line).unwrap() {
+            SseLine::Event(e) => e.prompt_tokens(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            [count(token), count(last), count(chat), count(none)],
+            [Some(8), Some(8), Some(31), None]
+        );
     }
 
     #[test]

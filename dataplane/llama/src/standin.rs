@@ -9,6 +9,14 @@
 //! `data: [DONE]`, or one JSON answer), with the same tokens at the same
 //! pace, so the official `openai` package can stream from it (the Python
 //! SDK's benchmark). One thread per connection; not a production server.
+//!
+//! Prompt tokens are the prompt's bytes (a byte-level tokenizer: the
+//! stand-in has no model), reported where llama-server reports its own
+//! counts: `tokens_evaluated` on each event and `timings.prompt_n` on the
+//! last of `/completion`, `usage` on the last chunk of `/v1/completions`.
+//! With `close_after_stream` it closes the connection after each streamed
+//! answer, as llama-server does (b10434 ends every keep-alive connection
+//! that carried a stream, despite its `Keep-Alive: max=100` header).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,6 +33,9 @@ pub struct StandinConfig {
     pub ttft: Duration,
     /// Between tokens.
     pub token_interval: Duration,
+    /// Close the connection after each streamed answer (llama-server's
+    /// behaviour) instead of keeping it for the next request.
+    pub close_after_stream: bool,
 }
 
 /// Bytes of one request (head and body) at most.
@@ -92,16 +103,14 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
             continue;
         }
         if path == "/v1/completions" {
-            if openai_completion(&mut conn, &body, cfg, &mut out).is_err() {
-                return;
+            match openai_completion(&mut conn, &body, cfg, &mut out) {
+                Ok(streamed) if !(streamed && cfg.close_after_stream) => continue,
+                _ => return,
             }
-            continue;
         }
-        let n_predict = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["n_predict"].as_u64())
-            .unwrap_or(16)
-            .min(TOKENS_MAX);
+        let req = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        let n_predict = req["n_predict"].as_u64().unwrap_or(16).min(TOKENS_MAX);
+        let prompt_n = prompt_tokens(&req);
         let t0 = Instant::now();
         let head = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n\
                     Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
@@ -114,7 +123,7 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
                 std::thread::sleep(wait);
             }
             let event = format!(
-                "data: {{\"index\":0,\"content\":\" tok{k}\",\"tokens\":[{}],\"stop\":false,\"id_slot\":-1,\"tokens_predicted\":{},\"tokens_evaluated\":5}}\n\n",
+                "data: {{\"index\":0,\"content\":\" tok{k}\",\"tokens\":[{}],\"stop\":false,\"id_slot\":-1,\"tokens_predicted\":{},\"tokens_evaluated\":{prompt_n}}}\n\n",
                 1000 + k,
                 k + 1
             );
@@ -127,13 +136,21 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
             }
         }
         let last = format!(
-            "data: {{\"content\":\"\",\"tokens\":[],\"stop\":true,\"stop_type\":\"limit\",\"stopping_word\":\"\",\"tokens_predicted\":{n_predict}}}\n\n"
+            "data: {{\"content\":\"\",\"tokens\":[],\"stop\":true,\"stop_type\":\"limit\",\"stopping_word\":\"\",\"tokens_predicted\":{n_predict},\
+             \"timings\":{{\"cache_n\":0,\"prompt_n\":{prompt_n},\"predicted_n\":{n_predict}}}}}\n\n"
         );
         let tail = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
-        if conn.write_all(tail.as_bytes()).is_err() {
+        if conn.write_all(tail.as_bytes()).is_err() || cfg.close_after_stream {
             return;
         }
     }
+}
+
+/// The stand-in's prompt tokens: the bytes of `prompt` (a string, or the
+/// first of an array of strings).
+fn prompt_tokens(req: &serde_json::Value) -> usize {
+    let p = &req["prompt"];
+    p.as_str().or_else(|| p[0].as_str()).map_or(0, str::len)
 }
 
 /// Tokens of one stand-in answer at most.
@@ -147,16 +164,31 @@ fn due(t0: Instant, cfg: StandinConfig, k: u64) -> Instant {
 /// `POST /v1/completions` as llama-server's OpenAI-compatible API answers
 /// it: `max_tokens` (default 16) tokens " tok0", " tok1", ...; with
 /// `"stream": true` one `text_completion` chunk per token, a last chunk
-/// with `finish_reason` "length", then `data: [DONE]`.
-fn openai_completion(conn: &mut TcpStream, body: &[u8], cfg: StandinConfig, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// with `finish_reason` "length" and `usage`, then `data: [DONE]`.
+/// Returns whether the answer was streamed.
+fn openai_completion(
+    conn: &mut TcpStream,
+    body: &[u8],
+    cfg: StandinConfig,
+    out: &mut Vec<u8>,
+) -> std::io::Result<bool> {
     let req = serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
     let n = req["max_tokens"].as_u64().unwrap_or(16).min(TOKENS_MAX);
     let stream = req["stream"].as_bool().unwrap_or(false);
+    let prompt_n = prompt_tokens(&req);
     let t0 = Instant::now();
     let chunk = |text: &str, finish: &str| {
+        let usage = if finish == "null" {
+            String::new()
+        } else {
+            format!(
+                ",\"usage\":{{\"completion_tokens\":{n},\"prompt_tokens\":{prompt_n},\"total_tokens\":{}}}",
+                n + prompt_n as u64
+            )
+        };
         format!(
             "{{\"id\":\"cmpl-standin\",\"object\":\"text_completion\",\"created\":0,\"model\":\"standin\",\
-             \"choices\":[{{\"text\":\"{text}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}]}}"
+             \"choices\":[{{\"text\":\"{text}\",\"index\":0,\"logprobs\":null,\"finish_reason\":{finish}}}]{usage}}}"
         )
     };
     if !stream {
@@ -170,7 +202,7 @@ fn openai_completion(conn: &mut TcpStream, body: &[u8], cfg: StandinConfig, out:
             body.len()
         );
         conn.write_all(head.as_bytes())?;
-        return conn.write_all(body.as_bytes());
+        return conn.write_all(body.as_bytes()).map(|()| false);
     }
     let head = "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n\
                 Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n";
@@ -191,7 +223,7 @@ fn openai_completion(conn: &mut TcpStream, body: &[u8], cfg: StandinConfig, out:
     }
     put_event(&chunk("", "\"length\""), out)?;
     put_event("[DONE]", out)?;
-    conn.write_all(b"0\r\n\r\n")
+    conn.write_all(b"0\r\n\r\n").map(|()| true)
 }
 
 /// Reads one request; returns its path and body.

@@ -306,6 +306,15 @@ fn a_pooled_connection_closed_by_the_server_is_retried_once() {
     assert_eq!(b.llama_stats().reused, 1);
     assert_eq!(b.llama_stats().retried, 1);
     assert!(b.is_healthy(0));
+    // It closed right after its answer (as llama-server b10434 does after
+    // every stream): its connections are no longer pooled, so the next
+    // request is not sent on a dead one first.
+    d.run_for(&mut b, &mut sink, Duration::from_millis(150));
+    d.start(&mut b, 3, params(2), "x").unwrap();
+    assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(3)));
+    assert_eq!(sink.get(3).error, None);
+    assert_eq!(b.llama_stats().reused, 1, "{:?}", b.llama_stats());
+    assert_eq!(b.llama_stats().retried, 1, "{:?}", b.llama_stats());
 }
 
 #[test]

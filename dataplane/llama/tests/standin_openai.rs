@@ -43,6 +43,7 @@ fn standin_streams_openai_completion_chunks_then_done() {
     let s = Standin::start(StandinConfig {
         ttft: Duration::from_millis(1),
         token_interval: Duration::from_millis(1),
+        close_after_stream: false,
     })
     .unwrap();
     let answer = post(&s.url(), r#"{"model":"m","prompt":"hi","max_tokens":3,"stream":true}"#);

@@ -18,7 +18,13 @@ pub const LATENCY_US_MAX: u64 = 3_600_000_000;
 pub const SIGNIFICANT_DIGITS: u8 = 3;
 
 /// The percentiles reported, as (column name, quantile).
-pub const PERCENTILES: [(&str, f64); 4] = [("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999)];
+pub const PERCENTILES: [(&str, f64); 5] = [
+    ("p50", 0.50),
+    ("p90", 0.90),
+    ("p95", 0.95),
+    ("p99", 0.99),
+    ("p99.9", 0.999),
+];
 
 /// Columns of the CSV file, one row per metric:
 ///
@@ -28,9 +34,9 @@ pub const PERCENTILES: [(&str, f64); 4] = [("p50", 0.50), ("p90", 0.90), ("p99",
 /// - `unit`: `us` for latencies, `per_s` for rates;
 /// - `count`: values recorded (latencies) or events in the window (rates);
 /// - `mean`: mean latency in µs, or the rate itself;
-/// - `p50`,`p90`,`p99`,`p99_9`,`max`: latency percentiles in µs (empty for
-///   rates).
-pub const CSV_HEADER: &str = "run,metric,unit,count,mean,p50,p90,p99,p99_9,max";
+/// - `p50`,`p90`,`p95`,`p99`,`p99_9`,`max`: latency percentiles in µs
+///   (empty for rates).
+pub const CSV_HEADER: &str = "run,metric,unit,count,mean,p50,p90,p95,p99,p99_9,max";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -158,6 +164,7 @@ impl LatencyHistogram {
             mean_us: self.mean_us(),
             p50_us: self.quantile_us(0.50),
             p90_us: self.quantile_us(0.90),
+            p95_us: self.quantile_us(0.95),
             p99_us: self.quantile_us(0.99),
             p999_us: self.quantile_us(0.999),
             max_us: self.max_us(),
@@ -173,6 +180,7 @@ pub struct Summary {
     pub mean_us: f64,
     pub p50_us: u64,
     pub p90_us: u64,
+    pub p95_us: u64,
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
@@ -238,8 +246,8 @@ pub fn fmt_rate(per_s: f64) -> String {
 /// The fixed-width latency table followed by the rates:
 ///
 /// ```text
-/// metric            count      mean       p50       p90       p99     p99.9       max
-/// ttft              12000   20.41ms   20.30ms   20.80ms   21.90ms   23.10ms   24.00ms
+/// latency             count      mean       p50       p90       p95       p99     p99.9       max
+/// ttft                12000   20.41ms   20.30ms   20.80ms   21.20ms   21.90ms   23.10ms   24.00ms
 /// ...
 /// requests          12000  1,200/s
 /// ```
@@ -247,27 +255,33 @@ pub fn render_table(latencies: &[Summary], rates: &[Rate]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "latency", "count", "mean", "p50", "p90", "p99", "p99.9", "max"
+        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency", "count", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"
     );
     for l in latencies {
+        if l.count == 0 {
+            // Nothing recorded: no figure, rather than zeros that read as data.
+            let _ = writeln!(s, "{:<16} {:>10} {:>9}", l.metric, 0, "-");
+            continue;
+        }
         let _ = writeln!(
             s,
-            "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             l.metric,
             l.count,
             fmt_us(l.mean_us),
             fmt_us(l.p50_us as f64),
             fmt_us(l.p90_us as f64),
+            fmt_us(l.p95_us as f64),
             fmt_us(l.p99_us as f64),
             fmt_us(l.p999_us as f64),
             fmt_us(l.max_us as f64),
         );
     }
     if !rates.is_empty() {
-        let _ = writeln!(s, "{:<14} {:>10} {:>14}", "throughput", "count", "rate");
+        let _ = writeln!(s, "{:<16} {:>10} {:>14}", "throughput", "count", "rate");
         for r in rates {
-            let _ = writeln!(s, "{:<14} {:>10} {:>14}", r.metric, r.count, fmt_rate(r.per_s()));
+            let _ = writeln!(s, "{:<16} {:>10} {:>14}", r.metric, r.count, fmt_rate(r.per_s()));
         }
     }
     s
@@ -286,14 +300,19 @@ pub fn csv_rows(run: &str, latencies: &[Summary], rates: &[Rate]) -> String {
     let run = csv_field(run);
     let mut s = String::new();
     for l in latencies {
+        if l.count == 0 {
+            let _ = writeln!(s, "{run},{},us,0,,,,,,,", csv_field(&l.metric));
+            continue;
+        }
         let _ = writeln!(
             s,
-            "{run},{},us,{},{:.1},{},{},{},{},{}",
+            "{run},{},us,{},{:.1},{},{},{},{},{},{}",
             csv_field(&l.metric),
             l.count,
             l.mean_us,
             l.p50_us,
             l.p90_us,
+            l.p95_us,
             l.p99_us,
             l.p999_us,
             l.max_us
@@ -302,7 +321,7 @@ pub fn csv_rows(run: &str, latencies: &[Summary], rates: &[Rate]) -> String {
     for r in rates {
         let _ = writeln!(
             s,
-            "{run},{},per_s,{},{:.1},,,,,",
+            "{run},{},per_s,{},{:.1},,,,,,",
             csv_field(&r.metric),
             r.count,
             r.per_s()
@@ -357,6 +376,7 @@ mod tests {
         for (got, want) in [
             (s.p50_us, 5_000),
             (s.p90_us, 9_000),
+            (s.p95_us, 9_500),
             (s.p99_us, 9_900),
             (s.p999_us, 9_990),
         ] {
@@ -430,12 +450,28 @@ mod tests {
         }
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines[0].len(), lines[0].trim_end().len());
+        // Every percentile the page promises has a column, in order.
+        let head: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            head,
+            ["latency", "count", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"]
+        );
+        assert_eq!(lines[1].split_whitespace().count(), head.len());
+        // An empty distribution shows no figures, not zeros.
+        let empty = LatencyHistogram::new().summary("inter_token");
+        let t_empty = render_table(std::slice::from_ref(&empty), &[]);
+        assert_eq!(
+            t_empty.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["inter_token", "0", "-"]
+        );
+        assert_eq!(csv_rows("r", &[empty], &[]), "r,inter_token,us,0,,,,,,,\n");
         let csv = csv_rows("ping,c=1", &lat, &rates);
         let rows: Vec<&str> = csv.lines().collect();
         assert_eq!(rows.len(), 2);
         let cols = CSV_HEADER.split(',').count();
-        assert_eq!(rows[0], "\"ping,c=1\",ttft,us,1,1500.0,1500,1500,1500,1500,1500");
-        assert_eq!(rows[1], "\"ping,c=1\",requests,per_s,2500000,1250000.0,,,,,");
+        assert_eq!(rows[0], "\"ping,c=1\",ttft,us,1,1500.0,1500,1500,1500,1500,1500,1500");
+        assert_eq!(rows[1], "\"ping,c=1\",requests,per_s,2500000,1250000.0,,,,,,");
+        assert_eq!(rows[0].split(',').count(), cols + 1, "quoted run label holds one comma");
         assert_eq!(rows[1].split(',').count(), cols + 1, "quoted run label holds one comma");
         let dir = std::env::temp_dir().join(format!("cnse-metrics-{}.csv", std::process::id()));
         write_csv(&dir, &csv).unwrap();

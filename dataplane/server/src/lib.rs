@@ -98,6 +98,11 @@ pub struct Config {
     /// Time each request's stages and each loop turn ([`stages`]); the
     /// histograms are handed out by [`Server::stage_times`] at exit.
     pub stage_timing: bool,
+    /// Workers' rings run completion task work only when the worker waits
+    /// (IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN); false asks for a plain
+    /// ring, where the kernel interrupts the loop to post completions (an
+    /// ablation switch: `--no-defer-taskrun`).
+    pub defer_taskrun: bool,
     /// After a turn that handled completions, a worker polls its ring
     /// (zero-timeout turns) for this long before it blocks: requests that
     /// follow within it find the thread running, so neither side pays a
@@ -143,6 +148,7 @@ impl Default for Config {
             auth_key: None,
             server_name: format!("cnse-dp {}", env!("CARGO_PKG_VERSION")),
             stage_timing: false,
+            defer_taskrun: true,
             busy_poll: Duration::ZERO,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),

@@ -91,18 +91,19 @@ impl StageTimes {
             ("turn wait", &self.turn_wait),
         ];
         let mut s = format!(
-            "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-            "stage", "count", "mean", "p50", "p90", "p99", "p99.9", "max"
+            "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "stage", "count", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"
         );
         for (name, h) in rows {
             let q = |x| fmt_us(h.quantile_us(x) as f64);
             s.push_str(&format!(
-                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+                "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
                 name,
                 h.count(),
                 fmt_us(h.mean_us()),
                 q(0.5),
                 q(0.9),
+                q(0.95),
                 q(0.99),
                 q(0.999),
                 fmt_us(h.max_us() as f64)
@@ -110,12 +111,13 @@ impl StageTimes {
         }
         let e = &self.turn_events;
         s.push_str(&format!(
-            "{:<14} {:>10} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "{:<14} {:>10} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             "events/turn",
             e.count(),
             e.mean_us(),
             e.quantile_us(0.5),
             e.quantile_us(0.9),
+            e.quantile_us(0.95),
             e.quantile_us(0.99),
             e.quantile_us(0.999),
             e.max_us()

@@ -251,7 +251,7 @@ impl Worker {
         let ring = Ring::new(RingConfig {
             entries,
             cq_factor: 4,
-            single_issuer: true,
+            single_issuer: cfg.defer_taskrun,
             ..RingConfig::default()
         })
         .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;

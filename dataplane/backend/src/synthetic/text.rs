@@ -136,3 +136,52 @@ pub fn expected_text(prompt: &str, seed: u64, max_tokens: u32) -> Vec<u8> {
     }
     out
 }
+
+/// Tokens of `text` read the way this model writes them, so that usage can
+/// count a prompt as the model would: every word of the vocabulary is a
+/// whitespace character and the run of other characters behind it (or such
+/// a run at the start of the text), `,` and `.` stand alone. Its own output
+/// counts as the tokens it was made of; a whitespace character followed by
+/// another counts alone.
+pub fn token_count(text: &str) -> u64 {
+    let mut n = 0u64;
+    // Inside a token that later characters extend.
+    let mut open = false;
+    for ch in text.chars() {
+        if ch == ',' || ch == '.' {
+            n += 1;
+            open = false;
+        } else if ch.is_whitespace() || !open {
+            // A new token: whitespace always starts one, a character does
+            // where none is open.
+            n += 1;
+            open = true;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_reads_its_own_text_as_the_tokens_it_wrote() {
+        for seed in 0..300 {
+            for n in [1, 7, 64] {
+                let text = expected_text("hello", seed, n);
+                let text = std::str::from_utf8(&text).unwrap();
+                assert_eq!(token_count(text), u64::from(n), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn prompts_are_counted_by_words_spaces_and_stops() {
+        assert_eq!(token_count(""), 0);
+        assert_eq!(token_count("Write a haiku about the sea."), 7);
+        assert_eq!(token_count("a,b"), 3);
+        assert_eq!(token_count("two  spaces"), 3);
+        assert_eq!(token_count("<|user|>\nHi\n<|assistant|>\n"), 4);
+    }
+}

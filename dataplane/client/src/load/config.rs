@@ -27,6 +27,10 @@ pub enum Mode {
         max_tokens: u32,
         temperature: f32,
         prompt: String,
+        /// Ask for the usage chunk (`stream_options.include_usage`): a
+        /// server that packs several tokens into one event then says how
+        /// many there were (costs the server one more event per request).
+        include_usage: bool,
     },
 }
 

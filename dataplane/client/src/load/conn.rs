@@ -3,12 +3,15 @@
 //! buffer whose op is [`OpState::InFlight`] belongs to the kernel and is not
 //! touched until that op's completion is reaped.
 
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use cnse_proto::{Direction, FrameDecoder, Kind, HEADER_BYTES};
 use cnse_ring::{opcode, types, Ring, RingConfig, Tag};
 
 use super::config::{LoadConfig, Mode};
+use super::http::{Closed, HttpRx};
 use super::streams::{lose, on_frame, Ctx, Slot, Streams};
 use super::CONNECTIONS_MAX;
 use crate::{Client, ClientError, CLIENT_PAYLOAD_BYTES_MAX};
@@ -37,8 +40,9 @@ pub(super) enum OpState {
 }
 
 pub(super) struct Conn {
-    /// Owns the fd (closed on drop, after the ring's teardown).
-    _sock: std::net::TcpStream,
+    /// Owns the fd (closed on drop, after the ring's teardown, or when an
+    /// HTTP connection is opened again with no op in flight).
+    sock: TcpStream,
     fd: RawFd,
     rbuf: Box<[u8]>,
     decoder: FrameDecoder,
@@ -50,8 +54,22 @@ pub(super) struct Conn {
     /// In the loop's list of connections with frames to send.
     queued: bool,
     /// HTTP mode: the response parser (the binary decoder is then unused).
-    http: Option<super::http::HttpRx>,
+    http: Option<HttpRx>,
+    /// HTTP mode: the server closed between responses while our send was
+    /// in flight; the connection is opened again when it completes.
+    reopen_due: bool,
+    addr: SocketAddr,
+    connect_timeout: Duration,
     pub(super) st: Streams,
+}
+
+/// A new HTTP connection (no HELLO), ready for the ring.
+fn connect_http(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
+    let io = |op, source| ClientError::Io { op, addr, source };
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io("connect", e))?;
+    let _ = s.set_nodelay(true);
+    s.set_nonblocking(true).map_err(|e| io("set non-blocking", e))?;
+    Ok(s)
 }
 
 /// The ring and the connections of one client thread, HELLO done.
@@ -74,26 +92,20 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
     for _ in 0..conns_n {
         let addr = cfg.addr;
         let sock = if http {
-            let s =
-                std::net::TcpStream::connect_timeout(&addr, cfg.connect_timeout).map_err(|source| ClientError::Io {
-                    op: "connect",
-                    addr,
-                    source,
-                })?;
-            let _ = s.set_nodelay(true);
-            s
+            connect_http(addr, cfg.connect_timeout)?
         } else {
             let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
-            client.into_stream()?
+            let sock = client.into_stream()?;
+            sock.set_nonblocking(true).map_err(|source| ClientError::Io {
+                op: "set non-blocking",
+                addr,
+                source,
+            })?;
+            sock
         };
-        sock.set_nonblocking(true).map_err(|source| ClientError::Io {
-            op: "set non-blocking",
-            addr,
-            source,
-        })?;
         let fd = sock.as_raw_fd();
         conns.push(Conn {
-            _sock: sock,
+            sock,
             fd,
             rbuf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             decoder: FrameDecoder::new(Direction::ToClient, CLIENT_PAYLOAD_BYTES_MAX),
@@ -102,7 +114,10 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
             recv: OpState::Idle,
             send: OpState::Idle,
             queued: false,
-            http: http.then(super::http::HttpRx::new),
+            http: http.then(HttpRx::new),
+            reopen_due: false,
+            addr,
+            connect_timeout: cfg.connect_timeout,
             st: Streams {
                 fd,
                 free: Vec::with_capacity(cfg.inflight),
@@ -157,7 +172,8 @@ impl Conn {
     /// flight (they then leave with the next one).
     pub(super) fn flush(&mut self, ring: &mut Ring, c: u32) -> Result<(), ClientError> {
         self.queued = false;
-        if self.st.alive && self.send == OpState::Idle && !self.st.out.is_empty() {
+        let closing = self.http.as_ref().is_some_and(HttpRx::closing);
+        if self.st.alive && !closing && self.send == OpState::Idle && !self.st.out.is_empty() {
             std::mem::swap(&mut self.st.out, &mut self.wire);
             self.wire_off = 0;
             self.arm_send(ring, c)?;
@@ -182,6 +198,8 @@ impl Conn {
             }
         } else if matches!(-result, libc::EINTR | libc::EAGAIN | libc::ENOBUFS) {
             self.arm_recv(ring, c)?;
+        } else if self.http.is_some() && self.st.alive {
+            self.http_closed(ring, c, now, ctx)?;
         } else {
             // 0: the server closed; anything else is the connection's end too.
             lose(&mut self.st, ctx);
@@ -189,9 +207,73 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) fn on_send(&mut self, ring: &mut Ring, c: u32, result: i32, ctx: &mut Ctx) -> Result<(), ClientError> {
+    /// HTTP mode: the server closed the connection (or it failed). Between
+    /// responses it is opened again and what got no answer is sent again,
+    /// once no op of ours is in the kernel; inside a response it is lost.
+    fn http_closed(&mut self, ring: &mut Ring, c: u32, now: u64, ctx: &mut Ctx) -> Result<(), ClientError> {
+        let rx = self.http.as_mut().expect("HTTP mode");
+        if rx.on_close() == Closed::Lost {
+            lose(&mut self.st, ctx);
+            return Ok(());
+        }
+        if self.send == OpState::InFlight {
+            self.reopen_due = true;
+            // SAFETY: shutdown on the fd this connection owns: the send in
+            // flight completes (and hands its buffer back) at once.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            return Ok(());
+        }
+        self.reopen(ring, c, now, ctx)
+    }
+
+    /// Opens the HTTP connection again (no op of ours is in the kernel:
+    /// the old socket is closed here) and writes the unanswered requests
+    /// for it, oldest first.
+    fn reopen(&mut self, ring: &mut Ring, c: u32, now: u64, ctx: &mut Ctx) -> Result<(), ClientError> {
+        debug_assert!(self.recv == OpState::Idle && self.send == OpState::Idle);
+        self.reopen_due = false;
+        if ctx.stopping && self.st.http_order.is_empty() {
+            // Nothing to send any more: leave it closed.
+            return Ok(());
+        }
+        let sock = match connect_http(self.addr, self.connect_timeout) {
+            Ok(s) => s,
+            Err(_) => {
+                lose(&mut self.st, ctx);
+                return Ok(());
+            }
+        };
+        self.fd = sock.as_raw_fd();
+        self.st.fd = self.fd;
+        // Closes the old socket: nothing of ours is in flight on it.
+        self.sock = sock;
+        self.http.as_mut().expect("HTTP mode").reopened();
+        self.wire.clear();
+        self.wire_off = 0;
+        self.st.out.clear();
+        for k in 0..self.st.http_order.len() {
+            let s = self.st.http_order[k] as usize;
+            self.st.http_resend(s, now, ctx);
+        }
+        ctx.stats.reconnects += 1;
+        ctx.stats.resent += self.st.http_order.len() as u64;
+        self.arm_recv(ring, c)
+    }
+
+    pub(super) fn on_send(
+        &mut self,
+        ring: &mut Ring,
+        c: u32,
+        result: i32,
+        now: u64,
+        ctx: &mut Ctx,
+    ) -> Result<(), ClientError> {
         debug_assert_eq!(self.send, OpState::InFlight);
         self.send = OpState::Idle;
+        if self.reopen_due {
+            // The server had closed; whatever this send did is sent again.
+            return self.reopen(ring, c, now, ctx);
+        }
         if result >= 0 {
             self.wire_off += result as usize;
             if self.wire_off < self.wire.len() {
@@ -202,6 +284,12 @@ impl Conn {
             }
         } else if matches!(-result, libc::EINTR | libc::EAGAIN) {
             self.arm_send(ring, c)?;
+        } else if self.http.is_some() && self.st.alive {
+            // The server closed or reset the connection: the recv in flight
+            // reports it (the shutdown makes sure it completes), and
+            // `http_closed` decides whether it is opened again.
+            // SAFETY: shutdown on the fd this connection owns.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
         } else {
             lose(&mut self.st, ctx);
         }

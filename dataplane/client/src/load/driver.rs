@@ -13,7 +13,7 @@ use super::config::{LoadConfig, Mode};
 use super::conn::{self, queue_send, Conn, Op};
 use super::report::ThreadStats;
 use super::schedule::Schedule;
-use super::streams::{Ctx, Phase};
+use super::streams::{give_up, Ctx, Phase};
 use crate::ClientError;
 
 /// Bound on how long teardown waits for the kernel to hand back buffers.
@@ -26,6 +26,17 @@ enum Stage {
     /// The window ended or the request bound was reached: streams in flight
     /// may finish until the drain timeout, nothing new starts.
     Draining,
+}
+
+/// Where the thread's CPU sample over the measured window stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CpuSample {
+    /// The window has not begun.
+    Before,
+    /// The thread's CPU clock (ns) when it began.
+    From(u64),
+    /// Taken at the window's end (or the last request's).
+    Taken,
 }
 
 /// Thread `t` of a run, with `conns_n` connections.
@@ -70,6 +81,11 @@ struct Driver<'a> {
     /// Measured requests this thread may still issue.
     quota: u64,
     stage: Stage,
+    /// The window's end passed (not a request bound): the open loop's
+    /// backlog is what was due before it.
+    window_closed: bool,
+    /// This thread's CPU clock over the measured window.
+    cpu: CpuSample,
 }
 
 impl<'a> Driver<'a> {
@@ -106,6 +122,8 @@ impl<'a> Driver<'a> {
                 base + u64::from((t as u64) < rem)
             }),
             stage: Stage::Running,
+            window_closed: false,
+            cpu: CpuSample::Before,
         }
     }
 
@@ -124,9 +142,16 @@ impl<'a> Driver<'a> {
         }
         loop {
             let now = self.now_ns();
+            if self.cpu == CpuSample::Before && now >= self.phase.measure_from_ns {
+                self.cpu = CpuSample::From(thread_cpu_ns());
+            }
             if self.stage == Stage::Running {
                 self.start_due(now);
                 self.check_end(now);
+            } else if !self.schedule.closed_loop() {
+                // The backlog intended inside the window still goes out as
+                // slots free up; nothing intended after it does.
+                self.start_due(now);
             }
             for k in 0..self.dirty.len() {
                 let c = self.dirty[k];
@@ -156,6 +181,7 @@ impl<'a> Driver<'a> {
             closed_loop: self.schedule.closed_loop(),
             stopping: false,
             quota: &mut self.quota,
+            now,
         };
         self.schedule.start_due(now, &mut self.conns, &mut self.dirty, &mut ctx);
     }
@@ -167,21 +193,52 @@ impl<'a> Driver<'a> {
             self.stage = Stage::Draining;
         } else if now >= self.phase.end_ns {
             self.stage = Stage::Draining;
+            self.window_closed = true;
             self.stats.window_ns = self.phase.end_ns - self.phase.measure_from_ns;
-            self.stats.unsent += self.schedule.unsent(self.phase.end_ns);
+            self.take_cpu_sample();
         }
     }
 
-    /// Whether the drain is over: no stream left, or the drain timeout.
+    fn take_cpu_sample(&mut self) {
+        if let CpuSample::From(start) = self.cpu {
+            self.stats.load_cpu_ns = thread_cpu_ns().saturating_sub(start);
+            self.cpu = CpuSample::Taken;
+        }
+    }
+
+    /// Whether the drain is over: no stream open and (open loop) no
+    /// backlog left to send, or the drain timeout. Then what is still open
+    /// or unsent counts, from its intended send to now, as unanswered or
+    /// unsent: every request intended inside the window is in `e2e_all`.
     fn drained(&mut self, now: u64) -> bool {
         let busy: usize = self.conns.iter().map(|c| c.st.busy).sum();
-        if busy > 0 && now < self.drain_end_ns {
+        let alive = self.conns.iter().any(|c| c.st.alive);
+        let backlog = if self.window_closed && alive {
+            self.schedule.unsent(self.phase.end_ns)
+        } else {
+            0
+        };
+        if (busy > 0 || backlog > 0) && now < self.drain_end_ns {
             return false;
         }
         self.stats.unfinished += busy as u64;
+        for conn in &self.conns {
+            if conn.st.alive {
+                give_up(&conn.st, now, &mut self.stats);
+            }
+        }
+        if self.window_closed {
+            for intended in self.schedule.unsent_intended(self.phase.end_ns) {
+                if intended >= self.phase.measure_from_ns {
+                    self.stats.unsent += 1;
+                    self.stats.e2e_unsent.record_us(now.saturating_sub(intended) / 1000);
+                }
+            }
+        }
         if self.stats.window_ns == 0 {
             self.stats.window_ns = self.stats.last_done_ns.saturating_sub(self.phase.measure_from_ns);
         }
+        self.take_cpu_sample();
         true
     }
 
@@ -205,6 +262,7 @@ impl<'a> Driver<'a> {
             closed_loop: self.schedule.closed_loop(),
             stopping: self.stage == Stage::Draining,
             quota: &mut self.quota,
+            now,
         };
         for k in 0..self.completions.len() {
             let cqe = self.completions[k];
@@ -212,7 +270,7 @@ impl<'a> Driver<'a> {
             let conn = &mut self.conns[c as usize];
             match Op::from_code(cqe.tag.kind()) {
                 Some(Op::Recv) => conn.on_recv(&mut self.ring, c, cqe.result, now, &mut ctx)?,
-                Some(Op::Send) => conn.on_send(&mut self.ring, c, cqe.result, &mut ctx)?,
+                Some(Op::Send) => conn.on_send(&mut self.ring, c, cqe.result, now, &mut ctx)?,
                 None => unreachable!("op kind {} is never submitted", cqe.tag.kind()),
             }
             if conn.st.alive && !conn.st.out.is_empty() {
@@ -235,4 +293,15 @@ impl<'a> Driver<'a> {
             std::mem::forget(std::mem::take(&mut self.conns));
         }
     }
+}
+
+/// The calling thread's CPU time (user and system), ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes one timespec we own.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -116,6 +116,21 @@ impl Schedule {
         }
     }
 
+    /// Open loop: the intended times of the requests counted by
+    /// [`Schedule::unsent`], oldest first (none for a closed loop).
+    pub(super) fn unsent_intended(&self, end_ns: u64) -> impl Iterator<Item = u64> {
+        let (interval_ns, offset_ns, next_index) = match *self {
+            Schedule::Closed { .. } => (1.0, 0.0, 0),
+            Schedule::Open {
+                interval_ns,
+                offset_ns,
+                next_index,
+            } => (interval_ns, offset_ns, next_index),
+        };
+        let n = self.unsent(end_ns);
+        (next_index..next_index + n).map(move |i| (offset_ns + interval_ns * i as f64) as u64)
+    }
+
     /// When the loop must wake for the next start, while connections have
     /// free slots: not sooner than a tick from now, so requests due
     /// meanwhile leave together (their latency still counts from their
@@ -151,6 +166,11 @@ mod tests {
         assert_eq!(t1.next_due_ns(), 3_000_000);
         // Due before 10 ms: 1, 3, 5, 7, 9 ms; one was sent.
         assert_eq!(t1.unsent(10_000_000), 4);
+        let backlog: Vec<u64> = t1.unsent_intended(10_000_000).collect();
+        assert_eq!(backlog, [3_000_000, 5_000_000, 7_000_000, 9_000_000]);
+        assert_eq!(t0.unsent_intended(0).count(), 0);
+        let closed = Schedule::new(None, 0, 1, 4, 1_000);
+        assert_eq!(closed.unsent_intended(10_000).count(), 0);
         // Not sooner than a tick from now.
         assert_eq!(t1.wake_ns(2_950_000, 100_000), 3_050_000);
     }

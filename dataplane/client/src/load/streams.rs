@@ -89,6 +89,8 @@ pub(super) struct Ctx<'a> {
     pub(super) stopping: bool,
     /// Measured requests this thread may still issue.
     pub(super) quota: &'a mut u64,
+    /// The loop's clock when this batch of work began.
+    pub(super) now: u64,
 }
 
 /// Sends one request (or PING) on slot `s`; false when the request bound
@@ -123,8 +125,16 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
             max_tokens,
             temperature,
             prompt,
+            include_usage,
         } => {
-            super::http::put_request(&mut conn.out, prompt, *max_tokens, *temperature, slot.generation);
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut conn.out, &body);
             conn.http_order.push_back(s as u32);
         }
         Mode::Generate {
@@ -177,6 +187,45 @@ impl Streams {
             ctx.stats.frames_in += 1;
         }
     }
+
+    /// HTTP mode: `n` more tokens of slot `s`'s response arrived packed
+    /// into its events (0 µs gaps, as tokens packed into one frame).
+    pub(super) fn http_packed(&mut self, s: usize, n: u64, ctx: &mut Ctx) {
+        let slot = &mut self.slots[s];
+        if slot.recorded {
+            ctx.stats.inter_token.record_n_us(0, n);
+        }
+        slot.tokens += n;
+    }
+
+    /// HTTP mode: slot `s`'s request got no answer before the server closed
+    /// the connection; it is written again for the new one. A closed loop
+    /// measures from this send (the first went to a connection that was
+    /// closing); an open loop still from the intended time.
+    pub(super) fn http_resend(&mut self, s: usize, now: u64, ctx: &Ctx) {
+        let slot = &mut self.slots[s];
+        debug_assert_eq!(slot.state, SlotState::Busy);
+        if ctx.closed_loop {
+            slot.intended_ns = now;
+        }
+        slot.sent_ns = now;
+        if let Mode::Http {
+            max_tokens,
+            temperature,
+            prompt,
+            include_usage,
+        } = ctx.mode
+        {
+            let body = super::http::Body {
+                prompt,
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: slot.generation,
+                include_usage: *include_usage,
+            };
+            super::http::put_request(&mut self.out, &body);
+        }
+    }
 }
 
 /// HTTP mode: slot `s`'s response ended.
@@ -206,13 +255,18 @@ pub(super) fn finish(conn: &mut Streams, c: usize, s: usize, now: u64, ok: bool,
     }
     slot.state = SlotState::Idle;
     conn.busy -= 1;
-    if ctx.stopping || !conn.alive {
+    if !conn.alive {
         return;
     }
     if ctx.closed_loop {
+        if ctx.stopping {
+            return;
+        }
         // Past the request bound the slot just stays idle.
         let _ = issue(conn, s, now, now, ctx);
     } else {
+        // Also while draining: the open loop's backlog (requests intended
+        // inside the window that found no free slot) still goes out.
         conn.free.push(s as u32);
         if !conn.ready {
             conn.ready = true;
@@ -264,9 +318,11 @@ pub(super) fn on_frame(
                 } else {
                     ctx.stats.inter_token.record_us(now.saturating_sub(slot.last_ns) / 1000);
                 }
-                if arg > 1 {
-                    ctx.stats.inter_token.record_n_us(0, u64::from(arg - 1));
-                }
+            }
+            if in_window && arg > 1 {
+                // Arrived together with the frame's first token: no gap of
+                // their own (not 0 µs gaps in `inter_token`).
+                ctx.stats.tokens_coalesced += u64::from(arg - 1);
             }
             slot.tokens += u64::from(arg);
             slot.last_ns = now;
@@ -302,6 +358,12 @@ pub(super) fn on_frame(
         }
         Kind::Error => {
             *ctx.stats.errors.entry(arg).or_default() += 1;
+            let slot = &conn.slots[s];
+            if slot.recorded {
+                ctx.stats
+                    .e2e_error
+                    .record_us(now.saturating_sub(slot.intended_ns) / 1000);
+            }
             finish(conn, c, s, now, false, ctx);
         }
         Kind::HelloAck | Kind::Hello | Kind::Request | Kind::Cancel | Kind::Credit | Kind::Ping => {
@@ -310,13 +372,28 @@ pub(super) fn on_frame(
     }
 }
 
-/// The connection failed or was closed: its streams are lost.
+/// The run gives up on the streams still open at `now` (the drain
+/// timeout): each measured one counts in `e2e_unanswered` with the time
+/// from its intended send to now, a lower bound of its latency.
+pub(super) fn give_up(conn: &Streams, now: u64, stats: &mut ThreadStats) {
+    for slot in conn.slots.iter() {
+        if slot.state == SlotState::Busy && slot.recorded {
+            stats
+                .e2e_unanswered
+                .record_us(now.saturating_sub(slot.intended_ns) / 1000);
+        }
+    }
+}
+
+/// The connection failed or was closed: its streams are lost (each
+/// measured one counts as unanswered from its intended send until now).
 pub(super) fn lose(conn: &mut Streams, ctx: &mut Ctx) {
     if !conn.alive {
         return;
     }
     conn.alive = false;
     ctx.stats.connections_lost += 1;
+    give_up(conn, ctx.now, ctx.stats);
     for slot in conn.slots.iter_mut() {
         slot.state = SlotState::Idle;
     }

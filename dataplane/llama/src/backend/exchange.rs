@@ -5,7 +5,7 @@
 
 use cnse_backend::{Delivery, Io, Sink};
 
-use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task};
+use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task, CLOSES_AFTER_STREAM};
 use crate::http::Item;
 use crate::sse::{self, SseLine};
 
@@ -41,6 +41,24 @@ impl LlamaBackend {
                 // again on a fresh one once this one is closed.
                 w.attempt = Attempt::Committed;
                 self.llama.retried += 1;
+                let slot = &self.slots[i];
+                if slot
+                    .idle_since
+                    .is_some_and(|t| io.now().saturating_duration_since(t) < CLOSES_AFTER_STREAM)
+                {
+                    // Closed right after its last answer, whatever its
+                    // Keep-Alive header said (llama-server b10434 does so
+                    // after every stream): pooling this server's
+                    // connections only costs each request a send on a dead
+                    // one. From now on they are closed after each answer.
+                    if !self.closes_after_stream[slot.upstream] {
+                        self.closes_after_stream[slot.upstream] = true;
+                        tracing::info!(
+                            upstream = %self.url(i),
+                            "llama-server closes its connection after each answer: not pooling its connections"
+                        );
+                    }
+                }
                 self.abort_conn(i, io);
             }
             Task::Stream(w) => {
@@ -209,6 +227,9 @@ impl LlamaBackend {
         if event.stop {
             let reason = event.finish_reason();
             self.by_id.remove(&id);
+            if let Some(n) = event.prompt_tokens() {
+                sink.prompt_tokens(id, n);
+            }
             sink.end(id, reason);
             slot.task = Task::Drain;
             slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
@@ -218,6 +239,7 @@ impl LlamaBackend {
     }
 
     pub(super) fn on_end(&mut self, i: usize, io: &mut dyn Io, sink: &mut dyn Sink) {
+        let pool = !self.closes_after_stream[self.slots[i].upstream];
         let slot = &mut self.slots[i];
         match &slot.task {
             Task::Stream(w) => {
@@ -230,10 +252,11 @@ impl LlamaBackend {
             }
             Task::Drain | Task::None | Task::Health => {
                 slot.task = Task::None;
-                if slot.keep_alive && slot.recv_pos == slot.recv_len {
+                if pool && slot.keep_alive && slot.recv_pos == slot.recv_len {
                     // Back to the pool, idle.
                     slot.dec.reset();
                     slot.deadline = Some(io.now() + self.cfg.keepalive_idle);
+                    slot.idle_since = Some(io.now());
                     self.settle(i);
                 } else {
                     self.abort_conn(i, io);

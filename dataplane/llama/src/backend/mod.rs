@@ -141,7 +141,13 @@ struct Slot {
     dec: ResponseDecoder,
     keep_alive: bool,
     deadline: Option<Instant>,
+    /// When the connection went back to the pool idle.
+    idle_since: Option<Instant>,
 }
+
+/// A pooled connection the server closed within this time of its last
+/// answer marks the server as one that closes after every stream.
+const CLOSES_AFTER_STREAM: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counters beyond [`BackendStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,6 +182,10 @@ pub struct LlamaBackend {
     body_scratch: Vec<u8>,
     stats: BackendStats,
     llama: LlamaStats,
+    /// Per upstream: it closed an idle pooled connection right after its
+    /// last answer, so its connections are closed after each answer
+    /// rather than pooled (no request is sent on a dead connection).
+    closes_after_stream: Box<[bool]>,
 }
 
 impl LlamaBackend {
@@ -203,6 +213,7 @@ impl LlamaBackend {
             dec: ResponseDecoder::new(limits),
             keep_alive: false,
             deadline: None,
+            idle_since: None,
         };
         let mut slots = Vec::with_capacity(stream_slots + upstreams);
         for u in 0..upstreams {
@@ -226,6 +237,7 @@ impl LlamaBackend {
             health_owner,
             round_robin: 0,
             body_scratch: Vec::with_capacity(4096),
+            closes_after_stream: vec![false; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
         }

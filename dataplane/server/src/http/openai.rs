@@ -354,10 +354,11 @@ pub fn models(out: &mut Vec<u8>, model: &str, store_names: &[String], created: u
     out.extend_from_slice(b"]}");
 }
 
-/// Prompt tokens as usage reports them for the synthetic backend: words
-/// (runs of non-whitespace), which is how it reads a prompt.
+/// Prompt tokens as usage reports them unless the backend counts them
+/// (llama-server does, `Sink::prompt_tokens`): the synthetic model's
+/// reading of text (`cnse_backend::synthetic::token_count`).
 pub fn prompt_tokens(prompt: &str) -> u64 {
-    prompt.split_whitespace().count() as u64
+    cnse_backend::synthetic::token_count(prompt)
 }
 
 #[cfg(test)]

@@ -239,6 +239,17 @@ impl Sink for Tables {
         }
     }
 
+    fn prompt_tokens(&mut self, id: WorkId, n: u64) {
+        // Work run here for another core or rank: its owner counts with
+        // its own front (the count does not travel with the tokens yet).
+        if super::foreign::is_foreign(id) {
+            return;
+        }
+        if let Some(s) = self.live_stream(id) {
+            s.http.prompt_tokens = n;
+        }
+    }
+
     fn end(&mut self, id: WorkId, reason: FinishReason) {
         if super::foreign::is_foreign(id) {
             return self.foreign.finished(id, reason);

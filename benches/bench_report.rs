@@ -1,0 +1,216 @@
+//! Turns the CSV files `scripts/bench.sh` writes into `bench-results/`
+//! into `summary.md` (tables, ratios cnse-dp / each peer, the issue's
+//! targets met or not) and SVG plots (plotters).
+//!
+//! ```sh
+//! cargo bench --bench bench_report -- bench-results
+//! ```
+//!
+//! Each experiment file has the columns `server,param,value` followed by
+//! the load generator's CSV columns (`cnse_metrics::CSV_HEADER`): one row
+//! per metric of one run. `server` names who served, `param`/`value` the
+//! setting the experiment varies (connections, offered load as a fraction
+//! of the server's own closed-loop peak, inflight depth, an ablation's
+//! switch).
+
+#[path = "report/plots.rs"]
+pub mod plots;
+#[path = "report/summary.rs"]
+pub mod summary;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One row: a metric of one run.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub server: String,
+    pub param: String,
+    pub value: String,
+    pub run: String,
+    pub metric: String,
+    /// Values recorded (latency) or events in the window (rate).
+    pub count: u64,
+    /// `mean` column: the rate for `per_s` rows, the mean for latencies.
+    pub mean: f64,
+    /// p50, p90, p95, p99, p99.9, max (µs); `None` where not measured.
+    pub pct: [Option<f64>; 6],
+}
+
+/// Index of a percentile in [`Row::pct`].
+pub const P50: usize = 0;
+pub const P99: usize = 3;
+pub const P999: usize = 4;
+
+/// One run: every metric row of it.
+#[derive(Clone, Debug, Default)]
+pub struct Point {
+    pub server: String,
+    pub param: String,
+    pub value: String,
+    pub run: String,
+    pub metrics: BTreeMap<String, Row>,
+}
+
+impl Point {
+    pub fn rate(&self, metric: &str) -> Option<f64> {
+        self.metrics.get(metric).map(|r| r.mean)
+    }
+
+    /// The latency figures to quote: every measured request (`e2e_all`)
+    /// where the run has it, else the answered ones.
+    pub fn latency(&self) -> Option<&Row> {
+        self.metrics.get("e2e_all").or_else(|| self.metrics.get("e2e"))
+    }
+
+    pub fn pct(&self, i: usize) -> Option<f64> {
+        self.latency().and_then(|r| r.pct[i])
+    }
+
+    /// CPU cores the server / the load generator kept busy (CPU-µs per s).
+    pub fn server_cores(&self) -> Option<f64> {
+        self.rate("server_cpu").map(|v| v / 1e6)
+    }
+
+    pub fn load_cores(&self) -> Option<f64> {
+        self.rate("load_cpu").map(|v| v / 1e6)
+    }
+
+    /// Frames the server sent per second of its CPU time (per server
+    /// core): PONGs, or TOKENS and END frames.
+    pub fn frames_per_server_cpu_s(&self) -> Option<f64> {
+        let cores = self.server_cores()?;
+        (cores > 0.0).then(|| self.rate("frames_in").unwrap_or(0.0) / cores)
+    }
+
+    /// The run's mode: the first word of its label (`ping`, `generate`).
+    pub fn mode(&self) -> &str {
+        self.run.split_whitespace().next().unwrap_or("")
+    }
+
+    /// A `key=N` field of the run label (`c`, `k`, `t`).
+    pub fn label_num(&self, key: &str) -> Option<f64> {
+        self.run
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .and_then(|n| n.parse().ok())
+    }
+
+    /// `value` as a number (connections, inflight, a fraction).
+    pub fn x(&self) -> Option<f64> {
+        self.value.parse().ok()
+    }
+}
+
+/// Splits one CSV line (fields may be quoted, with `""` for a quote).
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// The rows of one experiment file, or none when it was not run.
+pub fn load(dir: &Path, file: &str) -> Vec<Row> {
+    let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let f = split_csv(line);
+        if f.len() != 14 {
+            eprintln!("bench_report: {file}: skipping a row of {} fields: {line}", f.len());
+            continue;
+        }
+        let num = |s: &str| s.parse::<f64>().ok();
+        rows.push(Row {
+            server: f[0].clone(),
+            param: f[1].clone(),
+            value: f[2].clone(),
+            run: f[3].clone(),
+            metric: f[4].clone(),
+            count: f[6].parse().unwrap_or(0),
+            mean: num(&f[7]).unwrap_or(0.0),
+            pct: [
+                num(&f[8]),
+                num(&f[9]),
+                num(&f[10]),
+                num(&f[11]),
+                num(&f[12]),
+                num(&f[13]),
+            ],
+        });
+    }
+    rows
+}
+
+/// Rows grouped into runs, in the order they were written.
+pub fn points(rows: &[Row]) -> Vec<Point> {
+    let mut out: Vec<Point> = Vec::new();
+    for r in rows {
+        let same = |p: &Point| p.server == r.server && p.param == r.param && p.value == r.value && p.run == r.run;
+        let i = match out.iter().position(same) {
+            Some(i) => i,
+            None => {
+                out.push(Point {
+                    server: r.server.clone(),
+                    param: r.param.clone(),
+                    value: r.value.clone(),
+                    run: r.run.clone(),
+                    metrics: BTreeMap::new(),
+                });
+                out.len() - 1
+            }
+        };
+        out[i].metrics.insert(r.metric.clone(), r.clone());
+    }
+    out
+}
+
+/// Servers in the order they first appear (cnse-dp first by the script).
+pub fn servers(points: &[Point]) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for p in points {
+        if !v.contains(&p.server) {
+            v.push(p.server.clone());
+        }
+    }
+    v
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`; the directory is the first other word.
+    let Some(dir) = args.iter().skip(1).find(|a| !a.starts_with("--")) else {
+        eprintln!("bench_report: give the results directory (see the file's header)");
+        return;
+    };
+    let dir = Path::new(dir);
+    let plots_written = match plots::write_all(dir) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("bench_report: plotting: {e}");
+            std::process::exit(1);
+        }
+    };
+    let md = summary::render(dir, &plots_written);
+    let path = dir.join("summary.md");
+    if let Err(e) = std::fs::write(&path, md) {
+        eprintln!("bench_report: writing {}: {e}", path.display());
+        std::process::exit(1);
+    }
+    println!("wrote {} and {} plots", path.display(), plots_written.len());
+}

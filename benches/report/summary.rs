@@ -1,0 +1,353 @@
+//! `summary.md` of `bench_report`: one table per experiment, ratios
+//! cnse-dp / each peer, and the issue's targets, each met or not.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::{load, points, servers, Point, P50, P99, P999};
+
+const CNSE: &str = "cnse-dp";
+
+fn us(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(v) if v < 1_000.0 => format!("{v:.0} µs"),
+        Some(v) if v < 1_000_000.0 => format!("{:.2} ms", v / 1e3),
+        Some(v) => format!("{:.2} s", v / 1e6),
+    }
+}
+
+fn rate(v: Option<f64>) -> String {
+    let Some(v) = v else { return "-".to_string() };
+    let digits = format!("{:.0}", v.round());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn cores(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |c| format!("{:.0} %", c * 100.0))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "-".to_string(),
+    }
+}
+
+/// The cnse-dp run that matches `p` (same mode and setting).
+fn cnse_twin<'a>(pts: &'a [Point], p: &Point) -> Option<&'a Point> {
+    pts.iter()
+        .find(|q| q.server == CNSE && q.value == p.value && q.mode() == p.mode())
+}
+
+/// Runs ordered by setting, then mode (stable: servers keep the order
+/// they ran in).
+fn by_setting(mut pts: Vec<Point>) -> Vec<Point> {
+    pts.sort_by(|a, b| {
+        let x = |p: &Point| p.x().unwrap_or(f64::MAX);
+        x(a).total_cmp(&x(b)).then_with(|| b.mode().cmp(a.mode()))
+    });
+    pts
+}
+
+fn connections(out: &mut String, dir: &Path) {
+    let pts = by_setting(points(&load(dir, "connections.csv")));
+    if pts.is_empty() {
+        let _ = writeln!(out, "\n## Throughput vs connections\n\nNot run.");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Throughput vs connections (closed loop, one server thread)\n\n\
+         `frames/server-CPU-s`: frames the server sent (PONGs; TOKENS and END) per second of its own \
+         CPU time, the per-core figure that holds on a shared machine. Ratios are cnse-dp / that server.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| mode | conns | server | requests/s | frames/server-CPU-s | server CPU | load CPU | p50 | p99 | p99.9 | ratio wall | ratio per CPU |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &pts {
+        let twin = cnse_twin(&pts, p);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.mode(),
+            p.value,
+            p.server,
+            rate(p.rate("requests")),
+            rate(p.frames_per_server_cpu_s()),
+            cores(p.server_cores()),
+            cores(p.load_cores()),
+            us(p.pct(P50)),
+            us(p.pct(P99)),
+            us(p.pct(P999)),
+            ratio(twin.and_then(|t| t.rate("requests")), p.rate("requests")),
+            ratio(
+                twin.and_then(Point::frames_per_server_cpu_s),
+                p.frames_per_server_cpu_s()
+            ),
+        );
+    }
+    let _ = writeln!(out, "\n### Target: frames/s per server core at 256 connections\n");
+    let _ = writeln!(
+        out,
+        "| mode | peer | target | cnse-dp / peer | met |\n|---|---|---:|---:|---|"
+    );
+    for mode in ["ping", "generate"] {
+        for (peer, want) in [("tokio", 2.0), ("tokio-uring", 1.3), ("monoio", 1.0)] {
+            let at = |s: &str| {
+                pts.iter()
+                    .find(|p| p.server == s && p.mode() == mode && p.value == "256")
+                    .and_then(Point::frames_per_server_cpu_s)
+            };
+            let (a, b) = (at(CNSE), at(peer));
+            let verdict = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => {
+                    if a / b >= want {
+                        "yes"
+                    } else {
+                        "**no**"
+                    }
+                }
+                _ => "not measured",
+            };
+            let _ = writeln!(out, "| {mode} | {peer} | ≥ {want:.1}× | {} | {verdict} |", ratio(a, b));
+        }
+    }
+}
+
+fn latency_vs_load(out: &mut String, dir: &Path) {
+    let mut pts = points(&load(dir, "load.csv"));
+    // Grouped by server (stable: the peak, then the fractions in order).
+    let order = servers(&pts);
+    pts.sort_by_key(|p| order.iter().position(|s| *s == p.server));
+    if pts.is_empty() {
+        let _ = writeln!(out, "\n## Latency vs offered load\n\nNot run.");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Latency vs offered load (open loop, generate 16 tokens)\n\n\
+         Each server's own closed-loop peak first, then open loops at fractions of it. Latency of \
+         every request intended in the window (`e2e_all`: from the intended send; requests unsent or \
+         unanswered when the run gave up count at that moment).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| server | load | offered/s | achieved/s | p50 | p99 | p99.9 | max | unsent | server CPU | load CPU |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in &pts {
+        let (load_s, offered) = if p.value == "peak" {
+            ("closed-loop peak".to_string(), "-".to_string())
+        } else {
+            let f = p.x().unwrap_or(0.0);
+            let offered = p
+                .run
+                .split("open loop ")
+                .nth(1)
+                .map(|r| r.trim_end_matches("/s").to_string());
+            (
+                format!("{:.0} %", f * 100.0),
+                rate(offered.and_then(|o| o.parse().ok())),
+            )
+        };
+        let unsent = p.metrics.get("e2e_unsent").map_or(0, |r| r.count);
+        let _ = writeln!(
+            out,
+            "| {} | {load_s} | {offered} | {} | {} | {} | {} | {} | {unsent} | {} | {} |",
+            p.server,
+            rate(p.rate("requests")),
+            us(p.pct(P50)),
+            us(p.pct(P99)),
+            us(p.pct(P999)),
+            us(p.latency().and_then(|r| r.pct[5])),
+            cores(p.server_cores()),
+            cores(p.load_cores()),
+        );
+    }
+    let p99_70 = pts
+        .iter()
+        .find(|p| p.server == CNSE && p.value == "0.7")
+        .and_then(|p| p.pct(P99));
+    let verdict = match p99_70 {
+        Some(v) if v <= 1_000.0 => "met",
+        Some(_) => "**not met**",
+        None => "not measured",
+    };
+    let _ = writeln!(
+        out,
+        "\nTarget (2-core machine): open-loop p99 at 70 % of cnse-dp's own peak ≤ 1 ms: {} → {verdict}.",
+        us(p99_70)
+    );
+    let stages = std::fs::read_to_string(dir.join("stages.txt")).unwrap_or_default();
+    if !stages.trim().is_empty() {
+        let run = points(&load(dir, "stages.csv"));
+        let p99 = run.first().and_then(|p| p.pct(P99));
+        let _ = writeln!(
+            out,
+            "\ncnse-dp's per-stage times in a separate run at 70 % with `--stage-timing` (e2e_all p99 {}; \
+             recv → parse → backend → end → submit, and the loop's turns):\n\n```\n{}\n```",
+            us(p99),
+            stages.trim()
+        );
+    }
+}
+
+fn inflight(out: &mut String, dir: &Path) {
+    let pts = by_setting(points(&load(dir, "inflight.csv")));
+    if pts.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Throughput and p99 vs inflight depth (closed loop, generate 16 tokens)\n\n\
+         | inflight | server | requests/s | p99 | server CPU | load CPU | ratio wall |\n|---:|---|---:|---:|---:|---:|---:|"
+    );
+    for p in &pts {
+        let twin = cnse_twin(&pts, p);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.value,
+            p.server,
+            rate(p.rate("requests")),
+            us(p.pct(P99)),
+            cores(p.server_cores()),
+            cores(p.load_cores()),
+            ratio(twin.and_then(|t| t.rate("requests")), p.rate("requests")),
+        );
+    }
+}
+
+fn ablations(out: &mut String, dir: &Path) {
+    let _ = writeln!(out, "\n## Ablations (cnse-dp, closed loop)\n");
+    for (file, what) in [
+        ("ablation_threads", "server threads (`--threads`)"),
+        ("ablation_defer_taskrun", "DEFER_TASKRUN (`--no-defer-taskrun` for off)"),
+        (
+            "ablation_recv_buffer",
+            "provided receive buffer (`--recv-buffer-bytes`)",
+        ),
+        ("ablation_send_buffer", "send buffer limit (`--send-buffer-bytes`)"),
+    ] {
+        let pts = points(&load(dir, &format!("{file}.csv")));
+        if pts.is_empty() {
+            let _ = writeln!(out, "{what}: not run.\n");
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "**{what}** (`{file}.csv`)\n\n| setting | mode | requests/s | requests/server-CPU-s | p99 | server CPU | load CPU |\n|---|---|---:|---:|---:|---:|---:|"
+        );
+        for p in &pts {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                p.value,
+                p.mode(),
+                rate(p.rate("requests")),
+                rate(p.rate("requests_per_server_cpu_s")),
+                us(p.pct(P99)),
+                cores(p.server_cores()),
+                cores(p.load_cores()),
+            );
+        }
+        let _ = writeln!(out);
+    }
+}
+
+fn redis(out: &mut String, dir: &Path) {
+    let pts = points(&load(dir, "redis.csv"));
+    let _ = writeln!(out, "\n## PING against redis (`redis-benchmark -t ping`)\n");
+    if let Ok(note) = std::fs::read_to_string(dir.join("redis.note")) {
+        let _ = writeln!(out, "{}\n", note.trim());
+    }
+    if pts.is_empty() {
+        let _ = writeln!(out, "Not run.");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "Both servers on one core; redis-benchmark and `cnse-dp bench` on the other, same connection \
+         counts; redis `-P 16` against 16 PINGs in flight per connection.\n\n\
+         | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | redis p50 / p99 | cnse-dp p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    );
+    for r in pts.iter().filter(|p| p.server == "redis") {
+        let c = r.label_num("c");
+        let Some(cn) = pts
+            .iter()
+            .find(|p| p.server == CNSE && p.value == r.value && p.label_num("c") == c)
+        else {
+            continue;
+        };
+        let want = if r.value == "1" { 1.5 } else { 1.0 };
+        let (a, b) = (cn.rate("requests"), r.rate("requests"));
+        let met = match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 && a / b >= want => "yes",
+            (Some(_), Some(_)) => "**no**",
+            _ => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} / {} |",
+            c.map_or("-".to_string(), |c| format!("{c:.0}")),
+            r.value,
+            rate(b),
+            rate(a),
+            ratio(a, b),
+            us(r.pct(P50)),
+            us(r.pct(P99)),
+            us(cn.pct(P50)),
+            us(cn.pct(P99)),
+        );
+    }
+}
+
+/// The whole summary; `plots` are the SVG files written beside it.
+pub fn render(dir: &Path, plots: &[String]) -> String {
+    let mut out = String::from("# Benchmark results (scripts/bench.sh)\n");
+    if let Ok(m) = std::fs::read_to_string(dir.join("machine.txt")) {
+        let _ = writeln!(out, "\n```\n{}\n```", m.trim());
+    }
+    let all: Vec<Point> = ["connections.csv", "load.csv"]
+        .iter()
+        .flat_map(|f| points(&load(dir, f)))
+        .collect();
+    let _ = writeln!(out, "\nServers: {}.", servers(&all).join(", "));
+    connections(&mut out, dir);
+    latency_vs_load(&mut out, dir);
+    inflight(&mut out, dir);
+    ablations(&mut out, dir);
+    redis(&mut out, dir);
+    if let Ok(h) = std::fs::read_to_string(dir.join("http.txt")) {
+        let _ = writeln!(
+            out,
+            "\n## HTTP front against the axum peer (`scripts/http-bench.sh`)\n\n```\n{}\n```",
+            h.trim()
+        );
+    }
+    if let Ok(m) = std::fs::read_to_string(dir.join("micro.txt")) {
+        let _ = writeln!(
+            out,
+            "\n## Micro-benchmarks (`cargo bench --bench micro`)\n\n```\n{}\n```",
+            m.trim()
+        );
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(out, "\n## Plots\n");
+        for p in plots {
+            let _ = writeln!(out, "![{p}]({p})\n");
+        }
+    }
+    out
+}

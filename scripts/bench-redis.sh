@@ -1,0 +1,89 @@
+# Sourced by scripts/bench.sh: PING against redis-server, the reference
+# event loop. Installs redis-server and redis-tools from Debian when they
+# are missing (root and apt-get), runs `redis-benchmark -t ping` without and
+# with `-P 16` on the load CPUs against a redis-server on the server CPU,
+# then `cnse-dp bench --mode ping` with 1 and 16 PINGs in flight per
+# connection at the same connection counts. Rows go to $out/redis.csv in
+# the suite's format; why redis was skipped, if it was, to $out/redis.note.
+
+redis_install() {
+  command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "redis-server/redis-benchmark missing and no root apt-get to install them" >"$out/redis.note"
+    return 1
+  fi
+  echo "   installing redis-server and redis-tools (apt-get)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools; } \
+    >"$tmp/apt.log" 2>&1; then
+    echo "apt-get install redis-server redis-tools failed: $(tail -1 "$tmp/apt.log")" >"$out/redis.note"
+    return 1
+  fi
+}
+
+# CPU time (µs) of a process so far, from /proc/PID/stat.
+proc_cpu_us() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%d", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"
+}
+
+# CPU time (µs) of this shell's finished children so far (bash `times`).
+children_cpu_us() {
+  times | tail -1 | awk '{
+    t = 0
+    for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] }
+    printf "%d", t * 1e6
+  }'
+}
+
+# One redis-benchmark run: C connections, pipeline P, N requests.
+redis_run() {
+  local port=$1 c=$2 p=$3 n=$4 label cpu0 cpu1 kid0 kid1 t0 t1
+  label="redis-benchmark ping c=$c P=$p"
+  cpu0=$(proc_cpu_us "$RP") kid0=$(children_cpu_us) t0=$(date +%s%N)
+  if ! taskset -c "$load_cpus" redis-benchmark -h 127.0.0.1 -p "$port" -t ping -c "$c" -n "$n" -P "$p" --csv \
+    >"$tmp/redis.out" 2>&1; then
+    echo "   FAILED: redis-benchmark -c $c -P $p: $(tail -1 "$tmp/redis.out")"
+    failures=$((failures + 1))
+    return 0
+  fi
+  t1=$(date +%s%N) kid1=$(children_cpu_us) cpu1=$(proc_cpu_us "$RP")
+  # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+  tr -d '"' <"$tmp/redis.out" | awk -F, -v s="redis,pipeline,$p,$label" -v n="$n" \
+    -v cpu="$((cpu1 - cpu0))" -v kid="$((kid1 - kid0))" -v ns="$((t1 - t0))" '
+    $1 == "PING_MBULK" {
+      secs = ns / 1e9
+      printf "%s,requests,per_s,%d,%.1f,,,,,,\n", s, n, $2
+      printf "%s,e2e,us,%d,%.1f,%.0f,,%.0f,%.0f,,%.0f\n", s, n, $3 * 1000, $5 * 1000, $6 * 1000, $7 * 1000, $8 * 1000
+      printf "%s,server_cpu,per_s,%d,%.1f,,,,,,\n", s, cpu, cpu / secs
+      printf "%s,load_cpu,per_s,%d,%.1f,,,,,,\n", s, kid, kid / secs
+      printf "   %-12s %-12s %-8s %14s req/s  p99 %.0f µs\n", "redis", "pipeline", "'"$p"'", $2, $7 * 1000 > "/dev/stderr"
+    }' >>"$out/redis.csv"
+}
+
+bench_redis() {
+  echo "== PING: redis-server against cnse-dp"
+  redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
+  echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'); redis-benchmark counts PING_MBULK (RESP), one client thread; latencies from its --csv (p50, p95, p99, max; it reports no p90 or p99.9). With -P 16 a latency is that of the 16-request batch." >"$out/redis.note"
+  local port=$((20000 + RANDOM % 20000))
+  taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+  RP=$!
+  local i
+  for ((i = 0; i < 200; i++)); do
+    redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
+    sleep 0.05
+  done
+  [ -f "$out/redis.csv" ] || echo "server,param,value,run,metric,unit,count,mean,p50,p90,p95,p99,p99_9,max" >"$out/redis.csv"
+  for c in $redis_conns; do
+    redis_run "$port" "$c" 1 "$redis_n1"
+    redis_run "$port" "$c" 16 "$redis_n16"
+  done
+  kill "$RP" 2>/dev/null || true
+  wait "$RP" 2>/dev/null || true
+  RP=""
+  start_server cnse-dp
+  for c in $redis_conns; do
+    run redis cnse-dp pipeline 1 --mode ping --payload-bytes 0 --connections "$c" --inflight 1
+    run redis cnse-dp pipeline 16 --mode ping --payload-bytes 0 --connections "$c" --inflight 16
+  done
+  stop_server
+}

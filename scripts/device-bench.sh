@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the benchmark suite's binaries here (release, baseline x86-64) and
+# copies them, stripped, into .device/bench/ (git-ignored) for a machine
+# without a toolchain, such as the 16-core GPU machine. There, from the
+# checkout root (with .device carried along), the suite runs on them:
+#
+#   BENCH_BIN_DIR=.device/bench SERVER_CPU=0 LOAD_CPUS=8-15 LOAD_THREADS=4 \
+#     THREADS_LIST="1 2 4 8" ONLY="connections load inflight ablations micro" \
+#     scripts/bench.sh "$OUT/bench-results"
+#
+# (servers on core 0, the load generator with 4 threads on cores 8-15;
+# redis is left out there: that machine reaches no package mirror to
+# install it from). scripts/device-bundle.sh starts with `rm -rf .device`: run it first
+# when both bundles are wanted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
+cargo build --release --bin cnse-dp
+log=$(mktemp)
+cargo bench --no-run --bench tokio_peer --bench tokio_uring_peer --bench monoio_peer --bench micro --bench bench_report \
+  2>&1 | tee "$log"
+rm -rf .device/bench && mkdir -p .device/bench
+strip --strip-debug -o .device/bench/cnse-dp target/release/cnse-dp
+for b in tokio_peer tokio_uring_peer monoio_peer micro bench_report; do
+  # The executable cargo names (a test of the same name shares the glob).
+  f=$(sed -n "s|.*Executable benches/$b.rs (\(.*\))|\1|p" "$log" | head -1)
+  [ -n "$f" ] || { echo "device-bench: cargo named no executable for $b" >&2; exit 1; }
+  strip --strip-debug -o ".device/bench/$b" "$f"
+done
+rm -f "$log"
+du -sh .device/bench

@@ -1,0 +1,67 @@
+//! `benches/bench_report.rs` (issue 13): the load generator's CSV rows,
+//! behind `server,param,value`, become summary tables with ratios, the
+//! targets' verdicts, and SVG plots.
+
+#[path = "../benches/bench_report.rs"]
+#[allow(dead_code)]
+mod report;
+
+use std::time::Duration;
+
+use cnse_metrics::{csv_rows, LatencyHistogram, Rate, CSV_HEADER};
+
+/// One run's rows as `cnse-dp bench --csv` writes them, behind the
+/// experiment's columns.
+fn rows(server: &str, param: &str, value: &str, run: &str, requests: u64, frames: u64, cpu_us: u64) -> String {
+    let mut h = LatencyHistogram::new();
+    for v in 1..=100 {
+        h.record_us(v * 10);
+    }
+    let w = Duration::from_secs(1);
+    let rates = [
+        Rate::new("requests", requests, w),
+        Rate::new("frames_in", frames, w),
+        Rate::new("load_cpu", 500_000, w),
+        Rate::new("server_cpu", cpu_us, w),
+    ];
+    csv_rows(run, &[h.summary("e2e")], &rates)
+        .lines()
+        .map(|l| format!("{server},{param},{value},{l}\n"))
+        .collect()
+}
+
+#[test]
+fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
+    let dir = std::env::temp_dir().join(format!("cnse-bench-report-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut csv = format!("server,param,value,{CSV_HEADER}\n");
+    // At 256 connections cnse-dp sends 3 M frames per server CPU-second
+    // (1.5 M frames on half a core), tokio 1 M: 3× (target 2×).
+    for c in ["16", "256"] {
+        let run = format!("ping c={c} k=16 t=1 closed loop");
+        csv += &rows("cnse-dp", "connections", c, &run, 1_500_000, 1_500_000, 500_000);
+        csv += &rows("tokio", "connections", c, &run, 1_000_000, 1_000_000, 1_000_000);
+    }
+    std::fs::write(dir.join("connections.csv"), csv).unwrap();
+    let pts = report::points(&report::load(&dir, "connections.csv"));
+    assert_eq!(pts.len(), 4);
+    assert_eq!(report::servers(&pts), ["cnse-dp", "tokio"]);
+    let p = &pts[2];
+    assert_eq!((p.mode(), p.label_num("c"), p.x()), ("ping", Some(256.0), Some(256.0)));
+    assert_eq!(p.frames_per_server_cpu_s(), Some(3_000_000.0));
+    assert_eq!(p.pct(report::P50), Some(500.0));
+
+    let plots = report::plots::write_all(&dir).unwrap();
+    assert_eq!(plots, ["throughput_vs_connections.svg"]);
+    let svg = std::fs::read_to_string(dir.join(&plots[0])).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("cnse-dp") && svg.contains("tokio"));
+
+    let md = report::summary::render(&dir, &plots);
+    assert!(md.contains("| ping | 256 | tokio | 1,000,000 | 1,000,000 |"), "{md}");
+    assert!(md.contains("| ping | tokio | ≥ 2.0× | 3.00× | yes |"), "{md}");
+    assert!(md.contains("| ping | monoio | ≥ 1.0× | - | not measured |"), "{md}");
+    assert!(md.contains("## Latency vs offered load\n\nNot run."), "{md}");
+    assert!(md.contains("![throughput_vs_connections.svg](throughput_vs_connections.svg)"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
