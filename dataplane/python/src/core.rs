@@ -51,7 +51,10 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("addr", &self.addr)
-            .field("auth_key", &if self.auth_key.is_empty() { "none" } else { "<redacted>" })
+            .field(
+                "auth_key",
+                &if self.auth_key.is_empty() { "none" } else { "<redacted>" },
+            )
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
