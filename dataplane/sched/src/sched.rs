@@ -365,11 +365,7 @@ impl<T> Core<T> {
 
     /// Queues a task on this core's own deque (the owner's fast path).
     pub fn push(&self, priority: u32, payload: T) -> Result<(u64, CancelToken), (SchedError, T)> {
-        let sched = self.scheduler();
-        let e = sched.admit(self.index, priority, payload)?;
-        let out = sched.token(&e);
-        self.workers[level_of(priority)].push(e);
-        Ok(out)
+        self.push_reusing(priority, payload, None, u64::MAX)
     }
 
     /// Queues a task on this core's own deque like [`Core::push`], carried

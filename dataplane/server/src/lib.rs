@@ -266,49 +266,10 @@ impl Server {
             0 => config.threads,
             n => n.min(config.threads),
         };
-        let mut listeners: Vec<Option<_>> = listen::bind_reuseport(config.listen, accepting)?
-            .into_iter()
-            .map(Some)
-            .collect();
-        listeners.resize_with(config.threads, || None);
-        let addr = listen::local_addr(listeners[0].as_ref().expect("worker 0 accepts")).map_err(|error| {
-            ServerError::Bind {
-                addr: config.listen,
-                error,
-            }
-        })?;
-        let mut http_listeners = match config.http_listen {
-            Some(a) => listen::bind_reuseport(a, accepting)?
-                .into_iter()
-                .map(Some)
-                .chain(std::iter::repeat_with(|| None))
-                .take(config.threads)
-                .collect(),
-            None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
-        };
-        let mut metrics_listeners = match config.metrics_listen {
-            Some(a) => listen::bind_reuseport(a, accepting)?
-                .into_iter()
-                .map(Some)
-                .chain(std::iter::repeat_with(|| None))
-                .take(config.threads)
-                .collect(),
-            None => (0..config.threads).map(|_| None).collect::<Vec<_>>(),
-        };
-        let metrics_addr = match metrics_listeners.first() {
-            Some(Some(fd)) => Some(listen::local_addr(fd).map_err(|error| ServerError::Bind {
-                addr: config.metrics_listen.expect("bound above"),
-                error,
-            })?),
-            _ => None,
-        };
-        let http_addr = match http_listeners.first() {
-            Some(Some(fd)) => Some(listen::local_addr(fd).map_err(|error| ServerError::Bind {
-                addr: config.http_listen.expect("bound above"),
-                error,
-            })?),
-            _ => None,
-        };
+        let (listeners, addr) = bind_front(Some(config.listen), accepting, config.threads)?;
+        let addr = addr.expect("the binary front is always bound");
+        let (http_listeners, http_addr) = bind_front(config.http_listen, accepting, config.threads)?;
+        let (metrics_listeners, metrics_addr) = bind_front(config.metrics_listen, accepting, config.threads)?;
         let shared = Arc::new(Shared {
             shutdown: AtomicBool::new(false),
             counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
@@ -342,10 +303,9 @@ impl Server {
         let config = Arc::new(config);
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ServerError>>();
-        let per_worker = listeners.into_iter().zip(wake_fds).zip(cores);
-        for (index, ((listener, wake_fd), core)) in per_worker.enumerate() {
-            let http_listener = http_listeners[index].take();
-            let metrics_listener = metrics_listeners[index].take();
+        let fronts = listeners.into_iter().zip(http_listeners).zip(metrics_listeners);
+        let per_worker = fronts.zip(wake_fds).zip(cores);
+        for (index, ((((listener, http_listener), metrics_listener), wake_fd), core)) in per_worker.enumerate() {
             let tasks = tasks.clone();
             let shared = shared.clone();
             let config = config.clone();
@@ -483,6 +443,24 @@ impl Server {
         }
         result
     }
+}
+
+/// One front's listeners: `accepting` SO_REUSEPORT sockets on `addr` for
+/// the first workers, none for the rest (`threads` entries in all), and
+/// the address they are bound to. No address: no listener anywhere.
+fn bind_front(
+    addr: Option<SocketAddr>,
+    accepting: usize,
+    threads: usize,
+) -> Result<(Vec<Option<std::os::fd::OwnedFd>>, Option<SocketAddr>), ServerError> {
+    let Some(addr) = addr else {
+        return Ok(((0..threads).map(|_| None).collect(), None));
+    };
+    let mut fds: Vec<_> = listen::bind_reuseport(addr, accepting)?.into_iter().map(Some).collect();
+    let bound = listen::local_addr(fds[0].as_ref().expect("at least one worker accepts"))
+        .map_err(|error| ServerError::Bind { addr, error })?;
+    fds.resize_with(threads, || None);
+    Ok((fds, Some(bound)))
 }
 
 /// The counters of every worker, read from their published atomics.

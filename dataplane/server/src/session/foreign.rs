@@ -50,7 +50,8 @@ pub(crate) struct Foreign {
 }
 
 impl Foreign {
-    pub fn insert(&mut self, w: ForeignWork) -> WorkId {
+    /// Takes a slot for `w`: its index and the backend's work id.
+    pub fn insert(&mut self, w: ForeignWork) -> (u32, WorkId) {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -62,7 +63,7 @@ impl Foreign {
         self.works[index as usize] = Some(w);
         self.live += 1;
         self.mark_dirty(index);
-        foreign_id(index, self.gens[index as usize])
+        (index, foreign_id(index, self.gens[index as usize]))
     }
 
     /// Frees `index` (its work was sent off as finished).

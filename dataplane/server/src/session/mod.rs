@@ -11,28 +11,29 @@
 //! Stages, in the order a REQUEST meets them (docs/REQUEST_FLOW.md):
 //! handshake (`frames.rs`: HELLO, the key), request checks (`frames.rs`:
 //! stream id, parameters, shutdown, limits), scheduling (`schedule.rs`:
-//! run now or queue by priority, 429 past the bound), the backend
+//! run now or a task on the core's deque, 429 past the bound), the backend
 //! (`Backend::start`/`poll`, tokens through the `Sink` into the stream's
 //! bounded queue), credit and frames back (`flush.rs`), cancel and
-//! disconnect (`frames.rs`, `close_conn`), timeouts (`sweep`).
+//! disconnect (`frames.rs`, `close_conn`), timeouts and shutdown
+//! (`lifecycle.rs`), work stealing (`steal.rs`, `foreign.rs`).
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnse_backend::Backend;
-use cnse_proto::{code, ParamLimits};
+use cnse_proto::ParamLimits;
 
 use crate::auth::AuthKey;
 use crate::conn::{ConnState, RecvOp, SendOp, BACKLOG_BYTES_MAX};
 use crate::stages::StageTimes;
-use crate::stream::Phase;
 use crate::transport::Transport;
 use crate::Config;
 
 mod flush;
 mod foreign;
 mod frames;
+mod lifecycle;
 mod schedule;
 mod steal;
 mod tables;
@@ -543,130 +544,5 @@ impl<T: Transport> Session<T> {
         self.io.close(fd);
         self.tables.put_conn(slot);
         self.tables.n.conns_open -= 1;
-    }
-
-    /// Timeouts: handshake, idle, draining.
-    fn sweep(&mut self) {
-        let now = self.tables.now;
-        let (handshake, idle) = (self.cfg().handshake_timeout, self.cfg().idle_timeout);
-        let mut i = 0;
-        while i < self.tables.conn_live.len() {
-            let slot = self.tables.conn_live[i];
-            let c = &self.tables.conns[slot as usize];
-            match c.state {
-                ConnState::Handshake if now.duration_since(c.accepted) >= handshake => {
-                    self.violate(slot, code::BAD_REQUEST, "no HELLO within the handshake timeout");
-                }
-                ConnState::Open
-                    if c.proto == crate::conn::Proto::Http
-                        && c.http.active == 0
-                        && c.http.started.is_some_and(|t| now.duration_since(t) >= handshake) =>
-                {
-                    // A request that does not complete in time (slow head or body).
-                    self.http_timeout(slot);
-                }
-                ConnState::Open if c.streams.is_empty() && now.duration_since(c.last_input) >= idle => {
-                    self.close_conn(slot)
-                }
-                ConnState::Open => self.end_stalled(slot),
-                ConnState::Draining { deadline } if now >= deadline => self.close_conn(slot),
-                _ => {}
-            }
-            // A released slot left the list: its place holds one not yet seen.
-            if self.tables.conn_live.get(i) == Some(&slot) {
-                i += 1;
-            }
-        }
-        self.flush_dirty();
-    }
-
-    /// Ends with ERROR 504 every running stream of `slot` whose queued
-    /// tokens have waited past the stall timeout, freeing its backend work.
-    fn end_stalled(&mut self, slot: u32) {
-        let (now, limit) = (self.tables.now, self.tables.cfg.stream_stall_timeout);
-        let mut k = 0;
-        while k < self.tables.conns[slot as usize].streams.len() {
-            let sslot = self.tables.conns[slot as usize].streams[k].1;
-            k += 1;
-            let s = &self.tables.streams[sslot as usize];
-            if s.phase == Phase::Running && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
-                self.stop_stream(sslot);
-                self.tables.fail(
-                    sslot,
-                    code::BACKEND_TIMEOUT,
-                    "stream stalled: its tokens could not be sent (no credit, or the client does not read)",
-                );
-            }
-        }
-    }
-
-    /// Drives shutdown once `requested`; true when every connection is gone
-    /// (or the hard limit passed) and the worker may exit.
-    pub fn shutdown_step(&mut self, requested: bool) -> bool {
-        if self.shutting_down.is_none() {
-            if !requested {
-                return false;
-            }
-            self.shutting_down = Some(self.tables.now + self.cfg().shutdown_grace);
-            // Queued work will not start: tell its clients now (a task
-            // another core took already runs to its end).
-            for sslot in 0..self.tables.streams.len() as u32 {
-                let s = &self.tables.streams[sslot as usize];
-                if s.phase != Phase::Queued {
-                    continue;
-                }
-                let removed = s.task.as_ref().map(|t| t.cancel()) == Some(cnse_sched::CancelOutcome::Removed);
-                if removed {
-                    self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
-                }
-            }
-            self.flush_dirty();
-        }
-        let deadline = self.shutting_down.expect("set above");
-        let now = self.tables.now;
-        if self.tables.n.streams_open == 0 || now >= deadline {
-            let mut i = 0;
-            while i < self.tables.conn_live.len() {
-                let slot = self.tables.conn_live[i];
-                i += 1;
-                if !matches!(
-                    self.tables.conns[slot as usize].state,
-                    ConnState::Open | ConnState::Handshake
-                ) {
-                    continue;
-                }
-                while let Some(&(_, sslot)) = self.tables.conns[slot as usize]
-                    .streams
-                    .iter()
-                    .find(|&&(_, s)| self.tables.streams[s as usize].phase != Phase::Failed)
-                {
-                    self.stop_stream(sslot);
-                    self.tables.fail(sslot, code::SHUTTING_DOWN, "server shutting down");
-                }
-                self.flush_conn(slot);
-                let c = &mut self.tables.conns[slot as usize];
-                c.state = ConnState::Draining {
-                    deadline: now + DRAIN_TIMEOUT,
-                };
-                self.tables.mark_dirty(slot);
-            }
-            self.flush_dirty();
-        }
-        if self.tables.n.conns_open == 0 && self.tables.foreign.live == 0 {
-            return true;
-        }
-        // Hard stop: nothing may keep the process from exiting.
-        now >= deadline + DRAIN_TIMEOUT * 2
-    }
-
-    /// Closes every descriptor the session still holds (the I/O layer has
-    /// drained its ops first).
-    pub fn close_all(&mut self) {
-        for c in &mut self.tables.conns {
-            if c.fd >= 0 {
-                self.io.close(c.fd);
-                c.fd = -1;
-            }
-        }
     }
 }

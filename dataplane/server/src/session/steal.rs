@@ -33,7 +33,7 @@ impl<T: Transport> Session<T> {
         self.tables.n.stolen_in += 1;
         let gone = claimed.cancel_requested();
         let batch = self.tasks.pool.take();
-        let id = self.tables.foreign.insert(ForeignWork {
+        let (index, id) = self.tables.foreign.insert(ForeignWork {
             claimed,
             emitted: 0,
             paused: false,
@@ -46,7 +46,6 @@ impl<T: Transport> Session<T> {
             return;
         }
         let t = &mut self.tables;
-        let index = (id.0 as u32) & !super::foreign::FOREIGN_BIT;
         let w = t.foreign.works[index as usize].as_ref().expect("inserted above");
         let p = &w.claimed.task.payload.payload;
         let job = Job {
