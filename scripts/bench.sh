@@ -281,7 +281,7 @@ if [[ " $only " == *" scale "* ]]; then
   for i in $(seq 1 "$nsrv"); do
     log=$tmp/scale.$i.log
     taskset -c "$server_cpu" "$B" serve --listen "$addr" --threads 1 --max-connections $((fd_limit - 100)) \
-      --idle-timeout-ms 600000 >"$log" 2>&1 &
+      --idle-timeout-ms 600000 $([ "$i" = 1 ] || echo --join-listen) >"$log" 2>&1 &
     pids+=($!)
     wait_ready "$log" '^listening on [0-9]'
     addr=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)

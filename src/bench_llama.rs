@@ -217,6 +217,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             http_listen: Some("127.0.0.1:0".parse().expect("literal address")),
             threads: 1,
             pin_threads: false,
+            join_listen: false,
             ..Default::default()
         },
         Arc::new(factory),

@@ -47,6 +47,11 @@ pub struct Args {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Share the listen addresses with other cnse-dp processes already
+    /// serving them (SO_REUSEPORT: the kernel splits new connections among
+    /// the processes). Without it a busy address is an error.
+    #[arg(long)]
+    pub join_listen: bool,
     #[arg(long, value_enum, default_value = "synthetic")]
     pub backend: BackendKind,
     /// File holding the auth key clients must send in HELLO (its content
@@ -308,6 +313,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         listen: a.listen,
         threads,
         pin_threads: !a.no_pin,
+        join_listen: a.join_listen,
         payload_bytes_max: a.payload_max_bytes,
         max_tokens_limit: a.max_tokens_limit,
         conns_per_thread_max: a.max_connections.div_ceil(threads).max(1),
