@@ -267,11 +267,22 @@ if [[ " $only " == *" micro "* ]]; then
 fi
 
 if [[ " $only " == *" scale "* ]]; then
-  echo "== scale: idle connections, then paced active streams (cnse-dp)"
+  echo "== scale: paced active streams, then idle connections (cnse-dp)"
+  if [ "$quick" = 1 ]; then active=${ACTIVE_STREAMS:-500}; else active=${ACTIVE_STREAMS:-10000}; fi
+  # Paced streams first (the idle step's closes leave its source ports in
+  # TIME_WAIT): 100 tokens/s each, 100 tokens, closed loop; every
+  # connection keeps one stream open, so about ACTIVE_STREAMS are active.
+  log=$tmp/scale.active.log
+  taskset -c "$server_cpu" "$B" serve --listen 127.0.0.1:0 --threads 1 --max-connections $((active + 100)) \
+    --synthetic-ttft-us 10000 --synthetic-token-interval-us 10000 >"$log" 2>&1 &
+  SP=$!
+  wait_ready "$log" '^listening on [0-9]'
+  ADDR=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
+  if [ "$quick" = 1 ]; then tokens=10; else tokens=100; fi
+  run scale_active cnse-dp streams "$active" --mode generate --max-tokens "$tokens" --connections "$active" --inflight 1
+  stop_server
   fd_limit=$(ulimit -n)
-  if [ "$quick" = 1 ]; then idle=${IDLE_CONNS:-1000} active=${ACTIVE_STREAMS:-500}; else
-    idle=${IDLE_CONNS:-$((fd_limit - 1000))} active=${ACTIVE_STREAMS:-10000}
-  fi
+  if [ "$quick" = 1 ]; then idle=${IDLE_CONNS:-1000}; else idle=${IDLE_CONNS:-$((fd_limit - 1000))}; fi
   nsrv=${IDLE_SERVERS:-1}
   per_srv=$(( (idle + nsrv - 1) / nsrv ))
   srcs=$(seq 1 "${IDLE_SOURCES:-4}" | sed 's/^/127.0.0./' | paste -sd,)
@@ -294,17 +305,6 @@ if [[ " $only " == *" scale "* ]]; then
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   echo "   $idle idle connections on $nsrv server process(es) ($per_srv each at most):"
   grep -E '^(connected|still|server|RSS)' "$out/scale.txt" | sed 's/^/     /'
-  # Paced streams: 100 tokens/s each, 100 tokens, closed loop; every
-  # connection keeps one stream open, so about ACTIVE_STREAMS are active.
-  log=$tmp/scale.active.log
-  taskset -c "$server_cpu" "$B" serve --listen 127.0.0.1:0 --threads 1 --max-connections $((active + 100)) \
-    --synthetic-ttft-us 10000 --synthetic-token-interval-us 10000 >"$log" 2>&1 &
-  SP=$!
-  wait_ready "$log" '^listening on [0-9]'
-  ADDR=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
-  if [ "$quick" = 1 ]; then tokens=10; else tokens=100; fi
-  run scale_active cnse-dp streams "$active" --mode generate --max-tokens "$tokens" --connections "$active" --inflight 1
-  stop_server
 fi
 
 echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt"
