@@ -34,17 +34,15 @@ fn sigterm(s: &Server) {
     assert_eq!(r, 0, "kill(SIGTERM)");
 }
 
+/// How a stream ended: (kind, arg, aux) of its END or ERROR.
+type End = (Kind, u32, u64);
+
 /// Reads a client's frames until each of its streams `1..=STREAMS` has
 /// ended and stream `refused` got its ERROR; returns each stream's text and
 /// (kind, arg, aux) of its end.
 /// `first` is the frame the client read before (its stream's first);
 /// `window`: the client grants back the credit of every TOKENS it reads.
-fn drain_client(
-    c: &mut Client,
-    first: &OwnedFrame,
-    window: bool,
-    refused: u64,
-) -> (Vec<Vec<u8>>, Vec<(Kind, u32, u64)>) {
+fn drain_client(c: &mut Client, first: &OwnedFrame, window: bool, refused: u64) -> (Vec<Vec<u8>>, Vec<End>) {
     let mut text = vec![Vec::new(); STREAMS as usize];
     let mut tokens = vec![0u64; STREAMS as usize];
     assert_eq!((first.kind, first.aux), (Kind::Tokens, 0), "{first:?}");
