@@ -281,8 +281,10 @@ fn issue11_slowloris_hello_at_one_byte_a_second_is_closed_at_the_handshake_timeo
         assert_eq!(g.tokens, 3);
         streams += 1;
     }
+    let mut closed_after = Vec::new();
     for (i, h) in slow.into_iter().enumerate() {
         let (frames, waited) = h.join().unwrap();
+        closed_after.push(waited);
         assert!(
             frames.len() == 1 && frames[0].kind == Kind::Error && (frames[0].stream_id, frames[0].arg) == (0, 400),
             "slowloris {i}: want one ERROR 400 on stream 0, got {frames:?}"
@@ -298,7 +300,12 @@ fn issue11_slowloris_hello_at_one_byte_a_second_is_closed_at_the_handshake_timeo
             "slowloris {i}: closed only after {waited:?} (a whole HELLO takes 32 s)"
         );
     }
-    eprintln!("{SLOW} slowloris connections closed; the bystander completed {streams} × 2 streams meanwhile");
+    closed_after.sort();
+    eprintln!(
+        "{SLOW} slowloris connections closed after {:?} to {:?} (timeout {timeout:?}); the bystander completed {streams} × 2 streams meanwhile",
+        closed_after[0],
+        closed_after[SLOW - 1]
+    );
     drop(by);
     let after = Footprint::at_rest(&s, WAIT).unwrap();
     assert!(
