@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cnse_proto::code;
-use common::fault::Footprint;
+use common::fault::{Footprint, RSS_SLACK_KIB};
 use common::*;
 
 const CLIENTS: u64 = 10;
@@ -179,7 +179,6 @@ fn issue11_a_killed_backend_fails_only_its_streams_with_502_and_the_rest_are_who
     }
     drop(clients);
     let after = Footprint::at_rest(&s, WAIT).unwrap();
-    eprintln!("baseline {base:?}, after {after:?}");
     if after.fds > base.fds {
         let links: Vec<_> = std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
             .unwrap()
@@ -187,10 +186,5 @@ fn issue11_a_killed_backend_fails_only_its_streams_with_502_and_the_rest_are_who
             .collect();
         eprintln!("descriptors: {links:?}");
     }
-    assert!(
-        after.fds <= base.fds,
-        "{} descriptors, {} at baseline",
-        after.fds,
-        base.fds
-    );
+    base.assert_back("a backend killed under 20 streams", after, RSS_SLACK_KIB);
 }

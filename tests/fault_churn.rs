@@ -17,30 +17,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cnse_proto::{code, put_cancel, put_hello, put_request};
-use common::fault::{reset, seed, Footprint, Rng};
+use common::fault::{reset, seed, Footprint, Rng, RSS_SLACK_KIB};
 use common::*;
 
 const CYCLES: u64 = 10_000;
 const WARM_UP: u64 = 1_000;
 const THREADS: u64 = 4;
-const RSS_SLACK_KIB: u64 = 1_024;
-
-fn assert_back(what: &str, base: Footprint, after: Footprint) {
-    eprintln!("{what}: baseline {base:?}, after {after:?}");
-    assert!(
-        after.fds <= base.fds,
-        "{what}: {} descriptors, {} at baseline",
-        after.fds,
-        base.fds
-    );
-    assert!(
-        after.rss_kib <= base.rss_kib + RSS_SLACK_KIB,
-        "{what}: RSS {} KiB, {} KiB at baseline (slack {RSS_SLACK_KIB} KiB)",
-        after.rss_kib,
-        base.rss_kib
-    );
-}
-
 /// One connect/disconnect cycle of a kind the RNG picks: close at once,
 /// reset at once, HELLO and close without reading, HELLO and its ACK then
 /// close, HELLO, PING and PONG then reset.
@@ -100,7 +82,7 @@ fn issue11_ten_thousand_connect_disconnect_cycles_leave_fds_conns_and_rss_at_bas
         accepted >= CYCLES,
         "the server accepted {accepted} of {CYCLES} connections"
     );
-    assert_back("10,000 connect/disconnect cycles", base, after);
+    base.assert_back("10,000 connect/disconnect cycles", after, RSS_SLACK_KIB);
     let g = s
         .client()
         .generate(1, 0, &params(8), "after the churn", |_, _| {})
@@ -227,7 +209,7 @@ fn issue11_ten_thousand_cancelled_streams_leave_fds_conns_and_rss_at_baseline() 
     let dropped = run(seed.rotate_left(17), CYCLES);
     let after = Footprint::at_rest(&s, WAIT).unwrap();
     eprintln!("{CYCLES} streams cancelled, each with one END; {dropped} more cancelled by dropping their connection");
-    assert_back("10,000 cancelled streams", base, after);
+    base.assert_back("10,000 cancelled streams", after, RSS_SLACK_KIB);
     let g = s
         .client()
         .generate(1, 0, &params(8), "after the cancels", |_, _| {})
@@ -377,16 +359,5 @@ fn issue11_clients_that_never_read_nor_grant_credit_are_bounded_and_others_unaff
     eprintln!(
         "before any holder {start:?}; after {WARM_UP_ROUNDS} warm-up rounds {base:?}; after {ROUNDS} more rounds {after:?}"
     );
-    assert!(
-        after.fds <= base.fds,
-        "{} descriptors, {} at baseline",
-        after.fds,
-        base.fds
-    );
-    assert!(
-        after.rss_kib <= base.rss_kib + HOLD_RSS_SLACK_KIB,
-        "RSS {} KiB after {ROUNDS} rounds, {} KiB at baseline (slack {HOLD_RSS_SLACK_KIB} KiB)",
-        after.rss_kib,
-        base.rss_kib
-    );
+    base.assert_back("three rounds of holders", after, HOLD_RSS_SLACK_KIB);
 }

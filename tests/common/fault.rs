@@ -124,4 +124,27 @@ impl Footprint {
             rss_kib: s.rss_kib(),
         })
     }
+
+    /// Asserts `after` is back at this baseline: no more descriptors, and
+    /// resident memory at most `rss_slack_kib` above.
+    pub fn assert_back(&self, what: &str, after: Footprint, rss_slack_kib: u64) {
+        eprintln!("{what}: baseline {self:?}, after {after:?}");
+        assert!(
+            after.fds <= self.fds,
+            "{what}: {} descriptors, {} at baseline",
+            after.fds,
+            self.fds
+        );
+        assert!(
+            after.rss_kib <= self.rss_kib + rss_slack_kib,
+            "{what}: RSS {} KiB, {} KiB at baseline (slack {rss_slack_kib} KiB)",
+            after.rss_kib,
+            self.rss_kib
+        );
+    }
 }
+
+/// The RSS slack of the suites' runs of thousands of connections or
+/// streams: under 100 bytes a cycle over 10,000, so one leaked allocation
+/// per connection or stream would show.
+pub const RSS_SLACK_KIB: u64 = 1_024;
