@@ -81,7 +81,7 @@ impl SyntheticFactory {
     pub fn new(cfg: SyntheticConfig) -> Self {
         Self {
             cfg,
-            vocab: Arc::new(Vocab::new()),
+            vocab: Vocab::shared_arc().clone(),
             process_slots: None,
         }
     }
@@ -422,7 +422,7 @@ mod tests {
             token_interval: Duration::from_millis(interval_ms),
             ..Default::default()
         };
-        Synthetic::new(cfg, Arc::new(Vocab::new()), Box::new(HashPicker))
+        Synthetic::new(cfg, Vocab::shared_arc().clone(), Box::new(HashPicker))
     }
 
     fn job(now: Instant, max_tokens: u32) -> Job<'static> {

@@ -83,8 +83,15 @@ impl Vocab {
 
     /// One vocabulary for the process (built on first use).
     pub fn shared() -> &'static Vocab {
-        static VOCAB: OnceLock<Vocab> = OnceLock::new();
-        VOCAB.get_or_init(Vocab::new)
+        Self::shared_arc()
+    }
+
+    /// The process's vocabulary as an `Arc` for backends that hold it:
+    /// built once, however many backends (or simulated servers: the
+    /// session fuzzer builds one per input) are made.
+    pub fn shared_arc() -> &'static std::sync::Arc<Vocab> {
+        static VOCAB: OnceLock<std::sync::Arc<Vocab>> = OnceLock::new();
+        VOCAB.get_or_init(|| std::sync::Arc::new(Vocab::new()))
     }
 
     pub fn word(&self, id: u32) -> &[u8] {
