@@ -18,7 +18,8 @@
 # IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
 # from IDLE_SOURCES loopback source addresses (default 4), and runs
 # ACTIVE_STREAMS (default 10,000; 500 with --quick) streams at a paced
-# synthetic model (100 tokens/s each, 100 tokens; 10 with --quick). BENCH_BIN_DIR=DIR uses prebuilt binaries from DIR (cnse-dp,
+# synthetic model (100 tokens/s each, 100 tokens; 10 with --quick) on
+# ACTIVE_THREADS server threads (default 1) on ACTIVE_CPUS (default SERVER_CPU). BENCH_BIN_DIR=DIR uses prebuilt binaries from DIR (cnse-dp,
 # tokio_peer, tokio_uring_peer, monoio_peer, micro, bench_report: see
 # scripts/device-bench.sh) instead of building.
 set -euo pipefail
@@ -273,13 +274,14 @@ if [[ " $only " == *" scale "* ]]; then
   # TIME_WAIT): 100 tokens/s each, 100 tokens, closed loop; every
   # connection keeps one stream open, so about ACTIVE_STREAMS are active.
   log=$tmp/scale.active.log
-  taskset -c "$server_cpu" "$B" serve --listen 127.0.0.1:0 --threads 1 --max-connections $((active + 100)) \
+  at=${ACTIVE_THREADS:-1} acpus=${ACTIVE_CPUS:-$server_cpu}
+  taskset -c "$acpus" "$B" serve --listen 127.0.0.1:0 --threads "$at" --max-connections $((active + 100)) \
     --synthetic-ttft-us 10000 --synthetic-token-interval-us 10000 >"$log" 2>&1 &
   SP=$!
   wait_ready "$log" '^listening on [0-9]'
   ADDR=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
   if [ "$quick" = 1 ]; then tokens=10; else tokens=100; fi
-  run scale_active cnse-dp streams "$active" --mode generate --max-tokens "$tokens" --connections "$active" --inflight 1
+  run scale_active "cnse-dp/$at" streams "$active" --mode generate --max-tokens "$tokens" --connections "$active" --inflight 1
   stop_server
   fd_limit=$(ulimit -n)
   if [ "$quick" = 1 ]; then idle=${IDLE_CONNS:-1000}; else idle=${IDLE_CONNS:-$((fd_limit - 1000))}; fi

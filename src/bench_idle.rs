@@ -287,6 +287,21 @@ fn bound_socket(from: SocketAddr) -> Result<TcpStream> {
     // SAFETY: fd is a fresh socket nobody else owns; TcpStream closes it.
     let s = unsafe { TcpStream::from_raw_fd(fd) };
     let SocketAddr::V4(v4) = from else { bail!("IPv4 only") };
+    // The port is picked at connect, per destination: a port bound at
+    // bind(2) is reserved against every destination, which would cap each
+    // source address at one ephemeral range (about 28,000) in all, TIME_WAIT
+    // leftovers of earlier runs included.
+    let one: libc::c_int = 1;
+    // SAFETY: fd is our socket; the value is a c_int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     let sa = sockaddr(v4);
     // SAFETY: sa is a valid sockaddr_in of the size passed.
     let rc = unsafe {
