@@ -132,6 +132,12 @@ pub struct Args {
     /// (match its `-np` slots; more wait in the admission queue).
     #[arg(long, default_value_t = 4)]
     pub llama_inflight: usize,
+    /// Idle connections per llama-server per worker kept connected ahead
+    /// of requests (llama-server closes after every stream: a request then
+    /// finds a connected socket); at most --llama-inflight, 0: none. Each
+    /// holds one of llama-server's HTTP threads while idle.
+    #[arg(long, default_value_t = 1)]
+    pub llama_spare_conns: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -352,6 +358,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
                 urls: a.llama_url.clone(),
                 inflight_per_backend: a.llama_inflight,
+                spare_conns: a.llama_spare_conns,
                 ..Default::default()
             })
             .context("--llama-url")?;
