@@ -165,6 +165,19 @@ pub struct Args {
     /// (DEFER_TASKRUN off; an ablation switch).
     #[arg(long)]
     pub no_defer_taskrun: bool,
+    /// How workers receive: `bufring` (multishot RECV from a provided-
+    /// buffer ring) or `plain` (one RECV at a time into each connection's
+    /// own buffer); an ablation switch.
+    #[arg(long, value_enum, default_value = "bufring")]
+    pub recv_mode: RecvModeArg,
+    /// How workers send: `plain` (SEND) or `zc` (SEND_ZC, zero-copy); an
+    /// ablation switch.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub send_mode: SendModeArg,
+    /// Stream frames one send carries at most (0: as many as fit
+    /// --send-buffer-bytes); an ablation switch.
+    #[arg(long, default_value_t = 0)]
+    pub max_frames_per_send: usize,
     /// Also serve the OpenAI-compatible HTTP API here (docs/HTTP.md):
     /// /v1/completions, /v1/chat/completions, /v1/models, /health,
     /// /metrics, on the same worker rings.
@@ -334,12 +347,35 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         recv_buffer_bytes: a.recv_buffer_bytes,
         send_buffer_bytes: a.send_buffer_bytes,
         defer_taskrun: !a.no_defer_taskrun,
+        recv_mode: match a.recv_mode {
+            RecvModeArg::Bufring => cnse_server::RecvMode::BufRing,
+            RecvModeArg::Plain => cnse_server::RecvMode::Plain,
+        },
+        send_mode: match a.send_mode {
+            SendModeArg::Plain => cnse_server::SendMode::Plain,
+            SendModeArg::Zc => cnse_server::SendMode::Zc,
+        },
+        frames_per_send_max: a.max_frames_per_send,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
         store_names: store_names(a)?,
         model_name: model_name(a),
         ..Config::default()
     })
+}
+
+/// `--recv-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecvModeArg {
+    Bufring,
+    Plain,
+}
+
+/// `--send-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendModeArg {
+    Plain,
+    Zc,
 }
 
 fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
