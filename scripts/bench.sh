@@ -44,10 +44,12 @@ only=${ONLY:-connections load inflight ablations redis http micro scale}
 if [ "$quick" = 1 ]; then
   secs=0.5 warm=0.2 drain_ms=2000
   conns_list="16 256" fractions="0.1 0.7" inflight_list="1 16"
+  payload_list="64 65536" frames_list="1 0"
   redis_conns="50" redis_n1=20000 redis_n16=200000
 else
   secs=${SECS:-5} warm=${WARMUP:-1} drain_ms=5000
   conns_list="16 64 256 1024" fractions="0.1 0.3 0.5 0.7 0.9 0.95" inflight_list="1 4 16 64"
+  payload_list="64 1024 16384 65536 262144" frames_list="1 2 4 16 0"
   redis_conns="50 256" redis_n1=$((${SECS:-5} * 100000)) redis_n16=$((${SECS:-5} * 1000000))
 fi
 ulimit -n 65536 2>/dev/null || true
@@ -227,6 +229,18 @@ if [[ " $only " == *" ablations "* ]]; then
   ablate ablation_defer_taskrun off 1 "$server_cpu" --no-defer-taskrun
   for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
   for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
+  for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
+  # 0: as many frames as fit the send buffer (the default).
+  for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
+  # SEND vs SEND_ZC by payload size: pipelined PINGs whose PONGs carry P
+  # bytes back (the server's sends), 64 connections x 4 in flight.
+  for m in plain zc; do
+    start_server cnse-dp 1 "$server_cpu" --send-mode "$m"
+    for p in $payload_list; do
+      run ablation_send_mode cnse-dp setting "$m/$p" --mode ping --payload-bytes "$p" --connections 64 --inflight 4
+    done
+    stop_server
+  done
 fi
 
 if [[ " $only " == *" redis "* ]]; then
@@ -314,8 +328,8 @@ echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt
 # The smoke run's point: every part of the suite produced its output.
 if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis http micro scale" ]; then
   for f in summary.md throughput_vs_connections.svg latency_vs_load.svg inflight.svg ablation_threads.svg \
-    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt stages.txt http.txt \
-    scale.txt scale_active.csv; do
+    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg ablation_recv_mode.svg \
+    ablation_frames_per_send.svg ablation_send_mode.svg micro.txt stages.txt http.txt scale.txt scale_active.csv; do
     [ -s "$out/$f" ] || { echo "bench.sh: --quick: $f is missing or empty" >&2; failures=$((failures + 1)); }
   done
   grep -q 'redis-benchmark ping' "$out/redis.csv" 2>/dev/null || [ -s "$out/redis.note" ] ||

@@ -208,6 +208,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
         urls: vec![url.to_string()],
         inflight_per_backend: concurrency,
+        spare_conns: args.llama_spare_conns,
         ..Default::default()
     })
     .context("--llama-url")?;

@@ -137,6 +137,12 @@ pub struct Args {
     /// (match its `-np` slots; more wait in the admission queue).
     #[arg(long, default_value_t = 4)]
     pub llama_inflight: usize,
+    /// Idle connections per llama-server per worker kept connected ahead
+    /// of requests (llama-server closes after every stream: a request then
+    /// finds a connected socket); at most --llama-inflight, 0: none. Each
+    /// holds one of llama-server's HTTP threads while idle.
+    #[arg(long, default_value_t = 1)]
+    pub llama_spare_conns: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -164,6 +170,19 @@ pub struct Args {
     /// (DEFER_TASKRUN off; an ablation switch).
     #[arg(long)]
     pub no_defer_taskrun: bool,
+    /// How workers receive: `bufring` (multishot RECV from a provided-
+    /// buffer ring) or `plain` (one RECV at a time into each connection's
+    /// own buffer); an ablation switch.
+    #[arg(long, value_enum, default_value = "bufring")]
+    pub recv_mode: RecvModeArg,
+    /// How workers send: `plain` (SEND) or `zc` (SEND_ZC, zero-copy); an
+    /// ablation switch.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub send_mode: SendModeArg,
+    /// Stream frames one send carries at most (0: as many as fit
+    /// --send-buffer-bytes); an ablation switch.
+    #[arg(long, default_value_t = 0)]
+    pub max_frames_per_send: usize,
     /// Also serve the OpenAI-compatible HTTP API here (docs/HTTP.md):
     /// /v1/completions, /v1/chat/completions, /v1/models, /health,
     /// /metrics, on the same worker rings.
@@ -334,12 +353,35 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         recv_buffer_bytes: a.recv_buffer_bytes,
         send_buffer_bytes: a.send_buffer_bytes,
         defer_taskrun: !a.no_defer_taskrun,
+        recv_mode: match a.recv_mode {
+            RecvModeArg::Bufring => cnse_server::RecvMode::BufRing,
+            RecvModeArg::Plain => cnse_server::RecvMode::Plain,
+        },
+        send_mode: match a.send_mode {
+            SendModeArg::Plain => cnse_server::SendMode::Plain,
+            SendModeArg::Zc => cnse_server::SendMode::Zc,
+        },
+        frames_per_send_max: a.max_frames_per_send,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
         store_names: store_names(a)?,
         model_name: model_name(a),
         ..Config::default()
     })
+}
+
+/// `--recv-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecvModeArg {
+    Bufring,
+    Plain,
+}
+
+/// `--send-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendModeArg {
+    Plain,
+    Zc,
 }
 
 fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
@@ -358,6 +400,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
                 urls: a.llama_url.clone(),
                 inflight_per_backend: a.llama_inflight,
+                spare_conns: a.llama_spare_conns,
                 ..Default::default()
             })
             .context("--llama-url")?;

@@ -238,6 +238,18 @@ fn ablations(out: &mut String, dir: &Path) {
             "provided receive buffer (`--recv-buffer-bytes`)",
         ),
         ("ablation_send_buffer", "send buffer limit (`--send-buffer-bytes`)"),
+        (
+            "ablation_recv_mode",
+            "provided-buffer ring vs plain RECV (`--recv-mode bufring|plain`)",
+        ),
+        (
+            "ablation_frames_per_send",
+            "stream frames coalesced per send (`--max-frames-per-send N`, 0: no cap)",
+        ),
+        (
+            "ablation_send_mode",
+            "SEND vs SEND_ZC by PONG payload size (`--send-mode plain|zc`, `--payload-bytes`)",
+        ),
     ] {
         let pts = points(&load(dir, &format!("{file}.csv")));
         if pts.is_empty() {

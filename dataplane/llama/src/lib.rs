@@ -79,6 +79,13 @@ pub struct LlamaConfig {
     pub event_bytes_max: usize,
     /// Receive buffer of one pooled connection.
     pub recv_buffer_bytes: usize,
+    /// Idle connections per llama-server per core kept connected ahead of
+    /// requests, on connection slots of their own (at most
+    /// `inflight_per_backend`; 0: none). llama-server
+    /// closes its connection after every stream, so without a spare each
+    /// request waits for a connect. Each spare holds one of llama-server's
+    /// HTTP threads while it waits (`--threads-http`).
+    pub spare_conns: usize,
 }
 
 impl Default for LlamaConfig {
@@ -95,6 +102,7 @@ impl Default for LlamaConfig {
             cache_prompt: false,
             event_bytes_max: 64 * 1024,
             recv_buffer_bytes: 16 * 1024,
+            spare_conns: 1,
         }
     }
 }
@@ -102,7 +110,7 @@ impl Default for LlamaConfig {
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
 pub const INFLIGHT_PER_BACKEND_MAX: usize = 1024;
-/// Connection slots per core (`urls × inflight_per_backend`): each has its
+/// Connection slots per core (`urls × (inflight_per_backend + spare_conns)`): each has its
 /// receive buffer allocated up front, and `poll` visits each once a turn.
 pub const SLOTS_PER_CORE_MAX: usize = 4096;
 
@@ -211,11 +219,18 @@ impl LlamaFactory {
                 "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
             )));
         }
-        if cfg.urls.len() * cfg.inflight_per_backend > SLOTS_PER_CORE_MAX {
+        if cfg.spare_conns > cfg.inflight_per_backend {
             return Err(LlamaError::Config(format!(
-                "{} URLs x inflight_per_backend {} is above {SLOTS_PER_CORE_MAX} connection slots per core",
+                "spare_conns {} is above inflight_per_backend {}",
+                cfg.spare_conns, cfg.inflight_per_backend
+            )));
+        }
+        if cfg.urls.len() * (cfg.inflight_per_backend + cfg.spare_conns) > SLOTS_PER_CORE_MAX {
+            return Err(LlamaError::Config(format!(
+                "{} URLs x (inflight_per_backend {} + spare_conns {}) is above {SLOTS_PER_CORE_MAX} connection slots per core",
                 cfg.urls.len(),
-                cfg.inflight_per_backend
+                cfg.inflight_per_backend,
+                cfg.spare_conns
             )));
         }
         if cfg.recv_buffer_bytes > 1 << 20 || cfg.event_bytes_max > 16 << 20 {

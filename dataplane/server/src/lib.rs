@@ -18,6 +18,8 @@ mod auth;
 pub use auth::Secret;
 mod conn;
 mod http;
+mod io_modes;
+pub use io_modes::{RecvMode, SendMode};
 mod listen;
 pub mod metrics;
 pub mod session;
@@ -112,6 +114,14 @@ pub struct Config {
     /// follow within it find the thread running, so neither side pays a
     /// sleep and a wake-up. Zero: block at once.
     pub busy_poll: Duration,
+    /// How workers receive (an ablation switch; default: the provided-
+    /// buffer ring).
+    pub recv_mode: RecvMode,
+    /// How workers send (an ablation switch; default: plain SEND).
+    pub send_mode: SendMode,
+    /// Stream frames (TOKENS, END, ERROR) one send carries at most; 0: as
+    /// many as fit the send buffer (an ablation switch).
+    pub frames_per_send_max: usize,
     /// The OpenAI-compatible HTTP front's address (`None`: no HTTP).
     pub http_listen: Option<SocketAddr>,
     /// The model name the HTTP front reports and echoes.
@@ -155,6 +165,9 @@ impl Default for Config {
             stage_timing: false,
             defer_taskrun: true,
             busy_poll: Duration::ZERO,
+            recv_mode: RecvMode::BufRing,
+            send_mode: SendMode::Plain,
+            frames_per_send_max: 0,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),
             store_names: Vec::new(),

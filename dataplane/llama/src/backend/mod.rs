@@ -24,6 +24,8 @@ mod exchange;
 mod pool;
 mod route;
 
+use pool::Pick;
+
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -45,9 +47,12 @@ enum Conn {
     Connecting(RawFd),
     Sending(RawFd),
     Receiving(RawFd),
-    /// Connected, nothing in flight: an idle pooled connection, or a paused
-    /// stream that does not read so that TCP backpressure pauses the server.
+    /// Connected, nothing in flight: a paused stream that does not read so
+    /// that TCP backpressure pauses the server, or a moment between ops.
     Ready(RawFd),
+    /// A request took an idle watched connection: its watching RECV was
+    /// cancelled and is still the kernel's; the SEND follows its completion.
+    Reclaiming(RawFd),
     /// `op` was cancelled and is still owned by the kernel; CLOSE follows
     /// its completion.
     Cancelling {
@@ -63,7 +68,7 @@ impl Conn {
             Conn::Closed | Conn::Ready(_) => None,
             Conn::Connecting(_) => Some(OpKind::Connect),
             Conn::Sending(_) => Some(OpKind::Send),
-            Conn::Receiving(_) => Some(OpKind::Recv),
+            Conn::Receiving(_) | Conn::Reclaiming(_) => Some(OpKind::Recv),
             Conn::Cancelling { op, .. } => Some(op),
             Conn::Closing => Some(OpKind::Close),
         }
@@ -79,6 +84,10 @@ enum Task {
     /// that the connection can be reused.
     Drain,
     Health,
+    /// An idle connection, opened ahead of requests or pooled after an
+    /// answer, with a RECV armed so that the server closing it is seen at
+    /// once (it is then replaced, and no request is sent on it).
+    Spare,
 }
 
 #[derive(Debug)]
@@ -141,7 +150,8 @@ struct Slot {
     dec: ResponseDecoder,
     keep_alive: bool,
     deadline: Option<Instant>,
-    /// When the connection went back to the pool idle.
+    /// When the connection went idle: back to the pool after an answer
+    /// (`keep_alive`), or connected ahead as a spare.
     idle_since: Option<Instant>,
 }
 
@@ -163,6 +173,14 @@ pub struct LlamaStats {
     pub readmitted: u64,
     pub health_checks: u64,
     pub timeouts: u64,
+    /// Connections opened ahead of requests (spares), for servers that
+    /// close after each stream.
+    pub spares_opened: u64,
+    /// Requests that found a spare (connected, or its CONNECT in flight).
+    pub spares_taken: u64,
+    /// Idle connections (spares or pooled) the server closed while they
+    /// waited; each was replaced before a request could use it.
+    pub idle_closed: u64,
 }
 
 pub struct LlamaBackend {
@@ -186,14 +204,19 @@ pub struct LlamaBackend {
     /// last answer, so its connections are closed after each answer
     /// rather than pooled (no request is sent on a dead connection).
     closes_after_stream: Box<[bool]>,
+    /// Per upstream: no new spare before this time (its last spare failed
+    /// or was closed right after its connect).
+    spare_hold: Box<[Option<Instant>]>,
 }
 
 impl LlamaBackend {
     pub(crate) fn new(cfg: LlamaConfig, shared: Arc<[Shared]>, health_owner: bool) -> Self {
         let upstreams = shared.len();
         // The in-flight limit is global, so one core may hold all of a
-        // server's places: each core gets that many slots per server.
-        let per_upstream = cfg.inflight_per_backend;
+        // server's places: each core gets that many slots per server, and
+        // one more per spare (a spare holds no place, and a request that
+        // takes one leaves a free slot for its replacement).
+        let per_upstream = cfg.inflight_per_backend + cfg.spare_conns;
         let stream_slots = upstreams * per_upstream;
         assert!(stream_slots + upstreams <= op::SLOTS_MAX);
         let limits = Limits {
@@ -238,6 +261,7 @@ impl LlamaBackend {
             round_robin: 0,
             body_scratch: Vec::with_capacity(4096),
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
+            spare_hold: vec![None; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
         }
@@ -272,17 +296,7 @@ impl Backend for LlamaBackend {
             return Err(Reject::new(409, "work id already running on the llama backend"));
         }
         let u = self.route()?;
-        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
-        // An idle pooled connection first, then a closed slot.
-        let idle = range
-            .clone()
-            .find(|&i| matches!(self.slots[i].task, Task::None) && matches!(self.slots[i].conn, Conn::Ready(_)));
-        let closed = || {
-            range
-                .clone()
-                .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
-        };
-        let Some(i) = idle.or_else(closed) else {
+        let Some((i, pick)) = self.pick_slot(u) else {
             // Every slot of this server on this core is still closing a
             // cancelled stream's connection.
             self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
@@ -316,30 +330,49 @@ impl Backend for LlamaBackend {
         );
         slot.send.extend_from_slice(&self.body_scratch);
         slot.sent = 0;
-        let reused = matches!(slot.conn, Conn::Ready(_));
+        // On a connection that was idle, a close before any answer byte is
+        // the server having dropped it: sent again once, on a fresh one.
+        let idle = pick == Pick::Watched;
         slot.task = Task::Stream(Work {
             id: job.id,
-            phase: Phase::AwaitHead,
+            phase: if pick == Pick::Connecting {
+                Phase::Connecting
+            } else {
+                Phase::AwaitHead
+            },
             flow: Flow::Flowing,
-            attempt: if reused {
+            attempt: if idle {
                 Attempt::PooledUnanswered
             } else {
                 Attempt::Committed
             },
             delivered: 0,
         });
-        if reused {
-            self.llama.reused += 1;
+        if idle {
+            if slot.keep_alive {
+                self.llama.reused += 1;
+            } else {
+                self.llama.spares_taken += 1;
+            }
             slot.dec.reset();
             slot.recv_len = 0;
             slot.recv_pos = 0;
             slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
-            self.submit_send(i, io);
-        } else if let Err(e) = self.open_connect(i, io) {
-            self.slots[i].task = Task::None;
-            self.release(i);
-            return Err(Reject::new(502, format!("llama backend: socket: {e}")));
         }
+        match pick {
+            Pick::Watched => self.reclaim(i, io),
+            // Its CONNECT's completion sends the request.
+            Pick::Connecting => self.llama.spares_taken += 1,
+            Pick::Closed => {
+                if let Err(e) = self.open_connect(i, io) {
+                    self.slots[i].task = Task::None;
+                    self.release(i);
+                    return Err(Reject::new(502, format!("llama backend: socket: {e}")));
+                }
+            }
+        }
+        // The replacement spare connects while this request is served.
+        self.fill_spares(u, io);
         self.by_id.insert(job.id, i);
         self.stats.started += 1;
         Ok(())
@@ -404,7 +437,10 @@ impl Backend for LlamaBackend {
                 }
             }
         }
-        let mut next: Option<Instant> = None;
+        for u in 0..self.shared.len() {
+            self.fill_spares(u, io);
+        }
+        let mut next: Option<Instant> = self.spare_hold_until();
         for i in 0..self.slots.len() {
             let Some(d) = self.slots[i].deadline else { continue };
             if d <= now {
