@@ -289,7 +289,9 @@ if [[ " $only " == *" scale "* ]]; then
   # connection keeps one stream open, so about ACTIVE_STREAMS are active.
   log=$tmp/scale.active.log
   at=${ACTIVE_THREADS:-1} acpus=${ACTIVE_CPUS:-$server_cpu}
-  taskset -c "$acpus" "$B" serve --listen 127.0.0.1:0 --threads "$at" --max-connections $((active + 100)) \
+  # Room for twice the streams: each thread takes an equal share of
+  # --max-connections and SO_REUSEPORT's hash does not split evenly.
+  taskset -c "$acpus" "$B" serve --listen 127.0.0.1:0 --threads "$at" --max-connections $((2 * active + 100)) \
     --synthetic-ttft-us 10000 --synthetic-token-interval-us 10000 >"$log" 2>&1 &
   SP=$!
   wait_ready "$log" '^listening on [0-9]'
