@@ -2,11 +2,14 @@
 //!
 //! `start` → [`route`](LlamaBackend::route) picks the healthy llama-server
 //! with the fewest requests in flight (over all cores) and reserves one of
-//! its in-flight places → a pooled connection slot of that server is reused
-//! (keep-alive) or a socket is opened and CONNECTed → the request is SENT →
+//! its in-flight places → an idle connection of that server is taken (a
+//! spare connected ahead, or one pooled after an answer: its watching RECV
+//! is cancelled first) and a replacement spare starts connecting, or a
+//! socket is opened and CONNECTed → the request is SENT →
 //! RECV is armed; each completion feeds the [`ResponseDecoder`], each SSE
 //! event becomes `sink.tokens`, the last one `sink.end` → the rest of the
-//! response is drained and the connection goes back to the pool.
+//! response is drained and the connection goes back to the pool, watched
+//! (or is closed, for a server that closes after each stream).
 //!
 //! A connection slot has at most one ring operation in flight, and its
 //! buffers live in a boxed slice that is never resized: the kernel owns the
