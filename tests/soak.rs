@@ -1,10 +1,12 @@
-//! Issue 11, the soak: the counter it found wrong (a CANCEL was in no
+//! Issue 11, the soak: a short `cnse-dp soak` passes and leaves its CSV,
+//! plot and summary; and the counter it found wrong (a CANCEL was in no
 //! outcome of `cnse_requests_total`) now counts.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 
 use common::*;
 
@@ -64,4 +66,70 @@ fn issue11_a_cancelled_stream_counts_as_cancelled_in_metrics() {
         metric(m, "cnse_requests_total{protocol=\"binary\",outcome=\"ok\"}"),
         Some(0.0)
     );
+}
+
+#[test]
+fn issue11_a_short_soak_passes_and_writes_its_csv_plot_and_summary() {
+    raise_nofile(20_000);
+    let out = std::env::temp_dir().join(format!("cnse-soak-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["soak", "--duration-secs", "12", "--seed", "11", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    assert!(stdout.starts_with("soak: seed 11,"), "the seed comes first: {stdout}");
+    assert!(stdout.contains("verdict: PASS"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("soak.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(rows[0].starts_with("t_s,phase,rss_kib,fds,"), "{}", rows[0]);
+    // Three baseline samples, a sample a second while the population ran
+    // (the machine may be slow: at least most of them), some after.
+    let phase = |p: &str| rows.iter().filter(|r| r.split(',').nth(1) == Some(p)).count();
+    assert_eq!(phase("baseline"), 3, "{csv}");
+    assert!(phase("run") >= 8, "{csv}");
+    assert!(phase("after") >= 1, "{csv}");
+    // Every actor did something that was checked, and nothing failed.
+    let last: Vec<u64> = rows
+        .last()
+        .unwrap()
+        .split(',')
+        .skip(14)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    for (i, pair) in last.chunks(2).enumerate() {
+        assert!(
+            pair[0] > 0 && pair[1] == 0,
+            "actor {i}: passed {} failed {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("server RSS"),
+        "{}",
+        &svg[..svg.len().min(200)]
+    );
+    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap();
+    assert!(
+        summary.contains("verdict: PASS") && summary.contains("RSS (MiB)"),
+        "{summary}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn issue11_soak_arguments_are_checked_in_one_line() {
+    let run = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["soak", "--duration-secs", "0"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--duration-secs must be at least 1"), "{err}");
 }
