@@ -113,9 +113,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let outcome = soak(&a, &mut srv, seed);
     let alive = srv.alive();
     srv.stop();
-    let (samples, reasons) = outcome?;
+    let (samples, notes) = outcome?;
     let why = verdict::verdict(&samples, bounds(&a), alive);
-    finish(&a, seed, &samples, &why, &reasons)
+    finish(&a, seed, &samples, &why, &notes)
 }
 
 /// The most the population holds at once: one connection per actor, the
@@ -130,8 +130,8 @@ fn bounds(a: &Args) -> verdict::Bounds {
 }
 
 /// Runs the population against `srv`, sampling every second; returns the
-/// samples (also written to soak.csv as they come) and the population's
-/// failure reasons.
+/// samples (also written to soak.csv as they come) and lines for the
+/// summary: what was checked, and the population's failure reasons.
 fn soak(a: &Args, srv: &mut server::Target, seed: u64) -> anyhow::Result<(Vec<Sample>, Vec<String>)> {
     let csv_path = a.out.join("soak.csv");
     let mut csv = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
@@ -214,7 +214,14 @@ fn soak(a: &Args, srv: &mut server::Target, seed: u64) -> anyhow::Result<(Vec<Sa
     for h in actors {
         let _ = h.join();
     }
-    Ok((samples, ctx.tally.reasons()))
+    let t = &ctx.tally;
+    let mut notes = vec![format!(
+        "tokens checked against the model's text: {}; cancelled streams that finished before their CANCEL: {}",
+        t.tokens_checked.load(Relaxed),
+        t.finished_before_cancel.load(Relaxed)
+    )];
+    notes.extend(t.reasons().into_iter().map(|r| format!("failure: {r}")));
+    Ok((samples, notes))
 }
 
 /// A line a minute (every 10 s in runs under 5 minutes) on stderr.
@@ -246,7 +253,7 @@ fn progress(a: &Args, start: Instant, s: Option<&Sample>, tally: &Tally) {
 }
 
 /// Writes the plot and the summary, prints the verdict; exits 1 on failure.
-fn finish(a: &Args, seed: u64, samples: &[Sample], why: &[String], reasons: &[String]) -> anyhow::Result<()> {
+fn finish(a: &Args, seed: u64, samples: &[Sample], why: &[String], notes: &[String]) -> anyhow::Result<()> {
     let svg = a.out.join("soak.svg");
     let secs = samples.iter().filter(|s| s.phase == Phase::Run).count();
     plot::plot(
@@ -256,13 +263,17 @@ fn finish(a: &Args, seed: u64, samples: &[Sample], why: &[String], reasons: &[St
     )
     .map_err(anyhow::Error::msg)
     .with_context(|| format!("plotting {}", svg.display()))?;
-    let text = report::summary(seed, samples, bounds(a), why, reasons);
+    let text = report::summary(seed, samples, bounds(a), why, notes);
     print!("{text}");
     let path = a.out.join("summary.txt");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+    let csv = match &a.plot_only {
+        Some(c) => c.clone(),
+        None => a.out.join("soak.csv"),
+    };
     println!(
-        "soak: wrote {}, {}, {}",
-        a.out.join("soak.csv").display(),
+        "soak: CSV {}, plot {}, summary {}",
+        csv.display(),
         svg.display(),
         path.display()
     );

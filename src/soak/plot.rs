@@ -99,14 +99,15 @@ fn draw(
             .position(SeriesLabelPosition::UpperLeft)
             .draw();
     }
-    let mut chart = b.build_cartesian_2d(0.0..x1, 0.0..(y1 * 1.15).max(1.0))?;
+    // Headroom above the data for the legend.
+    let mut chart = b.build_cartesian_2d(0.0..x1, 0.0..(y1 * 1.45).max(1.0))?;
     chart.configure_mesh().x_desc("minutes").y_desc(p.y_label).draw()?;
     lines(&mut chart, p, stop_min, |y| y)?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
 }
 
@@ -138,10 +139,10 @@ where
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(t, y0), (t, y1)],
-                BLACK.mix(0.5),
+                BLACK.stroke_width(2),
             )))?
             .label("population stops")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2)));
     }
     Ok(())
 }

@@ -7,7 +7,8 @@ use super::population::ROLES;
 use super::sample::{Phase, Sample};
 use super::verdict::{self, Bounds, SERIES};
 
-pub fn summary(seed: u64, samples: &[Sample], b: Bounds, why: &[String], reasons: &[String]) -> String {
+/// `notes`: lines printed as they are (what was checked, failures).
+pub fn summary(seed: u64, samples: &[Sample], b: Bounds, why: &[String], notes: &[String]) -> String {
     let mut o = String::new();
     let run: Vec<&Sample> = samples.iter().filter(|s| s.phase == Phase::Run).collect();
     let _ = writeln!(
@@ -59,8 +60,8 @@ pub fn summary(seed: u64, samples: &[Sample], b: Bounds, why: &[String], reasons
             );
         }
     }
-    for r in reasons {
-        let _ = writeln!(o, "failure: {r}");
+    for n in notes {
+        let _ = writeln!(o, "{n}");
     }
     if why.is_empty() {
         let _ = writeln!(o, "verdict: PASS");
