@@ -40,11 +40,19 @@ pub fn plot(path: &Path, samples: &[Sample], title: &str) -> Result<(), String> 
         .enumerate()
         .map(|(i, r)| line(r.name(), samples, |s| s.ok[i] as f64))
         .collect();
+    let base_kib = samples
+        .iter()
+        .rfind(|s| s.phase == Phase::Baseline)
+        .or(samples.first())
+        .map_or(0.0, |s| s.server.rss_kib as f64);
     let panels = [
+        // Above the baseline, so that a leak of a few pages shows.
         panel(
-            "server RSS",
-            "MiB",
-            vec![line("VmRSS", samples, |s| s.server.rss_kib as f64 / 1024.0)],
+            &format!("server RSS above its baseline of {:.1} MiB", base_kib / 1024.0),
+            "KiB",
+            vec![line("VmRSS - baseline", samples, |s| {
+                s.server.rss_kib as f64 - base_kib
+            })],
         ),
         panel(
             "server descriptors and connections",
@@ -81,7 +89,9 @@ fn draw(
     log_y: bool,
 ) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
     let pts = p.series.iter().flat_map(|(_, v)| v.iter());
-    let (x1, y1) = pts.fold((0.0f64, 0.0f64), |(x, y), &(a, b)| (x.max(a), y.max(b)));
+    let (x1, y0, y1) = pts.fold((0.0f64, 0.0f64, 0.0f64), |(x, lo, hi), &(a, b)| {
+        (x.max(a), lo.min(b), hi.max(b))
+    });
     let x1 = x1.max(0.1);
     let mut b = ChartBuilder::on(area);
     b.caption(&p.title, ("sans-serif", 15))
@@ -100,7 +110,7 @@ fn draw(
             .draw();
     }
     // Headroom above the data for the legend.
-    let mut chart = b.build_cartesian_2d(0.0..x1, 0.0..(y1 * 1.45).max(1.0))?;
+    let mut chart = b.build_cartesian_2d(0.0..x1, y0 * 1.1..(y1 * 1.45).max(1.0))?;
     chart.configure_mesh().x_desc("minutes").y_desc(p.y_label).draw()?;
     lines(&mut chart, p, stop_min, |y| y)?;
     chart
