@@ -133,3 +133,52 @@ fn issue11_soak_arguments_are_checked_in_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--duration-secs must be at least 1"), "{err}");
 }
+
+#[test]
+fn issue11_a_soak_whose_server_dies_fails_and_says_why() {
+    raise_nofile(20_000);
+    let mut s = Server::start(&["--metrics-listen", "127.0.0.1:0"]);
+    let m = metrics_addr(&s);
+    let out = std::env::temp_dir().join(format!("cnse-soak-dies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let soak = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["soak", "--duration-secs", "600", "--seed", "3"])
+        .args(["--addr", &s.addr.to_string(), "--pid", &s.pid().to_string()])
+        .args(["--metrics", &m.to_string(), "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the population has run a few seconds (rows in the CSV), the
+    // server is killed under it.
+    let rows = || {
+        std::fs::read_to_string(out.join("soak.csv"))
+            .map(|t| t.lines().filter(|l| l.contains(",run,")).count())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(WAIT * 3, || rows() >= 3),
+        "the soak never sampled a running population"
+    );
+    let pid = libc::pid_t::try_from(s.pid()).unwrap();
+    assert!(pid > 0);
+    // SAFETY: kill sends SIGKILL to the test's own child server, a positive pid.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    assert!(eventually(WAIT, || !s.alive()));
+    let run = soak.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let fails: Vec<&str> = stderr.lines().filter(|l| l.starts_with("soak: FAIL: ")).collect();
+    assert!(
+        fails.contains(&"soak: FAIL: the server process died during the run"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("verdict: FAIL"),
+        "the summary says so too"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

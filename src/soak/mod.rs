@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use population::{Ctx, Role, Tally, ROLES};
-use sample::{Phase, Sample};
+use sample::{Counts, Phase, Sample};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -113,9 +113,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let outcome = soak(&a, &mut srv, seed);
     let alive = srv.alive();
     srv.stop();
-    let (samples, notes) = outcome?;
-    let why = verdict::verdict(&samples, bounds(&a), alive);
-    finish(&a, seed, &samples, &why, &notes)
+    let (samples, counts, notes) = outcome?;
+    let why = verdict::verdict(&samples, counts, bounds(&a), alive);
+    finish(&a, seed, (&samples, counts), &why, &notes)
 }
 
 /// The most the population holds at once: one connection per actor, the
@@ -132,7 +132,7 @@ fn bounds(a: &Args) -> verdict::Bounds {
 /// Runs the population against `srv`, sampling every second; returns the
 /// samples (also written to soak.csv as they come) and lines for the
 /// summary: what was checked, and the population's failure reasons.
-fn soak(a: &Args, srv: &mut server::Target, seed: u64) -> anyhow::Result<(Vec<Sample>, Vec<String>)> {
+fn soak(a: &Args, srv: &mut server::Target, seed: u64) -> anyhow::Result<(Vec<Sample>, Counts, Vec<String>)> {
     let csv_path = a.out.join("soak.csv");
     let mut csv = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
     writeln!(csv, "{}", sample::CSV_HEADER)?;
@@ -221,7 +221,7 @@ fn soak(a: &Args, srv: &mut server::Target, seed: u64) -> anyhow::Result<(Vec<Sa
         t.finished_before_cancel.load(Relaxed)
     )];
     notes.extend(t.reasons().into_iter().map(|r| format!("failure: {r}")));
-    Ok((samples, notes))
+    Ok((samples, Counts::of(t), notes))
 }
 
 /// A line a minute (every 10 s in runs under 5 minutes) on stderr.
@@ -253,7 +253,13 @@ fn progress(a: &Args, start: Instant, s: Option<&Sample>, tally: &Tally) {
 }
 
 /// Writes the plot and the summary, prints the verdict; exits 1 on failure.
-fn finish(a: &Args, seed: u64, samples: &[Sample], why: &[String], notes: &[String]) -> anyhow::Result<()> {
+fn finish(
+    a: &Args,
+    seed: u64,
+    (samples, counts): (&[Sample], Counts),
+    why: &[String],
+    notes: &[String],
+) -> anyhow::Result<()> {
     let svg = a.out.join("soak.svg");
     let secs = samples.iter().filter(|s| s.phase == Phase::Run).count();
     plot::plot(
@@ -263,7 +269,7 @@ fn finish(a: &Args, seed: u64, samples: &[Sample], why: &[String], notes: &[Stri
     )
     .map_err(anyhow::Error::msg)
     .with_context(|| format!("plotting {}", svg.display()))?;
-    let text = report::summary(seed, samples, bounds(a), why, notes);
+    let text = report::summary(seed, samples, counts, bounds(a), why, notes);
     print!("{text}");
     let path = a.out.join("summary.txt");
     std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -293,6 +299,7 @@ fn replot(a: &Args, csv: &std::path::Path) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("{}", csv.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let why = verdict::verdict(&samples, bounds(a), true);
-    finish(a, a.seed.unwrap_or(0), &samples, &why, &[])
+    let counts = samples.last().map(Sample::counts).unwrap_or_default();
+    let why = verdict::verdict(&samples, counts, bounds(a), true);
+    finish(a, a.seed.unwrap_or(0), (&samples, counts), &why, &[])
 }

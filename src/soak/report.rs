@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 
 use super::population::ROLES;
-use super::sample::{Phase, Sample};
+use super::sample::{Counts, Phase, Sample};
 use super::verdict::{self, Bounds, SERIES};
 
 /// `notes`: lines printed as they are (what was checked, failures).
-pub fn summary(seed: u64, samples: &[Sample], b: Bounds, why: &[String], notes: &[String]) -> String {
+pub fn summary(seed: u64, samples: &[Sample], counts: Counts, b: Bounds, why: &[String], notes: &[String]) -> String {
     let mut o = String::new();
     let run: Vec<&Sample> = samples.iter().filter(|s| s.phase == Phase::Run).collect();
     let _ = writeln!(
@@ -24,7 +24,7 @@ pub fn summary(seed: u64, samples: &[Sample], b: Bounds, why: &[String], notes: 
     };
     let _ = writeln!(o, "{:<10} {:>10} {:>8}", "actor", "passed", "failed");
     for (i, r) in ROLES.iter().enumerate() {
-        let _ = writeln!(o, "{:<10} {:>10} {:>8}", r.name(), last.ok[i], last.failed[i]);
+        let _ = writeln!(o, "{:<10} {:>10} {:>8}", r.name(), counts.ok[i], counts.failed[i]);
     }
     let v = &last.server;
     let _ = writeln!(

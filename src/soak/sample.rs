@@ -46,6 +46,22 @@ pub struct Server {
     pub requests: [u64; 4],
 }
 
+/// The population's passed and failed counts per role, in `ROLES` order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ok: [u64; 5],
+    pub failed: [u64; 5],
+}
+
+impl Counts {
+    pub fn of(tally: &Tally) -> Self {
+        Self {
+            ok: ROLES.map(|r| tally.ok(r)),
+            failed: ROLES.map(|r| tally.failed(r)),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub t_s: f64,
@@ -64,6 +80,13 @@ impl Sample {
             server,
             ok: ROLES.map(|r| tally.ok(r)),
             failed: ROLES.map(|r| tally.failed(r)),
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            ok: self.ok,
+            failed: self.failed,
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   margin of the plateau (the second quarter's median).
 
 use super::population::{Role, ROLES};
-use super::sample::{Phase, Sample};
+use super::sample::{Counts, Phase, Sample};
 
 /// Seconds the server gets to let go after the population stops.
 pub const SETTLE_S: u64 = 10;
@@ -134,16 +134,14 @@ pub fn levels(samples: &[Sample], s: &Series, b: Bounds) -> Levels {
     }
 }
 
-/// Every reason the run failed (empty: it passed).
-pub fn verdict(samples: &[Sample], b: Bounds, server_alive: bool) -> Vec<String> {
+/// Every reason the run failed (empty: it passed). `last` is the
+/// population's final count: it goes on after the last sample when the
+/// server dies.
+pub fn verdict(samples: &[Sample], last: Counts, b: Bounds, server_alive: bool) -> Vec<String> {
     let mut why = Vec::new();
     if !server_alive {
         why.push("the server process died during the run".to_string());
     }
-    let Some(last) = samples.last() else {
-        why.push("no sample was taken".to_string());
-        return why;
-    };
     for (i, r) in ROLES.iter().enumerate() {
         if last.failed[i] > 0 {
             let what = match r {
@@ -157,6 +155,10 @@ pub fn verdict(samples: &[Sample], b: Bounds, server_alive: bool) -> Vec<String>
         if last.ok[i] == 0 {
             why.push(format!("no {} actor completed anything: nothing was checked", r.name()));
         }
+    }
+    if samples.is_empty() {
+        why.push("no sample was taken".to_string());
+        return why;
     }
     let run = samples.iter().filter(|s| s.phase == Phase::Run).count();
     if run < RUN_SAMPLES_MIN {
@@ -244,30 +246,34 @@ mod tests {
         v
     }
 
+    fn judge(s: &[Sample]) -> Vec<String> {
+        verdict(s, s.last().unwrap().counts(), B, true)
+    }
+
     #[test]
     fn a_flat_run_that_comes_back_passes() {
         let s = run(120, |t| 60_000 + (t as u64 % 5) * 100, 20);
-        assert_eq!(verdict(&s, B, true), Vec::<String>::new());
+        assert_eq!(judge(&s), Vec::<String>::new());
     }
 
     #[test]
     fn a_warm_up_climb_then_a_plateau_passes() {
         let s = run(120, |t| 30_000 + (t.min(20.0) as u64) * 1_500, 21);
-        assert_eq!(verdict(&s, B, true), Vec::<String>::new());
+        assert_eq!(judge(&s), Vec::<String>::new());
     }
 
     #[test]
     fn a_steady_rss_leak_fails() {
         // 1 MiB a second: 90 MiB over the last three quarters.
         let s = run(120, |t| 60_000 + t as u64 * 1024, 20);
-        let why = verdict(&s, B, true);
+        let why = judge(&s);
         assert!(why.iter().any(|w| w.starts_with("RSS grew")), "{why:?}");
     }
 
     #[test]
     fn descriptors_not_back_fail() {
         let s = run(120, |_| 60_000, 40);
-        let why = verdict(&s, B, true);
+        let why = judge(&s);
         assert_eq!(why.len(), 1, "{why:?}");
         assert!(why[0].starts_with("fds not back"), "{why:?}");
     }
@@ -276,13 +282,29 @@ mod tests {
     fn a_lost_stream_fails_and_is_counted() {
         let mut s = run(120, |_| 60_000, 20);
         s.last_mut().unwrap().failed[Role::Good as usize] = 2;
-        let why = verdict(&s, B, true);
+        let why = judge(&s);
         assert_eq!(why, vec!["2 streams lost, duplicated or wrong: good".to_string()]);
+    }
+
+    #[test]
+    fn streams_lost_after_the_last_sample_count() {
+        // The server died: the samples stop, the population's count goes on.
+        let s = run(120, |_| 60_000, 20);
+        let mut last = s.last().unwrap().counts();
+        last.failed[Role::Good as usize] = 7;
+        let why = verdict(&s, last, B, false);
+        assert_eq!(
+            why,
+            vec![
+                "the server process died during the run".to_string(),
+                "7 streams lost, duplicated or wrong: good".to_string()
+            ]
+        );
     }
 
     #[test]
     fn a_too_short_run_is_not_a_pass() {
         let s = run(4, |_| 60_000, 20);
-        assert!(verdict(&s, B, true).iter().any(|w| w.contains("too few")));
+        assert!(judge(&s).iter().any(|w| w.contains("too few")));
     }
 }
