@@ -97,5 +97,8 @@ scripts/test-mpi.sh
 log "Benchmark suite smoke run (scripts/bench.sh --quick: peers, redis, ablations, micro, report)"
 scripts/bench.sh --quick "$(mktemp -d /tmp/cnse-bench-quick.XXXXXX)"
 
+log "Soak, 2 minutes: mixed population against one server (scripts/soak.sh; docs/RELIABILITY.md, Soak)"
+scripts/soak.sh 2 "$(mktemp -d /tmp/cnse-soak.XXXXXX)"
+
 log "Fuzz targets, 60 s each (docs/RELIABILITY.md)"
 scripts/fuzz.sh 60

@@ -23,6 +23,7 @@ mod key_file;
 mod serve;
 mod serve_ranks;
 mod sim;
+mod soak;
 mod standin;
 mod store;
 mod thread_cpu;
@@ -59,6 +60,10 @@ enum Command {
     Store(store::Args),
     /// GPU path: device info, verified model loads.
     Gpu(gpu::Args),
+    /// Soak: a mixed population against one server for a long time; samples
+    /// RSS, descriptors, connections and counters every second; fails on a
+    /// lost or wrong stream or on growth without bound.
+    Soak(soak::Args),
     /// Deterministic simulation of the session layer (replay a seed, or run many).
     Sim(sim::Args),
     /// A llama-server stand-in at a fixed pace (`/completion`, `/v1/completions`), for benchmarks.
@@ -108,6 +113,7 @@ fn main() {
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),
         Command::Sim(a) => sim::run(a),
+        Command::Soak(a) => soak::run(a),
         Command::LlamaStandin(a) => standin::run(a),
     };
     if let Err(e) = result {

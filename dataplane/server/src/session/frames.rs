@@ -199,6 +199,10 @@ impl<T: Transport> Session<T> {
             total,
         );
         self.tables.n.frames_out += 1;
+        // Counted as a disconnect's cancellations are (`drop_streams`):
+        // without it a CANCEL was in no outcome of `cnse_requests_total`.
+        let http = self.tables.conns[slot as usize].proto == crate::conn::Proto::Http;
+        self.tables.metrics.outcome(http, crate::metrics::Outcome::Cancelled);
         self.tables.conns[slot as usize].streams.swap_remove(i);
         self.tables.free_stream(sslot);
     }
