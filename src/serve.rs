@@ -132,6 +132,21 @@ pub struct Args {
     /// (match its `-np` slots; more wait in the admission queue).
     #[arg(long, default_value_t = 4)]
     pub llama_inflight: usize,
+    /// How a stream picks its llama-server: least-outstanding (fewest in
+    /// flight), prefix (the server whose KV cache holds the longest prefix
+    /// of the prompt, on that slot; docs/LLAMA.md "Cache-aware routing"),
+    /// or session (prefix, and a session key pins a conversation).
+    #[arg(long, default_value = "prefix")]
+    pub llama_route: cnse_llama::Route,
+    /// Prefix routing gives way to the least-loaded server when the
+    /// prefix server's (in flight + 1) exceeds this factor times the
+    /// least-loaded one's.
+    #[arg(long, default_value_t = 2.0)]
+    pub llama_prefix_load_factor: f32,
+    /// Entries of each llama-server's prefix index (12 bytes each; one
+    /// entry per 64 prompt bytes sent; least recently used evicted).
+    #[arg(long, default_value_t = cnse_llama::prefix::ENTRIES_DEFAULT)]
+    pub llama_prefix_entries: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -352,9 +367,24 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
                 urls: a.llama_url.clone(),
                 inflight_per_backend: a.llama_inflight,
+                route: a.llama_route,
+                prefix_load_factor: a.llama_prefix_load_factor,
+                prefix_entries: a.llama_prefix_entries,
                 ..Default::default()
             })
             .context("--llama-url")?;
+            if a.llama_route.uses_cache() {
+                for (url, n) in a.llama_url.iter().zip(factory.slots_known()) {
+                    if n == 0 {
+                        eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
+                    } else if n < a.llama_inflight {
+                        eprintln!(
+                            "llama-server {url} has {n} slots, below --llama-inflight {}: some requests wait inside it",
+                            a.llama_inflight
+                        );
+                    }
+                }
+            }
             Ok(Arc::new(factory))
         }
     }

@@ -233,6 +233,8 @@ impl LlamaBackend {
             sink.end(id, reason);
             slot.task = Task::Drain;
             slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
+            let (upstream, split) = (slot.upstream, event.cache_split());
+            self.note_cache(upstream, split);
             return true;
         }
         w.flow != Flow::Paused

@@ -20,6 +20,7 @@
 //! the ring ops of the connection slots and their completions, `exchange`
 //! turns a response into sink calls and decides how each stream ends.
 
+mod affinity;
 mod exchange;
 mod pool;
 mod route;
@@ -133,6 +134,9 @@ struct Slot {
     /// Holds one of the server's in-flight places (released once the
     /// connection is idle or closed).
     reserved: bool,
+    /// The llama-server slot the stream was sent to (`id_slot`), held
+    /// with the reservation.
+    id_slot: Option<u16>,
     send: Vec<u8>,
     sent: usize,
     recv: Box<[u8]>,
@@ -163,6 +167,9 @@ pub struct LlamaStats {
     pub readmitted: u64,
     pub health_checks: u64,
     pub timeouts: u64,
+    /// Streams sent to the server with the longest cached prefix (not
+    /// the least-loaded one's choice).
+    pub prefix_routed: u64,
 }
 
 pub struct LlamaBackend {
@@ -180,6 +187,8 @@ pub struct LlamaBackend {
     next_health: Box<[Option<Instant>]>,
     round_robin: usize,
     body_scratch: Vec<u8>,
+    /// The current prompt's block hashes (capacity `PROMPT_BLOCKS_MAX`).
+    hashes: Vec<u64>,
     stats: BackendStats,
     llama: LlamaStats,
     /// Per upstream: it closed an idle pooled connection right after its
@@ -205,6 +214,7 @@ impl LlamaBackend {
             conn: Conn::Closed,
             task: Task::None,
             reserved: false,
+            id_slot: None,
             send: Vec::with_capacity(4096),
             sent: 0,
             recv: vec![0u8; recv_bytes].into_boxed_slice(),
@@ -237,6 +247,7 @@ impl LlamaBackend {
             health_owner,
             round_robin: 0,
             body_scratch: Vec::with_capacity(4096),
+            hashes: Vec::with_capacity(crate::prefix::PROMPT_BLOCKS_MAX),
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
@@ -271,7 +282,8 @@ impl Backend for LlamaBackend {
         if self.by_id.contains_key(&job.id) {
             return Err(Reject::new(409, "work id already running on the llama backend"));
         }
-        let u = self.route()?;
+        self.hash_prompt(job.chat.unwrap_or(job.prompt).as_bytes());
+        let (u, id_slot) = self.route()?;
         let range = u * self.per_upstream..(u + 1) * self.per_upstream;
         // An idle pooled connection first, then a closed slot.
         let idle = range
@@ -286,6 +298,9 @@ impl Backend for LlamaBackend {
             // Every slot of this server on this core is still closing a
             // cancelled stream's connection.
             self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
+            if let Some(id) = id_slot {
+                self.shared[u].slot_busy[usize::from(id)].store(false, Ordering::Release);
+            }
             return Err(Reject::new(
                 429,
                 "llama backend: connections of this core still closing",
@@ -295,18 +310,24 @@ impl Backend for LlamaBackend {
         self.body_scratch.clear();
         // Chat goes to llama-server's own chat endpoint, so the model's
         // chat template applies.
+        let cache_prompt = self.cfg.cache_prompt || self.cfg.route.uses_cache();
         let path = match job.chat {
             Some(messages) => {
-                crate::body::write_chat_body(&mut self.body_scratch, &job.params, messages, self.cfg.cache_prompt);
+                crate::body::write_chat_body(&mut self.body_scratch, &job.params, messages, cache_prompt);
                 "/v1/chat/completions"
             }
             None => {
-                write_completion_body(&mut self.body_scratch, &job.params, job.prompt, self.cfg.cache_prompt);
+                write_completion_body(&mut self.body_scratch, &job.params, job.prompt, cache_prompt);
                 "/completion"
             }
         };
+        if let Some(id) = id_slot {
+            crate::body::append_id_slot(&mut self.body_scratch, id);
+        }
+        self.remember_prompt(u, id_slot);
         let slot = &mut self.slots[i];
         slot.reserved = true;
+        slot.id_slot = id_slot;
         slot.send.clear();
         http::write_post_head(
             &mut slot.send,

@@ -1,0 +1,131 @@
+//! Cache-aware routing (issue 14): a stream goes to the llama-server whose
+//! KV cache most likely holds the longest prefix of its prompt, on the slot
+//! that holds it, unless that server is too loaded.
+//!
+//! The facts are shared by all cores (`Shared::index`, `slot_busy`), so a
+//! stream stolen by another core is routed by the same index: affinity
+//! survives work stealing with nothing to carry.
+
+use std::sync::atomic::Ordering;
+
+use super::LlamaBackend;
+use crate::prefix;
+use crate::Route;
+
+impl LlamaBackend {
+    /// Hashes the stream's prompt (the chat messages' JSON for chat
+    /// requests) into `self.hashes` when the policy needs it.
+    pub(super) fn hash_prompt(&mut self, prompt: &[u8]) {
+        self.hashes.clear();
+        if self.cfg.route != Route::LeastOutstanding {
+            prefix::block_hashes(prompt, &mut self.hashes);
+        }
+    }
+
+    /// The server with the longest indexed prefix of `self.hashes` that has
+    /// room, and the slot that prefix was last sent to. `None` when no
+    /// server holds more than the least-loaded one, or when the best one's
+    /// load is more than `prefix_load_factor` times the least-loaded's
+    /// (both counted +1): least-outstanding decides then.
+    pub(super) fn prefix_choice(&self) -> Option<(usize, Option<u16>)> {
+        if self.hashes.is_empty() {
+            return None;
+        }
+        let limit = self.cfg.inflight_per_backend;
+        let n = self.shared.len();
+        // (server, matched blocks, slot, load)
+        let mut best: Option<(usize, usize, Option<u16>, usize)> = None;
+        let mut least: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let u = (self.round_robin + k) % n;
+            let s = &self.shared[u];
+            if !s.healthy.load(Ordering::Acquire) {
+                continue;
+            }
+            let load = s.inflight.load(Ordering::Acquire);
+            if load >= limit {
+                continue;
+            }
+            let (matched, slot) = s.index.matched(&self.hashes);
+            let better = best.is_none_or(|(_, m, _, l)| matched > m || (matched == m && load < l));
+            if better {
+                best = Some((u, matched, slot, load));
+            }
+            if least.is_none_or(|(_, l)| load < l) {
+                least = Some((matched, load));
+            }
+        }
+        let (u, matched, slot, load) = best?;
+        let (least_matched, least_load) = least?;
+        if matched == 0 || matched == least_matched {
+            return None;
+        }
+        let too_loaded = (load + 1) as f32 > self.cfg.prefix_load_factor * (least_load + 1) as f32;
+        (!too_loaded).then_some((u, slot))
+    }
+
+    /// Takes one of server `u`'s llama-server slots for a stream: `hint`
+    /// when it is free, else the free slot given out longest ago (its cache
+    /// is the least likely to be wanted). `None` when the slots are unknown
+    /// or all taken by our streams (llama-server picks one then).
+    pub(super) fn take_slot(&self, u: usize, hint: Option<u16>) -> Option<u16> {
+        if self.cfg.route == Route::LeastOutstanding {
+            return None;
+        }
+        let s = &self.shared[u];
+        let try_take = |id: usize| {
+            s.slot_busy[id]
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        let stamp = s.slot_clock.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let taken = match hint.map(usize::from) {
+            Some(id) if id < s.slot_busy.len() && try_take(id) => Some(id),
+            _ => {
+                // Oldest first; a few rounds, as another core may take the
+                // chosen one between the look and the take.
+                let mut got = None;
+                for _ in 0..4 {
+                    let oldest = (0..s.slot_busy.len())
+                        .filter(|&id| !s.slot_busy[id].load(Ordering::Acquire))
+                        .max_by_key(|&id| stamp.wrapping_sub(s.slot_used[id].load(Ordering::Relaxed)));
+                    match oldest {
+                        Some(id) if try_take(id) => {
+                            got = Some(id);
+                            break;
+                        }
+                        Some(_) => continue,
+                        None => break,
+                    }
+                }
+                got
+            }
+        }?;
+        s.slot_used[taken].store(stamp, Ordering::Relaxed);
+        Some(taken as u16)
+    }
+
+    /// Gives back the llama-server slot connection slot `i` held.
+    pub(super) fn free_slot(&mut self, i: usize) {
+        if let Some(id) = self.slots[i].id_slot.take() {
+            let s = &self.shared[self.slots[i].upstream];
+            s.slot_busy[usize::from(id)].store(false, Ordering::Release);
+        }
+    }
+
+    /// Records the stream's prompt on server `u` (and slot).
+    pub(super) fn remember_prompt(&self, u: usize, slot: Option<u16>) {
+        if !self.hashes.is_empty() {
+            self.shared[u].index.insert(&self.hashes, slot);
+        }
+    }
+
+    /// Adds a finished stream's `timings` to its server's cache counters.
+    pub(super) fn note_cache(&self, upstream: usize, split: Option<(u64, u64)>) {
+        if let Some((cached, evaluated)) = split {
+            let s = &self.shared[upstream];
+            s.cache_n.fetch_add(cached, Ordering::Relaxed);
+            s.prompt_n.fetch_add(evaluated, Ordering::Relaxed);
+        }
+    }
+}
