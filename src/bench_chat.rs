@@ -114,7 +114,8 @@ fn system_prompt(tag: &str, tokens: usize) -> String {
         "helpful",
         "honest",
     ];
-    let mut s = format!("<|im_start|>system\n[{tag}] You are a careful assistant. Rules:");
+    // The tag comes first: runs of different policies share no prefix.
+    let mut s = format!("[{tag}] <|im_start|>system\nYou are a careful assistant. Rules:");
     let mut k = 0usize;
     while s.len() < tokens * 9 / 2 {
         s.push(' ');
@@ -360,7 +361,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             } else {
                 policy
             };
-            let tag = format!("run {nonce}-{round}-{}", policy_name(policy));
+            let tag = format!("{} run {nonce}-{round}", policy_name(policy));
             let r = match args.workload {
                 Workload::Chat => chat_run(args, &urls, policy, &tag)?,
                 _ => uniform_run(args, &urls, policy, &tag)?,

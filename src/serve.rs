@@ -147,6 +147,11 @@ pub struct Args {
     /// entry per 64 prompt bytes sent; least recently used evicted).
     #[arg(long, default_value_t = cnse_llama::prefix::ENTRIES_DEFAULT)]
     pub llama_prefix_entries: usize,
+    /// A stream that fails before its first token (connection refused,
+    /// HTTP 5xx or 429) is sent to another llama-server up to this many
+    /// times, unseen by the client (0: never).
+    #[arg(long, default_value_t = 2)]
+    pub llama_retries: u8,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -370,6 +375,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 route: a.llama_route,
                 prefix_load_factor: a.llama_prefix_load_factor,
                 prefix_entries: a.llama_prefix_entries,
+                retries_max: a.llama_retries,
                 ..Default::default()
             })
             .context("--llama-url")?;

@@ -88,6 +88,10 @@ pub struct LlamaConfig {
     pub prefix_load_factor: f32,
     /// Entries of each server's prefix index (`prefix::PrefixIndex`).
     pub prefix_entries: usize,
+    /// A stream that fails before its first token (connection refused or
+    /// lost, HTTP 5xx or 429) is sent to another server up to this many
+    /// times (`--llama-retries`; 0: never).
+    pub retries_max: u8,
 }
 
 /// How the backend picks a llama-server for a stream.
@@ -144,6 +148,7 @@ impl Default for LlamaConfig {
             route: Route::default(),
             prefix_load_factor: 2.0,
             prefix_entries: prefix::ENTRIES_DEFAULT,
+            retries_max: 2,
         }
     }
 }

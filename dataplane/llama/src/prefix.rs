@@ -25,11 +25,13 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// Bytes of prompt per indexed block (about 16 tokens of English).
-pub const BLOCK_BYTES: usize = 64;
+/// Bytes of prompt per indexed block (about 8 tokens of English): small
+/// enough that what tells two conversations apart (a question of a few
+/// dozen bytes) lands in a whole block.
+pub const BLOCK_BYTES: usize = 32;
 /// Blocks of one prompt that are indexed at most (the first 64 KiB):
 /// beyond that, a longer common prefix does not change the choice.
-pub const PROMPT_BLOCKS_MAX: usize = 1024;
+pub const PROMPT_BLOCKS_MAX: usize = 2048;
 /// Ways per bucket.
 pub const WAYS: usize = 4;
 /// Entries per server, default and bounds (`--llama-prefix-entries`).
@@ -47,14 +49,95 @@ pub const SLOT_ID_MAX: usize = (1 << SLOT_BITS) - 2;
 /// whole blocks only) into `out` (cleared first; it keeps its capacity).
 pub fn block_hashes(prompt: &[u8], out: &mut Vec<u64>) {
     out.clear();
-    let mut h: u64 = 0x6a09_e667_f3bc_c908;
+    let mut h = CHAIN_SEED;
     for block in prompt.chunks_exact(BLOCK_BYTES).take(PROMPT_BLOCKS_MAX) {
-        for word in block.chunks_exact(8) {
-            let w = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
-            h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
-        }
-        h = fmix64(h);
+        h = chain(h, block);
         out.push(h);
+    }
+}
+
+const CHAIN_SEED: u64 = 0x6a09_e667_f3bc_c908;
+
+/// The hash of a prefix ending with `block`, from the hash `h` of the
+/// prefix before it.
+fn chain(mut h: u64, block: &[u8]) -> u64 {
+    debug_assert_eq!(block.len(), BLOCK_BYTES);
+    for word in block.chunks_exact(8) {
+        let w = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
+        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    fmix64(h)
+}
+
+/// A stream's prefix as it grows: llama-server's slot holds the prompt
+/// *and* the generated text, and the next turn of a conversation sends
+/// both back, so the generated text is indexed too, block by block as it
+/// arrives (fixed-size state, no allocation).
+#[derive(Debug, Clone, Copy)]
+pub struct Growing {
+    h: u64,
+    tail: [u8; BLOCK_BYTES],
+    tail_len: usize,
+    blocks: usize,
+    slot: Option<u16>,
+    active: bool,
+}
+
+impl Default for Growing {
+    fn default() -> Self {
+        Self {
+            h: CHAIN_SEED,
+            tail: [0; BLOCK_BYTES],
+            tail_len: 0,
+            blocks: 0,
+            slot: None,
+            active: false,
+        }
+    }
+}
+
+impl Growing {
+    /// Starts from a prompt whose block hashes are `hashes` (as
+    /// [`block_hashes`] wrote them), sent on `slot`.
+    pub fn start(prompt: &[u8], hashes: &[u64], slot: Option<u16>) -> Self {
+        let blocks = hashes.len();
+        if blocks >= PROMPT_BLOCKS_MAX {
+            return Self::default();
+        }
+        let rest = &prompt[blocks * BLOCK_BYTES..];
+        debug_assert!(rest.len() < BLOCK_BYTES);
+        let mut tail = [0; BLOCK_BYTES];
+        tail[..rest.len()].copy_from_slice(rest);
+        Self {
+            h: hashes.last().copied().unwrap_or(CHAIN_SEED),
+            tail,
+            tail_len: rest.len(),
+            blocks,
+            slot,
+            active: true,
+        }
+    }
+
+    /// Appends generated text; each block it completes goes into `index`.
+    pub fn extend(&mut self, mut text: &[u8], index: &PrefixIndex) {
+        while self.active && !text.is_empty() {
+            let n = (BLOCK_BYTES - self.tail_len).min(text.len());
+            self.tail[self.tail_len..self.tail_len + n].copy_from_slice(&text[..n]);
+            self.tail_len += n;
+            text = &text[n..];
+            if self.tail_len == BLOCK_BYTES {
+                self.h = chain(self.h, &self.tail);
+                index.insert(&[self.h], self.slot);
+                self.tail_len = 0;
+                self.blocks += 1;
+                self.active = self.blocks < PROMPT_BLOCKS_MAX;
+            }
+        }
+    }
+
+    /// Stops indexing (the stream ended or went elsewhere).
+    pub fn stop(&mut self) {
+        self.active = false;
     }
 }
 
@@ -276,6 +359,24 @@ mod tests {
         assert_eq!(ix.matched(&v), (v.len(), Some(3)));
         block_hashes(distinct_prompt(0).as_bytes(), &mut v);
         assert_eq!(ix.matched(&v).0, 0);
+    }
+
+    #[test]
+    fn generated_text_extends_the_indexed_prefix() {
+        let ix = PrefixIndex::new(1024);
+        let prompt = format!("{}User: hi\nAssistant:", "System rules apply here. ".repeat(8));
+        let answer = " Hello! How can I help you today? I can answer questions.";
+        let v = hashes(&prompt);
+        ix.insert(&v, Some(2));
+        let mut g = Growing::start(prompt.as_bytes(), &v, Some(2));
+        // Token by token, as llama-server streams it.
+        for piece in answer.as_bytes().chunks(3) {
+            g.extend(piece, &ix);
+        }
+        let next = hashes(&format!("{prompt}{answer}\nUser: thanks\nAssistant:"));
+        let whole = (prompt.len() + answer.len()) / BLOCK_BYTES;
+        assert!(whole > v.len());
+        assert_eq!(ix.matched(&next), (whole, Some(2)));
     }
 
     #[test]

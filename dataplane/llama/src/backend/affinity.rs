@@ -24,18 +24,21 @@ impl LlamaBackend {
 
     /// The server with the longest indexed prefix of `self.hashes` that has
     /// room, and the slot that prefix was last sent to. `None` when no
-    /// server holds more than the least-loaded one, or when the best one's
-    /// load is more than `prefix_load_factor` times the least-loaded's
-    /// (both counted +1): least-outstanding decides then.
+    /// server holds any of it, when a least-loaded server holds as much,
+    /// or when the best one's load is more than `prefix_load_factor` times
+    /// the least-loaded one's (both counted +1): least-outstanding decides
+    /// then.
     pub(super) fn prefix_choice(&self) -> Option<(usize, Option<u16>)> {
         if self.hashes.is_empty() {
             return None;
         }
         let limit = self.cfg.inflight_per_backend;
         let n = self.shared.len();
-        // (server, matched blocks, slot, load)
-        let mut best: Option<(usize, usize, Option<u16>, usize)> = None;
-        let mut least: Option<(usize, usize)> = None;
+        // (server, matched blocks, slot, load): the longest match (ties:
+        // the lower load), and among the least-loaded the longest match.
+        type Pick = (usize, usize, Option<u16>, usize);
+        let mut best: Option<Pick> = None;
+        let mut least: Option<Pick> = None;
         for k in 0..n {
             let u = (self.round_robin + k) % n;
             let s = &self.shared[u];
@@ -47,21 +50,37 @@ impl LlamaBackend {
                 continue;
             }
             let (matched, slot) = s.index.matched(&self.hashes);
-            let better = best.is_none_or(|(_, m, _, l)| matched > m || (matched == m && load < l));
-            if better {
-                best = Some((u, matched, slot, load));
+            let pick = (u, matched, slot, load);
+            if best.is_none_or(|(_, m, _, l)| matched > m || (matched == m && load < l)) {
+                best = Some(pick);
             }
-            if least.is_none_or(|(_, l)| load < l) {
-                least = Some((matched, load));
+            if least.is_none_or(|(_, m, _, l)| load < l || (load == l && matched > m)) {
+                least = Some(pick);
             }
         }
         let (u, matched, slot, load) = best?;
-        let (least_matched, least_load) = least?;
-        if matched == 0 || matched == least_matched {
+        let (lu, least_matched, least_slot, least_load) = least?;
+        tracing::debug!(u, matched, ?slot, load, least_matched, least_load, "prefix choice");
+        if matched == 0 {
             return None;
+        }
+        if load <= least_load {
+            return Some((u, slot));
+        }
+        if least_matched == matched {
+            return Some((lu, least_slot));
         }
         let too_loaded = (load + 1) as f32 > self.cfg.prefix_load_factor * (least_load + 1) as f32;
         (!too_loaded).then_some((u, slot))
+    }
+
+    /// The slot server `u`'s index names for the prompt (the least-loaded
+    /// fallback still lands on the slot that holds what it can).
+    pub(super) fn slot_hint(&self, u: usize) -> Option<u16> {
+        if self.hashes.is_empty() {
+            return None;
+        }
+        self.shared[u].index.matched(&self.hashes).1
     }
 
     /// Takes one of server `u`'s llama-server slots for a stream: `hint`

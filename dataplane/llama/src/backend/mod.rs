@@ -22,6 +22,7 @@
 
 mod affinity;
 mod exchange;
+mod failover;
 mod pool;
 mod route;
 
@@ -90,6 +91,13 @@ struct Work {
     attempt: Attempt,
     /// Tokens delivered.
     delivered: u64,
+    /// Times the stream was sent again to another server (`failover`).
+    retries: u8,
+    /// Servers it was sent to (bit per URL index; `URLS_MAX` is 64).
+    tried: u64,
+    /// A `/completion` request (a chat request cannot continue elsewhere
+    /// from its text so far).
+    completion: bool,
 }
 
 /// Whether a stream's tokens may go to its sink.
@@ -137,6 +145,9 @@ struct Slot {
     /// The llama-server slot the stream was sent to (`id_slot`), held
     /// with the reservation.
     id_slot: Option<u16>,
+    /// The stream's prefix as it grows with the generated text (prefix
+    /// routing: the next turn of a conversation sends it back).
+    growing: crate::prefix::Growing,
     send: Vec<u8>,
     sent: usize,
     recv: Box<[u8]>,
@@ -170,6 +181,11 @@ pub struct LlamaStats {
     /// Streams sent to the server with the longest cached prefix (not
     /// the least-loaded one's choice).
     pub prefix_routed: u64,
+    /// Streams sent again to another server before their first token
+    /// (connection refused, 5xx, 429), invisibly to the client.
+    pub retried_elsewhere: u64,
+    /// Streams continued on another server after tokens were sent.
+    pub failed_over: u64,
 }
 
 pub struct LlamaBackend {
@@ -215,6 +231,7 @@ impl LlamaBackend {
             task: Task::None,
             reserved: false,
             id_slot: None,
+            growing: crate::prefix::Growing::default(),
             send: Vec::with_capacity(4096),
             sent: 0,
             recv: vec![0u8; recv_bytes].into_boxed_slice(),
@@ -271,6 +288,59 @@ impl LlamaBackend {
     fn slot_of(&self, id: WorkId) -> Option<usize> {
         self.by_id.get(&id).copied()
     }
+
+    /// A connection slot of server `u` free for a stream: an idle pooled
+    /// connection first, then a closed slot.
+    fn free_conn_slot(&self, u: usize) -> Option<usize> {
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        let idle = range
+            .clone()
+            .find(|&i| matches!(self.slots[i].task, Task::None) && matches!(self.slots[i].conn, Conn::Ready(_)));
+        idle.or_else(|| {
+            range
+                .clone()
+                .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
+        })
+    }
+
+    /// Sends `POST path` with `body_scratch` as its body on reserved
+    /// connection slot `i` for `work`: on its pooled connection, else on
+    /// a new one. On `Err` the slot is released.
+    fn launch(&mut self, i: usize, path: &str, mut work: Work, io: &mut dyn Io) -> std::io::Result<()> {
+        let slot = &mut self.slots[i];
+        debug_assert!(slot.reserved);
+        slot.send.clear();
+        http::write_post_head(
+            &mut slot.send,
+            path,
+            &self.shared[slot.upstream].target.authority,
+            self.body_scratch.len(),
+        );
+        slot.send.extend_from_slice(&self.body_scratch);
+        slot.sent = 0;
+        let reused = matches!(slot.conn, Conn::Ready(_));
+        work.attempt = if reused {
+            Attempt::PooledUnanswered
+        } else {
+            Attempt::Committed
+        };
+        let id = work.id;
+        slot.task = Task::Stream(work);
+        if reused {
+            self.llama.reused += 1;
+            slot.dec.reset();
+            slot.recv_len = 0;
+            slot.recv_pos = 0;
+            slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
+            self.submit_send(i, io);
+        } else if let Err(e) = self.open_connect(i, io) {
+            self.slots[i].task = Task::None;
+            self.release(i);
+            return Err(e);
+        }
+        self.by_id.insert(id, i);
+        Ok(())
+    }
 }
 
 impl Backend for LlamaBackend {
@@ -284,17 +354,7 @@ impl Backend for LlamaBackend {
         }
         self.hash_prompt(job.chat.unwrap_or(job.prompt).as_bytes());
         let (u, id_slot) = self.route()?;
-        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
-        // An idle pooled connection first, then a closed slot.
-        let idle = range
-            .clone()
-            .find(|&i| matches!(self.slots[i].task, Task::None) && matches!(self.slots[i].conn, Conn::Ready(_)));
-        let closed = || {
-            range
-                .clone()
-                .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
-        };
-        let Some(i) = idle.or_else(closed) else {
+        let Some(i) = self.free_conn_slot(u) else {
             // Every slot of this server on this core is still closing a
             // cancelled stream's connection.
             self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
@@ -325,43 +385,30 @@ impl Backend for LlamaBackend {
             crate::body::append_id_slot(&mut self.body_scratch, id);
         }
         self.remember_prompt(u, id_slot);
+        tracing::debug!(server = u, ?id_slot, blocks = self.hashes.len(), "routed");
+        let growing = match job.chat {
+            None if !self.hashes.is_empty() => {
+                crate::prefix::Growing::start(job.prompt.as_bytes(), &self.hashes, id_slot)
+            }
+            // Chat: the answer comes back inside the next request's JSON.
+            _ => crate::prefix::Growing::default(),
+        };
         let slot = &mut self.slots[i];
         slot.reserved = true;
         slot.id_slot = id_slot;
-        slot.send.clear();
-        http::write_post_head(
-            &mut slot.send,
-            path,
-            &self.shared[u].target.authority,
-            self.body_scratch.len(),
-        );
-        slot.send.extend_from_slice(&self.body_scratch);
-        slot.sent = 0;
-        let reused = matches!(slot.conn, Conn::Ready(_));
-        slot.task = Task::Stream(Work {
+        slot.growing = growing;
+        let work = Work {
             id: job.id,
             phase: Phase::AwaitHead,
             flow: Flow::Flowing,
-            attempt: if reused {
-                Attempt::PooledUnanswered
-            } else {
-                Attempt::Committed
-            },
+            attempt: Attempt::Committed,
             delivered: 0,
-        });
-        if reused {
-            self.llama.reused += 1;
-            slot.dec.reset();
-            slot.recv_len = 0;
-            slot.recv_pos = 0;
-            slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
-            self.submit_send(i, io);
-        } else if let Err(e) = self.open_connect(i, io) {
-            self.slots[i].task = Task::None;
-            self.release(i);
-            return Err(Reject::new(502, format!("llama backend: socket: {e}")));
-        }
-        self.by_id.insert(job.id, i);
+            retries: 0,
+            tried: 0,
+            completion: job.chat.is_none(),
+        };
+        self.launch(i, path, work, io)
+            .map_err(|e| Reject::new(502, format!("llama backend: socket: {e}")))?;
         self.stats.started += 1;
         Ok(())
     }

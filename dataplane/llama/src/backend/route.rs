@@ -22,10 +22,10 @@ impl LlamaBackend {
             }
         }
         let u = self.least_outstanding()?;
-        Ok((u, self.take_slot(u, None)))
+        Ok((u, self.take_slot(u, self.slot_hint(u))))
     }
 
-    fn reserve(&self, u: usize) -> bool {
+    pub(super) fn reserve(&self, u: usize) -> bool {
         let limit = self.cfg.inflight_per_backend;
         self.shared[u]
             .inflight
