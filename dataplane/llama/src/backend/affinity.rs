@@ -23,7 +23,7 @@ impl LlamaBackend {
     }
 
     /// The server with the longest indexed prefix of `self.hashes` that has
-    /// room, and the slot that prefix was last sent to. `None` when no
+    /// room and whose slot holding it is free, and that slot. `None` when no
     /// server holds any of it, when a least-loaded server holds as much,
     /// or when the best one's load is more than `prefix_load_factor` times
     /// the least-loaded one's (both counted +1): least-outstanding decides
@@ -49,7 +49,16 @@ impl LlamaBackend {
             if load >= limit {
                 continue;
             }
-            let (matched, slot) = s.index.matched(&self.hashes);
+            let (mut matched, slot) = s.index.matched(&self.hashes);
+            // llama-server reuses a cache only in the slot that holds it:
+            // while another stream runs there, the prefix is no use here.
+            if slot.is_some_and(|id| {
+                s.slot_busy
+                    .get(usize::from(id))
+                    .is_some_and(|b| b.load(Ordering::Acquire))
+            }) {
+                matched = 0;
+            }
             let pick = (u, matched, slot, load);
             if best.is_none_or(|(_, m, _, l)| matched > m || (matched == m && load < l)) {
                 best = Some(pick);
