@@ -12,8 +12,14 @@
 # SERVER_CPU (default 0) with one thread, the load generator on LOAD_CPUS
 # (default: 1, or 0 on a one-core machine) with LOAD_THREADS threads
 # (default 1); THREADS_LIST (default 1..cores) the server threads of that
-# ablation. ONLY="connections load inflight ablations redis http micro" runs a
-# subset. BENCH_BIN_DIR=DIR uses prebuilt binaries from DIR (cnse-dp,
+# ablation. ONLY="connections load inflight ablations redis http micro scale"
+# runs a subset. The scale step holds IDLE_CONNS idle connections (default:
+# what one process's open-file limit allows; 1,000 with --quick) on
+# IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
+# from IDLE_SOURCES loopback source addresses (default 4), and runs
+# ACTIVE_STREAMS (default 10,000; 500 with --quick) streams at a paced
+# synthetic model (100 tokens/s each, 100 tokens; 10 with --quick) on
+# ACTIVE_THREADS server threads (default 1) on ACTIVE_CPUS (default SERVER_CPU). BENCH_BIN_DIR=DIR uses prebuilt binaries from DIR (cnse-dp,
 # tokio_peer, tokio_uring_peer, monoio_peer, micro, bench_report: see
 # scripts/device-bench.sh) instead of building.
 set -euo pipefail
@@ -34,14 +40,16 @@ cores=$(nproc)
 server_cpu=${SERVER_CPU:-0}
 load_cpus=${LOAD_CPUS:-$((cores > 1 ? 1 : 0))}
 load_threads=${LOAD_THREADS:-1}
-only=${ONLY:-connections load inflight ablations redis http micro}
+only=${ONLY:-connections load inflight ablations redis http micro scale}
 if [ "$quick" = 1 ]; then
   secs=0.5 warm=0.2 drain_ms=2000
   conns_list="16 256" fractions="0.1 0.7" inflight_list="1 16"
+  payload_list="64 65536" frames_list="1 0"
   redis_conns="50" redis_n1=20000 redis_n16=200000
 else
   secs=${SECS:-5} warm=${WARMUP:-1} drain_ms=5000
   conns_list="16 64 256 1024" fractions="0.1 0.3 0.5 0.7 0.9 0.95" inflight_list="1 4 16 64"
+  payload_list="64 1024 16384 65536 262144" frames_list="1 2 4 16 0"
   redis_conns="50 256" redis_n1=$((${SECS:-5} * 100000)) redis_n16=$((${SECS:-5} * 1000000))
 fi
 ulimit -n 65536 2>/dev/null || true
@@ -221,6 +229,18 @@ if [[ " $only " == *" ablations "* ]]; then
   ablate ablation_defer_taskrun off 1 "$server_cpu" --no-defer-taskrun
   for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
   for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
+  for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
+  # 0: as many frames as fit the send buffer (the default).
+  for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
+  # SEND vs SEND_ZC by payload size: pipelined PINGs whose PONGs carry P
+  # bytes back (the server's sends), 64 connections x 4 in flight.
+  for m in plain zc; do
+    start_server cnse-dp 1 "$server_cpu" --send-mode "$m"
+    for p in $payload_list; do
+      run ablation_send_mode cnse-dp setting "$m/$p" --mode ping --payload-bytes "$p" --connections 64 --inflight 4
+    done
+    stop_server
+  done
 fi
 
 if [[ " $only " == *" redis "* ]]; then
@@ -261,12 +281,57 @@ if [[ " $only " == *" micro "* ]]; then
   fi
 fi
 
+if [[ " $only " == *" scale "* ]]; then
+  echo "== scale: paced active streams, then idle connections (cnse-dp)"
+  if [ "$quick" = 1 ]; then active=${ACTIVE_STREAMS:-500}; else active=${ACTIVE_STREAMS:-10000}; fi
+  # Paced streams first (the idle step's closes leave its source ports in
+  # TIME_WAIT): 100 tokens/s each, 100 tokens, closed loop; every
+  # connection keeps one stream open, so about ACTIVE_STREAMS are active.
+  log=$tmp/scale.active.log
+  at=${ACTIVE_THREADS:-1} acpus=${ACTIVE_CPUS:-$server_cpu}
+  # Room for twice the streams: each thread takes an equal share of
+  # --max-connections and SO_REUSEPORT's hash does not split evenly.
+  taskset -c "$acpus" "$B" serve --listen 127.0.0.1:0 --threads "$at" --max-connections $((2 * active + 100)) \
+    --synthetic-ttft-us 10000 --synthetic-token-interval-us 10000 >"$log" 2>&1 &
+  SP=$!
+  wait_ready "$log" '^listening on [0-9]'
+  ADDR=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
+  if [ "$quick" = 1 ]; then tokens=10; else tokens=100; fi
+  run scale_active "cnse-dp/$at" streams "$active" --mode generate --max-tokens "$tokens" --connections "$active" --inflight 1
+  stop_server
+  fd_limit=$(ulimit -n)
+  if [ "$quick" = 1 ]; then idle=${IDLE_CONNS:-1000}; else idle=${IDLE_CONNS:-$((fd_limit - 1000))}; fi
+  nsrv=${IDLE_SERVERS:-1}
+  per_srv=$(( (idle + nsrv - 1) / nsrv ))
+  srcs=$(seq 1 "${IDLE_SOURCES:-4}" | sed 's/^/127.0.0./' | paste -sd,)
+  # Server processes on one address: SO_REUSEPORT spreads the connections;
+  # each may hold up to its own open-file limit. The first picks the port.
+  pids=() addr=127.0.0.1:0
+  for i in $(seq 1 "$nsrv"); do
+    log=$tmp/scale.$i.log
+    taskset -c "$server_cpu" "$B" serve --listen "$addr" --threads 1 --max-connections $((fd_limit - 100)) \
+      --idle-timeout-ms 600000 $([ "$i" = 1 ] || echo --join-listen) >"$log" 2>&1 &
+    pids+=($!)
+    wait_ready "$log" '^listening on [0-9]'
+    addr=$(sed -n 's/^listening on \([0-9.:]*\).*/\1/p' "$log" | head -1)
+  done
+  if taskset -c "$load_cpus" "$B" bench-idle --addr "$addr" --connections "$idle" --source-ips "$srcs" \
+    --server-pid "$(IFS=,; echo "${pids[*]}")" >"$out/scale.txt" 2>&1; then :; else
+    echo "   FAILED: bench-idle: $(tail -1 "$out/scale.txt")"
+    failures=$((failures + 1))
+  fi
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  echo "   $idle idle connections on $nsrv server process(es) ($per_srv each at most):"
+  grep -E '^(connected|still|server|RSS)' "$out/scale.txt" | sed 's/^/     /'
+fi
+
 echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt"
 "$REPORT" "$out"
 # The smoke run's point: every part of the suite produced its output.
-if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis http micro" ]; then
+if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis http micro scale" ]; then
   for f in summary.md throughput_vs_connections.svg latency_vs_load.svg inflight.svg ablation_threads.svg \
-    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg micro.txt stages.txt http.txt; do
+    ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg ablation_recv_mode.svg \
+    ablation_frames_per_send.svg ablation_send_mode.svg micro.txt stages.txt http.txt scale.txt scale_active.csv; do
     [ -s "$out/$f" ] || { echo "bench.sh: --quick: $f is missing or empty" >&2; failures=$((failures + 1)); }
   done
   grep -q 'redis-benchmark ping' "$out/redis.csv" 2>/dev/null || [ -s "$out/redis.note" ] ||

@@ -54,12 +54,17 @@ gateway() { # issue 13: 4 cores per proxy, load and stand-in on 8-15
 }
 
 compare() { # issue 12: added TTFT through the HTTP front and the binary protocol
-  local c close
+  local c close spares
   for close in "" --standin-close-after-stream; do
     for c in 4 64; do
-      echo "== llama-compare --llama-standin $close --connections $c ($(date -u +%FT%TZ))"
-      "$here/cnse-dp" bench --target llama-compare --llama-standin $close --mode generate \
-        --connections "$c" --max-tokens 32 --duration-secs 6 --warmup-secs 2 --rounds 2 2>&1 | grep -v '^round '
+      # Against the closing stand-in, also without connections opened
+      # ahead (--llama-spare-conns 0: each request connects on its own).
+      for spares in 1 ${close:+0}; do
+        echo "== llama-compare --llama-standin $close --llama-spare-conns $spares --connections $c ($(date -u +%FT%TZ))"
+        "$here/cnse-dp" bench --target llama-compare --llama-standin $close --llama-spare-conns "$spares" \
+          --mode generate --connections "$c" --max-tokens 32 --duration-secs 6 --warmup-secs 2 --rounds 2 2>&1 |
+          grep -v '^round '
+      done
     done
   done
 }

@@ -130,6 +130,11 @@ pub struct Args {
     /// llama-server does.
     #[arg(long)]
     pub standin_close_after_stream: bool,
+    /// llama-compare: idle connections to llama-server the in-process
+    /// gateway keeps connected ahead of requests (`serve
+    /// --llama-spare-conns`).
+    #[arg(long, default_value_t = 1)]
+    pub llama_spare_conns: usize,
     /// llama-compare: rounds of (direct, through cnse-dp's binary
     /// protocol, direct over HTTP, through its HTTP front), rotated so that
     /// drift hits every side alike.

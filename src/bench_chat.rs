@@ -177,6 +177,9 @@ fn gateway(
         })
         .context("--llama-url")?,
     );
+    if policy.uses_cache() && factory.learn_slots().contains(&0) {
+        bail!("a llama-server did not answer GET /slots (start it with --slots)");
+    }
     let server = cnse_server::Server::start(
         cnse_server::Config {
             listen: "127.0.0.1:0".parse().expect("literal address"),

@@ -208,6 +208,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
         urls: vec![url.to_string()],
         inflight_per_backend: concurrency,
+        spare_conns: args.llama_spare_conns,
         ..Default::default()
     })
     .context("--llama-url")?;
@@ -217,6 +218,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             http_listen: Some("127.0.0.1:0".parse().expect("literal address")),
             threads: 1,
             pin_threads: false,
+            join_listen: false,
             ..Default::default()
         },
         Arc::new(factory),

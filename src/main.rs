@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod alloc_count;
 mod bench;
 mod bench_chat;
+mod bench_idle;
 mod bench_llama;
 mod bench_scaling;
 mod bench_wake;
@@ -47,6 +48,8 @@ enum Command {
     Client(client::Args),
     /// Load generator: latency percentiles, throughput, CSV.
     Bench(bench::Args),
+    /// Idle connections held open: what each costs the server (RSS, descriptors).
+    BenchIdle(bench_idle::Args),
     /// Wake latency between two cores' rings: IORING_OP_MSG_RING against an eventfd.
     BenchWake(bench_wake::Args),
     /// Work-stealing scheduler scaling: synthetic tasks alone or across MPI ranks.
@@ -101,6 +104,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::BenchScaling(a) => bench_scaling::run(a),
         Command::BenchWake(a) => bench_wake::run(a),
+        Command::BenchIdle(a) => bench_idle::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Store(a) => store::run(a),
         Command::Gpu(a) => gpu::run(a),

@@ -47,6 +47,11 @@ pub struct Args {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Share the listen addresses with other cnse-dp processes already
+    /// serving them (SO_REUSEPORT: the kernel splits new connections among
+    /// the processes). Without it a busy address is an error.
+    #[arg(long)]
+    pub join_listen: bool,
     #[arg(long, value_enum, default_value = "synthetic")]
     pub backend: BackendKind,
     /// File holding the auth key clients must send in HELLO (its content
@@ -152,6 +157,12 @@ pub struct Args {
     /// times, unseen by the client (0: never).
     #[arg(long, default_value_t = 2)]
     pub llama_retries: u8,
+    /// Idle connections per llama-server per worker kept connected ahead
+    /// of requests (llama-server closes after every stream: a request then
+    /// finds a connected socket); at most --llama-inflight, 0: none. Each
+    /// holds one of llama-server's HTTP threads while idle.
+    #[arg(long, default_value_t = 1)]
+    pub llama_spare_conns: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -179,6 +190,19 @@ pub struct Args {
     /// (DEFER_TASKRUN off; an ablation switch).
     #[arg(long)]
     pub no_defer_taskrun: bool,
+    /// How workers receive: `bufring` (multishot RECV from a provided-
+    /// buffer ring) or `plain` (one RECV at a time into each connection's
+    /// own buffer); an ablation switch.
+    #[arg(long, value_enum, default_value = "bufring")]
+    pub recv_mode: RecvModeArg,
+    /// How workers send: `plain` (SEND) or `zc` (SEND_ZC, zero-copy); an
+    /// ablation switch.
+    #[arg(long, value_enum, default_value = "plain")]
+    pub send_mode: SendModeArg,
+    /// Stream frames one send carries at most (0: as many as fit
+    /// --send-buffer-bytes); an ablation switch.
+    #[arg(long, default_value_t = 0)]
+    pub max_frames_per_send: usize,
     /// Also serve the OpenAI-compatible HTTP API here (docs/HTTP.md):
     /// /v1/completions, /v1/chat/completions, /v1/models, /health,
     /// /metrics, on the same worker rings.
@@ -328,6 +352,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         listen: a.listen,
         threads,
         pin_threads: !a.no_pin,
+        join_listen: a.join_listen,
         payload_bytes_max: a.payload_max_bytes,
         max_tokens_limit: a.max_tokens_limit,
         conns_per_thread_max: a.max_connections.div_ceil(threads).max(1),
@@ -348,12 +373,35 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         recv_buffer_bytes: a.recv_buffer_bytes,
         send_buffer_bytes: a.send_buffer_bytes,
         defer_taskrun: !a.no_defer_taskrun,
+        recv_mode: match a.recv_mode {
+            RecvModeArg::Bufring => cnse_server::RecvMode::BufRing,
+            RecvModeArg::Plain => cnse_server::RecvMode::Plain,
+        },
+        send_mode: match a.send_mode {
+            SendModeArg::Plain => cnse_server::SendMode::Plain,
+            SendModeArg::Zc => cnse_server::SendMode::Zc,
+        },
+        frames_per_send_max: a.max_frames_per_send,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
         store_names: store_names(a)?,
         model_name: model_name(a),
         ..Config::default()
     })
+}
+
+/// `--recv-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecvModeArg {
+    Bufring,
+    Plain,
+}
+
+/// `--send-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendModeArg {
+    Plain,
+    Zc,
 }
 
 fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
@@ -376,11 +424,12 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 prefix_load_factor: a.llama_prefix_load_factor,
                 prefix_entries: a.llama_prefix_entries,
                 retries_max: a.llama_retries,
+                spare_conns: a.llama_spare_conns,
                 ..Default::default()
             })
             .context("--llama-url")?;
             if a.llama_route.uses_cache() {
-                for (url, n) in a.llama_url.iter().zip(factory.slots_known()) {
+                for (url, n) in a.llama_url.iter().zip(factory.learn_slots()) {
                     if n == 0 {
                         eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
                     } else if n < a.llama_inflight {

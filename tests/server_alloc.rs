@@ -49,9 +49,27 @@ fn load(s: &Server, mode: &str) {
 
 #[test]
 fn issue2_steady_state_allocates_nothing_per_frame() {
-    let s = Server::start(&strs(
-        &[synthetic(0, 0), vec!["--stats-interval-ms".into(), "100".into()]].concat(),
-    ));
+    steady_state_allocations(&[]);
+}
+
+#[test]
+fn issue13_ablation_io_modes_allocate_nothing_per_frame() {
+    // Plain receives into each slot's own buffer, SEND_ZC held until its
+    // notification, one frame per send: still nothing per frame.
+    steady_state_allocations(&[
+        "--recv-mode",
+        "plain",
+        "--send-mode",
+        "zc",
+        "--max-frames-per-send",
+        "1",
+    ]);
+}
+
+fn steady_state_allocations(extra: &[&str]) {
+    let mut args = [synthetic(0, 0), vec!["--stats-interval-ms".into(), "100".into()]].concat();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let s = Server::start(&strs(&args));
     // Warm-up: connection slots, stream slots and buffers reach their size.
     load(&s, "generate");
     load(&s, "generate");

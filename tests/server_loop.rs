@@ -196,3 +196,73 @@ fn issue13_ablation_switches_serve_the_same_stream() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--recv-buffer-bytes must be in"));
 }
+
+#[test]
+fn issue13_recv_send_and_coalescing_switches_serve_the_same_stream() {
+    // Each I/O ablation switch, and all of them at once: every stream
+    // arrives whole with cnse-dp's text, and PONGs echo their payload at
+    // every size (SEND_ZC's buffer is reused only after its notification).
+    for extra in [
+        &["--recv-mode", "plain"][..],
+        &["--send-mode", "zc"],
+        &["--max-frames-per-send", "1"],
+        &[
+            "--recv-mode",
+            "plain",
+            "--send-mode",
+            "zc",
+            "--max-frames-per-send",
+            "2",
+            "--recv-buffer-bytes",
+            "1024",
+        ],
+    ] {
+        let mut args = synthetic(0, 0);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let s = Server::start(&strs(&args));
+        let mut c = s.client();
+        let prompt = "y".repeat(3000);
+        // Several streams in flight on one connection, so that a send has
+        // frames of more than one stream to carry.
+        for id in 1..=4u64 {
+            c.request(
+                id,
+                0,
+                &Params {
+                    seed: id,
+                    ..params(300)
+                },
+                &prompt,
+            )
+            .unwrap();
+        }
+        let mut text: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+        let mut ended = 0;
+        while ended < 4 {
+            let f = c.next_frame().unwrap();
+            match f.kind {
+                Kind::Tokens => text.entry(f.stream_id).or_default().extend_from_slice(&f.payload),
+                Kind::End => ended += 1,
+                k => panic!("{extra:?}: unexpected {k:?}"),
+            }
+        }
+        for id in 1..=4u64 {
+            assert_eq!(
+                text[&id],
+                cnse_backend::synthetic::expected_text(&prompt, id, 300),
+                "{extra:?} stream {id}"
+            );
+        }
+        for (k, n) in [0usize, 1, 4096, 65536, 200_000].into_iter().enumerate() {
+            let payload: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            c.ping(100 + k as u64, 7, 9, &payload).unwrap();
+            let f = c.next_frame().unwrap();
+            assert_eq!(
+                (f.kind, f.stream_id),
+                (Kind::Pong, 100 + k as u64),
+                "{extra:?} ping {n}"
+            );
+            assert!(f.payload == payload, "{extra:?} ping {n}: payload differs");
+        }
+    }
+}

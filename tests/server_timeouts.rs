@@ -113,3 +113,44 @@ fn issue2_second_server_on_a_busy_port_fails_in_one_line() {
     let g = s.client().generate(1, 0, &params(3), "still mine", |_, _| {}).unwrap();
     assert_eq!(g.tokens, 3);
 }
+
+/// `--join-listen`: a second process on the same address shares it, and the
+/// kernel hands new connections to both (issue 13's 100k idle connections
+/// need several processes: one may hold only its open-file limit).
+#[test]
+fn issue13_join_listen_shares_the_address_between_processes() {
+    let s = Server::start(&["--threads", "1"]);
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args([
+            "serve",
+            "--listen",
+            &s.addr.to_string(),
+            "--threads",
+            "1",
+            "--no-pin",
+            "--join-listen",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(second.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.starts_with(&format!("listening on {}", s.addr)), "{line}");
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let (a0, b0) = (fds(s.pid()), fds(second.id()));
+    let mut clients: Vec<_> = (0..64).map(|_| s.client()).collect();
+    // Every connection is served (HELLO_ACK), whichever process took it.
+    for (i, c) in clients.iter_mut().enumerate().take(8) {
+        let g = c.generate(1, 0, &params(2), &format!("joined {i}"), |_, _| {}).unwrap();
+        assert_eq!(g.tokens, 2);
+    }
+    let (a1, b1) = (fds(s.pid()), fds(second.id()));
+    drop(clients);
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(
+        a1 > a0 && b1 > b0,
+        "both processes hold connections: {a0}->{a1}, {b0}->{b1}"
+    );
+}

@@ -265,6 +265,9 @@ pub fn write_all(dir: &Path) -> Res<Vec<String>> {
         ("ablation_defer_taskrun", "DEFER_TASKRUN"),
         ("ablation_recv_buffer", "provided receive buffer, bytes"),
         ("ablation_send_buffer", "send buffer limit, bytes"),
+        ("ablation_recv_mode", "receive: provided-buffer ring or plain RECV"),
+        ("ablation_frames_per_send", "stream frames per send at most (0: no cap)"),
+        ("ablation_send_mode", "send mode / PING payload, bytes"),
     ] {
         let pts = points(&load(dir, &format!("{file}.csv")));
         let mut values: Vec<String> = Vec::new();

@@ -238,6 +238,18 @@ fn ablations(out: &mut String, dir: &Path) {
             "provided receive buffer (`--recv-buffer-bytes`)",
         ),
         ("ablation_send_buffer", "send buffer limit (`--send-buffer-bytes`)"),
+        (
+            "ablation_recv_mode",
+            "provided-buffer ring vs plain RECV (`--recv-mode bufring|plain`)",
+        ),
+        (
+            "ablation_frames_per_send",
+            "stream frames coalesced per send (`--max-frames-per-send N`, 0: no cap)",
+        ),
+        (
+            "ablation_send_mode",
+            "SEND vs SEND_ZC by PONG payload size (`--send-mode plain|zc`, `--payload-bytes`)",
+        ),
     ] {
         let pts = points(&load(dir, &format!("{file}.csv")));
         if pts.is_empty() {
@@ -314,6 +326,46 @@ fn redis(out: &mut String, dir: &Path) {
 }
 
 /// The whole summary; `plots` are the SVG files written beside it.
+/// Issue 13's scale step: idle connections held (`cnse-dp bench-idle`,
+/// its `csv,idle_connections,...` line) and paced active streams.
+fn scale(out: &mut String, dir: &Path) {
+    let Ok(txt) = std::fs::read_to_string(dir.join("scale.txt")) else {
+        return;
+    };
+    let _ = writeln!(out, "\n## Scale (`cnse-dp bench-idle`, paced streams)\n");
+    // csv,idle_connections,OPENED,RSS_BEFORE_KIB,RSS_HELD_KIB,RSS_AFTER_KIB,BYTES_PER_CONN
+    if let Some(f) = txt.lines().find_map(|l| l.strip_prefix("csv,idle_connections,")) {
+        let v: Vec<f64> = f.split(',').filter_map(|x| x.parse().ok()).collect();
+        if let [n, before, held, after, per] = v[..] {
+            let _ = writeln!(
+                out,
+                "| idle connections | server RSS before | held | after close | RSS per connection | target (issue 13) |\n|---:|---:|---:|---:|---:|---|\n| {n:.0} | {before:.0} KiB | {held:.0} KiB | {after:.0} KiB | {per:.0} B | ≤ 1 KiB each at 100k: {} |",
+                if per <= 1024.0 && n >= 100_000.0 { "met" } else if per <= 1024.0 { "per connection yes; fewer than 100k here" } else { "no" }
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n```\n{}\n```",
+        txt.lines()
+            .filter(|l| !l.starts_with("csv,"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for p in points(&load(dir, "scale_active.csv")) {
+        let _ = writeln!(
+            out,
+            "\nPaced streams (100 tokens/s each, closed loop): {} connections, {} requests/s, tokens {}/s, inter-token p99 {}, server {} cores, load {} cores.",
+            p.value,
+            rate(p.rate("requests")),
+            rate(p.rate("tokens")),
+            us(p.metrics.get("inter_token").and_then(|r| r.pct[P99])),
+            cores(p.server_cores()),
+            cores(p.load_cores())
+        );
+    }
+}
+
 pub fn render(dir: &Path, plots: &[String]) -> String {
     let mut out = String::from("# Benchmark results (scripts/bench.sh)\n");
     if let Ok(m) = std::fs::read_to_string(dir.join("machine.txt")) {
@@ -336,6 +388,7 @@ pub fn render(dir: &Path, plots: &[String]) -> String {
             h.trim()
         );
     }
+    scale(&mut out, dir);
     if let Ok(m) = std::fs::read_to_string(dir.join("micro.txt")) {
         let _ = writeln!(
             out,

@@ -92,6 +92,13 @@ pub struct LlamaConfig {
     /// lost, HTTP 5xx or 429) is sent to another server up to this many
     /// times (`--llama-retries`; 0: never).
     pub retries_max: u8,
+    /// Idle connections per llama-server per core kept connected ahead of
+    /// requests, on connection slots of their own (at most
+    /// `inflight_per_backend`; 0: none). llama-server
+    /// closes its connection after every stream, so without a spare each
+    /// request waits for a connect. Each spare holds one of llama-server's
+    /// HTTP threads while it waits (`--threads-http`).
+    pub spare_conns: usize,
 }
 
 /// How the backend picks a llama-server for a stream.
@@ -149,6 +156,7 @@ impl Default for LlamaConfig {
             prefix_load_factor: 2.0,
             prefix_entries: prefix::ENTRIES_DEFAULT,
             retries_max: 2,
+            spare_conns: 1,
         }
     }
 }
@@ -156,7 +164,7 @@ impl Default for LlamaConfig {
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
 pub const INFLIGHT_PER_BACKEND_MAX: usize = 1024;
-/// Connection slots per core (`urls × inflight_per_backend`): each has its
+/// Connection slots per core (`urls × (inflight_per_backend + spare_conns)`): each has its
 /// receive buffer allocated up front, and `poll` visits each once a turn.
 pub const SLOTS_PER_CORE_MAX: usize = 4096;
 
@@ -287,9 +295,11 @@ pub(crate) struct Shared {
     pub healthy: AtomicBool,
     /// Prompt prefixes recently sent to this server (prefix routing).
     pub index: prefix::PrefixIndex,
-    /// llama-server's slots (`GET /slots` at start-up; 0: unknown, no
-    /// `id_slot` is sent): whether one of our streams is on each, and when
+    /// llama-server's slots we may use (`LlamaFactory::learn_slots`; 0:
+    /// unknown, no `id_slot` is sent), and per slot (up to
+    /// `inflight_per_backend`) whether one of our streams is on it and when
     /// it was last given one (a stamp of `slot_clock`).
+    pub slots_known: AtomicUsize,
     pub slot_busy: Box<[AtomicBool]>,
     pub slot_used: Box<[AtomicU32]>,
     pub slot_clock: AtomicU32,
@@ -306,6 +316,7 @@ impl Shared {
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             index: prefix::PrefixIndex::new(index_entries),
+            slots_known: AtomicUsize::new(0),
             slot_busy: (0..slots).map(|_| AtomicBool::new(false)).collect(),
             slot_used: (0..slots).map(|_| AtomicU32::new(0)).collect(),
             slot_clock: AtomicU32::new(0),
@@ -353,11 +364,18 @@ impl LlamaFactory {
                 "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
             )));
         }
-        if cfg.urls.len() * cfg.inflight_per_backend > SLOTS_PER_CORE_MAX {
+        if cfg.spare_conns > cfg.inflight_per_backend {
             return Err(LlamaError::Config(format!(
-                "{} URLs x inflight_per_backend {} is above {SLOTS_PER_CORE_MAX} connection slots per core",
+                "spare_conns {} is above inflight_per_backend {}",
+                cfg.spare_conns, cfg.inflight_per_backend
+            )));
+        }
+        if cfg.urls.len() * (cfg.inflight_per_backend + cfg.spare_conns) > SLOTS_PER_CORE_MAX {
+            return Err(LlamaError::Config(format!(
+                "{} URLs x (inflight_per_backend {} + spare_conns {}) is above {SLOTS_PER_CORE_MAX} connection slots per core",
                 cfg.urls.len(),
-                cfg.inflight_per_backend
+                cfg.inflight_per_backend,
+                cfg.spare_conns
             )));
         }
         if cfg.recv_buffer_bytes > 1 << 20 || cfg.event_bytes_max > 16 << 20 {
@@ -390,14 +408,9 @@ impl LlamaFactory {
             if shared.iter().any(|s: &Shared| s.target.addr == target.addr) {
                 return Err(LlamaError::Config(format!("llama-server {url} listed twice")));
             }
-            // Slots are learnt only where a stream may be put on one.
-            let slots = if cfg.route.uses_cache() {
-                slot_count(url, cfg.connect_timeout)
-                    .unwrap_or(0)
-                    .min(prefix::SLOT_ID_MAX)
-            } else {
-                0
-            };
+            // Room for every slot a stream may take; how many exist is
+            // learnt by `learn_slots`.
+            let slots = cfg.inflight_per_backend.min(prefix::SLOT_ID_MAX + 1);
             shared.push(Shared::new(target, slots, cfg.prefix_entries));
         }
         Ok(Self {
@@ -422,9 +435,20 @@ impl LlamaFactory {
             .collect()
     }
 
-    /// llama-server slots learnt at start-up per server (0: unknown).
-    pub fn slots_known(&self) -> Vec<usize> {
-        self.shared.iter().map(|s| s.slot_busy.len()).collect()
+    /// Asks every llama-server for its slots (`GET /slots`, blocking, at
+    /// most `connect_timeout` each) so that streams can be put on the slot
+    /// that holds their prefix (`id_slot`). Returns what each answered
+    /// (0: no answer; then no `id_slot` goes to it). Call once at
+    /// start-up, before serving; without it no `id_slot` is sent.
+    pub fn learn_slots(&self) -> Vec<usize> {
+        self.shared
+            .iter()
+            .map(|s| {
+                let n = slot_count(&s.target.url, self.cfg.connect_timeout).unwrap_or(0);
+                s.slots_known.store(n.min(s.slot_busy.len()), Ordering::Release);
+                n
+            })
+            .collect()
     }
 
     /// Builds a backend directly (what `build` does, typed).

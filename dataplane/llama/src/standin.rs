@@ -20,7 +20,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ const REQUEST_BYTES_MAX: usize = 1 << 20;
 pub struct Standin {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
 }
 
 impl Standin {
@@ -58,16 +59,28 @@ impl Standin {
         let addr = listener.local_addr().map_err(|e| io("local_addr", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let connections2 = connections.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Acquire) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                connections2.fetch_add(1, Ordering::AcqRel);
                 std::thread::spawn(move || serve(conn, cfg));
             }
         });
-        Ok(Standin { addr, stop })
+        Ok(Standin {
+            addr,
+            stop,
+            connections,
+        })
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
     }
 
     pub fn url(&self) -> String {

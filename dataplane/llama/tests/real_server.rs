@@ -163,3 +163,35 @@ fn killing_llama_server_mid_stream_is_502_and_the_other_keeps_serving() {
     }
     assert_eq!(sink.get(3).text(), direct_answer(&other.url, PROMPT, 16));
 }
+
+#[test]
+fn issue12_requests_to_llama_server_find_a_connection_opened_ahead() {
+    // llama-server closes its connection after every stream: each request
+    // after the first takes a spare connected while the previous one ran,
+    // and none is sent on a connection llama-server already closed.
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((url, _server)) = llama() else { return };
+    let mut cfg = real_config(&[&url]);
+    cfg.health_interval = Duration::from_secs(60);
+    let mut b = backend(cfg);
+    let mut d = Driver::new().unwrap();
+    let mut sink = Recorder::default();
+    let end = Instant::now() + Duration::from_secs(10);
+    while b.llama_stats().spares_opened == 0 {
+        assert!(Instant::now() < end, "no spare connected: {:?}", b.llama_stats());
+        d.run_for(&mut b, &mut sink, Duration::from_millis(10));
+    }
+    for id in 1..=4u64 {
+        d.start(&mut b, id, greedy(4), PROMPT).unwrap();
+        assert!(d.run_until(&mut b, &mut sink, Duration::from_secs(60), |s| s.finished(id)));
+        assert_eq!(sink.get(id).error, None, "request {id}");
+        let end = Instant::now() + Duration::from_secs(10);
+        while b.inflight(0) != 0 {
+            assert!(Instant::now() < end, "place not given back: {:?}", b.llama_stats());
+            d.run_for(&mut b, &mut sink, Duration::from_millis(10));
+        }
+    }
+    let st = b.llama_stats();
+    assert_eq!(st.spares_taken + st.reused, 4, "{st:?}");
+    assert_eq!(st.retried, 0, "{st:?}");
+}

@@ -77,6 +77,8 @@ pub struct Conn {
     /// Stage timing: the oldest END in `out_fill` and how many it holds.
     pub fill_first_end: Option<Instant>,
     pub fill_ends: u32,
+    /// Stream frames in `out_fill` (`Config::frames_per_send_max`).
+    pub fill_frames: u32,
     /// Index in `Tables::conn_live` while the slot is in use.
     pub live_pos: u32,
     /// Capacity of this connection's buffers as last counted into the
@@ -105,6 +107,7 @@ impl Conn {
             dirty: false,
             fill_first_end: None,
             fill_ends: 0,
+            fill_frames: 0,
             live_pos: 0,
             held_bytes: 0,
         }

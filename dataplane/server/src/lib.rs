@@ -18,6 +18,8 @@ mod auth;
 pub use auth::Secret;
 mod conn;
 mod http;
+mod io_modes;
+pub use io_modes::{RecvMode, SendMode};
 mod listen;
 pub mod metrics;
 pub mod session;
@@ -41,6 +43,10 @@ pub struct Config {
     pub threads: usize,
     /// Pin worker i to core i.
     pub pin_threads: bool,
+    /// Join addresses that other processes already serve with
+    /// SO_REUSEPORT (the kernel splits new connections among them) instead
+    /// of refusing a busy address.
+    pub join_listen: bool,
     /// Largest accepted `payload_len` (413 above).
     pub payload_bytes_max: u32,
     /// Largest accepted `max_tokens`.
@@ -108,6 +114,14 @@ pub struct Config {
     /// follow within it find the thread running, so neither side pays a
     /// sleep and a wake-up. Zero: block at once.
     pub busy_poll: Duration,
+    /// How workers receive (an ablation switch; default: the provided-
+    /// buffer ring).
+    pub recv_mode: RecvMode,
+    /// How workers send (an ablation switch; default: plain SEND).
+    pub send_mode: SendMode,
+    /// Stream frames (TOKENS, END, ERROR) one send carries at most; 0: as
+    /// many as fit the send buffer (an ablation switch).
+    pub frames_per_send_max: usize,
     /// The OpenAI-compatible HTTP front's address (`None`: no HTTP).
     pub http_listen: Option<SocketAddr>,
     /// The model name the HTTP front reports and echoes.
@@ -126,6 +140,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             threads: 0,
             pin_threads: true,
+            join_listen: false,
             payload_bytes_max: PAYLOAD_BYTES_MAX_DEFAULT,
             max_tokens_limit: MAX_TOKENS_LIMIT_DEFAULT,
             conns_per_thread_max: 16_384,
@@ -150,6 +165,9 @@ impl Default for Config {
             stage_timing: false,
             defer_taskrun: true,
             busy_poll: Duration::ZERO,
+            recv_mode: RecvMode::BufRing,
+            send_mode: SendMode::Plain,
+            frames_per_send_max: 0,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),
             store_names: Vec::new(),
@@ -266,10 +284,12 @@ impl Server {
             0 => config.threads,
             n => n.min(config.threads),
         };
-        let (listeners, addr) = bind_front(Some(config.listen), accepting, config.threads)?;
+        let (listeners, addr) = bind_front(Some(config.listen), accepting, config.threads, config.join_listen)?;
         let addr = addr.expect("the binary front is always bound");
-        let (http_listeners, http_addr) = bind_front(config.http_listen, accepting, config.threads)?;
-        let (metrics_listeners, metrics_addr) = bind_front(config.metrics_listen, accepting, config.threads)?;
+        let (http_listeners, http_addr) =
+            bind_front(config.http_listen, accepting, config.threads, config.join_listen)?;
+        let (metrics_listeners, metrics_addr) =
+            bind_front(config.metrics_listen, accepting, config.threads, config.join_listen)?;
         let shared = Arc::new(Shared {
             shutdown: AtomicBool::new(false),
             counters: (0..config.threads).map(|_| WorkerCounters::default()).collect(),
@@ -452,11 +472,15 @@ fn bind_front(
     addr: Option<SocketAddr>,
     accepting: usize,
     threads: usize,
+    join: bool,
 ) -> Result<(Vec<Option<std::os::fd::OwnedFd>>, Option<SocketAddr>), ServerError> {
     let Some(addr) = addr else {
         return Ok(((0..threads).map(|_| None).collect(), None));
     };
-    let mut fds: Vec<_> = listen::bind_reuseport(addr, accepting)?.into_iter().map(Some).collect();
+    let mut fds: Vec<_> = listen::bind_reuseport(addr, accepting, join)?
+        .into_iter()
+        .map(Some)
+        .collect();
     let bound = listen::local_addr(fds[0].as_ref().expect("at least one worker accepts"))
         .map_err(|error| ServerError::Bind { addr, error })?;
     fds.resize_with(threads, || None);

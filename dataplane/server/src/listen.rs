@@ -56,12 +56,20 @@ fn bind_one(addr: SocketAddr, reuseport: bool) -> io::Result<OwnedFd> {
 ///
 /// SO_REUSEPORT would also let a second server process join a port that is
 /// already serving, silently splitting its connections; a plain bind first
-/// (released before the real ones) turns that into "address in use".
-pub(crate) fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<OwnedFd>, ServerError> {
+/// (released before the real ones) turns that into "address in use" unless
+/// `join` asks for exactly that split (several processes on one address,
+/// for example to hold more connections than one process's open-file
+/// limit allows).
+pub(crate) fn bind_reuseport(addr: SocketAddr, count: usize, join: bool) -> Result<Vec<OwnedFd>, ServerError> {
     let bind_err = |addr| move |error| ServerError::Bind { addr, error };
-    let probe = bind_one(addr, false).map_err(bind_err(addr))?;
-    let bound = local_addr(&probe).map_err(bind_err(addr))?;
-    drop(probe);
+    let bound = if join && addr.port() != 0 {
+        addr
+    } else {
+        let probe = bind_one(addr, false).map_err(bind_err(addr))?;
+        let bound = local_addr(&probe).map_err(bind_err(addr))?;
+        drop(probe);
+        bound
+    };
     (0..count)
         .map(|_| bind_one(bound, true).map_err(bind_err(bound)))
         .collect()

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnse_backend::{Backend, Io};
-use cnse_ring::{opcode, squeue, types, BufRing, Completion, Ring, RingConfig, Tag};
+use cnse_ring::{cqueue, opcode, squeue, types, BufRing, Completion, Ring, RingConfig, Tag};
 
+use crate::io_modes::{PlainRecvBufs, RecvMode, SendMode, ZcPending};
 use crate::session::{Session, SWEEP_INTERVAL};
 use crate::transport::{ConnRef, Transport};
 use crate::{Config, Shared, WorkerCounters};
@@ -78,6 +79,10 @@ unsafe fn push(ring: &mut Ring, entry: squeue::Entry, tag: Tag) {
 pub(crate) struct RingIo {
     ring: Ring,
     now: Instant,
+    recv_mode: RecvMode,
+    send_mode: SendMode,
+    /// `RecvMode::Plain`'s buffers (no slots otherwise).
+    plain: PlainRecvBufs,
 }
 
 impl Io for RingIo {
@@ -94,6 +99,15 @@ impl Io for RingIo {
 
 impl Transport for RingIo {
     fn recv(&mut self, c: ConnRef) {
+        if self.recv_mode == RecvMode::Plain {
+            let buf = self.plain.get_mut(c.slot);
+            let e = opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32).build();
+            // SAFETY: the slot's buffer is boxed, never freed while the
+            // worker runs, and not read until this RECV completes (the
+            // session keeps one receive per connection).
+            unsafe { push(&mut self.ring, e, tag(Op::Recv, c.slot, c.gen)) };
+            return;
+        }
         let e = opcode::RecvMulti::new(types::Fd(c.fd), BGID).build();
         // SAFETY: the buffers are the ring's provided buffers; the session
         // closes the fd only once the connection has no op in flight.
@@ -107,9 +121,16 @@ impl Transport for RingIo {
     }
 
     unsafe fn send(&mut self, c: ConnRef, data: &[u8]) {
-        let e = opcode::Send::new(types::Fd(c.fd), data.as_ptr(), data.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        let e = match self.send_mode {
+            SendMode::Plain => opcode::Send::new(types::Fd(c.fd), data.as_ptr(), data.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            // The session's "until the completion" is the notification:
+            // `dispatch` reports the send done only then.
+            SendMode::Zc => opcode::SendZc::new(types::Fd(c.fd), data.as_ptr(), data.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+        };
         // SAFETY: the caller keeps `data` in place until the completion.
         unsafe { push(&mut self.ring, e, tag(Op::Send, c.slot, c.gen)) };
     }
@@ -138,6 +159,8 @@ struct Worker {
     shared: Arc<Shared>,
     index: usize,
     cqes: Vec<Completion>,
+    /// SEND_ZC results waiting for their notification (`SendMode::Zc`).
+    zc: ZcPending,
     /// Until when the worker polls instead of blocking (`Config::busy_poll`).
     poll_until: Instant,
     /// When the request metrics are next copied for `/metrics`.
@@ -258,7 +281,15 @@ impl Worker {
         let bufs = BufRing::new(&ring, BGID, cfg.recv_buffers, cfg.recv_buffer_bytes)?;
         let now = Instant::now();
         let conns_max = cfg.conns_per_thread_max.min(cnse_ring::SLOT_MAX as usize);
-        let io = RingIo { ring, now };
+        let plain_slots = if cfg.recv_mode == RecvMode::Plain { conns_max } else { 0 };
+        let zc_slots = if cfg.send_mode == SendMode::Zc { conns_max } else { 0 };
+        let io = RingIo {
+            ring,
+            now,
+            recv_mode: cfg.recv_mode,
+            send_mode: cfg.send_mode,
+            plain: PlainRecvBufs::new(plain_slots, cfg.recv_buffer_bytes as usize),
+        };
         Ok(Worker {
             session: Session::with_tasks(cfg, backend, io, now, conns_max, sched.tasks, sched.core),
             bufs,
@@ -269,6 +300,7 @@ impl Worker {
             shared,
             index,
             cqes: Vec::with_capacity(entries as usize * 4),
+            zc: ZcPending::new(zc_slots),
             poll_until: now,
             next_metrics: now,
         })
@@ -369,6 +401,19 @@ impl Worker {
     fn dispatch(&mut self, c: Completion) {
         let (slot, gen) = (c.tag.slot_index(), c.tag.gen());
         match Op::from_code(c.tag.kind()) {
+            Some(Op::Recv) if self.session.io.recv_mode == RecvMode::Plain => {
+                if c.result > 0 {
+                    // Out of the transport for the call (a move, no copy):
+                    // the session reads it while it may submit other ops
+                    // (not this slot's RECV: that waits for on_recv_done).
+                    let buf = self.session.io.plain.take(slot);
+                    let n = (c.result as usize).min(buf.len());
+                    self.session.on_input(slot, gen, &buf[..n]);
+                    self.session.io.plain.put(slot, buf);
+                }
+                // Single-shot: the session arms the next one.
+                self.session.on_recv_done(slot, gen, c.result.min(1), false);
+            }
             Some(Op::Recv) => {
                 if c.result > 0 {
                     let bid = c.buffer().expect("a successful buffer-select recv names its buffer");
@@ -383,6 +428,18 @@ impl Worker {
                 self.session.on_recv_done(slot, gen, c.result.min(1), c.more());
             }
             Some(Op::Accept) => self.on_accept(FRONTS[slot as usize], c),
+            Some(Op::Send) if self.session.io.send_mode == SendMode::Zc => {
+                if cqueue::notif(c.flags) {
+                    // The kernel let go of the buffer.
+                    if let Some(r) = self.zc.release(slot) {
+                        self.session.on_send_done(slot, gen, r);
+                    }
+                } else if c.more() {
+                    self.zc.hold(slot, c.result);
+                } else {
+                    self.session.on_send_done(slot, gen, c.result);
+                }
+            }
             Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
             Some(Op::Wake) => {
                 self.session.on_wake();

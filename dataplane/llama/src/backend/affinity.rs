@@ -101,6 +101,10 @@ impl LlamaBackend {
             return None;
         }
         let s = &self.shared[u];
+        let known = s.slots_known.load(Ordering::Acquire);
+        if known == 0 {
+            return None;
+        }
         let try_take = |id: usize| {
             s.slot_busy[id]
                 .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -108,13 +112,13 @@ impl LlamaBackend {
         };
         let stamp = s.slot_clock.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         let taken = match hint.map(usize::from) {
-            Some(id) if id < s.slot_busy.len() && try_take(id) => Some(id),
+            Some(id) if id < known && try_take(id) => Some(id),
             _ => {
                 // Oldest first; a few rounds, as another core may take the
                 // chosen one between the look and the take.
                 let mut got = None;
                 for _ in 0..4 {
-                    let oldest = (0..s.slot_busy.len())
+                    let oldest = (0..known)
                         .filter(|&id| !s.slot_busy[id].load(Ordering::Acquire))
                         .max_by_key(|&id| stamp.wrapping_sub(s.slot_used[id].load(Ordering::Relaxed)));
                     match oldest {

@@ -51,22 +51,15 @@ impl LlamaBackend {
                 w.attempt = Attempt::Committed;
                 self.llama.retried += 1;
                 let slot = &self.slots[i];
-                if slot
-                    .idle_since
-                    .is_some_and(|t| io.now().saturating_duration_since(t) < CLOSES_AFTER_STREAM)
+                if slot.keep_alive
+                    && slot
+                        .idle_since
+                        .is_some_and(|t| io.now().saturating_duration_since(t) < CLOSES_AFTER_STREAM)
                 {
-                    // Closed right after its last answer, whatever its
-                    // Keep-Alive header said (llama-server b10434 does so
-                    // after every stream): pooling this server's
-                    // connections only costs each request a send on a dead
-                    // one. From now on they are closed after each answer.
-                    if !self.closes_after_stream[slot.upstream] {
-                        self.closes_after_stream[slot.upstream] = true;
-                        tracing::info!(
-                            upstream = %self.url(i),
-                            "llama-server closes its connection after each answer: not pooling its connections"
-                        );
-                    }
+                    // Closed right after its last answer (llama-server
+                    // b10434 does so after every stream), and before its
+                    // watching RECV saw it.
+                    self.mark_closes_after_stream(slot.upstream);
                 }
                 self.abort_conn(i, io);
             }
@@ -77,6 +70,14 @@ impl LlamaBackend {
                     format!("llama-server failed: {what}")
                 };
                 self.fail(i, 502, &msg, down, io, sink);
+            }
+            Task::Spare => {
+                // Only a spare's CONNECT can fail here: the server is
+                // unreachable, as a stream's failed connect would say.
+                if down {
+                    self.mark_down(self.slots[i].upstream);
+                }
+                self.abandon_conn(i, io);
             }
             Task::Health | Task::Drain | Task::None => self.abandon_conn(i, io),
         }
@@ -160,7 +161,7 @@ impl LlamaBackend {
                                 w.phase = Phase::Streaming;
                             }
                         }
-                        Task::Drain | Task::None => {}
+                        Task::Drain | Task::None | Task::Spare => {}
                     }
                 }
                 Item::Line => {
@@ -269,14 +270,11 @@ impl LlamaBackend {
                     self.fail(i, 502, &msg, down, io, sink);
                 }
             }
-            Task::Drain | Task::None | Task::Health => {
+            Task::Drain | Task::None | Task::Health | Task::Spare => {
                 slot.task = Task::None;
-                if pool && slot.keep_alive && slot.recv_pos == slot.recv_len {
-                    // Back to the pool, idle.
-                    slot.dec.reset();
-                    slot.deadline = Some(io.now() + self.cfg.keepalive_idle);
-                    slot.idle_since = Some(io.now());
-                    self.settle(i);
+                if pool && slot.keep_alive && slot.recv_pos == slot.recv_len && i < self.stream_slots {
+                    // Back to the pool, idle and watched.
+                    self.watch(i, io);
                 } else {
                     self.abort_conn(i, io);
                 }
@@ -290,7 +288,7 @@ impl LlamaBackend {
         let read = match &slot.task {
             Task::Stream(w) => w.flow != Flow::Paused,
             Task::Drain | Task::Health => true,
-            Task::None => false,
+            Task::None | Task::Spare => false,
         };
         if read && matches!(slot.conn, Conn::Ready(_)) {
             self.arm_recv(i, io);
@@ -321,7 +319,7 @@ impl LlamaBackend {
                 };
                 self.fail(i, 504, &format!("llama-server timed out: {msg}"), down, io, sink);
             }
-            Task::Health | Task::Drain | Task::None => self.abandon_conn(i, io),
+            Task::Health | Task::Drain | Task::None | Task::Spare => self.abandon_conn(i, io),
         }
     }
 

@@ -29,7 +29,7 @@ impl LlamaBackend {
         let Some(u) = self.reserve_untried(tried) else {
             return false;
         };
-        let Some(j) = self.free_conn_slot(u) else {
+        let Some((j, pick)) = self.pick_slot(u) else {
             self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
             return false;
         };
@@ -69,7 +69,7 @@ impl LlamaBackend {
         } else {
             "/v1/chat/completions"
         };
-        if let Err(e) = self.launch(j, path, w, io) {
+        if let Err(e) = self.launch(j, pick, path, w, io) {
             self.stats.failed += 1;
             sink.error(id, 502, &format!("llama backend: socket: {e}"));
         }

@@ -2,11 +2,14 @@
 //!
 //! `start` → [`route`](LlamaBackend::route) picks the healthy llama-server
 //! with the fewest requests in flight (over all cores) and reserves one of
-//! its in-flight places → a pooled connection slot of that server is reused
-//! (keep-alive) or a socket is opened and CONNECTed → the request is SENT →
+//! its in-flight places → an idle connection of that server is taken (a
+//! spare connected ahead, or one pooled after an answer: its watching RECV
+//! is cancelled first) and a replacement spare starts connecting, or a
+//! socket is opened and CONNECTed → the request is SENT →
 //! RECV is armed; each completion feeds the [`ResponseDecoder`], each SSE
 //! event becomes `sink.tokens`, the last one `sink.end` → the rest of the
-//! response is drained and the connection goes back to the pool.
+//! response is drained and the connection goes back to the pool, watched
+//! (or is closed, for a server that closes after each stream).
 //!
 //! A connection slot has at most one ring operation in flight, and its
 //! buffers live in a boxed slice that is never resized: the kernel owns the
@@ -25,6 +28,8 @@ mod exchange;
 mod failover;
 mod pool;
 mod route;
+
+use pool::Pick;
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -47,9 +52,12 @@ enum Conn {
     Connecting(RawFd),
     Sending(RawFd),
     Receiving(RawFd),
-    /// Connected, nothing in flight: an idle pooled connection, or a paused
-    /// stream that does not read so that TCP backpressure pauses the server.
+    /// Connected, nothing in flight: a paused stream that does not read so
+    /// that TCP backpressure pauses the server, or a moment between ops.
     Ready(RawFd),
+    /// A request took an idle watched connection: its watching RECV was
+    /// cancelled and is still the kernel's; the SEND follows its completion.
+    Reclaiming(RawFd),
     /// `op` was cancelled and is still owned by the kernel; CLOSE follows
     /// its completion.
     Cancelling {
@@ -65,7 +73,7 @@ impl Conn {
             Conn::Closed | Conn::Ready(_) => None,
             Conn::Connecting(_) => Some(OpKind::Connect),
             Conn::Sending(_) => Some(OpKind::Send),
-            Conn::Receiving(_) => Some(OpKind::Recv),
+            Conn::Receiving(_) | Conn::Reclaiming(_) => Some(OpKind::Recv),
             Conn::Cancelling { op, .. } => Some(op),
             Conn::Closing => Some(OpKind::Close),
         }
@@ -81,6 +89,10 @@ enum Task {
     /// that the connection can be reused.
     Drain,
     Health,
+    /// An idle connection, opened ahead of requests or pooled after an
+    /// answer, with a RECV armed so that the server closing it is seen at
+    /// once (it is then replaced, and no request is sent on it).
+    Spare,
 }
 
 #[derive(Debug)]
@@ -156,7 +168,8 @@ struct Slot {
     dec: ResponseDecoder,
     keep_alive: bool,
     deadline: Option<Instant>,
-    /// When the connection went back to the pool idle.
+    /// When the connection went idle: back to the pool after an answer
+    /// (`keep_alive`), or connected ahead as a spare.
     idle_since: Option<Instant>,
 }
 
@@ -184,8 +197,14 @@ pub struct LlamaStats {
     /// Streams sent again to another server before their first token
     /// (connection refused, 5xx, 429), invisibly to the client.
     pub retried_elsewhere: u64,
-    /// Streams continued on another server after tokens were sent.
-    pub failed_over: u64,
+    /// Connections opened ahead of requests (spares), for servers that
+    /// close after each stream.
+    pub spares_opened: u64,
+    /// Requests that found a spare (connected, or its CONNECT in flight).
+    pub spares_taken: u64,
+    /// Idle connections (spares or pooled) the server closed while they
+    /// waited; each was replaced before a request could use it.
+    pub idle_closed: u64,
 }
 
 pub struct LlamaBackend {
@@ -211,14 +230,19 @@ pub struct LlamaBackend {
     /// last answer, so its connections are closed after each answer
     /// rather than pooled (no request is sent on a dead connection).
     closes_after_stream: Box<[bool]>,
+    /// Per upstream: no new spare before this time (its last spare failed
+    /// or was closed right after its connect).
+    spare_hold: Box<[Option<Instant>]>,
 }
 
 impl LlamaBackend {
     pub(crate) fn new(cfg: LlamaConfig, shared: Arc<[Shared]>, health_owner: bool) -> Self {
         let upstreams = shared.len();
         // The in-flight limit is global, so one core may hold all of a
-        // server's places: each core gets that many slots per server.
-        let per_upstream = cfg.inflight_per_backend;
+        // server's places: each core gets that many slots per server, and
+        // one more per spare (a spare holds no place, and a request that
+        // takes one leaves a free slot for its replacement).
+        let per_upstream = cfg.inflight_per_backend + cfg.spare_conns;
         let stream_slots = upstreams * per_upstream;
         assert!(stream_slots + upstreams <= op::SLOTS_MAX);
         let limits = Limits {
@@ -266,6 +290,7 @@ impl LlamaBackend {
             body_scratch: Vec::with_capacity(4096),
             hashes: Vec::with_capacity(crate::prefix::PROMPT_BLOCKS_MAX),
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
+            spare_hold: vec![None; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
         }
@@ -289,55 +314,62 @@ impl LlamaBackend {
         self.by_id.get(&id).copied()
     }
 
-    /// A connection slot of server `u` free for a stream: an idle pooled
-    /// connection first, then a closed slot.
-    fn free_conn_slot(&self, u: usize) -> Option<usize> {
-        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
-        let idle = range
-            .clone()
-            .find(|&i| matches!(self.slots[i].task, Task::None) && matches!(self.slots[i].conn, Conn::Ready(_)));
-        idle.or_else(|| {
-            range
-                .clone()
-                .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
-        })
-    }
-
     /// Sends `POST path` with `body_scratch` as its body on reserved
-    /// connection slot `i` for `work`: on its pooled connection, else on
-    /// a new one. On `Err` the slot is released.
-    fn launch(&mut self, i: usize, path: &str, mut work: Work, io: &mut dyn Io) -> std::io::Result<()> {
+    /// connection slot `i` (as `pool::pick_slot` picked it) for `work`. On
+    /// `Err` the slot is released.
+    fn launch(&mut self, i: usize, pick: Pick, path: &str, mut work: Work, io: &mut dyn Io) -> std::io::Result<()> {
+        let u = self.slots[i].upstream;
         let slot = &mut self.slots[i];
         debug_assert!(slot.reserved);
         slot.send.clear();
         http::write_post_head(
             &mut slot.send,
             path,
-            &self.shared[slot.upstream].target.authority,
+            &self.shared[u].target.authority,
             self.body_scratch.len(),
         );
         slot.send.extend_from_slice(&self.body_scratch);
         slot.sent = 0;
-        let reused = matches!(slot.conn, Conn::Ready(_));
-        work.attempt = if reused {
+        // On a connection that was idle, a close before any answer byte is
+        // the server having dropped it: sent again once, on a fresh one.
+        let idle = pick == Pick::Watched;
+        work.phase = if pick == Pick::Connecting {
+            Phase::Connecting
+        } else {
+            Phase::AwaitHead
+        };
+        work.attempt = if idle {
             Attempt::PooledUnanswered
         } else {
             Attempt::Committed
         };
         let id = work.id;
         slot.task = Task::Stream(work);
-        if reused {
-            self.llama.reused += 1;
+        if idle {
+            if slot.keep_alive {
+                self.llama.reused += 1;
+            } else {
+                self.llama.spares_taken += 1;
+            }
             slot.dec.reset();
             slot.recv_len = 0;
             slot.recv_pos = 0;
             slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
-            self.submit_send(i, io);
-        } else if let Err(e) = self.open_connect(i, io) {
-            self.slots[i].task = Task::None;
-            self.release(i);
-            return Err(e);
         }
+        match pick {
+            Pick::Watched => self.reclaim(i, io),
+            // Its CONNECT's completion sends the request.
+            Pick::Connecting => self.llama.spares_taken += 1,
+            Pick::Closed => {
+                if let Err(e) = self.open_connect(i, io) {
+                    self.slots[i].task = Task::None;
+                    self.release(i);
+                    return Err(e);
+                }
+            }
+        }
+        // The replacement spare connects while this request is served.
+        self.fill_spares(u, io);
         self.by_id.insert(id, i);
         Ok(())
     }
@@ -354,7 +386,7 @@ impl Backend for LlamaBackend {
         }
         self.hash_prompt(job.chat.unwrap_or(job.prompt).as_bytes());
         let (u, id_slot) = self.route()?;
-        let Some(i) = self.free_conn_slot(u) else {
+        let Some((i, pick)) = self.pick_slot(u) else {
             // Every slot of this server on this core is still closing a
             // cancelled stream's connection.
             self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
@@ -399,6 +431,7 @@ impl Backend for LlamaBackend {
         slot.growing = growing;
         let work = Work {
             id: job.id,
+            // `launch` sets both from the connection it gets.
             phase: Phase::AwaitHead,
             flow: Flow::Flowing,
             attempt: Attempt::Committed,
@@ -407,7 +440,7 @@ impl Backend for LlamaBackend {
             tried: 0,
             completion: job.chat.is_none(),
         };
-        self.launch(i, path, work, io)
+        self.launch(i, pick, path, work, io)
             .map_err(|e| Reject::new(502, format!("llama backend: socket: {e}")))?;
         self.stats.started += 1;
         Ok(())
@@ -472,7 +505,10 @@ impl Backend for LlamaBackend {
                 }
             }
         }
-        let mut next: Option<Instant> = None;
+        for u in 0..self.shared.len() {
+            self.fill_spares(u, io);
+        }
+        let mut next: Option<Instant> = self.spare_hold_until();
         for i in 0..self.slots.len() {
             let Some(d) = self.slots[i].deadline else { continue };
             if d <= now {

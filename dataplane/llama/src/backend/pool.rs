@@ -3,11 +3,39 @@
 //! completion that moves a slot's [`Conn`] state on. A slot has at most
 //! one op in flight, and its buffers are the kernel's until that op's
 //! completion, even after a cancel.
+//!
+//! Spares: for each server, `spare_conns` idle connections per core are
+//! kept connected ahead of requests (llama-server closes its connection
+//! after every stream, so without them each request would wait for a
+//! connect). An idle connection, spare or pooled, has a RECV armed: the
+//! server closing it is seen at once and it is replaced, so a request is
+//! not sent on a connection the server has already closed. A request that
+//! takes one cancels that RECV and sends once its completion is back.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use cnse_backend::{Io, Sink};
 
-use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task};
+use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Slot, Task, CLOSES_AFTER_STREAM};
 use crate::op::{self, OpKind};
+
+/// The connection a new request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pick {
+    /// An idle connection with its watching RECV armed.
+    Watched,
+    /// A spare whose CONNECT is still in flight.
+    Connecting,
+    /// No socket yet: one is opened for the request.
+    Closed,
+}
+
+/// A spare the server closed sooner than this after its connect is not
+/// replaced before [`SPARE_HOLD`] has passed (a server that accepts and
+/// drops at once must not make a connect loop of us).
+const SPARE_LIFE_MIN: Duration = Duration::from_millis(100);
+const SPARE_HOLD: Duration = Duration::from_millis(500);
 
 impl LlamaBackend {
     pub(super) fn open_connect(&mut self, i: usize, io: &mut dyn Io) -> std::io::Result<()> {
@@ -16,6 +44,8 @@ impl LlamaBackend {
         let addr = &self.addrs[slot.upstream];
         let fd = op::socket(addr)?;
         slot.conn = Conn::Connecting(fd);
+        slot.keep_alive = false;
+        slot.idle_since = None;
         slot.deadline = Some(io.now() + self.cfg.connect_timeout);
         slot.sent = 0;
         slot.recv_len = 0;
@@ -66,6 +96,8 @@ impl LlamaBackend {
         slot.deadline = None;
         match slot.conn {
             Conn::Closed | Conn::Closing | Conn::Cancelling { .. } => {}
+            // Its RECV is already being cancelled.
+            Conn::Reclaiming(fd) => slot.conn = Conn::Cancelling { fd, op: OpKind::Recv },
             Conn::Ready(fd) => {
                 slot.conn = Conn::Closing;
                 // SAFETY: CLOSE references no memory.
@@ -90,7 +122,7 @@ impl LlamaBackend {
             // Cancelling by fd needs Linux 5.19; where the kernel refuses
             // it, shutting the socket down wakes the operation instead.
             if result == -libc::EINVAL {
-                if let Conn::Cancelling { fd, .. } = self.slots[i].conn {
+                if let Conn::Cancelling { fd, .. } | Conn::Reclaiming(fd) = self.slots[i].conn {
                     // SAFETY: fd is open (CLOSE is issued only after the
                     // cancelled operation completed); shutdown touches no
                     // memory of ours.
@@ -136,6 +168,7 @@ impl LlamaBackend {
                         slot.deadline = Some(io.now() + self.cfg.first_token_timeout);
                     }
                     Task::Health => {}
+                    Task::Spare => return self.spare_connected(i, io),
                     Task::Drain | Task::None => unreachable!("connect without a task"),
                 }
                 self.submit_send(i, io);
@@ -162,6 +195,9 @@ impl LlamaBackend {
                 if result == -libc::EINTR || result == -libc::EAGAIN || result == -libc::ENOBUFS {
                     return self.arm_recv(i, io);
                 }
+                if matches!(slot.task, Task::Spare) {
+                    return self.idle_conn_ended(i, result, io);
+                }
                 if result < 0 {
                     let what = format!("recv: {}", errno_text(result));
                     return self.conn_failed(i, what, true, io, sink);
@@ -176,6 +212,20 @@ impl LlamaBackend {
                 }
                 self.process(i, io, sink);
             }
+            (Conn::Reclaiming(fd), OpKind::Recv) => {
+                self.slots[i].conn = Conn::Ready(fd);
+                if result == -libc::ECANCELED || result == -libc::EINTR || result == -libc::EAGAIN {
+                    return self.submit_send(i, io);
+                }
+                // The server closed it (or spoke unasked) just as the
+                // request took it: sent again on a fresh connection.
+                let what = if result < 0 {
+                    format!("recv: {}", errno_text(result))
+                } else {
+                    "closed by llama-server before the request".to_string()
+                };
+                self.conn_failed(i, what, false, io, sink);
+            }
             _ => {
                 // A completion that does not match the slot's state would be
                 // a bookkeeping bug; dropping it is the only safe reaction.
@@ -187,4 +237,139 @@ impl LlamaBackend {
 
 fn errno_text(res: i32) -> String {
     std::io::Error::from_raw_os_error(-res).to_string()
+}
+
+impl LlamaBackend {
+    /// The connection for a new request to server `u`: a spare connected
+    /// ahead first (a pooled one that carried an answer may be the one a
+    /// server closes after each stream, its close still on the way), then
+    /// a pooled one, then a spare still connecting, then a closed slot.
+    pub(super) fn pick_slot(&self, u: usize) -> Option<(usize, Pick)> {
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        let spare = |want: fn(&Slot) -> bool| {
+            range
+                .clone()
+                .find(|&i| matches!(self.slots[i].task, Task::Spare) && want(&self.slots[i]))
+        };
+        if let Some(i) = spare(|s| matches!(s.conn, Conn::Receiving(_)) && !s.keep_alive) {
+            return Some((i, Pick::Watched));
+        }
+        if let Some(i) = spare(|s| matches!(s.conn, Conn::Receiving(_))) {
+            return Some((i, Pick::Watched));
+        }
+        if let Some(i) = spare(|s| matches!(s.conn, Conn::Connecting(_))) {
+            return Some((i, Pick::Connecting));
+        }
+        range
+            .clone()
+            .find(|&i| matches!(self.slots[i].task, Task::None) && self.slots[i].conn == Conn::Closed)
+            .map(|i| (i, Pick::Closed))
+    }
+
+    /// A request took idle connection `i`: its watching RECV is cancelled,
+    /// and the SEND goes out on that RECV's completion.
+    pub(super) fn reclaim(&mut self, i: usize, io: &mut dyn Io) {
+        let slot = &mut self.slots[i];
+        let Conn::Receiving(fd) = slot.conn else {
+            unreachable!("reclaim of a connection in state {:?}", slot.conn)
+        };
+        slot.conn = Conn::Reclaiming(fd);
+        // SAFETY: ASYNC_CANCEL references no memory; the RECV's buffer is
+        // not touched until its completion (the slot is in `Reclaiming`).
+        unsafe { io.submit(op::tag(i, OpKind::Cancel), op::cancel_fd(fd)) };
+    }
+
+    /// Opens spares of server `u` until this core has `spare_conns` of
+    /// them (idle or connecting), on free slots only.
+    pub(super) fn fill_spares(&mut self, u: usize, io: &mut dyn Io) {
+        let want = self.cfg.spare_conns;
+        if want == 0 || !self.shared[u].healthy.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(t) = self.spare_hold[u] {
+            if io.now() < t {
+                return;
+            }
+            self.spare_hold[u] = None;
+        }
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        let mut have = range
+            .clone()
+            .filter(|&i| matches!(self.slots[i].task, Task::Spare))
+            .count();
+        for i in range {
+            if have >= want {
+                break;
+            }
+            let slot = &self.slots[i];
+            if !matches!(slot.task, Task::None) || slot.conn != Conn::Closed || slot.reserved {
+                continue;
+            }
+            self.slots[i].task = Task::Spare;
+            if self.open_connect(i, io).is_err() {
+                self.slots[i].task = Task::None;
+                self.spare_hold[u] = Some(io.now() + SPARE_HOLD);
+                return;
+            }
+            have += 1;
+        }
+    }
+
+    fn spare_connected(&mut self, i: usize, io: &mut dyn Io) {
+        self.llama.spares_opened += 1;
+        self.watch(i, io);
+    }
+
+    /// Idle connection `i` (its reservation released) waits for a request
+    /// with a RECV armed that sees the server close it.
+    pub(super) fn watch(&mut self, i: usize, io: &mut dyn Io) {
+        let now = io.now();
+        let slot = &mut self.slots[i];
+        slot.task = Task::Spare;
+        slot.dec.reset();
+        slot.idle_since = Some(now);
+        slot.deadline = Some(now + self.cfg.keepalive_idle);
+        self.release(i);
+        self.arm_recv(i, io);
+    }
+
+    /// The watching RECV of idle connection `i` completed: the server
+    /// closed it (0), sent something unasked, or it failed. It is closed;
+    /// `poll` opens its replacement.
+    fn idle_conn_ended(&mut self, i: usize, result: i32, io: &mut dyn Io) {
+        self.llama.idle_closed += 1;
+        let now = io.now();
+        let slot = &self.slots[i];
+        let (u, pooled) = (slot.upstream, slot.keep_alive);
+        let idle_for = slot
+            .idle_since
+            .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        if pooled && result == 0 && idle_for < CLOSES_AFTER_STREAM {
+            // Closed right after its last answer, whatever its Keep-Alive
+            // header said (llama-server b10434 does so after every stream):
+            // from now on its connections are closed after each answer,
+            // and spares stand in for the pool.
+            self.mark_closes_after_stream(u);
+        }
+        if !pooled && idle_for < SPARE_LIFE_MIN {
+            self.spare_hold[u] = Some(now + SPARE_HOLD);
+        }
+        self.slots[i].task = Task::None;
+        self.abort_conn(i, io);
+    }
+
+    pub(super) fn mark_closes_after_stream(&mut self, u: usize) {
+        if !self.closes_after_stream[u] {
+            self.closes_after_stream[u] = true;
+            tracing::info!(
+                upstream = %self.shared[u].target.url,
+                "llama-server closes its connection after each answer: not pooling its connections"
+            );
+        }
+    }
+
+    /// The earliest time a held spare may be opened again.
+    pub(super) fn spare_hold_until(&self) -> Option<Instant> {
+        self.spare_hold.iter().flatten().min().copied()
+    }
 }

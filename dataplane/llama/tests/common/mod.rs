@@ -29,6 +29,13 @@ pub enum Behaviour {
     /// A complete answer, then the connection is closed although the head
     /// promised keep-alive (a server dropping an idle connection).
     TokensThenClose { tokens: usize },
+    /// As `Tokens` (no delay), and a connection that waits longer than
+    /// `idle` for its next request is closed (llama-server closes idle
+    /// keep-alive connections after 5 s).
+    IdleClose { tokens: usize, idle: Duration },
+    /// As `Tokens` (no delay), except that the first completion request
+    /// the server gets has its connection closed without an answer.
+    DropFirst { tokens: usize, dropped: Arc<AtomicBool> },
 }
 
 /// A fake llama-server on an ephemeral loopback port.
@@ -124,6 +131,24 @@ fn serve(
     aborted: Arc<AtomicUsize>,
 ) {
     conn.set_nodelay(true).unwrap();
+    if let Behaviour::IdleClose { idle, .. } = behaviour {
+        conn.set_read_timeout(Some(idle)).unwrap();
+    }
+    let mut drop_first = None;
+    let behaviour = match behaviour {
+        Behaviour::IdleClose { tokens, .. } => Behaviour::Tokens {
+            tokens,
+            delay: Duration::ZERO,
+        },
+        Behaviour::DropFirst { tokens, dropped } => {
+            drop_first = Some(dropped);
+            Behaviour::Tokens {
+                tokens,
+                delay: Duration::ZERO,
+            }
+        }
+        b => b,
+    };
     let mut buf = Vec::new();
     while let Some(line) = read_request(&mut conn, &mut buf) {
         if line.starts_with("GET /slots") {
@@ -157,6 +182,9 @@ fn serve(
             continue;
         }
         requests.fetch_add(1, Ordering::SeqCst);
+        if drop_first.as_ref().is_some_and(|d| !d.swap(true, Ordering::SeqCst)) {
+            return;
+        }
         match &behaviour {
             Behaviour::Tokens { tokens, delay } => {
                 let ok = (|| -> std::io::Result<()> {
@@ -222,6 +250,7 @@ fn serve(
                 std::thread::sleep(Duration::from_secs(30));
                 return;
             }
+            Behaviour::IdleClose { .. } | Behaviour::DropFirst { .. } => unreachable!("mapped to Tokens above"),
         }
     }
 }

@@ -94,14 +94,22 @@ impl<T: Transport> Session<T> {
         let now = t.now;
         let soft = t.cfg.send_buffer_bytes;
         let (client_id, sslot) = t.conns[slot as usize].streams[k];
+        let cap = t.cfg.frames_per_send_max;
+        if cap != 0 && t.conns[slot as usize].fill_frames as usize >= cap {
+            // This send is full: the stream's frames wait for the next
+            // (the send's completion marks the connection dirty again).
+            return true;
+        }
         let (streams, conns) = (&mut t.streams, &mut t.conns);
         let s = &mut streams[sslot as usize];
-        let out = &mut conns[slot as usize].out_fill;
+        let c = &mut conns[slot as usize];
+        let out = &mut c.out_fill;
         if s.phase != Phase::Failed && s.queue.tokens() > 0 && s.credit.available() > 0 {
             let room = soft.saturating_sub(out.len() + REPLY_SLACK_BYTES);
             if room > 0 || out.is_empty() {
                 let (n, text) = s.queue.take(s.credit.available(), room);
                 put_tokens(out, client_id, n, s.sent, text);
+                c.fill_frames += 1;
                 s.sent += u64::from(n);
                 s.credit.spend(u64::from(n));
                 match s.first_token {
@@ -119,10 +127,14 @@ impl<T: Transport> Session<T> {
                 t.n.frames_out += 1;
             }
         }
+        let full = cap != 0 && c.fill_frames as usize >= cap;
         let done = match s.phase {
+            // With the send full, END or ERROR goes in the next.
+            _ if full => false,
             Phase::Finished(reason) if s.queue.tokens() == 0 => {
                 let (ttft, total) = times(s, now);
                 put_end(out, client_id, reason, s.sent, ttft, total);
+                c.fill_frames += 1;
                 t.metrics.e2e.record_us(total);
                 t.metrics.outcome(false, crate::metrics::Outcome::Ok);
                 if let Some(st) = &mut t.stages {
@@ -139,6 +151,7 @@ impl<T: Transport> Session<T> {
             }
             Phase::Failed => {
                 put_error(out, client_id, s.error_code, &s.error_message);
+                c.fill_frames += 1;
                 t.metrics.outcome(false, crate::metrics::Outcome::Error);
                 t.metrics.error(s.error_code);
                 true
@@ -181,6 +194,7 @@ impl<T: Transport> Session<T> {
             }
             std::mem::swap(&mut c.out_fill, &mut c.out_flight);
             c.flight_sent = 0;
+            c.fill_frames = 0;
             if let (Some(first), Some(st)) = (c.fill_first_end.take(), &mut self.tables.stages) {
                 if st.pending.len() == st.pending.capacity() {
                     // An I/O layer that never reports its submits (the

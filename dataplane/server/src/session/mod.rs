@@ -351,6 +351,7 @@ impl<T: Transport> Session<T> {
         c.streams.clear();
         c.fill_first_end = None;
         c.fill_ends = 0;
+        c.fill_frames = 0;
         c.proto = crate::conn::Proto::Binary;
         c.accepted = now;
         c.last_input = now;

@@ -41,6 +41,9 @@ pub struct SendOp {
 pub struct SimIo {
     pub now: Instant,
     pub sockets: BTreeMap<RawFd, Socket>,
+    /// Sockets in `sockets` not yet closed (kept as a count: the fuzzer
+    /// checks it after every event, and closed sockets stay listed).
+    open: usize,
     pub next_fd: RawFd,
     /// Transport misuse seen so far (each is an invariant failure).
     pub misuse: Vec<String>,
@@ -51,6 +54,7 @@ impl SimIo {
         SimIo {
             now,
             sockets: BTreeMap::new(),
+            open: 0,
             next_fd: 100,
             misuse: Vec::new(),
         }
@@ -60,6 +64,7 @@ impl SimIo {
     pub fn connect(&mut self, client: usize) -> RawFd {
         let fd = self.next_fd;
         self.next_fd += 1;
+        self.open += 1;
         self.sockets.insert(
             fd,
             Socket {
@@ -89,7 +94,7 @@ impl SimIo {
 
     /// Sockets the session has not closed.
     pub fn open_sockets(&self) -> usize {
-        self.sockets.values().filter(|s| !s.closed).count()
+        self.open
     }
 }
 
@@ -154,7 +159,9 @@ impl Transport for SimIo {
         let busy = match self.live(fd, "close") {
             Some(s) => {
                 s.closed = true;
-                s.recv.is_some() || s.send.is_some()
+                let busy = s.recv.is_some() || s.send.is_some();
+                self.open -= 1;
+                busy
             }
             None => false,
         };

@@ -113,6 +113,12 @@ fn config(rng: &mut Rng) -> (Config, Option<Vec<u8>>) {
         stage_timing: key.is_some(),
         ..Config::default()
     };
+    // Two thirds of the seeds cap the stream frames per send at 1 or 2
+    // (no new draw: the seeds' other choices stay as they were).
+    let cfg = Config {
+        frames_per_send_max: cfg.send_buffer_bytes % 3,
+        ..cfg
+    };
     (cfg, key)
 }
 
