@@ -140,7 +140,7 @@ pub struct Args {
     /// How a stream picks its llama-server: least-outstanding (fewest in
     /// flight), prefix (the server whose KV cache holds the longest prefix
     /// of the prompt, on that slot; docs/LLAMA.md "Cache-aware routing"),
-    /// or session (prefix, and a session key pins a conversation).
+    /// or session (reserved for session keys, not carried yet: as prefix).
     #[arg(long, default_value = "prefix")]
     pub llama_route: cnse_llama::Route,
     /// Prefix routing gives way to the least-loaded server when the

@@ -111,8 +111,9 @@ pub enum Route {
     /// server is too loaded (`prefix_load_factor`); else least-outstanding.
     #[default]
     Prefix,
-    /// As `Prefix`, and a stream with a session key stays on the server
-    /// its session last used while that server is healthy.
+    /// Reserved for session affinity (a session key pins a conversation
+    /// to its server while healthy). Session keys are not carried yet
+    /// (no REQUEST flag, no `X-Session-Id`): it routes exactly as `Prefix`.
     Session,
 }
 
