@@ -149,7 +149,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2.0)]
     pub llama_prefix_load_factor: f32,
     /// Entries of each llama-server's prefix index (12 bytes each; one
-    /// entry per 64 prompt bytes sent; least recently used evicted).
+    /// entry per 32 prompt bytes sent; least recently used evicted).
     #[arg(long, default_value_t = cnse_llama::prefix::ENTRIES_DEFAULT)]
     pub llama_prefix_entries: usize,
     /// A stream that fails before its first token (connection refused,
