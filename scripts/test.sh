@@ -34,7 +34,13 @@ cargo build --release --workspace --all-targets
 
 services=()
 cleanup() {
-  for s in "${services[@]}"; do "$root/scripts/$s" stop >/dev/null 2>&1 || true; done
+  # An entry is a script and its arguments to stop (e.g. a port).
+  local name args
+  for s in "${services[@]}"; do
+    read -r name args <<<"$s"
+    # shellcheck disable=SC2086 # args are words on purpose
+    "$root/scripts/$name" stop $args >/dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
 
@@ -69,6 +75,15 @@ services+=(llama-server.sh)
 CNSE_LLAMA_URL="$(start_service llama-server scripts/llama-server.sh start)"
 export CNSE_LLAMA_URL
 echo "CNSE_LLAMA_URL=$CNSE_LLAMA_URL (llama-server set-up took $(( $(date +%s) - t0 )) s)"
+# Issue 14's routing tests need three servers (the binary is set up by now:
+# seconds each).
+CNSE_LLAMA_URLS="$CNSE_LLAMA_URL"
+for port in 8082 8083; do
+  services+=("llama-server.sh $port")
+  CNSE_LLAMA_URLS="$CNSE_LLAMA_URLS,$(start_service "llama-server on $port" scripts/llama-server.sh start "$port")"
+done
+export CNSE_LLAMA_URLS
+echo "CNSE_LLAMA_URLS=$CNSE_LLAMA_URLS"
 export CNSE_REQUIRE_SERVICES=1
 
 # The machines that run this differ in CPU: check the choice an AVX2-only

@@ -140,6 +140,31 @@ pub struct Args {
     /// drift hits every side alike.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// `chat`: multi-turn conversations through in-process cnse-dps in
+    /// front of the `--llama-url` servers (comma separated), one per
+    /// routing policy of `--policies`, side by side; `uniform`: unrelated
+    /// prompts, closed loop, the same way (docs/LLAMA.md "Cache-aware
+    /// routing").
+    #[arg(long, value_enum, default_value = "load")]
+    pub workload: crate::bench_chat::Workload,
+    /// chat: conversations (uniform: closed-loop clients).
+    #[arg(long, default_value_t = 6)]
+    pub sessions: usize,
+    /// chat: turns per conversation.
+    #[arg(long, default_value_t = 4)]
+    pub turns: usize,
+    /// chat: pause between a turn's answer and the next question.
+    #[arg(long, default_value_t = 500)]
+    pub think_ms: u64,
+    /// chat: length of the shared system prompt, in tokens (about).
+    #[arg(long, default_value_t = 1000)]
+    pub system_tokens: usize,
+    /// chat/uniform: the routing policies compared.
+    #[arg(long, value_delimiter = ',', default_value = "least-outstanding,prefix")]
+    pub policies: Vec<cnse_llama::Route>,
+    /// chat/uniform: requests in flight per llama-server (its slots).
+    #[arg(long, default_value_t = 4)]
+    pub llama_inflight: usize,
     #[command(flatten)]
     pub load: LoadArgs,
 }
@@ -390,6 +415,9 @@ pub fn check_clean(reports: &[LoadReport]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.workload != crate::bench_chat::Workload::Load {
+        return crate::bench_chat::run(&args);
+    }
     if args.target != crate::bench_llama::Target::Cnse {
         return crate::bench_llama::run(&args);
     }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod alloc_count;
 mod bench;
+mod bench_chat;
 mod bench_idle;
 mod bench_llama;
 mod bench_scaling;

@@ -137,6 +137,26 @@ pub struct Args {
     /// (match its `-np` slots; more wait in the admission queue).
     #[arg(long, default_value_t = 4)]
     pub llama_inflight: usize,
+    /// How a stream picks its llama-server: least-outstanding (fewest in
+    /// flight), prefix (the server whose KV cache holds the longest prefix
+    /// of the prompt, on that slot; docs/LLAMA.md "Cache-aware routing"),
+    /// or session (reserved for session keys, not carried yet: as prefix).
+    #[arg(long, default_value = "prefix")]
+    pub llama_route: cnse_llama::Route,
+    /// Prefix routing gives way to the least-loaded server when the
+    /// prefix server's (in flight + 1) exceeds this factor times the
+    /// least-loaded one's.
+    #[arg(long, default_value_t = 2.0)]
+    pub llama_prefix_load_factor: f32,
+    /// Entries of each llama-server's prefix index (12 bytes each; one
+    /// entry per 32 prompt bytes sent; least recently used evicted).
+    #[arg(long, default_value_t = cnse_llama::prefix::ENTRIES_DEFAULT)]
+    pub llama_prefix_entries: usize,
+    /// A stream that fails before its first token (connection refused,
+    /// HTTP 5xx or 429) is sent to another llama-server up to this many
+    /// times, unseen by the client (0: never).
+    #[arg(long, default_value_t = 2)]
+    pub llama_retries: u8,
     /// Idle connections per llama-server per worker kept connected ahead
     /// of requests (llama-server closes after every stream: a request then
     /// finds a connected socket); at most --llama-inflight, 0: none. Each
@@ -400,10 +420,26 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
                 urls: a.llama_url.clone(),
                 inflight_per_backend: a.llama_inflight,
+                route: a.llama_route,
+                prefix_load_factor: a.llama_prefix_load_factor,
+                prefix_entries: a.llama_prefix_entries,
+                retries_max: a.llama_retries,
                 spare_conns: a.llama_spare_conns,
                 ..Default::default()
             })
             .context("--llama-url")?;
+            if a.llama_route.uses_cache() {
+                for (url, n) in a.llama_url.iter().zip(factory.learn_slots()) {
+                    if n == 0 {
+                        eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
+                    } else if n < a.llama_inflight {
+                        eprintln!(
+                            "llama-server {url} has {n} slots, below --llama-inflight {}: some requests wait inside it",
+                            a.llama_inflight
+                        );
+                    }
+                }
+            }
             Ok(Arc::new(factory))
         }
     }

@@ -117,6 +117,15 @@ pub fn write_chat_body(out: &mut Vec<u8>, params: &Params, messages_json: &str, 
     out.remove(at);
 }
 
+/// Adds `"id_slot": id` to a body written by [`write_completion_body`] or
+/// [`write_chat_body`] (a JSON object): llama-server runs the request on
+/// that slot, whose KV cache holds the prompt's prefix.
+pub fn append_id_slot(out: &mut Vec<u8>, id: u16) {
+    use std::io::Write;
+    assert_eq!(out.pop(), Some(b'}'), "a body is one JSON object");
+    write!(out, ",\"id_slot\":{id}}}").expect("writing into a Vec cannot fail");
+}
+
 /// The streaming request body as a string (tests, the direct client).
 pub fn completion_body(params: &Params, prompt: &str, cache_prompt: bool) -> String {
     let mut v = Vec::with_capacity(prompt.len() + 256);
@@ -164,6 +173,23 @@ mod tests {
             (v["max_tokens"].as_u64(), v["stream"].as_bool()),
             (Some(16), Some(true))
         );
+    }
+
+    #[test]
+    fn id_slot_is_appended() {
+        let mut out = Vec::new();
+        write_completion_body(&mut out, &Params::default(), "hi", true);
+        append_id_slot(&mut out, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["id_slot"].as_u64(), v["cache_prompt"].as_bool()),
+            (Some(0), Some(true))
+        );
+        let mut out = Vec::new();
+        write_chat_body(&mut out, &Params::default(), "[]", true);
+        append_id_slot(&mut out, 4094);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id_slot"].as_u64(), Some(4094));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! a small io_uring loop that drives a backend without the server.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ pub mod body;
 pub mod direct;
 pub mod http;
 mod op;
+pub mod prefix;
 pub mod sse;
 pub mod standin;
 pub mod testing;
@@ -79,6 +80,18 @@ pub struct LlamaConfig {
     pub event_bytes_max: usize,
     /// Receive buffer of one pooled connection.
     pub recv_buffer_bytes: usize,
+    /// How a stream picks its llama-server (`--llama-route`).
+    pub route: Route,
+    /// Prefix routing leaves the server with the longest cached prefix for
+    /// the least-loaded one when `in flight + 1` there is more than this
+    /// factor times `in flight + 1` on the least-loaded server.
+    pub prefix_load_factor: f32,
+    /// Entries of each server's prefix index (`prefix::PrefixIndex`).
+    pub prefix_entries: usize,
+    /// A stream that fails before its first token (connection refused or
+    /// lost, HTTP 5xx or 429) is sent to another server up to this many
+    /// times (`--llama-retries`; 0: never).
+    pub retries_max: u8,
     /// Idle connections per llama-server per core kept connected ahead of
     /// requests, on connection slots of their own (at most
     /// `inflight_per_backend`; 0: none). llama-server
@@ -86,6 +99,44 @@ pub struct LlamaConfig {
     /// request waits for a connect. Each spare holds one of llama-server's
     /// HTTP threads while it waits (`--threads-http`).
     pub spare_conns: usize,
+}
+
+/// How the backend picks a llama-server for a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// The healthy server with the fewest requests in flight.
+    LeastOutstanding,
+    /// The server whose cache holds the longest prefix of the prompt (by
+    /// the shared prefix index), on the slot that holds it, unless that
+    /// server is too loaded (`prefix_load_factor`); else least-outstanding.
+    #[default]
+    Prefix,
+    /// Reserved for session affinity (a session key pins a conversation
+    /// to its server while healthy). Session keys are not carried yet
+    /// (no REQUEST flag, no `X-Session-Id`): it routes exactly as `Prefix`.
+    Session,
+}
+
+impl Route {
+    /// Whether llama-server's KV cache is used across requests (sent as
+    /// `cache_prompt: true` whatever `LlamaConfig::cache_prompt` says).
+    pub fn uses_cache(self) -> bool {
+        self != Route::LeastOutstanding
+    }
+}
+
+impl std::str::FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "least-outstanding" => Ok(Route::LeastOutstanding),
+            "prefix" => Ok(Route::Prefix),
+            "session" => Ok(Route::Session),
+            _ => Err(format!(
+                "unknown route {s:?}: expected least-outstanding, prefix or session"
+            )),
+        }
+    }
 }
 
 impl Default for LlamaConfig {
@@ -102,6 +153,10 @@ impl Default for LlamaConfig {
             cache_prompt: false,
             event_bytes_max: 64 * 1024,
             recv_buffer_bytes: 16 * 1024,
+            route: Route::default(),
+            prefix_load_factor: 2.0,
+            prefix_entries: prefix::ENTRIES_DEFAULT,
+            retries_max: 2,
             spare_conns: 1,
         }
     }
@@ -129,6 +184,12 @@ pub struct Target {
 /// /v1/models`), for the HTTP front's model list; `None` when it cannot
 /// tell (old server, unreachable within `timeout`).
 pub fn served_model(url: &str, timeout: std::time::Duration) -> Option<String> {
+    let v = get_json(url, "/v1/models", timeout)?;
+    v["data"][0]["id"].as_str().map(str::to_string)
+}
+
+/// A blocking `GET path` answered 200 with JSON (start-up probes only).
+fn get_json(url: &str, path: &str, timeout: Duration) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     let t = parse_url(url).ok()?;
     let mut s = std::net::TcpStream::connect_timeout(&t.addr, timeout).ok()?;
@@ -136,18 +197,56 @@ pub fn served_model(url: &str, timeout: std::time::Duration) -> Option<String> {
     s.set_write_timeout(Some(timeout)).ok()?;
     write!(
         s,
-        "GET /v1/models HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         t.authority
     )
     .ok()?;
+    // Read until the body is complete (a server may keep the connection
+    // open whatever `Connection: close` asked), 1 MiB at most.
     let mut raw = Vec::new();
-    s.take(1 << 20).read_to_end(&mut raw).ok()?;
+    let mut buf = [0u8; 8192];
+    let complete = |raw: &[u8]| -> bool {
+        let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+        if let Some(v) = head.split("content-length:").nth(1) {
+            let n: usize = v.lines().next().unwrap_or("").trim().parse().unwrap_or(usize::MAX);
+            return raw.len() - (at + 4) >= n;
+        }
+        head.contains("transfer-encoding: chunked") && raw.ends_with(b"0\r\n\r\n")
+    };
+    while !complete(&raw) && raw.len() < 1 << 20 {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
     let at = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     if !raw.starts_with(b"HTTP/1.1 200") && !raw.starts_with(b"HTTP/1.0 200") {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(&raw[at..]).ok()?;
-    v["data"][0]["id"].as_str().map(str::to_string)
+    let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(&raw[at..])?
+    } else {
+        raw[at..].to_vec()
+    };
+    serde_json::from_slice(&body).ok()
+}
+
+fn dechunk(mut s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = s.windows(2).position(|w| w == b"\r\n")?;
+        let n = usize::from_str_radix(std::str::from_utf8(&s[..eol]).ok()?.trim(), 16).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(s.get(eol + 2..eol + 2 + n)?);
+        s = s.get(eol + 4 + n..)?;
+    }
 }
 
 pub fn parse_url(url: &str) -> Result<Target, LlamaError> {
@@ -195,6 +294,53 @@ pub(crate) struct Shared {
     /// Requests in flight (reserved) over all cores.
     pub inflight: AtomicUsize,
     pub healthy: AtomicBool,
+    /// Prompt prefixes recently sent to this server (prefix routing).
+    pub index: prefix::PrefixIndex,
+    /// llama-server's slots we may use (`LlamaFactory::learn_slots`; 0:
+    /// unknown, no `id_slot` is sent), and per slot (up to
+    /// `inflight_per_backend`) whether one of our streams is on it and when
+    /// it was last given one (a stamp of `slot_clock`).
+    pub slots_known: AtomicUsize,
+    pub slot_busy: Box<[AtomicBool]>,
+    pub slot_used: Box<[AtomicU32]>,
+    pub slot_clock: AtomicU32,
+    /// Prompt tokens llama-server took from its cache and evaluated, from
+    /// the last event's `timings` of every stream.
+    pub cache_n: AtomicU64,
+    pub prompt_n: AtomicU64,
+}
+
+impl Shared {
+    fn new(target: Target, slots: usize, index_entries: usize) -> Self {
+        Self {
+            target,
+            inflight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            index: prefix::PrefixIndex::new(index_entries),
+            slots_known: AtomicUsize::new(0),
+            slot_busy: (0..slots).map(|_| AtomicBool::new(false)).collect(),
+            slot_used: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+            slot_clock: AtomicU32::new(0),
+            cache_n: AtomicU64::new(0),
+            prompt_n: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Prompt-cache counters of one llama-server over all cores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    /// Prompt tokens llama-server took from its KV cache (`cache_n`).
+    pub cached_tokens: u64,
+    /// Prompt tokens it evaluated (`prompt_n`).
+    pub evaluated_tokens: u64,
+}
+
+/// llama-server's slot count from its `GET /slots` (`None` when it does not
+/// answer within `timeout` or the endpoint is off).
+pub fn slot_count(url: &str, timeout: Duration) -> Option<usize> {
+    let v = get_json(url, "/slots", timeout)?;
+    v.as_array().map(Vec::len).filter(|&n| n > 0)
 }
 
 /// Builds one [`LlamaBackend`] per core; the cores share each llama-server's
@@ -249,6 +395,9 @@ impl LlamaFactory {
                 return Err(LlamaError::Config(format!("{name} must be > 0")));
             }
         }
+        if !(cfg.prefix_load_factor.is_finite() && cfg.prefix_load_factor >= 1.0) {
+            return Err(LlamaError::Config("prefix_load_factor must be >= 1".into()));
+        }
         if cfg.event_bytes_max < 1024 || cfg.recv_buffer_bytes < 1024 {
             return Err(LlamaError::Config(
                 "event_bytes_max and recv_buffer_bytes must be >= 1024".into(),
@@ -260,11 +409,10 @@ impl LlamaFactory {
             if shared.iter().any(|s: &Shared| s.target.addr == target.addr) {
                 return Err(LlamaError::Config(format!("llama-server {url} listed twice")));
             }
-            shared.push(Shared {
-                target,
-                inflight: AtomicUsize::new(0),
-                healthy: AtomicBool::new(true),
-            });
+            // Room for every slot a stream may take; how many exist is
+            // learnt by `learn_slots`.
+            let slots = cfg.inflight_per_backend.min(prefix::SLOT_ID_MAX + 1);
+            shared.push(Shared::new(target, slots, cfg.prefix_entries));
         }
         Ok(Self {
             cfg,
@@ -275,6 +423,33 @@ impl LlamaFactory {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Prompt-cache counters per llama-server (URL order), over all cores.
+    pub fn cache_counters(&self) -> Vec<CacheCounters> {
+        self.shared
+            .iter()
+            .map(|s| CacheCounters {
+                cached_tokens: s.cache_n.load(Ordering::Relaxed),
+                evaluated_tokens: s.prompt_n.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Asks every llama-server for its slots (`GET /slots`, blocking, at
+    /// most `connect_timeout` each) so that streams can be put on the slot
+    /// that holds their prefix (`id_slot`). Returns what each answered
+    /// (0: no answer; then no `id_slot` goes to it). Call once at
+    /// start-up, before serving; without it no `id_slot` is sent.
+    pub fn learn_slots(&self) -> Vec<usize> {
+        self.shared
+            .iter()
+            .map(|s| {
+                let n = slot_count(&s.target.url, self.cfg.connect_timeout).unwrap_or(0);
+                s.slots_known.store(n.min(s.slot_busy.len()), Ordering::Release);
+                n
+            })
+            .collect()
     }
 
     /// Builds a backend directly (what `build` does, typed).

@@ -92,6 +92,14 @@ impl Event<'_> {
         }
     }
 
+    /// Prompt tokens taken from llama-server's KV cache and evaluated
+    /// (`timings.cache_n`, `timings.prompt_n`), on the last event.
+    pub fn cache_split(&self) -> Option<(u64, u64)> {
+        self.timings
+            .as_ref()
+            .map(|t| (t.cache_n.max(0) as u64, t.prompt_n.max(0) as u64))
+    }
+
     /// The CNSE finish reason of the last event.
     pub fn finish_reason(&self) -> FinishReason {
         match self.stop_type.as_deref() {

@@ -9,6 +9,11 @@ use super::{Attempt, Conn, Flow, LlamaBackend, Phase, Task, CLOSES_AFTER_STREAM}
 use crate::http::Item;
 use crate::sse::{self, SseLine};
 
+/// HTTP statuses after which another server may take the request.
+fn retryable(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
 impl LlamaBackend {
     pub(super) fn fail(
         &mut self,
@@ -35,6 +40,10 @@ impl LlamaBackend {
 
     /// The connection failed under the slot's current task.
     pub(super) fn conn_failed(&mut self, i: usize, what: String, down: bool, io: &mut dyn Io, sink: &mut dyn Sink) {
+        let committed = matches!(&self.slots[i].task, Task::Stream(w) if w.attempt == Attempt::Committed);
+        if committed && self.retry_elsewhere(i, down, io, sink) {
+            return;
+        }
         match &mut self.slots[i].task {
             Task::Stream(w) if w.attempt == Attempt::PooledUnanswered => {
                 // The server closed the pooled connection while idle: send
@@ -179,7 +188,9 @@ impl LlamaBackend {
                 return true;
             }
             let msg = sse::status_message(status, line);
-            self.fail(i, 502, &msg, status >= 500, io, sink);
+            if !(retryable(status) && self.retry_elsewhere(i, status >= 500, io, sink)) {
+                self.fail(i, 502, &msg, status >= 500, io, sink);
+            }
             return false;
         }
         let event = match sse::parse_line(slot.dec.line()) {
@@ -199,6 +210,8 @@ impl LlamaBackend {
         // goes with its last token (it is complete only there); text without
         // ids counts as one token.
         let count = event.token_count.max(u32::from(!event.content.is_empty()));
+        slot.growing
+            .extend(event.content.as_bytes(), &self.shared[slot.upstream].index);
         for k in 0..count {
             let text = if k + 1 == count { event.content.as_bytes() } else { b"" };
             w.delivered += 1;
@@ -234,6 +247,9 @@ impl LlamaBackend {
             sink.end(id, reason);
             slot.task = Task::Drain;
             slot.deadline = Some(io.now() + self.cfg.idle_token_timeout);
+            let (upstream, split) = (slot.upstream, event.cache_split());
+            self.note_cache(upstream, split);
+            tracing::debug!(upstream, ?split, "ended");
             return true;
         }
         w.flow != Flow::Paused
@@ -249,7 +265,10 @@ impl LlamaBackend {
                     _ => "llama-server ended the response without a final event".to_string(),
                 };
                 let down = matches!(w.phase, Phase::ErrorBody(s) if s >= 500);
-                self.fail(i, 502, &msg, down, io, sink);
+                let retry = matches!(w.phase, Phase::ErrorBody(s) if retryable(s));
+                if !(retry && self.retry_elsewhere(i, down, io, sink)) {
+                    self.fail(i, 502, &msg, down, io, sink);
+                }
             }
             Task::Drain | Task::None | Task::Health | Task::Spare => {
                 slot.task = Task::None;

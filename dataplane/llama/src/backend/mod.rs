@@ -23,7 +23,9 @@
 //! the ring ops of the connection slots and their completions, `exchange`
 //! turns a response into sink calls and decides how each stream ends.
 
+mod affinity;
 mod exchange;
+mod failover;
 mod pool;
 mod route;
 
@@ -101,6 +103,13 @@ struct Work {
     attempt: Attempt,
     /// Tokens delivered.
     delivered: u64,
+    /// Times the stream was sent again to another server (`failover`).
+    retries: u8,
+    /// Servers it was sent to (bit per URL index; `URLS_MAX` is 64).
+    tried: u64,
+    /// A `/completion` request (a chat request cannot continue elsewhere
+    /// from its text so far).
+    completion: bool,
 }
 
 /// Whether a stream's tokens may go to its sink.
@@ -145,6 +154,12 @@ struct Slot {
     /// Holds one of the server's in-flight places (released once the
     /// connection is idle or closed).
     reserved: bool,
+    /// The llama-server slot the stream was sent to (`id_slot`), held
+    /// with the reservation.
+    id_slot: Option<u16>,
+    /// The stream's prefix as it grows with the generated text (prefix
+    /// routing: the next turn of a conversation sends it back).
+    growing: crate::prefix::Growing,
     send: Vec<u8>,
     sent: usize,
     recv: Box<[u8]>,
@@ -176,6 +191,12 @@ pub struct LlamaStats {
     pub readmitted: u64,
     pub health_checks: u64,
     pub timeouts: u64,
+    /// Streams sent to the server with the longest cached prefix (not
+    /// the least-loaded one's choice).
+    pub prefix_routed: u64,
+    /// Streams sent again to another server before their first token
+    /// (connection refused, 5xx, 429), invisibly to the client.
+    pub retried_elsewhere: u64,
     /// Connections opened ahead of requests (spares), for servers that
     /// close after each stream.
     pub spares_opened: u64,
@@ -201,6 +222,8 @@ pub struct LlamaBackend {
     next_health: Box<[Option<Instant>]>,
     round_robin: usize,
     body_scratch: Vec<u8>,
+    /// The current prompt's block hashes (capacity `PROMPT_BLOCKS_MAX`).
+    hashes: Vec<u64>,
     stats: BackendStats,
     llama: LlamaStats,
     /// Per upstream: it closed an idle pooled connection right after its
@@ -231,6 +254,8 @@ impl LlamaBackend {
             conn: Conn::Closed,
             task: Task::None,
             reserved: false,
+            id_slot: None,
+            growing: crate::prefix::Growing::default(),
             send: Vec::with_capacity(4096),
             sent: 0,
             recv: vec![0u8; recv_bytes].into_boxed_slice(),
@@ -263,6 +288,7 @@ impl LlamaBackend {
             health_owner,
             round_robin: 0,
             body_scratch: Vec::with_capacity(4096),
+            hashes: Vec::with_capacity(crate::prefix::PROMPT_BLOCKS_MAX),
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
             spare_hold: vec![None; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
@@ -287,43 +313,14 @@ impl LlamaBackend {
     fn slot_of(&self, id: WorkId) -> Option<usize> {
         self.by_id.get(&id).copied()
     }
-}
 
-impl Backend for LlamaBackend {
-    fn name(&self) -> &str {
-        "llama"
-    }
-
-    fn start(&mut self, job: Job<'_>, io: &mut dyn Io) -> Result<(), Reject> {
-        if self.by_id.contains_key(&job.id) {
-            return Err(Reject::new(409, "work id already running on the llama backend"));
-        }
-        let u = self.route()?;
-        let Some((i, pick)) = self.pick_slot(u) else {
-            // Every slot of this server on this core is still closing a
-            // cancelled stream's connection.
-            self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Reject::new(
-                429,
-                "llama backend: connections of this core still closing",
-            ));
-        };
-        debug_assert!(!self.slots[i].reserved);
-        self.body_scratch.clear();
-        // Chat goes to llama-server's own chat endpoint, so the model's
-        // chat template applies.
-        let path = match job.chat {
-            Some(messages) => {
-                crate::body::write_chat_body(&mut self.body_scratch, &job.params, messages, self.cfg.cache_prompt);
-                "/v1/chat/completions"
-            }
-            None => {
-                write_completion_body(&mut self.body_scratch, &job.params, job.prompt, self.cfg.cache_prompt);
-                "/completion"
-            }
-        };
+    /// Sends `POST path` with `body_scratch` as its body on reserved
+    /// connection slot `i` (as `pool::pick_slot` picked it) for `work`. On
+    /// `Err` the slot is released.
+    fn launch(&mut self, i: usize, pick: Pick, path: &str, mut work: Work, io: &mut dyn Io) -> std::io::Result<()> {
+        let u = self.slots[i].upstream;
         let slot = &mut self.slots[i];
-        slot.reserved = true;
+        debug_assert!(slot.reserved);
         slot.send.clear();
         http::write_post_head(
             &mut slot.send,
@@ -336,21 +333,18 @@ impl Backend for LlamaBackend {
         // On a connection that was idle, a close before any answer byte is
         // the server having dropped it: sent again once, on a fresh one.
         let idle = pick == Pick::Watched;
-        slot.task = Task::Stream(Work {
-            id: job.id,
-            phase: if pick == Pick::Connecting {
-                Phase::Connecting
-            } else {
-                Phase::AwaitHead
-            },
-            flow: Flow::Flowing,
-            attempt: if idle {
-                Attempt::PooledUnanswered
-            } else {
-                Attempt::Committed
-            },
-            delivered: 0,
-        });
+        work.phase = if pick == Pick::Connecting {
+            Phase::Connecting
+        } else {
+            Phase::AwaitHead
+        };
+        work.attempt = if idle {
+            Attempt::PooledUnanswered
+        } else {
+            Attempt::Committed
+        };
+        let id = work.id;
+        slot.task = Task::Stream(work);
         if idle {
             if slot.keep_alive {
                 self.llama.reused += 1;
@@ -370,13 +364,84 @@ impl Backend for LlamaBackend {
                 if let Err(e) = self.open_connect(i, io) {
                     self.slots[i].task = Task::None;
                     self.release(i);
-                    return Err(Reject::new(502, format!("llama backend: socket: {e}")));
+                    return Err(e);
                 }
             }
         }
         // The replacement spare connects while this request is served.
         self.fill_spares(u, io);
-        self.by_id.insert(job.id, i);
+        self.by_id.insert(id, i);
+        Ok(())
+    }
+}
+
+impl Backend for LlamaBackend {
+    fn name(&self) -> &str {
+        "llama"
+    }
+
+    fn start(&mut self, job: Job<'_>, io: &mut dyn Io) -> Result<(), Reject> {
+        if self.by_id.contains_key(&job.id) {
+            return Err(Reject::new(409, "work id already running on the llama backend"));
+        }
+        self.hash_prompt(job.chat.unwrap_or(job.prompt).as_bytes());
+        let (u, id_slot) = self.route()?;
+        let Some((i, pick)) = self.pick_slot(u) else {
+            // Every slot of this server on this core is still closing a
+            // cancelled stream's connection.
+            self.shared[u].inflight.fetch_sub(1, Ordering::AcqRel);
+            if let Some(id) = id_slot {
+                self.shared[u].slot_busy[usize::from(id)].store(false, Ordering::Release);
+            }
+            return Err(Reject::new(
+                429,
+                "llama backend: connections of this core still closing",
+            ));
+        };
+        debug_assert!(!self.slots[i].reserved);
+        self.body_scratch.clear();
+        // Chat goes to llama-server's own chat endpoint, so the model's
+        // chat template applies.
+        let cache_prompt = self.cfg.cache_prompt || self.cfg.route.uses_cache();
+        let path = match job.chat {
+            Some(messages) => {
+                crate::body::write_chat_body(&mut self.body_scratch, &job.params, messages, cache_prompt);
+                "/v1/chat/completions"
+            }
+            None => {
+                write_completion_body(&mut self.body_scratch, &job.params, job.prompt, cache_prompt);
+                "/completion"
+            }
+        };
+        if let Some(id) = id_slot {
+            crate::body::append_id_slot(&mut self.body_scratch, id);
+        }
+        self.remember_prompt(u, id_slot);
+        tracing::debug!(server = u, ?id_slot, blocks = self.hashes.len(), "routed");
+        let growing = match job.chat {
+            None if !self.hashes.is_empty() => {
+                crate::prefix::Growing::start(job.prompt.as_bytes(), &self.hashes, id_slot)
+            }
+            // Chat: the answer comes back inside the next request's JSON.
+            _ => crate::prefix::Growing::default(),
+        };
+        let slot = &mut self.slots[i];
+        slot.reserved = true;
+        slot.id_slot = id_slot;
+        slot.growing = growing;
+        let work = Work {
+            id: job.id,
+            // `launch` sets both from the connection it gets.
+            phase: Phase::AwaitHead,
+            flow: Flow::Flowing,
+            attempt: Attempt::Committed,
+            delivered: 0,
+            retries: 0,
+            tried: 0,
+            completion: job.chat.is_none(),
+        };
+        self.launch(i, pick, path, work, io)
+            .map_err(|e| Reject::new(502, format!("llama backend: socket: {e}")))?;
         self.stats.started += 1;
         Ok(())
     }

@@ -10,9 +10,31 @@ use super::{Conn, LlamaBackend, Task};
 use crate::http;
 
 impl LlamaBackend {
-    /// Picks the healthy server with the fewest requests in flight and
-    /// reserves a place on it. `Err` is the reject for the stream.
-    pub(super) fn route(&mut self) -> Result<usize, Reject> {
+    /// Picks a server by the configured policy (prefix affinity first, see
+    /// `affinity`, then the healthy server with the fewest requests in
+    /// flight), reserves a place on it and, with a cache-aware policy, one
+    /// of its llama-server slots. `Err` is the reject for the stream.
+    pub(super) fn route(&mut self) -> Result<(usize, Option<u16>), Reject> {
+        if let Some((u, hint)) = self.prefix_choice() {
+            if self.reserve(u) {
+                self.llama.prefix_routed += 1;
+                return Ok((u, self.take_slot(u, hint)));
+            }
+        }
+        let u = self.least_outstanding()?;
+        Ok((u, self.take_slot(u, self.slot_hint(u))))
+    }
+
+    pub(super) fn reserve(&self, u: usize) -> bool {
+        let limit = self.cfg.inflight_per_backend;
+        self.shared[u]
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| (v < limit).then_some(v + 1))
+            .is_ok()
+    }
+
+    /// The healthy server with the fewest requests in flight, reserved.
+    fn least_outstanding(&mut self) -> Result<usize, Reject> {
         let n = self.shared.len();
         let limit = self.cfg.inflight_per_backend;
         let mut any_healthy = false;
@@ -33,11 +55,7 @@ impl LlamaBackend {
                 }
             }
             let Some((u, _)) = best else { break };
-            let reserved = self.shared[u]
-                .inflight
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| (v < limit).then_some(v + 1))
-                .is_ok();
-            if reserved {
+            if self.reserve(u) {
                 self.round_robin = (u + 1) % n;
                 return Ok(u);
             }
@@ -56,6 +74,7 @@ impl LlamaBackend {
     }
 
     pub(super) fn release(&mut self, i: usize) {
+        self.free_slot(i);
         let slot = &mut self.slots[i];
         if slot.reserved {
             slot.reserved = false;

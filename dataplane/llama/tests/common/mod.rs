@@ -151,6 +151,18 @@ fn serve(
     };
     let mut buf = Vec::new();
     while let Some(line) = read_request(&mut conn, &mut buf) {
+        if line.starts_with("GET /slots") {
+            // As llama-server with -np 4 lists its slots.
+            let body = r#"[{"id":0,"is_processing":false},{"id":1,"is_processing":false},{"id":2,"is_processing":false},{"id":3,"is_processing":false}]"#;
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            continue;
+        }
         if line.starts_with("GET /health") {
             let (status, body) = if healthy.load(Ordering::SeqCst) {
                 ("200 OK", "{\"status\":\"ok\"}")
