@@ -53,6 +53,7 @@ fn drain_client(c: &mut Client, first: &OwnedFrame, window: bool, refused: u64) 
     }
     let mut ends = vec![None; STREAMS as usize];
     let mut refusal = None;
+    let mut closed = false;
     while ends.iter().any(Option::is_none) || refusal.is_none() {
         let f = c.next_frame_within(Duration::from_secs(20)).expect("a frame");
         if f.stream_id == refused {
@@ -70,8 +71,13 @@ fn drain_client(c: &mut Client, first: &OwnedFrame, window: bool, refused: u64) 
                 assert_eq!(f.aux, tokens[i], "stream {}: out of order", f.stream_id);
                 tokens[i] += u64::from(f.arg);
                 text[i].extend_from_slice(&f.payload);
-                if window {
-                    c.credit(f.stream_id, f.arg).unwrap();
+                // Once its last stream has ended the draining server closes
+                // the connection, possibly before this client has read
+                // (and credited) the frames already on their way: a
+                // refused CREDIT then is no fault. A frame the server
+                // never sent is still caught by the read above.
+                if window && !closed {
+                    closed = c.credit(f.stream_id, f.arg).is_err();
                 }
             }
             Kind::End | Kind::Error => ends[i] = Some((f.kind, f.arg, f.aux)),
