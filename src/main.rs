@@ -23,6 +23,8 @@ mod gpu_verify_bench;
 mod key_file;
 mod serve;
 mod serve_ranks;
+mod serve_synthetic;
+mod signals;
 mod sim;
 mod soak;
 mod standin;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
 use cnse_backend::BackendFactory;
-use cnse_kernels::SamplerConfig;
 use cnse_server::{Config, Server};
 
-use crate::gpu_picker::{SamplerPickerFactory, SyntheticDevice};
+use crate::gpu_picker::SyntheticDevice;
+pub use crate::serve_synthetic::{synthetic_factory, synthetic_factory_on};
+use crate::signals::{block_signals, wait_signal};
 
 /// Bounds of `--recv-buffer-bytes`: 1,024 such buffers per worker, so the
 /// top is 256 MiB of receive buffers per worker.
@@ -259,61 +259,6 @@ pub fn read_auth_key(path: &std::path::Path) -> anyhow::Result<cnse_server::Secr
     Ok(cnse_server::Secret::new(key))
 }
 
-pub fn synthetic_factory(ttft_us: u64, interval_us: u64) -> Arc<dyn BackendFactory> {
-    Arc::new(SyntheticFactory::new(SyntheticConfig {
-        ttft: Duration::from_micros(ttft_us),
-        token_interval: Duration::from_micros(interval_us),
-        ..Default::default()
-    }))
-}
-
-/// `factory` with `slots` sequences for the process over `threads` cores
-/// (0: unchanged).
-fn with_slots(factory: SyntheticFactory, slots: usize, threads: usize) -> SyntheticFactory {
-    if slots == 0 {
-        factory
-    } else {
-        factory.with_process_slots(slots, threads)
-    }
-}
-
-/// The synthetic backend with its tokens sampled by `device` (see
-/// `gpu_picker`).
-pub fn synthetic_factory_on(
-    ttft_us: u64,
-    interval_us: u64,
-    device: SyntheticDevice,
-    vocab: u32,
-    (slots, threads): (usize, usize),
-) -> anyhow::Result<Arc<dyn BackendFactory>> {
-    if device == SyntheticDevice::Hash {
-        let f = SyntheticFactory::new(SyntheticConfig {
-            ttft: Duration::from_micros(ttft_us),
-            token_interval: Duration::from_micros(interval_us),
-            ..Default::default()
-        });
-        return Ok(Arc::new(with_slots(f, slots, threads)));
-    }
-    let picker = SamplerPickerFactory {
-        device,
-        config: SamplerConfig {
-            vocab,
-            max_batch: cnse_kernels::sampling::BATCH_MAX,
-        },
-    };
-    picker
-        .check()
-        .map_err(anyhow::Error::msg)
-        .context("--synthetic-device")?;
-    let f = SyntheticFactory::new(SyntheticConfig {
-        ttft: Duration::from_micros(ttft_us),
-        token_interval: Duration::from_micros(interval_us),
-        picker: Arc::new(picker),
-        ..Default::default()
-    });
-    Ok(Arc::new(with_slots(f, slots, threads)))
-}
-
 pub fn config(a: &Args) -> anyhow::Result<Config> {
     let auth_key = a.auth_key_file.as_deref().map(read_auth_key).transpose()?;
     let threads = match a.threads {
@@ -443,32 +388,6 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             Ok(Arc::new(factory))
         }
     }
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and so in every worker thread
-/// spawned after), so they can be taken synchronously with sigtimedwait.
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; the mask
-    // change affects only this thread and threads it creates.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits up to `timeout` for SIGINT/SIGTERM; true when one arrived.
-fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> bool {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as _,
-    };
-    // SAFETY: set is initialised; info may be null.
-    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-    r == libc::SIGINT || r == libc::SIGTERM
 }
 
 /// Under `mpirun`: this rank's ports and backends (`serve_ranks`).

@@ -6,37 +6,11 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use cnse_proto::{put_hello, put_ping};
+use common::fault::{open_fds, reset};
 use common::*;
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Closes with SO_LINGER 0: the peer sees a reset, whatever is unread.
-fn reset(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads a valid linger struct of the given size on
-    // an open socket.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    drop(s);
-}
 
 #[test]
 fn issue9_backed_up_clients_that_close_or_reset_give_back_their_slots_and_fds() {
