@@ -12,7 +12,9 @@
 # SERVER_CPU (default 0) with one thread, the load generator on LOAD_CPUS
 # (default: 1, or 0 on a one-core machine) with LOAD_THREADS threads
 # (default 1); THREADS_LIST (default 1..cores) the server threads of that
-# ablation. ONLY="connections load inflight ablations redis http micro scale"
+# ablation; ABLATIONS="threads defer recv_buffer send_buffer recv_mode frames
+# send_mode" a subset of the ablations, AB_ROUNDS the DEFER_TASKRUN on/off
+# pairs run in turn (default 1). ONLY="connections load inflight ablations redis http micro scale"
 # runs a subset. The scale step holds IDLE_CONNS idle connections (default:
 # what one process's open-file limit allows; 1,000 with --quick) on
 # IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
@@ -31,7 +33,7 @@ out=bench-results
 for a in "$@"; do
   case $a in
     --quick) quick=1 ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "bench.sh: unknown option $a" >&2; exit 2 ;;
     *) out=$a ;;
   esac
@@ -41,6 +43,9 @@ server_cpu=${SERVER_CPU:-0}
 load_cpus=${LOAD_CPUS:-$((cores > 1 ? 1 : 0))}
 load_threads=${LOAD_THREADS:-1}
 only=${ONLY:-connections load inflight ablations redis http micro scale}
+ablations=${ABLATIONS:-threads defer recv_buffer send_buffer recv_mode frames send_mode}
+ab_rounds=${AB_ROUNDS:-1}
+want() { [[ " $ablations " == *" $1 "* ]]; }
 if [ "$quick" = 1 ]; then
   secs=0.5 warm=0.2 drain_ms=2000
   conns_list="16 256" fractions="0.1 0.7" inflight_list="1 16"
@@ -224,17 +229,35 @@ ablate() {
 }
 if [[ " $only " == *" ablations "* ]]; then
   echo "== ablations (cnse-dp)"
-  for t in ${THREADS_LIST:-$(seq 1 "$cores")}; do ablate ablation_threads "$t" "$t" "0-$((t - 1))"; done
-  ablate ablation_defer_taskrun on 1 "$server_cpu"
-  ablate ablation_defer_taskrun off 1 "$server_cpu" --no-defer-taskrun
-  for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
-  for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
-  for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
+  if want threads; then
+    for t in ${THREADS_LIST:-$(seq 1 "$cores")}; do ablate ablation_threads "$t" "$t" "0-$((t - 1))"; done
+  fi
+  # AB_ROUNDS > 1 repeats the on/off pair in turn (values on/1, off/1, ...)
+  # so that one run's drift is not read as an effect.
+  if want defer; then
+    for r in $(seq 1 "$ab_rounds"); do
+      tag=$([ "$ab_rounds" = 1 ] || echo "/$r")
+      ablate ablation_defer_taskrun "on$tag" 1 "$server_cpu"
+      ablate ablation_defer_taskrun "off$tag" 1 "$server_cpu" --no-defer-taskrun
+    done
+  fi
+  if want recv_buffer; then
+    for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
+  fi
+  if want send_buffer; then
+    for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
+  fi
+  if want recv_mode; then
+    for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
+  fi
   # 0: as many frames as fit the send buffer (the default).
-  for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
+  if want frames; then
+    for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
+  fi
   # SEND vs SEND_ZC by payload size: pipelined PINGs whose PONGs carry P
   # bytes back (the server's sends), 64 connections x 4 in flight.
   for m in plain zc; do
+    want send_mode || continue
     start_server cnse-dp 1 "$server_cpu" --send-mode "$m"
     for p in $payload_list; do
       run ablation_send_mode cnse-dp setting "$m/$p" --mode ping --payload-bytes "$p" --connections 64 --inflight 4

@@ -135,6 +135,9 @@ pub struct Args {
     /// --llama-spare-conns`).
     #[arg(long, default_value_t = 1)]
     pub llama_spare_conns: usize,
+    /// llama-compare: spares over all workers (`serve --llama-spares-max`).
+    #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
+    pub llama_spares_max: usize,
     /// llama-compare: rounds of (direct, through cnse-dp's binary
     /// protocol, direct over HTTP, through its HTTP front), rotated so that
     /// drift hits every side alike.

@@ -209,6 +209,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         urls: vec![url.to_string()],
         inflight_per_backend: concurrency,
         spare_conns: args.llama_spare_conns,
+        spares_max: args.llama_spares_max,
         ..Default::default()
     })
     .context("--llama-url")?;

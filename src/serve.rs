@@ -163,6 +163,11 @@ pub struct Args {
     /// holds one of llama-server's HTTP threads while idle.
     #[arg(long, default_value_t = 1)]
     pub llama_spare_conns: usize,
+    /// Spare connections per llama-server over all workers together (0:
+    /// none): each holds one of the server's HTTP threads, so with many
+    /// workers keep this below its spare --threads-http.
+    #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
+    pub llama_spares_max: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -370,6 +375,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 prefix_entries: a.llama_prefix_entries,
                 retries_max: a.llama_retries,
                 spare_conns: a.llama_spare_conns,
+                spares_max: a.llama_spares_max,
                 ..Default::default()
             })
             .context("--llama-url")?;

@@ -99,6 +99,12 @@ pub struct LlamaConfig {
     /// request waits for a connect. Each spare holds one of llama-server's
     /// HTTP threads while it waits (`--threads-http`).
     pub spare_conns: usize,
+    /// Spares per llama-server over all cores together
+    /// (`--llama-spares-max`; 0: none). Each spare holds one of the
+    /// server's HTTP threads, and a request sent on a connection that no
+    /// thread has picked up waits for one: with many cores the per-core
+    /// `spare_conns` alone would exceed a small server's threads.
+    pub spares_max: usize,
 }
 
 /// How the backend picks a llama-server for a stream.
@@ -158,9 +164,15 @@ impl Default for LlamaConfig {
             prefix_entries: prefix::ENTRIES_DEFAULT,
             retries_max: 2,
             spare_conns: 1,
+            spares_max: SPARES_MAX_DEFAULT,
         }
     }
 }
+
+/// Default of `LlamaConfig::spares_max`: within the spare HTTP threads of
+/// a llama-server on a small machine (`--threads-http` defaults to
+/// `max(slots + 2, cores - 1)`).
+pub const SPARES_MAX_DEFAULT: usize = 4;
 
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
@@ -308,6 +320,10 @@ pub(crate) struct Shared {
     /// the last event's `timings` of every stream.
     pub cache_n: AtomicU64,
     pub prompt_n: AtomicU64,
+    /// Connections opened ahead (spares) over all cores, as each core last
+    /// published them; a core opens one only while this is below
+    /// `LlamaConfig::spares_max`.
+    pub spares: AtomicUsize,
 }
 
 impl Shared {
@@ -323,6 +339,7 @@ impl Shared {
             slot_clock: AtomicU32::new(0),
             cache_n: AtomicU64::new(0),
             prompt_n: AtomicU64::new(0),
+            spares: AtomicUsize::new(0),
         }
     }
 }

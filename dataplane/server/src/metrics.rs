@@ -70,6 +70,11 @@ pub struct RequestMetrics {
     /// servers for every worker: the process reports the largest count).
     pub servers: u64,
     pub servers_up: u64,
+    /// Connections the backend holds open ahead of requests (process-wide:
+    /// the largest count a worker reported).
+    pub spares: u64,
+    /// The backend's event counts (`cnse_backend::EVENTS`).
+    pub backend_events: [u64; cnse_backend::EVENTS.len()],
 }
 
 impl RequestMetrics {
@@ -98,6 +103,10 @@ impl RequestMetrics {
         self.running += o.running;
         self.servers = self.servers.max(o.servers);
         self.servers_up = self.servers_up.max(o.servers_up);
+        self.spares = self.spares.max(o.spares);
+        for (a, b) in self.backend_events.iter_mut().zip(o.backend_events) {
+            *a += b;
+        }
     }
 }
 
@@ -194,6 +203,22 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         "cnse_backend_servers{{state=\"down\"}} {}",
         r.servers - r.servers_up.min(r.servers)
     );
+    family(
+        out,
+        "cnse_backend_spare_connections",
+        "gauge",
+        "Connections to model servers held open ahead of requests (--llama-spare-conns, --llama-spares-max).",
+    );
+    let _ = writeln!(out, "cnse_backend_spare_connections {}", r.spares);
+    family(
+        out,
+        "cnse_backend_events_total",
+        "counter",
+        "Gateway backend events: reused, retried, retried_elsewhere, prefix_routed, evicted, readmitted, health_checks, timeouts, spares_opened, spares_taken, idle_closed (docs/HTTP.md).",
+    );
+    for ((name, _), n) in cnse_backend::EVENTS.iter().zip(r.backend_events) {
+        let _ = writeln!(out, "cnse_backend_events_total{{event=\"{name}\"}} {n}");
+    }
     family(
         out,
         "cnse_requests_run_total",

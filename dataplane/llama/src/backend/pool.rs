@@ -280,8 +280,10 @@ impl LlamaBackend {
     }
 
     /// Opens spares of server `u` until this core has `spare_conns` of
-    /// them (idle or connecting), on free slots only.
+    /// them (idle or connecting), on free slots only, while the process
+    /// holds fewer than `spares_max` for `u`.
     pub(super) fn fill_spares(&mut self, u: usize, io: &mut dyn Io) {
+        self.publish_spares(u);
         let want = self.cfg.spare_conns;
         if want == 0 || !self.shared[u].healthy.load(Ordering::Acquire) {
             return;
@@ -305,13 +307,44 @@ impl LlamaBackend {
             if !matches!(slot.task, Task::None) || slot.conn != Conn::Closed || slot.reserved {
                 continue;
             }
+            let cap = self.cfg.spares_max;
+            if self.shared[u]
+                .spares
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+                .is_err()
+            {
+                return;
+            }
+            self.spares_mine[u] += 1;
             self.slots[i].task = Task::Spare;
             if self.open_connect(i, io).is_err() {
                 self.slots[i].task = Task::None;
+                self.publish_spares(u);
                 self.spare_hold[u] = Some(io.now() + SPARE_HOLD);
                 return;
             }
+            self.slots[i].ahead = true;
             have += 1;
+        }
+    }
+
+    /// Brings this core's share of `Shared::spares` for `u` to the spares
+    /// it holds now (those taken by a request or closed since leave it).
+    pub(super) fn publish_spares(&mut self, u: usize) {
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        let mut now = 0;
+        for i in range {
+            let s = &mut self.slots[i];
+            if s.ahead && !matches!(s.task, Task::Spare) {
+                s.ahead = false;
+            }
+            now += usize::from(s.ahead);
+        }
+        let before = std::mem::replace(&mut self.spares_mine[u], now);
+        if now > before {
+            self.shared[u].spares.fetch_add(now - before, Ordering::AcqRel);
+        } else if before > now {
+            self.shared[u].spares.fetch_sub(before - now, Ordering::AcqRel);
         }
     }
 

@@ -199,6 +199,8 @@ impl<T: Transport> Session<T> {
         m.running = b.active;
         m.servers = b.servers;
         m.servers_up = b.servers_up;
+        m.spares = b.spares;
+        m.backend_events = b.events;
         m
     }
 
