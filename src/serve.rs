@@ -159,13 +159,14 @@ pub struct Args {
     pub llama_retries: u8,
     /// Idle connections per llama-server per worker kept connected ahead
     /// of requests (llama-server closes after every stream: a request then
-    /// finds a connected socket); at most --llama-inflight, 0: none. Each
-    /// holds one of llama-server's HTTP threads while idle.
-    #[arg(long, default_value_t = 1)]
-    pub llama_spare_conns: usize,
+    /// finds a connected socket); at most --llama-inflight (the default),
+    /// 0: none. Over the process, a server gets no more spares than its
+    /// free places + 1 and --llama-spares-max: each holds one of its HTTP
+    /// threads while idle.
+    #[arg(long)]
+    pub llama_spare_conns: Option<usize>,
     /// Spare connections per llama-server over all workers together (0:
-    /// none): each holds one of the server's HTTP threads, so with many
-    /// workers keep this below its spare --threads-http.
+    /// none), beside the free-places rule above.
     #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
     pub llama_spares_max: usize,
     /// Print a stats line every N ms (0: never).
@@ -374,13 +375,15 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 prefix_load_factor: a.llama_prefix_load_factor,
                 prefix_entries: a.llama_prefix_entries,
                 retries_max: a.llama_retries,
-                spare_conns: a.llama_spare_conns,
+                spare_conns: a.llama_spare_conns.unwrap_or(a.llama_inflight),
                 spares_max: a.llama_spares_max,
                 ..Default::default()
             })
             .context("--llama-url")?;
+            // The slots also bound the spares (docs/LLAMA.md, "Spares").
+            let slots = factory.learn_slots();
             if a.llama_route.uses_cache() {
-                for (url, n) in a.llama_url.iter().zip(factory.learn_slots()) {
+                for (url, &n) in a.llama_url.iter().zip(&slots) {
                     if n == 0 {
                         eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
                     } else if n < a.llama_inflight {

@@ -94,16 +94,18 @@ pub struct LlamaConfig {
     pub retries_max: u8,
     /// Idle connections per llama-server per core kept connected ahead of
     /// requests, on connection slots of their own (at most
-    /// `inflight_per_backend`; 0: none). llama-server
+    /// `inflight_per_backend`: larger values are lowered to it; 0: none;
+    /// one only, until the server is seen closing after each stream). llama-server
     /// closes its connection after every stream, so without a spare each
     /// request waits for a connect. Each spare holds one of llama-server's
     /// HTTP threads while it waits (`--threads-http`).
     pub spare_conns: usize,
     /// Spares per llama-server over all cores together
-    /// (`--llama-spares-max`; 0: none). Each spare holds one of the
-    /// server's HTTP threads, and a request sent on a connection that no
-    /// thread has picked up waits for one: with many cores the per-core
-    /// `spare_conns` alone would exceed a small server's threads.
+    /// (`--llama-spares-max`; 0: none). Beside it, a server never gets more
+    /// spares than its free places (`inflight_per_backend` less the
+    /// streams on it) + 1: each spare holds one of the server's HTTP
+    /// threads (at least its slots + 2 by default), and a request sent on
+    /// a connection that no thread has picked up waits for one.
     pub spares_max: usize,
 }
 
@@ -169,10 +171,10 @@ impl Default for LlamaConfig {
     }
 }
 
-/// Default of `LlamaConfig::spares_max`: within the spare HTTP threads of
-/// a llama-server on a small machine (`--threads-http` defaults to
-/// `max(slots + 2, cores - 1)`).
-pub const SPARES_MAX_DEFAULT: usize = 4;
+/// Default of `LlamaConfig::spares_max`: the free-places rule is what
+/// bounds spares for one gateway; this bounds them when several share a
+/// llama-server.
+pub const SPARES_MAX_DEFAULT: usize = 8;
 
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
@@ -370,7 +372,7 @@ pub struct LlamaFactory {
 }
 
 impl LlamaFactory {
-    pub fn new(cfg: LlamaConfig) -> Result<Self, LlamaError> {
+    pub fn new(mut cfg: LlamaConfig) -> Result<Self, LlamaError> {
         if cfg.urls.is_empty() {
             return Err(LlamaError::Config("at least one llama-server URL is required".into()));
         }
@@ -382,12 +384,8 @@ impl LlamaFactory {
                 "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
             )));
         }
-        if cfg.spare_conns > cfg.inflight_per_backend {
-            return Err(LlamaError::Config(format!(
-                "spare_conns {} is above inflight_per_backend {}",
-                cfg.spare_conns, cfg.inflight_per_backend
-            )));
-        }
+        // More spares than places could never be taken at once.
+        cfg.spare_conns = cfg.spare_conns.min(cfg.inflight_per_backend);
         if cfg.urls.len() * (cfg.inflight_per_backend + cfg.spare_conns) > SLOTS_PER_CORE_MAX {
             return Err(LlamaError::Config(format!(
                 "{} URLs x (inflight_per_backend {} + spare_conns {}) is above {SLOTS_PER_CORE_MAX} connection slots per core",

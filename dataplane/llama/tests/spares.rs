@@ -232,3 +232,46 @@ fn issue12_spares_over_all_cores_stay_within_the_process_cap() {
     }
     assert!(cores[0].1.stats().spares <= 2);
 }
+
+#[test]
+fn issue12_spares_and_streams_stay_within_the_servers_places_plus_one() {
+    use cnse_backend::Backend as _;
+    let standin = Standin::start(StandinConfig {
+        ttft: Duration::from_millis(200),
+        token_interval: Duration::ZERO,
+        close_after_stream: true,
+    })
+    .unwrap();
+    let url = standin.url();
+    let mut cfg = config(&[&url]);
+    cfg.health_interval = Duration::from_secs(60);
+    cfg.first_token_timeout = Duration::from_secs(5);
+    cfg.inflight_per_backend = 2;
+    cfg.spare_conns = 2;
+    let mut b = backend(cfg);
+    let mut d = Driver::new().unwrap();
+    let mut sink = Recorder::default();
+    // One spare until the server is seen closing after a stream; then two
+    // (two free places: a burst of two finds two connections).
+    d.start(&mut b, 1, params(2), "hello").unwrap();
+    assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(1)));
+    run_until_backend(&mut d, &mut b, &mut sink, |b| b.stats().spares == 2);
+    let taken = b.llama_stats().spares_taken;
+    d.start(&mut b, 2, params(2), "hello").unwrap();
+    d.start(&mut b, 3, params(2), "hello").unwrap();
+    assert_eq!(b.llama_stats().spares_taken, taken + 2, "both found a connection ahead");
+    // Spares + streams within the two places + 1 all along.
+    let mut both_busy = 0;
+    while !sink.finished(2) || !sink.finished(3) {
+        d.run_for(&mut b, &mut sink, Duration::from_millis(5));
+        let (spares, streams) = (b.stats().spares, b.inflight(0) as u64);
+        assert!(
+            spares + streams <= 3,
+            "{spares} spares beside {streams} streams on two places"
+        );
+        both_busy += u32::from(streams == 2);
+    }
+    assert!(both_busy > 0, "the two streams ran together");
+    assert_eq!((sink.get(2).error, sink.get(3).error), (None, None));
+    run_until_backend(&mut d, &mut b, &mut sink, |b| b.stats().spares == 2);
+}
