@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 cargo build --release --bin cnse-dp
 tests=$( (cargo test --release --no-run -p cnse-kernels --lib 2>&1;
-  cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle 2>&1) \
+  cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle --test gpu_resident 2>&1) \
   | grep -oE 'target/release/deps/[a-z0-9_]+-[0-9a-f]+' | sort -u)
 [ -n "$tests" ] || { echo "device-bundle: no test executables built" >&2; exit 1; }
 rm -rf .device && mkdir -p .device/tests
