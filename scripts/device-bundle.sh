@@ -18,5 +18,5 @@ strip --strip-debug -o .device/cnse-dp target/release/cnse-dp
 for t in $tests; do strip --strip-debug -o ".device/tests/$(basename "$t")" "$t"; done
 # The test executables run the binary at the path cargo baked into them.
 echo "$(pwd)/target/release/cnse-dp" > .device/cnse-dp.path
-cp scripts/device-run.sh .device/
+cp scripts/device-run.sh scripts/device-i15.sh .device/
 du -sh .device

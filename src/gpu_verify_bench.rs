@@ -66,6 +66,9 @@ pub(crate) struct Args {
     /// Skip the resident-blob rows (registered once, loaded again and again).
     #[arg(long)]
     pub(crate) no_resident: bool,
+    /// Only the resident-blob rows (with their own 16-thread staging row).
+    #[arg(long, conflicts_with_all = ["no_resident", "cold"])]
+    pub(crate) resident_only: bool,
     #[command(flatten)]
     pub(crate) pool: Pool,
 }
@@ -146,12 +149,18 @@ pub(crate) fn run(a: Args) -> Result<()> {
         },
     )?;
     let gpu = GpuVerifier::new(&st)?;
-    if !a.no_kernel {
-        kernel_sweep(&a, &mut st, &gpu, &spec, &leaf_digests, reps)?;
-    }
     let gv = GpuVerifyOptions {
         window_bytes: a.load_window_mib << 20,
     };
+    if a.resident_only {
+        if !st.supports_register() {
+            bail!("the device lacks read-only host registration: resident blobs cannot be measured");
+        }
+        return crate::gpu_bench_resident::run(&a, &gpu, &spec, &leaves, gv, reps);
+    }
+    if !a.no_kernel {
+        kernel_sweep(&a, &mut st, &gpu, &spec, &leaf_digests, reps)?;
+    }
 
     println!();
     println!(
