@@ -39,7 +39,7 @@ if has resident; then
   echo "== resident: tests (CNSE_REQUIRE_GPU=1, full output)"
   for t in tests/gpu_resident-*; do "$t" --test-threads 1 --nocapture 2>&1; echo "exit status $?"; done
   for t in tests/cnse_kernels-*; do "$t" --test-threads 1 resident 2>&1 | grep -E "^test |test result|panicked"; done
-  A="--no-kernel --leaf-kib 64 --threads 16 --reps ${RESIDENT_REPS:-3} --resident-only"
+  A="--no-kernel --leaf-kib 64 --threads 16 --reps ${RESIDENT_REPS:-5} --resident-only"
   echo "== gpu bench-verify $A"; "$B" gpu bench-verify $A 2>&1; echo "exit status $?"
   echo "== CLI: gpu load --resident-gib (one process: the first load registers, --repeat loads again)"
   S=/tmp/st15r; rm -rf $S

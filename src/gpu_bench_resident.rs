@@ -19,6 +19,11 @@ use crate::gpu::gbps;
 use crate::gpu_verify_bench::Args;
 use crate::thread_cpu::{ThreadCpu, ThreadUse};
 
+/// Workers of the resident rows' streamers: a load uses 1 or 2 of them,
+/// but the streamer's streams (`streams`, at most one per worker) are all
+/// used, chunk by chunk, so it is made with as many as the staging rows.
+const STREAMER_THREADS: usize = 16;
+
 /// The median run by wall time.
 fn median_run(mut runs: Vec<ThreadUse>) -> ThreadUse {
     runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
@@ -61,15 +66,16 @@ pub(crate) fn run(
     let budget = size.next_multiple_of(2 << 20);
     println!();
     println!(
-        "resident blob, first loads (each registers the {} GiB blob, unverified, 1 queueing thread; \
+        "resident blob, first loads (each registers the {} GiB blob, unverified, 1 queueing thread, {} streams, copy engines; \
          then evicted: budget 0; median of {reps} by load time):",
-        a.size_gib
+        a.size_gib,
+        a.pool.config().streams.min(STREAMER_THREADS)
     );
     println!(
         "| {:<62} | {:>9} | {:>10} | {:>9} | {:>10} | {:>5} | {:>4} | {:>10}",
         "registration", "register", "reg. rate", "load", "load rate", "cores", "busy", "unregister"
     );
-    let mut st = streamer(a, 2, Mover::CopyEngine)?;
+    let mut st = streamer(a, STREAMER_THREADS, Mover::CopyEngine)?;
     let mut plan: Vec<(u64, usize, Prefault)> = Vec::new();
     for piece_mib in [16u64, 64, 256, 0] {
         for threads in [1, 2] {
@@ -137,7 +143,7 @@ pub(crate) fn run(
     let base16 = median_run(runs);
     row("unverified, 16 threads, copy kernel, staging", size, &base16, &[]);
     for mover in [Mover::Kernel, Mover::CopyEngine] {
-        let mut st = streamer(a, 2, mover)?;
+        let mut st = streamer(a, STREAMER_THREADS, mover)?;
         st.set_resident(ResidentOptions {
             budget_bytes: budget,
             ..Default::default()
