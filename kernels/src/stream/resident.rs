@@ -206,7 +206,13 @@ impl ResidentCache {
             return Ok((&self.entries[i], 0.0));
         }
         let budget = self.options.budget_bytes;
-        if size == 0 || size > budget {
+        if size == 0 {
+            return Err(KernelError::Spec {
+                path: path.to_path_buf(),
+                detail: "an empty blob has no pages to make resident".into(),
+            });
+        }
+        if size > budget {
             return Err(KernelError::Spec {
                 path: path.to_path_buf(),
                 detail: format!(
