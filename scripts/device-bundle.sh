@@ -19,4 +19,5 @@ for t in $tests; do strip --strip-debug -o ".device/tests/$(basename "$t")" "$t"
 # The test executables run the binary at the path cargo baked into them.
 echo "$(pwd)/target/release/cnse-dp" > .device/cnse-dp.path
 cp scripts/device-run.sh scripts/device-i15.sh .device/
+git log -1 --format="commit %h (%s)" > .device/commit.txt 2>/dev/null || true
 du -sh .device
