@@ -66,8 +66,9 @@ pub(crate) fn run(
     let budget = size.next_multiple_of(2 << 20);
     println!();
     println!(
-        "resident blob, first loads (each registers the {} GiB blob, unverified, 1 queueing thread, {} streams, copy engines; \
-         then evicted: budget 0; median of {reps} by load time):",
+        "resident blob, first loads (each registers the {} GiB blob, unverified, {} streams, copy engines; registered \
+         ahead of the copies (then 1 queueing thread) or chunk by chunk inside the load; then evicted: budget 0; \
+         median of {reps} by load time):",
         a.size_gib,
         a.pool.config().streams.min(STREAMER_THREADS)
     );
@@ -76,27 +77,35 @@ pub(crate) fn run(
         "registration", "register", "reg. rate", "load", "load rate", "cores", "busy", "unregister"
     );
     let mut st = streamer(a, STREAMER_THREADS, Mover::CopyEngine)?;
-    let mut plan: Vec<(u64, usize, Prefault)> = Vec::new();
+    // (piece bytes, threads, prefault, overlapped): registered ahead by
+    // `threads` registering threads, or chunk by chunk inside the load by
+    // `threads` queueing threads.
+    let mut plan: Vec<(u64, usize, Prefault, bool)> = Vec::new();
     for piece_mib in [16u64, 64, 256, 0] {
         for threads in [1, 2] {
-            plan.push((piece_mib << 20, threads, Prefault::None));
+            plan.push((piece_mib << 20, threads, Prefault::None, false));
         }
     }
-    plan.push((64 << 20, 2, Prefault::Populate));
-    plan.push((64 << 20, 2, Prefault::HugePage));
-    for (piece_bytes, register_threads, prefault) in plan {
+    plan.push((64 << 20, 2, Prefault::Populate, false));
+    plan.push((64 << 20, 2, Prefault::HugePage, false));
+    for threads in [1, 2] {
+        plan.push((spec.chunk_bytes, threads, Prefault::None, true));
+    }
+    for (piece_bytes, threads, prefault, overlap) in plan {
         let mut runs = Vec::new();
         for _ in 0..reps {
             let o = ResidentOptions {
                 budget_bytes: budget,
-                register_threads,
-                piece_bytes,
+                register_threads: threads,
+                piece_bytes: if overlap { 64 << 20 } else { piece_bytes },
                 prefault,
+                overlap,
             };
             st.set_resident(o)?;
             let unreg0 = st.resident_stats().unregister_s;
             let t = ThreadCpu::start();
-            let (blob, report) = st.load(spec, LoadOptions::new(false, SourceMode::Resident, 1))?;
+            let load_threads = if overlap { threads } else { 1 };
+            let (blob, report) = st.load(spec, LoadOptions::new(false, SourceMode::Resident, load_threads))?;
             let u = t.finish();
             drop(blob);
             st.set_resident(ResidentOptions { budget_bytes: 0, ..o })?;
@@ -104,14 +113,20 @@ pub(crate) fn run(
         }
         runs.sort_by(|x, y| x.0.wall_s.total_cmp(&y.0.wall_s));
         let (m, reg_s, unreg_s) = runs.swap_remove(runs.len() / 2);
-        let piece = if piece_bytes == 0 {
-            "whole blob".to_string()
-        } else {
-            format!("{} MiB pieces", piece_bytes >> 20)
+        let label = match (overlap, piece_bytes) {
+            (true, _) => format!(
+                "per chunk inside the load, overlapped with copies, {threads} threads{}",
+                if threads > 1 { " (summed)" } else { "" }
+            ),
+            (false, 0) => format!("ahead: whole blob, {threads} registering threads, {prefault}"),
+            (false, p) => format!(
+                "ahead: {} MiB pieces, {threads} registering threads, {prefault}",
+                p >> 20
+            ),
         };
         println!(
             "| {:<62} | {reg_s:>7.4} s | {:>5.2} GB/s | {:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {unreg_s:>8.4} s",
-            format!("{piece}, {register_threads} registering threads, {prefault}"),
+            label,
             gbps(size, reg_s),
             m.wall_s,
             gbps(size, m.wall_s),

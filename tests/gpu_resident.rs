@@ -71,7 +71,7 @@ fn gpu_with_registration(st: &Streamer) -> bool {
     false
 }
 
-fn streamer(mover: Mover, budget_bytes: u64, piece_bytes: u64) -> Streamer {
+fn streamer(mover: Mover, budget_bytes: u64, piece_bytes: u64, overlap: bool) -> Streamer {
     let mut st = Streamer::new(
         0,
         StreamerConfig {
@@ -84,6 +84,7 @@ fn streamer(mover: Mover, budget_bytes: u64, piece_bytes: u64) -> Streamer {
     st.set_resident(ResidentOptions {
         budget_bytes,
         piece_bytes,
+        overlap,
         ..Default::default()
     })
     .unwrap();
@@ -122,17 +123,20 @@ fn issue15_a_resident_blob_loads_with_device_bytes_equal_to_the_file() {
     // A tail that is neither a page nor a 16-byte multiple; 6 MiB pieces,
     // so chunks straddle registrations; and the whole blob in one piece.
     let b = blob("equal", (100 << 20) + 12_345, 3);
-    for (mover, piece) in [
-        (Mover::Kernel, 6 << 20),
-        (Mover::CopyEngine, 6 << 20),
-        (Mover::Kernel, 0),
-    ] {
-        let mut st = streamer(mover, 256 << 20, piece);
+    // Last: registered chunk by chunk inside the first load.
+    let cases = [
+        (Mover::Kernel, 6 << 20, false),
+        (Mover::CopyEngine, 6 << 20, false),
+        (Mover::Kernel, 0, false),
+        (Mover::CopyEngine, 0, true),
+    ];
+    for (mover, piece, overlap) in cases {
+        let mut st = streamer(mover, 256 << 20, piece, overlap);
         if !gpu_with_registration(&st) {
             return;
         }
         let gpu = GpuVerifier::new(&st).unwrap();
-        let what = format!("{mover}, pieces of {piece} bytes");
+        let what = format!("{mover}, pieces of {piece} bytes, overlapped {overlap}");
         for (n, threads) in [(1, 1), (2, 2), (3, 1)] {
             let loaded = verified(&gpu, &mut st, &b, threads).unwrap_or_else(|e| panic!("{what}: load {n}: {e}"));
             assert!(loaded.verified);
@@ -146,10 +150,10 @@ fn issue15_a_resident_blob_loads_with_device_bytes_equal_to_the_file() {
             "{what}: a resident blob is not registered again"
         );
         let s = st.resident_stats();
-        let pieces = if piece == 0 {
-            1
-        } else {
-            b.data.len().div_ceil(piece as usize) as u64
+        let pieces = match (overlap, piece) {
+            (true, _) => b.data.len().div_ceil(CHUNK as usize) as u64,
+            (false, 0) => 1,
+            (false, p) => b.data.len().div_ceil(p as usize) as u64,
         };
         assert_eq!((s.misses, s.hits, s.registrations), (1, 3, pieces), "{what}: {s:?}");
         assert_eq!((s.entries, s.resident_bytes), (1, b.data.len() as u64), "{what}: {s:?}");
@@ -165,7 +169,7 @@ fn issue15_a_bit_flipped_in_a_resident_blob_is_caught_and_named() {
         return;
     }
     let b = blob("flip", 64 << 20, 5);
-    let mut st = streamer(Mover::Kernel, 128 << 20, 64 << 20);
+    let mut st = streamer(Mover::Kernel, 128 << 20, 64 << 20, false);
     if !gpu_with_registration(&st) {
         return;
     }
@@ -189,6 +193,27 @@ fn issue15_a_bit_flipped_in_a_resident_blob_is_caught_and_named() {
     assert_equal_to_file(&again, &b, "after the byte was restored");
     let s = st.resident_stats();
     assert_eq!((s.misses, s.hits), (1, 2), "the blob stayed resident throughout: {s:?}");
+    drop(again);
+
+    // Registered chunk by chunk inside a first load that fails: the load
+    // names the leaf and nothing stays registered; once the byte is
+    // restored, the next load registers the blob anew.
+    let mut st = streamer(Mover::CopyEngine, 128 << 20, 64 << 20, true);
+    flip(b.data[at as usize] ^ 0x04);
+    let msg = verified(&gpu, &mut st, &b, 2)
+        .err()
+        .expect("a flipped bit must fail the load");
+    assert!(msg.contains("chunk 2 leaf 5 of the chunk"), "{msg}");
+    let s = st.resident_stats();
+    assert_eq!((s.entries, s.misses, s.resident_bytes), (0, 0, 0), "{s:?}");
+    assert!(s.registrations > 0 && s.unregistrations == s.registrations, "{s:?}");
+    let failed_registrations = s.registrations;
+    flip(b.data[at as usize]);
+    let fresh = verified(&gpu, &mut st, &b, 2).unwrap();
+    assert_equal_to_file(&fresh, &b, "overlapped first load after the byte was restored");
+    let s = st.resident_stats();
+    assert_eq!((s.entries, s.misses), (1, 1), "{s:?}");
+    assert_eq!(s.registrations, failed_registrations + 4, "one piece per chunk: {s:?}");
 }
 
 #[test]
@@ -198,7 +223,7 @@ fn issue15_the_byte_budget_evicts_and_unregisters_the_least_recently_loaded_blob
     }
     let (a, c) = (blob("evict-a", 40 << 20, 7), blob("evict-b", 40 << 20, 8));
     // Room for one blob of 5 pieces of 8 MiB.
-    let mut st = streamer(Mover::CopyEngine, 64 << 20, 8 << 20);
+    let mut st = streamer(Mover::CopyEngine, 64 << 20, 8 << 20, false);
     if !gpu_with_registration(&st) {
         return;
     }

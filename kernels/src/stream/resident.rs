@@ -70,6 +70,13 @@ pub struct ResidentOptions {
     /// 0 registers the whole blob in one call.
     pub piece_bytes: u64,
     pub prefault: Prefault,
+    /// Register a new blob chunk by chunk inside its first load, each
+    /// chunk's copy queued right behind its registration (pieces are the
+    /// manifest's chunks; `piece_bytes`, `register_threads` and `prefault`
+    /// other than the mapping's are then unused), instead of registering
+    /// it whole before the copies. Needs chunks of whole pages; otherwise
+    /// the blob is registered ahead.
+    pub overlap: bool,
 }
 
 impl Default for ResidentOptions {
@@ -79,6 +86,7 @@ impl Default for ResidentOptions {
             register_threads: 2,
             piece_bytes: 64 << 20,
             prefault: Prefault::None,
+            overlap: false,
         }
     }
 }
@@ -127,7 +135,7 @@ pub struct ResidentStats {
 /// replaced under the same name is a different blob), its size and the
 /// manifest's digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Key {
+pub(crate) struct Key {
     dev: u64,
     ino: u64,
     size: u64,
@@ -184,27 +192,52 @@ impl ResidentCache {
         self.evict_to(options.budget_bytes, 0)
     }
 
-    /// The entry of `file` (already opened at `path`, `size` bytes), after
-    /// registering it if it was not resident. `register_s` is the time
-    /// spent admitting it (0 on a hit).
-    pub fn get(&mut self, path: &Path, file: &File, size: u64, digest: [u8; 32]) -> Result<(&Entry, f64), KernelError> {
+    /// The identity of `file` (already opened at `path`, `size` bytes).
+    pub fn key(path: &Path, file: &File, size: u64, digest: [u8; 32]) -> Result<Key, KernelError> {
         let meta = file.metadata().map_err(|source| KernelError::Io {
             op: "stat",
             path: path.to_path_buf(),
             source,
         })?;
-        let key = Key {
+        Ok(Key {
             dev: meta.dev(),
             ino: meta.ino(),
             size,
             digest,
-        };
+        })
+    }
+
+    /// The index of `key`'s entry, counted as a hit and marked used.
+    pub fn find(&mut self, key: &Key) -> Option<usize> {
         self.clock += 1;
-        if let Some(i) = self.entries.iter().position(|e| e.key == key) {
-            self.stats.hits += 1;
-            self.entries[i].last_use = self.clock;
+        let i = self.entries.iter().position(|e| e.key == *key)?;
+        self.stats.hits += 1;
+        self.entries[i].last_use = self.clock;
+        Some(i)
+    }
+
+    pub fn entry(&self, i: usize) -> &Entry {
+        &self.entries[i]
+    }
+
+    /// The entry of `key`, after mapping and registering it (serially,
+    /// ahead of any copy) if it was not resident; `register_s` is the time
+    /// spent admitting it (0 on a hit).
+    pub fn get(&mut self, path: &Path, file: &File, key: Key) -> Result<(&Entry, f64), KernelError> {
+        if let Some(i) = self.find(&key) {
             return Ok((&self.entries[i], 0.0));
         }
+        self.make_room(path, key.size)?;
+        let t0 = Instant::now();
+        let mut entry = self.map(path, file, key)?;
+        self.register_pieces(&mut entry)?;
+        let register_s = t0.elapsed().as_secs_f64();
+        Ok((self.insert(entry, register_s), register_s))
+    }
+
+    /// Checks that a blob of `size` bytes fits the budget and evicts the
+    /// least recently used blobs until it fits beside the rest.
+    pub fn make_room(&mut self, path: &Path, size: u64) -> Result<(), KernelError> {
         let budget = self.options.budget_bytes;
         if size == 0 {
             return Err(KernelError::Spec {
@@ -221,17 +254,25 @@ impl ResidentCache {
                 ),
             });
         }
-        self.evict_to(budget - size, 1)?;
-        let t0 = Instant::now();
-        let entry = self.admit(path, file, key)?;
-        self.stats.last_register_s = t0.elapsed().as_secs_f64();
+        self.evict_to(budget - size, 1)
+    }
+
+    /// Adds a mapped and registered entry (after `make_room`).
+    pub fn insert(&mut self, entry: Entry, register_s: f64) -> &Entry {
+        self.stats.last_register_s = register_s;
         self.stats.misses += 1;
         self.stats.registrations += entry.pieces.len() as u64;
         self.stats.entries += 1;
-        self.stats.resident_bytes += size;
+        self.stats.resident_bytes += entry.key.size;
         self.entries.push(entry);
-        let e = self.entries.last().expect("pushed above");
-        Ok((e, self.stats.last_register_s))
+        self.entries.last().expect("pushed above")
+    }
+
+    /// Unregisters the pieces of an entry that never made it into the
+    /// cache (a failed load that registered it chunk by chunk).
+    pub fn discard(&mut self, entry: Entry) -> Result<(), KernelError> {
+        self.stats.registrations += entry.pieces.len() as u64;
+        self.release(entry)
     }
 
     /// Evicts the least recently used entries until at most `bytes` stay
@@ -278,9 +319,8 @@ impl ResidentCache {
         r
     }
 
-    /// Maps `file` and registers it piece by piece with
-    /// `register_threads` threads.
-    fn admit(&self, path: &Path, file: &File, key: Key) -> Result<Entry, KernelError> {
+    /// Maps `file` (prefaulted as the options say); nothing registered yet.
+    pub fn map(&self, path: &Path, file: &File, key: Key) -> Result<Entry, KernelError> {
         let o = self.options;
         let io = |op: &'static str| {
             move |source| KernelError::Io {
@@ -307,12 +347,25 @@ impl ResidentCache {
         if o.prefault == Prefault::HugePage {
             let _ = map.advise(memmap2::Advice::HugePage);
         }
+        Ok(Entry {
+            key,
+            map,
+            pieces: Vec::new(),
+            last_use: self.clock,
+        })
+    }
+
+    /// Registers a mapped entry piece by piece with `register_threads`
+    /// threads; on an error, nothing stays registered.
+    fn register_pieces(&self, entry: &mut Entry) -> Result<(), KernelError> {
+        let o = self.options;
+        let key = entry.key;
         let piece = if o.piece_bytes == 0 { key.size } else { o.piece_bytes };
         let count = key.size.div_ceil(piece) as usize;
         let slots: Mutex<Vec<Option<Piece>>> = Mutex::new(vec![None; count]);
         let next = AtomicUsize::new(0);
         let errors: Mutex<Vec<KernelError>> = Mutex::new(Vec::new());
-        let bytes = &map[..];
+        let bytes = &entry.map[..];
         let register = || {
             if let Err(e) = self.ctx.bind_to_thread() {
                 errors
@@ -346,18 +399,12 @@ impl ResidentCache {
             }
             register();
         });
-        let pieces: Vec<Piece> = slots
+        entry.pieces = slots
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .flatten()
             .collect();
-        let mut entry = Entry {
-            key,
-            map,
-            pieces,
-            last_use: self.clock,
-        };
         if let Some(e) = errors
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
@@ -373,13 +420,13 @@ impl ResidentCache {
             return Err(e);
         }
         entry.pieces.sort_by_key(|p| p.start);
-        Ok(entry)
+        Ok(())
     }
 }
 
 /// Page-locks `range` (read-only, device-mapped) and returns the device's
 /// address of its first byte. The caller has bound the context.
-fn register_range(range: &[u8]) -> Result<u64, KernelError> {
+pub(crate) fn register_range(range: &[u8]) -> Result<u64, KernelError> {
     let ptr = range.as_ptr() as *mut std::ffi::c_void;
     // SAFETY: `range` is a live read-only mapping that starts on a page
     // (the mapping is page-aligned and pieces are multiples of

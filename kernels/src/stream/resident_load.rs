@@ -4,6 +4,12 @@
 //! streams; `opts.threads` threads (1 or 2 suffice) take whole chunks and
 //! queue their copies, and the calling thread waits on blocking events, so
 //! the host does nearly nothing while the bytes move.
+//!
+//! The first load of a blob registers it: whole, ahead of the copies
+//! (`ResidentCache::get`), or with `ResidentOptions::overlap` chunk by chunk
+//! by the queueing threads, each chunk's copy queued right behind its
+//! registration; such a load that fails unregisters what it registered
+//! once its copies have landed.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,8 +19,8 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{result, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::resident::{Entry, ResidentOptions, ResidentStats};
-use super::{BlobSpec, ChunkSink, DeviceBlob, LoadOptions, LoadReport, Streamer, COPY_THREADS};
+use super::resident::{register_range, Entry, Piece, ResidentCache, ResidentOptions, ResidentStats};
+use super::{page_bytes, BlobSpec, ChunkSink, DeviceBlob, LoadOptions, LoadReport, Streamer, COPY_THREADS};
 use crate::pinned::DeviceBuffer;
 use crate::KernelError;
 
@@ -25,6 +31,11 @@ struct Job<'a> {
     sink: Option<&'a dyn ChunkSink>,
     streams: &'a [Arc<CudaStream>],
     copy_fn: Option<&'a CudaFunction>,
+    /// A blob being admitted by this load: each chunk is registered by the
+    /// thread that copies it, and its piece recorded here (by chunk).
+    fresh: Option<&'a Mutex<Vec<Option<Piece>>>>,
+    /// Time spent in those registrations, summed over the threads.
+    register_ns: AtomicU64,
     device_base: u64,
     next_chunk: AtomicUsize,
     queued_bytes: AtomicU64,
@@ -80,7 +91,27 @@ impl Streamer {
             .map_err(KernelError::driver("cuCtxSetCurrent"))?;
         let streams = self.worker_streams();
         let copy_fn = self.workers.first().and_then(|w| w.copy_fn.clone());
-        let (entry, register_s) = self.resident.get(path, &file, len, spec.digest)?;
+        let key = ResidentCache::key(path, &file, len, spec.digest)?;
+        let overlap = self.resident.options.overlap && spec.chunk_bytes % page_bytes() == 0;
+        let mut register_s = 0.0;
+        let hit = self.resident.find(&key);
+        let mut fresh: Option<Entry> = None;
+        if hit.is_none() && overlap {
+            // Registered chunk by chunk by the queueing threads below.
+            self.resident.make_room(path, len)?;
+            fresh = Some(self.resident.map(path, &file, key)?);
+        }
+        let slots: Option<Mutex<Vec<Option<Piece>>>> =
+            fresh.as_ref().map(|_| Mutex::new(vec![None; spec.chunk_digests.len()]));
+        let entry: &Entry = match (hit, &fresh) {
+            (Some(i), _) => self.resident.entry(i),
+            (None, Some(e)) => e,
+            (None, None) => {
+                let (e, s) = self.resident.get(path, &file, key)?;
+                register_s = s;
+                e
+            }
+        };
         let open_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -97,6 +128,8 @@ impl Streamer {
             sink,
             streams: &streams,
             copy_fn: copy_fn.as_ref(),
+            fresh: slots.as_ref(),
+            register_ns: AtomicU64::new(0),
             device_base: buffer.device_ptr(),
             next_chunk: AtomicUsize::new(0),
             queued_bytes: AtomicU64::new(0),
@@ -127,7 +160,31 @@ impl Streamer {
             .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .next();
-        if let Some(err) = sunk.err().or(failed).or(drained.err()) {
+        let register_ns = job.register_ns.load(Ordering::Relaxed);
+        let drained_ok = drained.is_ok();
+        let outcome = sunk.err().or(failed).or(drained.err());
+        if let (Some(mut e), Some(slots)) = (fresh, slots) {
+            e.pieces = slots
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .into_iter()
+                .flatten()
+                .collect();
+            register_s = register_ns as f64 / 1e9;
+            match outcome {
+                None => {
+                    self.resident.insert(e, register_s);
+                }
+                // Every copy has landed: the pieces can go.
+                Some(_) if drained_ok => {
+                    let _ = self.resident.discard(e);
+                }
+                // A copy may still read them: leave them pinned and mapped
+                // until the process exits.
+                Some(_) => std::mem::forget(e),
+            }
+        }
+        if let Some(err) = outcome {
             drop(buffer);
             return Err(err);
         }
@@ -197,6 +254,20 @@ impl Job<'_> {
                 k.chunk_start(chunk, end)?;
             }
             let stream = &self.streams[chunk % self.streams.len()];
+            if let Some(slots) = self.fresh {
+                let t = Instant::now();
+                let device_ptr = register_range(&self.entry.bytes()[start as usize..end as usize])?;
+                self.register_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                slots.lock().unwrap_or_else(|p| p.into_inner())[chunk] = Some(Piece {
+                    start,
+                    len: end - start,
+                    device_ptr,
+                });
+                self.copy(stream, device_ptr, start, end)?;
+                self.queued(chunk, stream, end - start)?;
+                continue;
+            }
             // Pieces are sorted and cover the blob; a chunk may straddle two.
             let first = self.entry.pieces.partition_point(|p| p.start + p.len <= start);
             for p in &self.entry.pieces[first..] {
@@ -206,11 +277,17 @@ impl Job<'_> {
                 let (from, to) = (start.max(p.start), end.min(p.start + p.len));
                 self.copy(stream, p.device_ptr + (from - p.start), from, to)?;
             }
-            self.queued_bytes.fetch_add(end - start, Ordering::AcqRel);
-            if let Some(k) = self.sink.filter(|_| !self.abort.load(Ordering::Acquire)) {
-                k.chunk_queued(chunk, stream)?;
-            }
+            self.queued(chunk, stream, end - start)?;
         }
+    }
+
+    /// Every copy of `chunk` is queued on `stream`.
+    fn queued(&self, chunk: usize, stream: &Arc<CudaStream>, bytes: u64) -> Result<(), KernelError> {
+        self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if let Some(k) = self.sink.filter(|_| !self.abort.load(Ordering::Acquire)) {
+            k.chunk_queued(chunk, stream)?;
+        }
+        Ok(())
     }
 
     /// Queues the copy of blob bytes `from..to` (registered; `src_dev` is
