@@ -14,7 +14,8 @@
 # 16-thread staging load in the same process), then `gpu load --resident-gib`.
 #   bash .device/device-i15.sh [tests|bench|cold|cli|resident]...   (default:
 #   tests bench cold cli; cold only together with bench)
-# In about 8 minutes: bash .device/device-i15.sh tests bench resident
+# With the earlier parts: bash .device/device-i15.sh tests bench resident (the
+# resident part is estimated at 2-3 minutes, not yet timed on a device).
 set -u
 cd "$(dirname "$0")"
 B=$(pwd)/cnse-dp
