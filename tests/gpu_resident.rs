@@ -253,3 +253,20 @@ fn issue15_the_byte_budget_evicts_and_unregisters_the_least_recently_loaded_blob
     let s = st.resident_stats();
     assert_eq!((s.entries, s.resident_bytes, s.unregistrations), (0, 0, 15), "{s:?}");
 }
+
+/// Needs no GPU: the CLI refuses resident loads verified on the host
+/// before it looks for a device, in one line and a non-zero status.
+#[test]
+fn issue15_gpu_load_refuses_resident_blobs_verified_on_the_host() {
+    let b = blob("cli", 1 << 20, 11);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["gpu", "load", "--file"])
+        .arg(&b.path)
+        .args(["--resident-gib", "1", "--verify", "cpu"])
+        .output()
+        .expect("run cnse-dp");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("resident blobs are verified on the GPU"), "{stderr}");
+}
