@@ -30,7 +30,8 @@ pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
 pub use sha256::{LeafHasher, LeafLaunch, LeafMismatch};
 pub use spec::{hash_chunks, hash_file, OwnedSpec};
 pub use stream::{
-    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
+    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, Prefault, ResidentOptions, ResidentStats,
+    SourceMode, Streamer, StreamerConfig,
 };
 pub use verify_gpu::{GpuVerifier, GpuVerifyOptions, LeafSpec};
 
