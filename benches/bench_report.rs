@@ -134,7 +134,11 @@ impl SendModes {
             }
         }
         payloads.sort_unstable();
-        Self { modes, payloads, cpu_us }
+        Self {
+            modes,
+            payloads,
+            cpu_us,
+        }
     }
 
     /// Server CPU-µs per request.

@@ -310,9 +310,15 @@ pub fn write_all(dir: &Path) -> Res<Vec<String>> {
 /// Server CPU per request of each send mode against the PONG payload, and
 /// each mode's ratio to plain SEND's.
 fn send_mode_panels(dir: &Path) -> Vec<Panel> {
-    let sm = crate::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
+    let sm = super::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
     let x = "PONG payload, bytes";
-    let mut cpu = panel("send mode: server CPU per request", x, "server CPU-µs per request", true, true);
+    let mut cpu = panel(
+        "send mode: server CPU per request",
+        x,
+        "server CPU-µs per request",
+        true,
+        true,
+    );
     let mut ratio = panel("send mode: CPU per request / plain SEND's", x, "ratio", true, false);
     for m in &sm.modes {
         let at = |f: &dyn Fn(u64) -> Option<f64>| -> Vec<(f64, f64)> {

@@ -280,12 +280,15 @@ fn ablations(out: &mut String, dir: &Path) {
 /// Server CPU per request of each send mode by payload, and its ratio to
 /// plain SEND's in the same run.
 fn send_modes(out: &mut String, dir: &Path) {
-    let sm = crate::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
+    let sm = super::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
     if sm.modes.is_empty() {
         return;
     }
     let base = &sm.modes[0];
-    let _ = write!(out, "**Send modes: server CPU-µs per request** (PONGs of the payload)\n\n| payload |");
+    let _ = write!(
+        out,
+        "**Send modes: server CPU-µs per request** (PONGs of the payload)\n\n| payload |"
+    );
     for m in &sm.modes {
         let _ = write!(out, " {m} |");
     }
