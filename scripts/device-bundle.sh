@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # extensions: build for baseline x86-64 whatever RUSTFLAGS say here.
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 cargo build --release --bin cnse-dp
-tests=$( (cargo test --release --no-run -p cnse-kernels --lib 2>&1;
+tests=$( (cargo test --release --no-run -p cnse-kernels --lib --tests 2>&1;
   cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle --test gpu_resident 2>&1) \
   | grep -oE 'target/release/deps/[a-z0-9_]+-[0-9a-f]+' | sort -u)
 [ -n "$tests" ] || { echo "device-bundle: no test executables built" >&2; exit 1; }

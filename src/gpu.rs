@@ -102,12 +102,20 @@ pub(crate) struct Pool {
     #[arg(long, default_value_t = 256)]
     copy_granule_kib: usize,
     /// What moves staged bytes to the device (kernel falls back to the copy
-    /// engines where NVRTC is missing).
-    #[arg(long, value_enum, default_value = "kernel")]
-    mover: MoverArg,
+    /// engines where NVRTC is missing). Default: kernel, except for loads
+    /// of resident blobs (`gpu load --resident-gib`): copy-engine, which
+    /// leaves the SMs to the hashing (47.0 against 41.8 GB/s GPU-verified
+    /// on the H200, docs/BENCHMARKS.md).
+    #[arg(long, value_enum)]
+    mover: Option<MoverArg>,
 }
 
 impl Pool {
+    /// No `--mover` was given.
+    pub(crate) fn mover_default(&self) -> bool {
+        self.mover.is_none()
+    }
+
     pub(crate) fn config(&self) -> StreamerConfig {
         let d = StreamerConfig::default();
         StreamerConfig {
@@ -117,7 +125,7 @@ impl Pool {
             streams: self.streams,
             write_combined: self.write_combined,
             copy_granule_bytes: self.copy_granule_kib << 10,
-            mover: self.mover.into(),
+            mover: self.mover.map_or(Mover::Kernel, Into::into),
         }
     }
 }

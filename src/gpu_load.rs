@@ -106,7 +106,10 @@ fn print_phases(r: &LoadReport, how: &str) {
 }
 
 pub(crate) fn load(a: LoadArgs) -> Result<()> {
-    let config = a.pool.config();
+    let mut config = a.pool.config();
+    if a.resident_gib.is_some() && a.pool.mover_default() {
+        config.mover = cnse_kernels::Mover::CopyEngine;
+    }
     let verify = match (a.no_verify, a.verify) {
         (true, _) => Verify::Off,
         (false, VerifyArg::Auto) => Verify::Auto,
