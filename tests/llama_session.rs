@@ -183,15 +183,11 @@ fn standin_requests(url: &str) -> (u64, u64) {
         return (u64::MAX, 0);
     };
     s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET /standin/requests HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    write!(s, "GET /standin/requests HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    // The stand-in keeps the connection open: read by Content-Length.
+    let (status, body) = read_response(&mut s);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
     (v["requests"].as_u64().unwrap(), 0)
 }
 
@@ -280,6 +276,11 @@ fn post(s: &mut std::net::TcpStream, session: Option<&str>, body: &str) -> (u16,
         body.len()
     )
     .unwrap();
+    read_response(s)
+}
+
+/// One response with a Content-Length: status and body.
+fn read_response(s: &mut std::net::TcpStream) -> (u16, String) {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
