@@ -40,6 +40,11 @@ pub struct Args {
     /// Give up when the server sends nothing for this long.
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
+    /// Session key the REQUEST carries (1-256 visible ASCII characters;
+    /// docs/PROTOCOL.md "Session keys"): `serve --llama-route session`
+    /// keeps the requests of one key on one llama-server.
+    #[arg(long)]
+    pub session: Option<String>,
 }
 
 /// Reads an auth key file: its content without one trailing newline;
@@ -58,7 +63,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .next()
         .with_context(|| format!("{} resolves to no address", args.addr))?;
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    if args
+        .session
+        .as_deref()
+        .is_some_and(|k| !cnse_proto::session_key_valid(k.as_bytes()))
+    {
+        anyhow::bail!("--session: 1-256 visible ASCII characters (0x21-0x7e) expected");
+    }
     let (mut client, _ack) = Client::connect_hello(addr, &token, timeout).map_err(one_line)?;
+    client.set_session(args.session.as_deref()).map_err(one_line)?;
     let params = Params {
         max_tokens: args.max_tokens,
         temperature: args.temperature,

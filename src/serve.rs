@@ -140,7 +140,8 @@ pub struct Args {
     /// How a stream picks its llama-server: least-outstanding (fewest in
     /// flight), prefix (the server whose KV cache holds the longest prefix
     /// of the prompt, on that slot; docs/LLAMA.md "Cache-aware routing"),
-    /// or session (reserved for session keys, not carried yet: as prefix).
+    /// or session (a request with a session key goes to the server its key
+    /// is pinned to while healthy and not too loaded; others as prefix).
     #[arg(long, default_value = "prefix")]
     pub llama_route: cnse_llama::Route,
     /// Prefix routing gives way to the least-loaded server when the
@@ -152,6 +153,11 @@ pub struct Args {
     /// entry per 32 prompt bytes sent; least recently used evicted).
     #[arg(long, default_value_t = cnse_llama::prefix::ENTRIES_DEFAULT)]
     pub llama_prefix_entries: usize,
+    /// Entries of the session table of --llama-route session (12 bytes
+    /// each, one per session key, all servers together; least recently
+    /// used evicted within a 4-way bucket).
+    #[arg(long, default_value_t = cnse_llama::session::ENTRIES_DEFAULT)]
+    pub llama_session_entries: usize,
     /// A stream that fails before its first token (connection refused,
     /// HTTP 5xx or 429) is sent to another llama-server up to this many
     /// times, unseen by the client (0: never).
@@ -396,6 +402,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 route: a.llama_route,
                 prefix_load_factor: a.llama_prefix_load_factor,
                 prefix_entries: a.llama_prefix_entries,
+                session_entries: a.llama_session_entries,
                 retries_max: a.llama_retries,
                 spare_conns: a.llama_spare_conns.unwrap_or(a.llama_inflight),
                 spares_max: a.llama_spares_max,

@@ -27,7 +27,9 @@ fn model(b: &[u8; HEADER_BYTES], limit: u32, dir: Direction) -> Result<u8, (u32,
     if !legal.contains(&b[5]) {
         return Err((code::BAD_REQUEST, "unknown frame kind"));
     }
-    if b[6] != 0 || b[7] != 0 {
+    // docs/PROTOCOL.md extension "Session keys": REQUEST flag bit 0.
+    let defined: u16 = if b[5] == 0x02 { 1 } else { 0 };
+    if u16::from_le_bytes([b[6], b[7]]) & !defined != 0 {
         return Err((code::BAD_REQUEST, "reserved flag bits set"));
     }
     if u32::from_le_bytes(b[16..20].try_into().unwrap()) > limit {

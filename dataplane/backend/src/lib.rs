@@ -42,6 +42,11 @@ pub struct Job<'a> {
     /// sends these, so the model's chat template applies; others generate
     /// from `prompt`, which holds the messages through the front's template.
     pub chat: Option<&'a str>,
+    /// The request's session key (docs/PROTOCOL.md, "Session keys"; HTTP
+    /// `X-Session-Id`): a backend with several model servers pins the
+    /// conversation to one (the llama backend's `--llama-route session`);
+    /// the synthetic backend ignores it.
+    pub session: Option<&'a str>,
 }
 
 /// Why a backend refused a job at `start`; becomes an ERROR on the stream.

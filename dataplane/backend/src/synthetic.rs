@@ -485,6 +485,7 @@ mod tests {
             prompt: "hello",
             arrived: now,
             chat: None,
+            session: None,
         }
     }
 

@@ -70,6 +70,9 @@ pub struct Client {
     /// The sending half: a second handle on the same socket.
     tx: Writer,
     timeout: Duration,
+    /// Sent with every REQUEST of [`Client::request`] and
+    /// [`Client::generate`] (`set_session`).
+    session: Option<String>,
 }
 
 impl Client {
@@ -112,6 +115,7 @@ impl Client {
             rlen: 0,
             tx,
             timeout,
+            session: None,
         })
     }
 
@@ -188,8 +192,38 @@ impl Client {
 
     /// Sends REQUEST on `stream_id` with `credit` tokens of initial credit
     /// (0 = unlimited).
+    /// Carries the session key given to [`Client::set_session`], if any.
     pub fn request(&mut self, stream_id: u64, credit: u32, params: &Params, prompt: &str) -> Result<(), ClientError> {
-        self.tx.request(stream_id, credit, params, prompt)
+        match &self.session {
+            Some(key) => self
+                .tx
+                .request_with_session(stream_id, credit, params, key.as_bytes(), prompt),
+            None => self.tx.request(stream_id, credit, params, prompt),
+        }
+    }
+
+    /// The session key later requests carry (docs/PROTOCOL.md, "Session
+    /// keys": a server with several model servers keeps the conversation
+    /// on one); `None` stops sending one. Checked here: 1-256 visible
+    /// ASCII characters.
+    pub fn set_session(&mut self, key: Option<&str>) -> Result<(), ClientError> {
+        if key.is_some_and(|k| !cnse_proto::session_key_valid(k.as_bytes())) {
+            return Err(ClientError::InvalidSessionKey);
+        }
+        self.session = key.map(str::to_string);
+        Ok(())
+    }
+
+    /// REQUEST with a session key sent as given, unchecked (bad-key tests).
+    pub fn request_with_session(
+        &mut self,
+        stream_id: u64,
+        credit: u32,
+        params: &Params,
+        key: &[u8],
+        prompt: &str,
+    ) -> Result<(), ClientError> {
+        self.tx.request_with_session(stream_id, credit, params, key, prompt)
     }
 
     /// REQUEST with a raw parameter block and prompt bytes (bad-parameter

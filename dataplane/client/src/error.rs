@@ -34,6 +34,8 @@ pub enum ClientError {
     },
     #[error("server {addr} sent {what}")]
     Unexpected { addr: SocketAddr, what: String },
+    #[error("invalid session key: 1-256 visible ASCII characters (0x21-0x7e) expected")]
+    InvalidSessionKey,
     #[error("load generator: {0}")]
     Load(String),
     /// A ring operation failed (the operation and the errno are in it).

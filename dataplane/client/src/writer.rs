@@ -9,7 +9,9 @@ use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use cnse_proto::{put_cancel, put_credit, put_frame, put_hello, put_ping, put_request, Kind, Params};
+use cnse_proto::{
+    put_cancel, put_credit, put_frame, put_hello, put_ping, put_request, put_request_with_session, Kind, Params,
+};
 
 use crate::ClientError;
 
@@ -66,6 +68,21 @@ impl Writer {
     /// the connection.
     pub fn request(&mut self, stream_id: u64, credit: u32, params: &Params, prompt: &str) -> Result<(), ClientError> {
         put_request(&mut self.out, stream_id, credit, params, prompt.as_bytes());
+        self.flush_out()
+    }
+
+    /// REQUEST carrying a session key (docs/PROTOCOL.md, "Session keys"),
+    /// sent as given: a server answers ERROR 400 on the stream to a key
+    /// that is not 1-256 visible ASCII bytes.
+    pub fn request_with_session(
+        &mut self,
+        stream_id: u64,
+        credit: u32,
+        params: &Params,
+        key: &[u8],
+        prompt: &str,
+    ) -> Result<(), ClientError> {
+        put_request_with_session(&mut self.out, stream_id, credit, params, key, prompt.as_bytes());
         self.flush_out()
     }
 

@@ -21,6 +21,7 @@ pub mod direct;
 pub mod http;
 mod op;
 pub mod prefix;
+pub mod session;
 pub mod sse;
 pub mod standin;
 pub mod testing;
@@ -88,6 +89,9 @@ pub struct LlamaConfig {
     pub prefix_load_factor: f32,
     /// Entries of each server's prefix index (`prefix::PrefixIndex`).
     pub prefix_entries: usize,
+    /// Entries of the session table (`session::SessionTable`, one for all
+    /// servers; `--llama-session-entries`).
+    pub session_entries: usize,
     /// A stream that fails before its first token (connection refused or
     /// lost, HTTP 5xx or 429) is sent to another server up to this many
     /// times (`--llama-retries`; 0: never).
@@ -119,9 +123,12 @@ pub enum Route {
     /// server is too loaded (`prefix_load_factor`); else least-outstanding.
     #[default]
     Prefix,
-    /// Reserved for session affinity (a session key pins a conversation
-    /// to its server while healthy). Session keys are not carried yet
-    /// (no REQUEST flag, no `X-Session-Id`): it routes exactly as `Prefix`.
+    /// Session affinity: a request with a session key (REQUEST flag,
+    /// `X-Session-Id`) goes to the server (and slot) its key is pinned to
+    /// while that server is healthy, has room and is within
+    /// `prefix_load_factor` of the least-loaded one; else, and for requests
+    /// without a key, as `Prefix`. The key is pinned to wherever its
+    /// request went (`session::SessionTable`).
     Session,
 }
 
@@ -164,6 +171,7 @@ impl Default for LlamaConfig {
             route: Route::default(),
             prefix_load_factor: 2.0,
             prefix_entries: prefix::ENTRIES_DEFAULT,
+            session_entries: session::ENTRIES_DEFAULT,
             retries_max: 2,
             spare_conns: 1,
             spares_max: SPARES_MAX_DEFAULT,
@@ -367,6 +375,8 @@ pub fn slot_count(url: &str, timeout: Duration) -> Option<usize> {
 pub struct LlamaFactory {
     cfg: LlamaConfig,
     shared: Arc<[Shared]>,
+    /// Session key → server, shared by all cores (`Route::Session`).
+    sessions: Arc<session::SessionTable>,
     /// The first backend built runs the health checks for all cores.
     health_owner_taken: AtomicBool,
 }
@@ -429,7 +439,14 @@ impl LlamaFactory {
             let slots = cfg.inflight_per_backend.min(prefix::SLOT_ID_MAX + 1);
             shared.push(Shared::new(target, slots, cfg.prefix_entries));
         }
+        // The table is allocated only when the policy reads it.
+        let session_entries = if cfg.route == Route::Session {
+            cfg.session_entries
+        } else {
+            0
+        };
         Ok(Self {
+            sessions: Arc::new(session::SessionTable::new(session_entries)),
             cfg,
             shared: shared.into(),
             health_owner_taken: AtomicBool::new(false),
@@ -438,6 +455,11 @@ impl LlamaFactory {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// The session table (its bound and use: tests, stats).
+    pub fn sessions(&self) -> &session::SessionTable {
+        &self.sessions
     }
 
     /// Prompt-cache counters per llama-server (URL order), over all cores.
@@ -470,7 +492,12 @@ impl LlamaFactory {
     /// Builds a backend directly (what `build` does, typed).
     pub fn backend(&self) -> LlamaBackend {
         let health_owner = !self.health_owner_taken.swap(true, std::sync::atomic::Ordering::AcqRel);
-        LlamaBackend::new(self.cfg.clone(), self.shared.clone(), health_owner)
+        LlamaBackend::new(
+            self.cfg.clone(),
+            self.shared.clone(),
+            self.sessions.clone(),
+            health_owner,
+        )
     }
 }
 

@@ -17,6 +17,8 @@
 //! With `close_after_stream` it closes the connection after each streamed
 //! answer, as llama-server does (b10434 ends every keep-alive connection
 //! that carried a stream, despite its `Keep-Alive: max=100` header).
+//! `GET /standin/requests` answers `{"requests":N}`, the generation
+//! requests it took so far (tests tell which stand-in served a stream).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -46,6 +48,7 @@ pub struct Standin {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
 }
 
 impl Standin {
@@ -61,6 +64,8 @@ impl Standin {
         let stop2 = stop.clone();
         let connections = Arc::new(AtomicU64::new(0));
         let connections2 = connections.clone();
+        let requests = Arc::new(AtomicU64::new(0));
+        let requests2 = requests.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if stop2.load(Ordering::Acquire) {
@@ -68,14 +73,21 @@ impl Standin {
                 }
                 let Ok(conn) = conn else { continue };
                 connections2.fetch_add(1, Ordering::AcqRel);
-                std::thread::spawn(move || serve(conn, cfg));
+                let requests = requests2.clone();
+                std::thread::spawn(move || serve(conn, cfg, &requests));
             }
         });
         Ok(Standin {
             addr,
             stop,
             connections,
+            requests,
         })
+    }
+
+    /// Generation requests taken so far (`/completion`, `/v1/completions`).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Acquire)
     }
 
     /// TCP connections accepted so far.
@@ -96,7 +108,7 @@ impl Drop for Standin {
     }
 }
 
-fn serve(mut conn: TcpStream, cfg: StandinConfig) {
+fn serve(mut conn: TcpStream, cfg: StandinConfig, requests: &AtomicU64) {
     let _ = conn.set_nodelay(true);
     let mut buf = Vec::with_capacity(8192);
     let mut out = Vec::with_capacity(8192);
@@ -114,6 +126,20 @@ fn serve(mut conn: TcpStream, cfg: StandinConfig) {
                 return;
             }
             continue;
+        }
+        if path == "/standin/requests" {
+            let body = format!("{{\"requests\":{}}}", requests.load(Ordering::Acquire));
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
+        if path == "/completion" || path == "/v1/completions" {
+            requests.fetch_add(1, Ordering::AcqRel);
         }
         if path == "/v1/completions" {
             match openai_completion(&mut conn, &body, cfg, &mut out) {

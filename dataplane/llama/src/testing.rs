@@ -75,6 +75,18 @@ impl Driver {
 
     /// Starts work `id` (arrival time: now).
     pub fn start(&mut self, backend: &mut dyn Backend, id: u64, params: Params, prompt: &str) -> Result<(), Reject> {
+        self.start_keyed(backend, id, params, prompt, None)
+    }
+
+    /// Starts work `id` carrying a session key (`Job::session`).
+    pub fn start_keyed(
+        &mut self,
+        backend: &mut dyn Backend,
+        id: u64,
+        params: Params,
+        prompt: &str,
+        session: Option<&str>,
+    ) -> Result<(), Reject> {
         self.io.now = Instant::now();
         let job = Job {
             id: WorkId(id),
@@ -82,6 +94,7 @@ impl Driver {
             prompt,
             arrived: self.io.now,
             chat: None,
+            session,
         };
         backend.start(job, &mut self.io)
     }

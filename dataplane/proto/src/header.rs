@@ -38,10 +38,15 @@ impl Kind {
         (self as u8) < 0x80
     }
 
-    /// Flag bits defined for this kind. Version 1 defines none, so every set
-    /// bit is a violation; `docs/PROTOCOL.md` extensions add theirs here.
+    /// Flag bits defined for this kind. The shared contract defines none, so
+    /// every other set bit is a violation; `docs/PROTOCOL.md` extensions add
+    /// theirs here.
     pub const fn flags_defined(self) -> u16 {
-        0
+        match self {
+            // Extension "Session keys" (`crate::session`).
+            Kind::Request => crate::session::REQUEST_FLAG_SESSION_KEY,
+            _ => 0,
+        }
     }
 }
 

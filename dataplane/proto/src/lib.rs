@@ -10,11 +10,15 @@ mod decoder;
 mod encode;
 mod header;
 mod params;
+mod session;
 
 pub use decoder::{Direction, Frame, FrameDecoder};
 pub use encode::*;
 pub use header::{Header, HeaderMut, Kind};
 pub use params::{ParamLimits, Params, Request};
+pub use session::{
+    parse_request, put_request_with_session, session_key_valid, REQUEST_FLAG_SESSION_KEY, SESSION_KEY_BYTES_MAX,
+};
 
 /// The four magic bytes that open every frame.
 pub const MAGIC: [u8; 4] = *b"CNSE";

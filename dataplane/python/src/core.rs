@@ -171,11 +171,25 @@ impl Core {
     }
 
     /// Starts a stream: REQUEST with the window as initial credit.
-    pub fn open_stream(&self, params: Params, prompt: String, window: u32, collect: bool) -> Result<u64, SdkError> {
+    /// `session`: a session key the REQUEST carries (docs/PROTOCOL.md,
+    /// "Session keys").
+    pub fn open_stream(
+        &self,
+        params: Params,
+        prompt: String,
+        session: Option<String>,
+        window: u32,
+        collect: bool,
+    ) -> Result<u64, SdkError> {
         if window == 0 || window > WINDOW_MAX {
             return Err(SdkError::Usage(format!(
                 "window must be 1..={WINDOW_MAX} tokens, got {window}"
             )));
+        }
+        if session.as_ref().is_some_and(|k| !cnse_proto::session_key_valid(k.as_bytes())) {
+            return Err(SdkError::Usage(
+                "session must be 1-256 visible ASCII characters (0x21-0x7e)".into(),
+            ));
         }
         let id = {
             let mut st = self.lock();
@@ -213,6 +227,7 @@ impl Core {
             credit: window,
             params,
             prompt,
+            session,
         };
         if let Err(e) = self.send(frame) {
             self.lock().streams.remove(&id);
@@ -482,10 +497,18 @@ fn write_frame(w: &mut Writer, frame: &Frame, payload_bytes_max: u64) -> Result<
             credit,
             params,
             prompt,
-        } => {
-            check_prompt(prompt.len(), payload_bytes_max)?;
-            w.request(*id, *credit, params, prompt)
-        }
+            session,
+        } => match session {
+            Some(key) => {
+                // The key and its u16 length travel in the payload too.
+                check_prompt(prompt.len() + 2 + key.len(), payload_bytes_max)?;
+                w.request_with_session(*id, *credit, params, key.as_bytes(), prompt)
+            }
+            None => {
+                check_prompt(prompt.len(), payload_bytes_max)?;
+                w.request(*id, *credit, params, prompt)
+            }
+        },
         Frame::Credit(id, n) => w.credit(*id, *n),
         Frame::Cancel(id) => w.cancel(*id),
         Frame::Ping(seq, stamp_ns) => w.ping(0, *seq, *stamp_ns, &[]),

@@ -154,6 +154,7 @@ impl Connection {
         py: Python<'_>,
         params: Params,
         prompt: String,
+        session: Option<String>,
         window: Option<u32>,
         collect: bool,
     ) -> PyResult<u64> {
@@ -161,9 +162,9 @@ impl Connection {
         let core = &self.core;
         // A long prompt's write may wait on the socket: not with the GIL.
         let opened = if prompt.len() > DETACH_PROMPT_BYTES {
-            py.detach(|| core.open_stream(params, prompt, window, collect))
+            py.detach(|| core.open_stream(params, prompt, session, window, collect))
         } else {
-            core.open_stream(params, prompt, window, collect)
+            core.open_stream(params, prompt, session, window, collect)
         };
         opened.map_err(|e| to_py_err(py, e))
     }
@@ -278,7 +279,7 @@ impl Connection {
         Await::new(slf.clone().unbind(), Key::Ready, AwaitKind::Ready)
     }
 
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
         slf: &Bound<'_, Self>,
@@ -290,14 +291,15 @@ impl Connection {
         seed: u64,
         priority: u32,
         window: Option<u32>,
+        session: Option<String>,
     ) -> PyResult<Stream> {
         let py = slf.py();
         let params = Self::params(max_tokens, temperature, top_p, top_k, seed, priority);
-        let id = slf.get().open(py, params, prompt, window, false)?;
+        let id = slf.get().open(py, params, prompt, session, window, false)?;
         Ok(Stream::new(slf.clone().unbind(), id))
     }
 
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn stream_async(
         slf: &Bound<'_, Self>,
@@ -309,15 +311,16 @@ impl Connection {
         seed: u64,
         priority: u32,
         window: Option<u32>,
+        session: Option<String>,
     ) -> PyResult<AsyncStream> {
         let py = slf.py();
         let params = Self::params(max_tokens, temperature, top_p, top_k, seed, priority);
-        let id = slf.get().open(py, params, prompt, window, false)?;
+        let id = slf.get().open(py, params, prompt, session, window, false)?;
         Ok(AsyncStream::new(slf.clone().unbind(), id))
     }
 
     /// One generation to its END, waited for with the GIL released.
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -330,9 +333,10 @@ impl Connection {
         seed: u64,
         priority: u32,
         window: Option<u32>,
+        session: Option<String>,
     ) -> PyResult<Py<PyAny>> {
         let params = Self::params(max_tokens, temperature, top_p, top_k, seed, priority);
-        let id = self.open(py, params, prompt, window, true)?;
+        let id = self.open(py, params, prompt, session, window, true)?;
         let got = wait_key(py, &self.core, Key::Stream(id));
         // Released whatever happened (a KeyboardInterrupt cancels it).
         self.core.release(id);
@@ -343,7 +347,7 @@ impl Connection {
         }
     }
 
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window))]
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate_async(
         slf: &Bound<'_, Self>,
@@ -355,10 +359,11 @@ impl Connection {
         seed: u64,
         priority: u32,
         window: Option<u32>,
+        session: Option<String>,
     ) -> PyResult<Await> {
         let py = slf.py();
         let params = Self::params(max_tokens, temperature, top_p, top_k, seed, priority);
-        let id = slf.get().open(py, params, prompt, window, true)?;
+        let id = slf.get().open(py, params, prompt, session, window, true)?;
         Ok(Await::new(slf.clone().unbind(), Key::Stream(id), AwaitKind::Completion))
     }
 

@@ -68,6 +68,8 @@ pub enum Frame {
         credit: u32,
         params: Params,
         prompt: String,
+        /// A session key (docs/PROTOCOL.md, "Session keys").
+        session: Option<String>,
     },
     Credit(u64, u32),
     Cancel(u64),

@@ -118,3 +118,24 @@ def test_issue16_long_prompt_equals_the_cli(server):
     with cnse.Client(server.addr) as c:
         assert c.generate(prompt, max_tokens=8, seed=9) == want
         assert "".join(c.stream(prompt, max_tokens=8, seed=9)) == want
+
+
+def test_issue14_a_session_key_is_sent_and_a_bad_one_refused(server):
+    """The synthetic backend ignores the key: same text with and without;
+    a key that is not 1-256 visible ASCII characters is refused before
+    anything is sent, and the connection goes on."""
+    with cnse.Client(server.addr) as c:
+        plain = c.generate("Once upon a time", max_tokens=8)
+        keyed = c.generate("Once upon a time", max_tokens=8, session="user-7:conv-1")
+        assert keyed == plain and keyed.tokens == 8
+        assert "".join(c.stream("Once upon a time", max_tokens=8, session="conv-2")) == plain
+        for bad in ["", "two words", "k" * 257, "café"]:
+            with pytest.raises(ValueError):
+                c.generate("x", max_tokens=2, session=bad)
+        assert c.generate("x", max_tokens=2, session="k" * 256).tokens == 2
+
+    async def main():
+        async with cnse.AsyncClient(server.addr) as a:
+            return await a.generate("Once upon a time", max_tokens=8, session="conv-3")
+
+    assert asyncio.run(main()) == plain

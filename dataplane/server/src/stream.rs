@@ -144,8 +144,13 @@ pub struct Stream {
     /// or a client that does not read) ends with ERROR 504.
     pub last_progress: Instant,
     pub params: Params,
-    /// Owned copy of the prompt while queued (buffer reused across streams).
+    /// Owned copy of the prompt while queued (buffer reused across streams),
+    /// after the session key when there is one (`session_len`).
     pub prompt: String,
+    /// Bytes at the front of `prompt` that are the request's session key
+    /// (docs/PROTOCOL.md, "Session keys"; 0: none). One buffer for both
+    /// keeps the hand-offs (tasks, steals) as they were.
+    pub session_len: u16,
     pub error_code: u32,
     pub error_message: String,
     /// The HTTP front's side of the stream (inert on binary connections).
@@ -162,6 +167,17 @@ pub struct Stream {
     /// Bytes of this stream's prompt buffers that travel with its task
     /// (counted in the memory budget while away).
     pub away: usize,
+}
+
+/// The session key and the prompt of a buffer that holds both
+/// (`Stream::prompt` with `Stream::session_len`).
+pub fn key_and_prompt(buf: &str, session_len: u16) -> (Option<&str>, &str) {
+    let n = usize::from(session_len).min(buf.len());
+    match buf.split_at_checked(n) {
+        Some(("", prompt)) => (None, prompt),
+        Some((key, prompt)) => (Some(key), prompt),
+        None => (None, buf),
+    }
 }
 
 /// The owner's side of a stream whose task runs on another core.
@@ -191,6 +207,7 @@ impl Stream {
             last_progress: now,
             params: Params::default(),
             prompt: String::new(),
+            session_len: 0,
             error_code: 0,
             error_message: String::new(),
             http: crate::http::HttpStream::default(),

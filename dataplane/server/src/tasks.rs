@@ -34,6 +34,8 @@ pub struct ServeTask {
     /// The stream's prompt and chat buffers, moved (not copied) out of its
     /// slot; they come back with the task's last message.
     pub prompt: String,
+    /// Bytes at the front of `prompt` that are the session key (0: none).
+    pub session_len: u16,
     pub messages: String,
     pub chat: bool,
     pub arrived: Instant,

@@ -28,6 +28,7 @@ mod exchange;
 mod failover;
 mod pool;
 mod route;
+mod sticky;
 
 use pool::Pick;
 
@@ -110,6 +111,9 @@ struct Work {
     /// A `/completion` request (a chat request cannot continue elsewhere
     /// from its text so far).
     completion: bool,
+    /// Its session key's hash (`Route::Session`): pinned to each server
+    /// it is sent to, first or again.
+    session: Option<u64>,
 }
 
 /// Whether a stream's tokens may go to its sink.
@@ -197,6 +201,9 @@ pub struct LlamaStats {
     /// Streams sent to the server with the longest cached prefix (not
     /// the least-loaded one's choice).
     pub prefix_routed: u64,
+    /// Streams with a session key sent to the server the key was pinned
+    /// to (`--llama-route session`).
+    pub session_routed: u64,
     /// Streams sent again to another server before their first token
     /// (connection refused, 5xx, 429), invisibly to the client.
     pub retried_elsewhere: u64,
@@ -227,6 +234,10 @@ pub struct LlamaBackend {
     body_scratch: Vec<u8>,
     /// The current prompt's block hashes (capacity `PROMPT_BLOCKS_MAX`).
     hashes: Vec<u64>,
+    /// Session key → server (`Route::Session`), and the current stream's
+    /// key hash when it has a key and the policy uses it.
+    sessions: Arc<crate::session::SessionTable>,
+    session_hash: Option<u64>,
     stats: BackendStats,
     llama: LlamaStats,
     /// Per upstream: it closed an idle pooled connection right after its
@@ -241,7 +252,12 @@ pub struct LlamaBackend {
 }
 
 impl LlamaBackend {
-    pub(crate) fn new(cfg: LlamaConfig, shared: Arc<[Shared]>, health_owner: bool) -> Self {
+    pub(crate) fn new(
+        cfg: LlamaConfig,
+        shared: Arc<[Shared]>,
+        sessions: Arc<crate::session::SessionTable>,
+        health_owner: bool,
+    ) -> Self {
         let upstreams = shared.len();
         // The in-flight limit is global, so one core may hold all of a
         // server's places: each core gets that many slots per server, and
@@ -295,6 +311,8 @@ impl LlamaBackend {
             round_robin: 0,
             body_scratch: Vec::with_capacity(4096),
             hashes: Vec::with_capacity(crate::prefix::PROMPT_BLOCKS_MAX),
+            sessions,
+            session_hash: None,
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
             spare_hold: vec![None; upstreams].into_boxed_slice(),
             spares_mine: vec![0; upstreams].into_boxed_slice(),
@@ -351,6 +369,13 @@ impl LlamaBackend {
             Attempt::Committed
         };
         let id = work.id;
+        if let Some(h) = work.session {
+            let pin = crate::session::Pin {
+                server: u,
+                slot: slot.id_slot,
+            };
+            self.sessions.pin(h, pin);
+        }
         slot.task = Task::Stream(work);
         slot.ahead = false;
         if idle {
@@ -393,6 +418,7 @@ impl Backend for LlamaBackend {
             return Err(Reject::new(409, "work id already running on the llama backend"));
         }
         self.hash_prompt(job.chat.unwrap_or(job.prompt).as_bytes());
+        self.hash_session(job.session);
         let (u, id_slot) = self.route()?;
         let Some((i, pick)) = self.pick_slot(u) else {
             // Every slot of this server on this core is still closing a
@@ -447,6 +473,7 @@ impl Backend for LlamaBackend {
             retries: 0,
             tried: 0,
             completion: job.chat.is_none(),
+            session: self.session_hash,
         };
         self.launch(i, pick, path, work, io)
             .map_err(|e| Reject::new(502, format!("llama backend: socket: {e}")))?;

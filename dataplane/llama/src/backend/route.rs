@@ -10,11 +10,19 @@ use super::{Conn, LlamaBackend, Task};
 use crate::http;
 
 impl LlamaBackend {
-    /// Picks a server by the configured policy (prefix affinity first, see
-    /// `affinity`, then the healthy server with the fewest requests in
-    /// flight), reserves a place on it and, with a cache-aware policy, one
-    /// of its llama-server slots. `Err` is the reject for the stream.
+    /// Picks a server by the configured policy (the session's pin, see
+    /// `sticky`, then prefix affinity, see `affinity`, then the healthy
+    /// server with the fewest requests in flight), reserves a place on it
+    /// and, with a cache-aware policy, one of its llama-server slots (a
+    /// session key is pinned where the stream is sent: `launch`). `Err` is
+    /// the reject for the stream.
     pub(super) fn route(&mut self) -> Result<(usize, Option<u16>), Reject> {
+        if let Some((u, hint)) = self.session_choice() {
+            if self.reserve(u) {
+                self.llama.session_routed += 1;
+                return Ok((u, self.take_slot(u, hint)));
+            }
+        }
         if let Some((u, hint)) = self.prefix_choice() {
             if self.reserve(u) {
                 self.llama.prefix_routed += 1;

@@ -115,16 +115,20 @@ class Client:
         seed: int = 0,
         priority: int = 0,
         window: Optional[int] = None,
+        session: Optional[str] = None,
     ) -> Completion:
         """Generates to the end and returns the text as a :class:`Completion`.
 
         ``temperature`` 0 is greedy; ``top_p`` in (0, 1] (1 disables);
         ``top_k`` 0 disables; equal ``seed`` gives equal text; higher
         ``priority`` is scheduled sooner. Out-of-range values raise
-        :class:`ServerError` with code 400. Waits with the GIL released;
-        Ctrl-C cancels the request.
+        :class:`ServerError` with code 400. ``session``, a key of 1-256
+        visible ASCII characters, keeps the requests that carry it on one
+        model server (a conversation's turns hit that server's cache; a
+        server started with ``--llama-route session``; others ignore it).
+        Waits with the GIL released; Ctrl-C cancels the request.
         """
-        return self._conn.generate(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window)
+        return self._conn.generate(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session)
 
     def stream(
         self,
@@ -137,6 +141,7 @@ class Client:
         seed: int = 0,
         priority: int = 0,
         window: Optional[int] = None,
+        session: Optional[str] = None,
     ) -> Stream:
         """Starts a generation and returns a :class:`Stream` of its text.
 
@@ -148,7 +153,7 @@ class Client:
         Leaving the loop early (``break``) and dropping the stream cancels
         it too. Parameters as in :meth:`generate`.
         """
-        return self._conn.stream(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window)
+        return self._conn.stream(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session)
 
     def ping(self) -> float:
         """Sends PING and returns the round trip to its PONG, in seconds."""
@@ -218,10 +223,11 @@ class AsyncClient:
         seed: int = 0,
         priority: int = 0,
         window: Optional[int] = None,
+        session: Optional[str] = None,
     ) -> Completion:
         """Generates to the end; as :meth:`Client.generate`. Cancelling the
         awaiting task cancels the request."""
-        return await self._conn.generate_async(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window)
+        return await self._conn.generate_async(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session)
 
     def stream(
         self,
@@ -234,11 +240,12 @@ class AsyncClient:
         seed: int = 0,
         priority: int = 0,
         window: Optional[int] = None,
+        session: Optional[str] = None,
     ) -> AsyncStream:
         """Starts a generation and returns an :class:`AsyncStream`
         (``async for text in client.stream(...)``); as :meth:`Client.stream`.
         """
-        return self._conn.stream_async(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window)
+        return self._conn.stream_async(prompt, max_tokens, temperature, top_p, top_k, seed, priority, window, session)
 
     async def ping(self) -> float:
         """Sends PING and returns the round trip to its PONG, in seconds."""

@@ -71,19 +71,19 @@ class Connection:
     def ready_async(self) -> Awaitable[Tuple[str, int]]: ...
     def stream(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-        priority: int, window: Optional[int],
+        priority: int, window: Optional[int], session: Optional[str] = None,
     ) -> Stream: ...
     def stream_async(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-        priority: int, window: Optional[int],
+        priority: int, window: Optional[int], session: Optional[str] = None,
     ) -> AsyncStream: ...
     def generate(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-        priority: int, window: Optional[int],
+        priority: int, window: Optional[int], session: Optional[str] = None,
     ) -> Completion: ...
     def generate_async(
         self, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-        priority: int, window: Optional[int],
+        priority: int, window: Optional[int], session: Optional[str] = None,
     ) -> Awaitable[Completion]: ...
     def ping(self) -> float: ...
     def ping_async(self) -> Awaitable[float]: ...

@@ -26,7 +26,7 @@ pub mod parse;
 mod respond;
 
 use openai::Kind;
-use parse::{Auth, Method, Route};
+use parse::{Auth, Method, Route, SessionHeader};
 
 /// A connection's HTTP side.
 #[derive(Debug, Default)]
@@ -298,8 +298,28 @@ impl<T: Transport> Session<T> {
                 self.http_respond(slot, 200, "text/plain; version=0.0.4", &b);
                 self.tables.http_scratch = b;
             }
-            Route::Completions => return self.http_generate(slot, Kind::Completion, body, pipelined),
-            Route::ChatCompletions => return self.http_generate(slot, Kind::Chat, body, pipelined),
+            Route::Completions | Route::ChatCompletions => {
+                let session = match head.session {
+                    SessionHeader::Missing => None,
+                    SessionHeader::Key { at, len } => std::str::from_utf8(&raw[at..at + len]).ok(),
+                    SessionHeader::Invalid if pipelined => return false,
+                    SessionHeader::Invalid => {
+                        self.tables.metrics.outcome(true, crate::metrics::Outcome::Rejected);
+                        self.http_respond_error(
+                            slot,
+                            400,
+                            "invalid X-Session-Id: one header of 1-256 visible ASCII characters",
+                        );
+                        return true;
+                    }
+                };
+                let kind = if route == Route::Completions {
+                    Kind::Completion
+                } else {
+                    Kind::Chat
+                };
+                return self.http_generate(slot, kind, body, session, pipelined);
+            }
             Route::Unknown => unreachable!("answered above"),
         }
         true
@@ -307,7 +327,7 @@ impl<T: Transport> Session<T> {
 
     /// Schedules a completion; false when it must wait (refused while
     /// responses are in flight: the refusal is answered in order later).
-    fn http_generate(&mut self, slot: u32, kind: Kind, body: &[u8], pipelined: bool) -> bool {
+    fn http_generate(&mut self, slot: u32, kind: Kind, body: &[u8], session: Option<&str>, pipelined: bool) -> bool {
         let limit = self.tables.cfg.max_tokens_limit;
         let mut prompt = std::mem::take(&mut self.tables.http_prompt);
         let parsed = match openai::parse(body, kind == Kind::Chat, limit, &mut prompt) {
@@ -343,6 +363,7 @@ impl<T: Transport> Session<T> {
                 prompt: &prompt,
             },
             chat: parsed.messages.as_deref(),
+            session,
         };
         let scheduled = self.schedule(slot, admitted);
         let prompt_tokens = openai::prompt_tokens(&prompt);

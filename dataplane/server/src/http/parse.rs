@@ -26,6 +26,7 @@ pub struct Head {
     /// HTTP/1.1 without `Connection: close`, or HTTP/1.0 with keep-alive.
     pub keep_alive: bool,
     pub auth: Auth,
+    pub session: SessionHeader,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +53,16 @@ pub enum Auth {
     Missing,
     Bearer { at: usize, len: usize },
     Malformed,
+}
+
+/// The `X-Session-Id` header (docs/HTTP.md): where a valid key lies in the
+/// head (offset, length). The key is what a binary REQUEST's session key
+/// is (docs/PROTOCOL.md, "Session keys"): 1-256 visible ASCII bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionHeader {
+    Missing,
+    Key { at: usize, len: usize },
+    Invalid,
 }
 
 /// A request that cannot be served, and the status that says why.
@@ -102,6 +113,7 @@ pub fn head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut length: Option<usize> = None;
     let mut chunked = false;
     let mut auth = Auth::Missing;
+    let mut session = SessionHeader::Missing;
     let base = buf.as_ptr() as usize;
     for h in req.headers.iter() {
         let name = h.name;
@@ -131,6 +143,16 @@ pub fn head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
                     keep_alive = true;
                 }
             }
+        } else if name.eq_ignore_ascii_case("x-session-id") {
+            let key = h.value.trim_ascii();
+            session = match session {
+                SessionHeader::Missing if cnse_proto::session_key_valid(key) => SessionHeader::Key {
+                    at: key.as_ptr() as usize - base,
+                    len: key.len(),
+                },
+                // Invalid, or given twice.
+                _ => SessionHeader::Invalid,
+            };
         } else if name.eq_ignore_ascii_case("authorization") {
             auth = match h.value.strip_prefix(b"Bearer ") {
                 Some(token) => {
@@ -160,6 +182,7 @@ pub fn head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
         body,
         keep_alive,
         auth,
+        session,
     }))
 }
 
@@ -257,6 +280,36 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(body(req, &h, 100, &mut out).unwrap(), Some(req.len()));
         assert_eq!(body(&req[..req.len() - 1], &h, 100, &mut out).unwrap(), None);
+    }
+
+    #[test]
+    fn issue14_x_session_id_is_found_or_refused() {
+        let key = |r: &[u8]| {
+            let h = head(r).unwrap().unwrap();
+            match h.session {
+                SessionHeader::Key { at, len } => Ok(r[at..at + len].to_vec()),
+                other => Err(other),
+            }
+        };
+        assert_eq!(
+            key(b"POST /v1/completions HTTP/1.1\r\nx-session-id:  conv-7 \r\n\r\n"),
+            Ok(b"conv-7".to_vec())
+        );
+        assert_eq!(key(b"POST / HTTP/1.1\r\n\r\n"), Err(SessionHeader::Missing));
+        let long = [
+            b"POST / HTTP/1.1\r\nX-Session-Id: ".as_slice(),
+            &[b'k'; 257],
+            b"\r\n\r\n",
+        ]
+        .concat();
+        for bad in [
+            &b"POST / HTTP/1.1\r\nX-Session-Id: two words\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nX-Session-Id:\r\n\r\n",
+            b"POST / HTTP/1.1\r\nX-Session-Id: a\r\nX-Session-Id: b\r\n\r\n",
+            &long,
+        ] {
+            assert_eq!(key(bad), Err(SessionHeader::Invalid));
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! ERROR on stream 0 and drains the connection.
 
 use cnse_backend::FinishReason;
-use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, Direction, FrameDecoder, Kind, Params, Request};
+use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, Direction, FrameDecoder, Kind, Request};
 
 use super::{Session, DRAIN_TIMEOUT};
 use crate::conn::ConnState;
@@ -23,6 +23,17 @@ pub(crate) struct Admitted<'a> {
     pub req: Request<'a>,
     /// The HTTP front's chat messages (JSON array), see `Job::chat`.
     pub chat: Option<&'a str>,
+    /// The session key (REQUEST flag or `X-Session-Id`), see `Job::session`.
+    pub session: Option<&'a str>,
+}
+
+/// The header fields a frame's handler reads.
+#[derive(Clone, Copy)]
+struct Fields {
+    flags: u16,
+    stream_id: u64,
+    arg: u32,
+    aux: u64,
 }
 
 impl<T: Transport> Session<T> {
@@ -56,7 +67,13 @@ impl<T: Transport> Session<T> {
                 Ok(Some(frame)) => {
                     let h = frame.header;
                     let (stream_id, arg, aux) = (h.stream_id(), h.arg(), h.aux());
-                    self.handle_frame(slot, frame.kind, stream_id, arg, aux, frame.payload);
+                    let fields = Fields {
+                        flags: h.flags(),
+                        stream_id,
+                        arg,
+                        aux,
+                    };
+                    self.handle_frame(slot, frame.kind, fields, frame.payload);
                 }
                 Ok(None) => break,
                 Err(v) => {
@@ -96,7 +113,13 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    fn handle_frame(&mut self, slot: u32, kind: Kind, stream_id: u64, arg: u32, aux: u64, payload: &[u8]) {
+    fn handle_frame(&mut self, slot: u32, kind: Kind, f: Fields, payload: &[u8]) {
+        let Fields {
+            flags,
+            stream_id,
+            arg,
+            aux,
+        } = f;
         self.tables.n.frames_in += 1;
         let state = self.tables.conns[slot as usize].state;
         match (state, kind) {
@@ -108,7 +131,7 @@ impl<T: Transport> Session<T> {
                 put_pong(&mut c.out_fill, stream_id, arg, aux, payload);
                 self.tables.n.frames_out += 1;
             }
-            (_, Kind::Request) => self.request(slot, stream_id, arg, payload),
+            (_, Kind::Request) => self.request(slot, stream_id, arg, flags, payload),
             (_, Kind::Cancel) => self.cancel(slot, stream_id),
             (_, Kind::Credit) => {
                 let Some(i) = self.tables.conns[slot as usize].find_stream(stream_id) else {
@@ -142,14 +165,16 @@ impl<T: Transport> Session<T> {
 
     /// REQUEST checks, in order: stream 0 (violation), id in use (409),
     /// parameters (400), shutting down (503); then scheduling.
-    fn request(&mut self, slot: u32, stream_id: u64, arg: u32, payload: &[u8]) {
+    fn request(&mut self, slot: u32, stream_id: u64, arg: u32, flags: u16, payload: &[u8]) {
         if stream_id == 0 {
             return self.violate(slot, code::BAD_REQUEST, "REQUEST on stream 0");
         }
         if self.tables.conns[slot as usize].find_stream(stream_id).is_some() {
             return self.reject(slot, stream_id, code::STREAM_IN_USE, "stream id already in use");
         }
-        let req = match Params::parse(payload, &self.limits) {
+        // The flags the header check let through say how the payload
+        // reads (the session key extension, docs/PROTOCOL.md).
+        let (req, session) = match cnse_proto::parse_request(payload, flags, &self.limits) {
             Ok(r) => r,
             Err((c, m)) => return self.reject(slot, stream_id, c, m),
         };
@@ -161,6 +186,7 @@ impl<T: Transport> Session<T> {
             credit: Credit::from_initial(arg),
             req,
             chat: None,
+            session,
         };
         if let Err((code, message)) = self.schedule(slot, admitted) {
             self.reject(slot, stream_id, code, message);

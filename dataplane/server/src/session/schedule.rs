@@ -28,7 +28,8 @@ impl<T: Transport> Session<T> {
         if !run_now && self.tasks.sched.counts().live >= self.tasks.sched.queued_max() {
             return Err((code::OVERLOADED, "admission queue full, retry later"));
         }
-        if a.req.prompt.len() > self.tables.mem_left() {
+        let key = a.session.unwrap_or("");
+        if a.req.prompt.len() + key.len() > self.tables.mem_left() {
             return Err((code::OVERLOADED, "memory budget exhausted, retry later"));
         }
         let Some(sslot) = self.tables.stream_free.pop() else {
@@ -59,6 +60,10 @@ impl<T: Transport> Session<T> {
         s.http.messages.clear();
         s.http.chat = a.chat.is_some();
         let before = s.prompt.capacity() + s.http.messages.capacity();
+        // The key (at most 256 bytes, checked at the edge) goes in front of
+        // the prompt in the same reused buffer.
+        s.session_len = u16::try_from(key.len()).expect("session keys are at most 256 bytes");
+        s.prompt.push_str(key);
         s.prompt.push_str(a.req.prompt);
         s.http.messages.push_str(a.chat.unwrap_or(""));
         t.mem_held = t.mem_held - before + s.prompt.capacity() + s.http.messages.capacity();
@@ -91,6 +96,7 @@ impl<T: Transport> Session<T> {
             gen: s.gen,
             params: s.params,
             prompt: std::mem::take(&mut s.prompt),
+            session_len: s.session_len,
             messages: std::mem::take(&mut s.http.messages),
             chat: s.http.chat,
             arrived: s.arrived,
@@ -169,12 +175,14 @@ impl<T: Transport> Session<T> {
         let t = &mut self.tables;
         let s = &mut t.streams[sslot as usize];
         s.phase = Phase::Running;
+        let (session, prompt) = crate::stream::key_and_prompt(&s.prompt, s.session_len);
         let job = Job {
             id: work_id(sslot, s.gen),
             params: s.params,
-            prompt: &s.prompt,
+            prompt,
             arrived: s.arrived,
             chat: s.http.chat.then_some(s.http.messages.as_str()),
+            session,
         };
         if let Err(reject) = self.backend.start(job, &mut self.io) {
             t.fail(sslot, reject.code, &reject.message);

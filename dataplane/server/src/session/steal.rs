@@ -48,12 +48,14 @@ impl<T: Transport> Session<T> {
         let t = &mut self.tables;
         let w = t.foreign.works[index as usize].as_ref().expect("inserted above");
         let p = &w.claimed.task.payload.payload;
+        let (session, prompt) = crate::stream::key_and_prompt(&p.prompt, p.session_len);
         let job = Job {
             id,
             params: p.params,
-            prompt: &p.prompt,
+            prompt,
             arrived: p.arrived,
             chat: p.chat.then_some(p.messages.as_str()),
+            session,
         };
         if let Err(reject) = self.backend.start(job, &mut self.io) {
             t.foreign.end(

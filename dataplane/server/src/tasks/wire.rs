@@ -3,8 +3,9 @@
 //! Little-endian, length-prefixed; `decode` rejects anything it could not
 //! have produced (short, long, bad UTF-8, an unknown tag), never panics.
 //!
-//! A task: `sslot u32, gen u32, params [32], chat u8, prompt (u32 len +
-//! bytes), messages (u32 len + bytes)`. A result: `sslot u32, gen u32,
+//! A task: `sslot u32, gen u32, params [32], chat u8, session_len u16,
+//! prompt (u32 len + bytes; the session key first), messages (u32 len +
+//! bytes)`. A result: `sslot u32, gen u32,
 //! n u32, n × len u32, the tokens' bytes (u32 len + bytes), end u8 (0 none,
 //! 1 finished + reason u8, 2 error + code u32 + message)`. Prompt buffers do
 //! not travel back: the owner's slot makes new ones.
@@ -57,6 +58,7 @@ impl WirePayload for ServeTask {
         out.extend_from_slice(&self.gen.to_le_bytes());
         out.extend_from_slice(&self.params.encode());
         out.push(u8::from(self.chat));
+        out.extend_from_slice(&self.session_len.to_le_bytes());
         put_bytes(out, self.prompt.as_bytes());
         put_bytes(out, self.messages.as_bytes());
     }
@@ -80,12 +82,15 @@ impl WirePayload for ServeTask {
             1 => true,
             _ => return None,
         };
+        let session_len = u16::from_le_bytes(r.take(2)?.try_into().ok()?);
         let (prompt, messages) = (r.string()?, r.string()?);
-        r.done().then_some(ServeTask {
+        let key_fits = usize::from(session_len) <= prompt.len() && prompt.is_char_boundary(usize::from(session_len));
+        (r.done() && key_fits).then_some(ServeTask {
             sslot,
             gen,
             params,
             prompt,
+            session_len,
             messages,
             chat,
             arrived: Instant::now(),
@@ -166,7 +171,8 @@ mod tests {
                 priority: 2,
                 ..Params::default()
             },
-            prompt: "héllo".into(),
+            prompt: "k1héllo".into(),
+            session_len: 2,
             messages: "[{\"role\":\"user\"}]".into(),
             chat: true,
             arrived: Instant::now(),
@@ -174,7 +180,7 @@ mod tests {
         let mut b = Vec::new();
         t.encode(&mut b);
         let d = ServeTask::decode(&b).expect("decodes");
-        assert_eq!((d.sslot, d.gen, d.chat), (7, 9, true));
+        assert_eq!((d.sslot, d.gen, d.chat, d.session_len), (7, 9, true, 2));
         assert_eq!(
             (d.prompt.as_str(), d.messages.as_str()),
             (t.prompt.as_str(), t.messages.as_str())
