@@ -88,6 +88,13 @@ pub trait Sink {
     fn prompt_tokens(&mut self, id: WorkId, n: u64) {
         let _ = (id, n);
     }
+    /// The work's backend failed after tokens were delivered and the work
+    /// continues on another model server from its text so far (issue 14
+    /// failover); called at the seam, before the continuation's first
+    /// token. The server marks the stream's END for clients that asked.
+    fn failed_over(&mut self, id: WorkId) {
+        let _ = id;
+    }
     /// Normal end of the work.
     fn end(&mut self, id: WorkId, reason: FinishReason);
     /// The work failed (502 backend failed, 504 timed out, ...). Ends it.
@@ -125,6 +132,12 @@ pub struct BackendStats {
     /// rotation (healthy); an embedded backend is one, always up.
     pub servers: u64,
     pub servers_up: u64,
+    /// Work sent again to another model server before its first token
+    /// (invisible to the client).
+    pub retried_elsewhere: u64,
+    /// Work that continued on another model server after tokens were
+    /// delivered (failover).
+    pub failed_over: u64,
 }
 
 /// A per-core token generator. See the crate docs for the calling contract.

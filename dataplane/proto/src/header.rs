@@ -41,7 +41,10 @@ impl Kind {
     /// Flag bits defined for this kind. Version 1 defines none, so every set
     /// bit is a violation; `docs/PROTOCOL.md` extensions add theirs here.
     pub const fn flags_defined(self) -> u16 {
-        0
+        match self {
+            Self::End => crate::END_FLAGS_DEFINED,
+            _ => 0,
+        }
     }
 }
 

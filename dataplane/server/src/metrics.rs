@@ -70,6 +70,11 @@ pub struct RequestMetrics {
     /// servers for every worker: the process reports the largest count).
     pub servers: u64,
     pub servers_up: u64,
+    /// Streams the backend sent to another model server before their
+    /// first token, and those it continued on another after tokens
+    /// (failover), since start.
+    pub retried_elsewhere: u64,
+    pub failed_over: u64,
 }
 
 impl RequestMetrics {
@@ -98,6 +103,8 @@ impl RequestMetrics {
         self.running += o.running;
         self.servers = self.servers.max(o.servers);
         self.servers_up = self.servers_up.max(o.servers_up);
+        self.retried_elsewhere += o.retried_elsewhere;
+        self.failed_over += o.failed_over;
     }
 }
 
@@ -193,6 +200,22 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         out,
         "cnse_backend_servers{{state=\"down\"}} {}",
         r.servers - r.servers_up.min(r.servers)
+    );
+    family(
+        out,
+        "cnse_backend_streams_moved_total",
+        "counter",
+        "Streams moved to another model server: before their first token (retried_elsewhere, invisible to the client) or after tokens (failed_over, continued from the text so far).",
+    );
+    let _ = writeln!(
+        out,
+        "cnse_backend_streams_moved_total{{when=\"retried_elsewhere\"}} {}",
+        r.retried_elsewhere
+    );
+    let _ = writeln!(
+        out,
+        "cnse_backend_streams_moved_total{{when=\"failed_over\"}} {}",
+        r.failed_over
     );
     family(
         out,

@@ -199,6 +199,8 @@ impl<T: Transport> Session<T> {
         m.running = b.active;
         m.servers = b.servers;
         m.servers_up = b.servers_up;
+        m.retried_elsewhere = b.retried_elsewhere;
+        m.failed_over = b.failed_over;
         m
     }
 
@@ -353,6 +355,7 @@ impl<T: Transport> Session<T> {
         c.fill_ends = 0;
         c.fill_frames = 0;
         c.proto = crate::conn::Proto::Binary;
+        c.features = 0;
         c.accepted = now;
         c.last_input = now;
         self.tables.n.conns_open += 1;

@@ -108,6 +108,10 @@ impl WirePayload for TaskMsg {
                 out.push(1);
                 out.push(*reason as u8);
             }
+            Some(TaskEnd::FinishedFailedOver(reason)) => {
+                out.push(3);
+                out.push(*reason as u8);
+            }
             Some(TaskEnd::Error { code, message }) => {
                 out.push(2);
                 out.extend_from_slice(&code.to_le_bytes());
@@ -136,6 +140,7 @@ impl WirePayload for TaskMsg {
                 code: r.u32()?,
                 message: r.string()?,
             }),
+            3 => Some(TaskEnd::FinishedFailedOver(FinishReason::from_u32(u32::from(r.u8()?))?)),
             _ => return None,
         };
         r.done().then_some(TaskMsg {

@@ -1,0 +1,208 @@
+//! Issue 14, failover: `cnse-dp serve --backend llama` in front of three
+//! real llama-servers (SmolLM2-135M), two of which are killed (SIGKILL)
+//! while a stream runs on them. What a client sees: one complete,
+//! well-formed stream, END marked for a client that asked for failover
+//! marks and unmarked for one that did not. With `--llama-failover off`
+//! the same kill is ERROR 502 (tests/llama_gateway.rs).
+//!
+//! Skipped with a message when no llama-server can be started, unless
+//! `CNSE_REQUIRE_SERVICES=1`.
+
+mod common;
+mod llama_common;
+
+use std::time::Duration;
+
+use common::{eventually, Client, FinishReason, Kind, Params, Server, WAIT};
+use llama_common::{busy_slots, direct_answer, http, RealServer};
+
+const PROMPT: &str = "Count from one to one hundred:";
+/// Long enough to outlast the kill on a 2-core CPU, short enough for a test.
+const MAX_TOKENS: u32 = 160;
+
+fn greedy(n: u32) -> Params {
+    Params {
+        max_tokens: n,
+        temperature: 0.0,
+        ..Params::default()
+    }
+}
+
+/// What one stream delivered: (first index, count, text) per TOKENS frame,
+/// and END's finish reason, `aux` and flags.
+struct Seen {
+    frames: Vec<(u64, u32, Vec<u8>)>,
+    reason: FinishReason,
+    end_tokens: u64,
+    end_flags: u16,
+}
+
+impl Seen {
+    fn tokens(&self) -> u64 {
+        self.frames.iter().map(|f| u64::from(f.1)).sum()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.frames.iter().flat_map(|f| f.2.clone()).collect()).unwrap()
+    }
+
+    /// The text of the tokens before index `seam` (a frame boundary).
+    fn text_before(&self, seam: u64) -> Option<String> {
+        let mut out = Vec::new();
+        for (first, n, text) in &self.frames {
+            if *first >= seam {
+                return String::from_utf8(out).ok();
+            }
+            if first + u64::from(*n) > seam {
+                return None;
+            }
+            out.extend_from_slice(text);
+        }
+        String::from_utf8(out).ok()
+    }
+}
+
+/// Runs stream `id` on `c`; once 3 tokens have arrived, SIGKILLs the
+/// llama-server that runs it (the one of `servers` with a busy slot).
+/// Returns what the stream delivered and the index of the killed server.
+fn stream_and_kill(c: &mut Client, id: u64, servers: &[&RealServer]) -> (Seen, usize) {
+    c.request(id, 0, &greedy(MAX_TOKENS), PROMPT).unwrap();
+    let mut frames = Vec::new();
+    let mut killed = None;
+    let mut next = 0u64;
+    loop {
+        let f = c.next_frame().unwrap();
+        assert_eq!(f.stream_id, id);
+        match f.kind {
+            Kind::Tokens => {
+                // Contiguous: each frame starts where the last one ended.
+                assert_eq!(f.aux, next, "TOKENS index");
+                assert!(f.arg >= 1);
+                next += u64::from(f.arg);
+                frames.push((f.aux, f.arg, f.payload));
+                if killed.is_none() && next >= 3 {
+                    let busy: Vec<usize> = (0..servers.len())
+                        .filter(|&k| busy_slots(&servers[k].url) > 0)
+                        .collect();
+                    assert_eq!(busy.len(), 1, "the stream runs on one llama-server");
+                    servers[busy[0]].kill();
+                    killed = Some(busy[0]);
+                }
+            }
+            Kind::End => {
+                let seen = Seen {
+                    frames,
+                    reason: FinishReason::from_u32(f.arg).unwrap(),
+                    end_tokens: f.aux,
+                    end_flags: f.flags,
+                };
+                return (seen, killed.expect("the stream ended before 3 tokens"));
+            }
+            _ => panic!("{:?} {}: {}", f.kind, f.arg, f.text()),
+        }
+    }
+}
+
+/// The `delivered=N` of the gateway's `k`-th failover warning.
+fn seam(server: &Server, k: usize) -> Option<u64> {
+    server
+        .output()
+        .iter()
+        .filter(|l| l.contains("the stream continues on another server"))
+        .nth(k)?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("delivered=")?.parse().ok())
+}
+
+fn http_addr(server: &Server) -> String {
+    let mut addr = None;
+    assert!(eventually(WAIT, || {
+        addr = server
+            .output()
+            .iter()
+            .find_map(|l| l.strip_prefix("http listening on ").map(str::to_string));
+        addr.is_some()
+    }));
+    format!("http://{}", addr.unwrap())
+}
+
+fn metric(url: &str, name: &str) -> Option<f64> {
+    let (status, body) = http(url, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The stream is whole: END counts every token received, and it ended on
+/// `max_tokens` or on a stop.
+fn assert_complete(s: &Seen) {
+    assert_eq!(s.end_tokens, s.tokens(), "END aux = tokens received");
+    match s.reason {
+        FinishReason::Length => assert_eq!(s.tokens(), u64::from(MAX_TOKENS)),
+        FinishReason::Stop => assert!(s.tokens() <= u64::from(MAX_TOKENS)),
+        FinishReason::Cancelled => panic!("not cancelled"),
+    }
+}
+
+#[test]
+fn issue14_llama_killed_mid_stream_the_stream_continues_on_another_server() {
+    let Some(a) = RealServer::start() else { return };
+    let Some(b) = RealServer::start() else { return };
+    let Some(c3) = RealServer::start() else { return };
+    let servers = [&a, &b, &c3];
+    let urls = [a.url.as_str(), b.url.as_str(), c3.url.as_str()].join(",");
+    let server = Server::start(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &urls,
+        "--threads",
+        "2",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    let front = http_addr(&server);
+
+    // A client that asks for failover marks.
+    let mut c = Client::connect(server.addr, WAIT).unwrap();
+    let ack = c.hello_features(b"", cnse_proto::FEATURE_FAILOVER_MARK).unwrap();
+    assert_eq!(ack.features, cnse_proto::FEATURE_FAILOVER_MARK);
+    c.set_timeout(Duration::from_secs(120)).unwrap();
+    let (seen, killed) = stream_and_kill(&mut c, 1, &servers);
+    assert_complete(&seen);
+    assert_eq!(seen.end_flags, cnse_proto::END_FLAG_FAILED_OVER);
+    // The text is the dead server's tokens, then the survivor's answer to
+    // the prompt followed by them: at temperature 0 that is exactly what a
+    // llama-server answers to that prompt directly.
+    let k = seam(&server, 0).expect("a failover warning with delivered=N");
+    assert!(k >= 3 && k < seen.tokens(), "seam {k} of {}", seen.tokens());
+    let before = seen.text_before(k).expect("the seam is a frame boundary");
+    let text = seen.text();
+    let after = &text[before.len()..];
+    let survivor = (0..3).find(|&s| s != killed).unwrap();
+    let want = direct_answer(
+        &servers[survivor].url,
+        &format!("{PROMPT}{before}"),
+        MAX_TOKENS - k as u32,
+    );
+    assert_eq!(after, want, "continuation after {k} tokens {before:?}");
+    assert!(eventually(WAIT, || metric(
+        &front,
+        "cnse_backend_streams_moved_total{when=\"failed_over\"}"
+    ) == Some(1.0)));
+
+    // A client that did not ask: the same kind of stream, END unmarked.
+    let alive: Vec<&RealServer> = (0..3).filter(|&s| s != killed).map(|s| servers[s]).collect();
+    // `client()` says a plain HELLO (features 0).
+    let mut plain = server.client();
+    plain.set_timeout(Duration::from_secs(120)).unwrap();
+    let (seen, _) = stream_and_kill(&mut plain, 2, &alive);
+    assert_complete(&seen);
+    assert_eq!(seen.end_flags, 0);
+    assert!(seam(&server, 1).is_some());
+    assert!(eventually(WAIT, || metric(
+        &front,
+        "cnse_backend_streams_moved_total{when=\"failed_over\"}"
+    ) == Some(2.0)));
+}
