@@ -172,6 +172,13 @@ fn issue14_llama_killed_mid_stream_the_stream_continues_on_another_server() {
     let (seen, killed) = stream_and_kill(&mut c, 1, &servers);
     assert_complete(&seen);
     assert_eq!(seen.end_flags, cnse_proto::END_FLAG_FAILED_OVER);
+    eprintln!(
+        "stream 1: {} tokens in {} frames, {:?}, server {killed} killed, failover after {:?} tokens",
+        seen.tokens(),
+        seen.frames.len(),
+        seen.reason,
+        seam(&server, 0)
+    );
     // The text is the dead server's tokens, then the survivor's answer to
     // the prompt followed by them: at temperature 0 that is exactly what a
     // llama-server answers to that prompt directly.
@@ -200,9 +207,119 @@ fn issue14_llama_killed_mid_stream_the_stream_continues_on_another_server() {
     let (seen, _) = stream_and_kill(&mut plain, 2, &alive);
     assert_complete(&seen);
     assert_eq!(seen.end_flags, 0);
+    eprintln!(
+        "stream 2: {} tokens, {:?}, failover after {:?} tokens, END flags 0",
+        seen.tokens(),
+        seen.reason,
+        seam(&server, 1)
+    );
     assert!(seam(&server, 1).is_some());
     assert!(eventually(WAIT, || metric(
         &front,
         "cnse_backend_streams_moved_total{when=\"failed_over\"}"
     ) == Some(2.0)));
+}
+
+/// One SSE chat stream read off a raw socket: (content of each chunk,
+/// finish reason, usage), and the killed server.
+fn chat_stream_and_kill(front: &str, body: &str, servers: &[&RealServer]) -> (Vec<String>, String, serde_json::Value) {
+    use std::io::{BufRead, BufReader, Write};
+    let addr = front.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let (mut chunks, mut finish, mut usage) = (Vec::new(), String::new(), serde_json::Value::Null);
+    let mut killed = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "the SSE stream ended before [DONE]"
+        );
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return (chunks, finish, usage);
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = u.clone();
+        }
+        let Some(choice) = v["choices"].get(0) else { continue };
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+        if let Some(t) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+            chunks.push(t.to_string());
+        }
+        if !killed && chunks.len() >= 3 {
+            let busy: Vec<usize> = (0..servers.len())
+                .filter(|&k| busy_slots(&servers[k].url) > 0)
+                .collect();
+            assert_eq!(busy.len(), 1, "the stream runs on one llama-server");
+            servers[busy[0]].kill();
+            killed = true;
+        }
+    }
+}
+
+#[test]
+fn issue14_http_chat_stream_fails_over_and_stays_one_sse_stream_with_right_usage() {
+    let Some(a) = RealServer::start() else { return };
+    let Some(b) = RealServer::start() else { return };
+    let servers = [&a, &b];
+    let urls = [a.url.as_str(), b.url.as_str()].join(",");
+    let server = Server::start(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &urls,
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    let front = http_addr(&server);
+    let messages = serde_json::json!([{ "role": "user", "content": "Write a long story about a cat." }]);
+    let body = serde_json::json!({
+        "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
+        "stream_options": { "include_usage": true },
+    })
+    .to_string();
+    let (chunks, finish, usage) = chat_stream_and_kill(&front, &body, &servers);
+    let text: String = chunks.concat();
+    let k = seam(&server, 0).expect("a failover warning with delivered=N");
+    eprintln!(
+        "chat: {} chunks, finish {finish}, failover after {k} tokens, usage {usage}",
+        chunks.len()
+    );
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!(completion > k && completion <= u64::from(MAX_TOKENS), "{usage}");
+    if finish == "length" {
+        assert_eq!(completion, u64::from(MAX_TOKENS));
+    } else {
+        assert_eq!(finish, "stop");
+    }
+    // The survivor, asked directly: the prompt's tokens as the usage
+    // reports them, and (temperature 0) the same uninterrupted answer.
+    let survivor = servers.iter().find(|s| answers(&s.url)).unwrap();
+    let direct = serde_json::json!({ "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0 }).to_string();
+    let (status, answer) = http(&survivor.url, "POST", "/v1/chat/completions", &direct);
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(usage["prompt_tokens"], answer["usage"]["prompt_tokens"], "{usage}");
+    eprintln!("direct: {}", answer["choices"][0]["message"]["content"]);
+    assert_eq!(text, answer["choices"][0]["message"]["content"].as_str().unwrap());
+}
+
+/// True for a llama-server that still answers.
+fn answers(url: &str) -> bool {
+    let addr = url.strip_prefix("http://").unwrap();
+    std::net::TcpStream::connect(addr).is_ok()
 }
