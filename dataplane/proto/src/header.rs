@@ -226,6 +226,24 @@ mod tests {
     }
 
     #[test]
+    fn issue14_end_defines_the_failover_flag_and_no_other() {
+        let ok = hdr(Kind::End as u8, crate::END_FLAG_FAILED_OVER, 16);
+        assert_eq!(Header::from_array(&ok).validate(64, Direction::ToClient), Ok(Kind::End));
+        for flags in [1u16 << 1, 1 << 15] {
+            let bad = hdr(Kind::End as u8, flags | crate::END_FLAG_FAILED_OVER, 16);
+            let e = Header::from_array(&bad).validate(64, Direction::ToClient).unwrap_err();
+            assert_eq!((e.code, e.message), (400, "reserved flag bits set"));
+        }
+        // Other kinds still define none.
+        let tokens = hdr(Kind::Tokens as u8, crate::END_FLAG_FAILED_OVER, 1);
+        assert!(Header::from_array(&tokens).validate(64, Direction::ToClient).is_err());
+        let mut out = Vec::new();
+        crate::put_end(&mut out, 1, crate::FinishReason::Stop, 3, 1, 2);
+        crate::set_flags(&mut out, 0, crate::END_FLAG_FAILED_OVER);
+        assert_eq!(Header::view(&out).unwrap().flags(), crate::END_FLAG_FAILED_OVER);
+    }
+
+    #[test]
     fn checks_run_in_page_order() {
         let mut b = hdr(0x05, 0, 10);
         b[0] = b'X';

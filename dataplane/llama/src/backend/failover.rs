@@ -273,3 +273,29 @@ impl LlamaBackend {
         !self.body_scratch.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::skip_echo;
+
+    #[test]
+    fn issue14_the_echoed_prefill_is_cut_once_and_new_text_kept() {
+        // b11434: the first chunk is the prefill and the first new token.
+        let mut skip = 15;
+        assert_eq!(skip_echo("One, two, three,", b"One, two, three", &mut skip), ",");
+        assert_eq!(skip, 0);
+        // The echo split over two chunks.
+        let mut skip = 15;
+        assert_eq!(skip_echo("One, two", b"One, two, three", &mut skip), "");
+        assert_eq!(skip_echo(", three four", b"One, two, three", &mut skip), " four");
+        assert_eq!(skip, 0);
+        // A server that does not echo: its text is all new, and the
+        // skipping stops.
+        let mut skip = 15;
+        assert_eq!(skip_echo(" four", b"One, two, three", &mut skip), " four");
+        assert_eq!(skip, 0);
+        // Only the last `skip` bytes of the prefill are still due.
+        let mut skip = 5;
+        assert_eq!(skip_echo("three!", b"One, two, three", &mut skip), "!");
+    }
+}
