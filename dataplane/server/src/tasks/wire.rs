@@ -201,6 +201,7 @@ mod tests {
         for end in [
             None,
             Some(TaskEnd::Finished(FinishReason::Stop)),
+            Some(TaskEnd::FinishedFailedOver(FinishReason::Length)),
             Some(TaskEnd::Error {
                 code: 502,
                 message: "gone".into(),
