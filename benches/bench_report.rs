@@ -102,6 +102,52 @@ impl Point {
     }
 }
 
+/// `ablation_send_mode.csv` pivoted: its settings are `MODE/PAYLOAD`. The
+/// modes in the order they ran, the payloads ascending, and server
+/// CPU-µs per request of each (mode, payload) run.
+pub struct SendModes {
+    pub modes: Vec<String>,
+    pub payloads: Vec<u64>,
+    cpu_us: BTreeMap<(String, u64), f64>,
+}
+
+impl SendModes {
+    pub fn of(points: &[Point]) -> Self {
+        let mut modes: Vec<String> = Vec::new();
+        let mut payloads: Vec<u64> = Vec::new();
+        let mut cpu_us = BTreeMap::new();
+        for p in points {
+            let Some((mode, payload)) = p.value.split_once('/') else {
+                continue;
+            };
+            let Ok(payload) = payload.parse::<u64>() else {
+                continue;
+            };
+            if !modes.iter().any(|m| m == mode) {
+                modes.push(mode.to_string());
+            }
+            if !payloads.contains(&payload) {
+                payloads.push(payload);
+            }
+            if let Some(r) = p.rate("requests_per_server_cpu_s").filter(|r| *r > 0.0) {
+                cpu_us.insert((mode.to_string(), payload), 1e6 / r);
+            }
+        }
+        payloads.sort_unstable();
+        Self { modes, payloads, cpu_us }
+    }
+
+    /// Server CPU-µs per request.
+    pub fn cpu_us(&self, mode: &str, payload: u64) -> Option<f64> {
+        self.cpu_us.get(&(mode.to_string(), payload)).copied()
+    }
+
+    /// `mode`'s CPU per request over the first mode's (plain SEND).
+    pub fn ratio(&self, mode: &str, payload: u64) -> Option<f64> {
+        Some(self.cpu_us(mode, payload)? / self.cpu_us(self.modes.first()?, payload)?)
+    }
+}
+
 /// Splits one CSV line (fields may be quoted, with `""` for a quote).
 fn split_csv(line: &str) -> Vec<String> {
     let mut out = Vec::new();

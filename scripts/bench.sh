@@ -12,8 +12,11 @@
 # SERVER_CPU (default 0) with one thread, the load generator on LOAD_CPUS
 # (default: 1, or 0 on a one-core machine) with LOAD_THREADS threads
 # (default 1); THREADS_LIST (default 1..cores) the server threads of that
-# ablation. ONLY="connections load inflight ablations redis http micro scale"
-# runs a subset. The scale step holds IDLE_CONNS idle connections (default:
+# ablation; ABLATIONS="threads defer recv_buffer send_buffer recv_mode frames
+# send_mode" a subset of the ablations, AB_ROUNDS the DEFER_TASKRUN on/off
+# pairs run in turn (default 1), SEND_MODES the send modes (default "plain
+# zc fixed zc-fixed"). ONLY="connections load inflight ablations redis http
+# micro scale" runs a subset. The scale step holds IDLE_CONNS idle connections (default:
 # what one process's open-file limit allows; 1,000 with --quick) on
 # IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
 # from IDLE_SOURCES loopback source addresses (default 4), and runs
@@ -31,7 +34,7 @@ out=bench-results
 for a in "$@"; do
   case $a in
     --quick) quick=1 ;;
-    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
     -*) echo "bench.sh: unknown option $a" >&2; exit 2 ;;
     *) out=$a ;;
   esac
@@ -41,6 +44,10 @@ server_cpu=${SERVER_CPU:-0}
 load_cpus=${LOAD_CPUS:-$((cores > 1 ? 1 : 0))}
 load_threads=${LOAD_THREADS:-1}
 only=${ONLY:-connections load inflight ablations redis http micro scale}
+ablations=${ABLATIONS:-threads defer recv_buffer send_buffer recv_mode frames send_mode}
+ab_rounds=${AB_ROUNDS:-1}
+send_modes=${SEND_MODES:-plain zc fixed zc-fixed}
+want() { [[ " $ablations " == *" $1 "* ]]; }
 if [ "$quick" = 1 ]; then
   secs=0.5 warm=0.2 drain_ms=2000
   conns_list="16 256" fractions="0.1 0.7" inflight_list="1 16"
@@ -224,23 +231,44 @@ ablate() {
 }
 if [[ " $only " == *" ablations "* ]]; then
   echo "== ablations (cnse-dp)"
-  for t in ${THREADS_LIST:-$(seq 1 "$cores")}; do ablate ablation_threads "$t" "$t" "0-$((t - 1))"; done
-  ablate ablation_defer_taskrun on 1 "$server_cpu"
-  ablate ablation_defer_taskrun off 1 "$server_cpu" --no-defer-taskrun
-  for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
-  for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
-  for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
-  # 0: as many frames as fit the send buffer (the default).
-  for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
-  # SEND vs SEND_ZC by payload size: pipelined PINGs whose PONGs carry P
-  # bytes back (the server's sends), 64 connections x 4 in flight.
-  for m in plain zc; do
-    start_server cnse-dp 1 "$server_cpu" --send-mode "$m"
-    for p in $payload_list; do
-      run ablation_send_mode cnse-dp setting "$m/$p" --mode ping --payload-bytes "$p" --connections 64 --inflight 4
+  if want threads; then
+    for t in ${THREADS_LIST:-$(seq 1 "$cores")}; do ablate ablation_threads "$t" "$t" "0-$((t - 1))"; done
+  fi
+  # AB_ROUNDS > 1 repeats the on/off pair in turn (values on/1, off/1, ...)
+  # so that one run's drift is not read as an effect.
+  if want defer; then
+    for r in $(seq 1 "$ab_rounds"); do
+      tag=$([ "$ab_rounds" = 1 ] || echo "/$r")
+      ablate ablation_defer_taskrun "on$tag" 1 "$server_cpu"
+      ablate ablation_defer_taskrun "off$tag" 1 "$server_cpu" --no-defer-taskrun
     done
-    stop_server
-  done
+  fi
+  if want recv_buffer; then
+    for b in 4096 16384 65536; do ablate ablation_recv_buffer "$b" 1 "$server_cpu" --recv-buffer-bytes "$b"; done
+  fi
+  if want send_buffer; then
+    for b in 8192 65536 1048576; do ablate ablation_send_buffer "$b" 1 "$server_cpu" --send-buffer-bytes "$b"; done
+  fi
+  if want recv_mode; then
+    for m in bufring plain; do ablate ablation_recv_mode "$m" 1 "$server_cpu" --recv-mode "$m"; done
+  fi
+  # 0: as many frames as fit the send buffer (the default).
+  if want frames; then
+    for n in $frames_list; do ablate ablation_frames_per_send "$n" 1 "$server_cpu" --max-frames-per-send "$n"; done
+  fi
+  # SEND, SEND_ZC and registered (fixed) send buffers by payload size:
+  # pipelined PINGs whose PONGs carry P bytes back (the server's sends), 64
+  # connections x 4 in flight. The modes take turns at each payload, each
+  # server freshly started, so drift on a shared machine falls on all.
+  if want send_mode; then
+    for p in $payload_list; do
+      for m in $send_modes; do
+        start_server cnse-dp 1 "$server_cpu" --send-mode "$m"
+        run ablation_send_mode cnse-dp setting "$m/$p" --mode ping --payload-bytes "$p" --connections 64 --inflight 4
+        stop_server
+      done
+    done
+  fi
 fi
 
 if [[ " $only " == *" redis "* ]]; then
@@ -331,7 +359,7 @@ echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg) at the end" >>"$out/machine.txt
 if [ "$quick" = 1 ] && [ "$only" = "connections load inflight ablations redis http micro scale" ]; then
   for f in summary.md throughput_vs_connections.svg latency_vs_load.svg inflight.svg ablation_threads.svg \
     ablation_defer_taskrun.svg ablation_recv_buffer.svg ablation_send_buffer.svg ablation_recv_mode.svg \
-    ablation_frames_per_send.svg ablation_send_mode.svg micro.txt stages.txt http.txt scale.txt scale_active.csv; do
+    ablation_frames_per_send.svg ablation_send_mode.svg ablation_send_mode_cpu.svg micro.txt stages.txt http.txt scale.txt scale_active.csv; do
     [ -s "$out/$f" ] || { echo "bench.sh: --quick: $f is missing or empty" >&2; failures=$((failures + 1)); }
   done
   grep -q 'redis-benchmark ping' "$out/redis.csv" 2>/dev/null || [ -s "$out/redis.note" ] ||

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
 cargo build --release --bin cnse-dp
 tests=$( (cargo test --release --no-run -p cnse-kernels --lib 2>&1;
-  cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle 2>&1) \
+  cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle --test gpu_resident 2>&1) \
   | grep -oE 'target/release/deps/[a-z0-9_]+-[0-9a-f]+' | sort -u)
 [ -n "$tests" ] || { echo "device-bundle: no test executables built" >&2; exit 1; }
 rm -rf .device && mkdir -p .device/tests
@@ -18,5 +18,6 @@ strip --strip-debug -o .device/cnse-dp target/release/cnse-dp
 for t in $tests; do strip --strip-debug -o ".device/tests/$(basename "$t")" "$t"; done
 # The test executables run the binary at the path cargo baked into them.
 echo "$(pwd)/target/release/cnse-dp" > .device/cnse-dp.path
-cp scripts/device-run.sh .device/
+cp scripts/device-run.sh scripts/device-i15.sh .device/
+git log -1 --format="commit %h (%s)" > .device/commit.txt 2>/dev/null || true
 du -sh .device

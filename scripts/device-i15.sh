@@ -6,9 +6,16 @@
 # mover, 16 and 2 workers, with per-thread CPU time: how many threads were
 # busy), the registered page cache, and cold loads against a plain
 # sequential read in alternating rounds; then `dd` against a CLI load after
-# dropping caches, and the CLI's early abort on a flipped bit.
-#   bash .device/device-i15.sh [tests|bench|cold|cli]...   (default: all;
-#   cold only together with bench)
+# dropping caches, and the CLI's early abort on a flipped bit. `resident`:
+# the resident-blob tests (gpu_resident, full output) and the bench rows of
+# blobs registered once and loaded again (`bench-verify --resident-only`:
+# first registering loads per piece size / threads / prefault, then repeated
+# unverified and GPU-verified loads per mover and 1-2 threads, against a
+# 16-thread staging load in the same process), then `gpu load --resident-gib`.
+#   bash .device/device-i15.sh [tests|bench|cold|cli|resident]...   (default:
+#   tests bench cold cli; cold only together with bench)
+# With the earlier parts: bash .device/device-i15.sh tests bench resident (the
+# resident part is estimated at 2-3 minutes, not yet timed on a device).
 set -u
 cd "$(dirname "$0")"
 B=$(pwd)/cnse-dp
@@ -29,9 +36,24 @@ if has tests; then
     "$t" --test-threads 1 --nocapture 2>&1 | grep -E "^test |test result|skipped|panicked|assert|left:|right:|stopped after|warm"
   done
 fi
+if has resident; then
+  echo "== resident: tests (CNSE_REQUIRE_GPU=1, full output)"
+  for t in tests/gpu_resident-*; do "$t" --test-threads 1 --nocapture 2>&1; echo "exit status $?"; done
+  for t in tests/cnse_kernels-*; do "$t" --test-threads 1 resident 2>&1 | grep -E "^test |test result|panicked"; done
+  A="--no-kernel --leaf-kib 64 --threads 16 --reps ${RESIDENT_REPS:-5} --resident-only"
+  echo "== gpu bench-verify $A"; "$B" gpu bench-verify $A 2>&1; echo "exit status $?"
+  echo "== CLI: gpu load --resident-gib (one process: the first load registers, cold since put writes with O_DIRECT; --repeat loads again)"
+  S=/tmp/st15r; rm -rf $S
+  "$B" store put /tmp/cnse-gpu-bench.blob --name bench:4g --store $S 2>&1 | tail -1
+  "$B" gpu load bench:4g --store $S --verify gpu --resident-gib 8 --repeat 4 --check 2>&1; echo "exit status $?"
+  "$B" gpu load bench:4g --store $S --verify gpu --resident-gib 1 2>&1; echo "exit status $? (over budget)"
+  rm -rf $S
+fi
 if has bench; then
   A="--leaf-kib 64 --window-mib 64,512 --threads 16,2 --reps 5"
   has cold && A="$A --cold --cold-rounds 3"
+  # The resident part measures the resident rows on its own.
+  has resident && A="$A --no-resident"
   echo "== gpu bench-verify $A"; "$B" gpu bench-verify $A 2>&1
 fi
 if has cli; then

@@ -132,9 +132,13 @@ pub struct Args {
     pub standin_close_after_stream: bool,
     /// llama-compare: idle connections to llama-server the in-process
     /// gateway keeps connected ahead of requests (`serve
-    /// --llama-spare-conns`).
-    #[arg(long, default_value_t = 1)]
-    pub llama_spare_conns: usize,
+    /// --llama-spare-conns`; default: one per connection, as `serve`
+    /// defaults to --llama-inflight).
+    #[arg(long)]
+    pub llama_spare_conns: Option<usize>,
+    /// llama-compare: spares over all workers (`serve --llama-spares-max`).
+    #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
+    pub llama_spares_max: usize,
     /// llama-compare: rounds of (direct, through cnse-dp's binary
     /// protocol, direct over HTTP, through its HTTP front), rotated so that
     /// drift hits every side alike.

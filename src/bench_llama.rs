@@ -208,7 +208,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
         urls: vec![url.to_string()],
         inflight_per_backend: concurrency,
-        spare_conns: args.llama_spare_conns,
+        spare_conns: args.llama_spare_conns.unwrap_or(concurrency),
+        spares_max: args.llama_spares_max,
         ..Default::default()
     })
     .context("--llama-url")?;

@@ -3,7 +3,8 @@
 //!
 //! `gpu load` lives in `gpu_load.rs` (the model story, one stage per call)
 //! and `gpu bench-verify` in `gpu_verify_bench.rs`, `gpu bench`'s load part
-//! in `gpu_bench_load.rs`; this file parses the subcommands and holds
+//! in `gpu_bench_load.rs`, its sampling part (also `gpu bench-sampling`) in
+//! `gpu_bench_sampling.rs`; this file parses the subcommands and holds
 //! `info` and `bench`.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ enum Cmd {
     /// GPU SHA-256: kernel sweep over leaf sizes, verified loads (host vs
     /// GPU hashing vs none), cold-cache loads against a sequential read.
     BenchVerify(crate::gpu_verify_bench::Args),
+    /// Sampling: the GPU against the one-core CPU reference and the
+    /// vectorised CPU sampler on one and on all cores, ids compared; the CPU
+    /// rows run without a GPU too.
+    BenchSampling(crate::gpu_bench_sampling::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -169,6 +174,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Info => info(),
         Cmd::Load(a) => crate::gpu_load::load(a),
         Cmd::BenchVerify(a) => crate::gpu_verify_bench::run(a),
+        Cmd::BenchSampling(a) => crate::gpu_bench_sampling::run(a),
         Cmd::Bench(a) => bench(a),
     }
 }
@@ -265,7 +271,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         crate::gpu_bench_load::bench_load(&a)?;
     }
     if !a.load_only {
-        crate::gpu_bench_sampling::bench_sampling(a.device, a.batch, a.vocab)?;
+        crate::gpu_bench_sampling::bench_sampling(a.device, a.batch, a.vocab, 0, 3, true)?;
     }
     Ok(())
 }

@@ -14,7 +14,9 @@ use clap::ValueEnum;
 use cnse_kernels::model::{load_from_store, Checked, LoadedModel, ModelLoad, Verify};
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::verify_gpu::GpuVerifier;
-use cnse_kernels::{DeviceBuffer, GpuVerifyOptions, LeafSpec, LoadOptions, LoadReport, Streamer};
+use cnse_kernels::{
+    DeviceBuffer, GpuVerifyOptions, LeafSpec, LoadOptions, LoadReport, ResidentOptions, SourceMode, Streamer,
+};
 
 use crate::gpu::{gbps, Pool, SourceArg};
 
@@ -66,12 +68,31 @@ pub(crate) struct LoadArgs {
     /// virtual disk it was no consistent gain (docs/GPU.md).
     #[arg(long)]
     readahead: bool,
+    /// Keep the blob's page cache registered (page-locked) for later loads
+    /// of this process, within a budget of this many GiB: the first load
+    /// registers the blob, later ones only DMA from it (1-2 host threads,
+    /// verified on the GPU). Residency ends with the process; a one-shot
+    /// load pays the registration, so use it with --repeat or in a
+    /// long-lived process (docs/STORE.md, "Resident blobs").
+    #[arg(long)]
+    resident_gib: Option<u64>,
+    /// Load this many times in this process (the first load of a resident
+    /// blob registers it; the rest find it resident).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    repeat: u32,
     #[command(flatten)]
     pool: Pool,
 }
 
 fn print_phases(r: &LoadReport, how: &str) {
     println!("  open + map          {:>9.4} s", r.open_s);
+    if r.register_s > 0.0 {
+        println!(
+            "    of which register {:>9.4} s  {:>6.2} GB/s  (made resident: later loads skip it)",
+            r.register_s,
+            gbps(r.bytes, r.register_s)
+        );
+    }
     println!("  device alloc        {:>9.4} s", r.device_alloc_s);
     println!(
         "  copy + DMA + check  {:>9.4} s  {:>6.2} GB/s  ({} threads, {} source, {}, {how})",
@@ -92,21 +113,57 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
         (false, VerifyArg::Cpu) => Verify::Cpu,
         (false, VerifyArg::Gpu) => Verify::Gpu,
     };
+    let source = match a.resident_gib {
+        Some(_) if matches!(verify, Verify::Cpu) => {
+            bail!("--resident-gib: resident blobs are verified on the GPU (--verify gpu or auto) or not at all")
+        }
+        Some(_) => SourceMode::Resident,
+        None => a.source.pick(),
+    };
     let how = ModelLoad {
         verify,
-        source: a.source.pick(),
+        source,
         readahead: a.readahead,
     };
     let mut streamer = Streamer::new(a.device, config).context("set up the GPU streamer")?;
-    let m = match &a.file {
-        Some(path) => load_file(path, a.chunk_mib << 20, &mut streamer, how)?,
-        None => {
-            let target = a.target.as_deref().expect("clap requires target or --file");
-            let store = cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
-                .context("open store")?;
-            load_from_store(&store, target, &mut streamer, how).context("load to GPU")?
-        }
+    if let Some(gib) = a.resident_gib {
+        let budget_bytes = gib.checked_mul(1 << 30).context("--resident-gib is too large")?;
+        streamer.set_resident(ResidentOptions {
+            budget_bytes,
+            ..Default::default()
+        })?;
+    }
+    let store = match &a.file {
+        Some(_) => None,
+        None => Some(
+            cnse_store::Store::open(a.store.clone().unwrap_or_else(cnse_store::Store::default_dir))
+                .context("open store")?,
+        ),
     };
+    let one = |streamer: &mut Streamer| match (&a.file, &store) {
+        (Some(path), _) => load_file(path, a.chunk_mib << 20, streamer, how),
+        (None, Some(store)) => {
+            let target = a.target.as_deref().expect("clap requires target or --file");
+            load_from_store(store, target, streamer, how).context("load to GPU")
+        }
+        (None, None) => unreachable!("a store is opened when no --file is given"),
+    };
+    for i in 1..a.repeat {
+        let m = one(&mut streamer)?;
+        let r = &m.report;
+        println!(
+            "load {i} of {}: total {:.4} s, {:.2} GB/s (copy {:.2} GB/s, register {:.4} s)",
+            a.repeat,
+            r.total_s,
+            r.gb_per_s(),
+            gbps(r.bytes, r.stream_s),
+            r.register_s
+        );
+    }
+    let m = one(&mut streamer)?;
+    if a.repeat > 1 {
+        println!("load {} of {}:", a.repeat, a.repeat);
+    }
     let r = &m.report;
     println!(
         "gpu load {}: {} bytes, {} chunks of {} MiB -> device {}",
@@ -152,6 +209,14 @@ pub(crate) fn load(a: LoadArgs) -> Result<()> {
                 "checked on the host"
             }
         );
+        if a.resident_gib.is_some() {
+            let s = streamer.resident_stats();
+            println!(
+                "resident: {} blob(s), {} bytes registered; {} load(s) found it resident, {} registered it \
+                 ({} pieces); residency ends with this process",
+                s.entries, s.resident_bytes, s.hits, s.misses, s.registrations
+            );
+        }
     } else {
         println!(
             "loaded {} bytes on device {} WITHOUT verification (--no-verify)",
@@ -178,7 +243,11 @@ fn load_file(path: &Path, chunk_bytes: u64, streamer: &mut Streamer, how: ModelL
     .with_context(|| format!("hash {}", path.display()))?;
     let spec = owned.as_spec();
     let resolve_s = t_resolve.elapsed().as_secs_f64();
-    let opts = LoadOptions::new(!on_gpu && how.verify != Verify::Off, how.source, threads);
+    let opts = LoadOptions::new(
+        !on_gpu && how.verify != Verify::Off,
+        how.source,
+        cnse_kernels::model::load_threads(streamer, how.source),
+    );
     let readahead = how
         .readahead
         .then(|| cnse_kernels::Readahead::start(spec.path, u64::MAX))

@@ -5,7 +5,9 @@
 //! 2. Loads from the page cache: unverified, verified on the host, verified
 //!    on the GPU, for each thread count and mover, with the host CPU time
 //!    the process spent per second of load (cores busy).
-//! 3. With `--cold` (root): page cache dropped before each run; a plain
+//! 3. Resident blobs (`gpu_bench_resident.rs`): registered once, loaded
+//!    again and again; the first, registering load per registration shape.
+//! 4. With `--cold` (root): page cache dropped before each run; a plain
 //!    sequential read of the file against the loads.
 
 use std::io::Read;
@@ -27,42 +29,48 @@ use crate::thread_cpu::{ThreadCpu, ThreadUse, BUSY_SHARE};
 pub(crate) struct Args {
     /// Blob to load; created with pseudo-random bytes if missing.
     #[arg(long, default_value = "/tmp/cnse-gpu-bench.blob")]
-    blob: PathBuf,
+    pub(crate) blob: PathBuf,
     /// Size of a created blob, GiB.
     #[arg(long, default_value_t = 4)]
-    size_gib: u64,
+    pub(crate) size_gib: u64,
     /// Chunk size, MiB.
     #[arg(long, default_value_t = 16)]
-    chunk_mib: u64,
+    pub(crate) chunk_mib: u64,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
-    device: usize,
+    pub(crate) device: usize,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
-    reps: usize,
+    pub(crate) reps: usize,
     /// Leaf sizes of the kernel sweep, KiB (the first is used for loads).
     #[arg(long, value_delimiter = ',', default_value = "64,16,32,128,256,1024")]
-    leaf_kib: Vec<u64>,
+    pub(crate) leaf_kib: Vec<u64>,
     /// Launch windows of the kernel sweep, MiB.
     #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
-    window_mib: Vec<u64>,
+    pub(crate) window_mib: Vec<u64>,
     /// Launch window of the GPU-verified loads, MiB.
     #[arg(long, default_value_t = 512)]
-    load_window_mib: u64,
+    pub(crate) load_window_mib: u64,
     /// Worker thread counts of the loads.
     #[arg(long, value_delimiter = ',', default_value = "16,4,2")]
-    threads: Vec<usize>,
+    pub(crate) threads: Vec<usize>,
     /// Also measure with a cold page cache (drops caches: needs root).
     #[arg(long)]
-    cold: bool,
+    pub(crate) cold: bool,
     /// Rounds of the cold measurements (each runs every cold row once).
     #[arg(long, default_value_t = 3)]
-    cold_rounds: usize,
+    pub(crate) cold_rounds: usize,
     /// Skip the kernel sweep.
     #[arg(long)]
-    no_kernel: bool,
+    pub(crate) no_kernel: bool,
+    /// Skip the resident-blob rows (registered once, loaded again and again).
+    #[arg(long)]
+    pub(crate) no_resident: bool,
+    /// Only the resident-blob rows (with their own 16-thread staging row).
+    #[arg(long, conflicts_with_all = ["no_resident", "cold"])]
+    pub(crate) resident_only: bool,
     #[command(flatten)]
-    pool: Pool,
+    pub(crate) pool: Pool,
 }
 
 fn print_header(what: &str) {
@@ -141,12 +149,18 @@ pub(crate) fn run(a: Args) -> Result<()> {
         },
     )?;
     let gpu = GpuVerifier::new(&st)?;
-    if !a.no_kernel {
-        kernel_sweep(&a, &mut st, &gpu, &spec, &leaf_digests, reps)?;
-    }
     let gv = GpuVerifyOptions {
         window_bytes: a.load_window_mib << 20,
     };
+    if a.resident_only {
+        if !st.supports_register() {
+            bail!("the device lacks read-only host registration: resident blobs cannot be measured");
+        }
+        return crate::gpu_bench_resident::run(&a, &gpu, &spec, &leaves, gv, reps);
+    }
+    if !a.no_kernel {
+        kernel_sweep(&a, &mut st, &gpu, &spec, &leaf_digests, reps)?;
+    }
 
     println!();
     println!(
@@ -186,6 +200,9 @@ pub(crate) fn run(a: Args) -> Result<()> {
     }
     if st.supports_register() {
         register_rows(&a, &gpu, &spec, &leaves, gv, reps)?;
+        if !a.no_resident {
+            crate::gpu_bench_resident::run(&a, &gpu, &spec, &leaves, gv, reps)?;
+        }
     } else {
         println!("| device lacks read-only host registration: registered page cache not measured");
     }

@@ -16,6 +16,7 @@ mod demo;
 mod gpu;
 mod gpu_bench_configs;
 mod gpu_bench_load;
+mod gpu_bench_resident;
 mod gpu_bench_sampling;
 mod gpu_load;
 mod gpu_picker;

@@ -166,10 +166,16 @@ pub struct Args {
     pub llama_failover: OnOff,
     /// Idle connections per llama-server per worker kept connected ahead
     /// of requests (llama-server closes after every stream: a request then
-    /// finds a connected socket); at most --llama-inflight, 0: none. Each
-    /// holds one of llama-server's HTTP threads while idle.
-    #[arg(long, default_value_t = 1)]
-    pub llama_spare_conns: usize,
+    /// finds a connected socket); at most --llama-inflight (the default),
+    /// 0: none. Over the process, a server gets no more spares than its
+    /// free places + 1 and --llama-spares-max: each holds one of its HTTP
+    /// threads while idle.
+    #[arg(long)]
+    pub llama_spare_conns: Option<usize>,
+    /// Spare connections per llama-server over all workers together (0:
+    /// none), beside the free-places rule above.
+    #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
+    pub llama_spares_max: usize,
     /// Print a stats line every N ms (0: never).
     #[arg(long, default_value_t = 0)]
     pub stats_interval_ms: u64,
@@ -202,10 +208,20 @@ pub struct Args {
     /// own buffer); an ablation switch.
     #[arg(long, value_enum, default_value = "bufring")]
     pub recv_mode: RecvModeArg,
-    /// How workers send: `plain` (SEND) or `zc` (SEND_ZC, zero-copy); an
-    /// ablation switch.
+    /// How workers send: `plain` (SEND), `zc` (SEND_ZC, zero-copy),
+    /// `fixed` (SEND from a registered buffer, Linux 6.10) or `zc-fixed`
+    /// (SEND_ZC from a registered buffer); an ablation switch.
     #[arg(long, value_enum, default_value = "plain")]
     pub send_mode: SendModeArg,
+    /// Registered send buffers per worker for `--send-mode fixed|zc-fixed`
+    /// (1..=4096; a send that finds none free goes out unregistered).
+    #[arg(long, default_value_t = 64)]
+    pub send_fixed_buffers: u16,
+    /// Bytes of each registered send buffer (4096..=16 MiB): the most one
+    /// send carries in the fixed modes (default: a 256 KiB payload and its
+    /// header).
+    #[arg(long, default_value_t = 256 * 1024 + 64)]
+    pub send_fixed_bytes: u32,
     /// Stream frames one send carries at most (0: as many as fit
     /// --send-buffer-bytes); an ablation switch.
     #[arg(long, default_value_t = 0)]
@@ -297,6 +313,12 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
     if !(RECV_BUFFER_BYTES_MIN..=RECV_BUFFER_BYTES_MAX).contains(&a.recv_buffer_bytes) {
         bail!("--recv-buffer-bytes must be in {RECV_BUFFER_BYTES_MIN}..={RECV_BUFFER_BYTES_MAX}");
     }
+    if !(1..=cnse_ring::FIXED_BUFS_MAX).contains(&a.send_fixed_buffers) {
+        bail!("--send-fixed-buffers must be in 1..={}", cnse_ring::FIXED_BUFS_MAX);
+    }
+    if !(4096..=16 << 20).contains(&a.send_fixed_bytes) {
+        bail!("--send-fixed-bytes must be in 4096..={}", 16 << 20);
+    }
     if !(SEND_BUFFER_BYTES_MIN..=SEND_BUFFER_BYTES_MAX).contains(&a.send_buffer_bytes) {
         bail!("--send-buffer-bytes must be in {SEND_BUFFER_BYTES_MIN}..={SEND_BUFFER_BYTES_MAX}");
     }
@@ -332,7 +354,11 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         send_mode: match a.send_mode {
             SendModeArg::Plain => cnse_server::SendMode::Plain,
             SendModeArg::Zc => cnse_server::SendMode::Zc,
+            SendModeArg::Fixed => cnse_server::SendMode::Fixed,
+            SendModeArg::ZcFixed => cnse_server::SendMode::ZcFixed,
         },
+        send_fixed_buffers: a.send_fixed_buffers,
+        send_fixed_bytes: a.send_fixed_bytes,
         frames_per_send_max: a.max_frames_per_send,
         http_listen: a.http_listen,
         metrics_listen: a.metrics_listen,
@@ -354,6 +380,8 @@ pub enum RecvModeArg {
 pub enum SendModeArg {
     Plain,
     Zc,
+    Fixed,
+    ZcFixed,
 }
 
 fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> {
@@ -376,13 +404,16 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 prefix_load_factor: a.llama_prefix_load_factor,
                 prefix_entries: a.llama_prefix_entries,
                 retries_max: a.llama_retries,
-                spare_conns: a.llama_spare_conns,
+                spare_conns: a.llama_spare_conns.unwrap_or(a.llama_inflight),
+                spares_max: a.llama_spares_max,
                 failover: a.llama_failover == OnOff::On,
                 ..Default::default()
             })
             .context("--llama-url")?;
+            // The slots also bound the spares (docs/LLAMA.md, "Spares").
+            let slots = factory.learn_slots();
             if a.llama_route.uses_cache() {
-                for (url, n) in a.llama_url.iter().zip(factory.learn_slots()) {
+                for (url, &n) in a.llama_url.iter().zip(&slots) {
                     if n == 0 {
                         eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
                     } else if n < a.llama_inflight {

@@ -137,3 +137,38 @@ fn gpu_load_of_a_store_blob_verifies_and_checks_the_bytes_issue_5() {
     assert!(stderr.contains("not found"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn issue13_gpu_bench_sampling_runs_the_cpu_rows_without_a_gpu() {
+    let args = [
+        "gpu",
+        "bench-sampling",
+        "--cpu-only",
+        "--batch",
+        "6",
+        "--vocab",
+        "4096",
+        "--threads",
+        "2",
+        "--reps",
+        "1",
+    ];
+    let (code, stdout, stderr) = cnse_dp(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("no GPU row (--cpu-only)"), "{stdout}");
+    assert!(
+        stdout.contains("CPU vectorised") && stdout.contains("2 threads"),
+        "{stdout}"
+    );
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| T=")).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for row in rows {
+        assert!(row.ends_with("| yes"), "ids differ: {row}");
+    }
+    for bad in [["--reps", "0"], ["--threads", "100000"]] {
+        let (code, stdout, stderr) = cnse_dp(&["gpu", "bench-sampling", "--cpu-only", bad[0], bad[1]]);
+        assert_eq!(code, 1, "{bad:?}");
+        assert!(stdout.lines().all(|l| !l.starts_with("| T=")), "{stdout}");
+        assert_eq!(stderr.lines().count(), 1, "{bad:?}: {stderr}");
+    }
+}

@@ -551,3 +551,57 @@ fn issue12_usage_counts_prompt_tokens_as_the_backend_reads_them() {
         );
     }
 }
+
+#[test]
+fn issue12_metrics_show_the_gateways_spares_and_events_within_the_process_cap() {
+    let standin = cnse_llama::standin::Standin::start(cnse_llama::standin::StandinConfig {
+        ttft: Duration::from_millis(1),
+        token_interval: Duration::from_millis(1),
+        close_after_stream: true,
+    })
+    .unwrap();
+    let url = standin.url();
+    let (_s, addr) = http_server(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &url,
+        "--threads",
+        "4",
+        "--llama-spare-conns",
+        "1",
+        "--llama-spares-max",
+        "2",
+    ]);
+    let metrics = |name: &str| -> f64 {
+        let mut c = Conn::new(addr);
+        c.get("/metrics");
+        let text = String::from_utf8(c.response().body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    // Four workers with one spare each; the process holds two.
+    assert!(eventually(WAIT, || metrics("cnse_backend_spare_connections") == 2.0));
+    // Connections land on the workers at random: some on the two that
+    // hold a spare.
+    for _ in 0..16 {
+        let mut c = Conn::new(addr);
+        c.post("/v1/completions", r#"{"prompt":"hi","max_tokens":3}"#);
+        assert_eq!(c.response().status, 200);
+    }
+    let event = |e: &str| metrics(&format!("cnse_backend_events_total{{event=\"{e}\"}}"));
+    // Request metrics reach the scrape within a sweep (100 ms).
+    assert!(
+        eventually(WAIT, || event("spares_taken") >= 1.0),
+        "no request found a spare"
+    );
+    assert!(eventually(WAIT, || metrics("cnse_backend_spare_connections") == 2.0));
+    let (opened, taken, closed) = (event("spares_opened"), event("spares_taken"), event("idle_closed"));
+    // Every spare opened is held, was taken, or was closed by the server.
+    assert!(
+        opened <= 2.0 + taken + closed,
+        "opened {opened}, taken {taken}, closed {closed}"
+    );
+    assert_eq!(event("evicted"), 0.0);
+}

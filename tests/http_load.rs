@@ -167,6 +167,10 @@ fn issue12_http_load_reads_events_that_span_chunks() {
     let r = run(s.addr, 2, 2, 100);
     assert_eq!(r.problems(), None, "{r:?}");
     assert_eq!((r.requests, r.tokens, r.reconnects), (100, 500, 0));
+    // Each answer is one event with 5 tokens: 4 arrived with the first,
+    // counted as coalesced, and no 0 µs gap is recorded for them.
+    assert_eq!(r.tokens_coalesced, 100 * 4, "{r:?}");
+    assert_eq!(r.inter_token.count(), 0, "tokens packed into one event have no gaps");
 }
 
 #[test]

@@ -200,7 +200,7 @@ fn issue14_llama_killed_mid_stream_the_stream_continues_on_another_server() {
     assert_eq!(after, want, "continuation after {k} tokens {before:?}");
     assert!(eventually(WAIT, || metric(
         &front,
-        "cnse_backend_streams_moved_total{when=\"failed_over\"}"
+        "cnse_backend_events_total{event=\"failed_over\"}"
     ) == Some(1.0)));
 
     // A client that did not ask: the same kind of stream, END unmarked.
@@ -220,7 +220,7 @@ fn issue14_llama_killed_mid_stream_the_stream_continues_on_another_server() {
     assert!(seam(&server, 1).is_some());
     assert!(eventually(WAIT, || metric(
         &front,
-        "cnse_backend_streams_moved_total{when=\"failed_over\"}"
+        "cnse_backend_events_total{event=\"failed_over\"}"
     ) == Some(2.0)));
 }
 

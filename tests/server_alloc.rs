@@ -66,6 +66,16 @@ fn issue13_ablation_io_modes_allocate_nothing_per_frame() {
     ]);
 }
 
+#[test]
+fn issue13_fixed_send_buffers_allocate_nothing_per_frame() {
+    // Registered send buffers, lent per send and given back at the
+    // completion (WRITE_FIXED) or the notification (SEND_ZC); with 4 for
+    // the load's 32 connections, most sends find them lent and go out from
+    // the session's buffer: still nothing per frame.
+    steady_state_allocations(&["--send-mode", "fixed"]);
+    steady_state_allocations(&["--send-mode", "zc-fixed", "--send-fixed-buffers", "4"]);
+}
+
 fn steady_state_allocations(extra: &[&str]) {
     let mut args = [synthetic(0, 0), vec!["--stats-interval-ms".into(), "100".into()]].concat();
     args.extend(extra.iter().map(|a| a.to_string()));

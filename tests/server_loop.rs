@@ -195,6 +195,16 @@ fn issue13_ablation_switches_serve_the_same_stream() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--recv-buffer-bytes must be in"));
+    for bad in [["--send-fixed-buffers", "0"], ["--send-fixed-bytes", "100"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+            .args(["serve", "--send-mode", "fixed", bad[0], bad[1]])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{} must be in", bad[0])), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
 }
 
 #[test]
@@ -205,6 +215,26 @@ fn issue13_recv_send_and_coalescing_switches_serve_the_same_stream() {
     for extra in [
         &["--recv-mode", "plain"][..],
         &["--send-mode", "zc"],
+        &["--send-mode", "fixed"],
+        &["--send-mode", "zc-fixed"],
+        // One small registered buffer: short sends (a PONG of 200,000 bytes
+        // goes out in 4 KiB pieces).
+        &[
+            "--send-mode",
+            "fixed",
+            "--send-fixed-buffers",
+            "1",
+            "--send-fixed-bytes",
+            "4096",
+        ],
+        &[
+            "--send-mode",
+            "zc-fixed",
+            "--send-fixed-buffers",
+            "1",
+            "--send-fixed-bytes",
+            "4096",
+        ],
         &["--max-frames-per-send", "1"],
         &[
             "--recv-mode",

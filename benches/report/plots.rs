@@ -303,5 +303,25 @@ pub fn write_all(dir: &Path) -> Res<Vec<String>> {
         }
         emit(&format!("{file}.svg"), v)?;
     }
+    emit("ablation_send_mode_cpu.svg", send_mode_panels(dir))?;
     Ok(written)
+}
+
+/// Server CPU per request of each send mode against the PONG payload, and
+/// each mode's ratio to plain SEND's.
+fn send_mode_panels(dir: &Path) -> Vec<Panel> {
+    let sm = crate::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
+    let x = "PONG payload, bytes";
+    let mut cpu = panel("send mode: server CPU per request", x, "server CPU-µs per request", true, true);
+    let mut ratio = panel("send mode: CPU per request / plain SEND's", x, "ratio", true, false);
+    for m in &sm.modes {
+        let at = |f: &dyn Fn(u64) -> Option<f64>| -> Vec<(f64, f64)> {
+            sm.payloads.iter().filter_map(|&p| Some((p as f64, f(p)?))).collect()
+        };
+        cpu.series.push((m.clone(), at(&|p| sm.cpu_us(m, p))));
+        ratio.series.push((m.clone(), at(&|p| sm.ratio(m, p))));
+    }
+    cpu.series.retain(|(_, v)| !v.is_empty());
+    ratio.series.retain(|(_, v)| !v.is_empty());
+    vec![cpu, ratio]
 }

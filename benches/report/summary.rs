@@ -248,7 +248,7 @@ fn ablations(out: &mut String, dir: &Path) {
         ),
         (
             "ablation_send_mode",
-            "SEND vs SEND_ZC by PONG payload size (`--send-mode plain|zc`, `--payload-bytes`)",
+            "SEND, SEND_ZC and registered buffers by PONG payload size (`--send-mode plain|zc|fixed|zc-fixed`, `--payload-bytes`)",
         ),
     ] {
         let pts = points(&load(dir, &format!("{file}.csv")));
@@ -275,6 +275,39 @@ fn ablations(out: &mut String, dir: &Path) {
         }
         let _ = writeln!(out);
     }
+}
+
+/// Server CPU per request of each send mode by payload, and its ratio to
+/// plain SEND's in the same run.
+fn send_modes(out: &mut String, dir: &Path) {
+    let sm = crate::SendModes::of(&points(&load(dir, "ablation_send_mode.csv")));
+    if sm.modes.is_empty() {
+        return;
+    }
+    let base = &sm.modes[0];
+    let _ = write!(out, "**Send modes: server CPU-µs per request** (PONGs of the payload)\n\n| payload |");
+    for m in &sm.modes {
+        let _ = write!(out, " {m} |");
+    }
+    for m in &sm.modes[1..] {
+        let _ = write!(out, " {m} / {base} |");
+    }
+    let _ = write!(out, "\n|---:|");
+    for _ in 0..2 * sm.modes.len() - 1 {
+        let _ = write!(out, "---:|");
+    }
+    let _ = writeln!(out);
+    for &p in &sm.payloads {
+        let _ = write!(out, "| {p} |");
+        for m in &sm.modes {
+            let _ = write!(out, " {} |", sm.cpu_us(m, p).map_or("-".into(), |v| format!("{v:.2}")));
+        }
+        for m in &sm.modes[1..] {
+            let _ = write!(out, " {} |", sm.ratio(m, p).map_or("-".into(), |v| format!("{v:.2}")));
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out);
 }
 
 fn redis(out: &mut String, dir: &Path) {
@@ -380,6 +413,7 @@ pub fn render(dir: &Path, plots: &[String]) -> String {
     latency_vs_load(&mut out, dir);
     inflight(&mut out, dir);
     ablations(&mut out, dir);
+    send_modes(&mut out, dir);
     redis(&mut out, dir);
     if let Ok(h) = std::fs::read_to_string(dir.join("http.txt")) {
         let _ = writeln!(

@@ -25,12 +25,15 @@ pub use device::{cuda_available, DeviceInfo};
 pub use pinned::{DeviceBuffer, PinnedBuffer};
 pub use readahead::Readahead;
 pub use sampling::cpu::CpuSampler;
+pub use sampling::fast::{FastRow, Simd};
 pub use sampling::gpu::{BatchSampler, LogitKernels};
+pub use sampling::parallel::ParallelCpuSampler;
 pub use sampling::{SampleRow, SamplerConfig, TokenSampler};
 pub use sha256::{LeafHasher, LeafLaunch, LeafMismatch};
 pub use spec::{hash_chunks, hash_file, OwnedSpec};
 pub use stream::{
-    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, SourceMode, Streamer, StreamerConfig,
+    BlobSpec, DeviceBlob, LoadOptions, LoadReport, Mover, Pipeline, Prefault, ResidentOptions, ResidentStats,
+    SourceMode, Streamer, StreamerConfig,
 };
 pub use verify_gpu::{GpuVerifier, GpuVerifyOptions, LeafSpec};
 

@@ -67,6 +67,20 @@ pub struct LoadedModel {
     pub resolve_s: f64,
 }
 
+/// Workers of a load: every worker for the staging sources; at most
+/// `RESIDENT_THREADS` for a resident blob, where threads only queue DMA.
+pub fn load_threads(streamer: &Streamer, source: SourceMode) -> usize {
+    let all = streamer.config().threads;
+    if source == SourceMode::Resident {
+        all.min(RESIDENT_THREADS)
+    } else {
+        all
+    }
+}
+
+/// Threads that queue the copies of a resident blob's load.
+pub const RESIDENT_THREADS: usize = 2;
+
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelLoadError {
@@ -118,8 +132,11 @@ pub fn load_from_store(
             })
         }
     };
-    let threads = streamer.config().threads;
-    let opts = LoadOptions::new(how.verify != Verify::Off && on_gpu.is_none(), how.source, threads);
+    let opts = LoadOptions::new(
+        how.verify != Verify::Off && on_gpu.is_none(),
+        how.source,
+        load_threads(streamer, how.source),
+    );
     let readahead = how
         .readahead
         .then(|| Readahead::start(spec.path, u64::MAX))

@@ -34,9 +34,12 @@ use crate::KernelError;
 pub(crate) use worker::page_bytes;
 
 mod config;
+mod resident;
+mod resident_load;
 mod worker;
 
 pub use config::*;
+pub use resident::{Prefault, ResidentOptions, ResidentStats, REGISTER_PIECE_MIN, RESIDENT_ENTRIES_MAX};
 
 /// Upper bound of worker threads (and of streams and slot sets).
 pub const THREADS_MAX: usize = 64;
@@ -82,6 +85,8 @@ pub struct Streamer {
     config: StreamerConfig,
     workers: Vec<Worker>,
     pool_alloc_s: f64,
+    /// Blobs kept registered across loads (`SourceMode::Resident`).
+    resident: resident::ResidentCache,
 }
 
 impl Streamer {
@@ -134,6 +139,7 @@ impl Streamer {
             });
         }
         Ok(Self {
+            resident: resident::ResidentCache::new(ctx.clone()),
             ctx,
             config,
             workers,
@@ -206,6 +212,15 @@ impl Streamer {
                 op: "load",
                 detail: format!("threads {} outside 1..={}", opts.threads, self.config.threads),
             });
+        }
+        if opts.source == SourceMode::Resident {
+            if opts.verify {
+                return Err(KernelError::Shape {
+                    op: "load",
+                    detail: "resident blobs are verified on the GPU (GpuVerifier), not while the host copies".into(),
+                });
+            }
+            return self.load_resident(spec, opts, sink);
         }
         if opts.source == SourceMode::Pread && self.config.write_combined && opts.verify {
             return Err(KernelError::Shape {
@@ -313,6 +328,7 @@ impl Streamer {
             mover: self.config.mover,
             verified: opts.verify,
             open_s,
+            register_s: 0.0,
             device_alloc_s,
             stream_s,
             total_s: t0.elapsed().as_secs_f64(),

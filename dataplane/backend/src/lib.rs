@@ -118,6 +118,37 @@ pub trait Io {
     unsafe fn submit(&mut self, tag: u64, entry: io_uring::squeue::Entry);
 }
 
+/// What a gateway backend counts beyond requests, in the order of
+/// [`BackendStats::events`], with their help text (`/metrics` exports them
+/// as `cnse_backend_events_total{event="NAME"}`); an embedded backend
+/// counts none.
+pub const EVENTS: [(&str, &str); 12] = [
+    ("reused", "request sent on a kept-alive connection"),
+    (
+        "retried",
+        "request sent again on a fresh connection (its pooled one was closed)",
+    ),
+    (
+        "retried_elsewhere",
+        "stream sent to another server before its first token",
+    ),
+    (
+        "prefix_routed",
+        "stream routed to the server with the longest cached prefix",
+    ),
+    ("evicted", "server taken out of rotation"),
+    ("readmitted", "server put back in rotation by a health check"),
+    ("health_checks", "health check sent"),
+    ("timeouts", "connect, first-token or idle-token timeout"),
+    ("spares_opened", "connection opened ahead of requests"),
+    ("spares_taken", "request that found a connection opened ahead"),
+    ("idle_closed", "idle connection the server closed while it waited"),
+    (
+        "failed_over",
+        "stream continued on another server after its server failed mid-stream",
+    ),
+];
+
 /// Counters a backend exposes for stats and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
@@ -132,12 +163,10 @@ pub struct BackendStats {
     /// rotation (healthy); an embedded backend is one, always up.
     pub servers: u64,
     pub servers_up: u64,
-    /// Work sent again to another model server before its first token
-    /// (invisible to the client).
-    pub retried_elsewhere: u64,
-    /// Work that continued on another model server after tokens were
-    /// delivered (failover).
-    pub failed_over: u64,
+    /// Connections held open ahead of requests, over the whole process.
+    pub spares: u64,
+    /// This core's counts of [`EVENTS`].
+    pub events: [u64; EVENTS.len()],
 }
 
 /// A per-core token generator. See the crate docs for the calling contract.

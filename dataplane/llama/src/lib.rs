@@ -94,7 +94,8 @@ pub struct LlamaConfig {
     pub retries_max: u8,
     /// Idle connections per llama-server per core kept connected ahead of
     /// requests, on connection slots of their own (at most
-    /// `inflight_per_backend`; 0: none). llama-server
+    /// `inflight_per_backend`: larger values are lowered to it; 0: none;
+    /// one only, until the server is seen closing after each stream). llama-server
     /// closes its connection after every stream, so without a spare each
     /// request waits for a connect. Each spare holds one of llama-server's
     /// HTTP threads while it waits (`--threads-http`).
@@ -107,6 +108,13 @@ pub struct LlamaConfig {
     /// A stream past it is not failed over (ERROR 502 as with failover
     /// off): the continuation's prompt would need the whole text.
     pub failover_text_bytes_max: usize,
+    /// Spares per llama-server over all cores together
+    /// (`--llama-spares-max`; 0: none). Beside it, a server never gets more
+    /// spares than its free places (`inflight_per_backend` less the
+    /// streams on it) + 1: each spare holds one of the server's HTTP
+    /// threads (at least its slots + 2 by default), and a request sent on
+    /// a connection that no thread has picked up waits for one.
+    pub spares_max: usize,
 }
 
 /// How the backend picks a llama-server for a stream.
@@ -168,6 +176,7 @@ impl Default for LlamaConfig {
             spare_conns: 1,
             failover: true,
             failover_text_bytes_max: FAILOVER_TEXT_BYTES_DEFAULT,
+            spares_max: SPARES_MAX_DEFAULT,
         }
     }
 }
@@ -177,6 +186,10 @@ impl Default for LlamaConfig {
 pub const FAILOVER_TEXT_BYTES_DEFAULT: usize = 64 * 1024;
 /// Upper bound of `LlamaConfig::failover_text_bytes_max`.
 pub const FAILOVER_TEXT_BYTES_MAX: usize = 16 << 20;
+/// Default of `LlamaConfig::spares_max`: the free-places rule is what
+/// bounds spares for one gateway; this bounds them when several share a
+/// llama-server.
+pub const SPARES_MAX_DEFAULT: usize = 8;
 
 /// Upper bounds on the configuration, checked at construction.
 pub const URLS_MAX: usize = 64;
@@ -324,6 +337,10 @@ pub(crate) struct Shared {
     /// the last event's `timings` of every stream.
     pub cache_n: AtomicU64,
     pub prompt_n: AtomicU64,
+    /// Connections opened ahead (spares) over all cores, as each core last
+    /// published them; a core opens one only while this is below
+    /// `LlamaConfig::spares_max`.
+    pub spares: AtomicUsize,
 }
 
 impl Shared {
@@ -339,6 +356,7 @@ impl Shared {
             slot_clock: AtomicU32::new(0),
             cache_n: AtomicU64::new(0),
             prompt_n: AtomicU64::new(0),
+            spares: AtomicUsize::new(0),
         }
     }
 }
@@ -369,7 +387,7 @@ pub struct LlamaFactory {
 }
 
 impl LlamaFactory {
-    pub fn new(cfg: LlamaConfig) -> Result<Self, LlamaError> {
+    pub fn new(mut cfg: LlamaConfig) -> Result<Self, LlamaError> {
         if cfg.urls.is_empty() {
             return Err(LlamaError::Config("at least one llama-server URL is required".into()));
         }
@@ -381,12 +399,8 @@ impl LlamaFactory {
                 "inflight_per_backend must be 1..={INFLIGHT_PER_BACKEND_MAX}"
             )));
         }
-        if cfg.spare_conns > cfg.inflight_per_backend {
-            return Err(LlamaError::Config(format!(
-                "spare_conns {} is above inflight_per_backend {}",
-                cfg.spare_conns, cfg.inflight_per_backend
-            )));
-        }
+        // More spares than places could never be taken at once.
+        cfg.spare_conns = cfg.spare_conns.min(cfg.inflight_per_backend);
         if cfg.urls.len() * (cfg.inflight_per_backend + cfg.spare_conns) > SLOTS_PER_CORE_MAX {
             return Err(LlamaError::Config(format!(
                 "{} URLs x (inflight_per_backend {} + spare_conns {}) is above {SLOTS_PER_CORE_MAX} connection slots per core",

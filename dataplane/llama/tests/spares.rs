@@ -156,3 +156,122 @@ fn issue12_a_spare_closed_as_the_request_goes_out_is_retried_invisibly() {
     assert_eq!(fake.requests.load(Ordering::SeqCst), 2);
     assert!(b.is_healthy(0));
 }
+
+#[test]
+fn issue12_spares_over_all_cores_stay_within_the_process_cap() {
+    use cnse_backend::Backend as _;
+    let standin = Standin::start(StandinConfig {
+        ttft: Duration::from_millis(1),
+        token_interval: Duration::ZERO,
+        close_after_stream: true,
+    })
+    .unwrap();
+    let url = standin.url();
+    let mut cfg = config(&[&url]);
+    cfg.health_interval = Duration::from_secs(60);
+    cfg.spare_conns = 1;
+    cfg.spares_max = 2;
+    // Four cores of one process, each with its own ring.
+    let factory = cnse_llama::LlamaFactory::new(cfg).unwrap();
+    let mut cores: Vec<(Driver, LlamaBackend, Recorder)> = (0..4)
+        .map(|_| (Driver::new().unwrap(), factory.backend(), Recorder::default()))
+        .collect();
+    let turn_all = |cores: &mut Vec<(Driver, LlamaBackend, Recorder)>| {
+        for (d, b, s) in cores.iter_mut() {
+            d.run_for(b, s, Duration::from_millis(5));
+        }
+    };
+    let opened = |cores: &Vec<(Driver, LlamaBackend, Recorder)>| -> u64 {
+        cores.iter().map(|(_, b, _)| b.llama_stats().spares_opened).sum()
+    };
+    let end = Instant::now() + BOUND;
+    while opened(&cores) < 2 {
+        assert!(Instant::now() < end, "two spares were not opened");
+        turn_all(&mut cores);
+    }
+    // Well past the time the other cores would have opened theirs.
+    for _ in 0..20 {
+        turn_all(&mut cores);
+    }
+    assert_eq!(
+        opened(&cores),
+        2,
+        "four cores with one spare each, at most two in the process"
+    );
+    for (_, b, _) in &cores {
+        assert_eq!(b.stats().spares, 2, "every core reports the process's spares");
+    }
+    // Requests on every core: each finishes, and the spares in the process
+    // never exceed the cap while they come and go.
+    for (k, (d, b, s)) in cores.iter_mut().enumerate() {
+        let id = k as u64 + 1;
+        d.start(b, id, params(4), "hello").unwrap();
+        assert!(d.run_until(b, s, BOUND, |s| s.finished(id)));
+        assert_eq!(s.get(id).error, None, "request {id}");
+        assert_eq!(s.get(id).tokens, 4, "request {id}");
+    }
+    for _ in 0..20 {
+        turn_all(&mut cores);
+        let spares = cores.iter().map(|(_, b, _)| b.stats().spares).max().unwrap();
+        assert!(spares <= 2, "{spares} spares in the process");
+    }
+    // A core that goes away gives its spares back to the others.
+    let holder = cores
+        .iter()
+        .position(|(_, b, _)| b.llama_stats().spares_opened > b.llama_stats().spares_taken)
+        .expect("a core holds a spare");
+    cores.remove(holder);
+    let before = opened(&cores);
+    let end = Instant::now() + BOUND;
+    loop {
+        turn_all(&mut cores);
+        if opened(&cores) > before {
+            break;
+        }
+        assert!(Instant::now() < end, "no other core took the freed spare");
+    }
+    assert!(cores[0].1.stats().spares <= 2);
+}
+
+#[test]
+fn issue12_spares_and_streams_stay_within_the_servers_places_plus_one() {
+    use cnse_backend::Backend as _;
+    let standin = Standin::start(StandinConfig {
+        ttft: Duration::from_millis(200),
+        token_interval: Duration::ZERO,
+        close_after_stream: true,
+    })
+    .unwrap();
+    let url = standin.url();
+    let mut cfg = config(&[&url]);
+    cfg.health_interval = Duration::from_secs(60);
+    cfg.first_token_timeout = Duration::from_secs(5);
+    cfg.inflight_per_backend = 2;
+    cfg.spare_conns = 2;
+    let mut b = backend(cfg);
+    let mut d = Driver::new().unwrap();
+    let mut sink = Recorder::default();
+    // One spare until the server is seen closing after a stream; then two
+    // (two free places: a burst of two finds two connections).
+    d.start(&mut b, 1, params(2), "hello").unwrap();
+    assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(1)));
+    run_until_backend(&mut d, &mut b, &mut sink, |b| b.stats().spares == 2);
+    let taken = b.llama_stats().spares_taken;
+    d.start(&mut b, 2, params(2), "hello").unwrap();
+    d.start(&mut b, 3, params(2), "hello").unwrap();
+    assert_eq!(b.llama_stats().spares_taken, taken + 2, "both found a connection ahead");
+    // Spares + streams within the two places + 1 all along.
+    let mut both_busy = 0;
+    while !sink.finished(2) || !sink.finished(3) {
+        d.run_for(&mut b, &mut sink, Duration::from_millis(5));
+        let (spares, streams) = (b.stats().spares, b.inflight(0) as u64);
+        assert!(
+            spares + streams <= 3,
+            "{spares} spares beside {streams} streams on two places"
+        );
+        both_busy += u32::from(streams == 2);
+    }
+    assert!(both_busy > 0, "the two streams ran together");
+    assert_eq!((sink.get(2).error, sink.get(3).error), (None, None));
+    run_until_backend(&mut d, &mut b, &mut sink, |b| b.stats().spares == 2);
+}

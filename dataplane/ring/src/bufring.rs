@@ -9,13 +9,13 @@ use crate::Ring;
 use io_uring::types::BufRingEntry;
 
 /// Anonymous private mapping, freed on drop.
-struct Mapping {
-    ptr: *mut u8,
+pub(crate) struct Mapping {
+    pub(crate) ptr: *mut u8,
     len: usize,
 }
 
 impl Mapping {
-    fn new(len: usize) -> io::Result<Self> {
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
         // SAFETY: an anonymous private mapping with no address hint touches
         // no existing memory; the result is checked for MAP_FAILED.
         let ptr = unsafe {

@@ -13,6 +13,7 @@
 //! - [`Ring::teardown`]: cancels every op in flight and drains them, so
 //!   descriptors are closed and buffers freed only after the kernel let go.
 //! - [`BufRing`]: the provided-buffer ring for multishot receives.
+//! - [`FixedBufs`]: registered (fixed) send buffers, lent one per send.
 //! - [`pin_current_thread`]: core pinning.
 //!
 //! Errors carry the operation and the errno ([`RingError`]). The loop and
@@ -20,12 +21,14 @@
 
 mod bufring;
 mod error;
+mod fixed;
 mod pin;
 mod ring;
 mod tag;
 
 pub use bufring::BufRing;
 pub use error::RingError;
+pub use fixed::{FixedBufs, FIXED_BUFS_MAX};
 pub use pin::{allowed_cpus, pin_current_thread, pin_current_thread_to};
 pub use ring::{Completion, Ring, RingConfig, RingMode};
 pub use tag::{Tag, GEN_BITS, KIND_BITS, RING_KIND, SLOT_BITS, SLOT_MAX, WIDE_BITS, WIDE_MAX};

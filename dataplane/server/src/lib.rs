@@ -119,6 +119,13 @@ pub struct Config {
     pub recv_mode: RecvMode,
     /// How workers send (an ablation switch; default: plain SEND).
     pub send_mode: SendMode,
+    /// Registered send buffers per worker in the fixed send modes (at most
+    /// `cnse_ring::FIXED_BUFS_MAX`); a send that finds none free goes out
+    /// from the session's buffer.
+    pub send_fixed_buffers: u16,
+    /// Bytes of each registered send buffer: a send carries at most this
+    /// much in the fixed modes (the rest follows in the next send).
+    pub send_fixed_bytes: u32,
     /// Stream frames (TOKENS, END, ERROR) one send carries at most; 0: as
     /// many as fit the send buffer (an ablation switch).
     pub frames_per_send_max: usize,
@@ -167,6 +174,8 @@ impl Default for Config {
             busy_poll: Duration::ZERO,
             recv_mode: RecvMode::BufRing,
             send_mode: SendMode::Plain,
+            send_fixed_buffers: 64,
+            send_fixed_bytes: 256 * 1024 + 64,
             frames_per_send_max: 0,
             http_listen: None,
             model_name: "cnse-synthetic".to_string(),

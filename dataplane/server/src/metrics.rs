@@ -70,11 +70,11 @@ pub struct RequestMetrics {
     /// servers for every worker: the process reports the largest count).
     pub servers: u64,
     pub servers_up: u64,
-    /// Streams the backend sent to another model server before their
-    /// first token, and those it continued on another after tokens
-    /// (failover), since start.
-    pub retried_elsewhere: u64,
-    pub failed_over: u64,
+    /// Connections the backend holds open ahead of requests (process-wide:
+    /// the largest count a worker reported).
+    pub spares: u64,
+    /// The backend's event counts (`cnse_backend::EVENTS`).
+    pub backend_events: [u64; cnse_backend::EVENTS.len()],
 }
 
 impl RequestMetrics {
@@ -103,8 +103,10 @@ impl RequestMetrics {
         self.running += o.running;
         self.servers = self.servers.max(o.servers);
         self.servers_up = self.servers_up.max(o.servers_up);
-        self.retried_elsewhere += o.retried_elsewhere;
-        self.failed_over += o.failed_over;
+        self.spares = self.spares.max(o.spares);
+        for (a, b) in self.backend_events.iter_mut().zip(o.backend_events) {
+            *a += b;
+        }
     }
 }
 
@@ -203,20 +205,20 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
     );
     family(
         out,
-        "cnse_backend_streams_moved_total",
+        "cnse_backend_spare_connections",
+        "gauge",
+        "Connections to model servers held open ahead of requests (--llama-spare-conns, --llama-spares-max).",
+    );
+    let _ = writeln!(out, "cnse_backend_spare_connections {}", r.spares);
+    family(
+        out,
+        "cnse_backend_events_total",
         "counter",
-        "Streams moved to another model server: before their first token (retried_elsewhere, invisible to the client) or after tokens (failed_over, continued from the text so far).",
+        "Gateway backend events: reused, retried, retried_elsewhere, prefix_routed, evicted, readmitted, health_checks, timeouts, spares_opened, spares_taken, idle_closed, failed_over (docs/HTTP.md).",
     );
-    let _ = writeln!(
-        out,
-        "cnse_backend_streams_moved_total{{when=\"retried_elsewhere\"}} {}",
-        r.retried_elsewhere
-    );
-    let _ = writeln!(
-        out,
-        "cnse_backend_streams_moved_total{{when=\"failed_over\"}} {}",
-        r.failed_over
-    );
+    for ((name, _), n) in cnse_backend::EVENTS.iter().zip(r.backend_events) {
+        let _ = writeln!(out, "cnse_backend_events_total{{event=\"{name}\"}} {n}");
+    }
     family(
         out,
         "cnse_requests_run_total",

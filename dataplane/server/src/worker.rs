@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use cnse_backend::{Backend, Io};
 use cnse_ring::{cqueue, opcode, squeue, types, BufRing, Completion, Ring, RingConfig, Tag};
 
-use crate::io_modes::{PlainRecvBufs, RecvMode, SendMode, ZcPending};
+use crate::io_modes::{send_entry, FixedSend, PlainRecvBufs, RecvMode, SendMode, ZcPending};
 use crate::session::{Session, SWEEP_INTERVAL};
 use crate::transport::{ConnRef, Transport};
 use crate::{Config, Shared, WorkerCounters};
@@ -83,6 +83,8 @@ pub(crate) struct RingIo {
     send_mode: SendMode,
     /// `RecvMode::Plain`'s buffers (no slots otherwise).
     plain: PlainRecvBufs,
+    /// The fixed send modes' registered buffers (none otherwise).
+    fixed: FixedSend,
 }
 
 impl Io for RingIo {
@@ -121,17 +123,17 @@ impl Transport for RingIo {
     }
 
     unsafe fn send(&mut self, c: ConnRef, data: &[u8]) {
-        let e = match self.send_mode {
-            SendMode::Plain => opcode::Send::new(types::Fd(c.fd), data.as_ptr(), data.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build(),
-            // The session's "until the completion" is the notification:
-            // `dispatch` reports the send done only then.
-            SendMode::Zc => opcode::SendZc::new(types::Fd(c.fd), data.as_ptr(), data.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build(),
+        // SEND_ZC's "until the completion" is the notification: `dispatch`
+        // reports the send done only then.
+        let zc = self.send_mode.is_zc();
+        let e = if self.send_mode.is_fixed() {
+            // SAFETY: forwarded: `data` stays until the completion.
+            unsafe { self.fixed.entry(c, data, zc) }
+        } else {
+            send_entry(c.fd, data, zc)
         };
-        // SAFETY: the caller keeps `data` in place until the completion.
+        // SAFETY: the caller keeps `data` in place until the completion; a
+        // registered buffer stays lent until then (`FixedSend::release`).
         unsafe { push(&mut self.ring, e, tag(Op::Send, c.slot, c.gen)) };
     }
 
@@ -282,8 +284,16 @@ impl Worker {
         let now = Instant::now();
         let conns_max = cfg.conns_per_thread_max.min(cnse_ring::SLOT_MAX as usize);
         let plain_slots = if cfg.recv_mode == RecvMode::Plain { conns_max } else { 0 };
-        let zc_slots = if cfg.send_mode == SendMode::Zc { conns_max } else { 0 };
+        let zc_slots = if cfg.send_mode.is_zc() { conns_max } else { 0 };
+        let fixed = FixedSend::new(
+            &ring,
+            cfg.send_mode,
+            conns_max,
+            cfg.send_fixed_buffers,
+            cfg.send_fixed_bytes,
+        )?;
         let io = RingIo {
+            fixed,
             ring,
             now,
             recv_mode: cfg.recv_mode,
@@ -428,19 +438,24 @@ impl Worker {
                 self.session.on_recv_done(slot, gen, c.result.min(1), c.more());
             }
             Some(Op::Accept) => self.on_accept(FRONTS[slot as usize], c),
-            Some(Op::Send) if self.session.io.send_mode == SendMode::Zc => {
+            Some(Op::Send) if self.session.io.send_mode.is_zc() => {
                 if cqueue::notif(c.flags) {
                     // The kernel let go of the buffer.
+                    self.session.io.fixed.release(slot);
                     if let Some(r) = self.zc.release(slot) {
                         self.session.on_send_done(slot, gen, r);
                     }
                 } else if c.more() {
                     self.zc.hold(slot, c.result);
                 } else {
+                    self.session.io.fixed.release(slot);
                     self.session.on_send_done(slot, gen, c.result);
                 }
             }
-            Some(Op::Send) => self.session.on_send_done(slot, gen, c.result),
+            Some(Op::Send) => {
+                self.session.io.fixed.release(slot);
+                self.session.on_send_done(slot, gen, c.result);
+            }
             Some(Op::Wake) => {
                 self.session.on_wake();
                 // Stays armed through shutdown: foreign work may still be
@@ -558,6 +573,14 @@ impl Worker {
             drop(l.fd.take());
         }
         self.bufs.unregister(&self.session.io.ring);
+        self.session.io.fixed.unregister(&self.session.io.ring);
+        if self.session.io.fixed.fallbacks > 0 {
+            tracing::info!(
+                worker = self.index,
+                sends = self.session.io.fixed.fallbacks,
+                "sends that found every registered buffer lent went from the session's buffer"
+            );
+        }
         true
     }
 }

@@ -109,7 +109,13 @@ pub fn exp_det(x: f32) -> f32 {
     if x.is_nan() || x <= -87.0 {
         return 0.0;
     }
-    let x = if x > 0.0 { 0.0 } else { x };
+    exp_core(if x > 0.0 { 0.0 } else { x })
+}
+
+/// The body of `exp_det` for x in (-87, 0]: no branch, so that the lane
+/// loops of `fast.rs` vectorise it and compute the very same bits.
+#[inline(always)]
+pub(crate) fn exp_core(x: f32) -> f32 {
     let n = (x * f32::from_bits(LOG2E) + 0.5).floor();
     let r = (x - n * f32::from_bits(LN2_HI)) - n * f32::from_bits(LN2_LO);
     let (c3, c4, c5, c6) = (
@@ -119,8 +125,17 @@ pub fn exp_det(x: f32) -> f32 {
         f32::from_bits(C6),
     );
     let p = 1.0 + r * (1.0 + r * (C2 + r * (c3 + r * (c4 + r * (c5 + r * c6)))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    p * pow2(n)
+}
+
+/// 2^n for an integer-valued n in [-126, 127]: the bits of `n as i32`, read
+/// from the mantissa of n + 1.5 × 2^23 (exact for |n| < 2^22), because SIMD
+/// lanes have that add and lack Rust's saturating float → int conversion.
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let n_i32 = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    f32::from_bits(n_i32.wrapping_add(127) << 23)
 }
 
 /// Fixed-point weight of a logit: round_down(e^((logit - max) / T) × 2^40).
@@ -176,6 +191,14 @@ mod tests {
         assert_eq!(f32::from_bits(C5), 1.0 / 120.0);
         assert_eq!(f32::from_bits(C6), 1.0 / 720.0);
         assert_eq!(WEIGHT_SCALE.to_bits(), 0x5380_0000);
+    }
+
+    #[test]
+    fn pow2_is_the_exponent_of_n_as_i32() {
+        for n in -126..=127 {
+            let f = n as f32;
+            assert_eq!(pow2(f).to_bits(), (((f as i32 + 127) as u32) << 23), "{n}");
+        }
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Token post-processing: temperature softmax, top-k, top-p, seeded sampling
 //! and argmax over batches of logit rows, on the GPU (`gpu`) and as a CPU
-//! reference (`cpu`) that gives the same token ids for the same seeds.
+//! reference (`cpu`) that gives the same token ids for the same seeds; the
+//! same ids again from the vectorised row (`fast`) on a pool of threads
+//! (`parallel`), the fair CPU side of the GPU comparison.
 
 pub mod cpu;
+pub mod fast;
 pub mod gpu;
 pub mod math;
+pub mod parallel;
 
 use crate::KernelError;
 

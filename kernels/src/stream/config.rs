@@ -71,6 +71,12 @@ pub enum SourceMode {
     /// sizes that are whole pages and a device that supports read-only
     /// registration (`Streamer::supports_register`).
     Register,
+    /// Like `Register`, but the registered mapping is kept across loads in
+    /// the streamer's bounded cache of resident blobs
+    /// (`Streamer::set_resident`): the first load registers the blob, later
+    /// loads only queue DMA. Host verification is not offered: verify on
+    /// the GPU (`GpuVerifier`).
+    Resident,
 }
 
 impl std::fmt::Display for SourceMode {
@@ -79,6 +85,7 @@ impl std::fmt::Display for SourceMode {
             SourceMode::Mmap => "mmap",
             SourceMode::Pread => "pread",
             SourceMode::Register => "register",
+            SourceMode::Resident => "resident",
         })
     }
 }
@@ -232,6 +239,9 @@ pub struct LoadReport {
     pub mover: Mover,
     pub verified: bool,
     pub open_s: f64,
+    /// Registering the blob (resident loads that admitted it; else 0),
+    /// inside `open_s`.
+    pub register_s: f64,
     pub device_alloc_s: f64,
     /// Hashing, host copies and DMA, overlapped, until the last copy landed.
     pub stream_s: f64,

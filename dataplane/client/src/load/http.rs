@@ -8,9 +8,9 @@
 //! first token; each later one an inter-token gap. Tokens are the events
 //! with text, or the response's `usage.completion_tokens` when it has one
 //! (cnse-dp packs the tokens of one loop turn into one event; llama-server
-//! reports usage in its last chunk); tokens beyond the text events count as
-//! arrived together (0 µs gaps), as the binary mode counts tokens packed
-//! into one frame.
+//! reports usage in its last chunk); tokens beyond the text events arrived
+//! packed into them: they are counted as coalesced (`tokens_coalesced`),
+//! not as 0 µs gaps, as the binary mode counts tokens packed into one frame.
 //!
 //! Servers end keep-alive connections: `Connection: close` on a response,
 //! or a close after a complete response (llama-server closes after every
@@ -320,10 +320,11 @@ impl HttpRx {
         // packed into those events.
         let packed = self.usage_tokens.map_or(0, |n| n.saturating_sub(self.text_events));
         if ok && packed > 0 {
+            let in_window = ctx.phase.in_window(now);
             if let Some(&s) = st.http_order.front() {
-                st.http_packed(s as usize, packed, ctx);
+                st.http_packed(s as usize, packed, in_window, ctx);
             }
-            if ctx.phase.in_window(now) {
+            if in_window {
                 ctx.stats.tokens += packed;
             }
         }

@@ -189,13 +189,13 @@ impl Streams {
     }
 
     /// HTTP mode: `n` more tokens of slot `s`'s response arrived packed
-    /// into its events (0 µs gaps, as tokens packed into one frame).
-    pub(super) fn http_packed(&mut self, s: usize, n: u64, ctx: &mut Ctx) {
-        let slot = &mut self.slots[s];
-        if slot.recorded {
-            ctx.stats.inter_token.record_n_us(0, n);
+    /// into its events: counted as coalesced (as tokens packed into one
+    /// binary frame), not as 0 µs gaps.
+    pub(super) fn http_packed(&mut self, s: usize, n: u64, in_window: bool, ctx: &mut Ctx) {
+        if in_window {
+            ctx.stats.tokens_coalesced += n;
         }
-        slot.tokens += n;
+        self.slots[s].tokens += n;
     }
 
     /// HTTP mode: slot `s`'s request got no answer before the server closed

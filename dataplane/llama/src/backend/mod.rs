@@ -190,6 +190,9 @@ struct Slot {
     /// When the connection went idle: back to the pool after an answer
     /// (`keep_alive`), or connected ahead as a spare.
     idle_since: Option<Instant>,
+    /// Opened ahead of requests (a spare), counted in `Shared::spares`
+    /// while its task is `Task::Spare`.
+    ahead: bool,
 }
 
 /// A pooled connection the server closed within this time of its last
@@ -227,6 +230,8 @@ pub struct LlamaBackend {
     log_window: Option<Instant>,
     log_count: u32,
     log_suppressed: u64,
+    /// Per upstream: this core's share of `Shared::spares`.
+    spares_mine: Box<[usize]>,
 }
 
 impl LlamaBackend {
@@ -260,6 +265,7 @@ impl LlamaBackend {
             keep_alive: false,
             deadline: None,
             idle_since: None,
+            ahead: false,
         };
         let mut slots = Vec::with_capacity(stream_slots + upstreams);
         for u in 0..upstreams {
@@ -286,6 +292,7 @@ impl LlamaBackend {
             hashes: Vec::with_capacity(crate::prefix::PROMPT_BLOCKS_MAX),
             closes_after_stream: vec![false; upstreams].into_boxed_slice(),
             spare_hold: vec![None; upstreams].into_boxed_slice(),
+            spares_mine: vec![0; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
             log_window: None,
@@ -343,6 +350,7 @@ impl LlamaBackend {
         };
         let id = work.id;
         slot.task = Task::Stream(work);
+        slot.ahead = false;
         if idle {
             if slot.keep_alive {
                 self.llama.reused += 1;
@@ -537,13 +545,33 @@ impl Backend for LlamaBackend {
             .filter(|s| matches!(&s.task, Task::Stream(w) if w.flow == Flow::Paused))
             .count() as u64;
         let up = self.shared.iter().filter(|s| s.healthy.load(Ordering::Acquire)).count();
+        let spares = self
+            .shared
+            .iter()
+            .map(|s| s.spares.load(Ordering::Acquire))
+            .sum::<usize>();
+        let l = &self.llama;
         BackendStats {
             active: self.by_id.len() as u64,
             paused,
             servers: self.shared.len() as u64,
             servers_up: up as u64,
-            retried_elsewhere: self.llama.retried_elsewhere,
-            failed_over: self.llama.failed_over,
+            spares: spares as u64,
+            // In the order of `cnse_backend::EVENTS`.
+            events: [
+                l.reused,
+                l.retried,
+                l.retried_elsewhere,
+                l.prefix_routed,
+                l.evicted,
+                l.readmitted,
+                l.health_checks,
+                l.timeouts,
+                l.spares_opened,
+                l.spares_taken,
+                l.idle_closed,
+                l.failed_over,
+            ],
             ..self.stats
         }
     }
@@ -555,6 +583,9 @@ impl Backend for LlamaBackend {
 
 impl Drop for LlamaBackend {
     fn drop(&mut self) {
+        for (s, &n) in self.shared.iter().zip(self.spares_mine.iter()) {
+            s.spares.fetch_sub(n, Ordering::AcqRel);
+        }
         let mut in_flight = false;
         for i in 0..self.slots.len() {
             self.release(i);

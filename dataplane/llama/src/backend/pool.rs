@@ -280,9 +280,38 @@ impl LlamaBackend {
     }
 
     /// Opens spares of server `u` until this core has `spare_conns` of
-    /// them (idle or connecting), on free slots only.
+    /// them (idle or connecting), on free slots only, while the process
+    /// holds fewer than `spare_cap(u)` for `u`; closes this core's idle
+    /// spares beyond that cap (streams that connected on their own took
+    /// the places the spares were opened for).
     pub(super) fn fill_spares(&mut self, u: usize, io: &mut dyn Io) {
-        let want = self.cfg.spare_conns;
+        self.publish_spares(u);
+        let mut over = self.shared[u]
+            .spares
+            .load(Ordering::Acquire)
+            .saturating_sub(self.spare_cap(u));
+        if over > 0 {
+            for i in u * self.per_upstream..(u + 1) * self.per_upstream {
+                if over == 0 {
+                    break;
+                }
+                let s = &self.slots[i];
+                if s.ahead && matches!(s.task, Task::Spare) && matches!(s.conn, Conn::Receiving(_)) {
+                    self.slots[i].task = Task::None;
+                    self.abort_conn(i, io);
+                    over -= 1;
+                }
+            }
+            self.publish_spares(u);
+        }
+        // A server that keeps its connections has its pool: one spare
+        // covers a burst's first request. One that closes after every
+        // stream (llama-server) gets up to `spare_conns`.
+        let want = if self.closes_after_stream[u] {
+            self.cfg.spare_conns
+        } else {
+            self.cfg.spare_conns.min(1)
+        };
         if want == 0 || !self.shared[u].healthy.load(Ordering::Acquire) {
             return;
         }
@@ -305,13 +334,59 @@ impl LlamaBackend {
             if !matches!(slot.task, Task::None) || slot.conn != Conn::Closed || slot.reserved {
                 continue;
             }
+            let cap = self.spare_cap(u);
+            if self.shared[u]
+                .spares
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+                .is_err()
+            {
+                return;
+            }
+            self.spares_mine[u] += 1;
             self.slots[i].task = Task::Spare;
             if self.open_connect(i, io).is_err() {
                 self.slots[i].task = Task::None;
+                self.publish_spares(u);
                 self.spare_hold[u] = Some(io.now() + SPARE_HOLD);
                 return;
             }
+            self.slots[i].ahead = true;
             have += 1;
+        }
+    }
+
+    /// Spares server `u` may have over the process now: `spares_max`, and
+    /// spares + streams within its places + 1, so that each finds one of
+    /// its HTTP threads (llama-server has at least its slots + 2). Its
+    /// places: `inflight_per_backend`, or its slots where `/slots` told
+    /// fewer.
+    fn spare_cap(&self, u: usize) -> usize {
+        let sh = &self.shared[u];
+        let busy = sh.inflight.load(Ordering::Acquire);
+        let places = match sh.slots_known.load(Ordering::Acquire) {
+            0 => self.cfg.inflight_per_backend,
+            n => n.min(self.cfg.inflight_per_backend),
+        };
+        self.cfg.spares_max.min(places.saturating_sub(busy) + 1)
+    }
+
+    /// Brings this core's share of `Shared::spares` for `u` to the spares
+    /// it holds now (those taken by a request or closed since leave it).
+    pub(super) fn publish_spares(&mut self, u: usize) {
+        let range = u * self.per_upstream..(u + 1) * self.per_upstream;
+        let mut now = 0;
+        for i in range {
+            let s = &mut self.slots[i];
+            if s.ahead && !matches!(s.task, Task::Spare) {
+                s.ahead = false;
+            }
+            now += usize::from(s.ahead);
+        }
+        let before = std::mem::replace(&mut self.spares_mine[u], now);
+        if now > before {
+            self.shared[u].spares.fetch_add(now - before, Ordering::AcqRel);
+        } else if before > now {
+            self.shared[u].spares.fetch_sub(before - now, Ordering::AcqRel);
         }
     }
 

@@ -199,8 +199,8 @@ impl<T: Transport> Session<T> {
         m.running = b.active;
         m.servers = b.servers;
         m.servers_up = b.servers_up;
-        m.retried_elsewhere = b.retried_elsewhere;
-        m.failed_over = b.failed_over;
+        m.spares = b.spares;
+        m.backend_events = b.events;
         m
     }
 
