@@ -163,6 +163,13 @@ pub struct Args {
     /// times, unseen by the client (0: never).
     #[arg(long, default_value_t = 2)]
     pub llama_retries: u8,
+    /// A stream whose llama-server dies after tokens were sent continues
+    /// on another llama-server from its text so far (prompt + generated
+    /// text, same sampling, fewer tokens left), within --llama-retries
+    /// moves; its END is marked for clients that ask (docs/PROTOCOL.md).
+    /// `off`: it ends with ERROR 502.
+    #[arg(long, value_enum, default_value = "on")]
+    pub llama_failover: OnOff,
     /// Idle connections per llama-server per worker kept connected ahead
     /// of requests (llama-server closes after every stream: a request then
     /// finds a connected socket); at most --llama-inflight (the default),
@@ -406,6 +413,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
                 retries_max: a.llama_retries,
                 spare_conns: a.llama_spare_conns.unwrap_or(a.llama_inflight),
                 spares_max: a.llama_spares_max,
+                failover: a.llama_failover == OnOff::On,
                 ..Default::default()
             })
             .context("--llama-url")?;

@@ -99,6 +99,10 @@ fn issue11_a_killed_backend_fails_only_its_streams_with_502_and_the_rest_are_who
         "llama",
         "--llama-url",
         &urls,
+        // The streams of the dead one end with 502 (with failover on they
+        // would continue on the other: tests/llama_failover.rs).
+        "--llama-failover",
+        "off",
         "--llama-inflight",
         "16",
         "--stats-interval-ms",

@@ -140,7 +140,18 @@ fn llama_killed_mid_stream_is_502_and_the_gateway_keeps_serving() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(doomed) = RealServer::start() else { return };
     let Some(other) = RealServer::start() else { return };
-    let server = gateway(&[&doomed.url, &other.url]);
+    // Failover would continue the stream on `other` (tests/llama_failover.rs).
+    let urls = [doomed.url.as_str(), other.url.as_str()].join(",");
+    let server = Server::start(&[
+        "--backend",
+        "llama",
+        "--llama-url",
+        &urls,
+        "--threads",
+        "2",
+        "--llama-failover",
+        "off",
+    ]);
     let mut c = server.client();
     c.set_timeout(Duration::from_secs(60)).unwrap();
     // Least-outstanding routing puts one stream on each llama-server.

@@ -162,3 +162,26 @@ fn issue2_client_cli_one_line_error_and_nonzero_exit() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("400"), "{err}");
 }
+
+#[test]
+fn issue14_hello_features_granted_are_the_defined_ones_asked_for() {
+    let server = Server::start(&[]);
+    for (wanted, granted) in [
+        (0, 0),
+        (cnse_proto::FEATURE_FAILOVER_MARK, cnse_proto::FEATURE_FAILOVER_MARK),
+        // Bits no extension defines are not granted, and not a violation.
+        (u32::MAX, cnse_proto::FEATURES_DEFINED),
+        (1 << 31, 0),
+    ] {
+        let mut c = server.raw();
+        let ack = c.hello_features(b"", wanted).unwrap();
+        assert_eq!(ack.features, granted, "wanted {wanted:#x}");
+        // Without a failover, END is unmarked whatever was granted.
+        let params = Params {
+            max_tokens: 4,
+            ..Params::default()
+        };
+        let g = c.generate(1, 0, &params, "hello", |_, _| {}).unwrap();
+        assert_eq!((g.tokens, g.failed_over), (4, false));
+    }
+}

@@ -93,6 +93,13 @@ pub trait Sink {
     fn prompt_tokens(&mut self, id: WorkId, n: u64) {
         let _ = (id, n);
     }
+    /// The work's backend failed after tokens were delivered and the work
+    /// continues on another model server from its text so far (issue 14
+    /// failover); called at the seam, before the continuation's first
+    /// token. The server marks the stream's END for clients that asked.
+    fn failed_over(&mut self, id: WorkId) {
+        let _ = id;
+    }
     /// Normal end of the work.
     fn end(&mut self, id: WorkId, reason: FinishReason);
     /// The work failed (502 backend failed, 504 timed out, ...). Ends it.
@@ -120,7 +127,7 @@ pub trait Io {
 /// [`BackendStats::events`], with their help text (`/metrics` exports them
 /// as `cnse_backend_events_total{event="NAME"}`); an embedded backend
 /// counts none.
-pub const EVENTS: [(&str, &str); 11] = [
+pub const EVENTS: [(&str, &str); 13] = [
     ("reused", "request sent on a kept-alive connection"),
     (
         "retried",
@@ -141,6 +148,14 @@ pub const EVENTS: [(&str, &str); 11] = [
     ("spares_opened", "connection opened ahead of requests"),
     ("spares_taken", "request that found a connection opened ahead"),
     ("idle_closed", "idle connection the server closed while it waited"),
+    (
+        "failed_over",
+        "stream continued on another server after its server failed mid-stream",
+    ),
+    (
+        "session_routed",
+        "stream with a session key sent to the server its key is pinned to",
+    ),
 ];
 
 /// Counters a backend exposes for stats and tests.

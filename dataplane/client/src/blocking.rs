@@ -57,6 +57,10 @@ pub struct Generation {
     /// As seen by this client, from the write of the REQUEST.
     pub client_ttft: Option<Duration>,
     pub client_total: Duration,
+    /// END carried `END_FLAG_FAILED_OVER`: the server's model server
+    /// failed mid-stream and the stream continued on another (only when
+    /// the connection asked for `FEATURE_FAILOVER_MARK` in HELLO).
+    pub failed_over: bool,
 }
 
 pub struct Client {
@@ -155,7 +159,13 @@ impl Client {
 
     /// Sends HELLO (optionally with an auth token) and waits for HELLO_ACK.
     pub fn hello(&mut self, token: &[u8]) -> Result<HelloAck, ClientError> {
-        self.send_hello(token)?;
+        self.hello_features(token, 0)
+    }
+
+    /// HELLO asking for protocol features (`cnse_proto::FEATURE_*`); the
+    /// answer's `features` are those the server granted.
+    pub fn hello_features(&mut self, token: &[u8], features: u32) -> Result<HelloAck, ClientError> {
+        self.tx.hello_features(token, features)?;
         let f = self.next_frame()?;
         match f.kind {
             Kind::HelloAck => Ok(HelloAck {
@@ -425,6 +435,7 @@ impl Client {
                         server_total_us,
                         client_ttft,
                         client_total: sent.elapsed(),
+                        failed_over: f.flags & cnse_proto::END_FLAG_FAILED_OVER != 0,
                     });
                 }
                 _ => return Err(self.unexpected(&f, "TOKENS or END")),

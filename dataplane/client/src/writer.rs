@@ -10,7 +10,8 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use cnse_proto::{
-    put_cancel, put_credit, put_frame, put_hello, put_ping, put_request, put_request_with_session, Kind, Params,
+    put_cancel, put_credit, put_frame, put_hello_features, put_ping, put_request, put_request_with_session, Kind,
+    Params,
 };
 
 use crate::ClientError;
@@ -46,7 +47,12 @@ impl Writer {
 
     /// HELLO with an optional auth token.
     pub fn hello(&mut self, token: &[u8]) -> Result<(), ClientError> {
-        put_hello(&mut self.out, token);
+        self.hello_features(token, 0)
+    }
+
+    /// HELLO asking for protocol features (`cnse_proto::FEATURE_*`).
+    pub fn hello_features(&mut self, token: &[u8], features: u32) -> Result<(), ClientError> {
+        put_hello_features(&mut self.out, token, features);
         self.flush_out()
     }
 

@@ -104,6 +104,14 @@ pub struct LlamaConfig {
     /// request waits for a connect. Each spare holds one of llama-server's
     /// HTTP threads while it waits (`--threads-http`).
     pub spare_conns: usize,
+    /// A stream whose server fails after tokens were delivered continues
+    /// on another server from its text so far (`--llama-failover on`,
+    /// within `retries_max` moves); off: it ends with ERROR 502.
+    pub failover: bool,
+    /// Generated text a stream keeps for failover, at most (per stream).
+    /// A stream past it is not failed over (ERROR 502 as with failover
+    /// off): the continuation's prompt would need the whole text.
+    pub failover_text_bytes_max: usize,
     /// Spares per llama-server over all cores together
     /// (`--llama-spares-max`; 0: none). Beside it, a server never gets more
     /// spares than its free places (`inflight_per_backend` less the
@@ -174,11 +182,18 @@ impl Default for LlamaConfig {
             session_entries: session::ENTRIES_DEFAULT,
             retries_max: 2,
             spare_conns: 1,
+            failover: true,
+            failover_text_bytes_max: FAILOVER_TEXT_BYTES_DEFAULT,
             spares_max: SPARES_MAX_DEFAULT,
         }
     }
 }
 
+/// Default of `LlamaConfig::failover_text_bytes_max`: 64 KiB, some
+/// 16,000 tokens of English text.
+pub const FAILOVER_TEXT_BYTES_DEFAULT: usize = 64 * 1024;
+/// Upper bound of `LlamaConfig::failover_text_bytes_max`.
+pub const FAILOVER_TEXT_BYTES_MAX: usize = 16 << 20;
 /// Default of `LlamaConfig::spares_max`: the free-places rule is what
 /// bounds spares for one gateway; this bounds them when several share a
 /// llama-server.
@@ -419,6 +434,11 @@ impl LlamaFactory {
             if d.is_zero() {
                 return Err(LlamaError::Config(format!("{name} must be > 0")));
             }
+        }
+        if cfg.failover_text_bytes_max > FAILOVER_TEXT_BYTES_MAX {
+            return Err(LlamaError::Config(format!(
+                "failover_text_bytes_max must be <= {FAILOVER_TEXT_BYTES_MAX}"
+            )));
         }
         if !(cfg.prefix_load_factor.is_finite() && cfg.prefix_load_factor >= 1.0) {
             return Err(LlamaError::Config("prefix_load_factor must be >= 1".into()));

@@ -166,6 +166,9 @@ pub struct Record {
     pub first_token: Option<Instant>,
     /// Calls after the stream ended (must stay 0).
     pub after_end: u64,
+    /// `failed_over` calls, and the tokens received before the first.
+    pub failed_over: u32,
+    pub tokens_at_failover: Option<u64>,
 }
 
 impl Record {
@@ -218,6 +221,15 @@ impl Sink for Recorder {
             Some(&c) if r.tokens >= c => Delivery::Pause,
             _ => Delivery::Accepted,
         }
+    }
+
+    fn failed_over(&mut self, id: WorkId) {
+        let r = self.streams.entry(id).or_default();
+        if r.finished() {
+            r.after_end += 1;
+        }
+        r.failed_over += 1;
+        r.tokens_at_failover.get_or_insert(r.tokens);
     }
 
     fn end(&mut self, id: WorkId, reason: FinishReason) {

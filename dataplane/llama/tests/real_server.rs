@@ -124,7 +124,11 @@ fn killing_llama_server_mid_stream_is_502_and_the_other_keeps_serving() {
     // Two instances of our own: one gets killed.
     let Some(doomed) = RealServer::start() else { return };
     let Some(other) = RealServer::start() else { return };
-    let mut b = backend(real_config(&[&doomed.url, &other.url]));
+    let mut cfg = real_config(&[&doomed.url, &other.url]);
+    // Failover would continue the stream on `other` (tests/failover.rs,
+    // tests/llama_failover.rs at the top level).
+    cfg.failover = false;
+    let mut b = backend(cfg);
     let mut d = Driver::new().unwrap();
     let mut sink = Recorder::default();
     let p = Params {

@@ -94,11 +94,12 @@ fn issue14_without_retries_or_after_tokens_the_stream_fails_as_before() {
     assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(2)));
     assert_eq!(sink.get(2).error.map(|e| e.0), Some(502));
     assert_eq!(a.requests.load(Ordering::SeqCst) + c.requests.load(Ordering::SeqCst), 2);
-    // Tokens already sent: not retried.
+    // Tokens already sent and failover off: not retried.
     let mid = Fake::start(Behaviour::CloseMidStream { tokens: 2 });
     let ok = good();
     let mut cfg = config(&[&mid.url, &ok.url]);
     cfg.route = Route::LeastOutstanding;
+    cfg.failover = false;
     let mut b = backend(cfg);
     d.start(&mut b, 3, params(5), "hello").unwrap();
     assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(3)));

@@ -25,11 +25,16 @@ pub fn put_frame(out: &mut Vec<u8>, kind: Kind, stream_id: u64, arg: u32, aux: u
 
 /// HELLO_ACK: server name and version, and the payload limit in `aux`.
 pub fn put_hello_ack(out: &mut Vec<u8>, payload_bytes_max: u32, name: &str) {
+    put_hello_ack_features(out, 0, payload_bytes_max, name);
+}
+
+/// HELLO_ACK granting protocol features in `arg` (`FEATURE_*` bits).
+pub fn put_hello_ack_features(out: &mut Vec<u8>, features: u32, payload_bytes_max: u32, name: &str) {
     put_frame(
         out,
         Kind::HelloAck,
         0,
-        0,
+        features,
         u64::from(payload_bytes_max),
         &[name.as_bytes()],
     );
@@ -57,6 +62,12 @@ pub fn put_end(
     put_frame(out, Kind::End, stream_id, reason as u32, total_tokens, &[&p]);
 }
 
+/// Sets the flags of the frame that starts at `out[at..]` (written by one
+/// of the `put_*` functions): END's [`crate::END_FLAG_FAILED_OVER`].
+pub fn set_flags(out: &mut [u8], at: usize, flags: u16) {
+    out[at + 6..at + 8].copy_from_slice(&flags.to_le_bytes());
+}
+
 /// ERROR with a human-readable message.
 pub fn put_error(out: &mut Vec<u8>, stream_id: u64, code: u32, message: &str) {
     put_frame(out, Kind::Error, stream_id, code, 0, &[message.as_bytes()]);
@@ -69,7 +80,12 @@ pub fn put_pong(out: &mut Vec<u8>, stream_id: u64, arg: u32, aux: u64, payload: 
 
 /// Client side: HELLO with an optional auth token.
 pub fn put_hello(out: &mut Vec<u8>, token: &[u8]) {
-    put_frame(out, Kind::Hello, 0, 0, 0, &[token]);
+    put_hello_features(out, token, 0);
+}
+
+/// Client side: HELLO asking for protocol features (`FEATURE_*` bits).
+pub fn put_hello_features(out: &mut Vec<u8>, token: &[u8], features: u32) {
+    put_frame(out, Kind::Hello, 0, features, 0, &[token]);
 }
 
 /// Client side: REQUEST with parameters, prompt and initial credit (0 =

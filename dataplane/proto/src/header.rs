@@ -45,6 +45,8 @@ impl Kind {
         match self {
             // Extension "Session keys" (`crate::session`).
             Kind::Request => crate::session::REQUEST_FLAG_SESSION_KEY,
+            // Extension "Failover marks".
+            Kind::End => crate::END_FLAGS_DEFINED,
             _ => 0,
         }
     }
@@ -225,6 +227,24 @@ mod tests {
         assert_eq!(h.arg(), 3);
         assert_eq!(h.aux(), 1 << 40);
         assert_eq!(&h.as_bytes()[..], &b[3..35]);
+    }
+
+    #[test]
+    fn issue14_end_defines_the_failover_flag_and_no_other() {
+        let ok = hdr(Kind::End as u8, crate::END_FLAG_FAILED_OVER, 16);
+        assert_eq!(Header::from_array(&ok).validate(64, Direction::ToClient), Ok(Kind::End));
+        for flags in [1u16 << 1, 1 << 15] {
+            let bad = hdr(Kind::End as u8, flags | crate::END_FLAG_FAILED_OVER, 16);
+            let e = Header::from_array(&bad).validate(64, Direction::ToClient).unwrap_err();
+            assert_eq!((e.code, e.message), (400, "reserved flag bits set"));
+        }
+        // Other kinds still define none.
+        let tokens = hdr(Kind::Tokens as u8, crate::END_FLAG_FAILED_OVER, 1);
+        assert!(Header::from_array(&tokens).validate(64, Direction::ToClient).is_err());
+        let mut out = Vec::new();
+        crate::put_end(&mut out, 1, crate::FinishReason::Stop, 3, 1, 2);
+        crate::set_flags(&mut out, 0, crate::END_FLAG_FAILED_OVER);
+        assert_eq!(Header::view(&out).unwrap().flags(), crate::END_FLAG_FAILED_OVER);
     }
 
     #[test]

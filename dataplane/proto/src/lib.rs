@@ -35,6 +35,21 @@ pub const PAYLOAD_BYTES_MAX_DEFAULT: u32 = 1 << 20;
 /// Default limit on `max_tokens`; the page requires at least 65,536.
 pub const MAX_TOKENS_LIMIT_DEFAULT: u32 = 65_536;
 
+/// Protocol feature: failover marks (docs/PROTOCOL.md, "Failover
+/// marks"). A client sets this bit in HELLO's `arg` (features wanted); the
+/// server grants it in HELLO_ACK's `arg` (server features) and then sets
+/// [`END_FLAG_FAILED_OVER`] on streams that continued on another model
+/// server. Clients that did not ask get the same streams unmarked.
+pub const FEATURE_FAILOVER_MARK: u32 = 1 << 0;
+/// Every protocol feature bit this crate defines (HELLO `arg`).
+pub const FEATURES_DEFINED: u32 = FEATURE_FAILOVER_MARK;
+/// END flag bit 0: the stream's backend failed after tokens were sent and
+/// the stream continued on another server from its text so far. Set only
+/// for a connection granted [`FEATURE_FAILOVER_MARK`].
+pub const END_FLAG_FAILED_OVER: u16 = 1 << 0;
+/// Flag bits defined for END.
+pub const END_FLAGS_DEFINED: u16 = END_FLAG_FAILED_OVER;
+
 /// Protocol error codes (the page's table).
 pub mod code {
     pub const BAD_REQUEST: u32 = 400;

@@ -59,11 +59,19 @@ pub(crate) fn to_py_err(py: Python<'_>, e: SdkError) -> PyErr {
     }
 }
 
-/// `cnse.Completion(text, reason, tokens, ttft_us, total_us, stream_id)`.
+/// `cnse.Completion(text, reason, tokens, ttft_us, total_us, stream_id, failed_over)`.
 pub(crate) fn completion(py: Python<'_>, id: u64, facts: EndFacts, text: String) -> PyResult<Py<PyAny>> {
     static COMPLETION: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let class = COMPLETION.import(py, "cnse._types", "Completion")?;
-    let c = class.call1((text, facts.reason, facts.tokens, facts.ttft_us, facts.total_us, id))?;
+    let c = class.call1((
+        text,
+        facts.reason,
+        facts.tokens,
+        facts.ttft_us,
+        facts.total_us,
+        id,
+        facts.failed_over,
+    ))?;
     Ok(c.unbind())
 }
 

@@ -50,7 +50,12 @@ struct Batch {
 /// Reads until the connection ends; returns why it ended.
 fn serve(core: &Core) -> SdkError {
     let cfg = &core.cfg;
-    let (mut client, ack) = match Client::connect_hello(cfg.addr.as_str(), &cfg.auth_key, cfg.connect_timeout) {
+    // Failover marks are asked for: `Completion.failed_over` shows them.
+    let hello = Client::connect(cfg.addr.as_str(), cfg.connect_timeout).and_then(|mut c| {
+        let ack = c.hello_features(&cfg.auth_key, cnse_proto::FEATURE_FAILOVER_MARK)?;
+        Ok((c, ack))
+    });
+    let (mut client, ack) = match hello {
         Ok(c) => c,
         Err(e) => return SdkError::from_client(e, true),
     };
@@ -222,6 +227,7 @@ fn on_end(st: &mut State, f: &OwnedFrame, batch: &mut Batch) {
             tokens: f.aux,
             ttft_us,
             total_us,
+            failed_over: f.flags & cnse_proto::END_FLAG_FAILED_OVER != 0,
         }),
         None => Err(SdkError::Protocol(format!(
             "stream {id}: END with a {}-byte payload",

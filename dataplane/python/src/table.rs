@@ -44,6 +44,9 @@ pub struct EndFacts {
     pub tokens: u64,
     pub ttft_us: u64,
     pub total_us: u64,
+    /// END carried `END_FLAG_FAILED_OVER` (the SDK always asks for
+    /// failover marks in HELLO).
+    pub failed_over: bool,
 }
 
 /// What a ready key gives.

@@ -28,6 +28,8 @@ def test_issue16_generate_and_stream_equal_the_cli(server, prompt, max_tokens, s
         assert got.reason == cnse.FinishReason.LENGTH == 0
         assert got.tokens == max_tokens
         assert 0 < got.ttft_us <= got.total_us
+        # The SDK asks for failover marks; the synthetic backend never fails over.
+        assert got.failed_over is False
 
         s = c.stream(prompt, max_tokens=max_tokens, seed=seed, temperature=temperature)
         pieces = list(s)

@@ -84,6 +84,8 @@ pub struct Conn {
     /// Capacity of this connection's buffers as last counted into the
     /// worker's memory (`Tables::account_conn`).
     pub held_bytes: usize,
+    /// Protocol features granted in HELLO_ACK (`cnse_proto::FEATURE_*`).
+    pub features: u32,
 }
 
 impl Conn {
@@ -110,6 +112,7 @@ impl Conn {
             fill_frames: 0,
             live_pos: 0,
             held_bytes: 0,
+            features: 0,
         }
     }
 

@@ -214,7 +214,7 @@ pub(crate) fn render(out: &mut Vec<u8>, workers: &[Counters], requests: &[Reques
         out,
         "cnse_backend_events_total",
         "counter",
-        "Gateway backend events: reused, retried, retried_elsewhere, prefix_routed, evicted, readmitted, health_checks, timeouts, spares_opened, spares_taken, idle_closed (docs/HTTP.md).",
+        "Gateway backend events by kind (docs/HTTP.md lists them).",
     );
     for ((name, _), n) in cnse_backend::EVENTS.iter().zip(r.backend_events) {
         let _ = writeln!(out, "cnse_backend_events_total{{event=\"{name}\"}} {n}");

@@ -167,6 +167,10 @@ pub struct Stream {
     /// Bytes of this stream's prompt buffers that travel with its task
     /// (counted in the memory budget while away).
     pub away: usize,
+    /// The backend continued the stream on another model server after
+    /// tokens were sent (`Sink::failed_over`): END carries
+    /// `END_FLAG_FAILED_OVER` for a connection granted the feature.
+    pub failed_over: bool,
 }
 
 /// The session key and the prompt of a buffer that holds both
@@ -215,6 +219,7 @@ impl Stream {
             task_id: 0,
             remote: None,
             away: 0,
+            failed_over: false,
         }
     }
 

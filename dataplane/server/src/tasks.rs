@@ -78,7 +78,13 @@ impl Batch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskEnd {
     Finished(FinishReason),
-    Error { code: u32, message: String },
+    /// Finished after the backend continued the work on another model
+    /// server (`Sink::failed_over`): the owner marks the stream's END.
+    FinishedFailedOver(FinishReason),
+    Error {
+        code: u32,
+        message: String,
+    },
 }
 
 /// What the core running a task sends its owner.

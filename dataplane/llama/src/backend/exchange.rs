@@ -209,11 +209,22 @@ impl LlamaBackend {
         // Credit counts tokens: one sink call per token id. An event's text
         // goes with its last token (it is complete only there); text without
         // ids counts as one token.
-        let count = event.token_count.max(u32::from(!event.content.is_empty()));
+        let mut content: &str = &event.content;
+        if w.echo_skip > 0 && !content.is_empty() {
+            content = super::failover::skip_echo(content, &slot.text[..w.folded_bytes], &mut w.echo_skip);
+        }
+        let count = event.token_count.max(u32::from(!content.is_empty()));
         slot.growing
-            .extend(event.content.as_bytes(), &self.shared[slot.upstream].index);
+            .extend(content.as_bytes(), &self.shared[slot.upstream].index);
+        if self.cfg.failover && !w.text_over {
+            if slot.text.len() + content.len() <= self.cfg.failover_text_bytes_max {
+                slot.text.extend_from_slice(content.as_bytes());
+            } else {
+                w.text_over = true;
+            }
+        }
         for k in 0..count {
-            let text = if k + 1 == count { event.content.as_bytes() } else { b"" };
+            let text = if k + 1 == count { content.as_bytes() } else { b"" };
             w.delivered += 1;
             match sink.token(id, text) {
                 Delivery::Accepted => {}
@@ -242,7 +253,9 @@ impl LlamaBackend {
             let reason = event.finish_reason();
             self.by_id.remove(&id);
             if let Some(n) = event.prompt_tokens() {
-                sink.prompt_tokens(id, n);
+                // A continuation's prompt holds the text generated before
+                // the seam, which usage counts as completion tokens.
+                sink.prompt_tokens(id, n.saturating_sub(w.folded_tokens));
             }
             sink.end(id, reason);
             slot.task = Task::Drain;
@@ -264,8 +277,11 @@ impl LlamaBackend {
                     Phase::ErrorBody(status) => sse::status_message(status, b""),
                     _ => "llama-server ended the response without a final event".to_string(),
                 };
+                // A stream cut short after tokens is a broken server:
+                // failed over like a lost connection.
+                let cut = w.phase == Phase::Streaming && w.delivered > 0;
                 let down = matches!(w.phase, Phase::ErrorBody(s) if s >= 500);
-                let retry = matches!(w.phase, Phase::ErrorBody(s) if retryable(s));
+                let retry = cut || matches!(w.phase, Phase::ErrorBody(s) if retryable(s));
                 if !(retry && self.retry_elsewhere(i, down, io, sink)) {
                     self.fail(i, 502, &msg, down, io, sink);
                 }

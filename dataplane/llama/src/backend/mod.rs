@@ -28,7 +28,10 @@ mod exchange;
 mod failover;
 mod pool;
 mod route;
+mod stats;
 mod sticky;
+
+pub use stats::LlamaStats;
 
 use pool::Pick;
 
@@ -108,12 +111,23 @@ struct Work {
     retries: u8,
     /// Servers it was sent to (bit per URL index; `URLS_MAX` is 64).
     tried: u64,
-    /// A `/completion` request (a chat request cannot continue elsewhere
-    /// from its text so far).
+    /// A `/completion` request (else `/v1/chat/completions`).
     completion: bool,
     /// Its session key's hash (`Route::Session`): pinned to each server
     /// it is sent to, first or again.
     session: Option<u64>,
+    /// The stream's `max_tokens` as the client asked.
+    max_tokens: u32,
+    /// Failover: bytes of the slot's `text` (and tokens of `delivered`)
+    /// already in the request body, as prompt or assistant prefill.
+    folded_bytes: usize,
+    folded_tokens: u64,
+    /// The generated text outgrew `failover_text_bytes_max`: no failover.
+    text_over: bool,
+    /// A chat continuation: bytes of the assistant prefill that
+    /// llama-server still has to echo at the start of its answer (they
+    /// are not sent again; `failover::skip_echo`).
+    echo_skip: usize,
 }
 
 /// Whether a stream's tokens may go to its sink.
@@ -164,6 +178,11 @@ struct Slot {
     /// The stream's prefix as it grows with the generated text (prefix
     /// routing: the next turn of a conversation sends it back).
     growing: crate::prefix::Growing,
+    /// The stream's generated text so far (with failover on; at most
+    /// `failover_text_bytes_max`): a continuation's prompt is the
+    /// request's prompt and this. Moves with the stream; its capacity
+    /// stays with the slots, so that steady streaming allocates nothing.
+    text: Vec<u8>,
     send: Vec<u8>,
     sent: usize,
     recv: Box<[u8]>,
@@ -183,39 +202,6 @@ struct Slot {
 /// A pooled connection the server closed within this time of its last
 /// answer marks the server as one that closes after every stream.
 const CLOSES_AFTER_STREAM: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Counters beyond [`BackendStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LlamaStats {
-    /// Requests sent on a reused keep-alive connection.
-    pub reused: u64,
-    /// Requests re-sent on a fresh connection after a pooled one was found
-    /// closed by the server.
-    pub retried: u64,
-    /// Times a llama-server was marked down (failure or health check).
-    pub evicted: u64,
-    /// Times a health check found a down llama-server healthy again.
-    pub readmitted: u64,
-    pub health_checks: u64,
-    pub timeouts: u64,
-    /// Streams sent to the server with the longest cached prefix (not
-    /// the least-loaded one's choice).
-    pub prefix_routed: u64,
-    /// Streams with a session key sent to the server the key was pinned
-    /// to (`--llama-route session`).
-    pub session_routed: u64,
-    /// Streams sent again to another server before their first token
-    /// (connection refused, 5xx, 429), invisibly to the client.
-    pub retried_elsewhere: u64,
-    /// Connections opened ahead of requests (spares), for servers that
-    /// close after each stream.
-    pub spares_opened: u64,
-    /// Requests that found a spare (connected, or its CONNECT in flight).
-    pub spares_taken: u64,
-    /// Idle connections (spares or pooled) the server closed while they
-    /// waited; each was replaced before a request could use it.
-    pub idle_closed: u64,
-}
 
 pub struct LlamaBackend {
     cfg: LlamaConfig,
@@ -247,6 +233,11 @@ pub struct LlamaBackend {
     /// Per upstream: no new spare before this time (its last spare failed
     /// or was closed right after its connect).
     spare_hold: Box<[Option<Instant>]>,
+    /// Failover warnings: the start of the current one-second window, the
+    /// lines logged in it, and those left out since the last line.
+    log_window: Option<Instant>,
+    log_count: u32,
+    log_suppressed: u64,
     /// Per upstream: this core's share of `Shared::spares`.
     spares_mine: Box<[usize]>,
 }
@@ -277,6 +268,7 @@ impl LlamaBackend {
             reserved: false,
             id_slot: None,
             growing: crate::prefix::Growing::default(),
+            text: Vec::new(),
             send: Vec::with_capacity(4096),
             sent: 0,
             recv: vec![0u8; recv_bytes].into_boxed_slice(),
@@ -318,6 +310,9 @@ impl LlamaBackend {
             spares_mine: vec![0; upstreams].into_boxed_slice(),
             stats: BackendStats::default(),
             llama: LlamaStats::default(),
+            log_window: None,
+            log_count: 0,
+            log_suppressed: 0,
         }
     }
 
@@ -463,6 +458,7 @@ impl Backend for LlamaBackend {
         slot.reserved = true;
         slot.id_slot = id_slot;
         slot.growing = growing;
+        slot.text.clear();
         let work = Work {
             id: job.id,
             // `launch` sets both from the connection it gets.
@@ -474,6 +470,11 @@ impl Backend for LlamaBackend {
             tried: 0,
             completion: job.chat.is_none(),
             session: self.session_hash,
+            max_tokens: job.params.max_tokens,
+            folded_bytes: 0,
+            folded_tokens: 0,
+            text_over: false,
+            echo_skip: 0,
         };
         self.launch(i, pick, path, work, io)
             .map_err(|e| Reject::new(502, format!("llama backend: socket: {e}")))?;
@@ -593,6 +594,8 @@ impl Backend for LlamaBackend {
                 l.spares_opened,
                 l.spares_taken,
                 l.idle_closed,
+                l.failed_over,
+                l.session_routed,
             ],
             ..self.stats
         }
@@ -600,32 +603,5 @@ impl Backend for LlamaBackend {
 
     fn has_capacity(&self) -> bool {
         self.can_route()
-    }
-}
-
-impl Drop for LlamaBackend {
-    fn drop(&mut self) {
-        for (s, &n) in self.shared.iter().zip(self.spares_mine.iter()) {
-            s.spares.fetch_sub(n, Ordering::AcqRel);
-        }
-        let mut in_flight = false;
-        for i in 0..self.slots.len() {
-            self.release(i);
-            match self.slots[i].conn {
-                Conn::Ready(fd) => {
-                    // SAFETY: nothing is in flight on this fd, which we own.
-                    unsafe { libc::close(fd) };
-                    self.slots[i].conn = Conn::Closed;
-                }
-                Conn::Closed => {}
-                _ => in_flight = true,
-            }
-        }
-        if in_flight {
-            // The kernel may still write into these buffers or read the
-            // addresses: leak them rather than free memory it owns.
-            std::mem::forget(std::mem::replace(&mut self.slots, Box::new([])));
-            std::mem::forget(std::mem::replace(&mut self.addrs, Box::new([])));
-        }
     }
 }

@@ -448,3 +448,30 @@ impl LlamaBackend {
         self.spare_hold.iter().flatten().min().copied()
     }
 }
+
+impl Drop for LlamaBackend {
+    fn drop(&mut self) {
+        for (s, &n) in self.shared.iter().zip(self.spares_mine.iter()) {
+            s.spares.fetch_sub(n, Ordering::AcqRel);
+        }
+        let mut in_flight = false;
+        for i in 0..self.slots.len() {
+            self.release(i);
+            match self.slots[i].conn {
+                Conn::Ready(fd) => {
+                    // SAFETY: nothing is in flight on this fd, which we own.
+                    unsafe { libc::close(fd) };
+                    self.slots[i].conn = Conn::Closed;
+                }
+                Conn::Closed => {}
+                _ => in_flight = true,
+            }
+        }
+        if in_flight {
+            // The kernel may still write into these buffers or read the
+            // addresses: leak them rather than free memory it owns.
+            std::mem::forget(std::mem::replace(&mut self.slots, Box::new([])));
+            std::mem::forget(std::mem::replace(&mut self.addrs, Box::new([])));
+        }
+    }
+}

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cnse_llama::{LlamaConfig, LlamaFactory};
@@ -36,6 +36,10 @@ pub enum Behaviour {
     /// As `Tokens` (no delay), except that the first completion request
     /// the server gets has its connection closed without an answer.
     DropFirst { tokens: usize, dropped: Arc<AtomicBool> },
+    /// A model that continues its own text: the prompt's words `tK` count
+    /// as tokens already generated, and the answer is the next
+    /// `n_predict` of them (`t3 t4 ...`), then the final event (limit).
+    Continue,
 }
 
 /// A fake llama-server on an ephemeral loopback port.
@@ -49,6 +53,8 @@ pub struct Fake {
     pub aborted: Arc<AtomicUsize>,
     /// TCP connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// The body of every completion request received, in order.
+    pub bodies: Arc<Mutex<Vec<String>>>,
 }
 
 impl Fake {
@@ -61,27 +67,30 @@ impl Fake {
             requests: Arc::default(),
             aborted: Arc::default(),
             connections: Arc::default(),
+            bodies: Arc::default(),
         };
-        let (healthy, requests, aborted, connections) = (
+        let (healthy, requests, aborted, connections, bodies) = (
             fake.healthy.clone(),
             fake.requests.clone(),
             fake.aborted.clone(),
             fake.connections.clone(),
+            fake.bodies.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
                 connections.fetch_add(1, Ordering::SeqCst);
                 let (b, h, r, a) = (behaviour.clone(), healthy.clone(), requests.clone(), aborted.clone());
-                std::thread::spawn(move || serve(conn, b, h, r, a));
+                let bodies = bodies.clone();
+                std::thread::spawn(move || serve(conn, b, h, r, a, bodies));
             }
         });
         fake
     }
 }
 
-/// Reads one request head and body; returns the request line.
-fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+/// Reads one request head and body; returns the request line and body.
+fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
@@ -101,8 +110,9 @@ fn read_request(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
                 }
                 buf.extend_from_slice(&tmp[..n]);
             }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
             buf.drain(..end + 4 + len);
-            return Some(head.lines().next().unwrap_or("").to_string());
+            return Some((head.lines().next().unwrap_or("").to_string(), body));
         }
         let mut tmp = [0u8; 4096];
         let n = conn.read(&mut tmp).ok()?;
@@ -129,6 +139,7 @@ fn serve(
     healthy: Arc<AtomicBool>,
     requests: Arc<AtomicUsize>,
     aborted: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<String>>>,
 ) {
     conn.set_nodelay(true).unwrap();
     if let Behaviour::IdleClose { idle, .. } = behaviour {
@@ -150,7 +161,7 @@ fn serve(
         b => b,
     };
     let mut buf = Vec::new();
-    while let Some(line) = read_request(&mut conn, &mut buf) {
+    while let Some((line, body)) = read_request(&mut conn, &mut buf) {
         if line.starts_with("GET /slots") {
             // As llama-server with -np 4 lists its slots.
             let body = r#"[{"id":0,"is_processing":false},{"id":1,"is_processing":false},{"id":2,"is_processing":false},{"id":3,"is_processing":false}]"#;
@@ -182,6 +193,7 @@ fn serve(
             continue;
         }
         requests.fetch_add(1, Ordering::SeqCst);
+        bodies.lock().unwrap().push(body.clone());
         if drop_first.as_ref().is_some_and(|d| !d.swap(true, Ordering::SeqCst)) {
             return;
         }
@@ -249,6 +261,24 @@ fn serve(
             Behaviour::Hang => {
                 std::thread::sleep(Duration::from_secs(30));
                 return;
+            }
+            Behaviour::Continue => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let prompt = v["prompt"].as_str().unwrap_or("");
+                let done = prompt
+                    .split_whitespace()
+                    .filter(|w| w.strip_prefix('t').is_some_and(|n| n.parse::<u32>().is_ok()))
+                    .count();
+                let n = v["n_predict"].as_u64().unwrap() as usize;
+                let _ = conn.write_all(SSE_HEAD.as_bytes());
+                for k in done..done + n {
+                    let _ = chunk(&mut conn, &token_event(k));
+                }
+                let _ = chunk(
+                    &mut conn,
+                    &format!("data: {{\"content\":\"\",\"tokens\":[],\"stop\":true,\"stop_type\":\"limit\",\"tokens_predicted\":{n}}}\n\n"),
+                );
+                let _ = conn.write_all(b"0\r\n\r\n");
             }
             Behaviour::IdleClose { .. } | Behaviour::DropFirst { .. } => unreachable!("mapped to Tokens above"),
         }

@@ -35,6 +35,9 @@ class Completion(str):
     - ``ttft_us``: time to first token, µs, from the REQUEST's arrival (0: none)
     - ``total_us``: total time, µs, from the REQUEST's arrival
     - ``stream_id``: the stream's id on its connection
+    - ``failed_over``: the server's model server died mid-stream and the
+      stream continued on another from its text so far (END's failover
+      mark; docs/PROTOCOL.md, "Failover marks")
     """
 
     reason: Union[FinishReason, int]
@@ -42,14 +45,25 @@ class Completion(str):
     ttft_us: int
     total_us: int
     stream_id: int
+    failed_over: bool
 
-    def __new__(cls, text: str, reason: int, tokens: int, ttft_us: int, total_us: int, stream_id: int) -> "Completion":
+    def __new__(
+        cls,
+        text: str,
+        reason: int,
+        tokens: int,
+        ttft_us: int,
+        total_us: int,
+        stream_id: int,
+        failed_over: bool = False,
+    ) -> "Completion":
         self = super().__new__(cls, text)
         self.reason = _reason(reason)
         self.tokens = tokens
         self.ttft_us = ttft_us
         self.total_us = total_us
         self.stream_id = stream_id
+        self.failed_over = failed_over
         return self
 
     @property
@@ -64,4 +78,7 @@ class Completion(str):
         )
 
     def __reduce__(self):
-        return (Completion, (self.text, int(self.reason), self.tokens, self.ttft_us, self.total_us, self.stream_id))
+        return (
+            Completion,
+            (self.text, int(self.reason), self.tokens, self.ttft_us, self.total_us, self.stream_id, self.failed_over),
+        )

@@ -133,7 +133,11 @@ impl<T: Transport> Session<T> {
             _ if full => false,
             Phase::Finished(reason) if s.queue.tokens() == 0 => {
                 let (ttft, total) = times(s, now);
+                let at = out.len();
                 put_end(out, client_id, reason, s.sent, ttft, total);
+                if s.failed_over && c.features & cnse_proto::FEATURE_FAILOVER_MARK != 0 {
+                    cnse_proto::set_flags(out, at, cnse_proto::END_FLAG_FAILED_OVER);
+                }
                 c.fill_frames += 1;
                 t.metrics.e2e.record_us(total);
                 t.metrics.outcome(false, crate::metrics::Outcome::Ok);

@@ -33,6 +33,8 @@ pub(crate) struct ForeignWork {
     pub end: Option<TaskEnd>,
     /// A cancel ended it (the backend dropped the work).
     pub gone: bool,
+    /// The backend continued it on another model server (`Sink::failed_over`).
+    pub failed_over: bool,
     pub dirty: bool,
 }
 
@@ -132,6 +134,17 @@ impl Foreign {
     }
 
     pub fn finished(&mut self, id: WorkId, reason: FinishReason) {
-        self.end(id, TaskEnd::Finished(reason));
+        let failed_over = self.get(id).is_some_and(|(_, w)| w.failed_over);
+        if failed_over {
+            self.end(id, TaskEnd::FinishedFailedOver(reason));
+        } else {
+            self.end(id, TaskEnd::Finished(reason));
+        }
+    }
+
+    pub fn failed_over(&mut self, id: WorkId) {
+        if let Some((_, w)) = self.get(id) {
+            w.failed_over = true;
+        }
     }
 }

@@ -4,7 +4,10 @@
 //! ERROR on stream 0 and drains the connection.
 
 use cnse_backend::FinishReason;
-use cnse_proto::{code, put_end, put_error, put_hello_ack, put_pong, Direction, FrameDecoder, Kind, Request};
+use cnse_proto::{
+    code, put_end, put_error, put_hello_ack_features, put_pong, Direction, FrameDecoder, Kind, Request,
+    FEATURES_DEFINED,
+};
 
 use super::{Session, DRAIN_TIMEOUT};
 use crate::conn::ConnState;
@@ -123,7 +126,7 @@ impl<T: Transport> Session<T> {
         self.tables.n.frames_in += 1;
         let state = self.tables.conns[slot as usize].state;
         match (state, kind) {
-            (ConnState::Handshake, Kind::Hello) => self.hello(slot, payload),
+            (ConnState::Handshake, Kind::Hello) => self.hello(slot, arg, payload),
             (ConnState::Handshake, _) => self.violate(slot, code::BAD_REQUEST, "HELLO must be the first frame"),
             (_, Kind::Hello) => self.violate(slot, code::BAD_REQUEST, "second HELLO"),
             (_, Kind::Ping) => {
@@ -147,8 +150,11 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Handshake: the key (when one is configured), then HELLO_ACK.
-    fn hello(&mut self, slot: u32, payload: &[u8]) {
+    /// Handshake: the key (when one is configured), then HELLO_ACK. The
+    /// features granted are those asked for in `wanted` that this server
+    /// defines (docs/PROTOCOL.md, "Protocol features"): bits it does not
+    /// know are not granted, as the contract has receivers ignore them.
+    fn hello(&mut self, slot: u32, wanted: u32, payload: &[u8]) {
         let authorized = match &self.auth {
             Some(key) => key.verify(payload),
             None => true,
@@ -159,7 +165,8 @@ impl<T: Transport> Session<T> {
         let t = &mut self.tables;
         let c = &mut t.conns[slot as usize];
         c.state = ConnState::Open;
-        put_hello_ack(&mut c.out_fill, t.cfg.payload_bytes_max, &t.cfg.server_name);
+        c.features = wanted & FEATURES_DEFINED;
+        put_hello_ack_features(&mut c.out_fill, c.features, t.cfg.payload_bytes_max, &t.cfg.server_name);
         t.n.frames_out += 1;
     }
 

@@ -355,6 +355,7 @@ impl<T: Transport> Session<T> {
         c.fill_ends = 0;
         c.fill_frames = 0;
         c.proto = crate::conn::Proto::Binary;
+        c.features = 0;
         c.accepted = now;
         c.last_input = now;
         self.tables.n.conns_open += 1;

@@ -55,6 +55,7 @@ impl<T: Transport> Session<T> {
         s.produced = None;
         s.last_progress = t.now;
         s.first_token = None;
+        s.failed_over = false;
         s.params = a.req.params;
         s.prompt.clear();
         s.http.messages.clear();

@@ -40,6 +40,7 @@ impl<T: Transport> Session<T> {
             batch,
             end: None,
             gone,
+            failed_over: false,
             dirty: false,
         });
         if gone {
@@ -245,6 +246,10 @@ impl<T: Transport> Session<T> {
         if m.last {
             match (m.status, end) {
                 (Status::Ok, Some(TaskEnd::Finished(reason))) => s.phase = Phase::Finished(reason),
+                (Status::Ok, Some(TaskEnd::FinishedFailedOver(reason))) => {
+                    s.failed_over = true;
+                    s.phase = Phase::Finished(reason);
+                }
                 (Status::Ok, Some(TaskEnd::Error { code, message })) => t.fail(sslot, code, &message),
                 (Status::Lost, _) => t.fail(sslot, code::BACKEND_FAILED, "the core running this stream was lost"),
                 _ => t.fail(sslot, code::BACKEND_FAILED, "the stream's work ended without a result"),

@@ -250,6 +250,15 @@ impl Sink for Tables {
         }
     }
 
+    fn failed_over(&mut self, id: WorkId) {
+        if super::foreign::is_foreign(id) {
+            return self.foreign.failed_over(id);
+        }
+        if let Some(s) = self.live_stream(id) {
+            s.failed_over = true;
+        }
+    }
+
     fn end(&mut self, id: WorkId, reason: FinishReason) {
         if super::foreign::is_foreign(id) {
             return self.foreign.finished(id, reason);

@@ -113,6 +113,10 @@ impl WirePayload for TaskMsg {
                 out.push(1);
                 out.push(*reason as u8);
             }
+            Some(TaskEnd::FinishedFailedOver(reason)) => {
+                out.push(3);
+                out.push(*reason as u8);
+            }
             Some(TaskEnd::Error { code, message }) => {
                 out.push(2);
                 out.extend_from_slice(&code.to_le_bytes());
@@ -141,6 +145,7 @@ impl WirePayload for TaskMsg {
                 code: r.u32()?,
                 message: r.string()?,
             }),
+            3 => Some(TaskEnd::FinishedFailedOver(FinishReason::from_u32(u32::from(r.u8()?))?)),
             _ => return None,
         };
         r.done().then_some(TaskMsg {
@@ -202,6 +207,7 @@ mod tests {
         for end in [
             None,
             Some(TaskEnd::Finished(FinishReason::Stop)),
+            Some(TaskEnd::FinishedFailedOver(FinishReason::Length)),
             Some(TaskEnd::Error {
                 code: 502,
                 message: "gone".into(),
