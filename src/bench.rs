@@ -139,6 +139,10 @@ pub struct Args {
     /// llama-compare: spares over all workers (`serve --llama-spares-max`).
     #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
     pub llama_spares_max: usize,
+    /// llama-compare: hold /dev/cpu_dma_latency at N µs during the run
+    /// (`serve --cpu-dma-latency-us`; the whole machine, so both sides).
+    #[arg(long)]
+    pub cpu_dma_latency_us: Option<u32>,
     /// llama-compare: rounds of (direct, through cnse-dp's binary
     /// protocol, direct over HTTP, through its HTTP front), rotated so that
     /// drift hits every side alike.

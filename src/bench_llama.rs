@@ -155,6 +155,7 @@ fn print_side(name: &str, s: &Side) {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    let _latency = crate::cpu_latency::hold(args.cpu_dma_latency_us)?;
     let standin = if args.llama_standin {
         if args.llama_url.is_some() {
             bail!("--llama-standin and --llama-url exclude each other");

@@ -12,6 +12,7 @@ mod bench_llama;
 mod bench_scaling;
 mod bench_wake;
 mod client;
+mod cpu_latency;
 mod demo;
 mod gpu;
 mod gpu_bench_configs;

@@ -47,6 +47,10 @@ pub struct Args {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Hold the machine's CPU wake-up latency request at N µs while serving
+    /// (/dev/cpu_dma_latency, root; 0: idle CPUs poll, docs/ARCHITECTURE.md).
+    #[arg(long)]
+    pub cpu_dma_latency_us: Option<u32>,
     /// Share the listen addresses with other cnse-dp processes already
     /// serving them (SO_REUSEPORT: the kernel splits new connections among
     /// the processes). Without it a busy address is an error.
@@ -470,6 +474,7 @@ pub fn run(mut a: Args) -> anyhow::Result<()> {
     if let Some(p) = place {
         for_rank(&mut a, p)?;
     }
+    let _latency = crate::cpu_latency::hold(a.cpu_dma_latency_us)?;
     let mut cfg = config(&a)?;
     cfg.ranks = place.map_or(1, |p| p.ranks);
     let factory = backend(&a, cfg.threads)?;

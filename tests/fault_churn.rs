@@ -14,7 +14,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cnse_proto::{code, put_cancel, put_hello, put_request};
 use common::fault::{reset, seed, Footprint, Rng, RSS_SLACK_KIB};
@@ -249,13 +249,28 @@ fn hold_round(s: &Server, reference: &[Vec<u8>], base_kib: u64) -> u64 {
             c
         })
         .collect();
-    // Their backend work pauses at the bounds: production stops.
+    // Their backend work pauses at the bounds: production stops. A stream
+    // paused with its buffer full resumes while the kernel's socket buffers
+    // still take its bytes, so "stopped" is: every stream paused and the
+    // production count unchanged for 400 ms (four stats lines).
+    let mut seen: Option<(u64, Instant)> = None;
     assert!(
-        eventually(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(10), || {
             let (active, paused) = (s.stat("active"), s.stat("paused"));
-            active.unwrap_or(0) > 0 && active == paused
+            let produced = s.stat("produced").unwrap_or(0);
+            if !(active.unwrap_or(0) > 0 && active == paused) {
+                seen = None;
+                return false;
+            }
+            match seen {
+                Some((n, since)) if n == produced => since.elapsed() >= Duration::from_millis(400),
+                _ => {
+                    seen = Some((produced, Instant::now()));
+                    false
+                }
+            }
         }),
-        "the holders' streams were not all paused: {:?}",
+        "the holders' streams were not all paused with production stopped: {:?}",
         s.output().last()
     );
     let (produced, rss_paused) = (s.stat("produced").unwrap(), s.rss_kib());

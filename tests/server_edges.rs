@@ -303,3 +303,30 @@ fn issue2_a_client_that_stops_reading_is_bounded() {
         }
     }
 }
+
+#[test]
+fn issue12_cpu_dma_latency_is_held_while_serving_and_bad_values_are_one_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cpu-dma-latency-us", "3000000000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cpu-dma-latency-us"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    if !std::path::Path::new("/dev/cpu_dma_latency").exists() {
+        eprintln!("skipped: no /dev/cpu_dma_latency on this machine");
+        return;
+    }
+    // Held for the server's life (a mild 1 ms request: the machine's
+    // idle states change only while this test runs).
+    let s = Server::start(&["--cpu-dma-latency-us", "1000"]);
+    let held = std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|p| p == std::path::Path::new("/dev/cpu_dma_latency"));
+    assert!(held, "the server holds /dev/cpu_dma_latency open");
+    let mut c = s.client();
+    c.request(1, 0, &params(3), "hi").unwrap();
+    assert_eq!(token_count(&read_stream(&mut c, 1)), 3);
+}
