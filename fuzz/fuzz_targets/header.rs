@@ -27,8 +27,12 @@ fn model(b: &[u8; HEADER_BYTES], limit: u32, dir: Direction) -> Result<u8, (u32,
     if !legal.contains(&b[5]) {
         return Err((code::BAD_REQUEST, "unknown frame kind"));
     }
-    // docs/PROTOCOL.md extension "Session keys": REQUEST flag bit 0.
-    let defined: u16 = if b[5] == 0x02 { 1 } else { 0 };
+    // docs/PROTOCOL.md extensions: "Session keys", REQUEST flag bit 0;
+    // "Failover marks", END flag bit 0.
+    let defined: u16 = match b[5] {
+        0x02 | 0x83 => 1,
+        _ => 0,
+    };
     if u16::from_le_bytes([b[6], b[7]]) & !defined != 0 {
         return Err((code::BAD_REQUEST, "reserved flag bits set"));
     }
