@@ -14,7 +14,11 @@
 //!   for `--duration-secs`; requests/s per policy.
 //!
 //! Every policy run starts its prompts with its own run tag, so no policy
-//! finds what an earlier one left in llama-server's caches.
+//! finds what an earlier one left in llama-server's caches. The tags have
+//! one shape (`run NONCE-ROUND-POLICY`, only digits differ): with greedy
+//! decoding a prompt's words decide how many tokens the model writes, and
+//! a tag naming the policy once made one policy's prompts end after 1
+//! token and the other's after up to 11, which no routing explains.
 
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +52,9 @@ struct Run {
     first: CacheCounters,
     later: CacheCounters,
     requests: u64,
+    /// Tokens generated in the window's requests (the work done: two
+    /// policies compare only when it is the same per request).
+    tokens: u64,
     window: Duration,
     errors: u64,
     first_error: Option<String>,
@@ -64,6 +71,7 @@ impl Run {
             first: CacheCounters::default(),
             later: CacheCounters::default(),
             requests: 0,
+            tokens: 0,
             window: Duration::ZERO,
             errors: 0,
             first_error: None,
@@ -230,7 +238,7 @@ fn chat_run(args: &Args, urls: &[String], policy: Route, tag: &str) -> anyhow::R
                 results
                     .lock()
                     .expect("no panics under the lock")
-                    .push((t, r.map(|g| (g.client_ttft, g.client_total))));
+                    .push((t, r.map(|g| (g.client_ttft, g.client_total, g.tokens))));
                 barrier.wait();
                 std::thread::sleep(think);
             }
@@ -256,8 +264,9 @@ fn chat_run(args: &Args, urls: &[String], policy: Route, tag: &str) -> anyhow::R
     server.shutdown().context("stopping the in-process cnse-dp")?;
     for (t, r) in results.lock().expect("no panics under the lock").drain(..) {
         match r {
-            Ok((ttft, total)) => {
+            Ok((ttft, total, tokens)) => {
                 run.requests += 1;
+                run.tokens += tokens;
                 let ttft = ttft.unwrap_or(total);
                 run.ttft.record(ttft);
                 if t == 0 {
@@ -300,14 +309,17 @@ fn uniform_run(args: &Args, urls: &[String], policy: Route, tag: &str) -> anyhow
             let mut k = 0u64;
             while t0.elapsed() < warmup + duration {
                 k += 1;
-                // Unrelated prompts: the first bytes differ.
+                // Unrelated prompts: the first bytes differ. A story's
+                // opening: the model writes all `max_tokens` (it ends a
+                // one-sentence answer after 1 token), so every request
+                // does the same work under every policy.
                 let prompt = format!(
-                    "{k}-{s} [{tag}] Write one sentence about the number {}.",
+                    "{k}-{s} [{tag}] Here is a long story about the number {}. Once upon a time,",
                     k * 31 + s as u64
                 );
                 let r = c
                     .generate(k, 0, &p, &prompt, |_, _| {})
-                    .map(|g| (g.client_ttft, g.client_total))
+                    .map(|g| (g.client_ttft, g.client_total, g.tokens))
                     .map_err(|e| e.to_string());
                 results
                     .lock()
@@ -330,8 +342,9 @@ fn uniform_run(args: &Args, urls: &[String], policy: Route, tag: &str) -> anyhow
         }
         last = last.max(at);
         match r {
-            Ok((ttft, total)) => {
+            Ok((ttft, total, tokens)) => {
                 run.requests += 1;
+                run.tokens += tokens;
                 run.ttft.record(ttft.unwrap_or(total));
                 run.e2e.record(total);
             }
@@ -371,7 +384,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             } else {
                 policy
             };
-            let tag = format!("{} run {nonce}-{round}", policy_name(policy));
+            // One shape for every policy's tag (see the module's docs).
+            let id = args.policies.iter().position(|&p| p == policy).unwrap_or(0);
+            let tag = format!("run {nonce}-{round}-{id}");
             let r = match args.workload {
                 Workload::Chat => chat_run(args, &urls, policy, &tag)?,
                 _ => uniform_run(args, &urls, policy, &tag)?,
@@ -413,6 +428,7 @@ fn merge(acc: &mut Run, r: Run) -> anyhow::Result<()> {
         a.evaluated_tokens += b.evaluated_tokens;
     }
     acc.requests += r.requests;
+    acc.tokens += r.tokens;
     acc.window += r.window;
     acc.errors += r.errors;
     if acc.first_error.is_none() {
@@ -497,10 +513,17 @@ fn print_runs(args: &Args, urls: &[String], runs: &[Run]) {
             ),
         ]);
     } else {
-        rows.push((
-            "requests/s",
-            Box::new(|r: &Run| format!("{:.2}", r.requests as f64 / r.window.as_secs_f64().max(1e-9))),
-        ));
+        rows.extend::<[Row; 3]>([
+            (
+                "requests/s",
+                Box::new(|r: &Run| format!("{:.2}", r.requests as f64 / r.window.as_secs_f64().max(1e-9))),
+            ),
+            ("tokens generated", Box::new(|r: &Run| r.tokens.to_string())),
+            (
+                "tokens per request",
+                Box::new(|r: &Run| format!("{:.2}", r.tokens as f64 / r.requests.max(1) as f64)),
+            ),
+        ]);
     }
     for (name, f) in rows {
         let mut line = format!("{name:<26}");
