@@ -7,14 +7,15 @@
 # server CPU-second for each.
 #   cargo build --release && cargo bench --no-run --bench axum_peer
 #   bash scripts/http-bench.sh [ROUNDS] [SECS]
+# B=path/to/cnse-dp and A=path/to/axum_peer run other builds (a device run).
 set -u
 cd "$(dirname "$0")/.."
 . scripts/wait-ready.sh
 rounds=${1:-2} secs=${2:-3}
 server_cpu=${SERVER_CPU:-0} load_cpus=${LOAD_CPUS:-1} load_threads=${LOAD_THREADS:-1}
 conns=${CONNECTIONS:-64} inflight=${INFLIGHT:-4}
-B=target/release/cnse-dp
-A=$(ls -t target/release/deps/axum_peer-* 2>/dev/null | grep -v '\.d$' | head -1)
+B=${B:-target/release/cnse-dp}
+A=${A:-$(ls -t target/release/deps/axum_peer-* 2>/dev/null | grep -v '\.d$' | head -1)}
 [ -x "$B" ] && [ -n "$A" ] || { echo "http-bench: build first (see the header)"; exit 1; }
 log=$(mktemp)
 port=$(( 20000 + RANDOM % 20000 ))

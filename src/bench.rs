@@ -139,6 +139,12 @@ pub struct Args {
     /// llama-compare: spares over all workers (`serve --llama-spares-max`).
     #[arg(long, default_value_t = cnse_llama::SPARES_MAX_DEFAULT)]
     pub llama_spares_max: usize,
+    /// llama-compare: the in-process gateway's worker polls its ring for
+    /// N µs after a turn with work before it sleeps (`serve
+    /// --busy-poll-us`; a diagnostic of wake-up latency: above the
+    /// backend's pace it spins through the waits).
+    #[arg(long, default_value_t = 0)]
+    pub gateway_busy_poll_us: u64,
     /// llama-compare: hold /dev/cpu_dma_latency at N µs during the run
     /// (`serve --cpu-dma-latency-us`; the whole machine, so both sides).
     #[arg(long)]

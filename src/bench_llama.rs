@@ -221,6 +221,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             threads: 1,
             pin_threads: false,
             join_listen: false,
+            busy_poll: Duration::from_micros(args.gateway_busy_poll_us),
             ..Default::default()
         },
         Arc::new(factory),

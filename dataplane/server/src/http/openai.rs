@@ -3,9 +3,12 @@
 //! chunks (server-sent events), the model list and error bodies. Output is
 //! written straight into a connection's buffer, strings escaped in place.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::io::Write as _;
 
 use cnse_proto::Params;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Most stop sequences a request may give (as OpenAI).
@@ -13,11 +16,42 @@ pub const STOPS_MAX: usize = 4;
 /// Longest stop sequence accepted, in bytes.
 pub const STOP_BYTES_MAX: usize = 256;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
+/// `prompt` and `stop`: one string or an array of them. A plain string
+/// without escapes is borrowed from the body (the hot path: no copy, no
+/// allocation); the visitor reads either shape in one pass (serde's
+/// `untagged` would buffer the value first and try each shape).
+enum OneOrMany<'a> {
+    One(Cow<'a, str>),
     Many(Vec<String>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for OneOrMany<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = OneOrMany<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(OneOrMany::One(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OneOrMany::One(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(OneOrMany::One(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(OneOrMany::Many(v))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize, Serialize)]
@@ -47,8 +81,9 @@ struct StreamOptions {
 }
 
 #[derive(Deserialize)]
-struct Body {
-    prompt: Option<OneOrMany>,
+struct Body<'a> {
+    #[serde(borrow)]
+    prompt: Option<OneOrMany<'a>>,
     messages: Option<Vec<Message>>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -56,7 +91,8 @@ struct Body {
     top_p: Option<f32>,
     top_k: Option<u32>,
     seed: Option<u64>,
-    stop: Option<OneOrMany>,
+    #[serde(borrow)]
+    stop: Option<OneOrMany<'a>>,
     n: Option<u32>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
@@ -90,7 +126,7 @@ pub fn parse(body: &[u8], chat: bool, max_tokens_limit: u32, prompt: &mut String
     } else {
         match b.prompt.ok_or("`prompt` is required")? {
             OneOrMany::One(p) => prompt.push_str(&p),
-            OneOrMany::Many(mut v) if v.len() == 1 => prompt.push_str(&v.remove(0)),
+            OneOrMany::Many(v) if v.len() == 1 => prompt.push_str(&v[0]),
             OneOrMany::Many(_) => return Err("`prompt` must be one string (n = 1)".into()),
         }
     }
@@ -111,7 +147,7 @@ pub fn parse(body: &[u8], chat: bool, max_tokens_limit: u32, prompt: &mut String
     }
     let stops = match b.stop {
         None => Vec::new(),
-        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::One(s)) => vec![s.into_owned()],
         Some(OneOrMany::Many(v)) => v,
     };
     if stops.len() > STOPS_MAX {
@@ -228,36 +264,49 @@ pub struct Ident<'a> {
     pub model: &'a str,
 }
 
+/// Appends `n` in decimal (every chunk has two numbers: `core::fmt` was a
+/// tenth of the HTTP front's CPU).
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 fn head(out: &mut Vec<u8>, i: &Ident, object: &str) {
-    let prefix = match i.kind {
-        Kind::Completion => "cmpl",
-        Kind::Chat => "chatcmpl",
-    };
-    let _ = write!(
-        out,
-        "{{\"id\":\"{prefix}-{}\",\"object\":\"{object}\",\"created\":{},\"model\":",
-        i.id, i.created
-    );
+    out.extend_from_slice(match i.kind {
+        Kind::Completion => b"{\"id\":\"cmpl-",
+        Kind::Chat => b"{\"id\":\"chatcmpl-",
+    });
+    push_u64(out, i.id);
+    out.extend_from_slice(b"\",\"object\":\"");
+    out.extend_from_slice(object.as_bytes());
+    out.extend_from_slice(b"\",\"created\":");
+    push_u64(out, i.created);
+    out.extend_from_slice(b",\"model\":");
     json_str(out, i.model.as_bytes());
 }
 
-fn finish_json(reason: Option<&str>) -> String {
+/// `,"logprobs":null,"finish_reason":REASON` (`null` while streaming).
+fn finish_field(out: &mut Vec<u8>, reason: Option<&str>) {
+    out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
     match reason {
-        Some(r) => format!("\"{r}\""),
-        None => "null".to_string(),
+        Some(r) => {
+            out.push(b'"');
+            out.extend_from_slice(r.as_bytes());
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(b"null"),
     }
 }
 
 /// One streamed chunk: `text` (may be empty) and, on the last, the finish
 /// reason. `first` adds the chat role.
 pub fn chunk(out: &mut Vec<u8>, i: &Ident, text: &[u8], first: bool, finish: Option<&str>) {
-    let fin = finish_json(finish);
     match i.kind {
         Kind::Completion => {
             head(out, i, "text_completion");
             out.extend_from_slice(b",\"choices\":[{\"index\":0,\"text\":");
             json_str(out, text);
-            let _ = write!(out, ",\"logprobs\":null,\"finish_reason\":{fin}}}]}}");
+            finish_field(out, finish);
+            out.extend_from_slice(b"}]}");
         }
         Kind::Chat => {
             head(out, i, "chat.completion.chunk");
@@ -273,7 +322,9 @@ pub fn chunk(out: &mut Vec<u8>, i: &Ident, text: &[u8], first: bool, finish: Opt
                 out.extend_from_slice(b"\"content\":");
                 json_str(out, text);
             }
-            let _ = write!(out, "}},\"logprobs\":null,\"finish_reason\":{fin}}}]}}");
+            out.push(b'}');
+            finish_field(out, finish);
+            out.extend_from_slice(b"}]}");
         }
     }
 }
@@ -291,11 +342,13 @@ pub fn usage_chunk(out: &mut Vec<u8>, i: &Ident, prompt_tokens: u64, completion_
 }
 
 fn usage(out: &mut Vec<u8>, prompt_tokens: u64, completion_tokens: u64) {
-    let _ = write!(
-        out,
-        "\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{completion_tokens},\"total_tokens\":{}}}",
-        prompt_tokens + completion_tokens
-    );
+    out.extend_from_slice(b"\"usage\":{\"prompt_tokens\":");
+    push_u64(out, prompt_tokens);
+    out.extend_from_slice(b",\"completion_tokens\":");
+    push_u64(out, completion_tokens);
+    out.extend_from_slice(b",\"total_tokens\":");
+    push_u64(out, prompt_tokens + completion_tokens);
+    out.push(b'}');
 }
 
 /// The whole (non-streamed) response object.
@@ -305,13 +358,16 @@ pub fn full(out: &mut Vec<u8>, i: &Ident, text: &[u8], finish: &str, prompt_toke
             head(out, i, "text_completion");
             out.extend_from_slice(b",\"choices\":[{\"index\":0,\"text\":");
             json_str(out, text);
-            let _ = write!(out, ",\"logprobs\":null,\"finish_reason\":\"{finish}\"}}],");
+            finish_field(out, Some(finish));
+            out.extend_from_slice(b"}],");
         }
         Kind::Chat => {
             head(out, i, "chat.completion");
             out.extend_from_slice(b",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
             json_str(out, text);
-            let _ = write!(out, "}},\"logprobs\":null,\"finish_reason\":\"{finish}\"}}],");
+            out.push(b'}');
+            finish_field(out, Some(finish));
+            out.extend_from_slice(b"}],");
         }
     }
     usage(out, prompt_tokens, completion_tokens);
@@ -391,6 +447,12 @@ mod tests {
             (p.as_str(), r.params.max_tokens, r.stream, r.stops.len(), r.params.seed),
             ("hi", 5, true, 2, 7)
         );
+        // Escapes in the prompt (not borrowable), a one-element array, a
+        // single stop string.
+        parse(br#"{"prompt":"a\"b\u00e9","stop":"\n"}"#, false, 100, &mut p).unwrap();
+        assert_eq!(p, "a\"bé");
+        let r = parse(br#"{"prompt":["only"],"stop":"\n"}"#, false, 100, &mut p).unwrap();
+        assert_eq!((p.as_str(), r.stops), ("only", vec!["\n".to_string()]));
         let r = parse(br#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream_options":{"include_usage":true}}"#, true, 100, &mut p).unwrap();
         assert_eq!(p, "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n");
         assert!(r.include_usage && !r.stream);
@@ -405,6 +467,8 @@ mod tests {
             (br#"{"messages":[]}"#, true),
             (br#"{"messages":[{"role":"wizard","content":"x"}]}"#, true),
             (br#"not json"#, false),
+            (br#"{"prompt":7}"#, false),
+            (br#"{"prompt":"x","stop":[1]}"#, false),
         ] {
             assert!(
                 parse(body, chat, 100, &mut p).is_err(),

@@ -2,8 +2,6 @@
 //! transfer coding, and the flush of an HTTP stream (the HTTP counterpart
 //! of `session/flush.rs`'s TOKENS/END framing).
 
-use std::io::Write as _;
-
 use cnse_backend::FinishReason;
 
 use super::openai::{self, Ident};
@@ -33,14 +31,18 @@ fn reason(status: u16) -> &'static str {
 
 /// Status line and headers; `len` None means chunked (a stream).
 pub fn head(out: &mut Vec<u8>, status: u16, content_type: &str, len: Option<usize>, keep_alive: bool) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n",
-        reason(status)
-    );
+    out.extend_from_slice(b"HTTP/1.1 ");
+    openai::push_u64(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\n");
     match len {
         Some(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            openai::push_u64(out, n as u64);
+            out.extend_from_slice(b"\r\n");
         }
         None => out.extend_from_slice(b"Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n"),
     }
@@ -57,9 +59,18 @@ fn event(out: &mut Vec<u8>, scratch: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>))
     scratch.extend_from_slice(b"data: ");
     f(scratch);
     scratch.extend_from_slice(b"\n\n");
-    let _ = write!(out, "{:x}\r\n", scratch.len());
+    push_hex(out, scratch.len());
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(scratch);
     out.extend_from_slice(b"\r\n");
+}
+
+/// A chunk's size line: `n` in lower-case hexadecimal.
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for k in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (4 * k)) & 0xf]);
+    }
 }
 
 /// Where a stop sequence starts in `text` (searching only where it could
@@ -291,5 +302,16 @@ mod tests {
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
         event(&mut out, &mut scratch, |o| o.extend_from_slice(b"[DONE]"));
         assert_eq!(out, b"e\r\ndata: [DONE]\n\n\r\n");
+        for n in [0usize, 9, 15, 16, 255, 0x1234, usize::MAX] {
+            let mut o = Vec::new();
+            push_hex(&mut o, n);
+            assert_eq!(String::from_utf8(o).unwrap(), format!("{n:x}"));
+        }
+        let mut o = Vec::new();
+        head(&mut o, 429, "application/json", Some(12), false);
+        assert_eq!(
+            o,
+            b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: 12\r\nConnection: close\r\n\r\n"
+        );
     }
 }
