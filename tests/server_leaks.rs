@@ -106,6 +106,40 @@ fn issue9_a_stream_whose_client_grants_no_credit_ends_with_504_and_frees_the_bac
 }
 
 #[test]
+fn a_finished_stream_whose_last_tokens_get_no_credit_ends_with_504_and_frees_its_slot() {
+    let mut args = vec!["--stream-stall-timeout-ms", "300", "--stats-interval-ms", "50"];
+    let pace = synthetic(0, 0);
+    args.extend(strs(&pace));
+    let s = Server::start(&args);
+    let mut c = s.client();
+    // A short answer the zero-delay backend finishes at once: 19 of its 20
+    // tokens wait for credit that never comes, with no backend work left
+    // to time out.
+    c.request(1, 1, &params(20), "finish, then stall").unwrap();
+    let start = Instant::now();
+    let first = c.next_frame_within(Duration::from_secs(5)).expect("the first token");
+    assert_eq!((first.kind, first.arg), (cnse_proto::Kind::Tokens, 1));
+    let end = c.next_frame_within(Duration::from_secs(5)).expect("a frame within 5 s");
+    assert_eq!(
+        (end.kind, end.arg),
+        (cnse_proto::Kind::Error, cnse_proto::code::BACKEND_TIMEOUT),
+        "the held tokens are dropped with ERROR 504: {:?}",
+        end.kind
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "ended before the stall timeout"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || s.stat("streams") == Some(0)),
+        "the stream still holds its slot: {:?}",
+        s.stat("streams")
+    );
+    let g = c.generate(2, 0, &params(8), "still served", |_, _| {}).unwrap();
+    assert_eq!(g.tokens, 8);
+}
+
+#[test]
 fn issue9_a_client_that_does_not_read_has_its_stalled_stream_ended_and_backend_freed() {
     let mut args = vec!["--stream-stall-timeout-ms", "300", "--stats-interval-ms", "50"];
     let pace = synthetic(0, 0);

@@ -90,6 +90,9 @@ fn issue14_without_retries_or_after_tokens_the_stream_fails_as_before() {
     let mut cfg = config(&[&a.url, &c.url]);
     cfg.route = Route::LeastOutstanding;
     let mut b = backend(cfg);
+    // Each backend has its own ring: the previous one's spares complete
+    // on the old ring, never as the new backend's slot 0.
+    let mut d = Driver::new().unwrap();
     d.start(&mut b, 2, params(5), "hello").unwrap();
     assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(2)));
     assert_eq!(sink.get(2).error.map(|e| e.0), Some(502));
@@ -101,6 +104,7 @@ fn issue14_without_retries_or_after_tokens_the_stream_fails_as_before() {
     cfg.route = Route::LeastOutstanding;
     cfg.failover = false;
     let mut b = backend(cfg);
+    let mut d = Driver::new().unwrap();
     d.start(&mut b, 3, params(5), "hello").unwrap();
     assert!(d.run_until(&mut b, &mut sink, BOUND, |s| s.finished(3)));
     let r = sink.get(3);

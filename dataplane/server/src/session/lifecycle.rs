@@ -46,8 +46,10 @@ impl<T: Transport> Session<T> {
         self.flush_dirty();
     }
 
-    /// Ends with ERROR 504 every running stream of `slot` whose queued
-    /// tokens have waited past the stall timeout, freeing its backend work.
+    /// Ends with ERROR 504 every stream of `slot` whose queued tokens have
+    /// waited past the stall timeout: a running one (freeing its backend
+    /// work) and a finished one whose last tokens the client never took
+    /// (its stream slot and buffer would otherwise be held for good).
     fn end_stalled(&mut self, slot: u32) {
         let (now, limit) = (self.tables.now, self.tables.cfg.stream_stall_timeout);
         let mut k = 0;
@@ -55,7 +57,8 @@ impl<T: Transport> Session<T> {
             let sslot = self.tables.conns[slot as usize].streams[k].1;
             k += 1;
             let s = &self.tables.streams[sslot as usize];
-            if s.phase == Phase::Running && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
+            let open = matches!(s.phase, Phase::Running | Phase::Finished(_));
+            if open && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
                 self.stop_stream(sslot);
                 self.tables.fail(
                     sslot,
