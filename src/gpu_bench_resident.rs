@@ -16,7 +16,7 @@ use cnse_kernels::{
 };
 
 use crate::gpu::gbps;
-use crate::gpu_verify_bench::Args;
+use crate::gpu_verify_bench::{median_run, print_load_header, print_load_row, Args};
 use crate::thread_cpu::{ThreadCpu, ThreadUse};
 
 /// Workers of the resident rows' streamers: a load uses 1 or 2 of them,
@@ -24,23 +24,11 @@ use crate::thread_cpu::{ThreadCpu, ThreadUse};
 /// used, chunk by chunk, so it is made with as many as the staging rows.
 const STREAMER_THREADS: usize = 16;
 
-/// The median run by wall time.
-fn median_run(mut runs: Vec<ThreadUse>) -> ThreadUse {
-    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
-    runs.swap_remove(runs.len() / 2)
-}
+/// Width of the label column of this file's tables.
+const LABEL_WIDTH: usize = 62;
 
 fn row(label: &str, size: u64, m: &ThreadUse, vs: &[f64]) {
-    let ratios: Vec<String> = vs.iter().map(|b| format!("{:.3}x", b / m.wall_s)).collect();
-    println!(
-        "| {label:<62} | {:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | {}",
-        m.wall_s,
-        gbps(size, m.wall_s),
-        m.cores(),
-        m.busy(),
-        m.top(4),
-        ratios.join(" | ")
-    );
+    print_load_row(label, LABEL_WIDTH, size, m, vs);
 }
 
 fn streamer(a: &Args, threads: usize, mover: Mover) -> Result<Streamer> {
@@ -142,10 +130,7 @@ pub(crate) fn run(
          load with the same mover and threads | vs the unverified 16-thread staging load (copy kernel, \
          page cache) measured first in this section:"
     );
-    println!(
-        "| {:<62} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | ratios",
-        "load", "time", "rate", "cores", "busy", "top"
-    );
+    print_load_header("load", LABEL_WIDTH, "ratios");
     let mut staging = streamer(a, 16, Mover::Kernel)?;
     let mut runs = Vec::new();
     for _ in 0..reps {

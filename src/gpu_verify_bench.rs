@@ -73,28 +73,58 @@ pub(crate) struct Args {
     pub(crate) pool: Pool,
 }
 
-fn print_header(what: &str) {
-    println!(
-        "| {what:<58} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | vs first row",
+/// Width of the label column of this file's load tables.
+const LABEL_WIDTH: usize = 58;
+
+/// A load table's header: a label column `width` wide, then time, rate,
+/// cores, busy, top threads and the `ratios` column(s).
+pub(crate) fn print_load_header(what: &str, width: usize, ratios: &str) {
+    println!("{}", load_header(what, width, ratios));
+}
+
+fn load_header(what: &str, width: usize, ratios: &str) -> String {
+    format!(
+        "| {what:<width$} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | {ratios}",
         "time", "rate", "cores", "busy", "top"
-    );
+    )
+}
+
+/// A load table's row: run `m`'s time, rate and thread figures, then each
+/// time of `vs` over its own (`vs` 1.0 s against 0.5 s reads `2.000x`).
+pub(crate) fn print_load_row(label: &str, width: usize, size: u64, m: &ThreadUse, vs: &[f64]) {
+    println!("{}", load_row(label, width, size, m, vs));
+}
+
+fn load_row(label: &str, width: usize, size: u64, m: &ThreadUse, vs: &[f64]) -> String {
+    let ratios: Vec<String> = vs.iter().map(|b| format!("{:.3}x", b / m.wall_s)).collect();
+    format!(
+        "| {label:<width$} | {:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | {}",
+        m.wall_s,
+        gbps(size, m.wall_s),
+        m.cores(),
+        m.busy(),
+        m.top(4),
+        ratios.join(" | ")
+    )
+}
+
+/// The median run by wall time.
+pub(crate) fn median_run(mut runs: Vec<ThreadUse>) -> ThreadUse {
+    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    runs.swap_remove(runs.len() / 2)
+}
+
+fn print_header(what: &str) {
+    print_load_header(what, LABEL_WIDTH, "vs first row");
 }
 
 /// One row: the median run by wall time, with that run's thread figures;
 /// `base` is the group's first row (the unverified load).
-fn print_row(label: &str, size: u64, mut runs: Vec<ThreadUse>, base: &mut Option<f64>) {
-    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
-    let m = &runs[runs.len() / 2];
-    let s = m.wall_s;
-    let ratio = base.map(|b: f64| format!("{:.3}x", b / s)).unwrap_or_default();
-    base.get_or_insert(s);
-    println!(
-        "| {label:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | {ratio}",
-        gbps(size, s),
-        m.cores(),
-        m.busy(),
-        m.top(4)
-    );
+fn print_row(label: &str, size: u64, runs: Vec<ThreadUse>, base: &mut Option<f64>) {
+    let m = median_run(runs);
+    let first = *base;
+    base.get_or_insert(m.wall_s);
+    print_load_row(label, LABEL_WIDTH, size, &m, first.as_slice());
 }
 
 fn drop_caches() -> Result<()> {
@@ -412,4 +442,58 @@ fn cold(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared printer writes the two benches' tables as each wrote
+    /// them before (the format strings below are theirs).
+    #[test]
+    fn load_tables_keep_their_columns() {
+        let m = ThreadUse {
+            wall_s: 0.5,
+            cpu_s: vec![0.45, 0.2, 0.01],
+        };
+        let size = 3 << 30;
+        assert_eq!(
+            load_header("load", LABEL_WIDTH, "vs first row"),
+            format!(
+                "| {:<58} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | vs first row",
+                "load", "time", "rate", "cores", "busy", "top"
+            )
+        );
+        let (s, label) = (m.wall_s, "unverified, 1 threads, kernel");
+        for (first, ratio) in [(None, String::new()), (Some(1.0), "2.000x".to_string())] {
+            assert_eq!(
+                load_row(label, LABEL_WIDTH, size, &m, Option::<f64>::as_slice(&first)),
+                format!(
+                    "| {label:<58} | {s:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | {ratio}",
+                    gbps(size, s),
+                    m.cores(),
+                    m.busy(),
+                    m.top(4)
+                )
+            );
+        }
+        assert_eq!(
+            load_row(label, 62, size, &m, &[1.0, 0.25]),
+            format!(
+                "| {label:<62} | {:>7.4} s | {:>5.2} GB/s | {:>5.2} | {:>4} | {:<19} | 2.000x | 0.500x",
+                m.wall_s,
+                gbps(size, m.wall_s),
+                m.cores(),
+                m.busy(),
+                m.top(4)
+            )
+        );
+        assert_eq!(
+            load_header("load", 62, "ratios"),
+            format!(
+                "| {:<62} | {:>9} | {:>10} | {:>5} | {:>4} | {:<19} | ratios",
+                "load", "time", "rate", "cores", "busy", "top"
+            )
+        );
+    }
 }

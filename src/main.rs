@@ -24,6 +24,7 @@ mod gpu_picker;
 mod gpu_verify_bench;
 mod key_file;
 mod serve;
+mod serve_llama;
 mod serve_ranks;
 mod serve_synthetic;
 mod signals;

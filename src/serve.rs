@@ -259,10 +259,8 @@ pub struct Args {
 /// and no name given, what the first llama-server lists.
 fn model_name(a: &Args) -> String {
     if a.model_name == MODEL_NAME_DEFAULT && matches!(a.backend, BackendKind::Llama) {
-        if let Some(url) = a.llama_url.first() {
-            if let Some(m) = cnse_llama::served_model(url, Duration::from_secs(2)) {
-                return m;
-            }
+        if let Some(m) = crate::serve_llama::served_model_name(a) {
+            return m;
         }
     }
     a.model_name.clone()
@@ -403,40 +401,7 @@ fn backend(a: &Args, threads: usize) -> anyhow::Result<Arc<dyn BackendFactory>> 
             a.synthetic_vocab,
             (a.synthetic_slots, threads),
         ),
-        BackendKind::Llama => {
-            if a.llama_url.is_empty() {
-                bail!("--backend llama needs --llama-url URL[,URL...]");
-            }
-            let factory = cnse_llama::LlamaFactory::new(cnse_llama::LlamaConfig {
-                urls: a.llama_url.clone(),
-                inflight_per_backend: a.llama_inflight,
-                route: a.llama_route,
-                prefix_load_factor: a.llama_prefix_load_factor,
-                prefix_entries: a.llama_prefix_entries,
-                session_entries: a.llama_session_entries,
-                retries_max: a.llama_retries,
-                spare_conns: a.llama_spare_conns.unwrap_or(a.llama_inflight),
-                spares_max: a.llama_spares_max,
-                failover: a.llama_failover == OnOff::On,
-                ..Default::default()
-            })
-            .context("--llama-url")?;
-            // The slots also bound the spares (docs/LLAMA.md, "Spares").
-            let slots = factory.learn_slots();
-            if a.llama_route.uses_cache() {
-                for (url, &n) in a.llama_url.iter().zip(&slots) {
-                    if n == 0 {
-                        eprintln!("llama-server {url}: slots unknown (GET /slots did not answer): requests go without id_slot");
-                    } else if n < a.llama_inflight {
-                        eprintln!(
-                            "llama-server {url} has {n} slots, below --llama-inflight {}: some requests wait inside it",
-                            a.llama_inflight
-                        );
-                    }
-                }
-            }
-            Ok(Arc::new(factory))
-        }
+        BackendKind::Llama => crate::serve_llama::llama_factory(a),
     }
 }
 

@@ -12,56 +12,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cnse_proto::code;
 use common::fault::{Footprint, RSS_SLACK_KIB};
+use common::standin::Standin;
 use common::*;
 
 const CLIENTS: u64 = 10;
 const STREAMS: u64 = 2;
 const TOKENS: u32 = 200;
-
-/// A `cnse-dp llama-standin` process, killed on drop.
-struct Standin {
-    child: Child,
-    url: String,
-}
-
-impl Standin {
-    fn start() -> Standin {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
-            .args(["llama-standin", "--ttft-us", "5000", "--token-interval-us", "10000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning cnse-dp llama-standin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("the stand-in's first line");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line {line:?}"))
-            .to_string();
-        Standin { child, url }
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Standin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The stand-in's answer to `max_tokens` n: " tok0 tok1 ...".
 fn answer(n: u32) -> Vec<u8> {
@@ -91,8 +51,8 @@ fn read(c: usize, cl: &mut Client, text: &mut [Vec<Vec<u8>>], ends: &mut Ends) {
 
 #[test]
 fn issue11_a_killed_backend_fails_only_its_streams_with_502_and_the_rest_are_whole() {
-    let mut doomed = Standin::start();
-    let survivor = Standin::start();
+    let mut doomed = Standin::start(5_000, 10_000);
+    let survivor = Standin::start(5_000, 10_000);
     let urls = format!("{},{}", doomed.url, survivor.url);
     let s = Server::start(&[
         "--backend",

@@ -7,52 +7,31 @@
 //! blob, and loads after an eviction are still right. Without a CUDA driver
 //! each test prints why it is skipped (and fails under CNSE_REQUIRE_GPU=1).
 
-use std::io::Write;
-use std::path::PathBuf;
+mod gpu_common;
 
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{
     DeviceBlob, GpuVerifier, GpuVerifyOptions, LeafSpec, LoadOptions, Mover, ResidentOptions, SourceMode, Streamer,
     StreamerConfig,
 };
+use gpu_common::{or_skip, random, temp_file, TempFile};
 
 const CHUNK: u64 = 16 << 20;
 const LEAF: u64 = 64 << 10;
 
-/// Fast deterministic bytes (xorshift, eight at a time).
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ len as u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 struct Blob {
-    path: PathBuf,
+    file: TempFile,
     data: Vec<u8>,
     spec: OwnedSpec,
     leaves: Vec<[u8; 32]>,
 }
 
-impl Drop for Blob {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 fn blob(tag: &str, len: usize, seed: u64) -> Blob {
-    let path = std::env::temp_dir().join(format!("cnse-gpu-resident-{tag}-{}", std::process::id()));
     let data = random(len, seed);
-    std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
-    let (spec, leaves) = OwnedSpec::from_file_with_leaves(&path, CHUNK, LEAF, 4).unwrap();
+    let file = temp_file(&format!("resident-{tag}"), &data);
+    let (spec, leaves) = OwnedSpec::from_file_with_leaves(&file.0, CHUNK, LEAF, 4).unwrap();
     Blob {
-        path,
+        file,
         data,
         spec,
         leaves,
@@ -60,15 +39,7 @@ fn blob(tag: &str, len: usize, seed: u64) -> Blob {
 }
 
 fn gpu_with_registration(st: &Streamer) -> bool {
-    if st.supports_register() {
-        return true;
-    }
-    assert!(
-        std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"),
-        "CNSE_REQUIRE_GPU=1 but the device lacks read-only host registration"
-    );
-    println!("skipped: the device lacks read-only host registration");
-    false
+    or_skip(st.supports_register(), "the device lacks read-only host registration")
 }
 
 fn streamer(mover: Mover, budget_bytes: u64, piece_bytes: u64, overlap: bool) -> Streamer {
@@ -180,7 +151,7 @@ fn issue15_a_bit_flipped_in_a_resident_blob_is_caught_and_named() {
     // The registered pages are the file's page cache: a write lands in
     // them, as a corrupting writer's would.
     let at = 2 * CHUNK + 5 * LEAF + 77;
-    let f = std::fs::OpenOptions::new().write(true).open(&b.path).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&b.file.0).unwrap();
     let flip = |byte: u8| std::os::unix::fs::FileExt::write_all_at(&f, &[byte], at).unwrap();
     flip(b.data[at as usize] ^ 0x04);
     let msg = verified(&gpu, &mut st, &b, 1)
@@ -244,7 +215,7 @@ fn issue15_the_byte_budget_evicts_and_unregisters_the_least_recently_loaded_blob
     assert_eq!(st.resident_stats().entries, 1);
     // `store gc` deletes blob files: the entry keeps its own mapping until
     // it is evicted, here by a budget of 0.
-    std::fs::remove_file(&a.path).unwrap();
+    std::fs::remove_file(&a.file.0).unwrap();
     st.set_resident(ResidentOptions {
         budget_bytes: 0,
         ..st.resident_options()
@@ -261,7 +232,7 @@ fn issue15_gpu_load_refuses_resident_blobs_verified_on_the_host() {
     let b = blob("cli", 1 << 20, 11);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
         .args(["gpu", "load", "--file"])
-        .arg(&b.path)
+        .arg(&b.file.0)
         .args(["--resident-gib", "1", "--verify", "cpu"])
         .output()
         .expect("run cnse-dp");

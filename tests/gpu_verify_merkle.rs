@@ -5,40 +5,13 @@
 //! `store upgrade` rewrites it. Without a CUDA driver each test prints why
 //! it is skipped (and fails under CNSE_REQUIRE_GPU=1).
 
-use std::io::Write;
-use std::path::PathBuf;
+mod gpu_common;
+
 use std::process::Command;
 
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{GpuVerifier, GpuVerifyOptions, KernelError, LeafSpec, LoadOptions, SourceMode, Streamer};
-
-/// Fast deterministic bytes (xorshift, eight at a time).
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ len as u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp_file(tag: &str, data: &[u8]) -> TempFile {
-    let path = std::env::temp_dir().join(format!("cnse-gpu-merkle-{tag}-{}", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(data).unwrap();
-    TempFile(path)
-}
+use gpu_common::{random, temp_file};
 
 fn device_free() -> usize {
     cnse_kernels::cudarc::driver::result::mem_get_info().unwrap().0
@@ -52,7 +25,7 @@ fn issue15_a_leaf_mismatch_stops_the_load_before_the_rest_is_copied() {
     let (chunk, leaf) = (16u64 << 20, 64u64 << 10);
     let size = 3u64 << 30;
     let data = random(size as usize, 21);
-    let file = temp_file("early", &data);
+    let file = temp_file("merkle-early", &data);
     let (spec, leaf_sums) = OwnedSpec::from_file_with_leaves(&file.0, chunk, leaf, 8).unwrap();
     let leaves = LeafSpec {
         leaf_bytes: leaf,
@@ -121,7 +94,7 @@ fn issue15_leaves_that_do_not_hash_to_the_chunk_digests_are_refused() {
     }
     let (chunk, leaf) = (1u64 << 20, 64u64 << 10);
     let data = random((8 << 20) + 100, 22);
-    let file = temp_file("unbound", &data);
+    let file = temp_file("merkle-unbound", &data);
     let (spec, _) = OwnedSpec::from_file_with_leaves(&file.0, chunk, leaf, 4).unwrap();
     // Bytes changed in chunk 2, and leaves forged to match them: every leaf
     // passes on the GPU, but they do not hash up to chunk 2's digest.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use common::{Params, Server};
-use llama_common::{http, skip};
+use llama_common::{http, prompt_counters, skip};
 
 /// CPU inference on 2 cores: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,22 +30,6 @@ fn greedy(n: u32) -> Params {
         temperature: 0.0,
         ..Params::default()
     }
-}
-
-/// llama-server's `/metrics` counters: (prompt tokens evaluated, prompt
-/// tokens taken from the cache).
-fn prompt_counters(url: &str) -> (u64, u64) {
-    let (status, body) = http(url, "GET", "/metrics", "");
-    assert_eq!(status, 200, "{url}/metrics: {body}");
-    let get = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{url}/metrics has no {name}"))
-    };
-    (
-        get("llamacpp:prompt_tokens_total ") as u64,
-        get("llamacpp:prompt_tokens_cached_total ") as u64,
-    )
 }
 
 /// Each slot's last task id (`/slots`): the slot that served a request is

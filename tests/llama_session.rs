@@ -13,14 +13,14 @@
 mod common;
 mod llama_common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use cnse_proto::{put_request_with_session, Kind, HEADER_BYTES, PARAMS_BYTES};
+use common::standin::Standin;
 use common::{expect_violation, read_stream, synthetic, Params, Server, WAIT};
-use llama_common::{http, skip};
+use llama_common::{prompt_counters, skip};
 
 /// CPU inference on 2 cores: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -60,22 +60,6 @@ fn unrelated_turns(tag: u128, n: usize) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// llama-server's `/metrics` prompt counters (evaluated, cached): the
-/// server whose counters moved served the request.
-fn prompt_counters(url: &str) -> (u64, u64) {
-    let (status, body) = http(url, "GET", "/metrics", "");
-    assert_eq!(status, 200, "{url}/metrics: {body}");
-    let get = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{url}/metrics has no {name}"))
-    };
-    (
-        get("llamacpp:prompt_tokens_total ") as u64,
-        get("llamacpp:prompt_tokens_cached_total ") as u64,
-    )
 }
 
 /// Which of `urls` served each of `prompts`, sent in turn on `c` (by the
@@ -141,40 +125,6 @@ fn issue14_the_turns_of_a_keyed_conversation_stay_on_one_llama_server_without_a_
     );
 }
 
-/// A `cnse-dp llama-standin` process, killed on drop.
-struct Standin {
-    child: Child,
-    url: String,
-}
-
-impl Standin {
-    fn start() -> Standin {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cnse-dp"))
-            .args(["llama-standin", "--ttft-us", "2000", "--token-interval-us", "1000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning cnse-dp llama-standin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("the stand-in's first line");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("first line {line:?}"))
-            .to_string();
-        Standin { child, url }
-    }
-}
-
-impl Drop for Standin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Generation requests a stand-in took (`GET /standin/requests`); a dead
 /// one reads as `u64::MAX`.
 fn standin_requests(url: &str) -> (u64, u64) {
@@ -193,7 +143,7 @@ fn standin_requests(url: &str) -> (u64, u64) {
 
 #[test]
 fn issue14_a_pinned_server_killed_the_next_turn_goes_elsewhere_and_succeeds() {
-    let mut standins: Vec<Standin> = (0..3).map(|_| Standin::start()).collect();
+    let mut standins: Vec<Standin> = (0..3).map(|_| Standin::start(2_000, 1_000)).collect();
     let urls: Vec<String> = standins.iter().map(|s| s.url.clone()).collect();
     let list = urls.join(",");
     let server = Server::start(&[
@@ -215,8 +165,7 @@ fn issue14_a_pinned_server_killed_the_next_turn_goes_elsewhere_and_succeeds() {
         "pinned before the kill: {before:?}"
     );
     let dead = before[0];
-    standins[dead].child.kill().unwrap(); // SIGKILL
-    standins[dead].child.wait().unwrap();
+    standins[dead].kill();
     // The next turn finds its server gone: it goes elsewhere, whole.
     let alive: Vec<String> = (0..urls.len())
         .filter(|&i| i != dead)

@@ -6,7 +6,6 @@
 //! Steps already in the page cache (`mincore`) are passed without reading,
 //! so a warm blob costs the reader page-cache lookups, not a copy.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -42,20 +41,8 @@ pub struct Readahead {
 impl Readahead {
     /// Starts reading `path` from its start, up to `limit_bytes`.
     pub fn start(path: &Path, limit_bytes: u64) -> Result<Readahead, KernelError> {
-        let file = File::open(path).map_err(|source| KernelError::Io {
-            op: "open for read-ahead",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|source| KernelError::Io {
-                op: "stat for read-ahead",
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len()
-            .min(limit_bytes);
+        let (file, len) = crate::stream::open_with_len(path, "open for read-ahead", "stat for read-ahead")?;
+        let len = len.min(limit_bytes);
         let shared = Arc::new(Shared {
             front: Mutex::new(Front::default()),
             moved: Condvar::new(),
@@ -134,6 +121,8 @@ impl Drop for Readahead {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     #[test]

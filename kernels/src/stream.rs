@@ -57,6 +57,37 @@ const REGISTER_PIECE_MAX: u64 = 64 << 20;
 /// hash and the copy.
 const SUB_BYTES: usize = 256 << 10;
 
+/// `path` opened for reading, and its length; `open_op` and `stat_op` name
+/// the two steps in errors.
+pub(crate) fn open_with_len(
+    path: &Path,
+    open_op: &'static str,
+    stat_op: &'static str,
+) -> Result<(File, u64), KernelError> {
+    let io = |op: &'static str| {
+        move |source| KernelError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let file = File::open(path).map_err(io(open_op))?;
+    let len = file.metadata().map_err(io(stat_op))?.len();
+    Ok((file, len))
+}
+
+/// The file of `spec`, open, with its length checked against the manifest.
+fn open_blob(spec: &BlobSpec) -> Result<(File, u64), KernelError> {
+    let (file, len) = open_with_len(spec.path, "open", "stat")?;
+    if len != spec.size_bytes {
+        return Err(KernelError::Spec {
+            path: spec.path.to_path_buf(),
+            detail: format!("file has {len} bytes, manifest says {}", spec.size_bytes),
+        });
+    }
+    Ok((file, len))
+}
+
 struct Slot {
     buf: PinnedBuffer,
     copied: CudaEvent,
@@ -246,14 +277,7 @@ impl Streamer {
                 source,
             }
         };
-        let file = File::open(path).map_err(io("open"))?;
-        let len = file.metadata().map_err(io("stat"))?.len();
-        if len != spec.size_bytes {
-            return Err(KernelError::Spec {
-                path: path.to_path_buf(),
-                detail: format!("file has {len} bytes, manifest says {}", spec.size_bytes),
-            });
-        }
+        let (file, len) = open_blob(spec)?;
         let map = if opts.source != SourceMode::Pread && len > 0 {
             // SAFETY: the mapping is read-only and private to this load. A
             // blob truncated by another process while mapped would fault
@@ -450,6 +474,40 @@ mod tests {
         let msg = short.as_spec().check().unwrap_err().to_string();
         assert!(msg.contains("need 3 chunk digests, manifest has 2"), "{msg}");
         std::fs::remove_file(p).unwrap();
+    }
+
+    /// The file check every load starts with (staged and resident alike).
+    #[test]
+    fn a_blob_file_is_opened_with_its_length_checked() {
+        let data = vec![5u8; 12_345];
+        let p = temp_file(&data);
+        let spec = OwnedSpec::from_file(&p, 4096, 1).unwrap();
+        let (_, len) = open_blob(&spec.as_spec()).unwrap();
+        assert_eq!(len, 12_345);
+        let wrong = BlobSpec {
+            size_bytes: 12_346,
+            ..spec.as_spec()
+        };
+        let err = open_blob(&wrong).unwrap_err();
+        assert!(matches!(err, KernelError::Spec { .. }), "{err}");
+        assert!(
+            err.to_string().contains("file has 12345 bytes, manifest says 12346"),
+            "{err}"
+        );
+        std::fs::remove_file(&p).unwrap();
+        let err = open_blob(&spec.as_spec()).unwrap_err();
+        assert!(matches!(err, KernelError::Io { op: "open", .. }), "{err}");
+        let err = open_with_len(&p, "open for read-ahead", "stat for read-ahead").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::Io {
+                    op: "open for read-ahead",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     /// NVRTC needs no GPU: where it is present the copy kernel must compile.

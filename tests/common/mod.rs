@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod fault;
+pub mod standin;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -156,3 +156,20 @@ pub fn busy_slots(url: &str) -> usize {
         .filter(|s| s["is_processing"] == true)
         .count()
 }
+
+/// llama-server's `/metrics` prompt counters: (prompt tokens evaluated,
+/// prompt tokens taken from the cache). The server whose counters moved
+/// served the request.
+pub fn prompt_counters(url: &str) -> (u64, u64) {
+    let (status, body) = http(url, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{url}/metrics: {body}");
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{url}/metrics has no {name}"))
+    };
+    (
+        get("llamacpp:prompt_tokens_total ") as u64,
+        get("llamacpp:prompt_tokens_cached_total ") as u64,
+    )
+}

@@ -25,6 +25,7 @@ pub mod session;
 pub mod sse;
 pub mod standin;
 pub mod testing;
+mod ways;
 
 pub use backend::LlamaBackend;
 pub use body::completion_body;

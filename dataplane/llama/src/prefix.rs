@@ -264,26 +264,7 @@ impl PrefixIndex {
     }
 
     fn put(&self, hash: u64, key: u64, stamp: u32) {
-        let mut victim = None::<(usize, u32)>;
-        for w in self.ways(hash) {
-            let k = self.keys[w].load(Ordering::Relaxed);
-            if k != 0 && k & !SLOT_MASK == key & !SLOT_MASK {
-                victim = Some((w, u32::MAX));
-                break;
-            }
-            // Age since the stamp; an empty way is the oldest of all.
-            let age = if k == 0 {
-                u32::MAX - 1
-            } else {
-                stamp.wrapping_sub(self.stamps[w].load(Ordering::Relaxed))
-            };
-            if victim.is_none_or(|(_, a)| age > a) {
-                victim = Some((w, age));
-            }
-        }
-        let (w, _) = victim.expect("a bucket has ways");
-        self.keys[w].store(key, Ordering::Relaxed);
-        self.stamps[w].store(stamp, Ordering::Relaxed);
+        crate::ways::put(&self.keys, &self.stamps, self.ways(hash), key, !SLOT_MASK, stamp);
     }
 }
 

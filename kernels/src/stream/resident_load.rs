@@ -11,7 +11,6 @@
 //! registration; such a load that fails unregisters what it registered
 //! once its copies have landed.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -67,25 +66,7 @@ impl Streamer {
     ) -> Result<(DeviceBlob, LoadReport), KernelError> {
         let t0 = Instant::now();
         let path = spec.path;
-        let file = File::open(path).map_err(|source| KernelError::Io {
-            op: "open",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|source| KernelError::Io {
-                op: "stat",
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        if len != spec.size_bytes {
-            return Err(KernelError::Spec {
-                path: path.to_path_buf(),
-                detail: format!("file has {len} bytes, manifest says {}", spec.size_bytes),
-            });
-        }
+        let (file, len) = super::open_blob(spec)?;
         self.ctx
             .bind_to_thread()
             .map_err(KernelError::driver("cuCtxSetCurrent"))?;

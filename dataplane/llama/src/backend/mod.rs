@@ -21,7 +21,8 @@
 //! Layout: this file holds the slot and stream types and the [`Backend`]
 //! entry points; `route` picks servers and runs health checks, `pool` owns
 //! the ring ops of the connection slots and their completions, `exchange`
-//! turns a response into sink calls and decides how each stream ends.
+//! turns a response into sink calls and decides how each stream ends,
+//! `stats` gathers the counters [`Backend::stats`] reports.
 
 mod affinity;
 mod exchange;
@@ -563,42 +564,7 @@ impl Backend for LlamaBackend {
     }
 
     fn stats(&self) -> BackendStats {
-        let paused = self
-            .slots
-            .iter()
-            .filter(|s| matches!(&s.task, Task::Stream(w) if w.flow == Flow::Paused))
-            .count() as u64;
-        let up = self.shared.iter().filter(|s| s.healthy.load(Ordering::Acquire)).count();
-        let spares = self
-            .shared
-            .iter()
-            .map(|s| s.spares.load(Ordering::Acquire))
-            .sum::<usize>();
-        let l = &self.llama;
-        BackendStats {
-            active: self.by_id.len() as u64,
-            paused,
-            servers: self.shared.len() as u64,
-            servers_up: up as u64,
-            spares: spares as u64,
-            // In the order of `cnse_backend::EVENTS`.
-            events: [
-                l.reused,
-                l.retried,
-                l.retried_elsewhere,
-                l.prefix_routed,
-                l.evicted,
-                l.readmitted,
-                l.health_checks,
-                l.timeouts,
-                l.spares_opened,
-                l.spares_taken,
-                l.idle_closed,
-                l.failed_over,
-                l.session_routed,
-            ],
-            ..self.stats
-        }
+        self.backend_stats()
     }
 
     fn has_capacity(&self) -> bool {
