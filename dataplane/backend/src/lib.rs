@@ -207,6 +207,12 @@ pub trait Backend {
 
     fn stats(&self) -> BackendStats;
 
+    /// Work held now: `stats().active`, which the loop reads every turn
+    /// (a backend whose `stats` walks its tables answers this directly).
+    fn active(&self) -> u64 {
+        self.stats().active
+    }
+
     /// Accepts more work right now (false makes the loop keep requests in its
     /// bounded admission queue).
     fn has_capacity(&self) -> bool {

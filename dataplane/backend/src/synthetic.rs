@@ -420,6 +420,10 @@ impl Backend for Synthetic {
         }
     }
 
+    fn active(&self) -> u64 {
+        self.stats.active
+    }
+
     fn has_capacity(&self) -> bool {
         (self.stats.active as usize) < self.cfg.active_max
     }

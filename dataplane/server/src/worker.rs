@@ -369,6 +369,7 @@ impl Worker {
             self.publish_counters();
             if now >= self.next_metrics {
                 self.next_metrics = now + SWEEP_INTERVAL;
+                self.publish_paused();
                 let m = self.session.request_metrics();
                 *self.shared.request_metrics[self.index]
                     .lock()
@@ -536,7 +537,6 @@ impl Worker {
         c.requests.store(n.requests, Ordering::Relaxed);
         c.tokens_sent.store(n.tokens_sent, Ordering::Relaxed);
         c.tokens_produced.store(n.tokens_produced, Ordering::Relaxed);
-        c.backend_paused.store(self.session.backend_paused(), Ordering::Relaxed);
         c.frames_in.store(n.frames_in, Ordering::Relaxed);
         c.frames_out.store(n.frames_out, Ordering::Relaxed);
         c.violations.store(n.violations, Ordering::Relaxed);
@@ -546,11 +546,19 @@ impl Worker {
         c.stolen_out.store(n.stolen_out, Ordering::Relaxed);
     }
 
+    /// The paused-work gauge, with the request metrics (not every turn:
+    /// a backend may count it by walking its tables).
+    fn publish_paused(&self) {
+        let c: &WorkerCounters = &self.shared.counters[self.index];
+        c.backend_paused.store(self.session.backend_paused(), Ordering::Relaxed);
+    }
+
     /// Cancels and drains every op in flight, then closes descriptors and
     /// unregisters the receive buffers: nothing is freed while the kernel
     /// may still write into it. False when the kernel did not let go.
     fn teardown(&mut self) -> bool {
         self.publish_counters();
+        self.publish_paused();
         self.cqes.clear();
         let ring = &mut self.session.io.ring;
         let left = ring.teardown(TEARDOWN_LIMIT, &mut self.cqes).unwrap_or(u64::MAX);

@@ -101,6 +101,8 @@ impl LlamaBackend {
 
     /// The connection is closed: go on with the slot's task.
     pub(super) fn after_close(&mut self, i: usize, io: &mut dyn Io, sink: &mut dyn Sink) {
+        // A slot is free again: the next poll refills the spares.
+        self.upkeep.spares_dirty = true;
         if let Task::Stream(_) = self.slots[i].task {
             // A retry on a fresh connection.
             if let Err(e) = self.open_connect(i, io) {

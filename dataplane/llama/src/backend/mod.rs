@@ -31,6 +31,7 @@ mod pool;
 mod route;
 mod stats;
 mod sticky;
+mod upkeep;
 
 pub use stats::LlamaStats;
 
@@ -241,6 +242,8 @@ pub struct LlamaBackend {
     log_suppressed: u64,
     /// Per upstream: this core's share of `Shared::spares`.
     spares_mine: Box<[usize]>,
+    /// What `poll` must look at again (see `upkeep`).
+    upkeep: upkeep::Upkeep,
 }
 
 impl LlamaBackend {
@@ -291,6 +294,7 @@ impl LlamaBackend {
             slots.push(mk(u, 4096));
         }
         let addrs = shared.iter().map(|s| SockAddr::new(s.target.addr)).collect();
+        let upkeep = upkeep::Upkeep::new(&cfg);
         Self {
             by_id: HashMap::with_capacity(stream_slots),
             next_health: vec![None; upstreams].into_boxed_slice(),
@@ -314,6 +318,7 @@ impl LlamaBackend {
             log_window: None,
             log_count: 0,
             log_suppressed: 0,
+            upkeep,
         }
     }
 
@@ -514,6 +519,7 @@ impl Backend for LlamaBackend {
             // sink here: a NOP's completion brings the slot back to
             // `complete`, which processes them and re-arms RECV.
             w.flow = Flow::Woken;
+            self.upkeep.woken = true;
             // SAFETY: NOP references no memory.
             unsafe { io.submit(op::tag(i, OpKind::Wake), op::nop()) };
         }
@@ -524,47 +530,15 @@ impl Backend for LlamaBackend {
     }
 
     fn poll(&mut self, io: &mut dyn Io, sink: &mut dyn Sink) -> Option<Instant> {
-        let now = io.now();
-        for i in 0..self.slots.len() {
-            if let Task::Stream(w) = &mut self.slots[i].task {
-                if w.flow == Flow::Woken {
-                    w.flow = Flow::Flowing;
-                    self.process(i, io, sink);
-                }
-            }
-        }
-        if self.health_owner {
-            for u in 0..self.shared.len() {
-                let due = self.next_health[u].is_none_or(|t| t <= now);
-                if due {
-                    self.next_health[u] = Some(now + self.cfg.health_interval);
-                    self.start_health(u, io);
-                }
-            }
-        }
-        for u in 0..self.shared.len() {
-            self.fill_spares(u, io);
-        }
-        let mut next: Option<Instant> = self.spare_hold_until();
-        for i in 0..self.slots.len() {
-            let Some(d) = self.slots[i].deadline else { continue };
-            if d <= now {
-                self.on_timeout(i, io, sink);
-            }
-            if let Some(d) = self.slots[i].deadline {
-                next = Some(next.map_or(d, |n| n.min(d)));
-            }
-        }
-        if self.health_owner {
-            for t in self.next_health.iter().flatten() {
-                next = Some(next.map_or(*t, |n| n.min(*t)));
-            }
-        }
-        next
+        self.upkeep(io, sink)
     }
 
     fn stats(&self) -> BackendStats {
         self.backend_stats()
+    }
+
+    fn active(&self) -> u64 {
+        self.by_id.len() as u64
     }
 
     fn has_capacity(&self) -> bool {

@@ -114,6 +114,7 @@ impl LlamaBackend {
     pub(super) fn mark_up(&mut self, upstream: usize) {
         if !self.shared[upstream].healthy.swap(true, Ordering::AcqRel) {
             self.llama.readmitted += 1;
+            self.upkeep.spares_dirty = true;
             tracing::info!(server = %self.shared[upstream].target.url, "llama-server healthy again, back in rotation");
         }
     }

@@ -206,7 +206,7 @@ impl<T: Transport> Session<T> {
 
     /// Work the backend holds (started, not ended or cancelled).
     pub fn backend_active(&self) -> u64 {
-        self.backend.stats().active
+        self.backend.active()
     }
 
     /// Work the backend holds paused.
@@ -458,7 +458,7 @@ impl<T: Transport> Session<T> {
         }
         self.flush_foreign();
         self.flush_dirty();
-        let busy = self.backend.stats().active as usize;
+        let busy = self.backend.active() as usize;
         if busy != self.busy_reported {
             use std::sync::atomic::Ordering::Relaxed;
             if busy > self.busy_reported {
