@@ -30,14 +30,25 @@ pub fn nvrtc_available() -> bool {
 /// `CNSE_REQUIRE_GPU=1` (set on the device machine), when it panics so that
 /// a missing driver fails the run instead of passing it.
 pub fn gpu_or_skip() -> bool {
-    if cuda_available() {
+    or_skip(
+        cuda_available(),
+        "no CUDA driver",
+        "no CUDA driver found (libcuda.so could not be loaded)",
+    )
+}
+
+/// For tests: true when `ok`; else prints `skipped: {why}` and returns
+/// false, or panics with `{detail}` under `CNSE_REQUIRE_GPU=1` (the device
+/// machine), so that a missing capability fails the run there.
+pub fn or_skip(ok: bool, why: &str, detail: &str) -> bool {
+    if ok {
         return true;
     }
     assert!(
         std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"),
-        "CNSE_REQUIRE_GPU=1 but no CUDA driver found (libcuda.so could not be loaded)"
+        "CNSE_REQUIRE_GPU=1 but {detail}"
     );
-    println!("skipped: no CUDA driver");
+    println!("skipped: {why}");
     false
 }
 

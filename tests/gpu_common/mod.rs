@@ -10,15 +10,7 @@ use std::path::PathBuf;
 /// returns false (and fails under `CNSE_REQUIRE_GPU=1`). The no-driver
 /// case is `cnse_kernels::device::gpu_or_skip`.
 pub fn or_skip(ok: bool, why: &str) -> bool {
-    if ok {
-        return true;
-    }
-    assert!(
-        std::env::var("CNSE_REQUIRE_GPU").as_deref() != Ok("1"),
-        "CNSE_REQUIRE_GPU=1 but {why}"
-    );
-    println!("skipped: {why}");
-    false
+    cnse_kernels::device::or_skip(ok, why, why)
 }
 
 /// Fast deterministic bytes (xorshift, eight at a time).
