@@ -145,6 +145,10 @@ pub struct Args {
     /// backend's pace it spins through the waits).
     #[arg(long, default_value_t = 0)]
     pub gateway_busy_poll_us: u64,
+    /// llama-compare: the in-process gateway's worker batches its waits
+    /// into windows of N µs (`serve --batch-wait-us`).
+    #[arg(long, default_value_t = 0)]
+    pub gateway_batch_wait_us: u64,
     /// llama-compare: hold /dev/cpu_dma_latency at N µs during the run
     /// (`serve --cpu-dma-latency-us`; the whole machine, so both sides).
     #[arg(long)]

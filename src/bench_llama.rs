@@ -222,6 +222,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             pin_threads: false,
             join_listen: false,
             busy_poll: Duration::from_micros(args.gateway_busy_poll_us),
+            batch_wait: Duration::from_micros(args.gateway_batch_wait_us),
             ..Default::default()
         },
         Arc::new(factory),

@@ -200,6 +200,14 @@ pub struct Args {
     /// neither side pays a sleep and a wake-up (0: sleep at once).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Batched waiting (Linux 6.12 or later): a worker that blocks wakes
+    /// once per window of this many µs with every completion that came in
+    /// during it, instead of once per completion; one that finds the worker
+    /// idle past its window still wakes it at once. Fewer wake-ups and
+    /// enters per streamed token for up to this much added latency under a
+    /// steady trickle (docs/ARCHITECTURE.md, "Batched waiting"). 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub batch_wait_us: u64,
     /// Size of each provided receive buffer (1,024 per worker), bytes: one
     /// recv completion carries at most this much (an ablation switch).
     #[arg(long, default_value_t = 16 * 1024)]
@@ -352,6 +360,7 @@ pub fn config(a: &Args) -> anyhow::Result<Config> {
         auth_key,
         stage_timing: a.stage_timing,
         busy_poll: Duration::from_micros(a.busy_poll_us),
+        batch_wait: Duration::from_micros(a.batch_wait_us),
         recv_buffer_bytes: a.recv_buffer_bytes,
         send_buffer_bytes: a.send_buffer_bytes,
         defer_taskrun: !a.no_defer_taskrun,

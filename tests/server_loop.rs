@@ -1,7 +1,8 @@
 //! Issue 9, the loop's measurement and polling options: `--stage-timing`
 //! accounts for every request it served, `--busy-poll-us` serves and then
 //! lets the core go when traffic stops, and the load generator's open loop
-//! splits its latency into the generator's lag and the round trip.
+//! splits its latency into the generator's lag and the round trip; issue
+//! 13's `--batch-wait-us` streams every token and sleeps when idle.
 
 mod common;
 
@@ -121,6 +122,36 @@ fn issue9_busy_polling_serves_then_sleeps_when_traffic_stops() {
     // And it still answers at once.
     c.request(1000, 0, &params(2), "again").unwrap();
     assert_eq!(read_stream(&mut c, 1000).last().unwrap().kind, Kind::End);
+}
+
+#[test]
+fn issue13_batched_waiting_streams_every_token_and_sleeps_when_idle() {
+    // A 50 µs window: an idle worker that woke each window would show.
+    let mut args = synthetic(0, 1000);
+    args.extend(["--batch-wait-us".into(), "50".into()]);
+    let s = Server::start(&strs(&args));
+    let mut clients: Vec<_> = (0..4).map(|_| s.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.request(i as u64 + 1, 0, &params(16), "batched").unwrap();
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let frames = read_stream(c, i as u64 + 1);
+        assert_eq!(frames.last().unwrap().kind, Kind::End, "{frames:?}");
+        assert_eq!(token_count(&frames), 16);
+    }
+    // Idle: a window with nothing in it must not end the wait (the ring
+    // passes the kernel an overall timeout), so the worker does not wake
+    // every 50 µs: a second of idleness costs well under a tenth of a core.
+    std::thread::sleep(Duration::from_millis(200));
+    let hz = 100; // USER_HZ on Linux
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(s.pid()) - before;
+    assert!(used * 10 < hz, "idle server used {used} ticks of CPU in 1 s");
+    // A request to the idle server is answered.
+    let c = &mut clients[0];
+    c.request(100, 0, &params(2), "again").unwrap();
+    assert_eq!(read_stream(c, 100).last().unwrap().kind, Kind::End);
 }
 
 #[test]

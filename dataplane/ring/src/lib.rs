@@ -30,7 +30,7 @@ pub use bufring::BufRing;
 pub use error::RingError;
 pub use fixed::{FixedBufs, FIXED_BUFS_MAX};
 pub use pin::{allowed_cpus, pin_current_thread, pin_current_thread_to};
-pub use ring::{Completion, Ring, RingConfig, RingMode};
+pub use ring::{Completion, Ring, RingConfig, RingMode, BATCH_WANT};
 pub use tag::{Tag, GEN_BITS, KIND_BITS, RING_KIND, SLOT_BITS, SLOT_MAX, WIDE_BITS, WIDE_MAX};
 
 pub use io_uring::{cqueue, opcode, squeue, types};

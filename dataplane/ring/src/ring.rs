@@ -28,6 +28,14 @@ pub struct RingConfig {
     /// enter still adds completions: what is ready is handled in this turn,
     /// not spread over the next ones while it waits. 0 or 1: one enter.
     pub drain_passes: u32,
+    /// Batched waiting (Linux 6.12's `min_wait_usec`): a turn that blocks
+    /// waits for [`BATCH_WANT`] completions, or until this much time has
+    /// passed since it began to wait with at least one completion there.
+    /// A completion that finds the window over (an idle loop) ends the wait
+    /// at once, so it adds nothing to a lone request's latency; under a
+    /// steady trickle one wake-up and one enter carry many completions
+    /// instead of one each. Zero: wait for one completion (the default).
+    pub batch_wait: Duration,
 }
 
 impl Default for RingConfig {
@@ -37,9 +45,20 @@ impl Default for RingConfig {
             cq_factor: 4,
             single_issuer: true,
             drain_passes: DRAIN_PASSES_DEFAULT,
+            batch_wait: Duration::ZERO,
         }
     }
 }
+
+/// Completions a batched wait ([`RingConfig::batch_wait`]) stops at before
+/// its window is over.
+pub const BATCH_WANT: usize = 32;
+
+/// A blocking wait with no deadline of its own still passes one when it
+/// batches: without an overall timeout the kernel ends the wait when the
+/// window does, completions or not, and an idle loop would wake each
+/// window.
+const BATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Default of [`RingConfig::drain_passes`]: up to about 1,280 task-work
 /// items per turn.
@@ -106,12 +125,29 @@ pub struct Ring {
     /// queue's worth per stalled push.
     stash: Vec<Completion>,
     drain_passes: u32,
+    /// [`RingConfig::batch_wait`] in µs (0: off).
+    batch_wait_us: u32,
 }
 
 impl Ring {
     pub fn new(cfg: RingConfig) -> Result<Ring, RingError> {
+        let ring = Self::setup(cfg)?;
+        if !cfg.batch_wait.is_zero() && !ring.ring.params().is_feature_min_timeout() {
+            return Err(RingError::new(
+                "setup",
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "batched waiting needs Linux 6.12 or later (IORING_FEAT_MIN_TIMEOUT)",
+                ),
+            ));
+        }
+        Ok(ring)
+    }
+
+    fn setup(cfg: RingConfig) -> Result<Ring, RingError> {
         assert!(cfg.entries.is_power_of_two(), "ring entries must be a power of two");
         let cq = cfg.entries * cfg.cq_factor.max(1);
+        let batch_wait_us = cfg.batch_wait.as_micros().min(u32::MAX as u128) as u32;
         if cfg.single_issuer {
             let ring = IoUring::builder()
                 .setup_cqsize(cq)
@@ -126,6 +162,7 @@ impl Ring {
                     in_flight: 0,
                     stash: Vec::new(),
                     drain_passes: cfg.drain_passes,
+                    batch_wait_us,
                 });
             }
         }
@@ -139,6 +176,7 @@ impl Ring {
             in_flight: 0,
             stash: Vec::new(),
             drain_passes: cfg.drain_passes,
+            batch_wait_us,
         })
     }
 
@@ -228,14 +266,18 @@ impl Ring {
         } else {
             match timeout {
                 Some(t) if t.is_zero() => self.enter(0)?,
+                // A deadline inside the window: the kernel would end the
+                // wait at the window's end (or at the deadline with fewer
+                // completions): a plain wait does the same.
+                t if self.batch_wait_us > 0 && t.is_none_or(|t| t.as_micros() > self.batch_wait_us as u128) => {
+                    let ts = types::Timespec::from(t.unwrap_or(BATCH_IDLE_TIMEOUT));
+                    let args = types::SubmitArgs::new().timespec(&ts).min_wait_usec(self.batch_wait_us);
+                    self.wait_with(BATCH_WANT, &args)?;
+                }
                 Some(t) => {
                     let ts = types::Timespec::from(t);
                     let args = types::SubmitArgs::new().timespec(&ts);
-                    match self.ring.submitter().submit_with_args(1, &args) {
-                        Ok(_) => {}
-                        Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
-                        Err(e) => return Err(RingError::new("wait", e)),
-                    }
+                    self.wait_with(1, &args)?;
                 }
                 None => match self.ring.submitter().submit_and_wait(1) {
                     Ok(_) => {}
@@ -247,6 +289,16 @@ impl Ring {
         self.drain()?;
         self.reap(out);
         Ok(())
+    }
+
+    /// Submits and waits for `want` completions as `args` say; a timeout,
+    /// a signal or a backed-up completion queue end the wait early.
+    fn wait_with(&mut self, want: usize, args: &types::SubmitArgs<'_, '_>) -> Result<(), RingError> {
+        match self.ring.submitter().submit_with_args(want, args) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(RingError::new("wait", e)),
+        }
     }
 
     /// Enters again while the last enter added completions (deferred task

@@ -114,6 +114,12 @@ pub struct Config {
     /// follow within it find the thread running, so neither side pays a
     /// sleep and a wake-up. Zero: block at once.
     pub busy_poll: Duration,
+    /// Batched waiting (`cnse_ring::RingConfig::batch_wait`): a worker that
+    /// blocks wakes once per window of this length with what came in
+    /// during it, instead of once per completion; a completion that finds
+    /// the worker idle past its window wakes it at once. Trades up to this
+    /// much latency under a steady trickle for fewer wake-ups. Zero: off.
+    pub batch_wait: Duration,
     /// How workers receive (an ablation switch; default: the provided-
     /// buffer ring).
     pub recv_mode: RecvMode,
@@ -172,6 +178,7 @@ impl Default for Config {
             stage_timing: false,
             defer_taskrun: true,
             busy_poll: Duration::ZERO,
+            batch_wait: Duration::ZERO,
             recv_mode: RecvMode::BufRing,
             send_mode: SendMode::Plain,
             send_fixed_buffers: 64,

@@ -277,6 +277,7 @@ impl Worker {
             entries,
             cq_factor: 4,
             single_issuer: cfg.defer_taskrun,
+            batch_wait: cfg.batch_wait,
             ..RingConfig::default()
         })
         .map_err(|e| io::Error::new(e.source.kind(), e.to_string()))?;
