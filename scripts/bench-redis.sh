@@ -25,27 +25,34 @@ proc_cpu_us() {
   awk -v hz="$(getconf CLK_TCK)" '{printf "%d", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"
 }
 
-# CPU time (µs) of this shell's finished children so far (bash `times`).
-children_cpu_us() {
-  times | tail -1 | awk '{
+# CPU time (µs) of this shell's finished children so far, into $kids_us.
+# `times` must run in this shell, not in a pipe or $(...): a forked
+# subshell has no finished children of its own.
+children_cpu() {
+  times >"$tmp/times.txt"
+  kids_us=$(tail -1 "$tmp/times.txt" | awk '{
     t = 0
     for (i = 1; i <= 2; i++) { split($i, a, "m"); sub("s", "", a[2]); t += a[1] * 60 + a[2] }
     printf "%d", t * 1e6
-  }'
+  }')
 }
 
 # One redis-benchmark run: C connections, pipeline P, N requests.
 redis_run() {
-  local port=$1 c=$2 p=$3 n=$4 label cpu0 cpu1 kid0 kid1 t0 t1
-  label="redis-benchmark ping c=$c P=$p"
-  cpu0=$(proc_cpu_us "$RP") kid0=$(children_cpu_us) t0=$(date +%s%N)
-  if ! taskset -c "$load_cpus" redis-benchmark -h 127.0.0.1 -p "$port" -t ping -c "$c" -n "$n" -P "$p" --csv \
+  local port=$1 c=$2 p=$3 n=$4 label cpu0 cpu1 kid0 kid1 t0 t1 kids_us
+  label="redis-benchmark ping c=$c P=$p threads=$load_threads"
+  children_cpu
+  cpu0=$(proc_cpu_us "$RP") kid0=$kids_us t0=$(date +%s%N)
+  if ! taskset -c "$load_cpus" redis-benchmark -h 127.0.0.1 -p "$port" -t ping -c "$c" -n "$n" -P "$p" \
+    --threads "$load_threads" --csv \
     >"$tmp/redis.out" 2>&1; then
     echo "   FAILED: redis-benchmark -c $c -P $p: $(tail -1 "$tmp/redis.out")"
     failures=$((failures + 1))
     return 0
   fi
-  t1=$(date +%s%N) kid1=$(children_cpu_us) cpu1=$(proc_cpu_us "$RP")
+  t1=$(date +%s%N)
+  children_cpu
+  kid1=$kids_us cpu1=$(proc_cpu_us "$RP")
   # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
   tr -d '"' <"$tmp/redis.out" | awk -F, -v s="redis,pipeline,$p,$label" -v n="$n" \
     -v cpu="$((cpu1 - cpu0))" -v kid="$((kid1 - kid0))" -v ns="$((t1 - t0))" '
@@ -62,7 +69,7 @@ redis_run() {
 bench_redis() {
   echo "== PING: redis-server against cnse-dp"
   redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
-  echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'); redis-benchmark counts PING_MBULK (RESP), one client thread; latencies from its --csv (p50, p95, p99, max; it reports no p90 or p99.9). With -P 16 a latency is that of the 16-request batch." >"$out/redis.note"
+  echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'); redis-benchmark counts PING_MBULK (RESP), $load_threads client thread(s) (--threads); latencies from its --csv (p50, p95, p99, max; it reports no p90 or p99.9). With -P 16 a latency is that of the 16-request batch." >"$out/redis.note"
   local port=$((20000 + RANDOM % 20000))
   taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
     --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &

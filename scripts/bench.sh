@@ -69,6 +69,8 @@ trap 'rm -rf "$tmp"' EXIT
 bench_exe() { sed -n "s|.*Executable benches/$1.rs (\(.*\))|\1|p" "$tmp/build.log" | head -1; }
 if [ -n "${BENCH_BIN_DIR:-}" ]; then
   d=$(cd "$BENCH_BIN_DIR" && pwd)
+  # Programs carried in the bundle (redis, for a machine with no registry) come first.
+  [ ! -d "$d/redis/bin" ] || PATH=$d/redis/bin:$PATH
   B=$d/cnse-dp TOKIO=$d/tokio_peer URING=$d/tokio_uring_peer MONOIO=$d/monoio_peer MICRO=$d/micro REPORT=$d/bench_report
 else
   echo "== build (release)"

@@ -8,10 +8,12 @@
 #     THREADS_LIST="1 2 4 8" ONLY="connections load inflight ablations micro" \
 #     scripts/bench.sh "$OUT/bench-results"
 #
-# (servers on core 0, the load generator with 4 threads on cores 8-15;
-# redis is left out there: that machine reaches no package mirror to
-# install it from). scripts/device-bundle.sh starts with `rm -rf .device`: run it first
-# when both bundles are wanted.
+# (servers on core 0, the load generator with 4 threads on cores 8-15).
+# That machine reaches no package mirror, so Debian's redis-server,
+# redis-benchmark and redis-cli travel too, with their libraries
+# (.device/bench/redis, see scripts/bundle-prog.sh); bench.sh puts them
+# first on PATH, and ONLY=redis runs there. scripts/device-bundle.sh starts
+# with `rm -rf .device`: run it first when both bundles are wanted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
@@ -28,4 +30,12 @@ for b in tokio_peer tokio_uring_peer monoio_peer micro bench_report; do
   strip --strip-debug -o ".device/bench/$b" "$f"
 done
 rm -f "$log"
+if ! { command -v redis-server && command -v redis-benchmark && command -v redis-cli; } >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+fi
+. scripts/bundle-prog.sh
+for prog in redis-server redis-benchmark redis-cli; do
+  bundle_prog .device/bench/redis "$prog"
+done
+.device/bench/redis/bin/redis-server --version
 du -sh .device/bench

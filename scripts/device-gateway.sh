@@ -25,22 +25,11 @@ bundle() {
   unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
   cargo build --release --bin cnse-dp
   local d=.device-gw
-  rm -rf "$d" && mkdir -p "$d/bin/real" "$d/lib" "$d/scripts"
+  rm -rf "$d" && mkdir -p "$d/scripts"
   strip --strip-debug -o "$d/cnse-dp" target/release/cnse-dp
-  for prog in nginx haproxy; do
-    local path
-    path=$(command -v "$prog" || echo "/usr/sbin/$prog")
-    cp "$path" "$d/bin/real/$prog"
-    ldd "$path" | awk '/=> \// {print $3} /^\t\/.*ld-linux/ {print $1}' | while read -r lib; do
-      cp -L "$lib" "$d/lib/"
-    done
-    cat >"$d/bin/$prog" <<WRAP
-#!/bin/sh
-d=\$(cd "\$(dirname "\$0")/.." && pwd)
-exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/real/$prog" "\$@"
-WRAP
-    chmod +x "$d/bin/$prog"
-  done
+  . scripts/bundle-prog.sh
+  bundle_prog "$d" nginx
+  bundle_prog "$d" haproxy
   cp scripts/gateway-bench.sh scripts/gateway-table.py scripts/wait-ready.sh scripts/device-gateway.sh "$d/scripts/"
   "$d/bin/nginx" -v && "$d/bin/haproxy" -v | sed -n 1p
   du -sh "$d"

@@ -33,6 +33,14 @@
 # round, connection count and path) and OUT/gateway.md (medians over the
 # rounds, ratios cnse-dp / nginx and / haproxy). Needs root for apt-get
 # when nginx or haproxy is missing.
+#
+# Two more cnse-dp shapes, each an extra path in the same rounds:
+#   BATCH_WAIT_US=N  a second cnse-dp with `serve --batch-wait-us N`
+#                    (paths cnse-http-bwN and cnse-binary-bwN);
+#   MUX=K            the binary protocol with K streams per connection
+#                    (connections/K connections, `bench --inflight K`): the
+#                    same number of streams, their tokens sharing sends
+#                    (path cnse-binary-muxK, and cnse-binary-bwN-muxK).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/wait-ready.sh
@@ -72,11 +80,13 @@ trap cleanup EXIT
 check_alive() { kill -0 "$1" 2>/dev/null || { echo "gateway-bench: $2 exited: $(cat "$3")" >&2; exit 1; }; }
 
 # A loopback port nothing listens on (bash's /dev/tcp: no curl or python
-# needed on the device machine).
+# needed on the device machine), below the kernel's range of ephemeral
+# ports, which the runs' own connections take from.
+eph_lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 30000))
+    p=$((10000 + RANDOM % (eph_lo > 12000 ? eph_lo - 10000 : 2000)))
     (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
   done
 }
@@ -182,9 +192,19 @@ taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$cnse_port" --http-liste
 cnse_pid=$!
 pids+=("$cnse_pid")
 wait_ready "$run/cnse.log" '^http listening on'
+bw=${BATCH_WAIT_US:-}
+if [ -n "$bw" ]; then
+  bw_port=$(free_port) bw_http_port=$(free_port)
+  taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$bw_port" --http-listen 127.0.0.1:"$bw_http_port" \
+    --threads "$ncpu" --no-pin --backend llama --llama-url "http://$up" --llama-inflight 1024 \
+    --max-tokens-limit "$tokens" --admission-queue-max 4096 --batch-wait-us "$bw" >"$run/cnse-bw.log" 2>&1 &
+  bw_pid=$!
+  pids+=("$bw_pid")
+  wait_ready "$run/cnse-bw.log" '^http listening on'
+fi
 
 # Every proxy answers /health (through to the stand-in) before the runs.
-for port in "$nginx_port" "$haproxy_port" "$cnse_http_port"; do
+for port in "$nginx_port" "$haproxy_port" "$cnse_http_port" ${bw:+"$bw_http_port"}; do
   for i in $(seq 200); do
     healthy "$port" 2>/dev/null && break
     [ "$i" = 200 ] && { echo "gateway-bench: nothing answers /health on port $port" >&2; exit 1; }
@@ -225,12 +245,13 @@ csv="$out/gateway.csv"
 echo "round,connections,path,ttft_p50_us,ttft_p99_us,gap_p50_us,gap_p99_us,tokens,tokens_per_s,requests,problems,proxy_cpu_ns,proxy_cpu_ticks,client_cpu_s" >"$csv"
 # One path at one connection count: the load, with the proxy's CPU read at
 # the edges of the measured window.
-one() { # round conns path mode port pid
-  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 lcsv="$run/load.csv" a0 a1 t0 t1 usage=()
+one() { # round conns path mode port pid [streams per connection]
+  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 k=${7:-1} lcsv="$run/load.csv" a0 a1 t0 t1 usage=()
   # Every HTTP path reports usage (the stand-in always, cnse-dp's front when
   # asked), so tokens that one event carries together are counted.
   [ "$mode" = http ] && usage=(--http-include-usage)
-  taskset -c "$load_cpus" "$B" bench --mode "$mode" --addr 127.0.0.1:"$port" --connections "$c" --inflight 1 --threads "$load_threads" \
+  taskset -c "$load_cpus" "$B" bench --mode "$mode" --addr 127.0.0.1:"$port" --connections $((c / k)) --inflight "$k" \
+    --threads "$load_threads" \
     --max-tokens "$tokens" --duration-secs "$secs" --warmup-secs "$warmup" --csv "$lcsv" "${usage[@]}" >"$run/load.out" 2>&1 &
   local lp=$!
   if [ -n "$pid" ]; then
@@ -254,17 +275,25 @@ one() { # round conns path mode port pid
 }
 
 echo "== gateway-bench $(date -u +%FT%TZ): $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)), load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$out/gateway.log"
-echo "== proxies on cpus $proxy_cpus ($ncpu each), load and stand-in on $load_cpus, $tokens tokens at ${ttft_us}/${interval_us} µs, stand-in closes after a stream: $close, $secs s x $rounds rounds" | tee -a "$out/gateway.log"
+echo "== proxies on cpus $proxy_cpus ($ncpu each), load and stand-in on $load_cpus, $tokens tokens at ${ttft_us}/${interval_us} µs, stand-in closes after a stream: $close, $secs s x $rounds rounds${bw:+, batch wait $bw µs}${mux:+, $mux streams per connection}" | tee -a "$out/gateway.log"
 "$NGINX" -v 2>&1 | tee -a "$out/gateway.log"
 "$HAPROXY" -v | sed -n 1p | tee -a "$out/gateway.log"
 paths=("direct http $(cut -d: -f2 <<<"$up") -" "nginx http $nginx_port $nginx_pid" "haproxy http $haproxy_port $haproxy_pid"
   "cnse-http http $cnse_http_port $cnse_pid" "cnse-binary generate $cnse_port $cnse_pid")
+mux=${MUX:-}
+[ -z "$mux" ] || paths+=("cnse-binary-mux$mux generate $cnse_port $cnse_pid $mux")
+if [ -n "$bw" ]; then
+  paths+=("cnse-http-bw$bw http $bw_http_port $bw_pid" "cnse-binary-bw$bw generate $bw_port $bw_pid")
+  [ -z "$mux" ] || paths+=("cnse-binary-bw$bw-mux$mux generate $bw_port $bw_pid $mux")
+fi
 for r in $(seq "$rounds"); do
   for c in $conns_list; do
     for k in "${!paths[@]}"; do
-      read -r name mode port pid <<<"${paths[$(((k + r) % ${#paths[@]}))]}"
+      read -r name mode port pid per <<<"${paths[$(((k + r) % ${#paths[@]}))]}"
       [ "$pid" = - ] && pid=""
-      one "$r" "$c" "$name" "$mode" "$port" "$pid"
+      # K streams per connection need K streams at least.
+      [ "${per:-1}" -le "$c" ] || continue
+      one "$r" "$c" "$name" "$mode" "$port" "$pid" "${per:-1}"
     done
   done
 done

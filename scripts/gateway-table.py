@@ -13,7 +13,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-PATHS = ["direct", "nginx", "haproxy", "cnse-http", "cnse-binary"]
+PEERS = ["direct", "nginx", "haproxy"]
 
 
 def us(v):
@@ -26,6 +26,9 @@ def us(v):
 
 def main(path):
     rows = list(csv.DictReader(open(path)))
+    # The peers, then cnse-dp's paths in the order the run first took them.
+    mine = list(dict.fromkeys(r["path"] for r in rows if r["path"].startswith("cnse")))
+    paths = PEERS + mine
     by = defaultdict(list)  # (conns, path) -> rows
     direct = {}  # (round, conns) -> row
     for r in rows:
@@ -51,7 +54,7 @@ def main(path):
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     summary = {}
     for c in sorted({k[0] for k in by}):
-        for p in PATHS:
+        for p in paths:
             rs = by.get((c, p))
             if not rs:
                 continue
@@ -75,16 +78,16 @@ def main(path):
     print("| conns | cnse-dp path | peer | added TTFT p99 (cnse / peer) | CPU per token (cnse / peer) |")
     print("|---:|---|---|---:|---:|")
     for c in sorted({k[0] for k in summary}):
-        for mine in ["cnse-http", "cnse-binary"]:
+        for m in mine:
             for peer in ["nginx", "haproxy"]:
-                if (c, mine) not in summary or (c, peer) not in summary:
+                if (c, m) not in summary or (c, peer) not in summary:
                     continue
-                (ma, mc), (pa, pc) = summary[(c, mine)], summary[(c, peer)]
+                (ma, mc), (pa, pc) = summary[(c, m)], summary[(c, peer)]
                 # A ratio needs both above zero: an added p99 at or below
                 # zero is within the run-to-run noise of the direct path.
                 lat = f"{us(ma)} / {us(pa)}" + (f" = {ma / pa:.2f}" if pa > 0 and ma > 0 else " (no ratio: one is <= 0)")
                 cpu = f"{mc:.2f} / {pc:.2f} µs" + (f" = {mc / pc:.2f}" if pc > 0 else "")
-                print(f"| {c} | {mine} | {peer} | {lat} | {cpu} |")
+                print(f"| {c} | {m} | {peer} | {lat} | {cpu} |")
 
 
 if __name__ == "__main__":

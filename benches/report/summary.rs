@@ -326,9 +326,11 @@ fn redis(out: &mut String, dir: &Path) {
     let _ = writeln!(
         out,
         "Both servers on one core; redis-benchmark and `cnse-dp bench` on the other, same connection \
-         counts; redis `-P 16` against 16 PINGs in flight per connection.\n\n\
-         | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | redis p50 / p99 | cnse-dp p50 / p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---|---:|---:|"
+         counts; redis `-P 16` against 16 PINGs in flight per connection. \"per server CPU-second\" \
+         divides each side's rate by the share of its core it used (redis-server's from /proc), \
+         which is the per-core figure when a load generator, not the server, was the limit.\n\n\
+         | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | server CPU redis / cnse-dp | cnse-dp / redis per server CPU-second | redis p50 / p99 | cnse-dp p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     );
     for r in pts.iter().filter(|p| p.server == "redis") {
         let c = r.label_num("c");
@@ -345,14 +347,24 @@ fn redis(out: &mut String, dir: &Path) {
             (Some(_), Some(_)) => "**no**",
             _ => "not measured",
         };
+        // CPU µs per wall second, so per_cpu = requests/s ÷ (cpu/1e6).
+        let (ca, cb) = (cn.rate("server_cpu"), r.rate("server_cpu"));
+        let per_cpu = |n: Option<f64>, c: Option<f64>| match (n, c) {
+            (Some(n), Some(c)) if c > 0.0 => Some(n / (c / 1e6)),
+            _ => None,
+        };
+        let share = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{:.0} %", c / 1e4));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} / {} |",
+            "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} | {} / {} | {} / {} |",
             c.map_or("-".to_string(), |c| format!("{c:.0}")),
             r.value,
             rate(b),
             rate(a),
             ratio(a, b),
+            share(cb),
+            share(ca),
+            ratio(per_cpu(a, ca), per_cpu(b, cb)),
             us(r.pct(P50)),
             us(r.pct(P99)),
             us(cn.pct(P50)),
