@@ -98,6 +98,19 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// A second of idleness costs the server well under a tenth of a core,
+/// and a request after it is answered.
+fn idle_costs_little_then_answers(s: &Server, c: &mut Client) {
+    std::thread::sleep(Duration::from_millis(200));
+    let hz = 100; // USER_HZ on Linux
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(s.pid()) - before;
+    assert!(used * 10 < hz, "idle server used {used} ticks of CPU in 1 s");
+    c.request(1000, 0, &params(2), "again").unwrap();
+    assert_eq!(read_stream(c, 1000).last().unwrap().kind, Kind::End);
+}
+
 #[test]
 fn issue9_busy_polling_serves_then_sleeps_when_traffic_stops() {
     let mut args = synthetic(0, 0);
@@ -111,17 +124,8 @@ fn issue9_busy_polling_serves_then_sleeps_when_traffic_stops() {
         assert_eq!(token_count(&frames), 4);
     }
     // Idle: the worker polls for 2 ms after the last completion, then
-    // blocks. A second of idleness costs well under a tenth of a core
-    // (a server that kept spinning would burn all of it).
-    std::thread::sleep(Duration::from_millis(200));
-    let hz = 100; // USER_HZ on Linux
-    let before = cpu_ticks(s.pid());
-    std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_ticks(s.pid()) - before;
-    assert!(used * 10 < hz, "idle server used {used} ticks of CPU in 1 s");
-    // And it still answers at once.
-    c.request(1000, 0, &params(2), "again").unwrap();
-    assert_eq!(read_stream(&mut c, 1000).last().unwrap().kind, Kind::End);
+    // blocks (a server that kept spinning would burn its whole core).
+    idle_costs_little_then_answers(&s, &mut c);
 }
 
 #[test]
@@ -141,17 +145,8 @@ fn issue13_batched_waiting_streams_every_token_and_sleeps_when_idle() {
     }
     // Idle: a window with nothing in it must not end the wait (the ring
     // passes the kernel an overall timeout), so the worker does not wake
-    // every 50 µs: a second of idleness costs well under a tenth of a core.
-    std::thread::sleep(Duration::from_millis(200));
-    let hz = 100; // USER_HZ on Linux
-    let before = cpu_ticks(s.pid());
-    std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_ticks(s.pid()) - before;
-    assert!(used * 10 < hz, "idle server used {used} ticks of CPU in 1 s");
-    // A request to the idle server is answered.
-    let c = &mut clients[0];
-    c.request(100, 0, &params(2), "again").unwrap();
-    assert_eq!(read_stream(c, 100).last().unwrap().kind, Kind::End);
+    // every 50 µs.
+    idle_costs_little_then_answers(&s, &mut clients[0]);
 }
 
 #[test]
