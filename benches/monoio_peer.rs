@@ -50,32 +50,23 @@ async fn serve(mut sock: monoio::net::TcpStream) {
 }
 
 fn main() {
-    let Some(args) = PeerArgs::parse("monoio_peer") else {
-        return;
-    };
-    let threads: Vec<_> = session::listeners(&args)
-        .into_iter()
-        .enumerate()
-        .map(|(t, listener)| {
-            let cpus = args.cpus.clone();
-            std::thread::spawn(move || {
-                session::pin(&cpus, t);
-                let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(RING_ENTRIES)
-                    .build()
-                    .expect("monoio io_uring runtime");
-                rt.block_on(async move {
-                    let listener = monoio::net::TcpListener::from_std(listener).expect("monoio listener");
-                    loop {
-                        if let Ok((sock, _)) = listener.accept().await {
-                            monoio::spawn(serve(sock));
-                        }
-                    }
-                });
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
+    if let Some(args) = PeerArgs::parse("monoio_peer") {
+        session::thread_per_core(&args, run);
     }
+}
+
+/// One thread's runtime and accept loop.
+fn run(listener: std::net::TcpListener) {
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .with_entries(RING_ENTRIES)
+        .build()
+        .expect("monoio io_uring runtime");
+    rt.block_on(async move {
+        let listener = monoio::net::TcpListener::from_std(listener).expect("monoio listener");
+        loop {
+            if let Ok((sock, _)) = listener.accept().await {
+                monoio::spawn(serve(sock));
+            }
+        }
+    });
 }

@@ -45,33 +45,24 @@ async fn serve(mut sock: tokio::net::TcpStream) {
 }
 
 fn main() {
-    let Some(args) = PeerArgs::parse("tokio_peer") else {
-        return;
-    };
-    let threads: Vec<_> = session::listeners(&args)
-        .into_iter()
-        .enumerate()
-        .map(|(t, listener)| {
-            let cpus = args.cpus.clone();
-            std::thread::spawn(move || {
-                session::pin(&cpus, t);
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(async move {
-                    listener.set_nonblocking(true).expect("non-blocking listener");
-                    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    loop {
-                        if let Ok((sock, _)) = listener.accept().await {
-                            tokio::task::spawn(serve(sock));
-                        }
-                    }
-                });
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
+    if let Some(args) = PeerArgs::parse("tokio_peer") {
+        session::thread_per_core(&args, run);
     }
+}
+
+/// One thread's runtime and accept loop.
+fn run(listener: std::net::TcpListener) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        loop {
+            if let Ok((sock, _)) = listener.accept().await {
+                tokio::task::spawn(serve(sock));
+            }
+        }
+    });
 }

@@ -47,28 +47,19 @@ async fn serve(sock: tokio_uring::net::TcpStream) {
 }
 
 fn main() {
-    let Some(args) = PeerArgs::parse("tokio_uring_peer") else {
-        return;
-    };
-    let threads: Vec<_> = session::listeners(&args)
-        .into_iter()
-        .enumerate()
-        .map(|(t, listener)| {
-            let cpus = args.cpus.clone();
-            std::thread::spawn(move || {
-                session::pin(&cpus, t);
-                tokio_uring::start(async move {
-                    let listener = tokio_uring::net::TcpListener::from_std(listener);
-                    loop {
-                        if let Ok((sock, _)) = listener.accept().await {
-                            tokio_uring::spawn(serve(sock));
-                        }
-                    }
-                });
-            })
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
+    if let Some(args) = PeerArgs::parse("tokio_uring_peer") {
+        session::thread_per_core(&args, run);
     }
+}
+
+/// One thread's runtime and accept loop.
+fn run(listener: std::net::TcpListener) {
+    tokio_uring::start(async move {
+        let listener = tokio_uring::net::TcpListener::from_std(listener);
+        loop {
+            if let Ok((sock, _)) = listener.accept().await {
+                tokio_uring::spawn(serve(sock));
+            }
+        }
+    });
 }

@@ -302,7 +302,7 @@ pub fn reuseport_listener(addr: std::net::SocketAddr) -> std::io::Result<std::ne
 
 /// Binds one listener per thread on one port (the first resolves port 0)
 /// and prints `listening on ADDR`, the line scripts wait for.
-pub fn listeners(args: &PeerArgs) -> Vec<std::net::TcpListener> {
+fn listeners(args: &PeerArgs) -> Vec<std::net::TcpListener> {
     let first = reuseport_listener(args.listen).unwrap_or_else(|e| panic!("bind {}: {e}", args.listen));
     let addr = first.local_addr().expect("a bound listener has an address");
     let mut all = vec![first];
@@ -315,9 +315,30 @@ pub fn listeners(args: &PeerArgs) -> Vec<std::net::TcpListener> {
 
 /// Pins the calling thread to the `t`-th CPU of `--cpus` (round robin);
 /// without `--cpus` the thread stays free.
-pub fn pin(cpus: &[usize], t: usize) {
+fn pin(cpus: &[usize], t: usize) {
     if let Some(&cpu) = cpus.get(t % cpus.len().max(1)) {
         let _ = cnse_ring::pin_current_thread_to(cpu);
+    }
+}
+
+/// The shape every peer shares, thread per core: one thread per
+/// `--threads`, pinned as `--cpus` says, each running `run` on its own
+/// SO_REUSEPORT listener (the runtime and its accept loop are the peer's
+/// own); returns when they all end.
+pub fn thread_per_core(args: &PeerArgs, run: fn(std::net::TcpListener)) {
+    let threads: Vec<_> = listeners(args)
+        .into_iter()
+        .enumerate()
+        .map(|(t, listener)| {
+            let cpus = args.cpus.clone();
+            std::thread::spawn(move || {
+                pin(&cpus, t);
+                run(listener);
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
     }
 }
 
