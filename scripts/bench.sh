@@ -16,7 +16,8 @@
 # send_mode" a subset of the ablations, AB_ROUNDS the DEFER_TASKRUN on/off
 # pairs run in turn (default 1), SEND_MODES the send modes (default "plain
 # zc fixed zc-fixed"). ONLY="connections load inflight ablations redis http
-# micro scale" runs a subset. The scale step holds IDLE_CONNS idle connections (default:
+# micro scale" runs a subset. LOAD_POLL_US=N adds to the open-loop step a
+# server of its own, cnse-dp-poll (`serve --busy-poll-us N`). The scale step holds IDLE_CONNS idle connections (default:
 # what one process's open-file limit allows; 1,000 with --quick) on
 # IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
 # from IDLE_SOURCES loopback source addresses (default 4), and runs
@@ -120,6 +121,8 @@ start_server() {
   case $name in
     cnse-dp) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
       --synthetic-ttft-us 0 --synthetic-token-interval-us 0 "$@" >"$log" 2>&1 & ;;
+    cnse-dp-poll) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
+      --synthetic-ttft-us 0 --synthetic-token-interval-us 0 --busy-poll-us "$LOAD_POLL_US" "$@" >"$log" 2>&1 & ;;
     tokio) taskset -c "$cpus" "$TOKIO" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
     tokio-uring) taskset -c "$cpus" "$URING" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
     monoio) taskset -c "$cpus" "$MONOIO" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
@@ -181,14 +184,17 @@ fi
 if [[ " $only " == *" load "* ]]; then
   echo "== latency vs offered load (open loop at fractions of each server's own closed-loop peak)"
   declare -A peaks
-  for s in $servers; do
+  # LOAD_POLL_US=N adds cnse-dp with `serve --busy-poll-us N` as a server
+  # of its own (its own peak and fractions; the peers do not spin).
+  load_servers="$servers${LOAD_POLL_US:+ cnse-dp-poll}"
+  for s in $load_servers; do
     start_server "$s"
     run load "$s" load peak "${gen[@]}" --connections 64 --inflight 4
     peaks[$s]=$(peak_of)
     stop_server
   done
   for f in $fractions; do
-    for s in $servers; do
+    for s in $load_servers; do
       peak=${peaks[$s]:-0}
       [ -n "$peak" ] && [ "$peak" -gt 0 ] || continue
       start_server "$s"
