@@ -118,11 +118,11 @@ start_server() {
   starts=$((starts + 1))
   local name=$1 threads=${2:-1} cpus=${3:-$server_cpu} log=$tmp/server.$starts.log
   shift $(($# < 3 ? $# : 3))
+  # cnse-dp-poll is cnse-dp polling its ring (LOAD_POLL_US).
+  [ "$name" != cnse-dp-poll ] || set -- --busy-poll-us "$LOAD_POLL_US" "$@"
   case $name in
-    cnse-dp) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
+    cnse-dp | cnse-dp-poll) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
       --synthetic-ttft-us 0 --synthetic-token-interval-us 0 "$@" >"$log" 2>&1 & ;;
-    cnse-dp-poll) taskset -c "$cpus" "$B" serve --listen 127.0.0.1:0 --threads "$threads" \
-      --synthetic-ttft-us 0 --synthetic-token-interval-us 0 --busy-poll-us "$LOAD_POLL_US" "$@" >"$log" 2>&1 & ;;
     tokio) taskset -c "$cpus" "$TOKIO" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
     tokio-uring) taskset -c "$cpus" "$URING" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;
     monoio) taskset -c "$cpus" "$MONOIO" --listen 127.0.0.1:0 --threads "$threads" --cpus "$cpus" >"$log" 2>&1 & ;;

@@ -184,24 +184,24 @@ taskset -c "$proxy_cpus" "$HAPROXY" -db -f "$run/haproxy.cfg" >"$run/haproxy.log
 haproxy_pid=$!
 pids+=("$haproxy_pid")
 
-# --- cnse-dp
-cnse_port=$(free_port) cnse_http_port=$(free_port)
-taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$cnse_port" --http-listen 127.0.0.1:"$cnse_http_port" \
-  --threads "$ncpu" --no-pin --backend llama --llama-url "http://$up" --llama-inflight 1024 \
-  --max-tokens-limit "$tokens" --admission-queue-max 4096 >"$run/cnse.log" 2>&1 &
-cnse_pid=$!
-pids+=("$cnse_pid")
-wait_ready "$run/cnse.log" '^http listening on'
-bw=${BATCH_WAIT_US:-}
-if [ -n "$bw" ]; then
-  bw_port=$(free_port) bw_http_port=$(free_port)
-  taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$bw_port" --http-listen 127.0.0.1:"$bw_http_port" \
+# --- cnse-dp: start_cnse NAME [serve flags...] sets NAME_port, NAME_http_port
+# and NAME_pid once its HTTP front listens.
+start_cnse() {
+  local name=$1 port http_port
+  shift
+  port=$(free_port) http_port=$(free_port)
+  taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$port" --http-listen 127.0.0.1:"$http_port" \
     --threads "$ncpu" --no-pin --backend llama --llama-url "http://$up" --llama-inflight 1024 \
-    --max-tokens-limit "$tokens" --admission-queue-max 4096 --batch-wait-us "$bw" >"$run/cnse-bw.log" 2>&1 &
-  bw_pid=$!
-  pids+=("$bw_pid")
-  wait_ready "$run/cnse-bw.log" '^http listening on'
-fi
+    --max-tokens-limit "$tokens" --admission-queue-max 4096 "$@" >"$run/$name.log" 2>&1 &
+  pids+=($!)
+  printf -v "${name}_pid" %s $!
+  printf -v "${name}_port" %s "$port"
+  printf -v "${name}_http_port" %s "$http_port"
+  wait_ready "$run/$name.log" '^http listening on'
+}
+start_cnse cnse
+bw=${BATCH_WAIT_US:-} mux=${MUX:-}
+[ -z "$bw" ] || start_cnse bw --batch-wait-us "$bw"
 
 # Every proxy answers /health (through to the stand-in) before the runs.
 for port in "$nginx_port" "$haproxy_port" "$cnse_http_port" ${bw:+"$bw_http_port"}; do
@@ -214,6 +214,7 @@ done
 check_alive "$nginx_pid" nginx "$run/nginx.log"
 check_alive "$haproxy_pid" haproxy "$run/haproxy.log"
 check_alive "$cnse_pid" cnse-dp "$run/cnse.log"
+[ -z "$bw" ] || check_alive "$bw_pid" "cnse-dp --batch-wait-us" "$run/bw.log"
 
 # A process and its children (nginx's workers).
 tree() { echo "$1"; awk -v p="$1" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null || true; }
@@ -280,7 +281,6 @@ echo "== proxies on cpus $proxy_cpus ($ncpu each), load and stand-in on $load_cp
 "$HAPROXY" -v | sed -n 1p | tee -a "$out/gateway.log"
 paths=("direct http $(cut -d: -f2 <<<"$up") -" "nginx http $nginx_port $nginx_pid" "haproxy http $haproxy_port $haproxy_pid"
   "cnse-http http $cnse_http_port $cnse_pid" "cnse-binary generate $cnse_port $cnse_pid")
-mux=${MUX:-}
 [ -z "$mux" ] || paths+=("cnse-binary-mux$mux generate $cnse_port $cnse_pid $mux")
 if [ -n "$bw" ]; then
   paths+=("cnse-http-bw$bw http $bw_http_port $bw_pid" "cnse-binary-bw$bw generate $bw_port $bw_pid")
