@@ -1,8 +1,10 @@
 //! Micro-benchmarks of the hot paths (issue 13), with divan: the header
 //! view and its checks, the frame decoder over a byte stream, TOKENS
 //! encoding, one llama-server SSE line, manifest access in the model store
-//! (rkyv, zero-copy) and chunk hashing (ring SHA-256 over 64 KiB leaves,
-//! the Merkle root over them).
+//! (rkyv, zero-copy), chunk hashing (ring SHA-256 over 64 KiB leaves,
+//! the Merkle root over them), and one whole loop turn of the session
+//! layer without a kernel (`session_turn`, `micro/session.rs`): the user
+//! space part of a request's server time.
 //!
 //! ```sh
 //! cargo bench --bench micro                       # every benchmark
@@ -15,6 +17,9 @@ use std::path::Path;
 use cnse_proto::{put_tokens, Direction, FrameDecoder, Header, Kind, HEADER_BYTES, PAYLOAD_BYTES_MAX_DEFAULT};
 use cnse_store::{merkle, ChunkScheme, Digest, Manifest, ManifestRecord, DIGEST_BYTES};
 use divan::{black_box, counter::BytesCount, counter::ItemsCount, Bencher};
+
+#[path = "micro/session.rs"]
+mod session;
 
 fn main() {
     divan::main();

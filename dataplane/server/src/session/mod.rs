@@ -154,6 +154,11 @@ impl<T: Transport> Session<T> {
         }
     }
 
+    /// The I/O layer it drives (a benchmark's or test's transport).
+    pub fn io_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+
     pub fn cfg(&self) -> &Config {
         &self.tables.cfg
     }

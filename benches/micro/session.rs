@@ -1,0 +1,145 @@
+//! The session layer's own cost per request, without a kernel: one loop
+//! turn of `Session` (frames in, the zero-delay synthetic backend, credit,
+//! framing, one send per connection) driven through a transport that only
+//! notes what it was asked to send. What it measures is the part of a
+//! request's server time that is cnse-dp's code; `scripts/bench.sh`'s
+//! inflight step measures the same shape with the kernel's TCP work added.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
+use cnse_backend::{BackendFactory, Io, Params};
+use cnse_proto::{put_hello, put_request};
+use cnse_server::session::Session;
+use cnse_server::transport::{ConnRef, Transport};
+use cnse_server::Config;
+use divan::{counter::ItemsCount, Bencher};
+
+/// A transport that accepts every operation and completes none by itself:
+/// the benchmark completes each send in full at the next turn.
+#[derive(Default)]
+struct NoteIo {
+    now: Option<Instant>,
+    sends: Vec<(ConnRef, usize)>,
+}
+
+impl Io for NoteIo {
+    fn now(&self) -> Instant {
+        self.now.expect("set before the first turn")
+    }
+
+    unsafe fn submit(&mut self, _tag: u64, _entry: cnse_ring::squeue::Entry) {
+        panic!("the synthetic backend submits no ring operations");
+    }
+}
+
+impl Transport for NoteIo {
+    fn recv(&mut self, _conn: ConnRef) {}
+
+    fn cancel_recv(&mut self, _conn: ConnRef) {}
+
+    unsafe fn send(&mut self, conn: ConnRef, data: &[u8]) {
+        self.sends.push((conn, data.len()));
+    }
+
+    fn shutdown(&mut self, _fd: RawFd) {}
+
+    fn close(&mut self, _fd: RawFd) {}
+}
+
+/// `conns` connections past their handshake, each of which sends the same
+/// `inflight` REQUESTs (16 tokens, unlimited credit) every turn; every
+/// stream ends within its turn, so the stream ids are free again.
+struct Rig {
+    session: Session<NoteIo>,
+    conns: Vec<(u32, u32)>,
+    requests: Vec<u8>,
+    now: Instant,
+}
+
+impl Rig {
+    fn new(conns: usize, inflight: usize) -> Rig {
+        let cfg = Arc::new(Config::default());
+        let backend = SyntheticFactory::new(SyntheticConfig {
+            ttft: Duration::ZERO,
+            token_interval: Duration::ZERO,
+            ..SyntheticConfig::default()
+        })
+        .build(0)
+        .expect("the synthetic backend");
+        let now = Instant::now();
+        let io = NoteIo {
+            now: Some(now),
+            sends: Vec::new(),
+        };
+        let mut session = Session::new(cfg, backend, io, now, conns.next_power_of_two(), 0);
+        let params = Params {
+            max_tokens: 16,
+            ..Params::default()
+        };
+        let mut requests = Vec::new();
+        for id in 1..=inflight as u64 {
+            put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
+        }
+        let mut hello = Vec::new();
+        put_hello(&mut hello, b"");
+        session.begin_turn(now);
+        let conns = (0..conns)
+            .map(|i| {
+                let slot = session.on_accept(1000 + i as RawFd).expect("a free connection slot");
+                session.on_input(slot, 0, &hello);
+                (slot, 0)
+            })
+            .collect();
+        session.end_turn();
+        let mut rig = Rig {
+            session,
+            conns,
+            requests,
+            now,
+        };
+        rig.turn(false);
+        rig
+    }
+
+    /// One loop turn: last turn's sends complete, every connection's
+    /// requests arrive, then the backend, the flush and the sends.
+    fn turn(&mut self, with_requests: bool) {
+        self.now += Duration::from_micros(10);
+        self.session.io_mut().now = Some(self.now);
+        self.session.begin_turn(self.now);
+        let mut sends = std::mem::take(&mut self.session.io_mut().sends);
+        for &(c, len) in &sends {
+            self.session.on_send_done(c.slot, c.gen, len as i32);
+        }
+        sends.clear();
+        // The buffer goes back (capacity kept); what this turn queued meanwhile
+        // is none: completions only mark connections dirty.
+        debug_assert!(self.session.io_mut().sends.is_empty());
+        self.session.io_mut().sends = sends;
+        if with_requests {
+            for &(slot, gen) in &self.conns {
+                self.session.on_input(slot, gen, &self.requests);
+            }
+        }
+        self.session.end_turn();
+    }
+}
+
+/// Requests per turn: `conns` × `inflight`, each of 16 tokens.
+#[divan::bench(args = [(64, 4), (64, 64), (256, 1)])]
+fn session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
+    let mut rig = Rig::new(conns, inflight);
+    rig.turn(true);
+    let before = rig.session.counters();
+    rig.turn(true);
+    let after = rig.session.counters();
+    let n = (conns * inflight) as u64;
+    assert_eq!(after.requests - before.requests, n, "every request taken in one turn");
+    assert_eq!(after.tokens_sent - before.tokens_sent, 16 * n, "and answered in it");
+    assert_eq!(after.streams_open, 0, "every stream ended");
+    b.counter(ItemsCount::new(conns * inflight))
+        .bench_local(|| rig.turn(true));
+}
