@@ -16,13 +16,13 @@
 # with `rm -rf .device`: run it first when both bundles are wanted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bundle-prog.sh
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
-cargo build --release --bin cnse-dp
 log=$(mktemp)
 cargo bench --no-run --bench tokio_peer --bench tokio_uring_peer --bench monoio_peer --bench micro --bench bench_report \
   2>&1 | tee "$log"
 rm -rf .device/bench && mkdir -p .device/bench
-strip --strip-debug -o .device/bench/cnse-dp target/release/cnse-dp
+bundle_cnse .device/bench
 for b in tokio_peer tokio_uring_peer monoio_peer micro bench_report; do
   # The executable cargo names (a test of the same name shares the glob).
   f=$(sed -n "s|.*Executable benches/$b.rs (\(.*\))|\1|p" "$log" | head -1)
@@ -33,7 +33,6 @@ rm -f "$log"
 if ! { command -v redis-server && command -v redis-benchmark && command -v redis-cli; } >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
-. scripts/bundle-prog.sh
 for prog in redis-server redis-benchmark redis-cli; do
   bundle_prog .device/bench/redis "$prog"
 done

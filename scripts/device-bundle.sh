@@ -5,16 +5,16 @@
 # Then, on that machine, from the checkout root: bash .device/device-run.sh [all|gpu|core|llama]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The bundle runs on another machine, whose CPU may lack this one's
+. scripts/bundle-prog.sh
+# The tests too run on another machine, whose CPU may lack this one's
 # extensions: build for baseline x86-64 whatever RUSTFLAGS say here.
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
-cargo build --release --bin cnse-dp
 tests=$( (cargo test --release --no-run -p cnse-kernels --lib --tests 2>&1;
   cargo test --release --no-run -p cnse-dp --test gpu_sampling --test gpu_load --test gpu_cli --test gpu_synthetic --test gpu_sha256 --test gpu_verify_merkle --test gpu_resident 2>&1) \
   | grep -oE 'target/release/deps/[a-z0-9_]+-[0-9a-f]+' | sort -u)
 [ -n "$tests" ] || { echo "device-bundle: no test executables built" >&2; exit 1; }
 rm -rf .device && mkdir -p .device/tests
-strip --strip-debug -o .device/cnse-dp target/release/cnse-dp
+bundle_cnse .device
 for t in $tests; do strip --strip-debug -o ".device/tests/$(basename "$t")" "$t"; done
 # The test executables run the binary at the path cargo baked into them.
 echo "$(pwd)/target/release/cnse-dp" > .device/cnse-dp.path

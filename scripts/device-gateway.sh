@@ -22,12 +22,10 @@ bundle() {
   cd "$here"
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt-get install -y -q nginx
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt-get install -y -q haproxy
-  unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS
-  cargo build --release --bin cnse-dp
   local d=.device-gw
   rm -rf "$d" && mkdir -p "$d/scripts"
-  strip --strip-debug -o "$d/cnse-dp" target/release/cnse-dp
   . scripts/bundle-prog.sh
+  bundle_cnse "$d"
   bundle_prog "$d" nginx
   bundle_prog "$d" haproxy
   cp scripts/gateway-bench.sh scripts/gateway-table.py scripts/wait-ready.sh scripts/device-gateway.sh "$d/scripts/"

@@ -79,15 +79,22 @@ trap cleanup EXIT
 # A proxy that exits early shows its log.
 check_alive() { kill -0 "$1" 2>/dev/null || { echo "gateway-bench: $2 exited: $(cat "$3")" >&2; exit 1; }; }
 
-# A loopback port nothing listens on (bash's /dev/tcp: no curl or python
-# needed on the device machine), below the kernel's range of ephemeral
-# ports, which the runs' own connections take from.
+# free_port VAR: sets VAR to a loopback port nothing listens on (bash's
+# /dev/tcp: no curl or python needed on the device machine) and that no
+# earlier call handed out (a server binds its ports only later: two probes
+# before either bind would find the same port free), below the kernel's
+# range of ephemeral ports, which the runs' own connections take from.
 eph_lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+handed=" "
 free_port() {
   local p
   while :; do
     p=$((10000 + RANDOM % (eph_lo > 12000 ? eph_lo - 10000 : 2000)))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    [[ "$handed" != *" $p "* ]] || continue
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && continue
+    handed+="$p "
+    printf -v "$1" %s "$p"
+    return
   done
 }
 # GET /health answers 200.
@@ -109,7 +116,7 @@ wait_ready "$run/standin.log" '^listening on'
 up=$(sed -n 's/^listening on http:\/\///p' "$run/standin.log")
 
 # --- nginx
-nginx_port=$(free_port)
+free_port nginx_port
 mkdir -p "$run/nginx"
 cat >"$run/nginx/nginx.conf" <<EOF
 user root root;
@@ -157,7 +164,7 @@ nginx_pid=$!
 pids+=("$nginx_pid")
 
 # --- haproxy
-haproxy_port=$(free_port)
+free_port haproxy_port
 cat >"$run/haproxy.cfg" <<EOF
 global
   nbthread $ncpu
@@ -189,7 +196,8 @@ pids+=("$haproxy_pid")
 start_cnse() {
   local name=$1 port http_port
   shift
-  port=$(free_port) http_port=$(free_port)
+  free_port port
+  free_port http_port
   taskset -c "$proxy_cpus" "$B" serve --listen 127.0.0.1:"$port" --http-listen 127.0.0.1:"$http_port" \
     --threads "$ncpu" --no-pin --backend llama --llama-url "http://$up" --llama-inflight 1024 \
     --max-tokens-limit "$tokens" --admission-queue-max 4096 "$@" >"$run/$name.log" 2>&1 &
