@@ -2,37 +2,21 @@
 //! file, a corrupted chunk aborts the load, names the chunk and frees the
 //! device memory. Without a CUDA driver each test prints why it is skipped.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod gpu_common;
+
+use std::path::Path;
 
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{KernelError, LoadOptions, Mover, SourceMode, Streamer, StreamerConfig};
+use gpu_common::{noise, temp_file, TempFile};
 
 fn gpu_present() -> bool {
     cnse_kernels::device::gpu_or_skip()
 }
 
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn blob(tag: &str, len: usize) -> (TempFile, Vec<u8>) {
-    let mut x = 0x1234_5678_9ABC_DEF1u64 ^ len as u64;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let path = std::env::temp_dir().join(format!("cnse-gpu-load-{tag}-{}", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
-    (TempFile(path), data)
+    let data = noise(len, 1);
+    (temp_file(&format!("load-{tag}"), &data), data)
 }
 
 fn device_bytes(blob: &cnse_kernels::DeviceBlob) -> Vec<u8> {

@@ -14,7 +14,7 @@ use cnse_kernels::{
     DeviceBlob, GpuVerifier, GpuVerifyOptions, LeafSpec, LoadOptions, Mover, ResidentOptions, SourceMode, Streamer,
     StreamerConfig,
 };
-use gpu_common::{or_skip, random, temp_file, TempFile};
+use gpu_common::{noise, or_skip, temp_file, TempFile};
 
 const CHUNK: u64 = 16 << 20;
 const LEAF: u64 = 64 << 10;
@@ -27,7 +27,7 @@ struct Blob {
 }
 
 fn blob(tag: &str, len: usize, seed: u64) -> Blob {
-    let data = random(len, seed);
+    let data = noise(len, seed);
     let file = temp_file(&format!("resident-{tag}"), &data);
     let (spec, leaves) = OwnedSpec::from_file_with_leaves(&file.0, CHUNK, LEAF, 4).unwrap();
     Blob {

@@ -5,26 +5,14 @@
 //! manifest of a store. Without a CUDA driver each test prints why it is
 //! skipped (and fails under CNSE_REQUIRE_GPU=1).
 
-use std::io::Write;
-use std::path::PathBuf;
+mod gpu_common;
 
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{
     DeviceBuffer, GpuVerifier, GpuVerifyOptions, KernelError, LeafHasher, LeafSpec, LoadOptions, Mover, SourceMode,
     Streamer, StreamerConfig,
 };
-
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ len as u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use gpu_common::{noise, temp_file};
 
 fn ring_sha(b: &[u8]) -> [u8; 32] {
     ring::digest::digest(&ring::digest::SHA256, b)
@@ -37,20 +25,6 @@ fn on_device(ctx: &std::sync::Arc<cnse_kernels::cudarc::driver::CudaContext>, b:
     let mut d = DeviceBuffer::new(ctx, b.len()).unwrap();
     d.copy_from_host(0, b).unwrap();
     d
-}
-
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp_file(tag: &str, data: &[u8]) -> TempFile {
-    let path = std::env::temp_dir().join(format!("cnse-gpu-sha-{tag}-{}", std::process::id()));
-    std::fs::File::create(&path).unwrap().write_all(data).unwrap();
-    TempFile(path)
 }
 
 fn pool(threads: usize, mover: Mover) -> StreamerConfig {
@@ -79,7 +53,7 @@ fn issue15_gpu_sha256_equals_ring_at_every_boundary() {
         }
     }
     for (i, &n) in lengths.iter().enumerate() {
-        let data = random(n, i as u64);
+        let data = noise(n, i as u64);
         let dev = on_device(&ctx, &data);
         assert_eq!(h.digest(&dev, n as u64).unwrap(), ring_sha(&data), "length {n}");
     }
@@ -98,7 +72,7 @@ fn issue15_gpu_leaf_digests_equal_the_stores() {
         (100, 4096),
         (1 << 20, 1 << 20),
     ] {
-        let data = random(len, 7);
+        let data = noise(len, 7);
         let dev = on_device(&ctx, &data);
         let want = cnse_store::leaf_digests_parallel(&data, leaf, 4);
         assert_eq!(
@@ -122,7 +96,7 @@ fn issue15_gpu_verified_load_puts_the_files_bytes_on_the_device() {
     }
     // A short last chunk and a short last leaf; windows of one chunk and of
     // several; both movers; one worker and several.
-    let data = random((9 << 20) + 4096 + 77, 3);
+    let data = noise((9 << 20) + 4096 + 77, 3);
     let file = temp_file("bytes", &data);
     for mover in [Mover::CopyEngine, Mover::Kernel] {
         let mut st = Streamer::new(0, pool(4, mover)).unwrap();
@@ -173,7 +147,7 @@ fn issue15_a_flipped_bit_anywhere_is_caught_and_named() {
     }
     let chunk = 1u64 << 20;
     let leaf = 64u64 << 10;
-    let data = random((6 << 20) + 1000, 11);
+    let data = noise((6 << 20) + 1000, 11);
     let file = temp_file("flip", &data);
     let (spec, leaf_sums) = specs(&file.0, chunk, leaf);
     let leaves = LeafSpec {
@@ -254,7 +228,7 @@ fn issue15_host_and_gpu_verification_agree_on_every_manifest_in_a_store() {
     .into_iter()
     .enumerate()
     {
-        let f = temp_file(&format!("store{i}"), &random(len, 100 + i as u64));
+        let f = temp_file(&format!("store{i}"), &noise(len, 100 + i as u64));
         // SAFETY: the test's own file, not truncated while mapped.
         let src = unsafe { cnse_store::SourceFile::open(&f.0) }.unwrap();
         let opts = cnse_store::PutOptions {

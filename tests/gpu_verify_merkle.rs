@@ -11,7 +11,7 @@ use std::process::Command;
 
 use cnse_kernels::stream::OwnedSpec;
 use cnse_kernels::{GpuVerifier, GpuVerifyOptions, KernelError, LeafSpec, LoadOptions, SourceMode, Streamer};
-use gpu_common::{random, temp_file};
+use gpu_common::{noise, temp_file};
 
 fn device_free() -> usize {
     cnse_kernels::cudarc::driver::result::mem_get_info().unwrap().0
@@ -24,7 +24,7 @@ fn issue15_a_leaf_mismatch_stops_the_load_before_the_rest_is_copied() {
     }
     let (chunk, leaf) = (16u64 << 20, 64u64 << 10);
     let size = 3u64 << 30;
-    let data = random(size as usize, 21);
+    let data = noise(size as usize, 21);
     let file = temp_file("merkle-early", &data);
     let (spec, leaf_sums) = OwnedSpec::from_file_with_leaves(&file.0, chunk, leaf, 8).unwrap();
     let leaves = LeafSpec {
@@ -93,7 +93,7 @@ fn issue15_leaves_that_do_not_hash_to_the_chunk_digests_are_refused() {
         return;
     }
     let (chunk, leaf) = (1u64 << 20, 64u64 << 10);
-    let data = random((8 << 20) + 100, 22);
+    let data = noise((8 << 20) + 100, 22);
     let file = temp_file("merkle-unbound", &data);
     let (spec, _) = OwnedSpec::from_file_with_leaves(&file.0, chunk, leaf, 4).unwrap();
     // Bytes changed in chunk 2, and leaves forged to match them: every leaf
@@ -159,7 +159,7 @@ fn issue15_a_format_2_manifest_loads_verified_on_the_host_until_upgraded() {
     let dir = std::env::temp_dir().join(format!("cnse-gpu-merkle-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let data = random((5 << 20) + 3, 23);
+    let data = noise((5 << 20) + 3, 23);
     let file = dir.join("m.bin");
     std::fs::write(&file, &data).unwrap();
     let store = cnse_store::Store::open(dir.join("store")).unwrap();

@@ -1,6 +1,7 @@
 //! Helpers shared by the GPU suites (`tests/gpu_resident.rs`,
-//! `tests/gpu_verify_merkle.rs`): the visible skip when the device lacks
-//! what a test needs, deterministic bytes and temporary files.
+//! `gpu_verify_merkle.rs`, `gpu_sha256.rs`, `gpu_load.rs`): the visible
+//! skip when the device lacks what a test needs, deterministic bytes and
+//! temporary files.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -13,19 +14,9 @@ pub fn or_skip(ok: bool, why: &str) -> bool {
     cnse_kernels::device::or_skip(ok, why, why)
 }
 
-/// Fast deterministic bytes (xorshift, eight at a time).
-pub fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ len as u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+#[path = "../noise/mod.rs"]
+mod bytes;
+pub use bytes::noise;
 
 /// A file removed on drop.
 pub struct TempFile(pub PathBuf);

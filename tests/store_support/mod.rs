@@ -100,19 +100,9 @@ pub fn put(store: &Path, file: &Path, extra: &[&str]) -> String {
     last
 }
 
-/// Deterministic, incompressible bytes.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+#[path = "../noise/mod.rs"]
+mod bytes;
+pub use bytes::noise;
 
 pub fn write_noise(path: &Path, len: usize, seed: u64) {
     std::fs::write(path, noise(len, seed)).unwrap();
