@@ -42,7 +42,8 @@ pub const P50: usize = 0;
 pub const P99: usize = 3;
 pub const P999: usize = 4;
 
-/// One run: every metric row of it.
+/// One run, or the median of a run repeated in rounds: every metric row
+/// of it.
 #[derive(Clone, Debug, Default)]
 pub struct Point {
     pub server: String,
@@ -50,6 +51,8 @@ pub struct Point {
     pub value: String,
     pub run: String,
     pub metrics: BTreeMap<String, Row>,
+    /// Rounds folded into this point (1: a single run).
+    pub rounds: usize,
 }
 
 impl Point {
@@ -207,27 +210,95 @@ pub fn load(dir: &Path, file: &str) -> Vec<Row> {
     rows
 }
 
-/// Rows grouped into runs, in the order they were written.
+/// Rows grouped into runs, in the order they were written; a run repeated
+/// in rounds (`scripts/bench.sh` with `ROUNDS=N` labels them ` r=1`,
+/// ` r=2`, ...) becomes one point of the rounds' medians.
 pub fn points(rows: &[Row]) -> Vec<Point> {
-    let mut out: Vec<Point> = Vec::new();
+    let mut runs: Vec<Point> = Vec::new();
     for r in rows {
         let same = |p: &Point| p.server == r.server && p.param == r.param && p.value == r.value && p.run == r.run;
-        let i = match out.iter().position(same) {
+        let i = match runs.iter().position(same) {
             Some(i) => i,
             None => {
-                out.push(Point {
+                runs.push(Point {
                     server: r.server.clone(),
                     param: r.param.clone(),
                     value: r.value.clone(),
                     run: r.run.clone(),
                     metrics: BTreeMap::new(),
+                    rounds: 1,
                 });
-                out.len() - 1
+                runs.len() - 1
             }
         };
-        out[i].metrics.insert(r.metric.clone(), r.clone());
+        runs[i].metrics.insert(r.metric.clone(), r.clone());
     }
-    out
+    // Rounds of one run, in the order the first of them was written.
+    let mut groups: Vec<Vec<Point>> = Vec::new();
+    for mut p in runs {
+        p.run = split_round(&p.run).to_string();
+        let same = |g: &Vec<Point>| {
+            let q = &g[0];
+            q.server == p.server && q.param == p.param && q.value == p.value && q.run == p.run
+        };
+        match groups.iter_mut().find(|g| same(g)) {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    groups.into_iter().map(medians).collect()
+}
+
+/// A run label without its round (` r=N`, `scripts/bench.sh`'s ROUNDS).
+fn split_round(run: &str) -> &str {
+    match run.rsplit_once(" r=") {
+        Some((label, n)) if n.parse::<u32>().is_ok() => label,
+        _ => run,
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The rounds of one run as one point: each metric the median over the
+/// rounds that have it (the rate or mean, the count and each percentile
+/// on its own).
+fn medians(mut rounds: Vec<Point>) -> Point {
+    if rounds.len() == 1 {
+        return rounds.pop().expect("one round");
+    }
+    let mut point = rounds[0].clone();
+    point.rounds = rounds.len();
+    for r in &rounds[1..] {
+        for (name, row) in &r.metrics {
+            point.metrics.entry(name.clone()).or_insert_with(|| row.clone());
+        }
+    }
+    for (name, row) in point.metrics.iter_mut() {
+        let of = |f: &dyn Fn(&Row) -> Option<f64>| {
+            median(
+                rounds
+                    .iter()
+                    .filter_map(|r| r.metrics.get(name))
+                    .filter_map(f)
+                    .collect(),
+            )
+        };
+        row.mean = of(&|r| Some(r.mean)).unwrap_or(0.0);
+        row.count = of(&|r| Some(r.count as f64)).unwrap_or(0.0) as u64;
+        for i in 0..row.pct.len() {
+            row.pct[i] = of(&|r| r.pct[i]);
+        }
+    }
+    point
 }
 
 /// Servers in the order they first appear (cnse-dp first by the script).

@@ -16,7 +16,10 @@
 # send_mode" a subset of the ablations, AB_ROUNDS the DEFER_TASKRUN on/off
 # pairs run in turn (default 1), SEND_MODES the send modes (default "plain
 # zc fixed zc-fixed"). ONLY="connections load inflight ablations redis http
-# micro scale" runs a subset. LOAD_POLL_US=N adds to the open-loop step a
+# micro scale" runs a subset. ROUNDS=N (default 1) repeats the connections
+# and inflight steps N times, every server in turn within each round, and
+# the summary quotes the rounds' medians; CONNS_LIST and INFLIGHT_LIST
+# (full runs) replace their points. LOAD_POLL_US=N adds to the open-loop step a
 # server of its own, cnse-dp-poll (`serve --busy-poll-us N`). The scale step holds IDLE_CONNS idle connections (default:
 # what one process's open-file limit allows; 1,000 with --quick) on
 # IDLE_SERVERS server processes sharing one SO_REUSEPORT address (default 1),
@@ -35,7 +38,7 @@ out=bench-results
 for a in "$@"; do
   case $a in
     --quick) quick=1 ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
     -*) echo "bench.sh: unknown option $a" >&2; exit 2 ;;
     *) out=$a ;;
   esac
@@ -47,6 +50,9 @@ load_threads=${LOAD_THREADS:-1}
 only=${ONLY:-connections load inflight ablations redis http micro scale}
 ablations=${ABLATIONS:-threads defer recv_buffer send_buffer recv_mode frames send_mode}
 ab_rounds=${AB_ROUNDS:-1}
+rounds=${ROUNDS:-1}
+# The round `run` labels its CSV rows with (` r=N`, only with ROUNDS > 1).
+round=
 send_modes=${SEND_MODES:-plain zc fixed zc-fixed}
 want() { [[ " $ablations " == *" $1 "* ]]; }
 if [ "$quick" = 1 ]; then
@@ -56,7 +62,7 @@ if [ "$quick" = 1 ]; then
   redis_conns="50" redis_n1=20000 redis_n16=200000
 else
   secs=${SECS:-5} warm=${WARMUP:-1} drain_ms=5000
-  conns_list="16 64 256 1024" fractions="0.1 0.3 0.5 0.7 0.9 0.95" inflight_list="1 4 16 64"
+  conns_list=${CONNS_LIST:-16 64 256 1024} fractions="0.1 0.3 0.5 0.7 0.9 0.95" inflight_list=${INFLIGHT_LIST:-1 4 16 64}
   payload_list="64 1024 16384 65536 262144" frames_list="1 2 4 16 0"
   redis_conns="50 256" redis_n1=$((${SECS:-5} * 100000)) redis_n16=$((${SECS:-5} * 1000000))
 fi
@@ -155,7 +161,7 @@ run() {
   fi
   [ -f "$csv" ] || return 0
   [ -f "$out/$exp.csv" ] || echo "server,param,value,$(head -1 "$csv")" >"$out/$exp.csv"
-  tail -n +2 "$csv" | sed "s|^|$server,$param,$value,|" >>"$out/$exp.csv"
+  tail -n +2 "$csv" | sed "${round:+s|^\([^,]*\),|\1 r=$round,|;}s|^|$server,$param,$value,|" >>"$out/$exp.csv"
   printf '   %-12s %-12s %-8s %14s req/s  p99 %s%s\n' "$server" "$param" "$value" \
     "$(awk '/^requests / {print $3}' "$tmp/run.out")" \
     "$(awk '$1 == "e2e_all" {v = $7} $1 == "e2e" && v == "" {e = $7} END {print (v != "" ? v : e)}' "$tmp/run.out")" \
@@ -171,14 +177,18 @@ gen=(--mode generate --max-tokens 16)
 # them alike rather than on whichever server's turn it was.
 if [[ " $only " == *" connections "* ]]; then
   echo "== throughput vs connections (closed loop)"
-  for c in $conns_list; do
-    for s in $servers; do
-      start_server "$s"
-      run connections "$s" connections "$c" --mode ping --payload-bytes 64 --connections "$c" --inflight 16
-      run connections "$s" connections "$c" "${gen[@]}" --connections "$c" --inflight 4
-      stop_server
+  for r in $(seq 1 "$rounds"); do
+    [ "$rounds" = 1 ] || { round=$r; echo "   round $r of $rounds"; }
+    for c in $conns_list; do
+      for s in $servers; do
+        start_server "$s"
+        run connections "$s" connections "$c" --mode ping --payload-bytes 64 --connections "$c" --inflight 16
+        run connections "$s" connections "$c" "${gen[@]}" --connections "$c" --inflight 4
+        stop_server
+      done
     done
   done
+  round=
 fi
 
 if [[ " $only " == *" load "* ]]; then
@@ -218,13 +228,17 @@ fi
 
 if [[ " $only " == *" inflight "* ]]; then
   echo "== throughput and p99 vs inflight depth (closed loop, 64 connections)"
-  for k in $inflight_list; do
-    for s in $servers; do
-      start_server "$s"
-      run inflight "$s" inflight "$k" "${gen[@]}" --connections 64 --inflight "$k"
-      stop_server
+  for r in $(seq 1 "$rounds"); do
+    [ "$rounds" = 1 ] || { round=$r; echo "   round $r of $rounds"; }
+    for k in $inflight_list; do
+      for s in $servers; do
+        start_server "$s"
+        run inflight "$s" inflight "$k" "${gen[@]}" --connections 64 --inflight "$k"
+        stop_server
+      done
     done
   done
+  round=
 fi
 
 # One ablation setting: a server started with FLAGS, a pipelined PING run

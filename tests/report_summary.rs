@@ -65,3 +65,48 @@ fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
     assert!(md.contains("![throughput_vs_connections.svg](throughput_vs_connections.svg)"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn issue13_rounds_of_a_run_are_quoted_as_their_medians() {
+    let dir = std::env::temp_dir().join(format!("cnse-bench-rounds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut csv = format!("server,param,value,{CSV_HEADER}\n");
+    // Three rounds as scripts/bench.sh writes them with ROUNDS=3: cnse-dp
+    // 1.0, 3.0 and 2.0 M frames per server CPU-second, tokio 1.0 M each
+    // time; the middle round is the median, not the last or the mean.
+    for (r, frames) in [(1, 1_000_000), (2, 3_000_000), (3, 2_000_000)] {
+        let run = format!("ping c=256 k=16 t=1 closed loop r={r}");
+        csv += &rows("cnse-dp", "inflight", "16", &run, frames, frames, 1_000_000);
+        csv += &rows("tokio", "inflight", "16", &run, 1_000_000, 1_000_000, 1_000_000);
+    }
+    // A run without rounds is its own point.
+    csv += &rows(
+        "monoio",
+        "inflight",
+        "16",
+        "ping c=256 k=16 t=1 closed loop",
+        5,
+        5,
+        1_000_000,
+    );
+    std::fs::write(dir.join("inflight.csv"), csv).unwrap();
+    let pts = report::points(&report::load(&dir, "inflight.csv"));
+    assert_eq!(pts.len(), 3, "{pts:?}");
+    let cnse = &pts[0];
+    assert_eq!((cnse.server.as_str(), cnse.rounds), ("cnse-dp", 3));
+    assert_eq!(
+        cnse.run, "ping c=256 k=16 t=1 closed loop",
+        "the round is not part of the run"
+    );
+    assert_eq!(cnse.rate("requests"), Some(2_000_000.0));
+    assert_eq!(cnse.frames_per_server_cpu_s(), Some(2_000_000.0));
+    assert_eq!(cnse.pct(report::P50), Some(500.0));
+    assert_eq!((pts[2].server.as_str(), pts[2].rounds), ("monoio", 1));
+
+    let md = report::summary::render(&dir, &[]);
+    assert!(md.contains("the median of 3 rounds"), "{md}");
+    assert!(md.contains("| 16 | tokio | 1,000,000 |"), "{md}");
+    assert!(md.contains("| 16 | cnse-dp | 2,000,000 |"), "{md}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -41,6 +41,18 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// A sentence saying how many rounds each figure is the median of (none
+/// for single runs).
+fn rounds_note(pts: &[Point]) -> String {
+    match pts.iter().map(|p| p.rounds).max() {
+        Some(n) if n > 1 => format!(
+            "\nEach figure is the median of {n} rounds, the servers run in turn within each round \
+             (`ROUNDS={n}`); ratios are of the medians.\n"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The cnse-dp run that matches `p` (same mode and setting).
 fn cnse_twin<'a>(pts: &'a [Point], p: &Point) -> Option<&'a Point> {
     pts.iter()
@@ -67,7 +79,8 @@ fn connections(out: &mut String, dir: &Path) {
         out,
         "\n## Throughput vs connections (closed loop, one server thread)\n\n\
          `frames/server-CPU-s`: frames the server sent (PONGs; TOKENS and END) per second of its own \
-         CPU time, the per-core figure that holds on a shared machine. Ratios are cnse-dp / that server.\n"
+         CPU time, the per-core figure that holds on a shared machine. Ratios are cnse-dp / that server.\n{}",
+        rounds_note(&pts)
     );
     let _ = writeln!(
         out,
@@ -209,8 +222,9 @@ fn inflight(out: &mut String, dir: &Path) {
     }
     let _ = writeln!(
         out,
-        "\n## Throughput and p99 vs inflight depth (closed loop, generate 16 tokens)\n\n\
-         | inflight | server | requests/s | p99 | server CPU | load CPU | ratio wall |\n|---:|---|---:|---:|---:|---:|---:|"
+        "\n## Throughput and p99 vs inflight depth (closed loop, generate 16 tokens)\n{}\n\
+         | inflight | server | requests/s | p99 | server CPU | load CPU | ratio wall |\n|---:|---|---:|---:|---:|---:|---:|",
+        rounds_note(&pts)
     );
     for p in &pts {
         let twin = cnse_twin(&pts, p);
