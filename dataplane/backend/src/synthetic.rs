@@ -226,6 +226,54 @@ impl Synthetic {
         self.stats.active -= 1;
     }
 
+    /// Hands `owners`' picked tokens (`self.ids`, in the owners' order) to
+    /// the sink, then ends, reschedules or parks each work.
+    fn deliver(&mut self, owners: &[(u32, u32)], now: Instant, sink: &mut dyn Sink) {
+        let mut row = 0;
+        for &(slot, n) in owners {
+            let mut gone = false;
+            let mut delivered = 0;
+            let id = self.works[slot as usize].id;
+            for k in 0..n as usize {
+                let word = self.vocab.word(self.ids[row + k]);
+                delivered += 1;
+                match sink.token(id, word) {
+                    Delivery::Accepted => {}
+                    Delivery::Pause => {
+                        self.pause(id);
+                        break;
+                    }
+                    Delivery::Gone => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            row += n as usize;
+            if gone {
+                self.stats.cancelled += 1;
+                self.remove(slot);
+                continue;
+            }
+            let w = &mut self.works[slot as usize];
+            w.produced += delivered;
+            let next_due = if self.cfg.token_interval.is_zero() {
+                now
+            } else {
+                w.next_due + self.cfg.token_interval * delivered
+            };
+            if w.produced == w.max_tokens {
+                sink.end(w.id, FinishReason::Length);
+                self.remove(slot);
+            } else if !w.paused {
+                self.schedule(slot, next_due);
+            } else {
+                // Resumed later from where it stopped.
+                w.next_due = next_due;
+            }
+        }
+    }
+
     /// How many tokens work `slot` owes at `now`.
     fn due_tokens(&self, slot: u32, now: Instant) -> u32 {
         let w = &self.works[slot as usize];
@@ -320,8 +368,9 @@ impl Backend for Synthetic {
 
     fn poll(&mut self, io: &mut dyn Io, sink: &mut dyn Sink) -> Option<Instant> {
         let now = io.now();
-        // Gather every token due now across all streams: one picker call.
-        self.rows.clear();
+        // Every work due now, with the tokens it owes. The set is fixed
+        // before any token goes out: work rescheduled while delivering
+        // waits for the next poll.
         self.row_owner.clear();
         while let Some(((due, slot, sched), from_fifo)) = self.next_entry() {
             if due > now {
@@ -338,77 +387,49 @@ impl Backend for Synthetic {
             }
             let n = self.due_tokens(slot, now);
             self.row_owner.push((slot, n));
-            for k in 0..n {
-                self.rows.push(PickRow {
-                    seed: w.seed,
-                    position: u64::from(w.produced + k),
-                    temperature: w.temperature,
-                    top_k: w.top_k,
-                    top_p: w.top_p,
-                });
-            }
         }
-        if !self.rows.is_empty() {
+        // Picked and delivered in batches of the picker's size (one call
+        // for the whole turn on a GPU; a few hundred rows on the CPU, whose
+        // rows and ids then stay in cache while their tokens go out).
+        let owners = std::mem::take(&mut self.row_owner);
+        let batch = self.picker.batch_rows().max(1);
+        let mut i = 0;
+        while i < owners.len() {
+            self.rows.clear();
+            let mut j = i;
+            while j < owners.len() && (j == i || self.rows.len() + owners[j].1 as usize <= batch) {
+                let (slot, n) = owners[j];
+                let w = &self.works[slot as usize];
+                for k in 0..n {
+                    self.rows.push(PickRow {
+                        seed: w.seed,
+                        position: u64::from(w.produced + k),
+                        temperature: w.temperature,
+                        top_k: w.top_k,
+                        top_p: w.top_p,
+                    });
+                }
+                j += 1;
+            }
             self.ids.resize(self.rows.len(), 0);
-            if let Err(e) = self.picker.pick(&self.rows, &mut self.ids) {
-                let owners = std::mem::take(&mut self.row_owner);
-                for &(slot, _) in &owners {
+            let picked = if self.rows.is_empty() {
+                Ok(())
+            } else {
+                self.picker.pick(&self.rows, &mut self.ids)
+            };
+            if let Err(e) = picked {
+                // Every work of this poll not yet served fails.
+                for &(slot, _) in &owners[i..] {
                     sink.error(self.works[slot as usize].id, code::INTERNAL, &e);
                     self.stats.failed += 1;
                     self.remove(slot);
                 }
-                self.row_owner = owners;
-                return self.next_entry().map(|((due, _, _), _)| due);
+                break;
             }
+            self.deliver(&owners[i..j], now, sink);
+            i = j;
         }
-        let mut row = 0;
-        for i in 0..self.row_owner.len() {
-            let (slot, n) = self.row_owner[i];
-            let mut gone = false;
-            let mut delivered = 0;
-            for k in 0..n as usize {
-                let id = self.works[slot as usize].id;
-                let word = self.vocab.word(self.ids[row + k]);
-                delivered += 1;
-                match sink.token(id, word) {
-                    Delivery::Accepted => {}
-                    Delivery::Pause => {
-                        self.pause(id);
-                        break;
-                    }
-                    Delivery::Gone => {
-                        gone = true;
-                        break;
-                    }
-                }
-            }
-            row += n as usize;
-            if gone {
-                self.stats.cancelled += 1;
-                self.remove(slot);
-                continue;
-            }
-            let w = &mut self.works[slot as usize];
-            w.produced += delivered;
-            if w.produced == w.max_tokens {
-                sink.end(w.id, FinishReason::Length);
-                self.remove(slot);
-            } else if !w.paused {
-                let due = if self.cfg.token_interval.is_zero() {
-                    now
-                } else {
-                    w.next_due + self.cfg.token_interval * delivered
-                };
-                self.schedule(slot, due);
-            } else {
-                // Resumed later from where it stopped.
-                w.next_due = if self.cfg.token_interval.is_zero() {
-                    now
-                } else {
-                    w.next_due + self.cfg.token_interval * delivered
-                };
-            }
-        }
+        self.row_owner = owners;
         self.next_entry().map(|((due, _, _), _)| due)
     }
 
@@ -430,164 +451,4 @@ impl Backend for Synthetic {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use cnse_proto::Params;
-
-    struct TestIo(Instant);
-    impl Io for TestIo {
-        fn now(&self) -> Instant {
-            self.0
-        }
-        unsafe fn submit(&mut self, _tag: u64, _entry: io_uring::squeue::Entry) {
-            unreachable!()
-        }
-    }
-
-    #[derive(Default)]
-    struct Collect {
-        text: Vec<u8>,
-        tokens: u32,
-        ended: Option<FinishReason>,
-        pause_at: Option<u32>,
-    }
-    impl Sink for Collect {
-        fn token(&mut self, _id: WorkId, text: &[u8]) -> Delivery {
-            self.text.extend_from_slice(text);
-            self.tokens += 1;
-            if Some(self.tokens) == self.pause_at {
-                Delivery::Pause
-            } else {
-                Delivery::Accepted
-            }
-        }
-        fn end(&mut self, _id: WorkId, reason: FinishReason) {
-            self.ended = Some(reason);
-        }
-        fn error(&mut self, _id: WorkId, _code: u32, _message: &str) {
-            panic!("no errors expected")
-        }
-    }
-
-    fn backend(ttft_ms: u64, interval_ms: u64) -> Synthetic {
-        let cfg = SyntheticConfig {
-            ttft: Duration::from_millis(ttft_ms),
-            token_interval: Duration::from_millis(interval_ms),
-            ..Default::default()
-        };
-        Synthetic::new(cfg, Vocab::shared_arc().clone(), Box::new(HashPicker))
-    }
-
-    fn job(now: Instant, max_tokens: u32) -> Job<'static> {
-        Job {
-            id: WorkId(7),
-            params: Params {
-                max_tokens,
-                seed: 3,
-                ..Params::default()
-            },
-            prompt: "hello",
-            arrived: now,
-            chat: None,
-            session: None,
-        }
-    }
-
-    #[test]
-    fn zero_delay_produces_expected_text() {
-        let mut b = backend(0, 0);
-        let t0 = Instant::now();
-        let mut io = TestIo(t0);
-        b.start(job(t0, 40), &mut io).unwrap();
-        let mut sink = Collect::default();
-        assert_eq!(b.poll(&mut io, &mut sink), None);
-        assert_eq!(sink.tokens, 40);
-        assert_eq!(sink.ended, Some(FinishReason::Length));
-        assert_eq!(sink.text, expected_text("hello", 3, 40));
-        assert!(std::str::from_utf8(&sink.text).is_ok());
-        assert_eq!(b.stats().active, 0);
-    }
-
-    #[test]
-    fn paced_by_ttft_and_interval() {
-        let mut b = backend(10, 2);
-        let t0 = Instant::now();
-        let mut io = TestIo(t0);
-        b.start(job(t0, 5), &mut io).unwrap();
-        let mut sink = Collect::default();
-        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(10)));
-        assert_eq!(sink.tokens, 0);
-        io.0 = t0 + Duration::from_millis(10);
-        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(12)));
-        assert_eq!(sink.tokens, 1);
-        // Late loop: catches up with every token due by then.
-        io.0 = t0 + Duration::from_millis(16);
-        b.poll(&mut io, &mut sink);
-        assert_eq!(sink.tokens, 4);
-        io.0 = t0 + Duration::from_millis(18);
-        assert_eq!(b.poll(&mut io, &mut sink), None);
-        assert_eq!(sink.ended, Some(FinishReason::Length));
-    }
-
-    #[test]
-    fn pause_stops_until_resume() {
-        let mut b = backend(0, 0);
-        let t0 = Instant::now();
-        let mut io = TestIo(t0);
-        b.start(job(t0, 10), &mut io).unwrap();
-        let mut sink = Collect {
-            pause_at: Some(3),
-            ..Default::default()
-        };
-        assert_eq!(b.poll(&mut io, &mut sink), None, "paused work is not scheduled");
-        assert_eq!(sink.tokens, 3);
-        assert_eq!(b.stats().paused, 1);
-        b.resume(WorkId(7), &mut io);
-        b.poll(&mut io, &mut sink);
-        assert_eq!(sink.tokens, 10);
-        assert_eq!(sink.text, expected_text("hello", 3, 10));
-    }
-
-    #[test]
-    fn cancel_frees_work() {
-        let mut b = backend(5, 5);
-        let t0 = Instant::now();
-        let mut io = TestIo(t0);
-        b.start(job(t0, 10), &mut io).unwrap();
-        b.cancel(WorkId(7), &mut io);
-        assert_eq!(b.stats().active, 0);
-        let mut sink = Collect::default();
-        io.0 = t0 + Duration::from_secs(1);
-        assert_eq!(b.poll(&mut io, &mut sink), None);
-        assert_eq!(sink.tokens, 0);
-    }
-
-    /// Entries out of due order (a late stream catching up, a resume) go
-    /// to the heap beside the FIFO; tokens still come in due order and the
-    /// next wake-up is the earlier of the two heads.
-    #[test]
-    fn fifo_and_heap_together_keep_due_order() {
-        let mut b = backend(5, 10);
-        let t0 = Instant::now();
-        let mut io = TestIo(t0);
-        let mut a = job(t0, 3);
-        a.id = WorkId(1);
-        b.start(a, &mut io).unwrap(); // due t0+5 (FIFO)
-        io.0 = t0 + Duration::from_millis(1);
-        let mut c = job(io.0, 3);
-        c.id = WorkId(2);
-        b.start(c, &mut io).unwrap(); // due t0+6 (FIFO)
-        b.pause(WorkId(1));
-        io.0 = t0 + Duration::from_millis(2);
-        b.resume(WorkId(1), &mut io); // due t0+5 again, before the FIFO's back: heap
-        let mut sink = Collect::default();
-        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(5)));
-        io.0 = t0 + Duration::from_millis(5);
-        assert_eq!(b.poll(&mut io, &mut sink), Some(t0 + Duration::from_millis(6)));
-        assert_eq!(sink.tokens, 1, "only the first stream was due");
-        io.0 = t0 + Duration::from_millis(100);
-        assert_eq!(b.poll(&mut io, &mut sink), None);
-        assert_eq!(sink.tokens, 6);
-        assert_eq!(b.stats().active, 0);
-    }
-}
+mod tests;

@@ -20,6 +20,13 @@ pub trait Picker {
     /// Fills `out[i]` with the token id for `rows[i]`; ids are taken modulo
     /// the vocabulary.
     fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String>;
+
+    /// Rows it takes per call at most, as the backend batches them: every
+    /// token due in a loop turn at once by default (a GPU launch per turn);
+    /// fewer where a call costs nothing of its own.
+    fn batch_rows(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Builds one picker per core (on that core's thread).
@@ -33,6 +40,12 @@ pub struct HashPicker;
 impl Picker for HashPicker {
     fn name(&self) -> &str {
         "cpu-hash"
+    }
+
+    /// A call costs nothing of its own: batches small enough that their
+    /// rows and ids stay in L1 while their tokens are delivered.
+    fn batch_rows(&self) -> usize {
+        256
     }
 
     fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
