@@ -82,6 +82,12 @@ impl Picker for SamplerPicker {
         &self.name
     }
 
+    /// The sampler's batch: one launch (or CPU reference call) per batch
+    /// the backend hands over, its tokens delivered before the next.
+    fn batch_rows(&self) -> usize {
+        self.sampler.config().max_batch
+    }
+
     fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
         let batch = self.sampler.config().max_batch;
         for (chunk, ids) in rows.chunks(batch).zip(out.chunks_mut(batch)) {

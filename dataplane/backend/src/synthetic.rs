@@ -388,9 +388,9 @@ impl Backend for Synthetic {
             let n = self.due_tokens(slot, now);
             self.row_owner.push((slot, n));
         }
-        // Picked and delivered in batches of the picker's size (one call
-        // for the whole turn on a GPU; a few hundred rows on the CPU, whose
-        // rows and ids then stay in cache while their tokens go out).
+        // Picked and delivered in batches of the picker's size (the hash
+        // picker's 256 rows, a sampler's launch), whose rows and ids stay
+        // in cache while their tokens go out.
         let owners = std::mem::take(&mut self.row_owner);
         let batch = self.picker.batch_rows().max(1);
         let mut i = 0;

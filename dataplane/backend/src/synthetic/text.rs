@@ -21,9 +21,10 @@ pub trait Picker {
     /// the vocabulary.
     fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String>;
 
-    /// Rows it takes per call at most, as the backend batches them: every
-    /// token due in a loop turn at once by default (a GPU launch per turn);
-    /// fewer where a call costs nothing of its own.
+    /// Rows the backend hands it per call at most; the tokens of one call
+    /// go out before the next call's rows are built, so the backend's row
+    /// buffer is this size. Default: every token due in a loop turn in one
+    /// call.
     fn batch_rows(&self) -> usize {
         usize::MAX
     }
