@@ -30,12 +30,18 @@ fn rows(server: &str, param: &str, value: &str, run: &str, requests: u64, frames
         .collect()
 }
 
-#[test]
-fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
-    let dir = std::env::temp_dir().join(format!("cnse-bench-report-{}", std::process::id()));
+/// An empty results directory for this test, and an experiment file's
+/// header line.
+fn results_dir(tag: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("cnse-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut csv = format!("server,param,value,{CSV_HEADER}\n");
+    (dir, format!("server,param,value,{CSV_HEADER}\n"))
+}
+
+#[test]
+fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
+    let (dir, mut csv) = results_dir("report");
     // At 256 connections cnse-dp sends 3 M frames per server CPU-second
     // (1.5 M frames on half a core), tokio 1 M: 3× (target 2×).
     for c in ["16", "256"] {
@@ -68,10 +74,7 @@ fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
 
 #[test]
 fn issue13_rounds_of_a_run_are_quoted_as_their_medians() {
-    let dir = std::env::temp_dir().join(format!("cnse-bench-rounds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut csv = format!("server,param,value,{CSV_HEADER}\n");
+    let (dir, mut csv) = results_dir("rounds");
     // Three rounds as scripts/bench.sh writes them with ROUNDS=3: cnse-dp
     // 1.0, 3.0 and 2.0 M frames per server CPU-second, tokio 1.0 M each
     // time; the middle round is the median, not the last or the mean.
