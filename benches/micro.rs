@@ -3,8 +3,9 @@
 //! encoding, one llama-server SSE line, manifest access in the model store
 //! (rkyv, zero-copy), chunk hashing (ring SHA-256 over 64 KiB leaves,
 //! the Merkle root over them), and one whole loop turn of the session
-//! layer without a kernel (`session_turn`, `micro/session.rs`): the user
-//! space part of a request's server time.
+//! layer without a kernel (`session_turn` over the binary protocol,
+//! `session_turn_http` over the OpenAI front; `micro/session.rs`): the
+//! user-space part of a request's server time.
 //!
 //! ```sh
 //! cargo bench --bench micro                       # every benchmark

@@ -51,7 +51,9 @@ impl Transport for NoteIo {
 
 /// `conns` connections past their handshake, each of which sends the same
 /// `inflight` REQUESTs (16 tokens, unlimited credit) every turn; every
-/// stream ends within its turn, so the stream ids are free again.
+/// stream ends within its turn, so the stream ids are free again. With
+/// `http`, connections of the OpenAI front instead, each sending one
+/// streaming `POST /v1/completions` of 16 tokens a turn (keep-alive).
 struct Rig {
     session: Session<NoteIo>,
     conns: Vec<(u32, u32)>,
@@ -59,8 +61,28 @@ struct Rig {
     now: Instant,
 }
 
+/// One streaming completion of 16 tokens, kept alive.
+fn http_request() -> Vec<u8> {
+    let body = br#"{"prompt":"Write a haiku about the sea.","max_tokens":16,"stream":true}"#;
+    let mut r = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
 impl Rig {
     fn new(conns: usize, inflight: usize) -> Rig {
+        Rig::build(conns, inflight, false)
+    }
+
+    fn http(conns: usize) -> Rig {
+        Rig::build(conns, 1, true)
+    }
+
+    fn build(conns: usize, inflight: usize, http: bool) -> Rig {
         let cfg = Arc::new(Config::default());
         let backend = SyntheticFactory::new(SyntheticConfig {
             ttft: Duration::ZERO,
@@ -83,12 +105,19 @@ impl Rig {
         for id in 1..=inflight as u64 {
             put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
         }
+        if http {
+            requests = http_request();
+        }
         let mut hello = Vec::new();
         put_hello(&mut hello, b"");
         session.begin_turn(now);
         let conns = (0..conns)
             .map(|i| {
-                let slot = session.on_accept(1000 + i as RawFd).expect("a free connection slot");
+                let fd = 1000 + i as RawFd;
+                if http {
+                    return (session.on_accept_http(fd).expect("a free connection slot"), 0);
+                }
+                let slot = session.on_accept(fd).expect("a free connection slot");
                 session.on_input(slot, 0, &hello);
                 (slot, 0)
             })
@@ -131,15 +160,25 @@ impl Rig {
 /// Requests per turn: `conns` × `inflight`, each of 16 tokens.
 #[divan::bench(args = [(64, 4), (64, 64), (256, 1)])]
 fn session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
-    let mut rig = Rig::new(conns, inflight);
+    measure(b, Rig::new(conns, inflight), conns * inflight);
+}
+
+/// The OpenAI front: one streaming completion of 16 tokens per connection
+/// and turn (server-sent events, chunked).
+#[divan::bench(args = [64, 256])]
+fn session_turn_http(b: Bencher, conns: usize) {
+    measure(b, Rig::http(conns), conns);
+}
+
+/// Checks that a turn serves all `per_turn` requests, then times turns.
+fn measure(b: Bencher, mut rig: Rig, per_turn: usize) {
     rig.turn(true);
     let before = rig.session.counters();
     rig.turn(true);
     let after = rig.session.counters();
-    let n = (conns * inflight) as u64;
+    let n = per_turn as u64;
     assert_eq!(after.requests - before.requests, n, "every request taken in one turn");
     assert_eq!(after.tokens_sent - before.tokens_sent, 16 * n, "and answered in it");
     assert_eq!(after.streams_open, 0, "every stream ended");
-    b.counter(ItemsCount::new(conns * inflight))
-        .bench_local(|| rig.turn(true));
+    b.counter(ItemsCount::new(per_turn)).bench_local(|| rig.turn(true));
 }
