@@ -123,14 +123,26 @@ impl ThreadCpu {
 mod tests {
     use super::*;
 
+    /// CPU time the calling thread has had, in seconds.
+    fn own_cpu_s() -> f64 {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec for the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
     #[test]
     fn a_spinning_thread_is_busy_and_a_sleeping_one_is_not() {
         let t = ThreadCpu::start();
+        // The spinner runs until it has had 200 ms of CPU, however long a
+        // busy machine takes to give it that (a fixed 200 ms of wall time
+        // gave it under 100 ms of CPU while other tests ran beside it).
         let spin = std::thread::spawn(|| {
-            let t0 = Instant::now();
             let mut x = 0u64;
-            while t0.elapsed().as_millis() < 200 {
-                x = std::hint::black_box(x.wrapping_add(1));
+            while own_cpu_s() < 0.2 {
+                for _ in 0..1000 {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
             }
         });
         let sleep = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(200)));
