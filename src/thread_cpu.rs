@@ -119,17 +119,19 @@ impl ThreadCpu {
     }
 }
 
+/// CPU time the calling thread has used.
+pub(crate) fn own_thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration;
+    // CLOCK_THREAD_CPUTIME_ID exists on every Linux this runs on.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// CPU time the calling thread has had, in seconds.
-    fn own_cpu_s() -> f64 {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `ts` is a valid, writable timespec for the call.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-    }
 
     #[test]
     fn a_spinning_thread_is_busy_and_a_sleeping_one_is_not() {
@@ -139,7 +141,7 @@ mod tests {
         // gave it under 100 ms of CPU while other tests ran beside it).
         let spin = std::thread::spawn(|| {
             let mut x = 0u64;
-            while own_cpu_s() < 0.2 {
+            while own_thread_cpu() < std::time::Duration::from_millis(200) {
                 for _ in 0..1000 {
                     x = std::hint::black_box(x.wrapping_add(1));
                 }

@@ -80,7 +80,7 @@ impl Synthetic {
         let total = Duration::from_micros(self.service_us as u64);
         let clock = || match mode {
             ServiceMode::Wait => start.elapsed(),
-            ServiceMode::Spin => thread_cpu_time(),
+            ServiceMode::Spin => crate::thread_cpu::own_thread_cpu(),
         };
         let begin = clock();
         while clock().saturating_sub(begin) < total && !cancelled() {
@@ -89,8 +89,8 @@ impl Synthetic {
             match mode {
                 ServiceMode::Wait => std::thread::sleep(slice),
                 ServiceMode::Spin => {
-                    let until = thread_cpu_time() + slice;
-                    while thread_cpu_time() < until {
+                    let until = crate::thread_cpu::own_thread_cpu() + slice;
+                    while crate::thread_cpu::own_thread_cpu() < until {
                         std::hint::spin_loop();
                     }
                 }
@@ -102,16 +102,6 @@ impl Synthetic {
             served_us: start.elapsed().as_micros().min(u32::MAX as u128) as u32,
         }
     }
-}
-
-/// CPU time this thread has used.
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration;
-    // CLOCK_THREAD_CPUTIME_ID exists on every Linux this runs on.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl cnse_sched::WirePayload for Synthetic {
