@@ -167,8 +167,10 @@ pub struct Synthetic {
     /// head of the two.
     fifo: VecDeque<(Instant, u32, u32)>,
     heap: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// A poll's due work `(slot, tokens owed)`, then one batch of its pick
+    /// rows and the ids picked for them (capacity kept across polls).
+    due: Vec<(u32, u32)>,
     rows: Vec<PickRow>,
-    row_owner: Vec<(u32, u32)>,
     ids: Vec<u32>,
     stats: BackendStats,
 }
@@ -186,7 +188,7 @@ impl Synthetic {
             fifo: VecDeque::with_capacity(reserve),
             heap: BinaryHeap::with_capacity(reserve),
             rows: Vec::new(),
-            row_owner: Vec::new(),
+            due: Vec::new(),
             ids: Vec::new(),
             stats: BackendStats::default(),
         }
@@ -224,6 +226,29 @@ impl Synthetic {
         w.paused = false;
         self.free.push(slot);
         self.stats.active -= 1;
+    }
+
+    /// Fills `self.rows` with the pick rows of the first works of `due`
+    /// that fit the picker's batch (at least one work); returns how many.
+    fn fill_rows(&mut self, due: &[(u32, u32)]) -> usize {
+        let batch = self.picker.batch_rows().max(1);
+        self.rows.clear();
+        let mut taken = 0;
+        for &(slot, n) in due {
+            if taken > 0 && self.rows.len() + n as usize > batch {
+                break;
+            }
+            let w = &self.works[slot as usize];
+            self.rows.extend((0..n).map(|k| PickRow {
+                seed: w.seed,
+                position: u64::from(w.produced + k),
+                temperature: w.temperature,
+                top_k: w.top_k,
+                top_p: w.top_p,
+            }));
+            taken += 1;
+        }
+        taken
     }
 
     /// Hands `owners`' picked tokens (`self.ids`, in the owners' order) to
@@ -371,7 +396,7 @@ impl Backend for Synthetic {
         // Every work due now, with the tokens it owes. The set is fixed
         // before any token goes out: work rescheduled while delivering
         // waits for the next poll.
-        self.row_owner.clear();
+        self.due.clear();
         while let Some(((due, slot, sched), from_fifo)) = self.next_entry() {
             if due > now {
                 break;
@@ -386,50 +411,29 @@ impl Backend for Synthetic {
                 continue;
             }
             let n = self.due_tokens(slot, now);
-            self.row_owner.push((slot, n));
+            self.due.push((slot, n));
         }
         // Picked and delivered in batches of the picker's size (the hash
         // picker's 256 rows, a sampler's launch), whose rows and ids stay
         // in cache while their tokens go out.
-        let owners = std::mem::take(&mut self.row_owner);
-        let batch = self.picker.batch_rows().max(1);
+        let due = std::mem::take(&mut self.due);
         let mut i = 0;
-        while i < owners.len() {
-            self.rows.clear();
-            let mut j = i;
-            while j < owners.len() && (j == i || self.rows.len() + owners[j].1 as usize <= batch) {
-                let (slot, n) = owners[j];
-                let w = &self.works[slot as usize];
-                for k in 0..n {
-                    self.rows.push(PickRow {
-                        seed: w.seed,
-                        position: u64::from(w.produced + k),
-                        temperature: w.temperature,
-                        top_k: w.top_k,
-                        top_p: w.top_p,
-                    });
-                }
-                j += 1;
-            }
+        while i < due.len() {
+            let j = i + self.fill_rows(&due[i..]);
             self.ids.resize(self.rows.len(), 0);
-            let picked = if self.rows.is_empty() {
-                Ok(())
-            } else {
-                self.picker.pick(&self.rows, &mut self.ids)
-            };
-            if let Err(e) = picked {
+            if let Err(e) = self.picker.pick(&self.rows, &mut self.ids) {
                 // Every work of this poll not yet served fails.
-                for &(slot, _) in &owners[i..] {
+                for &(slot, _) in &due[i..] {
                     sink.error(self.works[slot as usize].id, code::INTERNAL, &e);
                     self.stats.failed += 1;
                     self.remove(slot);
                 }
                 break;
             }
-            self.deliver(&owners[i..j], now, sink);
+            self.deliver(&due[i..j], now, sink);
             i = j;
         }
-        self.row_owner = owners;
+        self.due = due;
         self.next_entry().map(|((due, _, _), _)| due)
     }
 
