@@ -25,6 +25,15 @@ n=${#names[@]}
 [ $((4 + 4 * n)) -le "$(nproc)" ] || { echo "device-ab: $n builds need $((4 + 4 * n)) cores" >&2; exit 1; }
 # wait_ready, copied in beside this script (or the checkout's).
 if [ -f wait-ready.sh ]; then . ./wait-ready.sh; else . ../scripts/wait-ready.sh; fi
+# Built on another machine: each build must run on this CPU (a build for
+# baseline x86-64, as scripts/bundle-prog.sh's bundle_cnse makes, does).
+for name in "${names[@]}"; do
+  "./cnse-$name" --version >/dev/null 2>&1 || {
+    rc=$?
+    echo "device-ab: cnse-$name does not run here (exit $rc$([ $rc = 132 ] && echo ': SIGILL, built for instructions this CPU lacks'))" >&2
+    exit 1
+  }
+done
 nproc; grep -m1 "model name" /proc/cpuinfo
 if ls "${names[@]/#/micro-}" >/dev/null 2>&1; then
   echo "== session_turn at once (cores 2.., rotated)"
