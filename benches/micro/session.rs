@@ -11,11 +11,17 @@ use std::time::{Duration, Instant};
 
 use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
 use cnse_backend::{BackendFactory, Io, Params};
-use cnse_proto::{put_hello, put_request};
+use cnse_proto::{put_hello, put_request, Direction, FrameDecoder, Kind, PAYLOAD_BYTES_MAX_DEFAULT};
 use cnse_server::session::Session;
 use cnse_server::transport::{ConnRef, Transport};
 use cnse_server::Config;
 use divan::{counter::ItemsCount, Bencher};
+
+/// The peers' protocol code (`benches/peer/session.rs`): what tokio,
+/// tokio-uring and monoio wrap in their loops.
+#[allow(dead_code)]
+#[path = "../peer/session.rs"]
+mod peer;
 
 /// A transport that accepts every operation and completes none by itself:
 /// the benchmark completes each send in full at the next turn.
@@ -161,6 +167,66 @@ impl Rig {
 #[divan::bench(args = [(64, 4), (64, 64), (256, 1)])]
 fn session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
     measure(b, Rig::new(conns, inflight), conns * inflight);
+}
+
+/// The same turn through the peers' protocol code (one `peer::Session`
+/// per connection, replies appended to one buffer per connection, which
+/// the "send" empties): the user-space part of a peer's request, side by
+/// side with `session_turn`'s.
+#[divan::bench(args = [(64, 4), (64, 64), (256, 1)])]
+fn peer_session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
+    let params = Params {
+        max_tokens: 16,
+        ..Params::default()
+    };
+    let mut requests = Vec::new();
+    for id in 1..=inflight as u64 {
+        put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
+    }
+    let mut hello = Vec::new();
+    put_hello(&mut hello, b"");
+    let now = Instant::now();
+    let mut sessions: Vec<(peer::Session, Vec<u8>)> = (0..conns)
+        .map(|_| {
+            let mut s = peer::Session::new("peer");
+            let mut out = Vec::with_capacity(64 * 1024);
+            assert_eq!(s.on_input(&hello, now, &mut out), peer::Verdict::Open);
+            (s, out)
+        })
+        .collect();
+    let turn = |sessions: &mut Vec<(peer::Session, Vec<u8>)>| {
+        let mut bytes = 0;
+        for (s, out) in sessions.iter_mut() {
+            out.clear();
+            assert_eq!(s.on_input(&requests, now, out), peer::Verdict::Open);
+            bytes += out.len();
+        }
+        bytes
+    };
+    turn(&mut sessions);
+    for (_, out) in &sessions {
+        assert_eq!(
+            answered(out),
+            (16 * inflight as u64, inflight),
+            "every request answered in the turn"
+        );
+    }
+    b.counter(ItemsCount::new(conns * inflight))
+        .bench_local(|| turn(&mut sessions));
+}
+
+/// (tokens, ENDs) in a connection's replies.
+fn answered(mut out: &[u8]) -> (u64, usize) {
+    let mut decoder = FrameDecoder::new(Direction::ToClient, PAYLOAD_BYTES_MAX_DEFAULT);
+    let (mut tokens, mut ends) = (0, 0);
+    while let Some(f) = decoder.next(&mut out).expect("well-formed replies") {
+        match f.kind {
+            Kind::Tokens => tokens += u64::from(f.header.arg()),
+            Kind::End => ends += 1,
+            k => panic!("unexpected {k:?}"),
+        }
+    }
+    (tokens, ends)
 }
 
 /// The OpenAI front: one streaming completion of 16 tokens per connection

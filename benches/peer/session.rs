@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use cnse_backend::synthetic::{prompt_hash, HashPicker, PickRow, Picker, Vocab};
+use cnse_backend::synthetic::{prompt_hash, HashPicker, PickRow, Picker, Vocab, WordRun};
 use cnse_proto::{
     code, put_end, put_error, put_hello_ack, put_pong, put_tokens, Direction, FinishReason, FrameDecoder, Kind,
     ParamLimits, Params, PAYLOAD_BYTES_MAX_DEFAULT,
@@ -52,7 +52,7 @@ pub struct Session {
     decoder: FrameDecoder,
     hello: bool,
     waiting: Vec<Waiting>,
-    text: Vec<u8>,
+    text: WordRun,
     name: &'static str,
     vocab: &'static Vocab,
 }
@@ -63,7 +63,7 @@ impl Session {
             decoder: FrameDecoder::new(Direction::ToServer, PAYLOAD_BYTES_MAX_DEFAULT),
             hello: false,
             waiting: Vec::with_capacity(STREAMS_PER_CONN_MAX),
-            text: Vec::with_capacity(16 * 1024),
+            text: WordRun::default(),
             name,
             vocab: Vocab::shared(),
         }
@@ -160,9 +160,8 @@ impl Session {
     fn advance(&mut self, mut w: Waiting, now: Instant, out: &mut Vec<u8>) -> Option<Waiting> {
         let n = u64::from(w.max_tokens - w.next).min(w.credit) as u32;
         if n > 0 {
-            self.text.clear();
             self.pick_text(w.seed, w.next, n);
-            put_tokens(out, w.id, n, u64::from(w.next), &self.text);
+            put_tokens(out, w.id, n, u64::from(w.next), self.text.text());
             w.next += n;
             w.credit -= u64::from(n);
         }
@@ -174,8 +173,8 @@ impl Session {
         None
     }
 
-    /// Appends the text of tokens `first..first + n` of the stream seeded
-    /// `seed` (the synthetic backend's hash picker and word list).
+    /// The text of tokens `first..first + n` of the stream seeded `seed`
+    /// into `self.text` (the synthetic backend's hash picker and words).
     fn pick_text(&mut self, seed: u64, first: u32, n: u32) {
         let mut rows = [PickRow {
             seed,
@@ -185,6 +184,7 @@ impl Session {
             top_p: 1.0,
         }; PICK_BATCH];
         let mut ids = [0u32; PICK_BATCH];
+        self.text.clear();
         let mut at = first;
         while at < first + n {
             let k = ((first + n - at) as usize).min(PICK_BATCH);
@@ -195,7 +195,7 @@ impl Session {
                 .pick(&rows[..k], &mut ids[..k])
                 .expect("the hash picker cannot fail");
             for &id in &ids[..k] {
-                self.text.extend_from_slice(self.vocab.word(id));
+                self.text.push(self.vocab, id);
             }
             at += k as u32;
         }

@@ -87,6 +87,16 @@ pub trait Sink {
     /// a backend that receives several tokens at once calls this once per
     /// token.
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery;
+    /// Several tokens of one work at once: token i's text is the next
+    /// `lens[i]` bytes of `text`. Returns how many were taken and what
+    /// became of the last: all with `Accepted`; the first `n` with `Pause`
+    /// (the n-th filled the stream's buffer: produce the rest after
+    /// [`Backend::resume`]); `Gone` as for [`Sink::token`]. One call costs
+    /// one lookup of the stream however many tokens it carries; the
+    /// default makes one [`Sink::token`] call per token.
+    fn tokens(&mut self, id: WorkId, text: &[u8], lens: &[u32]) -> (usize, Delivery) {
+        one_by_one(text, lens, |word| self.token(id, word))
+    }
     /// The work's prompt tokens as the model counted them (usage reports
     /// it), when the backend learns it; called before `end`. Without it the
     /// server reports its own count.
@@ -104,6 +114,22 @@ pub trait Sink {
     fn end(&mut self, id: WorkId, reason: FinishReason);
     /// The work failed (502 backend failed, 504 timed out, ...). Ends it.
     fn error(&mut self, id: WorkId, code: u32, message: &str);
+}
+
+/// [`Sink::tokens`] as one `token` call per token: `token` gets each
+/// token's text in order until one is refused.
+pub fn one_by_one(text: &[u8], lens: &[u32], mut token: impl FnMut(&[u8]) -> Delivery) -> (usize, Delivery) {
+    let mut at = 0;
+    for (i, &n) in lens.iter().enumerate() {
+        let word = &text[at..at + n as usize];
+        at += n as usize;
+        match token(word) {
+            Delivery::Accepted => {}
+            Delivery::Pause => return (i + 1, Delivery::Pause),
+            Delivery::Gone => return (i, Delivery::Gone),
+        }
+    }
+    (lens.len(), Delivery::Accepted)
 }
 
 /// What a backend may ask of the core's event loop.

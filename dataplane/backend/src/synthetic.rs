@@ -10,8 +10,7 @@
 //! `cnse-kernels`, batched across all streams due in one loop turn.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +18,13 @@ use cnse_proto::code;
 
 use crate::{Backend, BackendFactory, BackendStats, Delivery, FinishReason, Io, Job, Reject, Sink, WorkId};
 
+mod index;
 mod text;
 
+use index::WorkIndex;
+
 pub use text::{
-    expected_text, prompt_hash, splitmix64, token_count, HashPicker, PickRow, Picker, PickerFactory, Vocab,
+    expected_text, prompt_hash, splitmix64, token_count, HashPicker, PickRow, Picker, PickerFactory, Vocab, WordRun,
 };
 
 /// Tokens produced for one stream in one poll at most, so a zero-delay
@@ -131,34 +133,12 @@ struct Work {
     sched: u32,
 }
 
-/// Hashes a [`WorkId`] (a slot and a generation the loop packs into a
-/// u64) with one multiply: the index sees no untrusted keys, and SipHash
-/// was a tenth of the backend's time at 4,096 streams.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 32)
-    }
-}
-
 pub struct Synthetic {
     cfg: SyntheticConfig,
     vocab: Arc<Vocab>,
     picker: Box<dyn Picker>,
     works: Vec<Work>,
-    index: HashMap<WorkId, u32, BuildHasherDefault<IdHasher>>,
+    index: WorkIndex,
     free: Vec<u32>,
     /// Schedule entries `(due, slot, sched)`. Most arrive in due order (a
     /// fixed TTFT after the turn's `now`; `now` itself with a zero token
@@ -172,6 +152,8 @@ pub struct Synthetic {
     due: Vec<(u32, u32)>,
     rows: Vec<PickRow>,
     ids: Vec<u32>,
+    /// One work's text of a batch, handed to the sink in one call.
+    run: WordRun,
     stats: BackendStats,
 }
 
@@ -183,13 +165,14 @@ impl Synthetic {
             vocab,
             picker,
             works: Vec::with_capacity(reserve),
-            index: HashMap::with_capacity_and_hasher(reserve, BuildHasherDefault::default()),
+            index: WorkIndex::with_capacity(reserve),
             free: Vec::with_capacity(reserve),
             fifo: VecDeque::with_capacity(reserve),
             heap: BinaryHeap::with_capacity(reserve),
             rows: Vec::new(),
             due: Vec::new(),
             ids: Vec::new(),
+            run: WordRun::default(),
             stats: BackendStats::default(),
         }
     }
@@ -216,9 +199,13 @@ impl Synthetic {
         }
     }
 
+    fn slot_of(&self, id: WorkId) -> Option<u32> {
+        self.index.get(id, |s| self.works[s as usize].id)
+    }
+
     fn remove(&mut self, slot: u32) {
         let w = &mut self.works[slot as usize];
-        self.index.remove(&w.id);
+        self.index.remove(w.id, slot);
         w.sched = w.sched.wrapping_add(1);
         if w.paused {
             self.stats.paused -= 1;
@@ -256,30 +243,23 @@ impl Synthetic {
     fn deliver(&mut self, owners: &[(u32, u32)], now: Instant, sink: &mut dyn Sink) {
         let mut row = 0;
         for &(slot, n) in owners {
-            let mut gone = false;
-            let mut delivered = 0;
             let id = self.works[slot as usize].id;
-            for k in 0..n as usize {
-                let word = self.vocab.word(self.ids[row + k]);
-                delivered += 1;
-                match sink.token(id, word) {
-                    Delivery::Accepted => {}
-                    Delivery::Pause => {
-                        self.pause(id);
-                        break;
-                    }
-                    Delivery::Gone => {
-                        gone = true;
-                        break;
-                    }
-                }
+            self.run.clear();
+            for &t in &self.ids[row..row + n as usize] {
+                self.run.push(&self.vocab, t);
             }
             row += n as usize;
-            if gone {
-                self.stats.cancelled += 1;
-                self.remove(slot);
-                continue;
+            let (taken, delivery) = sink.tokens(id, self.run.text(), self.run.lens());
+            match delivery {
+                Delivery::Accepted => {}
+                Delivery::Pause => self.pause(id),
+                Delivery::Gone => {
+                    self.stats.cancelled += 1;
+                    self.remove(slot);
+                    continue;
+                }
             }
+            let delivered = taken as u32;
             let w = &mut self.works[slot as usize];
             w.produced += delivered;
             let next_due = if self.cfg.token_interval.is_zero() {
@@ -347,7 +327,8 @@ impl Backend for Synthetic {
                 (self.works.len() - 1) as u32
             }
         };
-        self.index.insert(job.id, slot);
+        let works = &self.works;
+        self.index.insert(job.id, slot, |s| works[s as usize].id);
         self.stats.active += 1;
         self.stats.started += 1;
         // Prefill starts when the work gets its slot (now), not when the
@@ -358,14 +339,14 @@ impl Backend for Synthetic {
     }
 
     fn cancel(&mut self, id: WorkId, _io: &mut dyn Io) {
-        if let Some(&slot) = self.index.get(&id) {
+        if let Some(slot) = self.slot_of(id) {
             self.stats.cancelled += 1;
             self.remove(slot);
         }
     }
 
     fn pause(&mut self, id: WorkId) {
-        if let Some(&slot) = self.index.get(&id) {
+        if let Some(slot) = self.slot_of(id) {
             let w = &mut self.works[slot as usize];
             if !w.paused {
                 w.paused = true;
@@ -376,7 +357,7 @@ impl Backend for Synthetic {
     }
 
     fn resume(&mut self, id: WorkId, io: &mut dyn Io) {
-        if let Some(&slot) = self.index.get(&id) {
+        if let Some(slot) = self.slot_of(id) {
             let w = &mut self.works[slot as usize];
             if w.paused {
                 w.paused = false;

@@ -34,30 +34,53 @@ impl TokenQueue {
     }
 
     pub fn push(&mut self, text: &[u8]) {
-        if self.head > 0 && (self.head >= self.bytes.len() / 2 || self.bytes.len() + text.len() > self.bytes.capacity())
-        {
+        self.make_room(text.len());
+        self.bytes.extend_from_slice(text);
+        self.lens.push_back(text.len() as u32);
+    }
+
+    /// Several tokens at once: token i is the next `lens[i]` bytes of
+    /// `text` (which holds exactly those).
+    pub fn push_run(&mut self, text: &[u8], lens: &[u32]) {
+        debug_assert_eq!(lens.iter().map(|&n| n as usize).sum::<usize>(), text.len());
+        self.make_room(text.len());
+        self.bytes.extend_from_slice(text);
+        self.lens.extend(lens);
+    }
+
+    /// Moves the unsent text to the front when that is half the buffer or
+    /// saves growing it for `more` bytes.
+    fn make_room(&mut self, more: usize) {
+        if self.head > 0 && (self.head >= self.bytes.len() / 2 || self.bytes.len() + more > self.bytes.capacity()) {
             self.bytes.drain(..self.head);
             self.head = 0;
         }
-        self.bytes.extend_from_slice(text);
-        self.lens.push_back(text.len() as u32);
     }
 
     /// Takes up to `max_tokens` tokens whose text fits in `max_bytes` (at
     /// least one token when `max_tokens > 0`, whatever its size, so a long
     /// token cannot wedge the stream). Returns the count and their text.
     pub fn take(&mut self, max_tokens: u64, max_bytes: usize) -> (u32, &[u8]) {
-        let mut n = 0usize;
-        let mut len = 0usize;
-        while (n as u64) < max_tokens && n < self.lens.len() {
-            let l = self.lens[n] as usize;
-            if n > 0 && len + l > max_bytes {
-                break;
+        let (n, len) = if self.lens.len() as u64 <= max_tokens && self.bytes() <= max_bytes {
+            // All of it (the usual case): no walk over the lengths.
+            (self.lens.len(), self.bytes())
+        } else {
+            let (mut n, mut len) = (0usize, 0usize);
+            while (n as u64) < max_tokens && n < self.lens.len() {
+                let l = self.lens[n] as usize;
+                if n > 0 && len + l > max_bytes {
+                    break;
+                }
+                len += l;
+                n += 1;
             }
-            len += l;
-            n += 1;
+            (n, len)
+        };
+        if n == self.lens.len() {
+            self.lens.clear();
+        } else {
+            self.lens.drain(..n);
         }
-        self.lens.drain(..n);
         let start = self.head;
         self.head += len;
         (n as u32, &self.bytes[start..start + len])
@@ -248,6 +271,19 @@ mod tests {
             "one token even if over the byte limit"
         );
         assert_eq!(q.take(10, 100), (1, &b"e"[..]));
+        assert_eq!(q.take(10, 100), (0, &b""[..]));
+    }
+
+    #[test]
+    fn a_run_of_tokens_queues_as_its_tokens_one_by_one() {
+        let mut q = TokenQueue::with_capacity(64, 8);
+        q.push(b"x");
+        q.push_run(b"abbccc", &[1, 2, 3]);
+        assert_eq!((q.tokens(), q.bytes()), (4, 7));
+        assert_eq!(q.take(2, 100), (2, &b"xa"[..]));
+        assert_eq!(q.take(10, 3), (1, &b"bb"[..]), "token boundaries kept");
+        q.push_run(b"", &[]);
+        assert_eq!(q.take(10, 100), (1, &b"ccc"[..]));
         assert_eq!(q.take(10, 100), (0, &b""[..]));
     }
 

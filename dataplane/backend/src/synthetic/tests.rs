@@ -3,6 +3,7 @@
 
 use super::*;
 use cnse_proto::Params;
+use std::collections::HashMap;
 
 struct TestIo(Instant);
 impl Io for TestIo {

@@ -62,7 +62,14 @@ impl Picker for HashPicker {
 pub struct Vocab {
     text: Vec<u8>,
     spans: Vec<(u32, u32)>,
+    /// Each word again in a slot of its own, its length in the last byte:
+    /// what [`WordRun`] copies whole (one fixed-size move per token, where
+    /// a slice copy of the word's own length is a call to `memmove`).
+    slots: Vec<[u8; WORD_SLOT]>,
 }
+
+/// Bytes of a word's slot in [`Vocab`]; every word is shorter.
+const WORD_SLOT: usize = 32;
 
 impl Vocab {
     pub const SIZE: usize = 4096;
@@ -92,7 +99,18 @@ impl Vocab {
             }
             spans.push((start, text.len() as u32));
         }
-        Self { text, spans }
+        let slots = spans
+            .iter()
+            .map(|&(a, b)| {
+                let word = &text[a as usize..b as usize];
+                assert!(word.len() < WORD_SLOT, "a word fits its slot with its length");
+                let mut slot = [0u8; WORD_SLOT];
+                slot[..word.len()].copy_from_slice(word);
+                slot[WORD_SLOT - 1] = word.len() as u8;
+                slot
+            })
+            .collect();
+        Self { text, spans, slots }
     }
 
     /// One vocabulary for the process (built on first use).
@@ -115,6 +133,49 @@ impl Vocab {
         debug_assert_eq!(self.spans.len(), Self::SIZE);
         let (a, b) = self.spans[id as usize & (Self::SIZE - 1)];
         &self.text[a as usize..b as usize]
+    }
+}
+
+/// The text of a run of tokens and each one's length, built a word at a
+/// time: the form in which a backend hands a stream's tokens to
+/// [`crate::Sink::tokens`] in one call. Its buffers grow to the longest
+/// run and are kept.
+#[derive(Debug, Default)]
+pub struct WordRun {
+    /// The text in `text[..len]`; at least `WORD_SLOT` bytes beyond it,
+    /// which the next word's copy overwrites.
+    text: Vec<u8>,
+    len: usize,
+    lens: Vec<u32>,
+}
+
+impl WordRun {
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.lens.clear();
+    }
+
+    /// Appends word `id` (taken modulo the vocabulary, as [`Vocab::word`]).
+    pub fn push(&mut self, vocab: &Vocab, id: u32) {
+        let slot = &vocab.slots[id as usize & (Vocab::SIZE - 1)];
+        let n = usize::from(slot[WORD_SLOT - 1]);
+        if self.text.len() < self.len + WORD_SLOT {
+            self.text.resize(2 * (self.len + WORD_SLOT), 0);
+        }
+        // The whole slot: a move of constant size; what lies beyond the
+        // word is overwritten by the next.
+        self.text[self.len..self.len + WORD_SLOT].copy_from_slice(slot);
+        self.len += n;
+        self.lens.push(n as u32);
+    }
+
+    pub fn text(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+
+    /// Each token's length in bytes, in order.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
     }
 }
 
@@ -197,6 +258,29 @@ mod tests {
                 let text = expected_text("hello", seed, n);
                 let text = std::str::from_utf8(&text).unwrap();
                 assert_eq!(token_count(text), u64::from(n), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_word_run_is_the_words_one_after_another() {
+        let vocab = Vocab::shared();
+        let mut run = WordRun::default();
+        for round in 0..3u32 {
+            run.clear();
+            let mut text = Vec::new();
+            // Every word, and ids past the vocabulary (taken modulo it).
+            for id in (0..Vocab::SIZE as u32 + 40).map(|i| i.wrapping_mul(7).wrapping_add(round)) {
+                run.push(vocab, id);
+                text.extend_from_slice(vocab.word(id));
+            }
+            assert_eq!(run.text(), &text[..]);
+            assert_eq!(run.lens().len(), Vocab::SIZE + 40);
+            let mut at = 0;
+            for (i, &n) in run.lens().iter().enumerate() {
+                let id = (i as u32).wrapping_mul(7).wrapping_add(round);
+                assert_eq!(&run.text()[at..at + n as usize], vocab.word(id));
+                at += n as usize;
             }
         }
     }

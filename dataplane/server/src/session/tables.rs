@@ -239,6 +239,44 @@ impl Sink for Tables {
         }
     }
 
+    fn tokens(&mut self, id: WorkId, text: &[u8], lens: &[u32]) -> (usize, Delivery) {
+        if super::foreign::is_foreign(id) {
+            // One at a time: the window's park check is per token.
+            return cnse_backend::one_by_one(text, lens, |word| self.foreign.token(id, word));
+        }
+        let (tokens_max, bytes_max) = (self.cfg.stream_buffered_tokens_max, self.cfg.stream_buffered_bytes_max);
+        let timed = self.stages.is_some();
+        let Some(s) = self.live_stream(id) else {
+            return (0, Delivery::Gone);
+        };
+        if lens.is_empty() {
+            return (0, Delivery::Accepted);
+        }
+        if timed && s.produced.is_none() {
+            s.produced = Some(Instant::now());
+        }
+        // As many as `token` would take one by one: up to the one that
+        // fills the buffer.
+        let (mut queued, mut bytes) = (s.queue.tokens(), s.queue.bytes());
+        let (mut n, mut len, mut full) = (0, 0, false);
+        for &l in lens {
+            n += 1;
+            len += l as usize;
+            queued += 1;
+            bytes += l as usize;
+            if queued >= tokens_max || bytes >= bytes_max {
+                full = true;
+                break;
+            }
+        }
+        s.queue.push_run(&text[..len], &lens[..n]);
+        s.paused |= full;
+        let conn = s.conn;
+        self.n.tokens_produced += n as u64;
+        self.mark_dirty(conn);
+        (n, if full { Delivery::Pause } else { Delivery::Accepted })
+    }
+
     fn prompt_tokens(&mut self, id: WorkId, n: u64) {
         // Work run here for another core or rank: its owner counts with
         // its own front (the count does not travel with the tokens yet).

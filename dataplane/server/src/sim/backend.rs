@@ -47,14 +47,31 @@ struct FailingSink<'a> {
     fates: &'a mut BTreeMap<WorkId, Fate>,
 }
 
+impl FailingSink<'_> {
+    /// Fails the request at its first token if that is its fate.
+    fn fails(&mut self, id: WorkId) -> bool {
+        if self.fates.get(&id) != Some(&Fate::Fail) {
+            return false;
+        }
+        self.fates.remove(&id);
+        self.inner.error(id, code::BACKEND_FAILED, "simulated backend failure");
+        true
+    }
+}
+
 impl Sink for FailingSink<'_> {
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
-        if self.fates.get(&id) == Some(&Fate::Fail) {
-            self.fates.remove(&id);
-            self.inner.error(id, code::BACKEND_FAILED, "simulated backend failure");
+        if self.fails(id) {
             return Delivery::Gone;
         }
         self.inner.token(id, text)
+    }
+
+    fn tokens(&mut self, id: WorkId, text: &[u8], lens: &[u32]) -> (usize, Delivery) {
+        if self.fails(id) {
+            return (0, Delivery::Gone);
+        }
+        self.inner.tokens(id, text, lens)
     }
 
     fn end(&mut self, id: WorkId, reason: FinishReason) {
