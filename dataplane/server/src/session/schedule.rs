@@ -68,7 +68,7 @@ impl<T: Transport> Session<T> {
         s.prompt.push_str(a.req.prompt);
         s.http.messages.push_str(a.chat.unwrap_or(""));
         t.mem_held = t.mem_held - before + s.prompt.capacity() + s.http.messages.capacity();
-        t.conns[slot as usize].streams.push((a.stream_id, sslot));
+        t.conns[slot as usize].streams.push(a.stream_id, sslot);
         if run_now {
             self.tables.n.ran_local += 1;
             self.start_stream(sslot);
