@@ -4,7 +4,7 @@
 //! one batch per loop turn across all streams) or with the CPU reference
 //! (`cpu-sampler`, the same token ids, for side-by-side measurement).
 
-use cnse_backend::synthetic::{PickRow, Picker, PickerFactory};
+use cnse_backend::synthetic::{PickRun, Picker, PickerFactory};
 use cnse_kernels::{BatchSampler, CpuSampler, SampleRow, SamplerConfig, TokenSampler};
 
 /// Where the synthetic backend picks its tokens.
@@ -88,21 +88,90 @@ impl Picker for SamplerPicker {
         self.sampler.config().max_batch
     }
 
-    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
-        let batch = self.sampler.config().max_batch;
-        for (chunk, ids) in rows.chunks(batch).zip(out.chunks_mut(batch)) {
-            self.rows.clear();
-            self.rows.extend(chunk.iter().map(|r| SampleRow {
-                seed: r.seed,
-                position: r.position,
-                temperature: r.temperature,
-                top_k: r.top_k,
-                top_p: r.top_p,
-            }));
-            self.sampler
-                .sample(&self.rows, ids)
-                .map_err(|e| format!("{}: {e}", self.name))?;
+    fn pick(&mut self, runs: &[PickRun], out: &mut [u32]) -> Result<(), String> {
+        let batch = self.sampler.config().max_batch.max(1);
+        let mut at = 0;
+        for row in runs.iter().flat_map(PickRun::rows) {
+            self.rows.push(SampleRow {
+                seed: row.seed,
+                position: row.position,
+                temperature: row.temperature,
+                top_k: row.top_k,
+                top_p: row.top_p,
+            });
+            if self.rows.len() == batch {
+                at = self.launch(out, at)?;
+            }
+        }
+        if !self.rows.is_empty() {
+            self.launch(out, at)?;
         }
         Ok(())
+    }
+}
+
+impl SamplerPicker {
+    /// Samples the rows gathered into `out[at..]`; returns where the next
+    /// batch's ids go.
+    fn launch(&mut self, out: &mut [u32], at: usize) -> Result<usize, String> {
+        let n = self.rows.len();
+        let sampled = self.sampler.sample(&self.rows, &mut out[at..at + n]);
+        self.rows.clear();
+        sampled.map_err(|e| format!("{}: {e}", self.name))?;
+        Ok(at + n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnse_backend::synthetic::PickRow;
+
+    /// Runs longer than the sampler's batch, shorter, and straddling its
+    /// boundaries: every token's id is the one its row gets alone.
+    #[test]
+    fn runs_are_sampled_row_by_row_across_batches() {
+        let config = SamplerConfig {
+            vocab: 512,
+            max_batch: 5,
+        };
+        let mut picker = SamplerPickerFactory {
+            device: SyntheticDevice::CpuSampler,
+            config,
+        }
+        .build(0)
+        .unwrap();
+        let runs: Vec<PickRun> = [3u32, 7, 1, 12, 0, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &tokens)| PickRun {
+                first: PickRow {
+                    seed: 11 * i as u64,
+                    position: 4 * i as u64,
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.9,
+                },
+                tokens,
+            })
+            .collect();
+        let total = runs.iter().map(|r| r.tokens as usize).sum();
+        let mut ids = vec![u32::MAX; total];
+        picker.pick(&runs, &mut ids).unwrap();
+        let mut alone = CpuSampler::new(config).unwrap();
+        let rows: Vec<PickRow> = runs.iter().flat_map(PickRun::rows).collect();
+        for (row, &id) in rows.iter().zip(&ids) {
+            let mut one = [0u32];
+            let r = SampleRow {
+                seed: row.seed,
+                position: row.position,
+                temperature: row.temperature,
+                top_k: row.top_k,
+                top_p: row.top_p,
+            };
+            alone.sample(&[r], &mut one).unwrap();
+            assert_eq!(id, one[0], "{row:?}");
+        }
+        assert_eq!(rows.len(), total);
     }
 }

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use cnse_backend::synthetic::{prompt_hash, HashPicker, PickRow, Picker, Vocab, WordRun};
+use cnse_backend::synthetic::{prompt_hash, HashPicker, PickRow, PickRun, Picker, Vocab, WordRun};
 use cnse_proto::{
     code, put_end, put_error, put_hello_ack, put_pong, put_tokens, Direction, FinishReason, FrameDecoder, Kind,
     ParamLimits, Params, PAYLOAD_BYTES_MAX_DEFAULT,
@@ -22,8 +22,6 @@ use cnse_proto::{
 /// Streams per connection waiting for credit (ERROR 429 above), as
 /// cnse-dp's `--streams-per-conn-max` default.
 pub const STREAMS_PER_CONN_MAX: usize = 256;
-/// Tokens picked per batch of the hash picker.
-const PICK_BATCH: usize = 64;
 /// Receive buffer per connection.
 pub const READ_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -52,6 +50,8 @@ pub struct Session {
     decoder: FrameDecoder,
     hello: bool,
     waiting: Vec<Waiting>,
+    /// One TOKENS frame's token ids and text (reused).
+    ids: Vec<u32>,
     text: WordRun,
     name: &'static str,
     vocab: &'static Vocab,
@@ -63,6 +63,7 @@ impl Session {
             decoder: FrameDecoder::new(Direction::ToServer, PAYLOAD_BYTES_MAX_DEFAULT),
             hello: false,
             waiting: Vec::with_capacity(STREAMS_PER_CONN_MAX),
+            ids: Vec::new(),
             text: WordRun::default(),
             name,
             vocab: Vocab::shared(),
@@ -176,29 +177,22 @@ impl Session {
     /// The text of tokens `first..first + n` of the stream seeded `seed`
     /// into `self.text` (the synthetic backend's hash picker and words).
     fn pick_text(&mut self, seed: u64, first: u32, n: u32) {
-        let mut rows = [PickRow {
-            seed,
-            position: 0,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        }; PICK_BATCH];
-        let mut ids = [0u32; PICK_BATCH];
+        let run = PickRun {
+            first: PickRow {
+                seed,
+                position: u64::from(first),
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            tokens: n,
+        };
+        self.ids.resize(n as usize, 0);
+        HashPicker
+            .pick(std::slice::from_ref(&run), &mut self.ids)
+            .expect("the hash picker cannot fail");
         self.text.clear();
-        let mut at = first;
-        while at < first + n {
-            let k = ((first + n - at) as usize).min(PICK_BATCH);
-            for (j, r) in rows[..k].iter_mut().enumerate() {
-                r.position = u64::from(at) + j as u64;
-            }
-            HashPicker
-                .pick(&rows[..k], &mut ids[..k])
-                .expect("the hash picker cannot fail");
-            for &id in &ids[..k] {
-                self.text.push(self.vocab, id);
-            }
-            at += k as u32;
-        }
+        self.text.extend(self.vocab, &self.ids);
     }
 }
 

@@ -24,7 +24,8 @@ mod text;
 use index::WorkIndex;
 
 pub use text::{
-    expected_text, prompt_hash, splitmix64, token_count, HashPicker, PickRow, Picker, PickerFactory, Vocab, WordRun,
+    expected_text, prompt_hash, splitmix64, token_count, HashPicker, PickRow, PickRun, Picker, PickerFactory, Vocab,
+    WordRun,
 };
 
 /// Tokens produced for one stream in one poll at most, so a zero-delay
@@ -148,9 +149,9 @@ pub struct Synthetic {
     fifo: VecDeque<(Instant, u32, u32)>,
     heap: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     /// A poll's due work `(slot, tokens owed)`, then one batch of its pick
-    /// rows and the ids picked for them (capacity kept across polls).
+    /// runs and the ids picked for them (capacity kept across polls).
     due: Vec<(u32, u32)>,
-    rows: Vec<PickRow>,
+    runs: Vec<PickRun>,
     ids: Vec<u32>,
     /// One work's text of a batch, handed to the sink in one call.
     run: WordRun,
@@ -169,7 +170,7 @@ impl Synthetic {
             free: Vec::with_capacity(reserve),
             fifo: VecDeque::with_capacity(reserve),
             heap: BinaryHeap::with_capacity(reserve),
-            rows: Vec::new(),
+            runs: Vec::new(),
             due: Vec::new(),
             ids: Vec::new(),
             run: WordRun::default(),
@@ -215,27 +216,31 @@ impl Synthetic {
         self.stats.active -= 1;
     }
 
-    /// Fills `self.rows` with the pick rows of the first works of `due`
-    /// that fit the picker's batch (at least one work); returns how many.
-    fn fill_rows(&mut self, due: &[(u32, u32)]) -> usize {
+    /// Fills `self.runs` with the pick runs of the first works of `due`
+    /// whose tokens fit the picker's batch (at least one work); returns how
+    /// many works and tokens.
+    fn fill_runs(&mut self, due: &[(u32, u32)]) -> (usize, usize) {
         let batch = self.picker.batch_rows().max(1);
-        self.rows.clear();
-        let mut taken = 0;
+        self.runs.clear();
+        let mut tokens = 0;
         for &(slot, n) in due {
-            if taken > 0 && self.rows.len() + n as usize > batch {
+            if !self.runs.is_empty() && tokens + n as usize > batch {
                 break;
             }
             let w = &self.works[slot as usize];
-            self.rows.extend((0..n).map(|k| PickRow {
-                seed: w.seed,
-                position: u64::from(w.produced + k),
-                temperature: w.temperature,
-                top_k: w.top_k,
-                top_p: w.top_p,
-            }));
-            taken += 1;
+            self.runs.push(PickRun {
+                first: PickRow {
+                    seed: w.seed,
+                    position: u64::from(w.produced),
+                    temperature: w.temperature,
+                    top_k: w.top_k,
+                    top_p: w.top_p,
+                },
+                tokens: n,
+            });
+            tokens += n as usize;
         }
-        taken
+        (self.runs.len(), tokens)
     }
 
     /// Hands `owners`' picked tokens (`self.ids`, in the owners' order) to
@@ -245,9 +250,7 @@ impl Synthetic {
         for &(slot, n) in owners {
             let id = self.works[slot as usize].id;
             self.run.clear();
-            for &t in &self.ids[row..row + n as usize] {
-                self.run.push(&self.vocab, t);
-            }
+            self.run.extend(&self.vocab, &self.ids[row..row + n as usize]);
             row += n as usize;
             let (taken, delivery) = sink.tokens(id, self.run.text(), self.run.lens());
             match delivery {
@@ -400,9 +403,10 @@ impl Backend for Synthetic {
         let due = std::mem::take(&mut self.due);
         let mut i = 0;
         while i < due.len() {
-            let j = i + self.fill_rows(&due[i..]);
-            self.ids.resize(self.rows.len(), 0);
-            if let Err(e) = self.picker.pick(&self.rows, &mut self.ids) {
+            let (works, tokens) = self.fill_runs(&due[i..]);
+            let j = i + works;
+            self.ids.resize(tokens, 0);
+            if let Err(e) = self.picker.pick(&self.runs, &mut self.ids) {
                 // Every work of this poll not yet served fails.
                 for &(slot, _) in &due[i..] {
                     sink.error(self.works[slot as usize].id, code::INTERNAL, &e);

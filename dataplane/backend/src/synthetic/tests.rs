@@ -98,8 +98,8 @@ impl Sink for PerStream {
     }
 }
 
-/// The hash picker takes a turn's tokens in batches of 256 rows: the
-/// rows buffer stays that size however many tokens are due (here
+/// The hash picker takes a turn's tokens in batches of 256: the id and
+/// run buffers stay that size however many tokens are due (here
 /// 200 streams × 256), every stream still gets at most 256 tokens a
 /// poll, and each text is the stream's own.
 #[test]
@@ -119,7 +119,8 @@ fn a_turn_of_many_streams_is_picked_in_bounded_batches() {
         let want = expected_text("hello", i, 256);
         assert_eq!(sink.text[&WorkId(i)], want, "stream {i}: 256 tokens in the first poll");
     }
-    assert!(b.rows.capacity() <= 256, "rows buffer grew to {}", b.rows.capacity());
+    assert!(b.ids.capacity() <= 256, "id buffer grew to {}", b.ids.capacity());
+    assert!(b.runs.capacity() <= 256, "run buffer grew to {}", b.runs.capacity());
     assert_eq!(b.poll(&mut io, &mut sink), None);
     assert_eq!(sink.ended.len(), 200);
     for i in 0..200u64 {

@@ -14,17 +14,37 @@ pub struct PickRow {
     pub top_p: f32,
 }
 
-/// Chooses token ids for a batch of rows (one picker per core).
+/// Consecutive tokens of one stream to choose: `tokens` rows like `first`
+/// at positions `first.position`, `first.position + 1`, ... A stream's
+/// tokens of a loop turn are one run, so building a batch costs a run per
+/// stream, not a row per token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PickRun {
+    pub first: PickRow,
+    pub tokens: u32,
+}
+
+impl PickRun {
+    /// The run's rows, one per token, in order.
+    pub fn rows(&self) -> impl Iterator<Item = PickRow> + '_ {
+        (0..u64::from(self.tokens)).map(|k| PickRow {
+            position: self.first.position + k,
+            ..self.first
+        })
+    }
+}
+
+/// Chooses token ids for a batch of runs (one picker per core).
 pub trait Picker {
     fn name(&self) -> &str;
-    /// Fills `out[i]` with the token id for `rows[i]`; ids are taken modulo
-    /// the vocabulary.
-    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String>;
+    /// Fills `out` with the token ids of `runs`' rows in order (as many as
+    /// their tokens together); ids are taken modulo the vocabulary.
+    fn pick(&mut self, runs: &[PickRun], out: &mut [u32]) -> Result<(), String>;
 
-    /// Rows the backend hands it per call at most; the tokens of one call
-    /// go out before the next call's rows are built, so the backend's row
-    /// buffer is this size. Default: every token due in a loop turn in one
-    /// call.
+    /// Tokens the backend hands it per call at most (one stream's run may
+    /// be longer, alone in its call); the tokens of one call go out before
+    /// the next call's runs are built, so the backend's id buffer is this
+    /// size. Default: every token due in a loop turn in one call.
     fn batch_rows(&self) -> usize {
         usize::MAX
     }
@@ -49,12 +69,22 @@ impl Picker for HashPicker {
         256
     }
 
-    fn pick(&mut self, rows: &[PickRow], out: &mut [u32]) -> Result<(), String> {
-        for (r, o) in rows.iter().zip(out.iter_mut()) {
-            *o = (splitmix64(r.seed ^ r.position.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32) as u32;
+    fn pick(&mut self, runs: &[PickRun], out: &mut [u32]) -> Result<(), String> {
+        let mut at = 0;
+        for run in runs {
+            let n = run.tokens as usize;
+            for (k, o) in out[at..at + n].iter_mut().enumerate() {
+                *o = hash_pick(run.first.seed, run.first.position + k as u64);
+            }
+            at += n;
         }
         Ok(())
     }
+}
+
+/// The hash picker's token at `position` of the stream seeded `seed`.
+fn hash_pick(seed: u64, position: u64) -> u32 {
+    (splitmix64(seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32) as u32
 }
 
 /// The word list tokens are drawn from: built from syllables so the text
@@ -155,18 +185,25 @@ impl WordRun {
         self.lens.clear();
     }
 
-    /// Appends word `id` (taken modulo the vocabulary, as [`Vocab::word`]).
-    pub fn push(&mut self, vocab: &Vocab, id: u32) {
-        let slot = &vocab.slots[id as usize & (Vocab::SIZE - 1)];
-        let n = usize::from(slot[WORD_SLOT - 1]);
-        if self.text.len() < self.len + WORD_SLOT {
-            self.text.resize(2 * (self.len + WORD_SLOT), 0);
+    /// Appends the words `ids` (taken modulo the vocabulary, as
+    /// [`Vocab::word`]).
+    pub fn extend(&mut self, vocab: &Vocab, ids: &[u32]) {
+        let need = self.len + (ids.len() + 1) * WORD_SLOT;
+        if self.text.len() < need {
+            self.text.resize(need.next_power_of_two(), 0);
         }
-        // The whole slot: a move of constant size; what lies beyond the
-        // word is overwritten by the next.
-        self.text[self.len..self.len + WORD_SLOT].copy_from_slice(slot);
-        self.len += n;
-        self.lens.push(n as u32);
+        self.lens.reserve(ids.len());
+        let mut at = self.len;
+        for &id in ids {
+            let slot = &vocab.slots[id as usize & (Vocab::SIZE - 1)];
+            let n = usize::from(slot[WORD_SLOT - 1]);
+            // The whole slot: a move of constant size; what lies beyond
+            // the word is overwritten by the next.
+            self.text[at..at + WORD_SLOT].copy_from_slice(slot);
+            at += n;
+            self.lens.push(n as u32);
+        }
+        self.len = at;
     }
 
     pub fn text(&self) -> &[u8] {
@@ -204,21 +241,9 @@ pub fn prompt_hash(prompt: &str) -> u64 {
 /// default picker: what a client must receive, token by token.
 pub fn expected_text(prompt: &str, seed: u64, max_tokens: u32) -> Vec<u8> {
     let vocab = Vocab::shared();
-    let mut picker = HashPicker;
     let mut out = Vec::new();
-    let mut id = [0u32];
     for position in 0..u64::from(max_tokens) {
-        let row = PickRow {
-            seed: prompt_hash(prompt) ^ seed,
-            position,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        picker
-            .pick(std::slice::from_ref(&row), &mut id)
-            .expect("the hash picker cannot fail");
-        out.extend_from_slice(vocab.word(id[0]));
+        out.extend_from_slice(vocab.word(hash_pick(prompt_hash(prompt) ^ seed, position)));
     }
     out
 }
@@ -270,8 +295,19 @@ mod tests {
             run.clear();
             let mut text = Vec::new();
             // Every word, and ids past the vocabulary (taken modulo it).
-            for id in (0..Vocab::SIZE as u32 + 40).map(|i| i.wrapping_mul(7).wrapping_add(round)) {
-                run.push(vocab, id);
+            // In calls of every size up to 40 words.
+            let ids: Vec<u32> = (0..Vocab::SIZE as u32 + 40)
+                .map(|i| i.wrapping_mul(7).wrapping_add(round))
+                .collect();
+            let mut rest = &ids[..];
+            let mut k = 0;
+            while !rest.is_empty() {
+                let (now, later) = rest.split_at((k % 41).min(rest.len()));
+                run.extend(vocab, now);
+                rest = later;
+                k += 1;
+            }
+            for &id in &ids {
                 text.extend_from_slice(vocab.word(id));
             }
             assert_eq!(run.text(), &text[..]);
