@@ -155,17 +155,21 @@ pub struct Stream {
     pub sent: u64,
     pub queue: TokenQueue,
     pub paused: bool,
-    /// When the ring wait that brought the REQUEST returned.
+    /// When the ring wait that brought the REQUEST returned, and the same
+    /// on the session's microsecond clock (`Tables::now_us`), which the
+    /// per-stream timings use.
     pub arrived: Instant,
+    pub arrived_us: u64,
     /// Stage timing: when the REQUEST passed its checks, and when the
     /// backend queued its first token.
     pub parsed: Instant,
     pub produced: Option<Instant>,
-    pub first_token: Option<Instant>,
+    /// When the first tokens were framed (session clock, microseconds).
+    pub first_us: Option<u64>,
     /// When tokens were last framed for the client (or the stream started):
     /// a stream whose queued tokens wait past the stall timeout (no credit,
     /// or a client that does not read) ends with ERROR 504.
-    pub last_progress: Instant,
+    pub last_us: u64,
     pub params: Params,
     /// Owned copy of the prompt while queued (buffer reused across streams),
     /// after the session key when there is one (`session_len`).
@@ -228,10 +232,11 @@ impl Stream {
             queue: TokenQueue::with_capacity(queue_bytes, queue_tokens),
             paused: false,
             arrived: now,
+            arrived_us: 0,
             parsed: now,
             produced: None,
-            first_token: None,
-            last_progress: now,
+            first_us: None,
+            last_us: 0,
             params: Params::default(),
             prompt: String::new(),
             session_len: 0,

@@ -107,7 +107,7 @@ impl<T: Transport> Session<T> {
     pub(crate) fn http_flush_stream(&mut self, slot: u32, k: usize) -> bool {
         let soft = self.tables.cfg.send_buffer_bytes;
         let (_, sslot) = self.tables.conns[slot as usize].streams[k];
-        let now = self.tables.now;
+        let now_us = self.tables.now_us;
         {
             // Responses go out in request order: a later one waits (its
             // tokens stay queued, and the queue bound pauses its backend).
@@ -138,17 +138,7 @@ impl<T: Transport> Session<T> {
                 s.http.text.extend_from_slice(text);
                 s.sent += u64::from(n);
                 t.n.tokens_sent += u64::from(n);
-                match s.first_token {
-                    None => {
-                        s.first_token = Some(now);
-                        t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
-                    }
-                    Some(_) => t
-                        .metrics
-                        .inter_token
-                        .record_us(cnse_backend::micros(now - s.last_progress)),
-                }
-                s.last_progress = now;
+                crate::session::flush::framed(s, now_us, &mut t.metrics);
                 if let Some(at) = find_stop(&s.http.text, seen, &s.http.stops) {
                     s.http.text.truncate(at);
                     s.http.stopped = true;
@@ -180,7 +170,7 @@ impl<T: Transport> Session<T> {
             t.metrics.error(s.error_code);
             self.http_fail_stream(slot, sslot);
         } else {
-            t.metrics.e2e.record_us(cnse_backend::micros(now - s.arrived));
+            t.metrics.e2e.record_us(now_us.saturating_sub(s.arrived_us));
             t.metrics.outcome(true, crate::metrics::Outcome::Ok);
             self.http_finish_stream(slot, sslot);
         }

@@ -17,10 +17,23 @@ use crate::transport::Transport;
 /// frame's handling may append.
 const REPLY_SLACK_BYTES: usize = 512;
 
-/// (time to first token, total) of a stream, in microseconds.
-pub(super) fn times(s: &Stream, now: Instant) -> (u64, u64) {
-    let ttft = s.first_token.map(|f| cnse_backend::micros(f - s.arrived)).unwrap_or(0);
-    (ttft, cnse_backend::micros(now - s.arrived))
+/// (time to first token, total) of a stream at `now_us`, in microseconds.
+pub(super) fn times(s: &Stream, now_us: u64) -> (u64, u64) {
+    let ttft = s.first_us.map_or(0, |f| f.saturating_sub(s.arrived_us));
+    (ttft, now_us.saturating_sub(s.arrived_us))
+}
+
+/// Notes that tokens of `s` were framed at `now_us`: time to first token
+/// or the gap since its last frame.
+pub(crate) fn framed(s: &mut Stream, now_us: u64, metrics: &mut crate::metrics::RequestMetrics) {
+    match s.first_us {
+        None => {
+            s.first_us = Some(now_us);
+            metrics.ttft.record_us(now_us.saturating_sub(s.arrived_us));
+        }
+        Some(_) => metrics.inter_token.record_us(now_us.saturating_sub(s.last_us)),
+    }
+    s.last_us = now_us;
 }
 
 impl<T: Transport> Session<T> {
@@ -91,7 +104,7 @@ impl<T: Transport> Session<T> {
     /// removed from the connection's list).
     fn flush_stream(&mut self, slot: u32, k: usize) -> bool {
         let t = &mut self.tables;
-        let now = t.now;
+        let now_us = t.now_us;
         let soft = t.cfg.send_buffer_bytes;
         let (client_id, sslot) = t.conns[slot as usize].streams[k];
         let cap = t.cfg.frames_per_send_max;
@@ -112,17 +125,7 @@ impl<T: Transport> Session<T> {
                 c.fill_frames += 1;
                 s.sent += u64::from(n);
                 s.credit.spend(u64::from(n));
-                match s.first_token {
-                    None => {
-                        s.first_token = Some(now);
-                        t.metrics.ttft.record_us(cnse_backend::micros(now - s.arrived));
-                    }
-                    Some(_) => t
-                        .metrics
-                        .inter_token
-                        .record_us(cnse_backend::micros(now - s.last_progress)),
-                }
-                s.last_progress = now;
+                framed(s, now_us, &mut t.metrics);
                 t.n.tokens_sent += u64::from(n);
                 t.n.frames_out += 1;
             }
@@ -132,7 +135,7 @@ impl<T: Transport> Session<T> {
             // With the send full, END or ERROR goes in the next.
             _ if full => false,
             Phase::Finished(reason) if s.queue.tokens() == 0 => {
-                let (ttft, total) = times(s, now);
+                let (ttft, total) = times(s, now_us);
                 let at = out.len();
                 put_end(out, client_id, reason, s.sent, ttft, total);
                 if s.failed_over && c.features & cnse_proto::FEATURE_FAILOVER_MARK != 0 {

@@ -217,11 +217,11 @@ impl<T: Transport> Session<T> {
         let Some(i) = self.tables.conns[slot as usize].find_stream(stream_id) else {
             return;
         };
-        let now = self.tables.now;
+        let now_us = self.tables.now_us;
         let sslot = self.tables.conns[slot as usize].streams[i].1;
         self.stop_stream(sslot);
         let s = &self.tables.streams[sslot as usize];
-        let (ttft, total) = super::flush::times(s, now);
+        let (ttft, total) = super::flush::times(s, now_us);
         let sent = s.sent;
         put_end(
             &mut self.tables.conns[slot as usize].out_fill,

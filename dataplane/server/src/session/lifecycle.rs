@@ -51,14 +51,17 @@ impl<T: Transport> Session<T> {
     /// work) and a finished one whose last tokens the client never took
     /// (its stream slot and buffer would otherwise be held for good).
     fn end_stalled(&mut self, slot: u32) {
-        let (now, limit) = (self.tables.now, self.tables.cfg.stream_stall_timeout);
+        let (now_us, limit) = (
+            self.tables.now_us,
+            cnse_backend::micros(self.tables.cfg.stream_stall_timeout),
+        );
         let mut k = 0;
         while k < self.tables.conns[slot as usize].streams.len() {
             let sslot = self.tables.conns[slot as usize].streams[k].1;
             k += 1;
             let s = &self.tables.streams[sslot as usize];
             let open = matches!(s.phase, Phase::Running | Phase::Finished(_));
-            if open && s.queue.tokens() > 0 && now.duration_since(s.last_progress) >= limit {
+            if open && s.queue.tokens() > 0 && now_us.saturating_sub(s.last_us) >= limit {
                 self.stop_stream(sslot);
                 self.tables.fail(
                     sslot,

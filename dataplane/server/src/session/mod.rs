@@ -30,7 +30,7 @@ use crate::stages::StageTimes;
 use crate::transport::Transport;
 use crate::Config;
 
-mod flush;
+pub(crate) mod flush;
 mod foreign;
 mod frames;
 mod lifecycle;
@@ -311,7 +311,9 @@ impl<T: Transport> Session<T> {
     }
 
     pub fn begin_turn(&mut self, now: Instant) {
-        self.tables.now = now;
+        let t = &mut self.tables;
+        t.now = now;
+        t.now_us = cnse_backend::micros(now.saturating_duration_since(t.epoch));
     }
 
     /// Stage timing, if on: the I/O layer hands this turn's sends to the

@@ -47,19 +47,38 @@ impl<T: Transport> Session<T> {
         s.paused = false;
         s.remote = None;
         s.arrived = t.now;
+        s.arrived_us = t.now_us;
         s.parsed = if t.stages.is_some() {
             std::time::Instant::now()
         } else {
             t.now
         };
         s.produced = None;
-        s.last_progress = t.now;
-        s.first_token = None;
+        s.last_us = t.now_us;
+        s.first_us = None;
         s.failed_over = false;
         s.params = a.req.params;
+        s.http.chat = a.chat.is_some();
+        t.conns[slot as usize].streams.push(a.stream_id, sslot);
+        if run_now {
+            // Straight from the frame: the backend copies what it keeps.
+            self.tables.n.ran_local += 1;
+            let job = Job {
+                id: work_id(sslot, self.tables.streams[sslot as usize].gen),
+                params: a.req.params,
+                prompt: a.req.prompt,
+                arrived: self.tables.now,
+                chat: a.chat,
+                session: a.session,
+            };
+            self.start_job(sslot, job);
+            return Ok(());
+        }
+        // Queued: the request's text waits in the stream's reused buffers,
+        // then travels with its task.
+        let s = &mut t.streams[sslot as usize];
         s.prompt.clear();
         s.http.messages.clear();
-        s.http.chat = a.chat.is_some();
         let before = s.prompt.capacity() + s.http.messages.capacity();
         // The key (at most 256 bytes, checked at the edge) goes in front of
         // the prompt in the same reused buffer.
@@ -68,12 +87,6 @@ impl<T: Transport> Session<T> {
         s.prompt.push_str(a.req.prompt);
         s.http.messages.push_str(a.chat.unwrap_or(""));
         t.mem_held = t.mem_held - before + s.prompt.capacity() + s.http.messages.capacity();
-        t.conns[slot as usize].streams.push(a.stream_id, sslot);
-        if run_now {
-            self.tables.n.ran_local += 1;
-            self.start_stream(sslot);
-            return Ok(());
-        }
         if let Err(code) = self.push_task(sslot) {
             // Refused after all (a race with other cores filling the
             // bound, or shutdown): the stream ends with the ERROR.
@@ -172,10 +185,9 @@ impl<T: Transport> Session<T> {
         self.start_stream(p.sslot);
     }
 
+    /// Starts a queued stream's request from its buffers.
     fn start_stream(&mut self, sslot: u32) {
-        let t = &mut self.tables;
-        let s = &mut t.streams[sslot as usize];
-        s.phase = Phase::Running;
+        let s = &self.tables.streams[sslot as usize];
         let (session, prompt) = crate::stream::key_and_prompt(&s.prompt, s.session_len);
         let job = Job {
             id: work_id(sslot, s.gen),
@@ -185,8 +197,22 @@ impl<T: Transport> Session<T> {
             chat: s.http.chat.then_some(s.http.messages.as_str()),
             session,
         };
-        if let Err(reject) = self.backend.start(job, &mut self.io) {
-            t.fail(sslot, reject.code, &reject.message);
+        let (backend, io) = (&mut self.backend, &mut self.io);
+        let started = backend.start(job, io);
+        self.started(sslot, started);
+    }
+
+    /// Starts a request that never waited.
+    fn start_job(&mut self, sslot: u32, job: Job<'_>) {
+        let started = self.backend.start(job, &mut self.io);
+        self.started(sslot, started);
+    }
+
+    fn started(&mut self, sslot: u32, started: Result<(), cnse_backend::Reject>) {
+        let t = &mut self.tables;
+        match started {
+            Ok(()) => t.streams[sslot as usize].phase = Phase::Running,
+            Err(reject) => t.fail(sslot, reject.code, &reject.message),
         }
     }
 

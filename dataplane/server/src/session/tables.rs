@@ -36,6 +36,12 @@ pub struct Counters {
 pub(crate) struct Tables {
     pub cfg: Arc<Config>,
     pub now: Instant,
+    /// `now` in whole microseconds since `epoch` (the session's start):
+    /// one clock subtraction a turn, so that a stream's timings are
+    /// integer differences (an `Instant` subtraction, its checks and its
+    /// 128-bit microseconds were a tenth of a stream's flush).
+    pub now_us: u64,
+    pub epoch: Instant,
     pub conns: Vec<Conn>,
     pub conn_free: Vec<u32>,
     /// Slots in use (not `Free`), in no order; `Conn::live_pos` is each
@@ -93,6 +99,8 @@ impl Tables {
             foreign: Default::default(),
             cfg,
             now,
+            now_us: 0,
+            epoch: now,
             conns,
             conn_free,
             conn_live,
@@ -256,17 +264,20 @@ impl Sink for Tables {
             s.produced = Some(Instant::now());
         }
         // As many as `token` would take one by one: up to the one that
-        // fills the buffer.
+        // fills the buffer (all of them when the whole run leaves room).
         let (mut queued, mut bytes) = (s.queue.tokens(), s.queue.bytes());
-        let (mut n, mut len, mut full) = (0, 0, false);
-        for &l in lens {
-            n += 1;
-            len += l as usize;
-            queued += 1;
-            bytes += l as usize;
-            if queued >= tokens_max || bytes >= bytes_max {
-                full = true;
-                break;
+        let (mut n, mut len, mut full) = (lens.len(), text.len(), false);
+        if queued + n >= tokens_max || bytes + len >= bytes_max {
+            (n, len) = (0, 0);
+            for &l in lens {
+                n += 1;
+                len += l as usize;
+                queued += 1;
+                bytes += l as usize;
+                if queued >= tokens_max || bytes >= bytes_max {
+                    full = true;
+                    break;
+                }
             }
         }
         s.queue.push_run(&text[..len], &lens[..n]);
