@@ -5,7 +5,9 @@
 //! the Merkle root over them), and one whole loop turn of the session
 //! layer without a kernel (`session_turn` over the binary protocol,
 //! `session_turn_http` over the OpenAI front; `micro/session.rs`): the
-//! user-space part of a request's server time.
+//! user-space part of a request's server time, beside `peer_session_turn`,
+//! the same turn through the peers' protocol code. `scripts/session-ir.sh`
+//! counts their instructions per turn.
 //!
 //! ```sh
 //! cargo bench --bench micro                       # every benchmark

@@ -11,7 +11,8 @@
 #   there: bash .device-ab/device-ab.sh old new [more names...]
 #
 # First, with micro-NAME present for every name, `session_turn` of each at
-# once (cores 2.., 5 rounds: fastest and median per shape); then servers
+# once (cores 2.., 5 rounds: fastest and median per shape; a build that has
+# `peer_session_turn` prints the peers' code's shapes first); then servers
 # at once on cores 0.. with `cnse-dp bench --mode generate --max-tokens 16`
 # loads of 4 threads on 4-core groups from core 4 up, ROUNDS (3) rounds
 # per shape of SHAPES ("64x64 64x4 256x4"), SECS (3) each. The load is
