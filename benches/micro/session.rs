@@ -67,6 +67,20 @@ struct Rig {
     now: Instant,
 }
 
+/// `inflight` REQUESTs of 16 tokens (stream ids 1..=inflight, unlimited
+/// credit), one connection's input of a turn.
+fn binary_requests(inflight: usize) -> Vec<u8> {
+    let params = Params {
+        max_tokens: 16,
+        ..Params::default()
+    };
+    let mut requests = Vec::new();
+    for id in 1..=inflight as u64 {
+        put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
+    }
+    requests
+}
+
 /// One streaming completion of 16 tokens, kept alive.
 fn http_request() -> Vec<u8> {
     let body = br#"{"prompt":"Write a haiku about the sea.","max_tokens":16,"stream":true}"#;
@@ -103,17 +117,11 @@ impl Rig {
             sends: Vec::new(),
         };
         let mut session = Session::new(cfg, backend, io, now, conns.next_power_of_two(), 0);
-        let params = Params {
-            max_tokens: 16,
-            ..Params::default()
+        let requests = if http {
+            http_request()
+        } else {
+            binary_requests(inflight)
         };
-        let mut requests = Vec::new();
-        for id in 1..=inflight as u64 {
-            put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
-        }
-        if http {
-            requests = http_request();
-        }
         let mut hello = Vec::new();
         put_hello(&mut hello, b"");
         session.begin_turn(now);
@@ -175,14 +183,7 @@ fn session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
 /// side with `session_turn`'s.
 #[divan::bench(args = [(64, 4), (64, 64), (256, 1)])]
 fn peer_session_turn(b: Bencher, (conns, inflight): (usize, usize)) {
-    let params = Params {
-        max_tokens: 16,
-        ..Params::default()
-    };
-    let mut requests = Vec::new();
-    for id in 1..=inflight as u64 {
-        put_request(&mut requests, id, 0, &params, b"Write a haiku about the sea.");
-    }
+    let requests = binary_requests(inflight);
     let mut hello = Vec::new();
     put_hello(&mut hello, b"");
     let now = Instant::now();
