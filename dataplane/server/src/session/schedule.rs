@@ -63,6 +63,7 @@ impl<T: Transport> Session<T> {
         if run_now {
             // Straight from the frame: the backend copies what it keeps.
             self.tables.n.ran_local += 1;
+            self.started_since_poll += 1;
             let job = Job {
                 id: work_id(sslot, self.tables.streams[sslot as usize].gen),
                 params: a.req.params,
