@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cnse_backend::synthetic::{SyntheticConfig, SyntheticFactory};
-use cnse_backend::{BackendFactory, Io, Params};
+use cnse_backend::{BackendFactory, Params};
 use cnse_proto::{put_hello, put_request, Direction, FrameDecoder, Kind, PAYLOAD_BYTES_MAX_DEFAULT};
 use cnse_server::session::Session;
-use cnse_server::transport::{ConnRef, Transport};
+use cnse_server::transport::NoteIo;
 use cnse_server::Config;
 use divan::{counter::ItemsCount, Bencher};
 
@@ -22,38 +22,6 @@ use divan::{counter::ItemsCount, Bencher};
 #[allow(dead_code)]
 #[path = "../peer/session.rs"]
 mod peer;
-
-/// A transport that accepts every operation and completes none by itself:
-/// the benchmark completes each send in full at the next turn.
-#[derive(Default)]
-struct NoteIo {
-    now: Option<Instant>,
-    sends: Vec<(ConnRef, usize)>,
-}
-
-impl Io for NoteIo {
-    fn now(&self) -> Instant {
-        self.now.expect("set before the first turn")
-    }
-
-    unsafe fn submit(&mut self, _tag: u64, _entry: cnse_ring::squeue::Entry) {
-        panic!("the synthetic backend submits no ring operations");
-    }
-}
-
-impl Transport for NoteIo {
-    fn recv(&mut self, _conn: ConnRef) {}
-
-    fn cancel_recv(&mut self, _conn: ConnRef) {}
-
-    unsafe fn send(&mut self, conn: ConnRef, data: &[u8]) {
-        self.sends.push((conn, data.len()));
-    }
-
-    fn shutdown(&mut self, _fd: RawFd) {}
-
-    fn close(&mut self, _fd: RawFd) {}
-}
 
 /// `conns` connections past their handshake, each of which sends the same
 /// `inflight` REQUESTs (16 tokens, unlimited credit) every turn; every
@@ -112,10 +80,8 @@ impl Rig {
         .build(0)
         .expect("the synthetic backend");
         let now = Instant::now();
-        let io = NoteIo {
-            now: Some(now),
-            sends: Vec::new(),
-        };
+        // Lengths only: the benchmark must not copy what it sends.
+        let io = NoteIo::new(now, false);
         let mut session = Session::new(cfg, backend, io, now, conns.next_power_of_two(), 0);
         let requests = if http {
             http_request()
@@ -151,11 +117,12 @@ impl Rig {
     /// requests arrive, then the backend, the flush and the sends.
     fn turn(&mut self, with_requests: bool) {
         self.now += Duration::from_micros(10);
-        self.session.io_mut().now = Some(self.now);
+        self.session.io_mut().now = self.now;
         self.session.begin_turn(self.now);
         let mut sends = std::mem::take(&mut self.session.io_mut().sends);
-        for &(c, len) in &sends {
-            self.session.on_send_done(c.slot, c.gen, len as i32);
+        for sent in &sends {
+            self.session
+                .on_send_done(sent.conn.slot, sent.conn.gen, sent.len as i32);
         }
         sends.clear();
         // The buffer goes back (capacity kept); what this turn queued meanwhile

@@ -39,3 +39,64 @@ pub trait Transport: Io {
     /// Closes the socket; no operation refers to it any more.
     fn close(&mut self, fd: RawFd);
 }
+
+/// One send a [`NoteIo`] was asked for.
+#[derive(Debug)]
+pub struct Sent {
+    pub conn: ConnRef,
+    pub len: usize,
+    /// A copy of the bytes, with `NoteIo::keep_bytes` (else empty: no
+    /// allocation).
+    pub bytes: Vec<u8>,
+}
+
+/// A transport with no kernel behind it, for benchmarks and tests that
+/// drive a `Session` by hand: every operation is accepted and none
+/// completes by itself; each send is noted (its connection and length,
+/// and its bytes when `keep_bytes`), and the driver completes it with
+/// `Session::on_send_done`. The clock is `now`, set by the driver.
+#[derive(Debug)]
+pub struct NoteIo {
+    pub now: std::time::Instant,
+    pub keep_bytes: bool,
+    pub sends: Vec<Sent>,
+}
+
+impl NoteIo {
+    pub fn new(now: std::time::Instant, keep_bytes: bool) -> Self {
+        Self {
+            now,
+            keep_bytes,
+            sends: Vec::new(),
+        }
+    }
+}
+
+impl Io for NoteIo {
+    fn now(&self) -> std::time::Instant {
+        self.now
+    }
+
+    unsafe fn submit(&mut self, _tag: u64, _entry: cnse_ring::squeue::Entry) {
+        panic!("NoteIo runs no ring operations (a backend that submits needs a ring)");
+    }
+}
+
+impl Transport for NoteIo {
+    fn recv(&mut self, _conn: ConnRef) {}
+
+    fn cancel_recv(&mut self, _conn: ConnRef) {}
+
+    unsafe fn send(&mut self, conn: ConnRef, data: &[u8]) {
+        let bytes = if self.keep_bytes { data.to_vec() } else { Vec::new() };
+        self.sends.push(Sent {
+            conn,
+            len: data.len(),
+            bytes,
+        });
+    }
+
+    fn shutdown(&mut self, _fd: RawFd) {}
+
+    fn close(&mut self, _fd: RawFd) {}
+}

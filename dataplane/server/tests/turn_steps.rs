@@ -14,38 +14,8 @@ use cnse_backend::synthetic::{expected_text, SyntheticConfig, SyntheticFactory};
 use cnse_backend::{Backend, BackendFactory, BackendStats, Io, Job, Params, Reject, Sink, WorkId};
 use cnse_proto::{put_hello, put_request, Direction, FrameDecoder, Kind, PAYLOAD_BYTES_MAX_DEFAULT};
 use cnse_server::session::Session;
-use cnse_server::transport::{ConnRef, Transport};
+use cnse_server::transport::NoteIo;
 use cnse_server::Config;
-
-/// Notes every send's bytes; completes none by itself.
-struct NoteIo {
-    now: Instant,
-    sends: Vec<(ConnRef, Vec<u8>)>,
-}
-
-impl Io for NoteIo {
-    fn now(&self) -> Instant {
-        self.now
-    }
-
-    unsafe fn submit(&mut self, _tag: u64, _entry: cnse_ring::squeue::Entry) {
-        panic!("the synthetic backend submits no ring operations");
-    }
-}
-
-impl Transport for NoteIo {
-    fn recv(&mut self, _conn: ConnRef) {}
-
-    fn cancel_recv(&mut self, _conn: ConnRef) {}
-
-    unsafe fn send(&mut self, conn: ConnRef, data: &[u8]) {
-        self.sends.push((conn, data.to_vec()));
-    }
-
-    fn shutdown(&mut self, _fd: RawFd) {}
-
-    fn close(&mut self, _fd: RawFd) {}
-}
 
 /// The synthetic backend, noting the most work it held at once.
 struct Peak {
@@ -107,7 +77,7 @@ fn a_turn_of_many_requests_is_served_in_steps_and_in_full() {
         inner,
         peak: peak.clone(),
     });
-    let io = NoteIo { now, sends: Vec::new() };
+    let io = NoteIo::new(now, true);
     let mut session = Session::new(Arc::new(Config::default()), backend, io, now, 64, 0);
     let mut hello = Vec::new();
     put_hello(&mut hello, b"");
@@ -121,8 +91,8 @@ fn a_turn_of_many_requests_is_served_in_steps_and_in_full() {
         .collect();
     session.end_turn();
     // HELLO_ACKs out and done.
-    for (c, data) in std::mem::take(&mut session.io_mut().sends) {
-        session.on_send_done(c.slot, c.gen, data.len() as i32);
+    for sent in std::mem::take(&mut session.io_mut().sends) {
+        session.on_send_done(sent.conn.slot, sent.conn.gen, sent.len as i32);
     }
 
     let params = Params {
@@ -156,11 +126,11 @@ fn a_turn_of_many_requests_is_served_in_steps_and_in_full() {
     // text its seed gives, and END.
     let sends = std::mem::take(&mut session.io_mut().sends);
     assert_eq!(sends.len(), conns, "one send per connection");
-    for (_, data) in &sends {
+    for sent in &sends {
         let mut text = vec![Vec::new(); inflight as usize + 1];
         let mut ends = 0;
         let mut d = FrameDecoder::new(Direction::ToClient, PAYLOAD_BYTES_MAX_DEFAULT);
-        let mut input = &data[..];
+        let mut input = &sent.bytes[..];
         while let Some(f) = d.next(&mut input).unwrap() {
             let id = f.header.stream_id() as usize;
             match f.kind {

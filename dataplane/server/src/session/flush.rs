@@ -15,7 +15,7 @@ use crate::transport::Transport;
 
 /// Room kept free in a send buffer for the small frames (ERROR, END) a
 /// frame's handling may append.
-const REPLY_SLACK_BYTES: usize = 512;
+pub(super) const REPLY_SLACK_BYTES: usize = 512;
 
 /// (time to first token, total) of a stream at `now_us`, in microseconds.
 pub(super) fn times(s: &Stream, now_us: u64) -> (u64, u64) {

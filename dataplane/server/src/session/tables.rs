@@ -219,6 +219,44 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// Frames a run of `n` tokens (`text`) of running stream `sslot` straight
+    /// into its connection's output, as the flush would frame it from the
+    /// stream's queue, when nothing stops that now: nothing queued before
+    /// it, credit for all of it, room in the filling send buffer below its
+    /// soft size and its frame cap, and a binary-protocol connection (the
+    /// HTTP front orders whole responses in its flush). False (nothing
+    /// done) otherwise: the run goes to the queue.
+    fn frame_now(&mut self, sslot: usize, text: &[u8], n: usize) -> bool {
+        let s = &mut self.streams[sslot];
+        let c = &mut self.conns[s.conn as usize];
+        let cap = self.cfg.frames_per_send_max;
+        let fits = c.out_fill.len() + cnse_proto::HEADER_BYTES + text.len() + super::flush::REPLY_SLACK_BYTES
+            <= self.cfg.send_buffer_bytes;
+        if s.queue.tokens() != 0
+            || s.credit.available() < n as u64
+            || !fits
+            || (cap != 0 && c.fill_frames as usize >= cap)
+            || c.proto != crate::conn::Proto::Binary
+            || c.state != crate::conn::ConnState::Open
+        {
+            return false;
+        }
+        let n = n as u32;
+        cnse_proto::put_tokens(&mut c.out_fill, s.client_id, n, s.sent, text);
+        c.fill_frames += 1;
+        s.sent += u64::from(n);
+        s.credit.spend(u64::from(n));
+        super::flush::framed(s, self.now_us, &mut self.metrics);
+        self.n.tokens_produced += u64::from(n);
+        self.n.tokens_sent += u64::from(n);
+        self.n.frames_out += 1;
+        let conn = s.conn;
+        self.mark_dirty(conn);
+        true
+    }
+}
+
 impl Sink for Tables {
     fn token(&mut self, id: WorkId, text: &[u8]) -> Delivery {
         if super::foreign::is_foreign(id) {
@@ -263,6 +301,11 @@ impl Sink for Tables {
         if timed && s.produced.is_none() {
             s.produced = Some(Instant::now());
         }
+        let sslot = (id.0 & 0xffff_ffff) as usize;
+        if self.frame_now(sslot, text, lens.len()) {
+            return (lens.len(), Delivery::Accepted);
+        }
+        let s = &mut self.streams[sslot];
         // As many as `token` would take one by one: up to the one that
         // fills the buffer (all of them when the whole run leaves room).
         let (mut queued, mut bytes) = (s.queue.tokens(), s.queue.bytes());
