@@ -56,7 +56,7 @@ pub fn parse_request<'a>(
     }
     // The block is checked alone (an empty prompt is valid), then the prompt.
     let params = Params::parse(block, limits)?.params;
-    let Ok(prompt) = std::str::from_utf8(prompt) else {
+    let Some(prompt) = crate::params::utf8(prompt) else {
         return bad("prompt is not valid UTF-8");
     };
     let key = std::str::from_utf8(key).expect("visible ASCII is UTF-8");

@@ -151,30 +151,36 @@ impl Conn {
 /// order, with a filter of the ids added since the list was last empty:
 /// a REQUEST's check for a stream id in use, which every request makes,
 /// skips the walk when its id's bit is clear (a connection with 64
-/// requests in flight walked 32 entries per request).
+/// requests in flight walked 32 entries per request). 256 bits: with 64
+/// ids in, a new id's bit is clear about 78 % of the time (with 64 bits,
+/// 37 %).
 #[derive(Debug, Default)]
 pub struct ConnStreams {
     list: Vec<(u64, u32)>,
     /// One bit per id hash; never cleared but with the list emptied, so
     /// a set bit may be stale (then the walk decides).
-    seen: u64,
+    seen: [u64; 4],
 }
 
 impl ConnStreams {
-    fn bit(id: u64) -> u64 {
-        1 << (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58)
+    /// The filter word and bit of `id`.
+    fn bit(id: u64) -> (usize, u64) {
+        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
+        ((h >> 6) as usize, 1 << (h & 63))
     }
 
     /// Position of the stream the client calls `id`.
     pub fn find(&self, id: u64) -> Option<usize> {
-        if self.seen & Self::bit(id) == 0 {
+        let (w, b) = Self::bit(id);
+        if self.seen[w] & b == 0 {
             return None;
         }
         self.list.iter().position(|&(c, _)| c == id)
     }
 
     pub fn push(&mut self, id: u64, slot: u32) {
-        self.seen |= Self::bit(id);
+        let (w, b) = Self::bit(id);
+        self.seen[w] |= b;
         self.list.push((id, slot));
     }
 
@@ -193,12 +199,12 @@ impl ConnStreams {
 
     pub fn clear(&mut self) {
         self.list.clear();
-        self.seen = 0;
+        self.seen = [0; 4];
     }
 
     fn forget_if_empty(&mut self) {
         if self.list.is_empty() {
-            self.seen = 0;
+            self.seen = [0; 4];
         }
     }
 }
@@ -220,24 +226,24 @@ mod tests {
         let mut s = ConnStreams::default();
         // Ids that share filter bits (more ids than bits), removed in
         // every order.
-        for id in 0..200u64 {
+        for id in 0..400u64 {
             s.push(id * 3, id as u32);
         }
-        for id in 0..200u64 {
+        for id in 0..400u64 {
             assert_eq!(s.find(id * 3).map(|k| s[k]), Some((id * 3, id as u32)));
         }
         assert_eq!(s.find(1), None);
-        for id in (0..200u64).step_by(2) {
+        for id in (0..400u64).step_by(2) {
             let k = s.find(id * 3).expect("present");
             assert_eq!(s.swap_remove(k), (id * 3, id as u32));
             assert_eq!(s.find(id * 3), None, "gone once removed");
         }
-        assert_eq!(s.len(), 100);
-        for id in (1..200u64).step_by(2) {
+        assert_eq!(s.len(), 200);
+        for id in (1..400u64).step_by(2) {
             assert_eq!(s.find(id * 3).map(|k| s[k]), Some((id * 3, id as u32)));
         }
         while s.pop().is_some() {}
-        assert_eq!(s.seen, 0, "an empty list forgets its ids");
+        assert_eq!(s.seen, [0; 4], "an empty list forgets its ids");
         s.push(7, 1);
         assert_eq!(s.find(7), Some(0));
         s.clear();
