@@ -15,9 +15,14 @@ pub const fn frame_bytes(payload_bytes: usize) -> usize {
 pub fn put_frame(out: &mut Vec<u8>, kind: Kind, stream_id: u64, arg: u32, aux: u64, parts: &[&[u8]]) {
     let payload: usize = parts.iter().map(|p| p.len()).sum();
     let len = u32::try_from(payload).expect("payload fits u32: callers bound it by the payload limit");
-    let at = out.len();
-    out.resize(at + HEADER_BYTES, 0);
-    HeaderMut::new(&mut out[at..]).set(kind, 0, stream_id, len, arg, aux);
+    // The header is built in registers and goes in with the payload after
+    // one capacity check (resizing to write it in place zeroed it first
+    // and checked the capacity once per part: half of a TOKENS frame's
+    // instructions).
+    let mut h = [0u8; HEADER_BYTES];
+    HeaderMut::new(&mut h).set(kind, 0, stream_id, len, arg, aux);
+    out.reserve(HEADER_BYTES + payload);
+    out.extend_from_slice(&h);
     for p in parts {
         out.extend_from_slice(p);
     }
