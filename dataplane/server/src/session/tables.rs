@@ -230,6 +230,9 @@ impl Tables {
     fn frame_now(&mut self, sslot: usize, text: &[u8], n: usize) -> bool {
         let s = &mut self.streams[sslot];
         let c = &mut self.conns[s.conn as usize];
+        if c.proto != crate::conn::Proto::Binary || c.state != crate::conn::ConnState::Open {
+            return false;
+        }
         let cap = self.cfg.frames_per_send_max;
         let fits = c.out_fill.len() + cnse_proto::HEADER_BYTES + text.len() + super::flush::REPLY_SLACK_BYTES
             <= self.cfg.send_buffer_bytes;
@@ -237,8 +240,6 @@ impl Tables {
             || s.credit.available() < n as u64
             || !fits
             || (cap != 0 && c.fill_frames as usize >= cap)
-            || c.proto != crate::conn::Proto::Binary
-            || c.state != crate::conn::ConnState::Open
         {
             return false;
         }
