@@ -95,7 +95,7 @@ pub struct Vocab {
     /// Each word again in a slot of its own, its length in the last byte:
     /// what [`WordRun`] copies whole (one fixed-size move per token, where
     /// a slice copy of the word's own length is a call to `memmove`).
-    slots: Vec<[u8; WORD_SLOT]>,
+    slots: Box<[[u8; WORD_SLOT]; Vocab::SIZE]>,
 }
 
 /// Bytes of a word's slot in [`Vocab`]; every word is shorter.
@@ -129,17 +129,13 @@ impl Vocab {
             }
             spans.push((start, text.len() as u32));
         }
-        let slots = spans
-            .iter()
-            .map(|&(a, b)| {
-                let word = &text[a as usize..b as usize];
-                assert!(word.len() < WORD_SLOT, "a word fits its slot with its length");
-                let mut slot = [0u8; WORD_SLOT];
-                slot[..word.len()].copy_from_slice(word);
-                slot[WORD_SLOT - 1] = word.len() as u8;
-                slot
-            })
-            .collect();
+        let mut slots = Box::new([[0u8; WORD_SLOT]; Self::SIZE]);
+        for (slot, &(a, b)) in slots.iter_mut().zip(&spans) {
+            let word = &text[a as usize..b as usize];
+            assert!(word.len() < WORD_SLOT, "a word fits its slot with its length");
+            slot[..word.len()].copy_from_slice(word);
+            slot[WORD_SLOT - 1] = word.len() as u8;
+        }
         Self { text, spans, slots }
     }
 
@@ -192,18 +188,24 @@ impl WordRun {
         if self.text.len() < need {
             self.text.resize(need.next_power_of_two(), 0);
         }
-        self.lens.reserve(ids.len());
-        let mut at = self.len;
+        // A mask into a table of exactly SIZE slots: no bounds check.
+        let slot = |id: u32| &vocab.slots[id as usize & (Vocab::SIZE - 1)];
+        self.lens
+            .extend(ids.iter().map(|&id| u32::from(slot(id)[WORD_SLOT - 1])));
+        let base = self.text[self.len..need].as_mut_ptr();
+        let mut at = 0;
         for &id in ids {
-            let slot = &vocab.slots[id as usize & (Vocab::SIZE - 1)];
-            let n = usize::from(slot[WORD_SLOT - 1]);
-            // The whole slot: a move of constant size; what lies beyond
-            // the word is overwritten by the next.
-            self.text[at..at + WORD_SLOT].copy_from_slice(slot);
-            at += n;
-            self.lens.push(n as u32);
+            let slot = slot(id);
+            // SAFETY: `text[len..need]` holds `(ids.len() + 1) * WORD_SLOT`
+            // bytes and each word is shorter than a slot, so word k starts
+            // below `k * WORD_SLOT` and its whole slot ends within it; the
+            // source is a distinct allocation (the vocabulary's).
+            unsafe { std::ptr::copy_nonoverlapping(slot.as_ptr(), base.add(at), WORD_SLOT) };
+            // The whole slot: a move of constant size; what lies beyond the
+            // word is overwritten by the next.
+            at += usize::from(slot[WORD_SLOT - 1]);
         }
-        self.len = at;
+        self.len += at;
     }
 
     pub fn text(&self) -> &[u8] {
