@@ -107,7 +107,13 @@ failures=0
 {
   echo "date:     $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "command:  scripts/bench.sh $* (ONLY=\"$only\")"
-  echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  # Prebuilt binaries name the commit they were built from (a copy of the
+  # tree elsewhere may carry another commit's git metadata).
+  if [ -n "${BENCH_BIN_DIR:-}" ] && [ -f "$BENCH_BIN_DIR/commit.txt" ]; then
+    echo "commit:   $(cat "$BENCH_BIN_DIR/commit.txt") (binaries in $BENCH_BIN_DIR)"
+  else
+    echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  fi
   echo "machine:  $cores cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/^Mem/ {print $2}') GiB, Linux $(uname -r)"
   echo "pinning:  servers on CPU $server_cpu (one thread), load generator on CPUs $load_cpus ($load_threads thread(s))"
   echo "windows:  ${secs} s measured after ${warm} s warm-up per run$([ "$quick" = 1 ] && echo ' (--quick: a smoke run, not a measurement)')"

@@ -30,6 +30,9 @@ for b in tokio_peer tokio_uring_peer monoio_peer micro bench_report; do
   strip --strip-debug -o ".device/bench/$b" "$f"
 done
 rm -f "$log"
+# The commit the binaries are built from, for bench.sh's summary (uncommitted
+# changes marked).
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!docs' || echo '+changes')" >.device/bench/commit.txt
 if ! { command -v redis-server && command -v redis-benchmark && command -v redis-cli; } >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
