@@ -90,11 +90,9 @@ fn hash_pick(seed: u64, position: u64) -> u32 {
 /// The word list tokens are drawn from: built from syllables so the text
 /// reads like words, plus a few multi-byte UTF-8 words.
 pub struct Vocab {
-    text: Vec<u8>,
-    spans: Vec<(u32, u32)>,
-    /// Each word again in a slot of its own, its length in the last byte:
-    /// what [`WordRun`] copies whole (one fixed-size move per token, where
-    /// a slice copy of the word's own length is a call to `memmove`).
+    /// Each word in a slot of its own, its length in the last byte: what
+    /// [`WordRun`] copies whole (one fixed-size move per token, where a
+    /// slice copy of the word's own length is a call to `memmove`).
     slots: Box<[[u8; WORD_SLOT]; Vocab::SIZE]>,
 }
 
@@ -111,32 +109,27 @@ impl Vocab {
         const VOWELS: [&str; 8] = ["a", "e", "i", "o", "u", "ai", "ou", "ea"];
         const CODAS: [&str; 8] = ["", "n", "r", "s", "t", "l", "nd", "ck"];
         const SPECIAL: [&str; 8] = [" café", " naïve", " über", " 日本", " ünïcode", ",", ".", " —"];
-        let mut text = Vec::new();
-        let mut spans = Vec::with_capacity(Self::SIZE);
-        for i in 0..Self::SIZE {
-            let start = text.len() as u32;
+        let mut slots = Box::new([[0u8; WORD_SLOT]; Self::SIZE]);
+        let mut word = Vec::with_capacity(WORD_SLOT);
+        for (i, slot) in slots.iter_mut().enumerate() {
+            word.clear();
             if i % 512 < SPECIAL.len() {
-                text.extend_from_slice(SPECIAL[i % 512].as_bytes());
+                word.extend_from_slice(SPECIAL[i % 512].as_bytes());
             } else {
                 let mut h = splitmix64(i as u64);
-                text.push(b' ');
+                word.push(b' ');
                 for _ in 0..1 + (h % 3) {
                     h = splitmix64(h);
-                    text.extend_from_slice(ONSETS[(h % 16) as usize].as_bytes());
-                    text.extend_from_slice(VOWELS[((h >> 8) % 8) as usize].as_bytes());
-                    text.extend_from_slice(CODAS[((h >> 16) % 8) as usize].as_bytes());
+                    word.extend_from_slice(ONSETS[(h % 16) as usize].as_bytes());
+                    word.extend_from_slice(VOWELS[((h >> 8) % 8) as usize].as_bytes());
+                    word.extend_from_slice(CODAS[((h >> 16) % 8) as usize].as_bytes());
                 }
             }
-            spans.push((start, text.len() as u32));
-        }
-        let mut slots = Box::new([[0u8; WORD_SLOT]; Self::SIZE]);
-        for (slot, &(a, b)) in slots.iter_mut().zip(&spans) {
-            let word = &text[a as usize..b as usize];
             assert!(word.len() < WORD_SLOT, "a word fits its slot with its length");
-            slot[..word.len()].copy_from_slice(word);
+            slot[..word.len()].copy_from_slice(&word);
             slot[WORD_SLOT - 1] = word.len() as u8;
         }
-        Self { text, spans, slots }
+        Self { slots }
     }
 
     /// One vocabulary for the process (built on first use).
@@ -156,9 +149,8 @@ impl Vocab {
         // A mask, not `%`: a division per token was half of the synthetic
         // backend's poll at 4,096 streams.
         const _: () = assert!(Vocab::SIZE.is_power_of_two());
-        debug_assert_eq!(self.spans.len(), Self::SIZE);
-        let (a, b) = self.spans[id as usize & (Self::SIZE - 1)];
-        &self.text[a as usize..b as usize]
+        let slot = &self.slots[id as usize & (Self::SIZE - 1)];
+        &slot[..usize::from(slot[WORD_SLOT - 1])]
     }
 }
 
