@@ -23,6 +23,27 @@ pub(super) fn times(s: &Stream, now_us: u64) -> (u64, u64) {
     (ttft, now_us.saturating_sub(s.arrived_us))
 }
 
+/// Accounts for a TOKENS frame of `n` tokens of stream `s` just appended
+/// to its connection's filling send (by the flush from the stream's
+/// queue, or by the sink straight from the backend): the send's frame
+/// count (`fill_frames`), the stream's index and credit, its timings and
+/// the counters.
+pub(super) fn tokens_framed(
+    s: &mut Stream,
+    fill_frames: &mut u32,
+    n: u32,
+    now_us: u64,
+    metrics: &mut crate::metrics::RequestMetrics,
+    counters: &mut super::tables::Counters,
+) {
+    *fill_frames += 1;
+    s.sent += u64::from(n);
+    s.credit.spend(u64::from(n));
+    framed(s, now_us, metrics);
+    counters.tokens_sent += u64::from(n);
+    counters.frames_out += 1;
+}
+
 /// Notes that tokens of `s` were framed at `now_us`: time to first token
 /// or the gap since its last frame.
 pub(crate) fn framed(s: &mut Stream, now_us: u64, metrics: &mut crate::metrics::RequestMetrics) {
@@ -122,12 +143,7 @@ impl<T: Transport> Session<T> {
             if room > 0 || out.is_empty() {
                 let (n, text) = s.queue.take(s.credit.available(), room);
                 put_tokens(out, client_id, n, s.sent, text);
-                c.fill_frames += 1;
-                s.sent += u64::from(n);
-                s.credit.spend(u64::from(n));
-                framed(s, now_us, &mut t.metrics);
-                t.n.tokens_sent += u64::from(n);
-                t.n.frames_out += 1;
+                tokens_framed(s, &mut c.fill_frames, n, now_us, &mut t.metrics, &mut t.n);
             }
         }
         let full = cap != 0 && c.fill_frames as usize >= cap;

@@ -217,9 +217,7 @@ impl Tables {
         self.stream_free.push(slot);
         self.n.streams_open -= 1;
     }
-}
 
-impl Tables {
     /// Frames a run of `n` tokens (`text`) of running stream `sslot` straight
     /// into its connection's output, as the flush would frame it from the
     /// stream's queue, when nothing stops that now: nothing queued before
@@ -245,13 +243,8 @@ impl Tables {
         }
         let n = n as u32;
         cnse_proto::put_tokens(&mut c.out_fill, s.client_id, n, s.sent, text);
-        c.fill_frames += 1;
-        s.sent += u64::from(n);
-        s.credit.spend(u64::from(n));
-        super::flush::framed(s, self.now_us, &mut self.metrics);
+        super::flush::tokens_framed(s, &mut c.fill_frames, n, self.now_us, &mut self.metrics, &mut self.n);
         self.n.tokens_produced += u64::from(n);
-        self.n.tokens_sent += u64::from(n);
-        self.n.frames_out += 1;
         let conn = s.conn;
         self.mark_dirty(conn);
         true
