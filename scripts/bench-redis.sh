@@ -1,10 +1,13 @@
 # Sourced by scripts/bench.sh: PING against redis-server, the reference
 # event loop. Installs redis-server and redis-tools from Debian when they
-# are missing (root and apt-get), runs `redis-benchmark -t ping` without and
-# with `-P 16` on the load CPUs against a redis-server on the server CPU,
-# then `cnse-dp bench --mode ping` with 1 and 16 PINGs in flight per
-# connection at the same connection counts. Rows go to $out/redis.csv in
-# the suite's format; why redis was skipped, if it was, to $out/redis.note.
+# are missing (root and apt-get). Against a redis-server on the server CPU
+# it runs, on the load CPUs, `cnse-dp bench --mode resp` (RESP PING from
+# the same load generator, threads and connections that measure cnse-dp:
+# rows of server "redis") and, for reference, `redis-benchmark -t ping`
+# (server "redis-benchmark"), each without and with 16 PINGs in flight per
+# connection (`-P 16`); then `cnse-dp bench --mode ping` against cnse-dp at
+# the same counts. Rows go to $out/redis.csv in the suite's format; why
+# redis was skipped, if it was, to $out/redis.note.
 
 redis_install() {
   command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && return 0
@@ -40,7 +43,7 @@ children_cpu() {
 # One redis-benchmark run: C connections, pipeline P, N requests.
 redis_run() {
   local port=$1 c=$2 p=$3 n=$4 label cpu0 cpu1 kid0 kid1 t0 t1 kids_us
-  label="redis-benchmark ping c=$c P=$p threads=$load_threads"
+  label="ping c=$c P=$p threads=$load_threads"
   children_cpu
   cpu0=$(proc_cpu_us "$RP") kid0=$kids_us t0=$(date +%s%N)
   if ! taskset -c "$load_cpus" redis-benchmark -h 127.0.0.1 -p "$port" -t ping -c "$c" -n "$n" -P "$p" \
@@ -54,7 +57,7 @@ redis_run() {
   children_cpu
   kid1=$kids_us cpu1=$(proc_cpu_us "$RP")
   # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-  tr -d '"' <"$tmp/redis.out" | awk -F, -v s="redis,pipeline,$p,$label" -v n="$n" \
+  tr -d '"' <"$tmp/redis.out" | awk -F, -v s="redis-benchmark,pipeline,$p,$label" -v n="$n" \
     -v cpu="$((cpu1 - cpu0))" -v kid="$((kid1 - kid0))" -v ns="$((t1 - t0))" '
     $1 == "PING_MBULK" {
       secs = ns / 1e9
@@ -62,14 +65,14 @@ redis_run() {
       printf "%s,e2e,us,%d,%.1f,%.0f,,%.0f,%.0f,,%.0f\n", s, n, $3 * 1000, $5 * 1000, $6 * 1000, $7 * 1000, $8 * 1000
       printf "%s,server_cpu,per_s,%d,%.1f,,,,,,\n", s, cpu, cpu / secs
       printf "%s,load_cpu,per_s,%d,%.1f,,,,,,\n", s, kid, kid / secs
-      printf "   %-12s %-12s %-8s %14s req/s  p99 %.0f µs\n", "redis", "pipeline", "'"$p"'", $2, $7 * 1000 > "/dev/stderr"
+      printf "   %-16s %-8s %-8s %14s req/s  p99 %.0f µs (its own figures)\n", "redis-benchmark", "pipeline", "'"$p"'", $2, $7 * 1000 > "/dev/stderr"
     }' >>"$out/redis.csv"
 }
 
 bench_redis() {
   echo "== PING: redis-server against cnse-dp"
   redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
-  echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'); redis-benchmark counts PING_MBULK (RESP), $load_threads client thread(s) (--threads); latencies from its --csv (p50, p95, p99, max; it reports no p90 or p99.9). With -P 16 a latency is that of the 16-request batch." >"$out/redis.note"
+  echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'). \"redis\" rows: \`cnse-dp bench --mode resp\` (PING_MBULK in RESP, $load_threads load thread(s)), the generator and shape that measure cnse-dp. \"redis-benchmark\" rows, for reference: redis-benchmark -t ping with --threads $load_threads, its own rate and latencies (p50, p95, p99, max; with -P 16 a latency is that of the 16-request batch)." >"$out/redis.note"
   local port=$((20000 + RANDOM % 20000))
   taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
     --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
@@ -83,6 +86,12 @@ bench_redis() {
   for c in $redis_conns; do
     redis_run "$port" "$c" 1 "$redis_n1"
     redis_run "$port" "$c" 16 "$redis_n16"
+  done
+  # The same generator as cnse-dp's rows below (run reads ADDR and SP).
+  ADDR=127.0.0.1:$port SP=$RP
+  for c in $redis_conns; do
+    run redis redis pipeline 1 --mode resp --connections "$c" --inflight 1
+    run redis redis pipeline 16 --mode resp --connections "$c" --inflight 16
   done
   kill "$RP" 2>/dev/null || true
   wait "$RP" 2>/dev/null || true

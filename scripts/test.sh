@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All tests, on a fresh Debian 12 machine with the Rust toolchain: installs
 # what the tests need, starts the real services (nginx with WebDAV as the
-# filer remote, llama-server with SmolLM2), runs every test (cargo, then the
+# filer remote, llama-server with SmolLM2; redis-server for the load
+# generator's RESP test), runs every test (cargo, then the
 # Python SDK's pytest), stops them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ log() { printf '\n==> %s\n' "$*"; }
 log "system packages"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
-  for p in nginx libnginx-mod-http-dav-ext openssl; do
+  for p in nginx libnginx-mod-http-dav-ext openssl redis-server redis-tools; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then

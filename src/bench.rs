@@ -17,6 +17,11 @@ pub enum ModeArg {
     /// HTTP/1.1 (`--addr` is the HTTP address; `--inflight` requests are
     /// pipelined per connection).
     Http,
+    /// PING in RESP to a redis-compatible server at `--addr` (redis-server):
+    /// the same load `--mode ping --payload-bytes 0` puts on cnse-dp, so the
+    /// two are compared on one engine (`--inflight` PINGs pipelined per
+    /// connection, like redis-benchmark's `-P`).
+    Resp,
 }
 
 /// The load shape, shared with `cnse-dp demo`.
@@ -212,6 +217,7 @@ impl LoadArgs {
                 prompt: self.prompt.clone(),
                 include_usage: self.http_include_usage,
             },
+            ModeArg::Resp => Mode::Resp,
         };
         if let Some(f) = self.peak_fraction {
             if !(f > 0.0 && f <= 10.0) {

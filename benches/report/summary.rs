@@ -329,7 +329,7 @@ fn send_modes(out: &mut String, dir: &Path) {
 
 fn redis(out: &mut String, dir: &Path) {
     let pts = points(&load(dir, "redis.csv"));
-    let _ = writeln!(out, "\n## PING against redis (`redis-benchmark -t ping`)\n");
+    let _ = writeln!(out, "\n## PING against redis\n");
     if let Ok(note) = std::fs::read_to_string(dir.join("redis.note")) {
         let _ = writeln!(out, "{}\n", note.trim());
     }
@@ -339,19 +339,27 @@ fn redis(out: &mut String, dir: &Path) {
     }
     let _ = writeln!(
         out,
-        "Both servers on one core; redis-benchmark and `cnse-dp bench` on the other, same connection \
-         counts; redis `-P 16` against 16 PINGs in flight per connection. \"per server CPU-second\" \
-         divides each side's rate by the share of its core it used (redis-server's from /proc), \
-         which is the per-core figure when a load generator, not the server, was the limit.\n\n\
+        "Both servers on one core; the load on the others: `cnse-dp bench --mode resp` against redis and \
+         `--mode ping --payload-bytes 0` against cnse-dp, the same generator, threads and connection \
+         counts; pipeline 16 is 16 PINGs in flight per connection (redis-benchmark's `-P 16`). \"per \
+         server CPU-second\" divides each side's rate by the share of its core it used, which is the \
+         per-core figure when the load, not the server, was the limit.\n\n\
          | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | server CPU redis / cnse-dp | cnse-dp / redis per server CPU-second | redis p50 / p99 | cnse-dp p50 / p99 |\n\
          |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     );
+    // CPU µs per wall second, so per_cpu = requests/s ÷ (cpu/1e6).
+    let per_cpu = |n: Option<f64>, c: Option<f64>| match (n, c) {
+        (Some(n), Some(c)) if c > 0.0 => Some(n / (c / 1e6)),
+        _ => None,
+    };
+    let share = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{:.0} %", c / 1e4));
+    let conns = |p: &Point| p.label_num("c").map_or("-".to_string(), |c| format!("{c:.0}"));
+    let cnse_of = |r: &Point| {
+        pts.iter()
+            .find(|p| p.server == CNSE && p.value == r.value && p.label_num("c") == r.label_num("c"))
+    };
     for r in pts.iter().filter(|p| p.server == "redis") {
-        let c = r.label_num("c");
-        let Some(cn) = pts
-            .iter()
-            .find(|p| p.server == CNSE && p.value == r.value && p.label_num("c") == c)
-        else {
+        let Some(cn) = cnse_of(r) else {
             continue;
         };
         let want = if r.value == "1" { 1.5 } else { 1.0 };
@@ -361,17 +369,11 @@ fn redis(out: &mut String, dir: &Path) {
             (Some(_), Some(_)) => "**no**",
             _ => "not measured",
         };
-        // CPU µs per wall second, so per_cpu = requests/s ÷ (cpu/1e6).
         let (ca, cb) = (cn.rate("server_cpu"), r.rate("server_cpu"));
-        let per_cpu = |n: Option<f64>, c: Option<f64>| match (n, c) {
-            (Some(n), Some(c)) if c > 0.0 => Some(n / (c / 1e6)),
-            _ => None,
-        };
-        let share = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{:.0} %", c / 1e4));
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} | {} / {} | {} / {} |",
-            c.map_or("-".to_string(), |c| format!("{c:.0}")),
+            conns(r),
             r.value,
             rate(b),
             rate(a),
@@ -383,6 +385,31 @@ fn redis(out: &mut String, dir: &Path) {
             us(r.pct(P99)),
             us(cn.pct(P50)),
             us(cn.pct(P99)),
+        );
+    }
+    let reference: Vec<&Point> = pts.iter().filter(|p| p.server == "redis-benchmark").collect();
+    if reference.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nFor reference, `redis-benchmark -t ping` against the same redis-server (its own client, \
+         rate and clock):\n\n\
+         | conns | pipeline | redis-benchmark PING/s | server CPU | per server CPU-second | p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|"
+    );
+    for r in reference {
+        let (n, c) = (r.rate("requests"), r.rate("server_cpu"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} / {} |",
+            conns(r),
+            r.value,
+            rate(n),
+            share(c),
+            rate(per_cpu(n, c)),
+            us(r.pct(P50)),
+            us(r.pct(P99)),
         );
     }
 }

@@ -32,6 +32,12 @@ pub enum Mode {
         /// many there were (costs the server one more event per request).
         include_usage: bool,
     },
+    /// PING in RESP (`*1\r\n$4\r\nPING\r\n`) to a redis-compatible
+    /// server such as redis-server, `inflight` pipelined per connection;
+    /// the `+PONG` answers come back in order. The same load, on the same
+    /// engine, that [`Mode::Ping`] puts on cnse-dp: the two servers are
+    /// compared with nothing else changed.
+    Resp,
 }
 
 impl Mode {
@@ -40,6 +46,7 @@ impl Mode {
             Mode::Ping { .. } => "ping",
             Mode::Generate { .. } => "generate",
             Mode::Http { .. } => "http",
+            Mode::Resp => "resp",
         }
     }
 }

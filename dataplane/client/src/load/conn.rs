@@ -12,6 +12,7 @@ use cnse_ring::{opcode, types, Ring, RingConfig, Tag};
 
 use super::config::{LoadConfig, Mode};
 use super::http::{Closed, HttpRx};
+use super::resp::RespRx;
 use super::streams::{lose, on_frame, Ctx, Slot, Streams};
 use super::CONNECTIONS_MAX;
 use crate::{Client, ClientError, CLIENT_PAYLOAD_BYTES_MAX};
@@ -55,6 +56,8 @@ pub(super) struct Conn {
     queued: bool,
     /// HTTP mode: the response parser (the binary decoder is then unused).
     http: Option<HttpRx>,
+    /// RESP mode: the answer parser (the binary decoder is then unused).
+    resp: Option<RespRx>,
     /// HTTP mode: the server closed between responses while our send was
     /// in flight; the connection is opened again when it completes.
     reopen_due: bool,
@@ -63,8 +66,8 @@ pub(super) struct Conn {
     pub(super) st: Streams,
 }
 
-/// A new HTTP connection (no HELLO), ready for the ring.
-fn connect_http(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
+/// A new HTTP or RESP connection (no HELLO), ready for the ring.
+fn connect_plain(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
     let io = |op, source| ClientError::Io { op, addr, source };
     let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io("connect", e))?;
     let _ = s.set_nodelay(true);
@@ -86,13 +89,15 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
         Mode::Ping { payload_bytes } => HEADER_BYTES + payload_bytes,
         Mode::Generate { prompt, .. } => 2 * HEADER_BYTES + 32 + prompt.len(),
         Mode::Http { prompt, .. } => 320 + prompt.len(),
+        Mode::Resp => super::resp::PING.len(),
     } * cfg.inflight
         + 4096;
     let http = matches!(cfg.mode, Mode::Http { .. });
+    let resp = matches!(cfg.mode, Mode::Resp);
     for _ in 0..conns_n {
         let addr = cfg.addr;
-        let sock = if http {
-            connect_http(addr, cfg.connect_timeout)?
+        let sock = if http || resp {
+            connect_plain(addr, cfg.connect_timeout)?
         } else {
             let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
             let sock = client.into_stream()?;
@@ -115,6 +120,7 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
             send: OpState::Idle,
             queued: false,
             http: http.then(HttpRx::new),
+            resp: resp.then(RespRx::new),
             reopen_due: false,
             addr,
             connect_timeout: cfg.connect_timeout,
@@ -126,7 +132,7 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
                 alive: true,
                 busy: 0,
                 slots: vec![Slot::default(); cfg.inflight].into_boxed_slice(),
-                http_order: std::collections::VecDeque::with_capacity(cfg.inflight),
+                order: std::collections::VecDeque::with_capacity(cfg.inflight),
             },
         });
     }
@@ -232,11 +238,11 @@ impl Conn {
     fn reopen(&mut self, ring: &mut Ring, c: u32, now: u64, ctx: &mut Ctx) -> Result<(), ClientError> {
         debug_assert!(self.recv == OpState::Idle && self.send == OpState::Idle);
         self.reopen_due = false;
-        if ctx.stopping && self.st.http_order.is_empty() {
+        if ctx.stopping && self.st.order.is_empty() {
             // Nothing to send any more: leave it closed.
             return Ok(());
         }
-        let sock = match connect_http(self.addr, self.connect_timeout) {
+        let sock = match connect_plain(self.addr, self.connect_timeout) {
             Ok(s) => s,
             Err(_) => {
                 lose(&mut self.st, ctx);
@@ -251,12 +257,12 @@ impl Conn {
         self.wire.clear();
         self.wire_off = 0;
         self.st.out.clear();
-        for k in 0..self.st.http_order.len() {
-            let s = self.st.http_order[k] as usize;
+        for k in 0..self.st.order.len() {
+            let s = self.st.order[k] as usize;
             self.st.http_resend(s, now, ctx);
         }
         ctx.stats.reconnects += 1;
-        ctx.stats.resent += self.st.http_order.len() as u64;
+        ctx.stats.resent += self.st.order.len() as u64;
         self.arm_recv(ring, c)
     }
 
@@ -298,6 +304,13 @@ impl Conn {
 
     fn on_bytes(&mut self, c: u32, n: usize, now: u64, ctx: &mut Ctx) {
         if let Some(rx) = &mut self.http {
+            if rx.feed(&self.rbuf[..n], &mut self.st, c as usize, now, ctx).is_err() {
+                ctx.stats.bad_frames += 1;
+                lose(&mut self.st, ctx);
+            }
+            return;
+        }
+        if let Some(rx) = &mut self.resp {
             if rx.feed(&self.rbuf[..n], &mut self.st, c as usize, now, ctx).is_err() {
                 ctx.stats.bad_frames += 1;
                 lose(&mut self.st, ctx);

@@ -98,7 +98,7 @@ impl<'a> Driver<'a> {
         };
         let ping_payload: Box<[u8]> = match cfg.mode {
             Mode::Ping { payload_bytes } => (0..payload_bytes).map(|i| (i * 31 + 7) as u8).collect(),
-            Mode::Generate { .. } | Mode::Http { .. } => Box::new([]),
+            Mode::Generate { .. } | Mode::Http { .. } | Mode::Resp => Box::new([]),
         };
         let slots_n = (conns_n * cfg.inflight) as u64;
         // Room for a full completion queue plus what a stalled push stashed.

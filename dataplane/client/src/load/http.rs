@@ -296,7 +296,7 @@ impl HttpRx {
         if let Some(n) = usage_tokens(data) {
             self.usage_tokens = Some(n);
         }
-        let Some(&s) = st.http_order.front() else {
+        let Some(&s) = st.order.front() else {
             return;
         };
         if has_text(data) {
@@ -321,14 +321,14 @@ impl HttpRx {
         let packed = self.usage_tokens.map_or(0, |n| n.saturating_sub(self.text_events));
         if ok && packed > 0 {
             let in_window = ctx.phase.in_window(now);
-            if let Some(&s) = st.http_order.front() {
+            if let Some(&s) = st.order.front() {
                 st.http_packed(s as usize, packed, in_window, ctx);
             }
             if in_window {
                 ctx.stats.tokens += packed;
             }
         }
-        if let Some(s) = st.http_order.pop_front() {
+        if let Some(s) = st.order.pop_front() {
             finish_http(st, c, s as usize, now, ok, ctx);
         }
         self.rx = Rx::Head;

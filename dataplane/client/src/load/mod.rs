@@ -27,6 +27,7 @@ mod conn;
 mod driver;
 mod http;
 mod report;
+mod resp;
 mod schedule;
 mod streams;
 
@@ -37,6 +38,7 @@ use crate::ClientError;
 
 pub use config::{LoadConfig, Mode};
 pub use report::LoadReport;
+pub use resp::RESP_ERROR_CODE;
 
 /// Most streams in flight per connection (slot index lives in 16 bits of
 /// the stream id).

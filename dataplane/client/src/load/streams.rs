@@ -59,9 +59,9 @@ pub(super) struct Streams {
     /// Slots in [`SlotState::Busy`].
     pub(super) busy: usize,
     pub(super) slots: Box<[Slot]>,
-    /// HTTP mode: slots in the order their requests went out (responses
-    /// come back in that order).
-    pub(super) http_order: VecDeque<u32>,
+    /// HTTP and RESP modes: slots in the order their requests went out
+    /// (answers come back in that order).
+    pub(super) order: VecDeque<u32>,
 }
 
 /// Run phases as nanoseconds since the thread's clock origin.
@@ -115,12 +115,16 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
     slot.unacked = 0;
     slot.granted = match ctx.mode {
         Mode::Generate { credit, .. } => u64::from(*credit),
-        Mode::Ping { .. } | Mode::Http { .. } => 0,
+        Mode::Ping { .. } | Mode::Http { .. } | Mode::Resp => 0,
     };
     conn.busy += 1;
     let id = stream_id(s, slot.generation);
     match ctx.mode {
         Mode::Ping { .. } => put_ping(&mut conn.out, id, s as u32, intended_ns, ctx.ping_payload),
+        Mode::Resp => {
+            conn.out.extend_from_slice(super::resp::PING);
+            conn.order.push_back(s as u32);
+        }
         Mode::Http {
             max_tokens,
             temperature,
@@ -135,7 +139,7 @@ pub(super) fn issue(conn: &mut Streams, s: usize, intended_ns: u64, now: u64, ct
                 include_usage: *include_usage,
             };
             super::http::put_request(&mut conn.out, &body);
-            conn.http_order.push_back(s as u32);
+            conn.order.push_back(s as u32);
         }
         Mode::Generate {
             max_tokens,
@@ -226,6 +230,20 @@ impl Streams {
             super::http::put_request(&mut self.out, &body);
         }
     }
+}
+
+/// Slot `s` was answered with an error (an ERROR frame, or a RESP error
+/// reply): counted under `code` and timed in `e2e_error`, apart from the
+/// answers that succeeded.
+pub(super) fn fail(conn: &mut Streams, c: usize, s: usize, now: u64, code: u32, ctx: &mut Ctx) {
+    *ctx.stats.errors.entry(code).or_default() += 1;
+    let slot = &conn.slots[s];
+    if slot.recorded {
+        ctx.stats
+            .e2e_error
+            .record_us(now.saturating_sub(slot.intended_ns) / 1000);
+    }
+    finish(conn, c, s, now, false, ctx);
 }
 
 /// HTTP mode: slot `s`'s response ended.
@@ -356,16 +374,7 @@ pub(super) fn on_frame(
             }
             finish(conn, c, s, now, ok, ctx);
         }
-        Kind::Error => {
-            *ctx.stats.errors.entry(arg).or_default() += 1;
-            let slot = &conn.slots[s];
-            if slot.recorded {
-                ctx.stats
-                    .e2e_error
-                    .record_us(now.saturating_sub(slot.intended_ns) / 1000);
-            }
-            finish(conn, c, s, now, false, ctx);
-        }
+        Kind::Error => fail(conn, c, s, now, arg, ctx),
         Kind::HelloAck | Kind::Hello | Kind::Request | Kind::Cancel | Kind::Credit | Kind::Ping => {
             ctx.stats.bad_frames += 1;
         }
