@@ -325,7 +325,13 @@ impl Conn {
             let (kind, id, arg, aux, check) = match decoder.next(&mut input) {
                 Ok(Some(f)) => {
                     let check = match f.kind {
-                        Kind::Pong => f.payload == ctx.ping_payload,
+                        // Empty payloads skip the comparison: a call to
+                        // memcmp per PONG was a tenth of a 0-byte PING
+                        // run's load thread.
+                        Kind::Pong => {
+                            f.payload.len() == ctx.ping_payload.len()
+                                && (f.payload.is_empty() || f.payload == ctx.ping_payload)
+                        }
                         Kind::End => f.payload.len() >= cnse_proto::END_PAYLOAD_BYTES,
                         _ => true,
                     };
