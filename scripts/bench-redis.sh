@@ -73,33 +73,41 @@ bench_redis() {
   echo "== PING: redis-server against cnse-dp"
   redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
   echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'). \"redis\" rows: \`cnse-dp bench --mode resp\` (PING_MBULK in RESP, $load_threads load thread(s)), the generator and shape that measure cnse-dp. \"redis-benchmark\" rows, for reference: redis-benchmark -t ping with --threads $load_threads, its own rate and latencies (p50, p95, p99, max; with -P 16 a latency is that of the 16-request batch)." >"$out/redis.note"
-  local port=$((20000 + RANDOM % 20000))
-  taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-    --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-  RP=$!
-  local i
-  for ((i = 0; i < 200; i++)); do
-    redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
-    sleep 0.05
-  done
+  local port=$((20000 + RANDOM % 20000)) r i
   [ -f "$out/redis.csv" ] || echo "server,param,value,run,metric,unit,count,mean,p50,p90,p95,p99,p99_9,max" >"$out/redis.csv"
-  for c in $redis_conns; do
-    redis_run "$port" "$c" 1 "$redis_n1"
-    redis_run "$port" "$c" 16 "$redis_n16"
+  # ROUNDS=N: redis and cnse-dp in turn N times, the summary quoting the
+  # rounds' medians (a single pair decides nothing on a noisy VM);
+  # redis-benchmark's reference rows are taken once, in the first round.
+  for r in $(seq 1 "$rounds"); do
+    [ "$rounds" = 1 ] || { round=$r; echo "   round $r of $rounds"; }
+    taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+    RP=$!
+    for ((i = 0; i < 200; i++)); do
+      redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
+      sleep 0.05
+    done
+    if [ "$r" = 1 ]; then
+      for c in $redis_conns; do
+        redis_run "$port" "$c" 1 "$redis_n1"
+        redis_run "$port" "$c" 16 "$redis_n16"
+      done
+    fi
+    # The same generator as cnse-dp's rows below (run reads ADDR and SP).
+    ADDR=127.0.0.1:$port SP=$RP
+    for c in $redis_conns; do
+      run redis redis pipeline 1 --mode resp --connections "$c" --inflight 1
+      run redis redis pipeline 16 --mode resp --connections "$c" --inflight 16
+    done
+    kill "$RP" 2>/dev/null || true
+    wait "$RP" 2>/dev/null || true
+    RP=""
+    start_server cnse-dp
+    for c in $redis_conns; do
+      run redis cnse-dp pipeline 1 --mode ping --payload-bytes 0 --connections "$c" --inflight 1
+      run redis cnse-dp pipeline 16 --mode ping --payload-bytes 0 --connections "$c" --inflight 16
+    done
+    stop_server
   done
-  # The same generator as cnse-dp's rows below (run reads ADDR and SP).
-  ADDR=127.0.0.1:$port SP=$RP
-  for c in $redis_conns; do
-    run redis redis pipeline 1 --mode resp --connections "$c" --inflight 1
-    run redis redis pipeline 16 --mode resp --connections "$c" --inflight 16
-  done
-  kill "$RP" 2>/dev/null || true
-  wait "$RP" 2>/dev/null || true
-  RP=""
-  start_server cnse-dp
-  for c in $redis_conns; do
-    run redis cnse-dp pipeline 1 --mode ping --payload-bytes 0 --connections "$c" --inflight 1
-    run redis cnse-dp pipeline 16 --mode ping --payload-bytes 0 --connections "$c" --inflight 16
-  done
-  stop_server
+  round=
 }

@@ -16,8 +16,8 @@
 # send_mode" a subset of the ablations, AB_ROUNDS the DEFER_TASKRUN on/off
 # pairs run in turn (default 1), SEND_MODES the send modes (default "plain
 # zc fixed zc-fixed"). ONLY="connections load inflight ablations redis http
-# micro scale" runs a subset. ROUNDS=N (default 1) repeats the connections
-# and inflight steps N times, every server in turn within each round, and
+# micro scale" runs a subset. ROUNDS=N (default 1) repeats the connections,
+# inflight and redis steps N times, every server in turn within each round, and
 # the summary quotes the rounds' medians; CONNS_LIST and INFLIGHT_LIST
 # (full runs) replace their points. LOAD_POLL_US=N adds to the open-loop step a
 # server of its own, cnse-dp-poll (`serve --busy-poll-us N`). The scale step holds IDLE_CONNS idle connections (default:

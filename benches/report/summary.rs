@@ -344,8 +344,10 @@ fn redis(out: &mut String, dir: &Path) {
          counts; pipeline 16 is 16 PINGs in flight per connection (redis-benchmark's `-P 16`). \"per \
          server CPU-second\" divides each side's rate by the share of its core it used, which is the \
          per-core figure when the load, not the server, was the limit.\n\n\
+         {}\n\
          | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | server CPU redis / cnse-dp | cnse-dp / redis per server CPU-second | redis p50 / p99 | cnse-dp p50 / p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+         |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        rounds_note(&pts)
     );
     // CPU µs per wall second, so per_cpu = requests/s ÷ (cpu/1e6).
     let per_cpu = |n: Option<f64>, c: Option<f64>| match (n, c) {
