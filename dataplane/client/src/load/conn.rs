@@ -40,13 +40,23 @@ pub(super) enum OpState {
     InFlight,
 }
 
+/// How a connection reads what the server sends: one parser per mode.
+enum Parser {
+    /// cnse-dp's binary protocol (`ping`, `generate`).
+    Binary(FrameDecoder),
+    /// The OpenAI HTTP front (`http`).
+    Http(Box<HttpRx>),
+    /// A redis-compatible server (`resp`).
+    Resp(Box<RespRx>),
+}
+
 pub(super) struct Conn {
     /// Owns the fd (closed on drop, after the ring's teardown, or when an
     /// HTTP connection is opened again with no op in flight).
     sock: TcpStream,
     fd: RawFd,
     rbuf: Box<[u8]>,
-    decoder: FrameDecoder,
+    parser: Parser,
     /// Frames handed to the kernel; untouched until the send completes.
     wire: Vec<u8>,
     wire_off: usize,
@@ -54,10 +64,6 @@ pub(super) struct Conn {
     send: OpState,
     /// In the loop's list of connections with frames to send.
     queued: bool,
-    /// HTTP mode: the response parser (the binary decoder is then unused).
-    http: Option<HttpRx>,
-    /// RESP mode: the answer parser (the binary decoder is then unused).
-    resp: Option<RespRx>,
     /// HTTP mode: the server closed between responses while our send was
     /// in flight; the connection is opened again when it completes.
     reopen_due: bool,
@@ -92,11 +98,17 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
         Mode::Resp => super::resp::PING.len(),
     } * cfg.inflight
         + 4096;
-    let http = matches!(cfg.mode, Mode::Http { .. });
-    let resp = matches!(cfg.mode, Mode::Resp);
+    let parser = || match cfg.mode {
+        Mode::Ping { .. } | Mode::Generate { .. } => {
+            Parser::Binary(FrameDecoder::new(Direction::ToClient, CLIENT_PAYLOAD_BYTES_MAX))
+        }
+        Mode::Http { .. } => Parser::Http(Box::new(HttpRx::new())),
+        Mode::Resp => Parser::Resp(Box::new(RespRx::new())),
+    };
     for _ in 0..conns_n {
         let addr = cfg.addr;
-        let sock = if http || resp {
+        let parser = parser();
+        let sock = if !matches!(parser, Parser::Binary(_)) {
             connect_plain(addr, cfg.connect_timeout)?
         } else {
             let (client, _ack) = Client::connect_hello(cfg.addr, &cfg.auth_token, cfg.connect_timeout)?;
@@ -113,14 +125,12 @@ pub(super) fn setup(conns_n: usize, cfg: &LoadConfig) -> Result<(Ring, Vec<Conn>
             sock,
             fd,
             rbuf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
-            decoder: FrameDecoder::new(Direction::ToClient, CLIENT_PAYLOAD_BYTES_MAX),
+            parser,
             wire: Vec::with_capacity(out_bytes),
             wire_off: 0,
             recv: OpState::Idle,
             send: OpState::Idle,
             queued: false,
-            http: http.then(HttpRx::new),
-            resp: resp.then(RespRx::new),
             reopen_due: false,
             addr,
             connect_timeout: cfg.connect_timeout,
@@ -178,7 +188,7 @@ impl Conn {
     /// flight (they then leave with the next one).
     pub(super) fn flush(&mut self, ring: &mut Ring, c: u32) -> Result<(), ClientError> {
         self.queued = false;
-        let closing = self.http.as_ref().is_some_and(HttpRx::closing);
+        let closing = matches!(&self.parser, Parser::Http(rx) if rx.closing());
         if self.st.alive && !closing && self.send == OpState::Idle && !self.st.out.is_empty() {
             std::mem::swap(&mut self.st.out, &mut self.wire);
             self.wire_off = 0;
@@ -204,7 +214,7 @@ impl Conn {
             }
         } else if matches!(-result, libc::EINTR | libc::EAGAIN | libc::ENOBUFS) {
             self.arm_recv(ring, c)?;
-        } else if self.http.is_some() && self.st.alive {
+        } else if self.is_http() && self.st.alive {
             self.http_closed(ring, c, now, ctx)?;
         } else {
             // 0: the server closed; anything else is the connection's end too.
@@ -217,7 +227,9 @@ impl Conn {
     /// responses it is opened again and what got no answer is sent again,
     /// once no op of ours is in the kernel; inside a response it is lost.
     fn http_closed(&mut self, ring: &mut Ring, c: u32, now: u64, ctx: &mut Ctx) -> Result<(), ClientError> {
-        let rx = self.http.as_mut().expect("HTTP mode");
+        let Parser::Http(rx) = &mut self.parser else {
+            unreachable!("only HTTP connections are opened again")
+        };
         if rx.on_close() == Closed::Lost {
             lose(&mut self.st, ctx);
             return Ok(());
@@ -253,7 +265,9 @@ impl Conn {
         self.st.fd = self.fd;
         // Closes the old socket: nothing of ours is in flight on it.
         self.sock = sock;
-        self.http.as_mut().expect("HTTP mode").reopened();
+        if let Parser::Http(rx) = &mut self.parser {
+            rx.reopened();
+        }
         self.wire.clear();
         self.wire_off = 0;
         self.st.out.clear();
@@ -290,7 +304,7 @@ impl Conn {
             }
         } else if matches!(-result, libc::EINTR | libc::EAGAIN) {
             self.arm_send(ring, c)?;
-        } else if self.http.is_some() && self.st.alive {
+        } else if self.is_http() && self.st.alive {
             // The server closed or reset the connection: the recv in flight
             // reports it (the shutdown makes sure it completes), and
             // `http_closed` decides whether it is opened again.
@@ -302,52 +316,58 @@ impl Conn {
         Ok(())
     }
 
+    fn is_http(&self) -> bool {
+        matches!(self.parser, Parser::Http(_))
+    }
+
     fn on_bytes(&mut self, c: u32, n: usize, now: u64, ctx: &mut Ctx) {
-        if let Some(rx) = &mut self.http {
-            if rx.feed(&self.rbuf[..n], &mut self.st, c as usize, now, ctx).is_err() {
-                ctx.stats.bad_frames += 1;
-                lose(&mut self.st, ctx);
-            }
-            return;
-        }
-        if let Some(rx) = &mut self.resp {
-            if rx.feed(&self.rbuf[..n], &mut self.st, c as usize, now, ctx).is_err() {
-                ctx.stats.bad_frames += 1;
-                lose(&mut self.st, ctx);
-            }
-            return;
-        }
-        let Conn { rbuf, decoder, st, .. } = self;
-        let mut input: &[u8] = &rbuf[..n];
-        loop {
-            // Header fields are copied out and the payload checked in place,
-            // so the decoder's borrow ends before the handler runs.
-            let (kind, id, arg, aux, check) = match decoder.next(&mut input) {
-                Ok(Some(f)) => {
-                    let check = match f.kind {
-                        // Empty payloads skip the comparison: a call to
-                        // memcmp per PONG was a tenth of a 0-byte PING
-                        // run's load thread.
-                        Kind::Pong => {
-                            f.payload.len() == ctx.ping_payload.len()
-                                && (f.payload.is_empty() || f.payload == ctx.ping_payload)
-                        }
-                        Kind::End => f.payload.len() >= cnse_proto::END_PAYLOAD_BYTES,
-                        _ => true,
-                    };
-                    (f.kind, f.header.stream_id(), f.header.arg(), f.header.aux(), check)
-                }
-                Ok(None) => return,
-                Err(_) => {
-                    ctx.stats.bad_frames += 1;
-                    lose(st, ctx);
-                    return;
-                }
-            };
-            on_frame(st, c as usize, kind, id, arg, aux, check, now, ctx);
-            if !st.alive {
+        let Conn { rbuf, parser, st, .. } = self;
+        let input = &rbuf[..n];
+        let fed = match parser {
+            Parser::Binary(decoder) => {
+                feed_binary(decoder, input, st, c as usize, now, ctx);
                 return;
             }
+            Parser::Http(rx) => rx.feed(input, st, c as usize, now, ctx),
+            Parser::Resp(rx) => rx.feed(input, st, c as usize, now, ctx),
+        };
+        if fed.is_err() {
+            ctx.stats.bad_frames += 1;
+            lose(st, ctx);
+        }
+    }
+}
+
+/// Binary mode: every whole frame in `input` to its stream.
+fn feed_binary(decoder: &mut FrameDecoder, mut input: &[u8], st: &mut Streams, c: usize, now: u64, ctx: &mut Ctx) {
+    loop {
+        // Header fields are copied out and the payload checked in place,
+        // so the decoder's borrow ends before the handler runs.
+        let (kind, id, arg, aux, check) = match decoder.next(&mut input) {
+            Ok(Some(f)) => {
+                let check = match f.kind {
+                    // Empty payloads skip the comparison: a call to
+                    // memcmp per PONG was a tenth of a 0-byte PING
+                    // run's load thread.
+                    Kind::Pong => {
+                        f.payload.len() == ctx.ping_payload.len()
+                            && (f.payload.is_empty() || f.payload == ctx.ping_payload)
+                    }
+                    Kind::End => f.payload.len() >= cnse_proto::END_PAYLOAD_BYTES,
+                    _ => true,
+                };
+                (f.kind, f.header.stream_id(), f.header.arg(), f.header.aux(), check)
+            }
+            Ok(None) => return,
+            Err(_) => {
+                ctx.stats.bad_frames += 1;
+                lose(st, ctx);
+                return;
+            }
+        };
+        on_frame(st, c, kind, id, arg, aux, check, now, ctx);
+        if !st.alive {
+            return;
         }
     }
 }
