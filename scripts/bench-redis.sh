@@ -73,7 +73,7 @@ bench_redis() {
   echo "== PING: redis-server against cnse-dp"
   redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
   echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'). \"redis\" rows: \`cnse-dp bench --mode resp\` (PING_MBULK in RESP, $load_threads load thread(s)), the generator and shape that measure cnse-dp. \"redis-benchmark\" rows, for reference: redis-benchmark -t ping with --threads $load_threads, its own rate and latencies (p50, p95, p99, max; with -P 16 a latency is that of the 16-request batch)." >"$out/redis.note"
-  local port=$((20000 + RANDOM % 20000)) r i
+  local port=$((20000 + RANDOM % 20000)) r i why
   [ -f "$out/redis.csv" ] || echo "server,param,value,run,metric,unit,count,mean,p50,p90,p95,p99,p99_9,max" >"$out/redis.csv"
   # ROUNDS=N: redis and cnse-dp in turn N times, the summary quoting the
   # rounds' medians (a single pair decides nothing on a noisy VM);
@@ -83,8 +83,19 @@ bench_redis() {
     taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
       --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
     RP=$!
-    for ((i = 0; i < 200; i++)); do
+    for ((i = 0; ; i++)); do
       redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
+      if ((i >= 200)) || ! kill -0 "$RP" 2>/dev/null; then
+        why="exited before answering PING"
+        kill -0 "$RP" 2>/dev/null && why="did not answer PING within 10 s"
+        echo "redis-server on port $port $why (round $r); its log: $(head -c 2000 "$tmp/redis.log")" >"$out/redis.note"
+        echo "   stopped: $(cat "$out/redis.note")"
+        kill "$RP" 2>/dev/null
+        wait "$RP" 2>/dev/null
+        RP=""
+        round=
+        return 0
+      fi
       sleep 0.05
     done
     if [ "$r" = 1 ]; then
