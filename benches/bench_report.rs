@@ -86,6 +86,21 @@ impl Point {
         (cores > 0.0).then(|| self.rate("frames_in").unwrap_or(0.0) / cores)
     }
 
+    /// The kernel's share of the server's CPU time (its system time over
+    /// user and system, from the load generator's `server_kernel_cpu`).
+    pub fn server_kernel_share(&self) -> Option<f64> {
+        let cpu = self.rate("server_cpu").filter(|c| *c > 0.0)?;
+        Some(self.rate("server_kernel_cpu")? / cpu)
+    }
+
+    /// Frames per second of the server's kernel time alone: what a server
+    /// with no code of its own on the same kernel path would send per
+    /// CPU-second, the ceiling of any per-core ratio taken against it.
+    pub fn frames_per_server_kernel_cpu_s(&self) -> Option<f64> {
+        let kernel = self.rate("server_kernel_cpu")? / 1e6;
+        (kernel > 0.0).then(|| self.rate("frames_in").unwrap_or(0.0) / kernel)
+    }
+
     /// The run's mode: the first word of its label (`ping`, `generate`).
     pub fn mode(&self) -> &str {
         self.run.split_whitespace().next().unwrap_or("")

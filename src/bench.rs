@@ -377,6 +377,8 @@ pub fn print_report(r: &LoadReport) {
             format!(", waited {:.2} s for a CPU", d.as_secs_f64())
         })
     };
+    let kernel =
+        |share: Option<f64>| share.map_or(String::new(), |k| format!(", {:.0}% of it in the kernel", 100.0 * k));
     if let Some(cpu) = r.server_cpu {
         let per: Vec<String> = r
             .cpu_rates()
@@ -387,18 +389,20 @@ pub fn print_report(r: &LoadReport) {
             })
             .collect();
         println!(
-            "server cpu     {:.2} s ({:.0}% of one core{}): {} per server CPU-second",
+            "server cpu     {:.2} s ({:.0}% of one core{}{}): {} per server CPU-second",
             cpu.as_secs_f64(),
             100.0 * cpu.as_secs_f64() / w,
+            kernel(r.server_kernel_share),
             waited(r.server_runq_wait),
             per.join(", ")
         );
     }
     if let Some(cpu) = r.client_cpu {
         println!(
-            "client cpu     {:.2} s ({:.0}% of one core{})",
+            "client cpu     {:.2} s ({:.0}% of one core{}{})",
             cpu.as_secs_f64(),
             100.0 * cpu.as_secs_f64() / w,
+            kernel(r.client_kernel_share),
             waited(r.client_runq_wait)
         );
     }

@@ -30,6 +30,16 @@ fn rows(server: &str, param: &str, value: &str, run: &str, requests: u64, frames
         .collect()
 }
 
+/// A `server_kernel_cpu` row (the server's system time, CPU-µs per
+/// second) for a run of `rows`.
+fn kernel_row(server: &str, param: &str, value: &str, run: &str, kernel_us: u64) -> String {
+    let rate = Rate::new("server_kernel_cpu", kernel_us, Duration::from_secs(1));
+    csv_rows(run, &[], &[rate])
+        .lines()
+        .map(|l| format!("{server},{param},{value},{l}\n"))
+        .collect()
+}
+
 /// An empty results directory for this test, and an experiment file's
 /// header line.
 fn results_dir(tag: &str) -> (std::path::PathBuf, String) {
@@ -43,10 +53,13 @@ fn results_dir(tag: &str) -> (std::path::PathBuf, String) {
 fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
     let (dir, mut csv) = results_dir("report");
     // At 256 connections cnse-dp sends 3 M frames per server CPU-second
-    // (1.5 M frames on half a core), tokio 1 M: 3× (target 2×).
+    // (1.5 M frames on half a core), tokio 1 M: 3× (target 2×). Of
+    // cnse-dp's half core 80 % is the kernel's: 3.75 M frames per second
+    // of its kernel time alone, 3.75× tokio's per CPU-second (the bound).
     for c in ["16", "256"] {
         let run = format!("ping c={c} k=16 t=1 closed loop");
         csv += &rows("cnse-dp", "connections", c, &run, 1_500_000, 1_500_000, 500_000);
+        csv += &kernel_row("cnse-dp", "connections", c, &run, 400_000);
         csv += &rows("tokio", "connections", c, &run, 1_000_000, 1_000_000, 1_000_000);
     }
     std::fs::write(dir.join("connections.csv"), csv).unwrap();
@@ -56,6 +69,9 @@ fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
     let p = &pts[2];
     assert_eq!((p.mode(), p.label_num("c"), p.x()), ("ping", Some(256.0), Some(256.0)));
     assert_eq!(p.frames_per_server_cpu_s(), Some(3_000_000.0));
+    assert_eq!(p.server_kernel_share(), Some(0.8));
+    assert_eq!(p.frames_per_server_kernel_cpu_s(), Some(3_750_000.0));
+    assert_eq!(pts[3].server_kernel_share(), None, "tokio's run has no kernel row");
     assert_eq!(p.pct(report::P50), Some(500.0));
 
     let plots = report::plots::write_all(&dir).unwrap();
@@ -64,9 +80,16 @@ fn issue13_report_turns_the_suites_csvs_into_ratios_targets_and_plots() {
     assert!(svg.starts_with("<svg") && svg.contains("cnse-dp") && svg.contains("tokio"));
 
     let md = report::summary::render(&dir, &plots);
-    assert!(md.contains("| ping | 256 | tokio | 1,000,000 | 1,000,000 |"), "{md}");
-    assert!(md.contains("| ping | tokio | ≥ 2.0× | 3.00× | yes |"), "{md}");
-    assert!(md.contains("| ping | monoio | ≥ 1.0× | - | not measured |"), "{md}");
+    assert!(
+        md.contains("| ping | 256 | tokio | 1,000,000 | 1,000,000 | 100 % | - |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| ping | 256 | cnse-dp | 1,500,000 | 3,000,000 | 50 % | 80 % |"),
+        "{md}"
+    );
+    assert!(md.contains("| ping | tokio | ≥ 2.0× | 3.00× | yes | 3.75× |"), "{md}");
+    assert!(md.contains("| ping | monoio | ≥ 1.0× | - | not measured | - |"), "{md}");
     assert!(md.contains("## Latency vs offered load\n\nNot run."), "{md}");
     assert!(md.contains("![throughput_vs_connections.svg](throughput_vs_connections.svg)"));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -79,25 +79,27 @@ fn connections(out: &mut String, dir: &Path) {
         out,
         "\n## Throughput vs connections (closed loop, one server thread)\n\n\
          `frames/server-CPU-s`: frames the server sent (PONGs; TOKENS and END) per second of its own \
-         CPU time, the per-core figure that holds on a shared machine. Ratios are cnse-dp / that server.\n{}",
+         CPU time, the per-core figure that holds on a shared machine. `kernel`: the share of the \
+         server's CPU time spent in the kernel (system time). Ratios are cnse-dp / that server.\n{}",
         rounds_note(&pts)
     );
     let _ = writeln!(
         out,
-        "| mode | conns | server | requests/s | frames/server-CPU-s | server CPU | load CPU | p50 | p99 | p99.9 | ratio wall | ratio per CPU |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| mode | conns | server | requests/s | frames/server-CPU-s | server CPU | kernel | load CPU | p50 | p99 | p99.9 | ratio wall | ratio per CPU |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for p in &pts {
         let twin = cnse_twin(&pts, p);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p.mode(),
             p.value,
             p.server,
             rate(p.rate("requests")),
             rate(p.frames_per_server_cpu_s()),
             cores(p.server_cores()),
+            cores(p.server_kernel_share()),
             cores(p.load_cores()),
             us(p.pct(P50)),
             us(p.pct(P99)),
@@ -112,16 +114,21 @@ fn connections(out: &mut String, dir: &Path) {
     let _ = writeln!(out, "\n### Target: frames/s per server core at 256 connections\n");
     let _ = writeln!(
         out,
-        "| mode | peer | target | cnse-dp / peer | met |\n|---|---|---:|---:|---|"
+        "`no-code bound`: cnse-dp's frames per second of its kernel time alone over the peer's frames \
+         per CPU-second, the ratio a server with no user-space code of its own on cnse-dp's kernel path \
+         (the same ring ops, TCP work and wake-ups) would reach. A target above it is out of reach of \
+         any change above the kernel.\n\n\
+         | mode | peer | target | cnse-dp / peer | met | no-code bound |\n|---|---|---:|---:|---|---:|"
     );
     for mode in ["ping", "generate"] {
         for (peer, want) in [("tokio", 2.0), ("tokio-uring", 1.3), ("monoio", 1.0)] {
-            let at = |s: &str| {
+            let point = |s: &str| {
                 pts.iter()
                     .find(|p| p.server == s && p.mode() == mode && p.value == "256")
-                    .and_then(Point::frames_per_server_cpu_s)
             };
+            let at = |s: &str| point(s).and_then(Point::frames_per_server_cpu_s);
             let (a, b) = (at(CNSE), at(peer));
+            let bound = point(CNSE).and_then(Point::frames_per_server_kernel_cpu_s);
             let verdict = match (a, b) {
                 (Some(a), Some(b)) if b > 0.0 => {
                     if a / b >= want {
@@ -132,7 +139,12 @@ fn connections(out: &mut String, dir: &Path) {
                 }
                 _ => "not measured",
             };
-            let _ = writeln!(out, "| {mode} | {peer} | ≥ {want:.1}× | {} | {verdict} |", ratio(a, b));
+            let _ = writeln!(
+                out,
+                "| {mode} | {peer} | ≥ {want:.1}× | {} | {verdict} | {} |",
+                ratio(a, b),
+                ratio(bound, b)
+            );
         }
     }
 }
@@ -343,10 +355,12 @@ fn redis(out: &mut String, dir: &Path) {
          `--mode ping --payload-bytes 0` against cnse-dp, the same generator, threads and connection \
          counts; pipeline 16 is 16 PINGs in flight per connection (redis-benchmark's `-P 16`). \"per \
          server CPU-second\" divides each side's rate by the share of its core it used, which is the \
-         per-core figure when the load, not the server, was the limit.\n\n\
-         {}\n\
-         | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | server CPU redis / cnse-dp | cnse-dp / redis per server CPU-second | redis p50 / p99 | cnse-dp p50 / p99 |\n\
-         |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+         per-core figure when the load, not the server, was the limit. `kernel`: each server's CPU time \
+         spent in the kernel. `no-code bound`: redis's CPU per PING over cnse-dp's kernel time alone per \
+         PING, the ratio a server with no code of its own on cnse-dp's kernel path would reach per \
+         CPU-second.\n{}\n\
+         | conns | pipeline | redis PING/s | cnse-dp PING/s | cnse-dp / redis | target | met | server CPU redis / cnse-dp | kernel redis / cnse-dp | cnse-dp / redis per server CPU-second | no-code bound | redis p50 / p99 | cnse-dp p50 / p99 |\n\
+         |---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
         rounds_note(&pts)
     );
     // CPU µs per wall second, so per_cpu = requests/s ÷ (cpu/1e6).
@@ -375,7 +389,7 @@ fn redis(out: &mut String, dir: &Path) {
         let (ca, cb) = (cn.rate("server_cpu"), r.rate("server_cpu"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} | {} / {} | {} / {} |",
+            "| {} | {} | {} | {} | {} | ≥ {want:.1}× | {met} | {} / {} | {} / {} | {} | {} | {} / {} | {} / {} |",
             conns(r),
             r.value,
             rate(b),
@@ -383,7 +397,10 @@ fn redis(out: &mut String, dir: &Path) {
             ratio(a, b),
             share(cb),
             share(ca),
+            cores(r.server_kernel_share()),
+            cores(cn.server_kernel_share()),
             ratio(per_cpu(a, ca), per_cpu(b, cb)),
+            ratio(per_cpu(a, cn.rate("server_kernel_cpu")), per_cpu(b, cb)),
             us(r.pct(P50)),
             us(r.pct(P99)),
             us(cn.pct(P50)),

@@ -258,6 +258,28 @@ fn issue13_the_load_generator_reports_its_own_cpu() {
 }
 
 #[test]
+fn issue13_the_servers_cpu_is_split_into_user_and_kernel_time() {
+    // The mock server runs in this process: measure it as the server.
+    let addr = mock_server();
+    let mut cfg = quick(addr, Mode::Ping { payload_bytes: 64 });
+    cfg.server_pid = Some(std::process::id());
+    let r = load::run(&cfg).unwrap();
+    let (cpu, share) = (r.server_cpu.unwrap(), r.server_kernel_share.unwrap());
+    // Loopback TCP: the kernel's part is never nothing, and never more
+    // than the whole.
+    assert!(share > 0.0 && share <= 1.0, "{share}");
+    let kernel = r.server_kernel_cpu().unwrap();
+    assert!(kernel <= cpu, "{kernel:?} of {cpu:?}");
+    let rates = r.cpu_use();
+    let row = rates
+        .iter()
+        .find(|x| x.metric == "server_kernel_cpu")
+        .expect("a row for the CSV");
+    assert_eq!(row.count, kernel.as_micros() as u64);
+    assert!(r.client_kernel_share.is_some_and(|s| s > 0.0 && s <= 1.0), "{r:?}");
+}
+
+#[test]
 fn open_loop_holds_the_offered_rate() {
     let addr = mock_server();
     let mut cfg = quick(addr, Mode::Ping { payload_bytes: 8 });

@@ -86,6 +86,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     let own_pid = std::process::id();
     let start = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
     let wait_start = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    let ticks_start = (cfg.server_pid.and_then(cpu_ticks), cpu_ticks(own_pid));
     // Sampled innermost: reading /proc above allocates.
     let allocs_start = cfg.allocation_counter.map(|f| f());
     // Until the window ends, or sooner when a request bound ended the run.
@@ -96,6 +97,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     let allocs_end = cfg.allocation_counter.map(|f| f());
     let end = (server_clock.map(cpu_time), cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID));
     let wait_end = (cfg.server_pid.and_then(runq_wait), runq_wait(own_pid));
+    let ticks_end = (cfg.server_pid.and_then(cpu_ticks), cpu_ticks(own_pid));
     if let (Some(a), Some(b)) = (allocs_start, allocs_end) {
         report.allocations = Some(b.saturating_sub(a));
     }
@@ -111,6 +113,8 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, ClientError> {
     if let (Some(a), Some(b)) = (start.1, end.1) {
         report.client_cpu = Some(b.saturating_sub(a));
     }
+    report.server_kernel_share = kernel_share(ticks_start.0, ticks_end.0);
+    report.client_kernel_share = kernel_share(ticks_start.1, ticks_end.1);
     let mut first_err = None;
     for h in handles {
         match h.join() {
@@ -149,6 +153,31 @@ fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
     (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
+/// A process's CPU time so far in clock ticks, (user, system), summed over
+/// its threads (fields 14 and 15 of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+    stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// (utime, stime) of a /proc/PID/stat line.
+fn stat_ticks(stat: &str) -> Option<(u64, u64)> {
+    // The command name (field 2) may hold spaces and parentheses: the
+    // fields counted here start after its closing one, at field 3.
+    let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let user = rest.next()?.parse().ok()?;
+    let system = rest.next()?.parse().ok()?;
+    Some((user, system))
+}
+
+/// The kernel's part of a process's CPU time between two samples of
+/// [`cpu_ticks`] (0..=1; `None` with no tick in between). Ticks are 10 ms:
+/// over a window of seconds the share is good to a percent or so.
+fn kernel_share(start: Option<(u64, u64)>, end: Option<(u64, u64)>) -> Option<f64> {
+    let ((u0, s0), (u1, s1)) = (start?, end?);
+    let (user, system) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
+    (user + system > 0).then(|| system as f64 / (user + system) as f64)
+}
+
 /// Sum over a process's threads of the time spent waiting on a run queue
 /// (second field of /proc/PID/task/TID/schedstat, ns). Threads that exit
 /// in between make the difference approximate; the load's threads and the
@@ -163,4 +192,26 @@ fn runq_wait(pid: u32) -> Option<Duration> {
         total_ns += text.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok())?;
     }
     Some(Duration::from_nanos(total_ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_system_ticks_are_read_past_any_command_name() {
+        let line = "4242 (cnse (dp) x) S 1 4242 4242 0 -1 4194560 2055 0 0 0 377 1234 0 0 20 0 3 0 99 0 0";
+        assert_eq!(stat_ticks(line), Some((377, 1234)));
+        assert_eq!(stat_ticks("4242 (short) S 1 2"), None);
+        assert_eq!(stat_ticks("no parenthesis at all"), None);
+        let own = cpu_ticks(std::process::id()).expect("this process's stat");
+        assert!(own.0 + own.1 < u64::MAX / 2);
+    }
+
+    #[test]
+    fn the_kernel_share_is_system_over_user_and_system() {
+        assert_eq!(kernel_share(Some((10, 20)), Some((13, 29))), Some(0.75));
+        assert_eq!(kernel_share(Some((10, 20)), Some((10, 20))), None, "no tick: no share");
+        assert_eq!(kernel_share(None, Some((1, 1))), None);
+    }
 }

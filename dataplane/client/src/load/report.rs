@@ -73,6 +73,12 @@ pub struct LoadReport {
     pub server_cpu: Option<Duration>,
     /// CPU time of this process (all client threads) during the window.
     pub client_cpu: Option<Duration>,
+    /// The kernel's share (0..=1) of `server_cpu` and of `client_cpu`,
+    /// from the processes' user and system ticks over the same window: on
+    /// loopback TCP most of a request's cost is the kernel's, which no
+    /// server code removes (`server_kernel_cpu` below).
+    pub server_kernel_share: Option<f64>,
+    pub client_kernel_share: Option<f64>,
     /// CPU time of the load generator's own threads during the window
     /// (each thread's CPU clock, summed): the load's cost even where the
     /// process also runs a server (`demo`).
@@ -194,7 +200,16 @@ impl LoadReport {
         if let Some(cpu) = self.server_cpu {
             v.push(Rate::new("server_cpu", us(cpu), self.window));
         }
+        if let Some(kernel) = self.server_kernel_cpu() {
+            v.push(Rate::new("server_kernel_cpu", us(kernel), self.window));
+        }
         v
+    }
+
+    /// The part of `server_cpu` spent in the kernel (system time), when
+    /// both were measured.
+    pub fn server_kernel_cpu(&self) -> Option<Duration> {
+        Some(self.server_cpu?.mul_f64(self.server_kernel_share?))
     }
 
     /// Throughput per CPU-second of the server process, when it was
