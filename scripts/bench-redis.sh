@@ -69,35 +69,58 @@ redis_run() {
     }' >>"$out/redis.csv"
 }
 
+# Starts redis-server on the server CPU and waits until it answers PING:
+# sets RP and port, or writes why not to redis.note and returns 1. The port
+# is drawn below the kernel's ephemeral range (the load's thousands of
+# client connections, and their TIME_WAITs, live there); one that is taken
+# anyway (redis exits: bind failed) is replaced by another, up to 5 times.
+redis_start() {
+  local low attempt i why
+  low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  ((low > 11000)) || low=32768
+  for attempt in 1 2 3 4 5; do
+    port=$((10000 + RANDOM % (low - 10000)))
+    taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
+    RP=$!
+    for ((i = 0; ; i++)); do
+      redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && return 0
+      kill -0 "$RP" 2>/dev/null || break
+      if ((i >= 200)); then
+        echo "redis-server on port $port did not answer PING within 10 s; its log: $(head -c 2000 "$tmp/redis.log")" >"$out/redis.note"
+        kill "$RP" 2>/dev/null || true
+        wait "$RP" 2>/dev/null || true
+        RP=""
+        return 1
+      fi
+      sleep 0.05
+    done
+    wait "$RP" 2>/dev/null || true
+    RP=""
+    grep -q "Address already in use" "$tmp/redis.log" || break
+  done
+  why="exited before answering PING"
+  ((attempt < 5)) || why="found no free port in 5 tries"
+  echo "redis-server $why; its log: $(head -c 2000 "$tmp/redis.log")" >"$out/redis.note"
+  return 1
+}
+
 bench_redis() {
   echo "== PING: redis-server against cnse-dp"
   redis_install || { echo "   skipped: $(cat "$out/redis.note")"; return 0; }
   echo "redis $(redis-server --version | grep -o 'v=[0-9.]*'). \"redis\" rows: \`cnse-dp bench --mode resp\` (PING_MBULK in RESP, $load_threads load thread(s)), the generator and shape that measure cnse-dp. \"redis-benchmark\" rows, for reference: redis-benchmark -t ping with --threads $load_threads, its own rate and latencies (p50, p95, p99, max; with -P 16 a latency is that of the 16-request batch)." >"$out/redis.note"
-  local port=$((20000 + RANDOM % 20000)) r i why
+  local port r
   [ -f "$out/redis.csv" ] || echo "server,param,value,run,metric,unit,count,mean,p50,p90,p95,p99,p99_9,max" >"$out/redis.csv"
   # ROUNDS=N: redis and cnse-dp in turn N times, the summary quoting the
   # rounds' medians (a single pair decides nothing on a noisy VM);
   # redis-benchmark's reference rows are taken once, in the first round.
   for r in $(seq 1 "$rounds"); do
     [ "$rounds" = 1 ] || { round=$r; echo "   round $r of $rounds"; }
-    taskset -c "$server_cpu" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
-      --daemonize no --loglevel warning >"$tmp/redis.log" 2>&1 &
-    RP=$!
-    for ((i = 0; ; i++)); do
-      redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
-      if ((i >= 200)) || ! kill -0 "$RP" 2>/dev/null; then
-        why="exited before answering PING"
-        kill -0 "$RP" 2>/dev/null && why="did not answer PING within 10 s"
-        echo "redis-server on port $port $why (round $r); its log: $(head -c 2000 "$tmp/redis.log")" >"$out/redis.note"
-        echo "   stopped: $(cat "$out/redis.note")"
-        kill "$RP" 2>/dev/null
-        wait "$RP" 2>/dev/null
-        RP=""
-        round=
-        return 0
-      fi
-      sleep 0.05
-    done
+    if ! redis_start; then
+      echo "   stopped in round $r: $(cat "$out/redis.note")"
+      round=
+      return 0
+    fi
     if [ "$r" = 1 ]; then
       for c in $redis_conns; do
         redis_run "$port" "$c" 1 "$redis_n1"

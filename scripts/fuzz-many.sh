@@ -2,8 +2,10 @@
 # Runs libFuzzer targets on many cores for the lifetime execution counts of
 # issue 11 (bundled by scripts/device-fuzz.sh as .device/fuzz/run.sh):
 #   PLAN="session:12 decoder:1 llama_http:3" SECS=300 .device/fuzz/run.sh OUT
-# Each process fuzzes its own copy of the seeds; "Done N runs" lines are
-# summed per target; any crash/finding is reported and its input kept.
+# Each process fuzzes its own copy of the seeds, with libFuzzer seed
+# SEED_BASE+i (default 1000: a new run wants a new base); "Done N runs"
+# lines are summed per target; any crash/finding is reported and its
+# input kept.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?out dir}
@@ -15,7 +17,7 @@ for item in ${PLAN:-session:12 decoder:1 llama_http:3}; do
   for i in $(seq 1 "$n"); do
     c=$(mktemp -d /tmp/corpus-$t-XXXX)
     cp "$here/seeds/$t"/* "$c/"
-    "$here/bin/$t" "$c" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -seed=$((1000 + i)) \
+    "$here/bin/$t" "$c" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -seed=$((${SEED_BASE:-1000} + i)) \
       -artifact_prefix="$out/artifacts/$t-$i-" -print_final_stats=1 >"$out/logs/$t-$i.log" 2>&1 &
     pids+=("$!:$t:$i")
   done
