@@ -18,7 +18,10 @@
 # tokens/s, and the proxy's CPU per streamed token: on-CPU time of every
 # thread of the proxy's processes over the measured window
 # (/proc/PID/task/*/schedstat, ns; /proc/PID/stat utime+stime in ticks
-# beside it as a check) divided by the tokens the load received in it.
+# beside it as a check) divided by the tokens the load received in it,
+# with the kernel's share of it (stime over utime+stime) and, for the
+# target, the no-code bound: cnse-dp's kernel time alone per token over
+# the peer's whole CPU per token.
 #
 #   cargo build --release
 #   bash scripts/gateway-bench.sh [SECS] [ROUNDS]
@@ -241,21 +244,24 @@ cpu_ns() {
   done
   echo "$total"
 }
-# utime+stime in clock ticks of the same tree (a check on cpu_ns).
+# utime+stime, and stime alone, in clock ticks of the same tree (a check
+# on cpu_ns, and the kernel's share of it). The fields are counted after
+# the command name's closing parenthesis (a name may hold spaces).
 cpu_ticks() {
-  local p total=0
+  local p total=0 sys=0 u s
   for p in $(tree "$1"); do
-    total=$((total + $(awk '{print $14 + $15}' /proc/"$p"/stat 2>/dev/null || echo 0)))
+    read -r u s < <(sed 's/.*) //' /proc/"$p"/stat 2>/dev/null | awk '{print $12, $13}') || true
+    total=$((total + ${u:-0} + ${s:-0})) sys=$((sys + ${s:-0}))
   done
-  echo "$total"
+  echo "$total $sys"
 }
 
 csv="$out/gateway.csv"
-echo "round,connections,path,ttft_p50_us,ttft_p99_us,gap_p50_us,gap_p99_us,tokens,tokens_per_s,requests,problems,proxy_cpu_ns,proxy_cpu_ticks,client_cpu_s" >"$csv"
+echo "round,connections,path,ttft_p50_us,ttft_p99_us,gap_p50_us,gap_p99_us,tokens,tokens_per_s,requests,problems,proxy_cpu_ns,proxy_cpu_ticks,client_cpu_s,proxy_sys_ticks" >"$csv"
 # One path at one connection count: the load, with the proxy's CPU read at
 # the edges of the measured window.
 one() { # round conns path mode port pid [streams per connection]
-  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 k=${7:-1} lcsv="$run/load.csv" a0 a1 t0 t1 usage=()
+  local r=$1 c=$2 name=$3 mode=$4 port=$5 pid=$6 k=${7:-1} lcsv="$run/load.csv" a0 a1 t0 t1 s0 s1 usage=()
   # Every HTTP path reports usage (the stand-in always, cnse-dp's front when
   # asked), so tokens that one event carries together are counted.
   [ "$mode" = http ] && usage=(--http-include-usage)
@@ -265,9 +271,11 @@ one() { # round conns path mode port pid [streams per connection]
   local lp=$!
   if [ -n "$pid" ]; then
     sleep "$warmup"
-    a0=$(cpu_ns "$pid") t0=$(cpu_ticks "$pid")
+    a0=$(cpu_ns "$pid")
+    read -r t0 s0 < <(cpu_ticks "$pid")
     sleep "$secs"
-    a1=$(cpu_ns "$pid") t1=$(cpu_ticks "$pid")
+    a1=$(cpu_ns "$pid")
+    read -r t1 s1 < <(cpu_ticks "$pid")
   fi
   wait "$lp" || { echo "gateway-bench: the load against $name failed:" >&2; cat "$run/load.out" >&2; }
   # The load's CSV: run,metric,unit,count,mean,p50,p90,p99,p99_9,max.
@@ -275,10 +283,10 @@ one() { # round conns path mode port pid [streams per connection]
   probs=$(sed -n 's/^problems: //p' "$run/load.out" | tr -d ',"')
   client=$(sed -n 's/^client cpu *\([0-9.]*\) s.*/\1/p' "$run/load.out")
   awk -F, -v r="$r" -v c="$c" -v name="$name" -v probs="$probs" -v cpu=$((${a1:-0} - ${a0:-0})) \
-    -v ticks=$((${t1:-0} - ${t0:-0})) -v client="$client" '
+    -v ticks=$((${t1:-0} - ${t0:-0})) -v sys=$((${s1:-0} - ${s0:-0})) -v client="$client" '
     $2 == "ttft" { t50 = $6; t99 = $8 } $2 == "inter_token" { g50 = $6; g99 = $8 }
     $2 == "tokens" { tok = $4; tps = $5 } $2 == "requests" { req = $4 }
-    END { printf "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,\"%s\",%s,%s,%s\n", r, c, name, t50, t99, g50, g99, tok, tps, req, probs, cpu, ticks, client }
+    END { printf "%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,\"%s\",%s,%s,%s,%s\n", r, c, name, t50, t99, g50, g99, tok, tps, req, probs, cpu, ticks, client, sys }
   ' "$lcsv" >>"$csv"
   tail -1 "$csv" >&2
 }
