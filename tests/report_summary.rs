@@ -24,8 +24,12 @@ fn rows(server: &str, param: &str, value: &str, run: &str, requests: u64, frames
         Rate::new("load_cpu", 500_000, w),
         Rate::new("server_cpu", cpu_us, w),
     ];
-    csv_rows(run, &[h.summary("e2e")], &rates)
-        .lines()
+    behind(server, param, value, &csv_rows(run, &[h.summary("e2e")], &rates))
+}
+
+/// CSV rows behind the experiment's `server,param,value` columns.
+fn behind(server: &str, param: &str, value: &str, rows: &str) -> String {
+    rows.lines()
         .map(|l| format!("{server},{param},{value},{l}\n"))
         .collect()
 }
@@ -34,10 +38,7 @@ fn rows(server: &str, param: &str, value: &str, run: &str, requests: u64, frames
 /// second) for a run of `rows`.
 fn kernel_row(server: &str, param: &str, value: &str, run: &str, kernel_us: u64) -> String {
     let rate = Rate::new("server_kernel_cpu", kernel_us, Duration::from_secs(1));
-    csv_rows(run, &[], &[rate])
-        .lines()
-        .map(|l| format!("{server},{param},{value},{l}\n"))
-        .collect()
+    behind(server, param, value, &csv_rows(run, &[], &[rate]))
 }
 
 /// An empty results directory for this test, and an experiment file's

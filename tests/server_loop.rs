@@ -90,12 +90,8 @@ fn issue9_without_stage_timing_no_table() {
 
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command's closing parenthesis: state is field 3,
-    // utime 14 and stime 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    let (user, system) = cnse_client::load::cpu_ticks(pid).expect("the server's /proc/PID/stat");
+    user + system
 }
 
 /// A second of idleness costs the server well under a tenth of a core,

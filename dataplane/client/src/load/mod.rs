@@ -154,8 +154,9 @@ fn cpu_time(clock: libc::clockid_t) -> Option<Duration> {
 }
 
 /// A process's CPU time so far in clock ticks, (user, system), summed over
-/// its threads (fields 14 and 15 of /proc/PID/stat).
-fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+/// its threads (fields 14 and 15 of /proc/PID/stat); `None` when the
+/// process is gone.
+pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
